@@ -1,0 +1,2195 @@
+/* config — pool.conf → structs, with validation.
+ *
+ * inih does the INI tokenising, fed by our own reader (line_reader) so that
+ *   - we know each physical line's number and text: inih calls the handler
+ *     for a line right after the reader returned it;
+ *   - lines longer than inih's compiled-in limit (200 bytes in Debian's build,
+ *     section names 50) still work: the reader keeps the whole line, hands
+ *     inih a short placeholder of the same shape, and the handler takes the
+ *     real key and value from the reader's own split of the line, made with
+ *     inih's rules (see split_line);
+ *   - section headers are seen even when no key follows them (inih calls the
+ *     handler for key lines only), and malformed lines are reported with their
+ *     own line numbers (inih returns only the first).
+ *
+ * Every problem becomes one "FILE:LINE: message" and parsing goes on, so a
+ * user sees all of them at once. Cross-checks that need the whole file
+ * (duplicate names and aliases, models_dir discovery, default_model) run
+ * after the parse, in finish(). */
+#define _GNU_SOURCE
+#include "config.h"
+
+#include <arpa/inet.h>
+#include <ctype.h>
+#include <dirent.h>
+#include <errno.h>
+#include <fcntl.h>
+#include <ini.h>
+#include <limits.h>
+#include <stdarg.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <strings.h>
+#include <sys/stat.h>
+#include <sys/types.h>
+#include <sys/un.h>
+#include <unistd.h>
+
+#define MAX_REPORTED_ERRORS 100
+#define ROUTER_PORT_VAR "LLAMA_SERVER_ROUTER_PORT"
+
+/* ------------------------------------------------------------------ */
+/* Small allocation helpers: a config is small, running out of memory  */
+/* while reading it is not something to recover from.                 */
+
+static void oom(void)
+{
+    fputs("llama-pool: out of memory while reading the configuration\n", stderr);
+    abort();
+}
+
+static void *xrealloc(void *p, size_t n)
+{
+    p = realloc(p, n ? n : 1);
+    if (!p)
+        oom();
+    return p;
+}
+
+static void *xcalloc(size_t n, size_t size)
+{
+    void *p = calloc(n ? n : 1, size ? size : 1);
+    if (!p)
+        oom();
+    return p;
+}
+
+static char *xstrdup(const char *s)
+{
+    char *d = strdup(s);
+    if (!d)
+        oom();
+    return d;
+}
+
+static char *xstrndup(const char *s, size_t n)
+{
+    char *d = strndup(s, n);
+    if (!d)
+        oom();
+    return d;
+}
+
+__attribute__((format(printf, 1, 0)))
+static char *xvasprintf(const char *fmt, va_list ap)
+{
+    char *s;
+    if (vasprintf(&s, fmt, ap) < 0)
+        oom();
+    return s;
+}
+
+__attribute__((format(printf, 1, 2)))
+static char *xasprintf(const char *fmt, ...)
+{
+    va_list ap;
+    va_start(ap, fmt);
+    char *s = xvasprintf(fmt, ap);
+    va_end(ap);
+    return s;
+}
+
+/* A growable NULL-terminated vector of strings. */
+struct strvec {
+    char **v;
+    size_t n, cap;
+};
+
+static void strvec_push(struct strvec *sv, char *s)
+{
+    if (sv->n + 2 > sv->cap) {
+        sv->cap = sv->cap ? sv->cap * 2 : 4;
+        sv->v = xrealloc(sv->v, sv->cap * sizeof *sv->v);
+    }
+    sv->v[sv->n++] = s;
+    sv->v[sv->n] = NULL;
+}
+
+/* Hand the vector over: always a valid NULL-terminated array. */
+static char **strvec_take(struct strvec *sv, size_t *n)
+{
+    if (!sv->v)
+        sv->v = xcalloc(1, sizeof *sv->v);
+    char **v = sv->v;
+    if (n)
+        *n = sv->n;
+    sv->v = NULL;
+    sv->n = sv->cap = 0;
+    return v;
+}
+
+static void strvec_free(struct strvec *sv)
+{
+    for (size_t i = 0; i < sv->n; i++)
+        free(sv->v[i]);
+    free(sv->v);
+    sv->v = NULL;
+    sv->n = sv->cap = 0;
+}
+
+void config_argv_free(char **argv)
+{
+    if (!argv)
+        return;
+    for (char **a = argv; *a; a++)
+        free(*a);
+    free(argv);
+}
+
+static bool is_blank(char c)
+{
+    return isspace((unsigned char)c);
+}
+
+/* Trim surrounding whitespace of [s, s+len) and return a copy. */
+static char *trimmed_copy(const char *s, size_t len)
+{
+    while (len && is_blank(*s)) {
+        s++;
+        len--;
+    }
+    while (len && is_blank(s[len - 1]))
+        len--;
+    return xstrndup(s, len);
+}
+
+/* A value quoted for a message, shortened so that a 5,000-character line
+ * does not become a 5,000-character error. */
+struct shown {
+    char buf[96];
+};
+
+static const char *show(struct shown *sh, const char *s)
+{
+    size_t len = strlen(s), max = sizeof sh->buf - 1;
+    if (len <= max)
+        return s;
+    memcpy(sh->buf, s, max - 3);
+    memcpy(sh->buf + max - 3, "...", 4);
+    return sh->buf;
+}
+
+/* ------------------------------------------------------------------ */
+/* Value parsers                                                       */
+
+enum { PARSE_OK = 0, PARSE_SYNTAX = -1, PARSE_RANGE = -2 };
+
+/* A non-negative decimal number: integer part and up to 18 fraction digits
+ * (further digits are dropped). Sets *end past it. */
+static int parse_number(const char *s, const char **end, uint64_t *ip,
+                        uint64_t *frac, uint64_t *frac_scale)
+{
+    bool range = false, digits = false;
+    uint64_t v = 0;
+    while (isdigit((unsigned char)*s)) {
+        unsigned d = (unsigned)(*s - '0');
+        if (v > (UINT64_MAX - d) / 10)
+            range = true;
+        else
+            v = v * 10 + d;
+        digits = true;
+        s++;
+    }
+    uint64_t f = 0, scale = 1;
+    if (*s == '.') {
+        s++;
+        if (!digits || !isdigit((unsigned char)*s))
+            return PARSE_SYNTAX;
+        while (isdigit((unsigned char)*s)) {
+            if (scale < 1000000000000000000ULL) {
+                f = f * 10 + (uint64_t)(*s - '0');
+                scale *= 10;
+            }
+            s++;
+        }
+    }
+    if (!digits)
+        return PARSE_SYNTAX;
+    *end = s;
+    *ip = v;
+    *frac = f;
+    *frac_scale = scale;
+    return range ? PARSE_RANGE : PARSE_OK;
+}
+
+static int parse_size_x(const char *s, uint64_t *out)
+{
+    const char *p;
+    uint64_t ip, f, scale;
+    int rc = parse_number(s, &p, &ip, &f, &scale);
+    if (rc == PARSE_SYNTAX)
+        return rc;
+    while (*p == ' ' || *p == '\t')
+        p++;
+    unsigned shift = 0;
+    switch (tolower((unsigned char)*p)) {
+    case 'k': shift = 10; p++; break;
+    case 'm': shift = 20; p++; break;
+    case 'g': shift = 30; p++; break;
+    case 't': shift = 40; p++; break;
+    default: break;
+    }
+    if (shift && tolower((unsigned char)p[0]) == 'i' && tolower((unsigned char)p[1]) == 'b')
+        p += 2;
+    else if (tolower((unsigned char)*p) == 'b')
+        p++;
+    if (*p)
+        return PARSE_SYNTAX;
+    if (rc == PARSE_RANGE)
+        return rc;
+    unsigned __int128 v = ((unsigned __int128)ip << shift)
+                        + (((unsigned __int128)f << shift) / scale);
+    if (v > UINT64_MAX)
+        return PARSE_RANGE;
+    *out = (uint64_t)v;
+    return PARSE_OK;
+}
+
+int config_parse_size(const char *s, uint64_t *out)
+{
+    uint64_t v;
+    if (!s || parse_size_x(s, &v) != PARSE_OK)
+        return -1;
+    *out = v;
+    return 0;
+}
+
+static int parse_duration_x(const char *s, int64_t *out_ms)
+{
+    const char *p;
+    uint64_t ip, f, scale;
+    int rc = parse_number(s, &p, &ip, &f, &scale);
+    if (rc == PARSE_SYNTAX)
+        return rc;
+    while (*p == ' ' || *p == '\t')
+        p++;
+    uint64_t unit;
+    if (!*p)
+        unit = 1000;
+    else if (!strcasecmp(p, "ms"))
+        unit = 1;
+    else if (!strcasecmp(p, "s"))
+        unit = 1000;
+    else if (!strcasecmp(p, "m"))
+        unit = 60 * 1000;
+    else if (!strcasecmp(p, "h"))
+        unit = 3600 * 1000;
+    else
+        return PARSE_SYNTAX;
+    if (rc == PARSE_RANGE)
+        return rc;
+    /* A fraction of a millisecond rounds up, so that a non-zero duration
+     * never turns into 0 (which often means "never"). */
+    unsigned __int128 fr = (unsigned __int128)f * unit;
+    unsigned __int128 v = (unsigned __int128)ip * unit + (fr + scale - 1) / scale;
+    if (v > INT64_MAX)
+        return PARSE_RANGE;
+    *out_ms = (int64_t)v;
+    return PARSE_OK;
+}
+
+int config_parse_duration(const char *s, int64_t *out_ms)
+{
+    int64_t v;
+    if (!s || parse_duration_x(s, &v) != PARSE_OK)
+        return -1;
+    *out_ms = v;
+    return 0;
+}
+
+int config_parse_bool(const char *s, bool *out)
+{
+    static const char *const yes[] = { "yes", "true", "on", "1" };
+    static const char *const no[] = { "no", "false", "off", "0" };
+    if (!s)
+        return -1;
+    for (size_t i = 0; i < sizeof yes / sizeof *yes; i++) {
+        if (!strcasecmp(s, yes[i])) {
+            *out = true;
+            return 0;
+        }
+        if (!strcasecmp(s, no[i])) {
+            *out = false;
+            return 0;
+        }
+    }
+    return -1;
+}
+
+/* Decimal digits only, at most MAX. */
+static int parse_uint(const char *s, unsigned max, unsigned *out)
+{
+    if (!isdigit((unsigned char)*s))
+        return PARSE_SYNTAX;
+    uint64_t v = 0;
+    bool range = false;
+    for (; *s; s++) {
+        if (!isdigit((unsigned char)*s))
+            return PARSE_SYNTAX;
+        v = v * 10 + (uint64_t)(*s - '0');
+        if (v > max)
+            range = true, v = max;
+    }
+    if (range)
+        return PARSE_RANGE;
+    *out = (unsigned)v;
+    return PARSE_OK;
+}
+
+/* "A-B" (spaces around '-' allowed), each part an unsigned <= max. */
+static int parse_uint_range(const char *s, unsigned max, unsigned *a, unsigned *b)
+{
+    const char *dash = strchr(s, '-');
+    if (!dash)
+        return PARSE_SYNTAX;
+    char *left = trimmed_copy(s, (size_t)(dash - s));
+    char *right = trimmed_copy(dash + 1, strlen(dash + 1));
+    int ra = parse_uint(left, max, a);
+    int rb = parse_uint(right, max, b);
+    free(left);
+    free(right);
+    if (ra == PARSE_SYNTAX || rb == PARSE_SYNTAX)
+        return PARSE_SYNTAX;
+    if (ra == PARSE_RANGE || rb == PARSE_RANGE)
+        return PARSE_RANGE;
+    return PARSE_OK;
+}
+
+int config_split_words(const char *s, char ***out, size_t *n, const char **err)
+{
+    struct strvec words = { 0 };
+    size_t len = strlen(s);
+    char *w = xrealloc(NULL, len + 1);   /* a word is never longer than S */
+    size_t wl = 0;
+    bool in_word = false;
+
+    *err = NULL;
+    for (const char *p = s; *p; p++) {
+        char c = *p;
+        if (c == ' ' || c == '\t' || c == '\n' || c == '\r') {
+            if (in_word) {
+                w[wl] = '\0';
+                strvec_push(&words, xstrndup(w, wl));
+                wl = 0;
+                in_word = false;
+            }
+            continue;
+        }
+        in_word = true;
+        if (c == '\\') {
+            if (p[1] == '\n') {          /* line continuation: removed */
+                p++;
+            } else if (p[1]) {
+                w[wl++] = *++p;
+            } else {
+                w[wl++] = '\\';          /* trailing backslash: kept, as sh does */
+            }
+        } else if (c == '\'') {
+            const char *close = strchr(p + 1, '\'');
+            if (!close) {
+                *err = "unterminated single quote";
+                goto fail;
+            }
+            memcpy(w + wl, p + 1, (size_t)(close - p - 1));
+            wl += (size_t)(close - p - 1);
+            p = close;
+        } else if (c == '"') {
+            for (p++;; p++) {
+                if (!*p) {
+                    *err = "unterminated double quote";
+                    goto fail;
+                }
+                if (*p == '"')
+                    break;
+                if (*p == '\\' && p[1] && strchr("$`\"\\\n", p[1])) {
+                    p++;
+                    if (*p != '\n')
+                        w[wl++] = *p;
+                } else {
+                    w[wl++] = *p;
+                }
+            }
+        } else {
+            w[wl++] = c;
+        }
+    }
+    if (in_word)
+        strvec_push(&words, xstrndup(w, wl));
+    free(w);
+    *out = strvec_take(&words, n);
+    return 0;
+
+fail:
+    free(w);
+    strvec_free(&words);
+    *out = NULL;
+    if (n)
+        *n = 0;
+    return -1;
+}
+
+/* ------------------------------------------------------------------ */
+/* Paths                                                               */
+
+/* Lexically tidy an absolute path: no "//", no "." components, no trailing
+ * slash. ".." is kept: resolving it without the file system would be wrong
+ * across symbolic links. */
+static char *path_tidy(char *p)
+{
+    char *r = p, *w = p;
+    while (*r) {
+        if (*r == '/') {
+            while (r[1] == '/')
+                r++;
+            if (r[1] == '.' && (r[2] == '/' || r[2] == '\0')) {
+                r += 2;
+                continue;
+            }
+        }
+        *w++ = *r++;
+    }
+    *w = '\0';
+    while (w > p + 1 && w[-1] == '/')
+        *--w = '\0';
+    if (w == p) {
+        p[0] = '/';
+        p[1] = '\0';
+    }
+    return p;
+}
+
+/* The absolute directory holding FILE (as named, not following links). */
+static char *file_dir(const char *file)
+{
+    const char *slash = strrchr(file, '/');
+    char *dir;
+    if (!slash)
+        dir = xstrdup(".");
+    else if (slash == file)
+        dir = xstrdup("/");
+    else
+        dir = xstrndup(file, (size_t)(slash - file));
+    if (dir[0] != '/') {
+        char *cwd = getcwd(NULL, 0);
+        char *abs = xasprintf("%s/%s", cwd ? cwd : "/", dir);
+        free(cwd);
+        free(dir);
+        dir = abs;
+    }
+    return path_tidy(dir);
+}
+
+static char *path_resolve(const char *dir, const char *p)
+{
+    char *r = p[0] == '/' ? xstrdup(p) : xasprintf("%s/%s", dir, p);
+    return path_tidy(r);
+}
+
+/* ------------------------------------------------------------------ */
+/* Name table: model names and aliases, for uniqueness and lookups.    */
+
+enum name_kind { NAME_SECTION, NAME_FOUND, NAME_ALIAS };
+
+struct name_ent {
+    const char *key;        /* NULL = empty slot */
+    enum name_kind kind;
+    const char *model;      /* model the name or alias belongs to */
+    const char *file;       /* NAME_FOUND: the file it was found as */
+    int line;               /* header or alias line */
+    size_t index;           /* NAME_SECTION: index into parser.models */
+};
+
+struct name_map {
+    struct name_ent *v;
+    size_t cap, n;
+};
+
+static uint64_t hash_str(const char *s)
+{
+    uint64_t h = 1469598103934665603ULL;
+    for (; *s; s++)
+        h = (h ^ (unsigned char)*s) * 1099511628211ULL;
+    return h;
+}
+
+static struct name_ent *name_slot(struct name_ent *v, size_t cap, const char *key)
+{
+    size_t i = (size_t)hash_str(key) & (cap - 1);
+    while (v[i].key && strcmp(v[i].key, key))
+        i = (i + 1) & (cap - 1);
+    return &v[i];
+}
+
+static struct name_ent *name_find(const struct name_map *m, const char *key)
+{
+    if (!m->cap)
+        return NULL;
+    struct name_ent *e = name_slot(m->v, m->cap, key);
+    return e->key ? e : NULL;
+}
+
+/* Returns the existing entry for KEY, or adds one (its key set) and sets
+ * *added. */
+static struct name_ent *name_add(struct name_map *m, const char *key, bool *added)
+{
+    if ((m->n + 1) * 2 > m->cap) {
+        size_t cap = m->cap ? m->cap * 2 : 64;
+        struct name_ent *v = xcalloc(cap, sizeof *v);
+        for (size_t i = 0; i < m->cap; i++)
+            if (m->v[i].key)
+                *name_slot(v, cap, m->v[i].key) = m->v[i];
+        free(m->v);
+        m->v = v;
+        m->cap = cap;
+    }
+    struct name_ent *e = name_slot(m->v, m->cap, key);
+    *added = !e->key;
+    if (!e->key) {
+        memset(e, 0, sizeof *e);
+        e->key = key;
+        m->n++;
+    }
+    return e;
+}
+
+/* ------------------------------------------------------------------ */
+/* Keys                                                                */
+
+enum pool_key {
+    PK_LISTEN, PK_CONTROL_SOCKET, PK_LLAMA_SERVER, PK_PORT_RANGE,
+    PK_MEMORY_BUDGET, PK_MEMORY_RESERVE, PK_IDLE_TIMEOUT, PK_START_TIMEOUT,
+    PK_STOP_TIMEOUT, PK_HEALTH_INTERVAL, PK_MAX_QUEUE, PK_QUEUE_TIMEOUT,
+    PK_MAX_RESTARTS, PK_RESTART_WINDOW, PK_LOG_DIR, PK_MODELS_DIR,
+    PK_DEFAULT_ARGS, PK_DEFAULT_MODEL, PK_API_KEYS, PK_ADMIN_KEY, PK_MAX_BODY,
+    PK_MAX_HEADER, PK_HEADER_TIMEOUT, PK_KEEPALIVE_TIMEOUT, PK_MAX_CONNECTIONS,
+    PK__COUNT
+};
+
+static const char *const pool_keys[PK__COUNT] = {
+    "listen", "control_socket", "llama_server", "port_range",
+    "memory_budget", "memory_reserve", "idle_timeout", "start_timeout",
+    "stop_timeout", "health_interval", "max_queue", "queue_timeout",
+    "max_restarts", "restart_window", "log_dir", "models_dir",
+    "default_args", "default_model", "api_keys", "admin_key", "max_body",
+    "max_header", "header_timeout", "keepalive_timeout", "max_connections",
+};
+
+enum model_key {
+    MK_PATH, MK_ARGS, MK_INSTANCES, MK_MEMORY, MK_PIN, MK_IDLE_TIMEOUT,
+    MK_ALIASES, MK_ENV, MK__COUNT
+};
+
+static const char *const model_keys[MK__COUNT] = {
+    "path", "args", "instances", "memory", "pin", "idle_timeout", "aliases", "env",
+};
+
+static bool pool_key_multiline(int k)
+{
+    return k == PK_DEFAULT_ARGS || k == PK_API_KEYS;
+}
+
+static bool model_key_multiline(int k)
+{
+    return k == MK_ARGS || k == MK_ALIASES || k == MK_ENV;
+}
+
+static int key_index(const char *const *keys, int n, const char *name)
+{
+    for (int i = 0; i < n; i++)
+        if (!strcmp(keys[i], name))
+            return i;
+    return -1;
+}
+
+/* Optimal string alignment distance, case-insensitive, capped at 9. */
+static unsigned edit_distance(const char *a, const char *b)
+{
+    size_t la = strlen(a), lb = strlen(b);
+    if (la > 40 || lb > 40)
+        return 9;
+    unsigned d[41][41];
+    for (size_t i = 0; i <= la; i++)
+        d[i][0] = (unsigned)i;
+    for (size_t j = 0; j <= lb; j++)
+        d[0][j] = (unsigned)j;
+    for (size_t i = 1; i <= la; i++) {
+        for (size_t j = 1; j <= lb; j++) {
+            unsigned cost = tolower((unsigned char)a[i - 1]) != tolower((unsigned char)b[j - 1]);
+            unsigned v = d[i - 1][j] + 1;
+            if (d[i][j - 1] + 1 < v)
+                v = d[i][j - 1] + 1;
+            if (d[i - 1][j - 1] + cost < v)
+                v = d[i - 1][j - 1] + cost;
+            if (i > 1 && j > 1 && tolower((unsigned char)a[i - 1]) == tolower((unsigned char)b[j - 2])
+                && tolower((unsigned char)a[i - 2]) == tolower((unsigned char)b[j - 1])
+                && d[i - 2][j - 2] + 1 < v)
+                v = d[i - 2][j - 2] + 1;
+            d[i][j] = v;
+        }
+    }
+    return d[la][lb] > 9 ? 9 : d[la][lb];
+}
+
+/* The known key closest to NAME when it is close enough to be a typo. */
+static const char *closest_key(const char *const *keys, int n, const char *name)
+{
+    const char *best = NULL;
+    unsigned best_d = 99;
+    for (int i = 0; i < n; i++) {
+        unsigned d = edit_distance(name, keys[i]);
+        unsigned limit = strlen(keys[i]) >= 6 ? 2 : 1;
+        if (d <= limit && d < best_d) {
+            best = keys[i];
+            best_d = d;
+        }
+    }
+    return best;
+}
+
+/* ------------------------------------------------------------------ */
+/* Parser state                                                        */
+
+struct env_vec {
+    struct config_env *v;
+    size_t n, cap;
+};
+
+/* A [model NAME] section while it is being read. */
+struct pmodel {
+    char *name;
+    int line;                 /* header line */
+    bool dropped;             /* duplicate or invalid: checked, never used */
+    char *path;               /* absolute, NULL until set */
+    const char *found_file;   /* path came from models_dir (owned by a struct found) */
+    struct strvec args;
+    char *args_text;
+    unsigned inst_min, inst_max;
+    enum config_memory_kind memory_kind;
+    uint64_t memory_bytes;
+    bool pin;
+    int64_t idle_timeout_ms;
+    struct strvec aliases;
+    int *alias_lines;
+    size_t alias_lines_cap;
+    struct env_vec env;
+    int key_line[MK__COUNT];  /* where each key was set, 0 = not set */
+};
+
+/* A *.gguf file found under models_dir. */
+struct found {
+    char *name;
+    char *path;
+    const char *fname;        /* points into path */
+    bool used;                /* became a model (or a section's path) */
+};
+
+enum line_kind {
+    LK_BLANK,       /* empty or comment */
+    LK_SECTION,     /* "[...]" */
+    LK_BAD_SECTION, /* "[" without "]" */
+    LK_KEY,         /* "key = value" */
+    LK_CONT,        /* indented continuation of the previous key */
+    LK_NO_VALUE,    /* text without '=' or ':' */
+};
+
+enum section_kind { SEC_NONE, SEC_POOL, SEC_MODEL, SEC_IGNORE };
+
+struct parse_error {
+    int line;
+    char *msg;
+};
+
+struct parser {
+    const char *file;
+    char *dir;                 /* absolute directory of the file */
+
+    /* input: a FILE or a string */
+    FILE *fp;
+    const char *str;
+    size_t str_len, str_off;
+    int read_errno;
+
+    /* the current physical line */
+    char *raw;
+    size_t raw_cap;
+    char *work;                /* copy of raw that split_line cuts up */
+    size_t work_cap;
+    int lineno;
+    enum line_kind kind;
+    bool stashed;              /* inih got a placeholder: use key/value below */
+    const char *key, *value;   /* our split of the line (into work) */
+
+    /* continuation state, mirroring inih's prev_name */
+    bool have_prev;
+    char *prev_key;
+    enum { CONT_IGNORE, CONT_REFUSE, CONT_POOL, CONT_MODEL } cont;
+    int cont_key;
+
+    /* sections */
+    enum section_kind sec;
+    size_t cur_model;          /* index into models when sec == SEC_MODEL */
+    int pool_line;
+    int pool_key_line[PK__COUNT];
+
+    struct config *cfg;
+    struct strvec default_args, api_keys;
+
+    struct pmodel *models;
+    size_t nmodels, models_cap;
+    struct found *found;
+    size_t nfound, found_cap;
+    struct name_map names;
+
+    struct parse_error *errs;
+    size_t nerrs, errs_cap;
+};
+
+__attribute__((format(printf, 3, 4)))
+static void error_at(struct parser *p, int line, const char *fmt, ...)
+{
+    va_list ap;
+    va_start(ap, fmt);
+    char *msg = xvasprintf(fmt, ap);
+    va_end(ap);
+    if (line < 1)
+        line = 1;
+    if (p->nerrs == p->errs_cap) {
+        p->errs_cap = p->errs_cap ? p->errs_cap * 2 : 16;
+        p->errs = xrealloc(p->errs, p->errs_cap * sizeof *p->errs);
+    }
+    p->errs[p->nerrs].line = line;
+    p->errs[p->nerrs].msg = xasprintf("%s:%d: %s", p->file, line, msg);
+    p->nerrs++;
+    free(msg);
+}
+
+/* ------------------------------------------------------------------ */
+/* Reading lines                                                       */
+
+/* Read the next physical line into p->raw. Returns false at the end. */
+static bool next_line(struct parser *p)
+{
+    if (p->fp) {
+        errno = 0;
+        ssize_t n = getline(&p->raw, &p->raw_cap, p->fp);
+        if (n < 0) {
+            if (!feof(p->fp))
+                p->read_errno = errno ? errno : EIO;
+            return false;
+        }
+        return true;
+    }
+    if (p->str_off >= p->str_len)
+        return false;
+    const char *s = p->str + p->str_off;
+    const char *nl = memchr(s, '\n', p->str_len - p->str_off);
+    size_t n = nl ? (size_t)(nl - s) + 1 : p->str_len - p->str_off;
+    if (n + 1 > p->raw_cap) {
+        p->raw_cap = n + 1;
+        p->raw = xrealloc(p->raw, p->raw_cap);
+    }
+    memcpy(p->raw, s, n);
+    p->raw[n] = '\0';
+    p->str_off += n;
+    return true;
+}
+
+/* inih's ini_find_chars_or_comment: the first of CHARS, or the start of an
+ * inline comment (a ';' right after whitespace), or the end. */
+static char *find_chars_or_comment(char *s, const char *chars)
+{
+    bool was_space = false;
+    while (*s && (!chars || !strchr(chars, *s)) && !(was_space && *s == ';')) {
+        was_space = is_blank(*s);
+        s++;
+    }
+    return s;
+}
+
+static char *lskip(char *s)
+{
+    while (*s && is_blank(*s))
+        s++;
+    return s;
+}
+
+static void rstrip(char *s)
+{
+    char *e = s + strlen(s);
+    while (e > s && is_blank(e[-1]))
+        *--e = '\0';
+}
+
+static void begin_section(struct parser *p, char *text);
+
+/* Classify the line in p->raw and split it exactly as inih will, so that the
+ * handler has the full key and value even when inih saw a placeholder. */
+static void split_line(struct parser *p)
+{
+    size_t len = strlen(p->raw);
+    if (len + 1 > p->work_cap) {
+        p->work_cap = len + 1;
+        p->work = xrealloc(p->work, p->work_cap);
+    }
+    memcpy(p->work, p->raw, len + 1);
+
+    char *line = p->work;
+    char *start = line;
+    if (p->lineno == 1 && (unsigned char)start[0] == 0xEF
+        && (unsigned char)start[1] == 0xBB && (unsigned char)start[2] == 0xBF)
+        start += 3;
+    start = lskip(start);
+    rstrip(start);
+    p->key = p->value = NULL;
+
+    if (*start == '\0' || *start == ';' || *start == '#') {
+        p->kind = LK_BLANK;
+    } else if (p->have_prev && start > line) {
+        p->kind = LK_CONT;
+        char *end = find_chars_or_comment(start, NULL);
+        *end = '\0';
+        rstrip(start);
+        p->key = p->prev_key;
+        p->value = start;
+    } else if (*start == '[') {
+        char *end = find_chars_or_comment(start + 1, "]");
+        if (*end == ']') {
+            *end = '\0';
+            p->kind = LK_SECTION;
+            p->have_prev = false;
+            begin_section(p, start + 1);
+        } else {
+            p->kind = LK_BAD_SECTION;
+            p->sec = SEC_IGNORE;   /* its keys would only add noise */
+            p->cont = CONT_IGNORE;
+            error_at(p, p->lineno, "section header without ']'");
+        }
+    } else {
+        char *end = find_chars_or_comment(start, "=:");
+        if (*end == '=' || *end == ':') {
+            *end = '\0';
+            rstrip(start);
+            char *value = end + 1;
+            char *vend = find_chars_or_comment(value, NULL);
+            *vend = '\0';
+            value = lskip(value);
+            rstrip(value);
+            p->kind = LK_KEY;
+            p->key = start;
+            p->value = value;
+            p->have_prev = true;
+            free(p->prev_key);
+            p->prev_key = xstrdup(start);
+        } else {
+            struct shown sh;
+            p->kind = LK_NO_VALUE;
+            *end = '\0';
+            rstrip(start);
+            error_at(p, p->lineno, "expected \"key = value\", found \"%s\"", show(&sh, start));
+        }
+    }
+}
+
+/* The ini_reader: hands inih one physical line, or a placeholder of the same
+ * shape when the line would not fit in inih's buffer of NUM bytes. */
+static char *line_reader(char *str, int num, void *stream)
+{
+    struct parser *p = stream;
+    if (num < 2 || !next_line(p))
+        return NULL;
+    p->lineno++;
+    split_line(p);
+
+    size_t len = strlen(p->raw);
+    /* inih treats a line that fills its buffer (num - 1 bytes) without a
+     * newline as truncated; keep one byte of margin. */
+    if (len + 2 <= (size_t)num) {
+        memcpy(str, p->raw, len + 1);
+        p->stashed = false;
+        return str;
+    }
+    const char *ph;
+    switch (p->kind) {
+    case LK_KEY:     ph = "k = v\n"; break;
+    case LK_CONT:    ph = " v\n"; break;
+    case LK_SECTION: ph = "[s]\n"; break;
+    default:         ph = "\n"; break;   /* comment, or an error already reported */
+    }
+    snprintf(str, (size_t)num, "%s", ph);
+    p->stashed = true;
+    return str;
+}
+
+/* ------------------------------------------------------------------ */
+/* Sections                                                            */
+
+/* Why NAME cannot be a model name, or NULL when it can. */
+static const char *bad_model_name(const char *name)
+{
+    if (!*name)
+        return "it is empty";
+    if (name[0] == '.')
+        return "it starts with '.'";
+    for (const char *s = name; *s; s++) {
+        if (is_blank(*s))
+            return "it contains whitespace";
+        if (*s == '/')
+            return "it contains '/'";
+        if ((unsigned char)*s < 0x20 || *s == 0x7f)
+            return "it contains a control character";
+    }
+    return NULL;
+}
+
+static void begin_section(struct parser *p, char *text)
+{
+    struct shown sh;
+    char *t = lskip(text);
+    rstrip(t);
+
+    p->cont = CONT_IGNORE;
+    if (!strcmp(t, "pool")) {
+        if (p->pool_line)
+            error_at(p, p->lineno, "[pool] appears twice (first at line %d)", p->pool_line);
+        else
+            p->pool_line = p->lineno;
+        p->sec = SEC_POOL;
+        return;
+    }
+    if (strncmp(t, "model", 5) || (t[5] && !is_blank(t[5]))) {
+        error_at(p, p->lineno, "unknown section [%s]: sections are [pool] and [model NAME]",
+                 show(&sh, t));
+        p->sec = SEC_IGNORE;
+        return;
+    }
+    char *name = lskip(t + 5);
+    if (!*name) {
+        error_at(p, p->lineno, "[model] needs a name: [model NAME]");
+        p->sec = SEC_IGNORE;
+        return;
+    }
+
+    if (p->nmodels == p->models_cap) {
+        p->models_cap = p->models_cap ? p->models_cap * 2 : 8;
+        p->models = xrealloc(p->models, p->models_cap * sizeof *p->models);
+    }
+    struct pmodel *m = &p->models[p->nmodels];
+    memset(m, 0, sizeof *m);
+    m->name = xstrdup(name);
+    m->line = p->lineno;
+    m->inst_min = 0;
+    m->inst_max = 1;
+    m->memory_kind = CONFIG_MEMORY_AUTO;
+    m->idle_timeout_ms = -1;
+    m->args_text = xstrdup("");
+    p->cur_model = p->nmodels++;
+    p->sec = SEC_MODEL;
+
+    const char *why = bad_model_name(m->name);
+    if (why) {
+        error_at(p, p->lineno, "invalid model name \"%s\": %s", show(&sh, m->name), why);
+        m->dropped = true;
+        return;
+    }
+    bool added;
+    struct name_ent *e = name_add(&p->names, m->name, &added);
+    if (!added) {
+        error_at(p, p->lineno, "model \"%s\" is defined twice (first at line %d)",
+                 show(&sh, m->name), e->line);
+        m->dropped = true;
+        return;
+    }
+    e->kind = NAME_SECTION;
+    e->model = m->name;
+    e->line = m->line;
+    e->index = p->cur_model;
+}
+
+/* ------------------------------------------------------------------ */
+/* Values                                                              */
+
+static void bad_size(struct parser *p, int line, const char *key, const char *v, int rc)
+{
+    struct shown sh;
+    if (rc == PARSE_RANGE)
+        error_at(p, line, "%s: \"%s\" is too large", key, show(&sh, v));
+    else
+        error_at(p, line, "%s: \"%s\" is not a size (a number with an optional K, M, G or T: 512K, 1.5G)",
+                 key, show(&sh, v));
+}
+
+static void bad_duration(struct parser *p, int line, const char *key, const char *v, int rc)
+{
+    struct shown sh;
+    if (rc == PARSE_RANGE)
+        error_at(p, line, "%s: \"%s\" is too large", key, show(&sh, v));
+    else
+        error_at(p, line, "%s: \"%s\" is not a duration (a number with ms, s, m or h: 250ms, 10s, 30m, 2h)",
+                 key, show(&sh, v));
+}
+
+static bool get_size(struct parser *p, int line, const char *key, const char *v,
+                     bool positive, uint64_t *out)
+{
+    uint64_t x;
+    int rc = parse_size_x(v, &x);
+    if (rc) {
+        bad_size(p, line, key, v, rc);
+        return false;
+    }
+    if (positive && x == 0) {
+        error_at(p, line, "%s: must be greater than 0", key);
+        return false;
+    }
+    *out = x;
+    return true;
+}
+
+static bool get_duration(struct parser *p, int line, const char *key, const char *v,
+                         bool positive, int64_t *out)
+{
+    int64_t x;
+    int rc = parse_duration_x(v, &x);
+    if (rc) {
+        bad_duration(p, line, key, v, rc);
+        return false;
+    }
+    if (positive && x == 0) {
+        error_at(p, line, "%s: must be greater than 0", key);
+        return false;
+    }
+    *out = x;
+    return true;
+}
+
+static bool get_uint(struct parser *p, int line, const char *key, const char *v,
+                     unsigned min, unsigned max, unsigned *out)
+{
+    struct shown sh;
+    unsigned x;
+    int rc = parse_uint(v, max, &x);
+    if (rc == PARSE_SYNTAX) {
+        error_at(p, line, "%s: \"%s\" is not a whole number", key, show(&sh, v));
+        return false;
+    }
+    if (rc == PARSE_RANGE || x < min) {
+        error_at(p, line, "%s: \"%s\" is out of range (%u to %u)", key, show(&sh, v), min, max);
+        return false;
+    }
+    *out = x;
+    return true;
+}
+
+static void set_str(char **dst, const char *v)
+{
+    free(*dst);
+    *dst = xstrdup(v);
+}
+
+/* "host:port" or "[v6]:port"; returns the port, 0 after an error. */
+static unsigned check_listen(struct parser *p, int line, const char *v)
+{
+    struct shown sh;
+    const char *colon;
+    if (v[0] == '[') {
+        const char *close = strchr(v, ']');
+        if (!close || close[1] != ':') {
+            error_at(p, line, "listen: \"%s\" is not [IPv6]:PORT", show(&sh, v));
+            return 0;
+        }
+        char *host = xstrndup(v + 1, (size_t)(close - v - 1));
+        struct in6_addr a6;
+        int ok = inet_pton(AF_INET6, host, &a6);
+        free(host);
+        if (ok != 1) {
+            error_at(p, line, "listen: \"%s\" is not a valid IPv6 address", show(&sh, v));
+            return 0;
+        }
+        colon = close + 1;
+    } else {
+        colon = strrchr(v, ':');
+        if (!colon || colon == v) {
+            error_at(p, line, "listen: \"%s\" is not HOST:PORT (e.g. 127.0.0.1:8080)", show(&sh, v));
+            return 0;
+        }
+        for (const char *s = v; s < colon; s++) {
+            if (*s == ':') {
+                error_at(p, line, "listen: \"%s\": write an IPv6 address in brackets, [::1]:8080",
+                         show(&sh, v));
+                return 0;
+            }
+            if (is_blank(*s)) {
+                error_at(p, line, "listen: \"%s\": the host contains whitespace", show(&sh, v));
+                return 0;
+            }
+        }
+    }
+    unsigned port;
+    int rc = parse_uint(colon + 1, 65535, &port);
+    if (rc || port == 0) {
+        error_at(p, line, "listen: \"%s\": the port must be a number from 1 to 65535", show(&sh, v));
+        return 0;
+    }
+    return port;
+}
+
+/* args and default_args: llama-pool owns -m, --host and --port. */
+static void check_args_words(struct parser *p, int line, const char *key, char **words)
+{
+    static const char *const owned[] = { "-m", "--model", "--host", "--port" };
+    for (char **w = words; *w; w++) {
+        for (size_t i = 0; i < sizeof owned / sizeof *owned; i++) {
+            size_t ol = strlen(owned[i]);
+            if (!strcmp(*w, owned[i]) || (owned[i][1] == '-' && !strncmp(*w, owned[i], ol) && (*w)[ol] == '=')) {
+                error_at(p, line, "%s: \"%s\" is not allowed: llama-pool gives every child "
+                         "-m PATH --host 127.0.0.1 --port P itself (set the model file with path =)",
+                         key, owned[i]);
+            }
+        }
+    }
+}
+
+/* Split V into words and append them to SV; false after an error. */
+static bool add_words(struct parser *p, int line, const char *key, const char *v,
+                      struct strvec *sv)
+{
+    char **words;
+    size_t n;
+    const char *err;
+    if (config_split_words(v, &words, &n, &err)) {
+        /* inih cut the line at " ;" even inside quotes: say so. */
+        bool cut = false;
+        for (const char *s = p->raw; *s; s++)
+            if (*s == ';' && s > p->raw && is_blank(s[-1]))
+                cut = true;
+        error_at(p, line, "%s: %s%s", key, err,
+                 cut ? " (note: ';' after whitespace starts a comment, even inside quotes)" : "");
+        return false;
+    }
+    check_args_words(p, line, key, words);
+    for (size_t i = 0; i < n; i++)
+        strvec_push(sv, words[i]);
+    free(words);
+    return true;
+}
+
+/* Comma-separated items, trimmed; empty items are skipped. */
+static void add_list(struct parser *p, int line, const char *key, const char *v,
+                     struct strvec *sv, int **lines, size_t *lines_cap, bool names)
+{
+    struct shown sh;
+    const char *s = v;
+    for (;;) {
+        const char *comma = strchr(s, ',');
+        size_t len = comma ? (size_t)(comma - s) : strlen(s);
+        char *item = trimmed_copy(s, len);
+        if (!*item) {
+            free(item);
+        } else {
+            bool ok = true;
+            if (names) {
+                for (const char *c = item; *c; c++) {
+                    if (is_blank(*c) || (unsigned char)*c < 0x20 || *c == 0x7f) {
+                        error_at(p, line, "%s: \"%s\" contains whitespace or a control character",
+                                 key, show(&sh, item));
+                        ok = false;
+                        break;
+                    }
+                }
+            }
+            if (!ok) {
+                free(item);
+            } else {
+                if (lines) {
+                    if (sv->n + 1 > *lines_cap) {
+                        *lines_cap = *lines_cap ? *lines_cap * 2 : 4;
+                        *lines = xrealloc(*lines, *lines_cap * sizeof **lines);
+                    }
+                    (*lines)[sv->n] = line;
+                }
+                strvec_push(sv, item);
+            }
+        }
+        if (!comma)
+            break;
+        s = comma + 1;
+    }
+}
+
+static bool valid_env_name(const char *s, size_t len)
+{
+    if (!len || !(isalpha((unsigned char)s[0]) || s[0] == '_'))
+        return false;
+    for (size_t i = 1; i < len; i++)
+        if (!(isalnum((unsigned char)s[i]) || s[i] == '_'))
+            return false;
+    return true;
+}
+
+static void add_env(struct parser *p, int line, struct pmodel *m, const char *v)
+{
+    struct shown sh;
+    char **words;
+    size_t n;
+    const char *err;
+    if (config_split_words(v, &words, &n, &err)) {
+        error_at(p, line, "env: %s", err);
+        return;
+    }
+    for (size_t i = 0; i < n; i++) {
+        char *w = words[i];
+        char *eq = strchr(w, '=');
+        if (!eq || !valid_env_name(w, (size_t)(eq - w))) {
+            error_at(p, line, "env: \"%s\" is not NAME=VALUE with NAME made of letters, digits and '_'",
+                     show(&sh, w));
+            continue;
+        }
+        *eq = '\0';
+        if (!strcmp(w, ROUTER_PORT_VAR)) {
+            error_at(p, line, "env: " ROUTER_PORT_VAR " is not allowed: it turns llama-server "
+                     "into a router child that exits when its stdin closes");
+            continue;
+        }
+        bool dup = false;
+        for (size_t j = 0; j < m->env.n; j++)
+            if (!strcmp(m->env.v[j].name, w))
+                dup = true;
+        if (dup) {
+            error_at(p, line, "env: %s is set twice", show(&sh, w));
+            continue;
+        }
+        if (m->env.n == m->env.cap) {
+            m->env.cap = m->env.cap ? m->env.cap * 2 : 4;
+            m->env.v = xrealloc(m->env.v, m->env.cap * sizeof *m->env.v);
+        }
+        m->env.v[m->env.n].name = xstrdup(w);
+        m->env.v[m->env.n].value = xstrdup(eq + 1);
+        m->env.n++;
+    }
+    config_argv_free(words);
+}
+
+static void append_text(char **text, const char *v)
+{
+    if (!*v)
+        return;
+    char *t = **text ? xasprintf("%s %s", *text, v) : xstrdup(v);
+    free(*text);
+    *text = t;
+}
+
+/* Check that PATH is a readable regular file. */
+static bool check_model_file(struct parser *p, int line, const char *model, const char *path)
+{
+    struct shown sh, sh2;
+    int fd = open(path, O_RDONLY | O_CLOEXEC | O_NONBLOCK | O_NOCTTY);
+    if (fd < 0) {
+        int e = errno;
+        if (e == ENOENT)
+            error_at(p, line, "model \"%s\": path \"%s\" does not exist",
+                     show(&sh, model), show(&sh2, path));
+        else
+            error_at(p, line, "model \"%s\": path \"%s\" cannot be read: %s",
+                     show(&sh, model), show(&sh2, path), strerror(e));
+        return false;
+    }
+    struct stat st;
+    bool ok = fstat(fd, &st) == 0 && S_ISREG(st.st_mode);
+    close(fd);
+    if (!ok)
+        error_at(p, line, "model \"%s\": path \"%s\" is not a regular file",
+                 show(&sh, model), show(&sh2, path));
+    return ok;
+}
+
+/* One value (or continuation) for [pool]. */
+static void pool_value(struct parser *p, int k, const char *v)
+{
+    struct config *c = p->cfg;
+    int line = p->lineno;
+    const char *key = pool_keys[k];
+    struct shown sh;
+
+    switch ((enum pool_key)k) {
+    case PK_LISTEN:
+        if (!*v) {
+            free(c->listen);
+            c->listen = NULL;
+        } else if (check_listen(p, line, v)) {
+            set_str(&c->listen, v);
+        }
+        break;
+    case PK_CONTROL_SOCKET: {
+        if (!*v) {
+            error_at(p, line, "control_socket: needs a path");
+            break;
+        }
+        char *abs = path_resolve(p->dir, v);
+        if (strlen(abs) >= sizeof ((struct sockaddr_un *)0)->sun_path) {
+            error_at(p, line, "control_socket: \"%s\" is too long for a unix socket (max %zu bytes)",
+                     show(&sh, abs), sizeof ((struct sockaddr_un *)0)->sun_path - 1);
+            free(abs);
+            break;
+        }
+        free(c->control_socket);
+        c->control_socket = abs;
+        break;
+    }
+    case PK_LLAMA_SERVER:
+        if (!*v)
+            error_at(p, line, "llama_server: needs a program name or path");
+        else if (strchr(v, '/')) {
+            free(c->llama_server);
+            c->llama_server = path_resolve(p->dir, v);
+        } else
+            set_str(&c->llama_server, v);
+        break;
+    case PK_PORT_RANGE: {
+        unsigned a, b;
+        int rc = parse_uint_range(v, 65535, &a, &b);
+        if (rc == PARSE_SYNTAX)
+            error_at(p, line, "port_range: \"%s\" is not FIRST-LAST (e.g. 8100-8199)", show(&sh, v));
+        else if (rc == PARSE_RANGE || a < 1 || a > b)
+            error_at(p, line, "port_range: \"%s\": need 1 <= FIRST <= LAST <= 65535", show(&sh, v));
+        else {
+            c->port_min = a;
+            c->port_max = b;
+        }
+        break;
+    }
+    case PK_MEMORY_BUDGET: {
+        size_t len = strlen(v);
+        if (!strcasecmp(v, "auto")) {
+            c->budget_kind = CONFIG_BUDGET_AUTO;
+        } else if (len && v[len - 1] == '%') {
+            char *num = trimmed_copy(v, len - 1);
+            unsigned pct;
+            if (parse_uint(num, 1000, &pct) || pct < 1 || pct > 100)
+                error_at(p, line, "memory_budget: \"%s\": a percentage must be a whole number from 1%% to 100%%",
+                         show(&sh, v));
+            else {
+                c->budget_kind = CONFIG_BUDGET_PERCENT;
+                c->budget_percent = pct;
+            }
+            free(num);
+        } else {
+            uint64_t x;
+            int rc = parse_size_x(v, &x);
+            if (rc == PARSE_SYNTAX)
+                error_at(p, line, "memory_budget: \"%s\" is not auto, a size (48G) or a percentage (75%%)",
+                         show(&sh, v));
+            else if (rc)
+                bad_size(p, line, key, v, rc);
+            else if (x == 0)
+                error_at(p, line, "memory_budget: must be greater than 0");
+            else {
+                c->budget_kind = CONFIG_BUDGET_SIZE;
+                c->budget_bytes = x;
+            }
+        }
+        break;
+    }
+    case PK_MEMORY_RESERVE:
+        get_size(p, line, key, v, false, &c->memory_reserve);
+        break;
+    case PK_IDLE_TIMEOUT:
+        get_duration(p, line, key, v, false, &c->idle_timeout_ms);
+        break;
+    case PK_START_TIMEOUT:
+        get_duration(p, line, key, v, true, &c->start_timeout_ms);
+        break;
+    case PK_STOP_TIMEOUT:
+        get_duration(p, line, key, v, false, &c->stop_timeout_ms);
+        break;
+    case PK_HEALTH_INTERVAL:
+        get_duration(p, line, key, v, true, &c->health_interval_ms);
+        break;
+    case PK_MAX_QUEUE:
+        get_uint(p, line, key, v, 0, 1000000, &c->max_queue);
+        break;
+    case PK_QUEUE_TIMEOUT:
+        get_duration(p, line, key, v, false, &c->queue_timeout_ms);
+        break;
+    case PK_MAX_RESTARTS:
+        get_uint(p, line, key, v, 0, 1000000, &c->max_restarts);
+        break;
+    case PK_RESTART_WINDOW:
+        get_duration(p, line, key, v, true, &c->restart_window_ms);
+        break;
+    case PK_LOG_DIR:
+        if (!*v)
+            error_at(p, line, "log_dir: needs a directory");
+        else {
+            free(c->log_dir);
+            c->log_dir = path_resolve(p->dir, v);
+        }
+        break;
+    case PK_MODELS_DIR:
+        free(c->models_dir);
+        c->models_dir = *v ? path_resolve(p->dir, v) : NULL;
+        break;
+    case PK_DEFAULT_ARGS:
+        add_words(p, line, key, v, &p->default_args);
+        break;
+    case PK_DEFAULT_MODEL:
+        free(c->default_model);
+        c->default_model = *v ? xstrdup(v) : NULL;
+        break;
+    case PK_API_KEYS:
+        add_list(p, line, key, v, &p->api_keys, NULL, NULL, true);
+        break;
+    case PK_ADMIN_KEY:
+        free(c->admin_key);
+        c->admin_key = *v ? xstrdup(v) : NULL;
+        break;
+    case PK_MAX_BODY:
+        get_size(p, line, key, v, true, &c->max_body);
+        break;
+    case PK_MAX_HEADER:
+        get_size(p, line, key, v, true, &c->max_header);
+        break;
+    case PK_HEADER_TIMEOUT:
+        get_duration(p, line, key, v, true, &c->header_timeout_ms);
+        break;
+    case PK_KEEPALIVE_TIMEOUT:
+        get_duration(p, line, key, v, false, &c->keepalive_timeout_ms);
+        break;
+    case PK_MAX_CONNECTIONS:
+        get_uint(p, line, key, v, 1, 10000000, &c->max_connections);
+        break;
+    case PK__COUNT:
+        break;
+    }
+}
+
+/* One value (or continuation) for a [model]. */
+static void model_value(struct parser *p, struct pmodel *m, int k, const char *v)
+{
+    int line = p->lineno;
+    const char *key = model_keys[k];
+    struct shown sh;
+
+    switch ((enum model_key)k) {
+    case MK_PATH:
+        if (!*v) {
+            error_at(p, line, "path: needs the model's .gguf file");
+            break;
+        }
+        free(m->path);
+        m->path = path_resolve(p->dir, v);
+        if (!check_model_file(p, line, m->name, m->path)) {
+            free(m->path);      /* reported; key_line[MK_PATH] keeps "no path" quiet */
+            m->path = NULL;
+        }
+        break;
+    case MK_ARGS:
+        add_words(p, line, key, v, &m->args);
+        append_text(&m->args_text, v);
+        break;
+    case MK_INSTANCES: {
+        unsigned a, b;
+        int rc;
+        if (strchr(v, '-')) {
+            rc = parse_uint_range(v, 65535, &a, &b);
+        } else {
+            a = 0;
+            rc = parse_uint(v, 65535, &b);
+        }
+        if (rc == PARSE_SYNTAX)
+            error_at(p, line, "instances: \"%s\" is not N or MIN-MAX (e.g. 2, or 1-3)", show(&sh, v));
+        else if (rc == PARSE_RANGE)
+            error_at(p, line, "instances: \"%s\" is too large", show(&sh, v));
+        else if (b < 1)
+            error_at(p, line, "instances: \"%s\": the maximum must be at least 1", show(&sh, v));
+        else if (a > b)
+            error_at(p, line, "instances: \"%s\": the minimum is larger than the maximum", show(&sh, v));
+        else {
+            m->inst_min = a;
+            m->inst_max = b;
+        }
+        break;
+    }
+    case MK_MEMORY: {
+        if (!strcasecmp(v, "auto")) {
+            m->memory_kind = CONFIG_MEMORY_AUTO;
+            break;
+        }
+        uint64_t x;
+        if (get_size(p, line, key, v, true, &x)) {
+            m->memory_kind = CONFIG_MEMORY_SIZE;
+            m->memory_bytes = x;
+        }
+        break;
+    }
+    case MK_PIN:
+        if (config_parse_bool(v, &m->pin))
+            error_at(p, line, "pin: \"%s\" is not yes or no (yes/no, true/false, on/off, 1/0)", show(&sh, v));
+        break;
+    case MK_IDLE_TIMEOUT:
+        get_duration(p, line, key, v, false, &m->idle_timeout_ms);
+        break;
+    case MK_ALIASES:
+        add_list(p, line, key, v, &m->aliases, &m->alias_lines, &m->alias_lines_cap, true);
+        break;
+    case MK_ENV:
+        add_env(p, line, m, v);
+        break;
+    case MK__COUNT:
+        break;
+    }
+}
+
+/* The ini_handler: called for each key line and continuation line, right
+ * after line_reader returned it. */
+static int on_value(void *user, const char *section, const char *name, const char *value)
+{
+    struct parser *p = user;
+    struct shown sh;
+    (void)section;   /* ours is p->sec: inih's is cut at 50 bytes */
+
+    if (p->kind == LK_CONT) {
+        if (!p->stashed)
+            p->value = value;
+        switch (p->cont) {
+        case CONT_IGNORE:
+            break;
+        case CONT_REFUSE:
+            error_at(p, p->lineno, "\"%s\" takes one line: this indented line continues its value "
+                     "(only args, default_args, aliases, api_keys and env take more lines)",
+                     show(&sh, p->prev_key));
+            break;
+        case CONT_POOL:
+            pool_value(p, p->cont_key, p->value);
+            break;
+        case CONT_MODEL:
+            model_value(p, &p->models[p->cur_model], p->cont_key, p->value);
+            break;
+        }
+        return 1;
+    }
+    if (p->kind != LK_KEY) {
+        /* inih and split_line disagree: cannot happen, but say something. */
+        error_at(p, p->lineno, "cannot parse this line");
+        return 1;
+    }
+    if (!p->stashed) {
+        p->key = name;
+        p->value = value;
+    }
+    const char *key = p->key, *v = p->value;
+    p->cont = CONT_IGNORE;
+
+    if (p->sec == SEC_IGNORE)
+        return 1;
+    if (p->sec == SEC_NONE) {
+        error_at(p, p->lineno, "key \"%s\" is outside any section: put it under [pool] or [model NAME]",
+                 show(&sh, key));
+        return 1;
+    }
+    if (p->sec == SEC_POOL) {
+        int k = key_index(pool_keys, PK__COUNT, key);
+        if (k < 0) {
+            const char *hint = closest_key(pool_keys, PK__COUNT, key);
+            if (hint)
+                error_at(p, p->lineno, "unknown key \"%s\" in [pool] (did you mean %s?)", show(&sh, key), hint);
+            else if (key_index(model_keys, MK__COUNT, key) >= 0)
+                error_at(p, p->lineno, "unknown key \"%s\" in [pool] (it belongs in a [model NAME] section)",
+                         show(&sh, key));
+            else
+                error_at(p, p->lineno, "unknown key \"%s\" in [pool]", show(&sh, key));
+            return 1;
+        }
+        if (p->pool_key_line[k]) {
+            error_at(p, p->lineno, "key \"%s\" is repeated in [pool] (first at line %d)", key, p->pool_key_line[k]);
+            return 1;
+        }
+        p->pool_key_line[k] = p->lineno;
+        p->cont = pool_key_multiline(k) ? CONT_POOL : CONT_REFUSE;
+        p->cont_key = k;
+        pool_value(p, k, v);
+        return 1;
+    }
+
+    struct pmodel *m = &p->models[p->cur_model];
+    int k = key_index(model_keys, MK__COUNT, key);
+    if (k < 0) {
+        struct shown sh2;
+        const char *hint = closest_key(model_keys, MK__COUNT, key);
+        if (hint)
+            error_at(p, p->lineno, "unknown key \"%s\" in [model %s] (did you mean %s?)",
+                     show(&sh, key), show(&sh2, m->name), hint);
+        else if (key_index(pool_keys, PK__COUNT, key) >= 0)
+            error_at(p, p->lineno, "unknown key \"%s\" in [model %s] (it belongs in [pool])",
+                     show(&sh, key), show(&sh2, m->name));
+        else
+            error_at(p, p->lineno, "unknown key \"%s\" in [model %s]", show(&sh, key), show(&sh2, m->name));
+        return 1;
+    }
+    if (m->key_line[k]) {
+        struct shown sh2;
+        error_at(p, p->lineno, "key \"%s\" is repeated in [model %s] (first at line %d)",
+                 key, show(&sh2, m->name), m->key_line[k]);
+        return 1;
+    }
+    m->key_line[k] = p->lineno;
+    p->cont = model_key_multiline(k) ? CONT_MODEL : CONT_REFUSE;
+    p->cont_key = k;
+    model_value(p, m, k, v);
+    return 1;
+}
+
+/* ------------------------------------------------------------------ */
+/* Whole-file checks                                                   */
+
+static int cmp_found(const void *a, const void *b)
+{
+    const struct found *x = a, *y = b;
+    int c = strcmp(x->name, y->name);
+    return c ? c : strcmp(x->fname, y->fname);
+}
+
+static bool ends_with_shard_suffix(const char *stem, size_t len, unsigned *part)
+{
+    /* "-00001-of-00003": llama.cpp's split naming, five digits each */
+    static const char pat[] = "-ddddd-of-ddddd";
+    size_t pl = sizeof pat - 1;
+    if (len < pl)
+        return false;
+    const char *s = stem + len - pl;
+    for (size_t i = 0; i < pl; i++) {
+        if (pat[i] == 'd' ? !isdigit((unsigned char)s[i]) : s[i] != pat[i])
+            return false;
+    }
+    *part = (unsigned)atoi(s + 1);
+    return true;
+}
+
+static void found_add(struct parser *p, const char *dir, const char *fname, size_t stem_len)
+{
+    if (p->nfound == p->found_cap) {
+        p->found_cap = p->found_cap ? p->found_cap * 2 : 256;
+        p->found = xrealloc(p->found, p->found_cap * sizeof *p->found);
+    }
+    struct found *f = &p->found[p->nfound++];
+    f->name = xstrndup(fname, stem_len);
+    f->path = xasprintf("%s/%s", dir, fname);
+    f->fname = f->path + strlen(dir) + 1;
+    f->used = false;
+}
+
+/* Every *.gguf regular file in models_dir (first parts of split models). */
+static void scan_models_dir(struct parser *p)
+{
+    const char *dir = p->cfg->models_dir;
+    int line = p->pool_key_line[PK_MODELS_DIR];
+    struct shown sh;
+
+    DIR *d = opendir(dir);
+    if (!d) {
+        error_at(p, line, "models_dir: cannot open \"%s\": %s", show(&sh, dir), strerror(errno));
+        return;
+    }
+    struct dirent *de;
+    while ((de = readdir(d))) {
+        const char *name = de->d_name;
+        size_t len = strlen(name);
+        if (name[0] == '.' || len <= 5 || strcasecmp(name + len - 5, ".gguf"))
+            continue;
+        if (de->d_type == DT_UNKNOWN || de->d_type == DT_LNK) {
+            struct stat st;
+            if (fstatat(dirfd(d), name, &st, 0) || !S_ISREG(st.st_mode))
+                continue;
+        } else if (de->d_type != DT_REG) {
+            continue;
+        }
+        size_t stem = len - 5;
+        unsigned part;
+        if (ends_with_shard_suffix(name, stem, &part)) {
+            if (part != 1)
+                continue;
+            stem -= 15;
+        }
+        found_add(p, dir, name, stem);
+    }
+    closedir(d);
+    qsort(p->found, p->nfound, sizeof *p->found, cmp_found);
+
+    for (size_t i = 0; i < p->nfound; i++) {
+        struct found *f = &p->found[i];
+        struct shown sh2;
+        const char *why = bad_model_name(f->name);
+        if (why) {
+            error_at(p, line, "models_dir: \"%s\" would be a model named \"%s\", but %s: rename the file",
+                     show(&sh, f->fname), show(&sh2, f->name), why);
+            continue;
+        }
+        bool added;
+        struct name_ent *e = name_add(&p->names, f->name, &added);
+        if (added) {
+            e->kind = NAME_FOUND;
+            e->model = f->name;
+            e->file = f->path;
+            e->line = line;
+            f->used = true;
+        } else if (e->kind == NAME_FOUND) {
+            error_at(p, line, "models_dir: \"%s\" and \"%s\" both give the model name \"%s\"",
+                     show(&sh, e->file + strlen(dir) + 1), show(&sh2, f->fname), f->name);
+        } else {
+            /* a [model NAME] section overrides the discovered model */
+            struct pmodel *m = &p->models[e->index];
+            if (!m->key_line[MK_PATH]) {
+                m->path = xstrdup(f->path);
+                m->found_file = f->path;
+            }
+        }
+    }
+}
+
+static void check_aliases(struct parser *p)
+{
+    for (size_t i = 0; i < p->nmodels; i++) {
+        struct pmodel *m = &p->models[i];
+        if (m->dropped)
+            continue;
+        for (size_t j = 0; j < m->aliases.n; j++) {
+            const char *a = m->aliases.v[j];
+            int line = m->alias_lines[j];
+            struct shown sh, sh2;
+            bool added;
+            struct name_ent *e = name_add(&p->names, a, &added);
+            if (added) {
+                e->kind = NAME_ALIAS;
+                e->model = m->name;
+                e->line = line;
+                continue;
+            }
+            if (e->kind == NAME_ALIAS && e->model == m->name)
+                error_at(p, line, "alias \"%s\" of model \"%s\" is listed twice (first at line %d)",
+                         show(&sh, a), show(&sh2, m->name), e->line);
+            else if (e->kind == NAME_ALIAS)
+                error_at(p, line, "alias \"%s\" of model \"%s\" is already an alias of model \"%s\" (line %d)",
+                         show(&sh, a), show(&sh2, m->name), e->model, e->line);
+            else if (e->model == m->name)
+                error_at(p, line, "alias \"%s\" of model \"%s\" is the model's own name",
+                         show(&sh, a), show(&sh2, m->name));
+            else if (e->kind == NAME_SECTION)
+                error_at(p, line, "alias \"%s\" of model \"%s\" is already the name of model \"%s\" (line %d)",
+                         show(&sh, a), show(&sh2, m->name), e->model, e->line);
+            else
+                error_at(p, line, "alias \"%s\" of model \"%s\" is already the name of a model "
+                         "found in models_dir (%s, line %d)", show(&sh, a), show(&sh2, m->name), e->file, e->line);
+        }
+    }
+}
+
+static void finish(struct parser *p)
+{
+    struct config *c = p->cfg;
+    struct shown sh;
+
+    if (c->models_dir)
+        scan_models_dir(p);
+
+    for (size_t i = 0; i < p->nmodels; i++) {
+        struct pmodel *m = &p->models[i];
+        if (m->dropped || m->path || m->key_line[MK_PATH])
+            continue;   /* has one, or its path line was already reported */
+        if (c->models_dir)
+            error_at(p, m->line, "model \"%s\" has no path, and models_dir has no %s.gguf",
+                     show(&sh, m->name), show(&sh, m->name));
+        else
+            error_at(p, m->line, "model \"%s\" has no path", show(&sh, m->name));
+    }
+
+    check_aliases(p);
+
+    if (c->default_model && !name_find(&p->names, c->default_model))
+        error_at(p, p->pool_key_line[PK_DEFAULT_MODEL],
+                 "default_model: \"%s\" is not the name or alias of any model", show(&sh, c->default_model));
+
+    if (c->listen) {
+        const char *colon = strrchr(c->listen, ':');
+        unsigned port = colon ? (unsigned)atoi(colon + 1) : 0;
+        if (port >= c->port_min && port <= c->port_max) {
+            int line = p->pool_key_line[PK_LISTEN] ? p->pool_key_line[PK_LISTEN]
+                                                   : p->pool_key_line[PK_PORT_RANGE];
+            error_at(p, line, "listen port %u is inside port_range %u-%u, which is for the children",
+                     port, c->port_min, c->port_max);
+        }
+    }
+}
+
+/* Move the parsed models into cfg: sections in file order, then the ones
+ * found in models_dir by name. */
+static void build_models(struct parser *p)
+{
+    struct config *c = p->cfg;
+    size_t n = 0;
+    for (size_t i = 0; i < p->nmodels; i++)
+        n += !p->models[i].dropped;
+    for (size_t i = 0; i < p->nfound; i++) {
+        struct name_ent *e = p->found[i].used ? name_find(&p->names, p->found[i].name) : NULL;
+        n += e && e->kind == NAME_FOUND && e->file == p->found[i].path;
+    }
+    c->models = xcalloc(n, sizeof *c->models);
+
+    for (size_t i = 0; i < p->nmodels; i++) {
+        struct pmodel *pm = &p->models[i];
+        if (pm->dropped)
+            continue;
+        struct config_model *m = &c->models[c->nmodels++];
+        m->name = pm->name;
+        pm->name = NULL;
+        m->path = pm->path;
+        pm->path = NULL;
+        m->args = strvec_take(&pm->args, &m->nargs);
+        m->args_text = pm->args_text;
+        pm->args_text = NULL;
+        m->instances_min = pm->inst_min;
+        m->instances_max = pm->inst_max;
+        m->memory_kind = pm->memory_kind;
+        m->memory_bytes = pm->memory_bytes;
+        m->pin = pm->pin;
+        m->idle_timeout_ms = pm->idle_timeout_ms;
+        m->aliases = strvec_take(&pm->aliases, &m->naliases);
+        m->env = pm->env.v;
+        m->nenv = pm->env.n;
+        pm->env.v = NULL;
+        pm->env.n = 0;
+        m->from_models_dir = false;
+        m->line = pm->line;
+    }
+    for (size_t i = 0; i < p->nfound; i++) {
+        struct found *f = &p->found[i];
+        struct name_ent *e = f->used ? name_find(&p->names, f->name) : NULL;
+        if (!e || e->kind != NAME_FOUND || e->file != f->path)
+            continue;
+        struct config_model *m = &c->models[c->nmodels++];
+        m->name = f->name;
+        m->path = f->path;
+        f->name = f->path = NULL;
+        m->args = xcalloc(1, sizeof *m->args);
+        m->args_text = xstrdup("");
+        m->instances_min = 0;
+        m->instances_max = 1;
+        m->memory_kind = CONFIG_MEMORY_AUTO;
+        m->idle_timeout_ms = -1;
+        m->aliases = xcalloc(1, sizeof *m->aliases);
+        m->from_models_dir = true;
+        m->line = 0;
+    }
+}
+
+static void set_defaults(struct config *c)
+{
+    c->listen = xstrdup("127.0.0.1:8080");
+    c->control_socket = xstrdup("/run/llama-pool/control.sock");
+    c->llama_server = xstrdup("llama-server");
+    c->port_min = 8100;
+    c->port_max = 8199;
+    c->budget_kind = CONFIG_BUDGET_AUTO;
+    c->memory_reserve = 2ULL << 30;
+    c->idle_timeout_ms = 30 * 60 * 1000;
+    c->start_timeout_ms = 120 * 1000;
+    c->stop_timeout_ms = 10 * 1000;
+    c->health_interval_ms = 10 * 1000;
+    c->max_queue = 256;
+    c->queue_timeout_ms = 120 * 1000;
+    c->max_restarts = 5;
+    c->restart_window_ms = 5 * 60 * 1000;
+    c->log_dir = xstrdup("/var/log/llama-pool");
+    c->models_dir = NULL;
+    c->default_model = NULL;
+    c->admin_key = NULL;
+    c->max_body = 32ULL << 20;
+    c->max_header = 64ULL << 10;
+    c->header_timeout_ms = 10 * 1000;
+    c->keepalive_timeout_ms = 60 * 1000;
+    c->max_connections = 4096;
+}
+
+static void parser_free(struct parser *p)
+{
+    free(p->dir);
+    free(p->raw);
+    free(p->work);
+    free(p->prev_key);
+    strvec_free(&p->default_args);
+    strvec_free(&p->api_keys);
+    for (size_t i = 0; i < p->nmodels; i++) {
+        struct pmodel *m = &p->models[i];
+        free(m->name);
+        free(m->path);
+        strvec_free(&m->args);
+        free(m->args_text);
+        strvec_free(&m->aliases);
+        free(m->alias_lines);
+        for (size_t j = 0; j < m->env.n; j++) {
+            free(m->env.v[j].name);
+            free(m->env.v[j].value);
+        }
+        free(m->env.v);
+    }
+    free(p->models);
+    for (size_t i = 0; i < p->nfound; i++) {
+        free(p->found[i].name);
+        free(p->found[i].path);
+    }
+    free(p->found);
+    free(p->names.v);
+    for (size_t i = 0; i < p->nerrs; i++)
+        free(p->errs[i].msg);
+    free(p->errs);
+}
+
+struct sorted_err {
+    int line;
+    size_t pos;
+    char *msg;
+};
+
+static int cmp_err(const void *a, const void *b)
+{
+    const struct sorted_err *x = a, *y = b;
+    if (x->line != y->line)
+        return x->line < y->line ? -1 : 1;
+    return x->pos < y->pos ? -1 : x->pos > y->pos;
+}
+
+/* Hand the errors over in line order (found order within a line), at most
+ * MAX_REPORTED_ERRORS of them. */
+static void give_errors(struct parser *p, struct config_errors *errs)
+{
+    size_t n = p->nerrs;
+    struct sorted_err *t = xcalloc(n, sizeof *t);
+    for (size_t i = 0; i < n; i++) {
+        t[i].line = p->errs[i].line;
+        t[i].pos = i;
+        t[i].msg = p->errs[i].msg;
+    }
+    qsort(t, n, sizeof *t, cmp_err);
+    size_t keep = n > MAX_REPORTED_ERRORS ? MAX_REPORTED_ERRORS - 1 : n;
+    if (errs) {
+        errs->msgs = xcalloc(keep + (n > keep), sizeof *errs->msgs);
+        for (size_t i = 0; i < keep; i++) {
+            errs->msgs[i] = t[i].msg;
+            t[i].msg = NULL;
+        }
+        if (n > keep)
+            errs->msgs[keep] = xasprintf("%s:%d: too many errors (%zu more not shown)",
+                                         p->file, t[keep].line, n - keep);
+        errs->n = keep + (n > keep);
+    }
+    for (size_t i = 0; i < n; i++)
+        free(t[i].msg);
+    free(t);
+    free(p->errs);
+    p->errs = NULL;
+    p->nerrs = 0;
+}
+
+static void single_error(struct config_errors *errs, char *msg)
+{
+    if (!errs) {
+        free(msg);
+        return;
+    }
+    errs->msgs = xcalloc(1, sizeof *errs->msgs);
+    errs->msgs[0] = msg;
+    errs->n = 1;
+}
+
+static struct config *load(const char *name, FILE *fp, const char *text,
+                           struct config_errors *errs)
+{
+    struct parser p = { 0 };
+    p.file = name;
+    p.dir = file_dir(name);
+    p.fp = fp;
+    p.str = text;
+    p.str_len = text ? strlen(text) : 0;
+    p.cfg = xcalloc(1, sizeof *p.cfg);
+    p.cfg->file = xstrdup(name);
+    set_defaults(p.cfg);
+
+    int rc = ini_parse_stream(line_reader, &p, on_value, &p);
+
+    if (p.read_errno || (fp && ferror(fp))) {
+        int e = p.read_errno ? p.read_errno : EIO;
+        single_error(errs, xasprintf("%s: cannot read: %s", name, strerror(e)));
+        parser_free(&p);
+        config_free(p.cfg);
+        return NULL;
+    }
+    if (rc != 0 && p.nerrs == 0)   /* inih found something we did not */
+        error_at(&p, rc > 0 ? rc : 1, "syntax error");
+    finish(&p);
+
+    if (p.nerrs) {
+        give_errors(&p, errs);
+        parser_free(&p);
+        config_free(p.cfg);
+        return NULL;
+    }
+    struct config *c = p.cfg;
+    c->default_args = strvec_take(&p.default_args, &c->ndefault_args);
+    c->api_keys = strvec_take(&p.api_keys, &c->napi_keys);
+    build_models(&p);
+    parser_free(&p);
+    return c;
+}
+
+/* ------------------------------------------------------------------ */
+/* Public API                                                          */
+
+struct config *config_load(const char *path, struct config_errors *errs)
+{
+    if (errs) {
+        errs->msgs = NULL;
+        errs->n = 0;
+    }
+    FILE *fp = fopen(path, "re");
+    if (!fp) {
+        single_error(errs, xasprintf("%s: cannot read: %s", path, strerror(errno)));
+        return NULL;
+    }
+    struct config *c = load(path, fp, NULL, errs);
+    fclose(fp);
+    return c;
+}
+
+struct config *config_load_string(const char *name, const char *text,
+                                  struct config_errors *errs)
+{
+    if (errs) {
+        errs->msgs = NULL;
+        errs->n = 0;
+    }
+    return load(name, NULL, text ? text : "", errs);
+}
+
+void config_free(struct config *cfg)
+{
+    if (!cfg)
+        return;
+    free(cfg->file);
+    free(cfg->listen);
+    free(cfg->control_socket);
+    free(cfg->llama_server);
+    free(cfg->log_dir);
+    free(cfg->models_dir);
+    config_argv_free(cfg->default_args);
+    free(cfg->default_model);
+    config_argv_free(cfg->api_keys);
+    free(cfg->admin_key);
+    for (size_t i = 0; i < cfg->nmodels; i++) {
+        struct config_model *m = &cfg->models[i];
+        free(m->name);
+        free(m->path);
+        config_argv_free(m->args);
+        free(m->args_text);
+        config_argv_free(m->aliases);
+        for (size_t j = 0; j < m->nenv; j++) {
+            free(m->env[j].name);
+            free(m->env[j].value);
+        }
+        free(m->env);
+    }
+    free(cfg->models);
+    free(cfg);
+}
+
+void config_errors_free(struct config_errors *errs)
+{
+    if (!errs)
+        return;
+    for (size_t i = 0; i < errs->n; i++)
+        free(errs->msgs[i]);
+    free(errs->msgs);
+    errs->msgs = NULL;
+    errs->n = 0;
+}
+
+const struct config_model *config_find_model(const struct config *cfg,
+                                             const char *name_or_alias)
+{
+    if (!cfg || !name_or_alias)
+        return NULL;
+    for (size_t i = 0; i < cfg->nmodels; i++)
+        if (!strcmp(cfg->models[i].name, name_or_alias))
+            return &cfg->models[i];
+    for (size_t i = 0; i < cfg->nmodels; i++)
+        for (size_t j = 0; j < cfg->models[i].naliases; j++)
+            if (!strcmp(cfg->models[i].aliases[j], name_or_alias))
+                return &cfg->models[i];
+    return NULL;
+}
+
+char **config_child_argv(const struct config *cfg,
+                         const struct config_model *m, unsigned port)
+{
+    struct strvec v = { 0 };
+    strvec_push(&v, xstrdup(cfg->llama_server));
+    strvec_push(&v, xstrdup("-m"));
+    strvec_push(&v, xstrdup(m->path));
+    strvec_push(&v, xstrdup("--host"));
+    strvec_push(&v, xstrdup("127.0.0.1"));
+    strvec_push(&v, xstrdup("--port"));
+    strvec_push(&v, xasprintf("%u", port));
+    for (size_t i = 0; i < cfg->ndefault_args; i++)
+        strvec_push(&v, xstrdup(cfg->default_args[i]));
+    for (size_t i = 0; i < m->nargs; i++)
+        strvec_push(&v, xstrdup(m->args[i]));
+    return strvec_take(&v, NULL);
+}
+
+static bool str_eq(const char *a, const char *b)
+{
+    if (!a || !b)
+        return a == b;
+    return !strcmp(a, b);
+}
+
+static bool words_eq(char *const *a, size_t na, char *const *b, size_t nb)
+{
+    if (na != nb)
+        return false;
+    for (size_t i = 0; i < na; i++)
+        if (strcmp(a[i], b[i]))
+            return false;
+    return true;
+}
+
+bool config_model_same_child(const struct config *a, const struct config_model *ma,
+                             const struct config *b, const struct config_model *mb)
+{
+    if (!str_eq(a->llama_server, b->llama_server) || !str_eq(ma->path, mb->path))
+        return false;
+    if (!words_eq(a->default_args, a->ndefault_args, b->default_args, b->ndefault_args))
+        return false;
+    if (!words_eq(ma->args, ma->nargs, mb->args, mb->nargs))
+        return false;
+    /* env: names are unique within a model, so compare as sets */
+    if (ma->nenv != mb->nenv)
+        return false;
+    for (size_t i = 0; i < ma->nenv; i++) {
+        bool found = false;
+        for (size_t j = 0; j < mb->nenv && !found; j++)
+            found = !strcmp(ma->env[i].name, mb->env[j].name)
+                 && !strcmp(ma->env[i].value, mb->env[j].value);
+        if (!found)
+            return false;
+    }
+    return true;
+}

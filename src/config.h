@@ -1,0 +1,140 @@
+/* config — pool.conf → structs, with validation.
+ *
+ * A config is parsed whole and either accepted or rejected with every error
+ * found, each as "FILE:LINE: message". Nothing here touches the running pool:
+ * the daemon parses into a fresh struct config and swaps it in on success. */
+#ifndef LLAMA_POOL_CONFIG_H
+#define LLAMA_POOL_CONFIG_H
+
+#include <stdbool.h>
+#include <stddef.h>
+#include <stdint.h>
+
+#define CONFIG_DEFAULT_PATH "/etc/llama-pool/pool.conf"
+
+/* One environment assignment for a model's children. */
+struct config_env {
+    char *name;
+    char *value;
+};
+
+/* How much memory to charge for a model. */
+enum config_memory_kind {
+    CONFIG_MEMORY_AUTO,   /* estimate from the GGUF header */
+    CONFIG_MEMORY_SIZE,   /* bytes given */
+};
+
+enum config_budget_kind {
+    CONFIG_BUDGET_AUTO,    /* min(MemTotal, cgroup limit) - memory_reserve */
+    CONFIG_BUDGET_SIZE,    /* bytes */
+    CONFIG_BUDGET_PERCENT, /* percent of min(MemTotal, cgroup limit) */
+};
+
+struct config_model {
+    char *name;            /* section name, or file stem under models_dir */
+    char *path;            /* GGUF path, absolute or relative to the config */
+    char **args;           /* extra llama-server argv words (NULL-terminated) */
+    size_t nargs;
+    char *args_text;       /* the args line as written, for comparisons/logs */
+    unsigned instances_min;/* "instances = N" means 0-N: on demand, up to N */
+    unsigned instances_max;
+    enum config_memory_kind memory_kind;
+    uint64_t memory_bytes; /* when memory_kind == CONFIG_MEMORY_SIZE */
+    bool pin;
+    int64_t idle_timeout_ms; /* -1 = inherit [pool] idle_timeout; 0 = never */
+    char **aliases;        /* NULL-terminated */
+    size_t naliases;
+    struct config_env *env;
+    size_t nenv;
+    bool from_models_dir;  /* true when discovered, not written as a section */
+    int line;              /* line of its [model …] header, 0 for models_dir */
+};
+
+struct config {
+    char *file;                 /* path the config was read from */
+
+    /* [pool] */
+    char *listen;               /* "host:port"; NULL or "" = no TCP listener */
+    char *control_socket;
+    char *llama_server;
+    unsigned port_min, port_max;
+    enum config_budget_kind budget_kind;
+    uint64_t budget_bytes;      /* for CONFIG_BUDGET_SIZE */
+    unsigned budget_percent;    /* for CONFIG_BUDGET_PERCENT, 1..100 */
+    uint64_t memory_reserve;
+    int64_t idle_timeout_ms;    /* 0 = never */
+    int64_t start_timeout_ms;
+    int64_t stop_timeout_ms;
+    int64_t health_interval_ms;
+    unsigned max_queue;
+    int64_t queue_timeout_ms;
+    unsigned max_restarts;
+    int64_t restart_window_ms;
+    char *log_dir;
+    char *models_dir;           /* NULL when unset */
+    char **default_args;        /* NULL-terminated */
+    size_t ndefault_args;
+    char *default_model;        /* NULL when unset */
+    char **api_keys;            /* NULL-terminated, possibly empty */
+    size_t napi_keys;
+    char *admin_key;            /* NULL when unset */
+    uint64_t max_body;
+    uint64_t max_header;
+    int64_t header_timeout_ms;
+    int64_t keepalive_timeout_ms;
+    unsigned max_connections;
+
+    struct config_model *models;
+    size_t nmodels;
+};
+
+/* Errors collected while parsing: each one "FILE:LINE: message". */
+struct config_errors {
+    char **msgs;
+    size_t n;
+};
+
+/* Parse and validate PATH. Returns a config, or NULL with errs filled
+ * (at least one message). The caller frees both. */
+struct config *config_load(const char *path, struct config_errors *errs);
+
+/* Same, from a string (for tests); NAME is used in messages. */
+struct config *config_load_string(const char *name, const char *text,
+                                  struct config_errors *errs);
+
+void config_free(struct config *cfg);
+void config_errors_free(struct config_errors *errs);
+
+/* Find a model by name or alias; NULL if none. */
+const struct config_model *config_find_model(const struct config *cfg,
+                                             const char *name_or_alias);
+
+/* The full argv for one child of MODEL on PORT: llama_server, -m PATH,
+ * --host 127.0.0.1, --port P, default_args, then the model's args.
+ * NULL-terminated, malloc'd (free with config_argv_free). */
+char **config_child_argv(const struct config *cfg,
+                         const struct config_model *m, unsigned port);
+void config_argv_free(char **argv);
+
+/* True when two model definitions would run the same child (path, args,
+ * env, and the pool-wide argv parts they inherit are equal). Used by reload
+ * to keep unchanged instances running. */
+bool config_model_same_child(const struct config *a, const struct config_model *ma,
+                             const struct config *b, const struct config_model *mb);
+
+/* ---- value parsers, exposed for unit tests and the CLI ---- */
+
+/* "512", "1.5G", "64K" (powers of 1024). 0 on success, -1 on bad input. */
+int config_parse_size(const char *s, uint64_t *out);
+/* "250ms", "10s", "30m", "2h", plain number = seconds. */
+int config_parse_duration(const char *s, int64_t *out_ms);
+/* "yes/no/true/false/on/off/1/0". */
+int config_parse_bool(const char *s, bool *out);
+
+/* Split S like a POSIX shell splits words (single and double quotes,
+ * backslash escapes; no expansion of any kind). On success returns 0 and a
+ * NULL-terminated malloc'd vector in *out (free with config_argv_free).
+ * On error returns -1 and points *err at a static message. */
+int config_split_words(const char *s, char ***out, size_t *n, const char **err);
+
+#endif

@@ -1,0 +1,124 @@
+/* instance — one llama-server child: spawn, readiness, liveness, logs,
+ * stop, crash and restart. Its whole life is one state machine, in
+ * instance_step() in instance.c:
+ *
+ *   STOPPED  --start-->  STARTING  --/health 200-->  READY
+ *   STARTING --exit: port taken--> STARTING (next port, not a crash)
+ *   STARTING --exit / start_timeout--> BACKOFF, or FAILED when crash-looping
+ *   READY    --exit, or /health failing 3 times--> BACKOFF (or FAILED)
+ *   BACKOFF  --timer (1 s doubling to 60 s)--> STARTING
+ *   STARTING/READY --stop--> STOPPING --exit--> STOPPED
+ *   STOPPING --stop_timeout--> SIGKILL to the group, still STOPPING
+ *
+ * The owner (the pool) supplies the configuration and is told about every
+ * state change, log line and crash through struct instance_ops. */
+#ifndef LLAMA_POOL_INSTANCE_H
+#define LLAMA_POOL_INSTANCE_H
+
+#include <ev.h>
+#include <stdbool.h>
+#include <stdint.h>
+#include <sys/types.h>
+
+#include "backoff.h"
+#include "logring.h"
+
+struct health;
+struct health_probe;
+struct port_pool;
+struct config;
+struct config_model;
+
+enum instance_state {
+    INSTANCE_STOPPED,   /* no process */
+    INSTANCE_STARTING,  /* process up, /health not yet 200 */
+    INSTANCE_READY,     /* answering; liveness probed every health_interval */
+    INSTANCE_STOPPING,  /* SIGTERM sent to the group; SIGKILL at stop_timeout */
+    INSTANCE_BACKOFF,   /* crashed; restarts when the backoff timer fires */
+    INSTANCE_FAILED,    /* gave up: crash loop, or cannot be started at all */
+};
+
+struct instance;
+
+struct instance_ops {
+    /* The state changed (from OLD to inst->state). */
+    void (*changed)(struct instance *inst, enum instance_state old, void *arg);
+    /* A line of the child's stdout/stderr (no newline). */
+    void (*output)(struct instance *inst, const char *line, size_t len, void *arg);
+    /* An event about this instance worth logging (also for the model log). */
+    void (*event)(struct instance *inst, const char *msg, void *arg);
+    /* The child crashed (or was restarted for failing health). Returns true
+     * when the model is now crash-looping and the instance must not come back. */
+    bool (*crashed)(struct instance *inst, void *arg);
+};
+
+/* What an instance needs from the daemon; shared by all instances. */
+struct instance_world {
+    struct ev_loop *loop;
+    struct health *health;
+    struct port_pool *ports;
+    const struct config *cfg;     /* updated by the pool on reload */
+    const struct instance_ops *ops;
+    void *arg;
+};
+
+struct instance {
+    char id[160];                 /* "tinyllama#1" */
+    unsigned no;                  /* the 1 of #1 */
+    const struct config_model *model;  /* updated by the pool on reload */
+    struct instance_world *world;
+    void *owner;                  /* the pool's per-model data */
+
+    enum instance_state state;
+    pid_t pid;
+    unsigned port;
+    double spawned_at;            /* ev_now of the last spawn */
+    double ready_at;
+    double last_progress;         /* last log line or health answer while starting */
+    double last_used;             /* kept by the proxy; ready_at until then */
+    double next_start_at;         /* when BACKOFF ends */
+    unsigned restarts;            /* automatic restarts so far (↺) */
+    unsigned port_retries;        /* consecutive "port taken" respawns */
+    unsigned health_failures;     /* consecutive liveness failures */
+    unsigned slots;               /* /props total_slots; 0 until known */
+    unsigned in_flight;           /* kept by the proxy */
+    uint64_t pss;                 /* bytes, measured */
+    int exit_status;              /* last wait status, -1 if none */
+    char *last_error;             /* why it last failed, or NULL */
+    bool restart_after_stop;      /* a restart was asked while stopping */
+    bool unhealthy_stop;          /* stopping because /health failed */
+    bool killed;                  /* SIGKILL sent */
+    bool answered;                /* the child has answered HTTP since spawn */
+    struct backoff backoff;
+    struct logring tail;          /* last lines of this child's output */
+
+    /* I/O */
+    int out_fd;
+    ev_io out_w;
+    char linebuf[4096];
+    size_t linelen;
+    ev_child child_w;
+    ev_timer deadline;            /* start_timeout / stop_timeout / backoff */
+    ev_timer poll;                /* next /health probe */
+    struct health_probe *probe;
+    struct health_probe *props_probe;
+    bool reprobe;                 /* a sign of progress arrived mid-probe */
+};
+
+struct instance *instance_new(struct instance_world *w, const struct config_model *m,
+                              unsigned no, void *owner);
+/* Free an instance that is STOPPED, BACKOFF or FAILED (no process). */
+void instance_free(struct instance *inst);
+
+void instance_start(struct instance *inst);   /* operator or on-demand start */
+void instance_stop(struct instance *inst);    /* graceful: SIGTERM, then SIGKILL */
+void instance_restart(struct instance *inst);
+/* SIGKILL the group now (supervisor shutting down after stop_timeout). */
+void instance_kill(struct instance *inst);
+
+bool instance_has_process(const struct instance *inst);
+const char *instance_state_name(enum instance_state s);   /* public names */
+/* "exited with status 1", "killed by signal 9 (Killed)" */
+void instance_describe_status(int status, char *buf, size_t len);
+
+#endif

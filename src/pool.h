@@ -1,0 +1,113 @@
+/* pool — the supervisor: every configured model and its instances.
+ *
+ * Owns the models (from the config), creates and frees their instances,
+ * writes each model's log (file in log_dir + an in-memory tail), counts
+ * crashes per model to spot crash loops, applies reloads (keeping instances
+ * whose model did not change), preloads models with a minimum, and shuts
+ * everything down in parallel. Interested parties (a CLI waiting for a
+ * start, a `logs -f`) subscribe to a model's events as observers. */
+#ifndef LLAMA_POOL_POOL_H
+#define LLAMA_POOL_POOL_H
+
+#include <ev.h>
+#include <jansson.h>
+#include <stdbool.h>
+
+#include "backoff.h"
+#include "config.h"
+#include "instance.h"
+#include "logring.h"
+#include "port.h"
+
+struct health;
+struct pool;
+struct pool_model;
+
+enum pool_event_kind {
+    POOL_EV_STATE,     /* an instance changed state */
+    POOL_EV_LOG,       /* a line was added to the model's log */
+    POOL_EV_GONE,      /* the model was removed by a reload */
+};
+
+struct pool_event {
+    enum pool_event_kind kind;
+    struct pool_model *model;
+    struct instance *inst;          /* STATE; LOG when from a child */
+    enum instance_state old;        /* STATE */
+    const char *line;               /* LOG: formatted line, no newline */
+};
+
+struct pool_observer {
+    struct pool_observer *prev, *next;
+    void (*fn)(struct pool_observer *obs, const struct pool_event *ev);
+    void *arg;
+    struct pool_model *model;
+};
+
+struct pool_model {
+    struct pool *pool;
+    const struct config_model *cfg;
+    struct instance **inst;
+    size_t ninst;
+    bool failed;                    /* crash loop: no restarts until start/reload */
+    char *last_error;
+    struct crash_log crashes;
+    struct logring log;             /* allocated on first line */
+    int log_fd;                     /* opened on first line, -1 otherwise */
+    struct pool_observer observers; /* list head */
+    bool retired;                   /* removed by reload; freed once stopped */
+};
+
+struct pool {
+    struct ev_loop *loop;
+    struct config *cfg;
+    struct config **old_cfgs;       /* kept while retired models use them */
+    size_t nold_cfgs;
+    struct health *health;
+    struct port_pool ports;
+    struct instance_world world;
+    struct pool_model **models;
+    size_t nmodels;
+    struct pool_model **retired;
+    size_t nretired;
+    ev_timer gc;                    /* frees stopped instances, outside callbacks */
+    bool shutting_down;
+    void (*on_stopped)(struct pool *p);   /* shutdown finished */
+    double started_at;
+};
+
+struct pool *pool_new(struct ev_loop *loop, struct config *cfg);
+void pool_free(struct pool *p);
+
+struct pool_model *pool_find(struct pool *p, const char *name_or_alias);
+
+/* Make sure at least N instances (1 when N is 0; at most the model's max)
+ * are starting or ready. Clears a crash-loop failure. Returns 0, or -1 with
+ * ERR filled. */
+int pool_model_start(struct pool_model *m, unsigned n, char *err, size_t errlen);
+void pool_model_stop(struct pool_model *m);
+void pool_model_restart(struct pool_model *m);
+
+/* Apply a new config (already validated). Fills SUMMARY with what changed.
+ * Takes ownership of CFG. */
+void pool_reload(struct pool *p, struct config *cfg, json_t *summary);
+
+/* Stop every instance in parallel; calls on_stopped when none is left. */
+void pool_shutdown(struct pool *p, void (*on_stopped)(struct pool *p));
+bool pool_has_processes(const struct pool *p);
+/* SIGKILL every child now. */
+void pool_kill_all(struct pool *p);
+
+/* State of a model as a word: ready, starting, stopping, stopped, failed. */
+const char *pool_model_state(const struct pool_model *m);
+size_t pool_model_count(const struct pool_model *m, enum instance_state s);
+
+json_t *pool_status_json(struct pool *p, const struct pool_model *only);
+json_t *pool_model_json(struct pool_model *m);
+/* "3 instances ready, 1.2 GiB of 48 GiB" */
+void pool_summary(struct pool *p, char *buf, size_t len);
+
+void pool_observe(struct pool_model *m, struct pool_observer *obs);
+void pool_unobserve(struct pool_observer *obs);
+
+#endif

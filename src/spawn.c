@@ -1,0 +1,232 @@
+#define _GNU_SOURCE
+#include "spawn.h"
+
+#include <errno.h>
+#include <fcntl.h>
+#include <limits.h>
+#include <signal.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/prctl.h>
+#include <sys/resource.h>
+#include <sys/stat.h>
+#include <sys/syscall.h>
+#include <unistd.h>
+
+extern char **environ;
+
+#ifndef CLOSE_RANGE_CLOEXEC
+#define CLOSE_RANGE_CLOEXEC (1U << 2)
+#endif
+
+/* After fork, before exec: only async-signal-safe calls from here on. */
+static void child_fail(int errfd, int err)
+{
+    ssize_t r;
+    do {
+        r = write(errfd, &err, sizeof err);
+    } while (r < 0 && errno == EINTR);
+    _exit(127);
+}
+
+static void child_mark_fds_cloexec(void)
+{
+    /* Every fd above stderr is closed at exec, the error pipe included. */
+    if (syscall(SYS_close_range, 3U, ~0U, CLOSE_RANGE_CLOEXEC) == 0)
+        return;
+    struct rlimit rl;
+    long max = 65536;
+    if (getrlimit(RLIMIT_NOFILE, &rl) == 0 && rl.rlim_cur != RLIM_INFINITY &&
+        rl.rlim_cur < (rlim_t)max)
+        max = (long)rl.rlim_cur;
+    for (long fd = 3; fd < max; fd++)
+        (void)fcntl((int)fd, F_SETFD, FD_CLOEXEC);
+}
+
+static void child_exec(const char *path, char *const argv[], char *const envp[],
+                       int out_fd, int null_fd, int errfd, pid_t parent)
+{
+    sigset_t all;
+    sigemptyset(&all);
+    for (int s = 1; s < NSIG; s++) {
+        if (s == SIGKILL || s == SIGSTOP)
+            continue;
+        (void)signal(s, SIG_DFL);
+    }
+    sigprocmask(SIG_SETMASK, &all, NULL);
+
+    if (setsid() < 0)
+        child_fail(errfd, errno);
+    if (prctl(PR_SET_PDEATHSIG, SIGKILL) < 0)
+        child_fail(errfd, errno);
+    /* The supervisor may have died before prctl(): then we were already
+     * reparented and no signal will ever come. */
+    if (getppid() != parent)
+        _exit(127);
+
+    if (dup2(null_fd, STDIN_FILENO) < 0 || dup2(out_fd, STDOUT_FILENO) < 0 ||
+        dup2(out_fd, STDERR_FILENO) < 0)
+        child_fail(errfd, errno);
+    child_mark_fds_cloexec();
+    execve(path, argv, envp);
+    child_fail(errfd, errno);
+}
+
+pid_t spawn_child(const char *path, char *const argv[], char *const envp[],
+                  int out_fd, char *err, size_t errlen)
+{
+    int errpipe[2];
+    int null_fd = open("/dev/null", O_RDONLY | O_CLOEXEC);
+    if (null_fd < 0) {
+        snprintf(err, errlen, "open /dev/null: %s", strerror(errno));
+        return -1;
+    }
+    if (pipe2(errpipe, O_CLOEXEC) < 0) {
+        snprintf(err, errlen, "pipe: %s", strerror(errno));
+        close(null_fd);
+        return -1;
+    }
+    pid_t parent = getpid();
+    pid_t pid = fork();
+    if (pid < 0) {
+        snprintf(err, errlen, "fork: %s", strerror(errno));
+        close(errpipe[0]);
+        close(errpipe[1]);
+        close(null_fd);
+        return -1;
+    }
+    if (pid == 0) {
+        close(errpipe[0]);
+        child_exec(path, argv, envp, out_fd, null_fd, errpipe[1], parent);
+    }
+    close(errpipe[1]);
+    close(null_fd);
+
+    int child_errno = 0;
+    ssize_t r;
+    do {
+        r = read(errpipe[0], &child_errno, sizeof child_errno);
+    } while (r < 0 && errno == EINTR);
+    close(errpipe[0]);
+    if (r == (ssize_t)sizeof child_errno) {
+        /* exec failed; the child has _exit(127)ed: libev's SIGCHLD
+         * handling reaps it. */
+        snprintf(err, errlen, "exec %s: %s", path, strerror(child_errno));
+        errno = child_errno;
+        return -1;
+    }
+    return pid;
+}
+
+char *spawn_resolve(const char *name)
+{
+    if (!name || !*name) {
+        errno = ENOENT;
+        return NULL;
+    }
+    if (strchr(name, '/')) {
+        if (access(name, X_OK) != 0)
+            return NULL;
+        return strdup(name);
+    }
+    const char *path = getenv("PATH");
+    if (!path || !*path)
+        path = "/usr/local/bin:/usr/bin:/bin";
+    int last_errno = ENOENT;
+    for (const char *p = path; ; ) {
+        const char *colon = strchr(p, ':');
+        size_t len = colon ? (size_t)(colon - p) : strlen(p);
+        char buf[PATH_MAX];
+        int n = snprintf(buf, sizeof buf, "%.*s/%s", (int)(len ? len : 1), len ? p : ".", name);
+        if (n > 0 && (size_t)n < sizeof buf) {
+            struct stat st;
+            if (stat(buf, &st) == 0 && S_ISREG(st.st_mode)) {
+                if (access(buf, X_OK) == 0)
+                    return strdup(buf);
+                last_errno = EACCES;
+            }
+        }
+        if (!colon)
+            break;
+        p = colon + 1;
+    }
+    errno = last_errno;
+    return NULL;
+}
+
+int spawn_env_allowed(const char *entry)
+{
+    static const char *const exact[] = {
+        "PATH", "HOME", "USER", "LOGNAME", "LANG", "LANGUAGE", "TZ", "TMPDIR",
+        "LD_LIBRARY_PATH", NULL,
+    };
+    static const char *const prefix[] = {
+        "LC_", "CUDA_", "HIP_", "ROCR_", "HSA_", "GGML_", "ONEAPI_", "ZE_",
+        "VK_", "OMP_", "OPENBLAS_", NULL,
+    };
+    const char *eq = strchr(entry, '=');
+    if (!eq)
+        return 0;
+    size_t len = (size_t)(eq - entry);
+    if (len == strlen("LLAMA_SERVER_ROUTER_PORT") &&
+        memcmp(entry, "LLAMA_SERVER_ROUTER_PORT", len) == 0)
+        return 0;
+    for (size_t i = 0; exact[i]; i++)
+        if (strlen(exact[i]) == len && memcmp(entry, exact[i], len) == 0)
+            return 1;
+    for (size_t i = 0; prefix[i]; i++)
+        if (strncmp(entry, prefix[i], strlen(prefix[i])) == 0)
+            return 1;
+    return 0;
+}
+
+static int env_same_name(const char *a, const char *b)
+{
+    const char *ea = strchr(a, '='), *eb = strchr(b, '=');
+    size_t la = ea ? (size_t)(ea - a) : strlen(a);
+    size_t lb = eb ? (size_t)(eb - b) : strlen(b);
+    return la == lb && memcmp(a, b, la) == 0;
+}
+
+char **spawn_clean_env(char *const extra[], size_t nextra)
+{
+    size_t n = 0;
+    for (char **e = environ; e && *e; e++)
+        n++;
+    char **env = calloc(n + nextra + 1, sizeof *env);
+    if (!env)
+        return NULL;
+    size_t k = 0;
+    for (char **e = environ; e && *e; e++) {
+        if (!spawn_env_allowed(*e))
+            continue;
+        int overridden = 0;
+        for (size_t i = 0; i < nextra && !overridden; i++)
+            overridden = env_same_name(*e, extra[i]);
+        if (overridden)
+            continue;
+        if (!(env[k++] = strdup(*e)))
+            goto fail;
+    }
+    for (size_t i = 0; i < nextra; i++) {
+        if (strncmp(extra[i], "LLAMA_SERVER_ROUTER_PORT=", 25) == 0)
+            continue;
+        if (!(env[k++] = strdup(extra[i])))
+            goto fail;
+    }
+    env[k] = NULL;
+    return env;
+fail:
+    spawn_env_free(env);
+    return NULL;
+}
+
+void spawn_env_free(char **env)
+{
+    if (!env)
+        return;
+    for (char **e = env; *e; e++)
+        free(*e);
+    free(env);
+}

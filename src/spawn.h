@@ -1,0 +1,38 @@
+/* spawn — start a child program safely.
+ *
+ * No shell: argv is exec'd directly. The child gets a new session (its own
+ * process group, so the whole group can be signalled), PR_SET_PDEATHSIG so
+ * it dies with the supervisor even after a SIGKILL (with the getppid() race
+ * closed), stdin from /dev/null, stdout and stderr into the given pipe, every
+ * other fd closed, default signal dispositions and an empty signal mask.
+ * exec() failure is reported through a close-on-exec pipe: the parent reads
+ * the child's errno, or EOF when exec succeeded. */
+#ifndef LLAMA_POOL_SPAWN_H
+#define LLAMA_POOL_SPAWN_H
+
+#include <stddef.h>
+#include <sys/types.h>
+
+/* Start PATH with ARGV and ENVP; the child's stdout and stderr go to OUT_FD.
+ * Returns the pid, or -1 with ERR filled ("exec /x/llama-server: No such
+ * file or directory"). */
+pid_t spawn_child(const char *path, char *const argv[], char *const envp[],
+                  int out_fd, char *err, size_t errlen);
+
+/* Find NAME like execvp would, in the supervisor's PATH. A NAME with a '/'
+ * is taken as is. Returns a malloc'd path to an executable file, or NULL
+ * (errno set). */
+char *spawn_resolve(const char *name);
+
+/* A clean environment for a child: from ours only PATH, HOME, USER, LOGNAME,
+ * LANG, LANGUAGE, LC_*, TZ, TMPDIR, LD_LIBRARY_PATH and the accelerator
+ * selectors (CUDA_*, HIP_*, ROCR_*, GGML_*, …); never
+ * LLAMA_SERVER_ROUTER_PORT; then EXTRA ("NAME=VALUE" strings, NULL-terminated
+ * or n entries), which override. Malloc'd, free with spawn_env_free. */
+char **spawn_clean_env(char *const extra[], size_t nextra);
+void spawn_env_free(char **env);
+
+/* True if NAME=… from our environment may pass to a child. */
+int spawn_env_allowed(const char *entry);
+
+#endif

@@ -1,0 +1,1476 @@
+/* Unit tests for config: pool.conf → struct config, and every error shape. */
+#define _GNU_SOURCE
+#include <setjmp.h>
+#include <stdarg.h>
+#include <stddef.h>
+#include <stdint.h>
+#include <cmocka.h>
+
+#include <errno.h>
+#include <fcntl.h>
+#include <ftw.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/stat.h>
+#include <time.h>
+#include <unistd.h>
+
+#include "config.h"
+
+/* ------------------------------------------------------------------ */
+/* Fixture: a temporary directory holding pool.conf's would-be home and  */
+/* an (empty) model file m.gguf.                                         */
+
+struct fx {
+    char dir[64];
+    char conf[128];   /* DIR/pool.conf: the name errors start with */
+    char model[128];  /* DIR/m.gguf */
+};
+
+static void write_file(const char *path, const char *text)
+{
+    FILE *f = fopen(path, "w");
+    assert_non_null(f);
+    fputs(text, f);
+    assert_int_equal(fclose(f), 0);
+}
+
+static int rm_one(const char *path, const struct stat *st, int flag, struct FTW *ftw)
+{
+    (void)st;
+    (void)flag;
+    (void)ftw;
+    return remove(path);
+}
+
+static void rm_rf(const char *dir)
+{
+    nftw(dir, rm_one, 64, FTW_DEPTH | FTW_PHYS);
+}
+
+static int setup(void **state)
+{
+    struct fx *f = calloc(1, sizeof *f);
+    strcpy(f->dir, "/tmp/test_config.XXXXXX");
+    if (!mkdtemp(f->dir))
+        return -1;
+    snprintf(f->conf, sizeof f->conf, "%s/pool.conf", f->dir);
+    snprintf(f->model, sizeof f->model, "%s/m.gguf", f->dir);
+    write_file(f->model, "");
+    *state = f;
+    return 0;
+}
+
+static int teardown(void **state)
+{
+    struct fx *f = *state;
+    rm_rf(f->dir);
+    free(f);
+    return 0;
+}
+
+static void print_errors(const struct config_errors *e)
+{
+    for (size_t i = 0; i < e->n; i++)
+        print_message("  error: %s\n", e->msgs[i]);
+}
+
+/* Load TEXT as DIR/pool.conf; it must be accepted. */
+static struct config *load_ok(struct fx *f, const char *text)
+{
+    struct config_errors e;
+    struct config *c = config_load_string(f->conf, text, &e);
+    size_t n = e.n;
+    print_errors(&e);
+    config_errors_free(&e);
+    assert_non_null(c);
+    assert_int_equal(n, 0);
+    return c;
+}
+
+/* Load TEXT; it must be rejected with, among its errors, one that starts with
+ * "DIR/pool.conf:LINE: " and contains every NULL-terminated fragment. */
+static void expect_error(struct fx *f, const char *text, int line, ...)
+{
+    struct config_errors e;
+    struct config *c = config_load_string(f->conf, text, &e);
+    if (c)
+        config_free(c);
+    assert_null(c);
+    assert_true(e.n >= 1);
+
+    char prefix[256];
+    snprintf(prefix, sizeof prefix, "%s:%d: ", f->conf, line);
+    bool found = false;
+    for (size_t i = 0; i < e.n && !found; i++) {
+        if (strncmp(e.msgs[i], prefix, strlen(prefix)))
+            continue;
+        bool all = true;
+        va_list ap;
+        va_start(ap, line);
+        for (const char *frag; (frag = va_arg(ap, const char *));)
+            if (!strstr(e.msgs[i] + strlen(prefix), frag))
+                all = false;
+        va_end(ap);
+        found = all;
+    }
+    if (!found) {
+        print_message("expected an error at %s with the given words; got:\n", prefix);
+        print_errors(&e);
+    }
+    assert_true(found);
+    config_errors_free(&e);
+}
+
+/* Load TEXT; it must be rejected with exactly these messages (after the
+ * "DIR/pool.conf:" prefix), in this order. */
+static void expect_exact(struct fx *f, const char *text, ...)
+{
+    struct config_errors e;
+    struct config *c = config_load_string(f->conf, text, &e);
+    if (c)
+        config_free(c);
+    assert_null(c);
+
+    va_list ap;
+    va_start(ap, text);
+    size_t i = 0;
+    for (const char *want; (want = va_arg(ap, const char *)); i++) {
+        char full[1024];
+        snprintf(full, sizeof full, "%s:%s", f->conf, want);
+        if (i >= e.n || strcmp(e.msgs[i], full)) {
+            print_message("message %zu: want %s\n", i, full);
+            print_errors(&e);
+        }
+        assert_true(i < e.n);
+        assert_string_equal(e.msgs[i], full);
+    }
+    va_end(ap);
+    if (e.n != i)
+        print_errors(&e);
+    assert_int_equal(e.n, i);
+    config_errors_free(&e);
+}
+
+static const char *join(struct fx *f, const char *name)
+{
+    static char buf[4][256];
+    static int k;
+    k = (k + 1) % 4;
+    snprintf(buf[k], sizeof buf[k], "%s/%s", f->dir, name);
+    return buf[k];
+}
+
+/* ------------------------------------------------------------------ */
+/* Defaults                                                            */
+
+static void test_pool_defaults(void **state)
+{
+    struct fx *f = *state;
+    struct config *c = load_ok(f, "");
+    assert_string_equal(c->file, f->conf);
+    assert_string_equal(c->listen, "127.0.0.1:8080");
+    assert_string_equal(c->control_socket, "/run/llama-pool/control.sock");
+    assert_string_equal(c->llama_server, "llama-server");
+    assert_int_equal(c->port_min, 8100);
+    assert_int_equal(c->port_max, 8199);
+    assert_int_equal(c->budget_kind, CONFIG_BUDGET_AUTO);
+    assert_int_equal(c->memory_reserve, 2ULL * 1024 * 1024 * 1024);
+    assert_int_equal(c->idle_timeout_ms, 30 * 60 * 1000);
+    assert_int_equal(c->start_timeout_ms, 120000);
+    assert_int_equal(c->stop_timeout_ms, 10000);
+    assert_int_equal(c->health_interval_ms, 10000);
+    assert_int_equal(c->max_queue, 256);
+    assert_int_equal(c->queue_timeout_ms, 120000);
+    assert_int_equal(c->max_restarts, 5);
+    assert_int_equal(c->restart_window_ms, 5 * 60 * 1000);
+    assert_string_equal(c->log_dir, "/var/log/llama-pool");
+    assert_null(c->models_dir);
+    assert_non_null(c->default_args);
+    assert_int_equal(c->ndefault_args, 0);
+    assert_null(c->default_args[0]);
+    assert_null(c->default_model);
+    assert_non_null(c->api_keys);
+    assert_int_equal(c->napi_keys, 0);
+    assert_null(c->api_keys[0]);
+    assert_null(c->admin_key);
+    assert_int_equal(c->max_body, 32ULL * 1024 * 1024);
+    assert_int_equal(c->max_header, 64 * 1024);
+    assert_int_equal(c->header_timeout_ms, 10000);
+    assert_int_equal(c->keepalive_timeout_ms, 60000);
+    assert_int_equal(c->max_connections, 4096);
+    assert_int_equal(c->nmodels, 0);
+    config_free(c);
+
+    /* an empty [pool] section changes nothing */
+    c = load_ok(f, "[pool]\n");
+    assert_string_equal(c->listen, "127.0.0.1:8080");
+    assert_int_equal(c->max_connections, 4096);
+    config_free(c);
+}
+
+static void test_model_defaults(void **state)
+{
+    struct fx *f = *state;
+    struct config *c = load_ok(f, "; models\n[model tiny]\npath = m.gguf\n");
+    assert_int_equal(c->nmodels, 1);
+    const struct config_model *m = &c->models[0];
+    assert_string_equal(m->name, "tiny");
+    assert_string_equal(m->path, f->model);       /* relative → config's directory */
+    assert_non_null(m->args);
+    assert_null(m->args[0]);
+    assert_int_equal(m->nargs, 0);
+    assert_string_equal(m->args_text, "");
+    assert_int_equal(m->instances_min, 0);
+    assert_int_equal(m->instances_max, 1);
+    assert_int_equal(m->memory_kind, CONFIG_MEMORY_AUTO);
+    assert_false(m->pin);
+    assert_int_equal(m->idle_timeout_ms, -1);
+    assert_non_null(m->aliases);
+    assert_null(m->aliases[0]);
+    assert_int_equal(m->naliases, 0);
+    assert_int_equal(m->nenv, 0);
+    assert_false(m->from_models_dir);
+    assert_int_equal(m->line, 2);
+    config_free(c);
+}
+
+/* ------------------------------------------------------------------ */
+/* Every key, set                                                      */
+
+static void test_every_pool_key(void **state)
+{
+    struct fx *f = *state;
+    char text[2048];
+    mkdir(join(f, "models"), 0755);
+    snprintf(text, sizeof text,
+             "[pool]\n"
+             "listen = [::1]:9090\n"
+             "control_socket = run/ctl.sock\n"
+             "llama_server = /opt/llama/bin/llama-server\n"
+             "port_range = 9100 - 9102\n"
+             "memory_budget = 75%%\n"
+             "memory_reserve = 512M\n"
+             "idle_timeout = 0\n"
+             "start_timeout = 1.5m\n"
+             "stop_timeout = 250ms\n"
+             "health_interval = 2s\n"
+             "max_queue = 0\n"
+             "queue_timeout = 1h\n"
+             "max_restarts = 3\n"
+             "restart_window = 90\n"
+             "log_dir = ./logs/\n"
+             "models_dir = models\n"
+             "default_args = -cram 0 --no-webui\n"
+             "default_model = tiny-alias\n"
+             "api_keys = k1, k2 ,,k3\n"
+             "admin_key = s3cret\n"
+             "max_body = 1.5MiB\n"
+             "max_header = 8kb\n"
+             "header_timeout = 3s\n"
+             "keepalive_timeout = 0\n"
+             "max_connections = 10\n"
+             "[model tiny]\npath = m.gguf\naliases = tiny-alias\n");
+    struct config *c = load_ok(f, text);
+    assert_string_equal(c->listen, "[::1]:9090");
+    assert_string_equal(c->control_socket, join(f, "run/ctl.sock"));
+    assert_string_equal(c->llama_server, "/opt/llama/bin/llama-server");
+    assert_int_equal(c->port_min, 9100);
+    assert_int_equal(c->port_max, 9102);
+    assert_int_equal(c->budget_kind, CONFIG_BUDGET_PERCENT);
+    assert_int_equal(c->budget_percent, 75);
+    assert_int_equal(c->memory_reserve, 512ULL << 20);
+    assert_int_equal(c->idle_timeout_ms, 0);
+    assert_int_equal(c->start_timeout_ms, 90000);
+    assert_int_equal(c->stop_timeout_ms, 250);
+    assert_int_equal(c->health_interval_ms, 2000);
+    assert_int_equal(c->max_queue, 0);
+    assert_int_equal(c->queue_timeout_ms, 3600000);
+    assert_int_equal(c->max_restarts, 3);
+    assert_int_equal(c->restart_window_ms, 90000);
+    assert_string_equal(c->log_dir, join(f, "logs"));
+    assert_string_equal(c->models_dir, join(f, "models"));
+    assert_int_equal(c->ndefault_args, 3);
+    assert_string_equal(c->default_args[0], "-cram");
+    assert_string_equal(c->default_args[1], "0");
+    assert_string_equal(c->default_args[2], "--no-webui");
+    assert_null(c->default_args[3]);
+    assert_string_equal(c->default_model, "tiny-alias");
+    assert_int_equal(c->napi_keys, 3);
+    assert_string_equal(c->api_keys[0], "k1");
+    assert_string_equal(c->api_keys[1], "k2");
+    assert_string_equal(c->api_keys[2], "k3");
+    assert_null(c->api_keys[3]);
+    assert_string_equal(c->admin_key, "s3cret");
+    assert_int_equal(c->max_body, 1572864);
+    assert_int_equal(c->max_header, 8192);
+    assert_int_equal(c->header_timeout_ms, 3000);
+    assert_int_equal(c->keepalive_timeout_ms, 0);
+    assert_int_equal(c->max_connections, 10);
+    config_free(c);
+
+    /* a relative llama_server without '/' is left for PATH lookup; with one
+     * it is resolved like the other paths */
+    c = load_ok(f, "[pool]\nllama_server = bin/llama-server\n");
+    assert_string_equal(c->llama_server, join(f, "bin/llama-server"));
+    config_free(c);
+
+    /* empty values that mean "off" */
+    c = load_ok(f, "[pool]\nlisten =\nmodels_dir =\ndefault_model =\nadmin_key =\napi_keys =\ndefault_args =\n");
+    assert_null(c->listen);
+    assert_null(c->models_dir);
+    assert_null(c->default_model);
+    assert_null(c->admin_key);
+    assert_int_equal(c->napi_keys, 0);
+    assert_int_equal(c->ndefault_args, 0);
+    config_free(c);
+
+    c = load_ok(f, "[pool]\nmemory_budget = 48G\n");
+    assert_int_equal(c->budget_kind, CONFIG_BUDGET_SIZE);
+    assert_int_equal(c->budget_bytes, 48ULL << 30);
+    config_free(c);
+}
+
+static void test_every_model_key(void **state)
+{
+    struct fx *f = *state;
+    struct config *c = load_ok(f,
+        "[model tiny]\n"
+        "path = m.gguf\n"
+        "args = -c 4096 -np 4 --alias \"tiny model\"\n"
+        "instances = 1-3\n"
+        "memory = 1.5G\n"
+        "pin = yes\n"
+        "idle_timeout = 10m\n"
+        "aliases = gpt-3.5-turbo, tiny-1b ,org/tiny-1b\n"
+        "env = OMP_NUM_THREADS=4 'GREETING=hello world' EMPTY=\n"
+        "[model two]\n"
+        "path = ./m.gguf\n"
+        "instances = 3\n"
+        "memory = auto\n"
+        "pin = off\n"
+        "idle_timeout = 0\n");
+    assert_int_equal(c->nmodels, 2);
+    const struct config_model *m = &c->models[0];
+    assert_string_equal(m->path, f->model);
+    assert_int_equal(m->nargs, 6);
+    assert_string_equal(m->args[0], "-c");
+    assert_string_equal(m->args[1], "4096");
+    assert_string_equal(m->args[2], "-np");
+    assert_string_equal(m->args[3], "4");
+    assert_string_equal(m->args[4], "--alias");
+    assert_string_equal(m->args[5], "tiny model");
+    assert_null(m->args[6]);
+    assert_string_equal(m->args_text, "-c 4096 -np 4 --alias \"tiny model\"");
+    assert_int_equal(m->instances_min, 1);
+    assert_int_equal(m->instances_max, 3);
+    assert_int_equal(m->memory_kind, CONFIG_MEMORY_SIZE);
+    assert_int_equal(m->memory_bytes, 1610612736ULL);
+    assert_true(m->pin);
+    assert_int_equal(m->idle_timeout_ms, 600000);
+    assert_int_equal(m->naliases, 3);
+    assert_string_equal(m->aliases[0], "gpt-3.5-turbo");
+    assert_string_equal(m->aliases[1], "tiny-1b");
+    assert_string_equal(m->aliases[2], "org/tiny-1b");
+    assert_null(m->aliases[3]);
+    assert_int_equal(m->nenv, 3);
+    assert_string_equal(m->env[0].name, "OMP_NUM_THREADS");
+    assert_string_equal(m->env[0].value, "4");
+    assert_string_equal(m->env[1].name, "GREETING");
+    assert_string_equal(m->env[1].value, "hello world");
+    assert_string_equal(m->env[2].name, "EMPTY");
+    assert_string_equal(m->env[2].value, "");
+
+    m = &c->models[1];
+    assert_string_equal(m->name, "two");
+    assert_string_equal(m->path, f->model);
+    assert_int_equal(m->line, 10);
+    assert_int_equal(m->instances_min, 0);
+    assert_int_equal(m->instances_max, 3);
+    assert_int_equal(m->memory_kind, CONFIG_MEMORY_AUTO);
+    assert_false(m->pin);
+    assert_int_equal(m->idle_timeout_ms, 0);
+
+    assert_ptr_equal(config_find_model(c, "tiny"), &c->models[0]);
+    assert_ptr_equal(config_find_model(c, "gpt-3.5-turbo"), &c->models[0]);
+    assert_ptr_equal(config_find_model(c, "org/tiny-1b"), &c->models[0]);
+    assert_ptr_equal(config_find_model(c, "two"), &c->models[1]);
+    assert_null(config_find_model(c, "three"));
+    assert_null(config_find_model(c, "TINY"));
+    config_free(c);
+}
+
+/* ------------------------------------------------------------------ */
+/* Value parsers                                                       */
+
+static void test_parse_size(void **state)
+{
+    (void)state;
+    static const struct { const char *s; uint64_t v; } good[] = {
+        { "0", 0 }, { "512", 512 }, { "512B", 512 }, { "64K", 65536 }, { "64k", 65536 },
+        { "64KB", 65536 }, { "64KiB", 65536 }, { "64kib", 65536 }, { "32M", 33554432 },
+        { "2G", 2147483648ULL }, { "1.5G", 1610612736ULL }, { "0.5K", 512 },
+        { "1T", 1099511627776ULL }, { "2 G", 2147483648ULL }, { "1.0001K", 1024 },
+        { "18446744073709551615", UINT64_MAX },
+    };
+    for (size_t i = 0; i < sizeof good / sizeof *good; i++) {
+        uint64_t v = 12345;
+        if (config_parse_size(good[i].s, &v))
+            print_message("rejected %s\n", good[i].s);
+        assert_int_equal(config_parse_size(good[i].s, &v), 0);
+        assert_int_equal(v, good[i].v);
+    }
+    /* the largest T value that fits: integer part times 2^40, plus the fraction */
+    uint64_t v = 0;
+    assert_int_equal(config_parse_size("16777215.9999T", &v), 0);
+    assert_int_equal(v, (16777215ULL << 40) + (9999ULL << 40) / 10000);
+    static const char *const bad[] = {
+        "", "-1", "+1", "G", "1X", "1.G", ".5G", "1..5", "1GG", "1iB", "1 G B", "1e3",
+        "18446744073709551616", "16777216T", "99999999999999999999T", "1,5G", " 1G",
+    };
+    for (size_t i = 0; i < sizeof bad / sizeof *bad; i++) {
+        uint64_t v = 777;
+        if (!config_parse_size(bad[i], &v))
+            print_message("accepted %s\n", bad[i]);
+        assert_int_equal(config_parse_size(bad[i], &v), -1);
+        assert_int_equal(v, 777);
+    }
+}
+
+static void test_parse_duration(void **state)
+{
+    (void)state;
+    static const struct { const char *s; int64_t ms; } good[] = {
+        { "0", 0 }, { "10", 10000 }, { "10s", 10000 }, { "250ms", 250 }, { "30m", 1800000 },
+        { "2h", 7200000 }, { "1.5s", 1500 }, { "0.5m", 30000 }, { "1.5h", 5400000 },
+        { "10 s", 10000 }, { "10S", 10000 }, { "0.0001s", 1 } /* rounds up, never to 0 */,
+        { "1.5", 1500 }, { "9223372036854775807ms", INT64_MAX },
+    };
+    for (size_t i = 0; i < sizeof good / sizeof *good; i++) {
+        int64_t v = -5;
+        if (config_parse_duration(good[i].s, &v))
+            print_message("rejected %s\n", good[i].s);
+        assert_int_equal(config_parse_duration(good[i].s, &v), 0);
+        assert_int_equal(v, good[i].ms);
+    }
+    static const char *const bad[] = {
+        "", "-1", "-1s", "s", "10x", "10sec", "1d", "1.s", "ms", "10 m s",
+        "9223372036854775808ms", "2562047788016h", "99999999999999999999",
+    };
+    for (size_t i = 0; i < sizeof bad / sizeof *bad; i++) {
+        int64_t v = -5;
+        if (!config_parse_duration(bad[i], &v))
+            print_message("accepted %s\n", bad[i]);
+        assert_int_equal(config_parse_duration(bad[i], &v), -1);
+        assert_int_equal(v, -5);
+    }
+}
+
+static void test_parse_bool(void **state)
+{
+    (void)state;
+    static const char *const yes[] = { "yes", "YES", "true", "True", "on", "1" };
+    static const char *const no[] = { "no", "No", "false", "FALSE", "off", "0" };
+    for (size_t i = 0; i < 6; i++) {
+        bool b = false;
+        assert_int_equal(config_parse_bool(yes[i], &b), 0);
+        assert_true(b);
+        b = true;
+        assert_int_equal(config_parse_bool(no[i], &b), 0);
+        assert_false(b);
+    }
+    static const char *const bad[] = { "", "y", "n", "2", "enable", "yes please", "00" };
+    for (size_t i = 0; i < sizeof bad / sizeof *bad; i++) {
+        bool b = true;
+        assert_int_equal(config_parse_bool(bad[i], &b), -1);
+        assert_true(b);
+    }
+}
+
+/* ------------------------------------------------------------------ */
+/* Bad values: each type, with its message                             */
+
+static void test_bad_pool_values(void **state)
+{
+    struct fx *f = *state;
+    expect_exact(f, "[pool]\nmax_body = 12Q\n",
+                 "2: max_body: \"12Q\" is not a size (a number with an optional K, M, G or T: 512K, 1.5G)", NULL);
+    expect_exact(f, "[pool]\nmax_body = 0\n", "2: max_body: must be greater than 0", NULL);
+    expect_exact(f, "[pool]\nmemory_reserve = 99999999T\n",
+                 "2: memory_reserve: \"99999999T\" is too large", NULL);
+    expect_exact(f, "[pool]\nmemory_reserve = -1G\n",
+                 "2: memory_reserve: \"-1G\" is not a size (a number with an optional K, M, G or T: 512K, 1.5G)", NULL);
+    expect_exact(f, "[pool]\nidle_timeout = 5x\n",
+                 "2: idle_timeout: \"5x\" is not a duration (a number with ms, s, m or h: 250ms, 10s, 30m, 2h)", NULL);
+    expect_exact(f, "[pool]\nstart_timeout = 0\n", "2: start_timeout: must be greater than 0", NULL);
+    expect_exact(f, "[pool]\nhealth_interval = 0s\n", "2: health_interval: must be greater than 0", NULL);
+    expect_exact(f, "[pool]\nqueue_timeout = 9999999999999999h\n",
+                 "2: queue_timeout: \"9999999999999999h\" is too large", NULL);
+    expect_exact(f, "[pool]\nmax_queue = lots\n", "2: max_queue: \"lots\" is not a whole number", NULL);
+    expect_exact(f, "[pool]\nmax_queue = -1\n", "2: max_queue: \"-1\" is not a whole number", NULL);
+    expect_exact(f, "[pool]\nmax_connections = 0\n",
+                 "2: max_connections: \"0\" is out of range (1 to 10000000)", NULL);
+    expect_exact(f, "[pool]\nmax_restarts = 99999999999\n",
+                 "2: max_restarts: \"99999999999\" is out of range (0 to 1000000)", NULL);
+    expect_exact(f, "[pool]\nport_range = 8100\n",
+                 "2: port_range: \"8100\" is not FIRST-LAST (e.g. 8100-8199)", NULL);
+    expect_exact(f, "[pool]\nport_range = 8199-8100\n",
+                 "2: port_range: \"8199-8100\": need 1 <= FIRST <= LAST <= 65535", NULL);
+    expect_exact(f, "[pool]\nport_range = 0-10\n",
+                 "2: port_range: \"0-10\": need 1 <= FIRST <= LAST <= 65535", NULL);
+    expect_exact(f, "[pool]\nport_range = 9000-70000\n",
+                 "2: port_range: \"9000-70000\": need 1 <= FIRST <= LAST <= 65535", NULL);
+    expect_exact(f, "[pool]\nmemory_budget = lots\n",
+                 "2: memory_budget: \"lots\" is not auto, a size (48G) or a percentage (75%)", NULL);
+    expect_exact(f, "[pool]\nmemory_budget = 0%\n",
+                 "2: memory_budget: \"0%\": a percentage must be a whole number from 1% to 100%", NULL);
+    expect_exact(f, "[pool]\nmemory_budget = 101%\n",
+                 "2: memory_budget: \"101%\": a percentage must be a whole number from 1% to 100%", NULL);
+    expect_exact(f, "[pool]\nmemory_budget = 0\n", "2: memory_budget: must be greater than 0", NULL);
+    expect_exact(f, "[pool]\ncontrol_socket =\n", "2: control_socket: needs a path", NULL);
+    expect_exact(f, "[pool]\nllama_server =\n", "2: llama_server: needs a program name or path", NULL);
+    expect_exact(f, "[pool]\nlog_dir =\n", "2: log_dir: needs a directory", NULL);
+    expect_error(f, "[pool]\ncontrol_socket = /tmp/"
+                    "aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa.sock\n",
+                 2, "control_socket: ", "is too long for a unix socket", NULL);
+}
+
+static void test_listen(void **state)
+{
+    struct fx *f = *state;
+    static const char *const good[] = {
+        "127.0.0.1:8080", "0.0.0.0:80", "localhost:65535", "[::]:8080", "[::1]:1", "[fe80::1]:9000",
+    };
+    for (size_t i = 0; i < sizeof good / sizeof *good; i++) {
+        char text[128];
+        snprintf(text, sizeof text, "[pool]\nlisten = %s\n", good[i]);
+        struct config *c = load_ok(f, text);
+        assert_string_equal(c->listen, good[i]);
+        config_free(c);
+    }
+    expect_exact(f, "[pool]\nlisten = 8080\n",
+                 "2: listen: \"8080\" is not HOST:PORT (e.g. 127.0.0.1:8080)", NULL);
+    expect_exact(f, "[pool]\nlisten = :8080\n",
+                 "2: listen: \":8080\" is not HOST:PORT (e.g. 127.0.0.1:8080)", NULL);
+    expect_exact(f, "[pool]\nlisten = ::1:8080\n",
+                 "2: listen: \"::1:8080\": write an IPv6 address in brackets, [::1]:8080", NULL);
+    expect_exact(f, "[pool]\nlisten = [::1]8080\n", "2: listen: \"[::1]8080\" is not [IPv6]:PORT", NULL);
+    expect_exact(f, "[pool]\nlisten = [nope]:8080\n",
+                 "2: listen: \"[nope]:8080\" is not a valid IPv6 address", NULL);
+    expect_exact(f, "[pool]\nlisten = 127.0.0.1:0\n",
+                 "2: listen: \"127.0.0.1:0\": the port must be a number from 1 to 65535", NULL);
+    expect_exact(f, "[pool]\nlisten = 127.0.0.1:65536\n",
+                 "2: listen: \"127.0.0.1:65536\": the port must be a number from 1 to 65535", NULL);
+    expect_exact(f, "[pool]\nlisten = 127.0.0.1:http\n",
+                 "2: listen: \"127.0.0.1:http\": the port must be a number from 1 to 65535", NULL);
+    /* the proxy's port must not be one handed to children */
+    expect_exact(f, "[pool]\nport_range = 8000-8100\n",
+                 "2: listen port 8080 is inside port_range 8000-8100, which is for the children", NULL);
+    expect_exact(f, "[pool]\nlisten = 127.0.0.1:8150\n",
+                 "2: listen port 8150 is inside port_range 8100-8199, which is for the children", NULL);
+}
+
+static void test_bad_model_values(void **state)
+{
+    struct fx *f = *state;
+    expect_exact(f, "[model a]\npath = m.gguf\ninstances = 0\n",
+                 "3: instances: \"0\": the maximum must be at least 1", NULL);
+    expect_exact(f, "[model a]\npath = m.gguf\ninstances = 0-0\n",
+                 "3: instances: \"0-0\": the maximum must be at least 1", NULL);
+    expect_exact(f, "[model a]\npath = m.gguf\ninstances = 3-1\n",
+                 "3: instances: \"3-1\": the minimum is larger than the maximum", NULL);
+    expect_exact(f, "[model a]\npath = m.gguf\ninstances = many\n",
+                 "3: instances: \"many\" is not N or MIN-MAX (e.g. 2, or 1-3)", NULL);
+    expect_exact(f, "[model a]\npath = m.gguf\ninstances = 1-\n",
+                 "3: instances: \"1-\" is not N or MIN-MAX (e.g. 2, or 1-3)", NULL);
+    expect_exact(f, "[model a]\npath = m.gguf\ninstances = 99999999\n",
+                 "3: instances: \"99999999\" is too large", NULL);
+    expect_exact(f, "[model a]\npath = m.gguf\nmemory = lots\n",
+                 "3: memory: \"lots\" is not a size (a number with an optional K, M, G or T: 512K, 1.5G)", NULL);
+    expect_exact(f, "[model a]\npath = m.gguf\nmemory = 0\n", "3: memory: must be greater than 0", NULL);
+    expect_exact(f, "[model a]\npath = m.gguf\npin = maybe\n",
+                 "3: pin: \"maybe\" is not yes or no (yes/no, true/false, on/off, 1/0)", NULL);
+    expect_exact(f, "[model a]\npath = m.gguf\nidle_timeout = -1\n",
+                 "3: idle_timeout: \"-1\" is not a duration (a number with ms, s, m or h: 250ms, 10s, 30m, 2h)", NULL);
+    expect_exact(f, "[model a]\npath = m.gguf\naliases = ok, not ok\n",
+                 "3: aliases: \"not ok\" contains whitespace or a control character", NULL);
+    expect_exact(f, "[model a]\npath = m.gguf\nargs = --alias \"x\n",
+                 "3: args: unterminated double quote", NULL);
+    expect_exact(f, "[model a]\npath = m.gguf\nargs = --chat-template \"a ; b\"\n",
+                 "3: args: unterminated double quote (note: ';' after whitespace starts a comment, even inside quotes)",
+                 NULL);
+    expect_exact(f, "[model a]\npath =\n", "2: path: needs the model's .gguf file", NULL);
+}
+
+static void test_env(void **state)
+{
+    struct fx *f = *state;
+    expect_exact(f, "[model a]\npath = m.gguf\nenv = 1BAD=x\n",
+                 "3: env: \"1BAD=x\" is not NAME=VALUE with NAME made of letters, digits and '_'", NULL);
+    expect_exact(f, "[model a]\npath = m.gguf\nenv = NOVALUE\n",
+                 "3: env: \"NOVALUE\" is not NAME=VALUE with NAME made of letters, digits and '_'", NULL);
+    expect_exact(f, "[model a]\npath = m.gguf\nenv = =x\n",
+                 "3: env: \"=x\" is not NAME=VALUE with NAME made of letters, digits and '_'", NULL);
+    expect_exact(f, "[model a]\npath = m.gguf\nenv = A-B=1\n",
+                 "3: env: \"A-B=1\" is not NAME=VALUE with NAME made of letters, digits and '_'", NULL);
+    expect_exact(f, "[model a]\npath = m.gguf\nenv = A=1 LLAMA_SERVER_ROUTER_PORT=9000\n",
+                 "3: env: LLAMA_SERVER_ROUTER_PORT is not allowed: it turns llama-server into a router "
+                 "child that exits when its stdin closes", NULL);
+    expect_exact(f, "[model a]\npath = m.gguf\nenv = A=1\n  A=2\n", "4: env: A is set twice", NULL);
+    expect_exact(f, "[model a]\npath = m.gguf\nenv = 'A=1\n", "3: env: unterminated single quote", NULL);
+
+    struct config *c = load_ok(f, "[model a]\npath = m.gguf\nenv = _X=a=b CUDA_VISIBLE_DEVICES=0,1\n");
+    assert_int_equal(c->models[0].nenv, 2);
+    assert_string_equal(c->models[0].env[0].name, "_X");
+    assert_string_equal(c->models[0].env[0].value, "a=b");
+    assert_string_equal(c->models[0].env[1].name, "CUDA_VISIBLE_DEVICES");
+    assert_string_equal(c->models[0].env[1].value, "0,1");
+    config_free(c);
+}
+
+static void test_owned_args_refused(void **state)
+{
+    struct fx *f = *state;
+    static const char *const words[] = { "-m", "--model", "--host", "--port", "--model=x.gguf", "--port=1" };
+    static const char *const shown[] = { "-m", "--model", "--host", "--port", "--model", "--port" };
+    for (size_t i = 0; i < sizeof words / sizeof *words; i++) {
+        char text[256], want[512];
+        snprintf(text, sizeof text, "[model a]\npath = m.gguf\nargs = -c 512 %s foo\n", words[i]);
+        snprintf(want, sizeof want, "3: args: \"%s\" is not allowed: llama-pool gives every child "
+                 "-m PATH --host 127.0.0.1 --port P itself (set the model file with path =)", shown[i]);
+        expect_exact(f, text, want, NULL);
+        snprintf(text, sizeof text, "[pool]\ndefault_args = %s foo\n", words[i]);
+        snprintf(want, sizeof want, "2: default_args: \"%s\" is not allowed: llama-pool gives every child "
+                 "-m PATH --host 127.0.0.1 --port P itself (set the model file with path =)", shown[i]);
+        expect_exact(f, text, want, NULL);
+    }
+    /* look-alikes are fine */
+    struct config *c = load_ok(f, "[model a]\npath = m.gguf\nargs = -mg 0 --model-draft d.gguf --hostx\n");
+    assert_int_equal(c->models[0].nargs, 5);
+    config_free(c);
+}
+
+/* ------------------------------------------------------------------ */
+/* Structure errors                                                    */
+
+static void test_duplicates(void **state)
+{
+    struct fx *f = *state;
+    expect_exact(f, "[model a]\npath = m.gguf\n[model b]\npath = m.gguf\n[model a]\npath = m.gguf\n",
+                 "5: model \"a\" is defined twice (first at line 1)", NULL);
+    expect_exact(f, "[model a]\npath = m.gguf\naliases = x, y\n[model b]\npath = m.gguf\naliases = z,\n  y\n",
+                 "7: alias \"y\" of model \"b\" is already an alias of model \"a\" (line 3)", NULL);
+    /* an alias equal to another model's name: both lines named, whichever comes first */
+    expect_exact(f, "[model a]\npath = m.gguf\naliases = b\n[model b]\npath = m.gguf\n",
+                 "3: alias \"b\" of model \"a\" is already the name of model \"b\" (line 4)", NULL);
+    expect_exact(f, "[model a]\npath = m.gguf\n[model b]\npath = m.gguf\naliases = a\n",
+                 "5: alias \"a\" of model \"b\" is already the name of model \"a\" (line 1)", NULL);
+    expect_exact(f, "[model a]\npath = m.gguf\naliases = a\n",
+                 "3: alias \"a\" of model \"a\" is the model's own name", NULL);
+    expect_exact(f, "[model a]\npath = m.gguf\naliases = x, x\n",
+                 "3: alias \"x\" of model \"a\" is listed twice (first at line 3)", NULL);
+    expect_exact(f, "[pool]\n[pool]\n", "2: [pool] appears twice (first at line 1)", NULL);
+    expect_exact(f, "[pool]\nmax_queue = 1\nmax_queue = 2\n",
+                 "3: key \"max_queue\" is repeated in [pool] (first at line 2)", NULL);
+    expect_exact(f, "[pool]\nmax_queue = 1\n[pool]\nmax_queue = 2\n",
+                 "3: [pool] appears twice (first at line 1)",
+                 "4: key \"max_queue\" is repeated in [pool] (first at line 2)", NULL);
+    expect_exact(f, "[model a]\npath = m.gguf\nargs = -c 1\npin = no\nargs = -c 2\n",
+                 "5: key \"args\" is repeated in [model a] (first at line 3)", NULL);
+}
+
+static void test_unknown_keys(void **state)
+{
+    struct fx *f = *state;
+    expect_exact(f, "[model tiny]\npath = m.gguf\nintances = 2\n",
+                 "3: unknown key \"intances\" in [model tiny] (did you mean instances?)", NULL);
+    expect_exact(f, "[model tiny]\npath = m.gguf\nalias = x\n",
+                 "3: unknown key \"alias\" in [model tiny] (did you mean aliases?)", NULL);
+    expect_exact(f, "[model tiny]\npath = m.gguf\nPin = yes\n",
+                 "3: unknown key \"Pin\" in [model tiny] (did you mean pin?)", NULL);
+    expect_exact(f, "[pool]\nlisen = 1.2.3.4:5\n",
+                 "2: unknown key \"lisen\" in [pool] (did you mean listen?)", NULL);
+    expect_exact(f, "[pool]\nmax_bdoy = 1M\n",
+                 "2: unknown key \"max_bdoy\" in [pool] (did you mean max_body?)", NULL);
+    expect_exact(f, "[pool]\ncolour = blue\n", "2: unknown key \"colour\" in [pool]", NULL);
+    expect_exact(f, "[pool]\nenv = A=1\n",
+                 "2: unknown key \"env\" in [pool] (it belongs in a [model NAME] section)", NULL);
+    expect_exact(f, "[model tiny]\npath = m.gguf\nmax_queue = 3\n",
+                 "3: unknown key \"max_queue\" in [model tiny] (it belongs in [pool])", NULL);
+    /* continuation lines of an unknown key say nothing more */
+    expect_exact(f, "[model tiny]\npath = m.gguf\nextra = 1\n  2\n  3\n",
+                 "3: unknown key \"extra\" in [model tiny]", NULL);
+}
+
+static void test_sections_and_syntax(void **state)
+{
+    struct fx *f = *state;
+    expect_exact(f, "[models tiny]\npath = m.gguf\n",
+                 "1: unknown section [models tiny]: sections are [pool] and [model NAME]", NULL);
+    expect_exact(f, "[global]\nlisten = x\n",
+                 "1: unknown section [global]: sections are [pool] and [model NAME]", NULL);
+    expect_exact(f, "[model]\npath = m.gguf\n", "1: [model] needs a name: [model NAME]", NULL);
+    expect_exact(f, "[model   ]\n", "1: [model] needs a name: [model NAME]", NULL);
+    expect_exact(f, "[model a/b]\npath = m.gguf\n", "1: invalid model name \"a/b\": it contains '/'", NULL);
+    expect_exact(f, "[model .hidden]\npath = m.gguf\n",
+                 "1: invalid model name \".hidden\": it starts with '.'", NULL);
+    expect_exact(f, "[model a b]\npath = m.gguf\n", "1: invalid model name \"a b\": it contains whitespace", NULL);
+    expect_exact(f, "listen = 1.2.3.4:80\n[pool]\n",
+                 "1: key \"listen\" is outside any section: put it under [pool] or [model NAME]", NULL);
+    expect_exact(f, "[pool\nlisten = 1.2.3.4:80\n", "1: section header without ']'", NULL);
+    expect_exact(f, "[pool]\njust some words\n", "2: expected \"key = value\", found \"just some words\"", NULL);
+    expect_exact(f, "[model a]\n", "1: model \"a\" has no path", NULL);
+    /* sections tolerate spaces and a trailing comment */
+    struct config *c = load_ok(f, "[ model  spaced ] ; note\npath = m.gguf\n[ pool ]\n");
+    assert_string_equal(c->models[0].name, "spaced");
+    config_free(c);
+}
+
+static void test_all_errors_collected_in_line_order(void **state)
+{
+    struct fx *f = *state;
+    expect_exact(f,
+                 "[pool]\n"
+                 "max_body = x\n"               /* 2 */
+                 "default_model = ghost\n"      /* 3: found after the parse */
+                 "bogus = 1\n"                  /* 4 */
+                 "[model a]\n"                  /* 5: no path */
+                 "pin = perhaps\n"              /* 6 */
+                 "[model b]\n"
+                 "path = m.gguf\n"
+                 "aliases = a\n",               /* 9 */
+                 "2: max_body: \"x\" is not a size (a number with an optional K, M, G or T: 512K, 1.5G)",
+                 "3: default_model: \"ghost\" is not the name or alias of any model",
+                 "4: unknown key \"bogus\" in [pool]",
+                 "5: model \"a\" has no path",
+                 "6: pin: \"perhaps\" is not yes or no (yes/no, true/false, on/off, 1/0)",
+                 "9: alias \"a\" of model \"b\" is already the name of model \"a\" (line 5)",
+                 NULL);
+}
+
+static void test_too_many_errors(void **state)
+{
+    struct fx *f = *state;
+    size_t cap = 150 * 16 + 16;
+    char *text = malloc(cap), *p = text;
+    p += sprintf(p, "[pool]\n");
+    for (int i = 0; i < 150; i++)
+        p += sprintf(p, "nope%d = 1\n", i);
+    struct config_errors e;
+    assert_null(config_load_string(f->conf, text, &e));
+    assert_int_equal(e.n, 100);
+    char want[256];
+    snprintf(want, sizeof want, "%s:101: too many errors (51 more not shown)", f->conf);
+    assert_string_equal(e.msgs[99], want);
+    snprintf(want, sizeof want, "%s:2: unknown key \"nope0\" in [pool]", f->conf);
+    assert_string_equal(e.msgs[0], want);
+    config_errors_free(&e);
+    assert_int_equal(e.n, 0);
+    free(text);
+}
+
+static void test_default_model(void **state)
+{
+    struct fx *f = *state;
+    struct config *c = load_ok(f, "[pool]\ndefault_model = t\n[model tiny]\npath = m.gguf\naliases = t\n");
+    assert_string_equal(c->default_model, "t");
+    config_free(c);
+    c = load_ok(f, "[pool]\ndefault_model = tiny\n[model tiny]\npath = m.gguf\n");
+    assert_string_equal(c->default_model, "tiny");
+    config_free(c);
+    expect_exact(f, "[pool]\ndefault_model = tinny\n[model tiny]\npath = m.gguf\n",
+                 "2: default_model: \"tinny\" is not the name or alias of any model", NULL);
+}
+
+/* ------------------------------------------------------------------ */
+/* Files                                                               */
+
+static void test_model_file_checks(void **state)
+{
+    struct fx *f = *state;
+    char want[512];
+    snprintf(want, sizeof want, "3: model \"x\": path \"%s/missing.gguf\" does not exist", f->dir);
+    expect_exact(f, "[model x]\n\npath = missing.gguf\n", want, NULL);
+    snprintf(want, sizeof want, "2: model \"x\": path \"/nonexistent/dir/m.gguf\" does not exist");
+    expect_exact(f, "[model x]\npath = /nonexistent/dir/m.gguf\n", want, NULL);
+    mkdir(join(f, "sub"), 0755);
+    snprintf(want, sizeof want, "2: model \"x\": path \"%s/sub\" is not a regular file", f->dir);
+    expect_exact(f, "[model x]\npath = sub/\n", want, NULL);
+    if (geteuid() != 0) {   /* root reads anything */
+        write_file(join(f, "locked.gguf"), "");
+        chmod(join(f, "locked.gguf"), 0);
+        snprintf(want, sizeof want, "2: model \"x\": path \"%s/locked.gguf\" cannot be read: Permission denied",
+                 f->dir);
+        expect_exact(f, "[model x]\npath = locked.gguf\n", want, NULL);
+    }
+    /* absolute paths are kept, tidied */
+    char text[256];
+    snprintf(text, sizeof text, "[model x]\npath = %s//./m.gguf\n", f->dir);
+    struct config *c = load_ok(f, text);
+    assert_string_equal(c->models[0].path, f->model);
+    config_free(c);
+}
+
+static void test_config_load_file(void **state)
+{
+    struct fx *f = *state;
+    struct config_errors e;
+    char path[256], want[512];
+
+    snprintf(path, sizeof path, "%s/nope.conf", f->dir);
+    assert_null(config_load(path, &e));
+    assert_int_equal(e.n, 1);
+    snprintf(want, sizeof want, "%s: cannot read: No such file or directory", path);
+    assert_string_equal(e.msgs[0], want);
+    config_errors_free(&e);
+
+    assert_null(config_load(f->dir, &e));
+    assert_int_equal(e.n, 1);
+    snprintf(want, sizeof want, "%s: cannot read: Is a directory", f->dir);
+    assert_string_equal(e.msgs[0], want);
+    config_errors_free(&e);
+
+    snprintf(path, sizeof path, "%s/real.XXXXXX", f->dir);
+    int fd = mkstemp(path);
+    assert_true(fd >= 0);
+    const char *text = "\xEF\xBB\xBF[pool]\r\nmax_queue = 7\r\n[model m]\r\npath = m.gguf ; relative to this file\r\n";
+    assert_int_equal(write(fd, text, strlen(text)), (ssize_t)strlen(text));
+    close(fd);
+    struct config *c = config_load(path, &e);
+    if (!c)
+        print_errors(&e);
+    assert_non_null(c);
+    assert_int_equal(e.n, 0);
+    assert_string_equal(c->file, path);
+    assert_int_equal(c->max_queue, 7);
+    assert_string_equal(c->models[0].path, f->model);
+    assert_int_equal(c->models[0].line, 3);
+    config_free(c);
+
+    /* errors from a file name it and the line */
+    write_file(path, "[pool]\n\nmax_queue = x\n");
+    assert_null(config_load(path, &e));
+    assert_int_equal(e.n, 1);
+    snprintf(want, sizeof want, "%s:3: max_queue: \"x\" is not a whole number", path);
+    assert_string_equal(e.msgs[0], want);
+    config_errors_free(&e);
+    unlink(path);
+}
+
+/* ------------------------------------------------------------------ */
+/* inih's syntax: comments, continuations, long lines                  */
+
+static void test_comments(void **state)
+{
+    struct fx *f = *state;
+    struct config *c = load_ok(f,
+        "# hash comment\n"
+        "; semicolon comment\n"
+        "[pool]\n"
+        "api_keys = a;b, c ; the rest is a comment\n"
+        "admin_key = x#y\n"
+        "[model m]\n"
+        "path = m.gguf\n"
+        "args = -c 4096\t; comment after a tab\n");
+    assert_int_equal(c->napi_keys, 2);
+    assert_string_equal(c->api_keys[0], "a;b");
+    assert_string_equal(c->api_keys[1], "c");
+    assert_string_equal(c->admin_key, "x#y");
+    assert_int_equal(c->models[0].nargs, 2);
+    assert_string_equal(c->models[0].args_text, "-c 4096");
+    config_free(c);
+}
+
+static void test_continuation_lines(void **state)
+{
+    struct fx *f = *state;
+    struct config *c = load_ok(f,
+        "[pool]\n"
+        "default_args = -cram 0\n"
+        "    --no-webui\n"
+        "api_keys =\n"
+        "    k1,\n"
+        "    k2, k3\n"
+        "[model m]\n"
+        "path = m.gguf\n"
+        "args =\n"
+        "    -c 4096\n"
+        "    ; a comment inside does not end it\n"
+        "    --alias 'two words'\n"
+        "aliases = a1,\n"
+        "  a2\n"
+        "env = A=1\n"
+        "  B=2 C=3\n"
+        "pin = yes\n");
+    assert_int_equal(c->ndefault_args, 3);
+    assert_string_equal(c->default_args[2], "--no-webui");
+    assert_int_equal(c->napi_keys, 3);
+    assert_string_equal(c->api_keys[0], "k1");
+    assert_string_equal(c->api_keys[2], "k3");
+    const struct config_model *m = &c->models[0];
+    assert_int_equal(m->nargs, 4);
+    assert_string_equal(m->args[0], "-c");
+    assert_string_equal(m->args[1], "4096");
+    assert_string_equal(m->args[2], "--alias");
+    assert_string_equal(m->args[3], "two words");
+    assert_string_equal(m->args_text, "-c 4096 --alias 'two words'");
+    assert_int_equal(m->naliases, 2);
+    assert_string_equal(m->aliases[1], "a2");
+    assert_int_equal(m->nenv, 3);
+    assert_string_equal(m->env[2].name, "C");
+    assert_true(m->pin);
+    config_free(c);
+
+    expect_exact(f, "[pool]\nlisten = 127.0.0.1:80\n  81\n",
+                 "3: \"listen\" takes one line: this indented line continues its value "
+                 "(only args, default_args, aliases, api_keys and env take more lines)", NULL);
+    expect_exact(f, "[model m]\npath = m.gguf\n  other.gguf\n",
+                 "3: \"path\" takes one line: this indented line continues its value "
+                 "(only args, default_args, aliases, api_keys and env take more lines)", NULL);
+    /* continuation words are checked like the first line's */
+    expect_error(f, "[model m]\npath = m.gguf\nargs = -c 1\n  --port 9\n", 4, "args: \"--port\" is not allowed", NULL);
+    /* an indented key right after a section header is a key... */
+    c = load_ok(f, "[model m]\n  path = m.gguf\n");
+    assert_string_equal(c->models[0].path, f->model);
+    config_free(c);
+    /* ...but an indented line after a key continues it, as in inih and Python */
+    expect_exact(f, "[model m]\n  path = m.gguf\n  pin = yes\n",
+                 "3: \"path\" takes one line: this indented line continues its value "
+                 "(only args, default_args, aliases, api_keys and env take more lines)", NULL);
+}
+
+static char *repeat_words(const char *word, size_t n)
+{
+    size_t wl = strlen(word);
+    char *s = malloc(n * (wl + 1) + 1), *p = s;
+    for (size_t i = 0; i < n; i++) {
+        memcpy(p, word, wl);
+        p += wl;
+        *p++ = ' ';
+    }
+    p[-1] = '\0';
+    return s;
+}
+
+static void test_long_lines(void **state)
+{
+    struct fx *f = *state;
+    /* 1,000 words of 4 characters: a 5,000-character args line */
+    char *words = repeat_words("-xyz", 1000);
+    assert_int_equal(strlen(words), 4999);
+    char name[101];
+    memset(name, 'n', 100);
+    name[100] = '\0';
+    memcpy(name, "long-", 5);
+    char *longval = malloc(3001);
+    memset(longval, 'k', 3000);
+    longval[3000] = '\0';
+    char *comment = repeat_words("blah", 200);
+
+    size_t cap = 40000;
+    char *text = malloc(cap);
+    snprintf(text, cap,
+             "; %s\n"                                 /* 1: a long comment */
+             "[pool]\n"                               /* 2 */
+             "admin_key = %s;not-a-comment ; a comment\n"  /* 3: 3,000-character value */
+             "[model %s]\n"                           /* 4: 100-character section name */
+             "path = m.gguf\n"
+             "args = %s \"last word\" ; comment\n"    /* 6 */
+             "aliases = short,\n"
+             "    %s-alias\n"                         /* 8: long continuation */
+             "pin = yes\n",
+             comment, longval, name, words, longval);
+    struct config *c = load_ok(f, text);
+    /* inih's rule: ';' starts a comment only after whitespace */
+    assert_int_equal(strlen(c->admin_key), 3000 + strlen(";not-a-comment"));
+    assert_memory_equal(c->admin_key, longval, 3000);
+    assert_string_equal(c->admin_key + 3000, ";not-a-comment");
+    assert_int_equal(c->nmodels, 1);
+    const struct config_model *m = &c->models[0];
+    assert_string_equal(m->name, name);
+    assert_int_equal(m->line, 4);
+    assert_int_equal(m->nargs, 1001);
+    assert_string_equal(m->args[0], "-xyz");
+    assert_string_equal(m->args[999], "-xyz");
+    assert_string_equal(m->args[1000], "last word");
+    assert_null(m->args[1001]);
+    assert_int_equal(strlen(m->args_text), 4999 + strlen(" \"last word\""));
+    assert_int_equal(m->naliases, 2);
+    assert_int_equal(strlen(m->aliases[1]), 3006);
+    assert_true(m->pin);
+    assert_ptr_equal(config_find_model(c, name), m);
+    config_free(c);
+
+    /* errors on long lines keep their line numbers; the value is shortened */
+    snprintf(text, cap, "[pool]\nmax_queue = 1\n%s = 1\nlisten = nope\n", longval);
+    struct config_errors e;
+    assert_null(config_load_string(f->conf, text, &e));
+    assert_int_equal(e.n, 2);
+    char prefix[256];
+    snprintf(prefix, sizeof prefix, "%s:3: unknown key \"kkkkk", f->conf);
+    assert_memory_equal(e.msgs[0], prefix, strlen(prefix));
+    assert_non_null(strstr(e.msgs[0], "...\" in [pool]"));
+    assert_true(strlen(e.msgs[0]) < 300);
+    snprintf(prefix, sizeof prefix, "%s:4: listen: ", f->conf);
+    assert_memory_equal(e.msgs[1], prefix, strlen(prefix));
+    config_errors_free(&e);
+
+    /* a long line with neither '=' nor a section is an error, once */
+    snprintf(text, cap, "[pool]\n%s\nmax_queue = 2\n", longval);
+    assert_null(config_load_string(f->conf, text, &e));
+    assert_int_equal(e.n, 1);
+    snprintf(prefix, sizeof prefix, "%s:2: expected \"key = value\"", f->conf);
+    assert_memory_equal(e.msgs[0], prefix, strlen(prefix));
+    config_errors_free(&e);
+
+    /* a long duplicated section name is reported with its first line */
+    snprintf(text, cap, "[model %s]\npath = m.gguf\n[model %s]\npath = m.gguf\n", name, name);
+    expect_error(f, text, 3, "is defined twice (first at line 1)", NULL);
+
+    free(text);
+    free(words);
+    free(longval);
+    free(comment);
+}
+
+/* ------------------------------------------------------------------ */
+/* models_dir                                                          */
+
+static void touch(const char *path)
+{
+    int fd = open(path, O_WRONLY | O_CREAT | O_TRUNC, 0644);
+    assert_true(fd >= 0);
+    close(fd);
+}
+
+static void test_models_dir(void **state)
+{
+    struct fx *f = *state;
+    char d[200], p[300];
+    snprintf(d, sizeof d, "%s/models", f->dir);
+    assert_int_equal(mkdir(d, 0755), 0);
+    static const char *const files[] = {
+        "b.gguf", "a.gguf", "big-00001-of-00003.gguf", "big-00002-of-00003.gguf",
+        "big-00003-of-00003.gguf", "notes.txt", ".hidden.gguf", "._a.gguf", "Upper.GGUF",
+        "over.gguf",
+    };
+    for (size_t i = 0; i < sizeof files / sizeof *files; i++) {
+        snprintf(p, sizeof p, "%s/%s", d, files[i]);
+        touch(p);
+    }
+    snprintf(p, sizeof p, "%s/dir.gguf", d);
+    mkdir(p, 0755);                                   /* a directory: skipped */
+    snprintf(p, sizeof p, "%s/link.gguf", d);
+    assert_int_equal(symlink("a.gguf", p), 0);        /* a link to a file: a model */
+    snprintf(p, sizeof p, "%s/broken.gguf", d);
+    assert_int_equal(symlink("nothing.gguf", p), 0);  /* a dangling link: skipped */
+
+    struct config *c = load_ok(f,
+        "[pool]\n"
+        "models_dir = models\n"
+        "[model over]\n"             /* overrides the discovered over.gguf */
+        "args = -c 8192\n"
+        "pin = yes\n"
+        "[model own]\n"              /* not in the directory: has its own path */
+        "path = m.gguf\n"
+        "[model b]\n"                /* in the directory, but with its own path */
+        "path = m.gguf\n");
+    static const char *const order[] = { "over", "own", "b", "Upper", "a", "big", "link" };
+    if (c->nmodels != 7)
+        for (size_t i = 0; i < c->nmodels; i++)
+            print_message("model %s\n", c->models[i].name);
+    assert_int_equal(c->nmodels, 7);
+    /* sections in file order, then discovered ones by name (strcmp order) */
+    for (size_t i = 0; i < 3; i++)
+        assert_string_equal(c->models[i].name, order[i]);
+    assert_string_equal(c->models[3].name, "Upper");
+    assert_string_equal(c->models[4].name, "a");
+    assert_string_equal(c->models[5].name, "big");
+    assert_string_equal(c->models[6].name, "link");
+
+    const struct config_model *m = &c->models[0];
+    snprintf(p, sizeof p, "%s/over.gguf", d);
+    assert_string_equal(m->path, p);
+    assert_int_equal(m->nargs, 2);
+    assert_true(m->pin);
+    assert_false(m->from_models_dir);
+    assert_int_equal(m->line, 3);
+    assert_string_equal(c->models[1].path, f->model);
+    assert_string_equal(c->models[2].path, f->model);   /* b's own path wins */
+
+    m = &c->models[5];
+    snprintf(p, sizeof p, "%s/big-00001-of-00003.gguf", d);
+    assert_string_equal(m->path, p);                    /* a split model loads from part 1 */
+    assert_true(m->from_models_dir);
+    assert_int_equal(m->line, 0);
+    assert_int_equal(m->instances_min, 0);
+    assert_int_equal(m->instances_max, 1);
+    assert_int_equal(m->memory_kind, CONFIG_MEMORY_AUTO);
+    assert_int_equal(m->idle_timeout_ms, -1);
+    assert_false(m->pin);
+    assert_int_equal(m->nargs, 0);
+    assert_non_null(m->args);
+    assert_non_null(m->aliases);
+    assert_string_equal(c->models[3].path, join(f, "models/Upper.GGUF"));
+    assert_string_equal(c->models[6].path, join(f, "models/link.gguf"));
+    config_free(c);
+
+    /* a section that matches no file, and has no path */
+    snprintf(p, sizeof p, "%s/models", f->dir);
+    expect_exact(f, "[pool]\nmodels_dir = models\n[model ghost]\npin = yes\n",
+                 "3: model \"ghost\" has no path, and models_dir has no ghost.gguf", NULL);
+    /* an alias that names a discovered model */
+    char want[512];
+    snprintf(want, sizeof want, "5: alias \"a\" of model \"own\" is already the name of a model found in "
+             "models_dir (%s/models/a.gguf, line 2)", f->dir);
+    expect_exact(f, "[pool]\nmodels_dir = models\n[model own]\npath = m.gguf\naliases = a\n", want, NULL);
+    /* default_model may name a discovered model */
+    c = load_ok(f, "[pool]\nmodels_dir = models\ndefault_model = big\n");
+    assert_string_equal(c->default_model, "big");
+    config_free(c);
+
+    /* two files giving one name; a file name that is no model name */
+    snprintf(p, sizeof p, "%s/a-00001-of-00002.gguf", d);
+    touch(p);
+    snprintf(p, sizeof p, "%s/my model.gguf", d);
+    touch(p);
+    expect_exact(f, "[pool]\nmodels_dir = models\n",
+                 "2: models_dir: \"a-00001-of-00002.gguf\" and \"a.gguf\" both give the model name \"a\"",
+                 "2: models_dir: \"my model.gguf\" would be a model named \"my model\", but it contains whitespace: "
+                 "rename the file", NULL);
+
+    snprintf(want, sizeof want, "2: models_dir: cannot open \"%s/nowhere\": No such file or directory", f->dir);
+    expect_exact(f, "[pool]\nmodels_dir = nowhere\n", want, NULL);
+}
+
+static double now_s(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (double)ts.tv_sec + (double)ts.tv_nsec / 1e9;
+}
+
+static void test_models_dir_10000_files(void **state)
+{
+    struct fx *f = *state;
+    char d[200], p[300];
+    snprintf(d, sizeof d, "%s/many", f->dir);
+    assert_int_equal(mkdir(d, 0755), 0);
+    for (int i = 0; i < 10000; i++) {
+        snprintf(p, sizeof p, "%s/model-%05d.gguf", d, i);
+        touch(p);
+    }
+    double t0 = now_s();
+    struct config *c = load_ok(f, "[pool]\nmodels_dir = many\n[model model-00042]\npin = yes\n");
+    double t1 = now_s();
+    print_message("loaded 10000 models from models_dir in %.1f ms\n", (t1 - t0) * 1000);
+    assert_int_equal(c->nmodels, 10000);
+    assert_string_equal(c->models[0].name, "model-00042");
+    assert_true(c->models[0].pin);
+    assert_string_equal(c->models[1].name, "model-00000");
+    assert_string_equal(c->models[42].name, "model-00041");
+    assert_string_equal(c->models[43].name, "model-00043");
+    assert_string_equal(c->models[9999].name, "model-09999");
+    snprintf(p, sizeof p, "%s/model-09999.gguf", d);
+    assert_string_equal(c->models[9999].path, p);
+    assert_true(c->models[9999].from_models_dir);
+    config_free(c);
+}
+
+/* ------------------------------------------------------------------ */
+/* split_words                                                         */
+
+static void expect_words(const char *s, ...)
+{
+    char **w = NULL;
+    size_t n = 99;
+    const char *err = "unset";
+    assert_int_equal(config_split_words(s, &w, &n, &err), 0);
+    assert_null(err);
+    va_list ap;
+    va_start(ap, s);
+    size_t i = 0;
+    for (const char *want; (want = va_arg(ap, const char *)); i++) {
+        assert_true(i < n);
+        assert_string_equal(w[i], want);
+    }
+    va_end(ap);
+    assert_int_equal(n, i);
+    assert_null(w[n]);
+    config_argv_free(w);
+}
+
+static void test_split_words(void **state)
+{
+    (void)state;
+    expect_words("", NULL);
+    expect_words("   \t ", NULL);
+    expect_words("a b  c", "a", "b", "c", NULL);
+    expect_words("  -c\t4096\n-np 4 ", "-c", "4096", "-np", "4", NULL);
+    expect_words("'a b' \"c d\"", "a b", "c d", NULL);
+    expect_words("a'b c'd", "ab cd", NULL);
+    expect_words("\"\" x ''", "", "x", "", NULL);
+    expect_words("a\"\"", "a", NULL);
+    expect_words("'it''s'", "its", NULL);
+    expect_words("\"it's\"", "it's", NULL);
+    expect_words("'say \"hi\"'", "say \"hi\"", NULL);
+    expect_words("a\\ b", "a b", NULL);
+    expect_words("\\'x\\\"", "'x\"", NULL);
+    expect_words("\\\\", "\\", NULL);
+    expect_words("'\\n\\'", "\\n\\", NULL);                 /* no escapes in single quotes */
+    expect_words("\"\\$ \\` \\\" \\\\ \\n \\a\"", "$ ` \" \\ \\n \\a", NULL);
+    expect_words("\"a\\\nb\"", "ab", NULL);                /* backslash-newline inside "" */
+    expect_words("a\\\nb", "ab", NULL);                    /* ... and outside */
+    expect_words("trail\\", "trail\\", NULL);
+    expect_words("$HOME `cmd` * ~ #x", "$HOME", "`cmd`", "*", "~", "#x", NULL);
+    expect_words("--json-schema '{\"type\": \"object\"}'", "--json-schema", "{\"type\": \"object\"}", NULL);
+
+    char **w = (char **)1;
+    size_t n = 7;
+    const char *err = NULL;
+    assert_int_equal(config_split_words("a 'b", &w, &n, &err), -1);
+    assert_string_equal(err, "unterminated single quote");
+    assert_null(w);
+    assert_int_equal(n, 0);
+    err = NULL;
+    assert_int_equal(config_split_words("a \"b\\\"", &w, &n, &err), -1);
+    assert_string_equal(err, "unterminated double quote");
+    err = NULL;
+    assert_int_equal(config_split_words("\"", &w, &n, &err), -1);
+    assert_string_equal(err, "unterminated double quote");
+}
+
+/* ------------------------------------------------------------------ */
+/* Children                                                            */
+
+static void test_child_argv(void **state)
+{
+    struct fx *f = *state;
+    struct config *c = load_ok(f,
+        "[pool]\nllama_server = /opt/ls\ndefault_args = -cram 0\n"
+        "[model m]\npath = m.gguf\nargs = -c 4096 --alias 'my model'\n"
+        "[model bare]\npath = m.gguf\n");
+    char **argv = config_child_argv(c, &c->models[0], 8123);
+    const char *want[] = { "/opt/ls", "-m", f->model, "--host", "127.0.0.1", "--port", "8123",
+                           "-cram", "0", "-c", "4096", "--alias", "my model", NULL };
+    for (size_t i = 0; want[i]; i++) {
+        assert_non_null(argv[i]);
+        assert_string_equal(argv[i], want[i]);
+    }
+    assert_null(argv[13]);
+    config_argv_free(argv);
+
+    argv = config_child_argv(c, &c->models[1], 65535);
+    assert_string_equal(argv[6], "65535");
+    assert_string_equal(argv[7], "-cram");
+    assert_string_equal(argv[8], "0");
+    assert_null(argv[9]);
+    config_argv_free(argv);
+    config_free(c);
+}
+
+static void test_same_child(void **state)
+{
+    struct fx *f = *state;
+    write_file(join(f, "other.gguf"), "");
+    const char *base =
+        "[pool]\ndefault_args = -cram 0\n"
+        "[model m]\npath = m.gguf\nargs = -c 4096\nenv = A=1 B=2\n";
+    struct config *a = load_ok(f, base);
+
+    /* differences that do not reach the child */
+    struct config *b = load_ok(f,
+        "[pool]\ndefault_args = -cram 0\nmax_queue = 3\nidle_timeout = 1m\n"
+        "[model first]\npath = other.gguf\n"
+        "[model m]\npath = ./m.gguf ; same file\nargs = -c   4096\nenv = B=2 A=1\n"
+        "instances = 1-4\nmemory = 3G\npin = yes\nidle_timeout = 5m\naliases = x\n");
+    assert_true(config_model_same_child(a, &a->models[0], b, &b->models[1]));
+    assert_true(config_model_same_child(b, &b->models[1], a, &a->models[0]));
+    assert_true(config_model_same_child(a, &a->models[0], a, &a->models[0]));
+    config_free(b);
+
+    static const char *const different[] = {
+        /* path */
+        "[pool]\ndefault_args = -cram 0\n[model m]\npath = other.gguf\nargs = -c 4096\nenv = A=1 B=2\n",
+        /* args */
+        "[pool]\ndefault_args = -cram 0\n[model m]\npath = m.gguf\nargs = -c 8192\nenv = A=1 B=2\n",
+        "[pool]\ndefault_args = -cram 0\n[model m]\npath = m.gguf\nargs = -c 4096 -fa\nenv = A=1 B=2\n",
+        /* env */
+        "[pool]\ndefault_args = -cram 0\n[model m]\npath = m.gguf\nargs = -c 4096\nenv = A=1 B=3\n",
+        "[pool]\ndefault_args = -cram 0\n[model m]\npath = m.gguf\nargs = -c 4096\nenv = A=1\n",
+        "[pool]\ndefault_args = -cram 0\n[model m]\npath = m.gguf\nargs = -c 4096\nenv = A=1 C=2\n",
+        /* default_args */
+        "[pool]\ndefault_args = -cram 1\n[model m]\npath = m.gguf\nargs = -c 4096\nenv = A=1 B=2\n",
+        "[model m]\npath = m.gguf\nargs = -c 4096\nenv = A=1 B=2\n",
+        /* llama_server */
+        ("[pool]\nllama_server = /opt/ls\ndefault_args = -cram 0\n"
+         "[model m]\npath = m.gguf\nargs = -c 4096\nenv = A=1 B=2\n"),
+    };
+    for (size_t i = 0; i < sizeof different / sizeof *different; i++) {
+        b = load_ok(f, different[i]);
+        if (config_model_same_child(a, &a->models[0], b, &b->models[0]))
+            print_message("same child for case %zu\n", i);
+        assert_false(config_model_same_child(a, &a->models[0], b, &b->models[0]));
+        assert_false(config_model_same_child(b, &b->models[0], a, &a->models[0]));
+        config_free(b);
+    }
+    config_free(a);
+}
+
+static void test_errors_free_and_null(void **state)
+{
+    (void)state;
+    struct config_errors e = { 0 };
+    config_errors_free(&e);
+    config_errors_free(NULL);
+    config_free(NULL);
+    config_argv_free(NULL);
+    /* errs may be NULL: the result alone says it failed */
+    assert_null(config_load_string("x.conf", "[nope]\n", NULL));
+    assert_null(config_load("/nonexistent/x.conf", NULL));
+    assert_null(config_find_model(NULL, "x"));
+}
+
+/* ------------------------------------------------------------------ */
+/* pool.conf.example                                                   */
+
+static char *read_example(void)
+{
+    /* tests/unit/test_config.c -> pool.conf.example at the project root */
+    char path[4096];
+    const char *here = __FILE__;
+    const char *cut = strstr(here, "tests/unit/test_config.c");
+    snprintf(path, sizeof path, "%.*spool.conf.example", cut ? (int)(cut - here) : 0, here);
+    FILE *fp = fopen(path, "r");
+    if (!fp)
+        return NULL;
+    char *text = calloc(1, 1 << 16);
+    size_t n = fread(text, 1, (1 << 16) - 1, fp);
+    fclose(fp);
+    text[n] = '\0';
+    return text;
+}
+
+static void test_example_config(void **state)
+{
+    struct fx *f = *state;
+    char *text = read_example();
+    if (!text) {
+        print_message("pool.conf.example not found from %s\n", __FILE__);
+        skip();
+    }
+    /* as shipped: the [pool] defaults, plus default_args = -cram 0 */
+    struct config *c = load_ok(f, text);
+    struct config *d = load_ok(f, "");
+    assert_string_equal(c->listen, d->listen);
+    assert_string_equal(c->control_socket, d->control_socket);
+    assert_string_equal(c->llama_server, d->llama_server);
+    assert_int_equal(c->port_min, d->port_min);
+    assert_int_equal(c->port_max, d->port_max);
+    assert_int_equal(c->budget_kind, d->budget_kind);
+    assert_int_equal(c->memory_reserve, d->memory_reserve);
+    assert_int_equal(c->idle_timeout_ms, d->idle_timeout_ms);
+    assert_int_equal(c->start_timeout_ms, d->start_timeout_ms);
+    assert_int_equal(c->stop_timeout_ms, d->stop_timeout_ms);
+    assert_int_equal(c->health_interval_ms, d->health_interval_ms);
+    assert_int_equal(c->max_queue, d->max_queue);
+    assert_int_equal(c->queue_timeout_ms, d->queue_timeout_ms);
+    assert_int_equal(c->max_restarts, d->max_restarts);
+    assert_int_equal(c->restart_window_ms, d->restart_window_ms);
+    assert_string_equal(c->log_dir, d->log_dir);
+    assert_null(c->models_dir);
+    assert_null(c->default_model);
+    assert_int_equal(c->napi_keys, 0);
+    assert_null(c->admin_key);
+    assert_int_equal(c->max_body, d->max_body);
+    assert_int_equal(c->max_header, d->max_header);
+    assert_int_equal(c->header_timeout_ms, d->header_timeout_ms);
+    assert_int_equal(c->keepalive_timeout_ms, d->keepalive_timeout_ms);
+    assert_int_equal(c->max_connections, d->max_connections);
+    assert_int_equal(c->ndefault_args, 2);
+    assert_string_equal(c->default_args[0], "-cram");
+    assert_string_equal(c->default_args[1], "0");
+    assert_int_equal(c->nmodels, 0);
+    config_free(c);
+    config_free(d);
+
+    /* its model section, uncommented (one ';' off each line from ";[model"
+     * on), with the path pointed at a file that exists */
+    char *model = strstr(text, "\n;[model ");
+    assert_non_null(model);
+    char *out = calloc(1, strlen(text) + 256), *o = out;
+    memcpy(o, text, (size_t)(model + 1 - text));
+    o += model + 1 - text;
+    for (char *line = model + 1; *line;) {
+        char *nl = strchr(line, '\n');
+        size_t len = nl ? (size_t)(nl - line) + 1 : strlen(line);
+        if (!strncmp(line, ";path = ", 8))
+            o += sprintf(o, "path = m.gguf\n");
+        else if (line[0] == ';') {
+            memcpy(o, line + 1, len - 1);
+            o += len - 1;
+        } else {
+            memcpy(o, line, len);
+            o += len;
+        }
+        line += len;
+    }
+    c = load_ok(f, out);
+    assert_int_equal(c->nmodels, 1);
+    const struct config_model *m = &c->models[0];
+    assert_string_equal(m->name, "tinyllama");
+    assert_string_equal(m->path, f->model);
+    assert_int_equal(m->nargs, 6);
+    assert_string_equal(m->args[5], "tiny llama");
+    assert_int_equal(m->instances_min, 1);
+    assert_int_equal(m->instances_max, 3);
+    assert_int_equal(m->memory_kind, CONFIG_MEMORY_AUTO);
+    assert_false(m->pin);
+    assert_int_equal(m->idle_timeout_ms, 600000);
+    assert_int_equal(m->naliases, 2);
+    assert_int_equal(m->nenv, 1);
+    assert_string_equal(m->env[0].name, "OMP_NUM_THREADS");
+    config_free(c);
+    free(out);
+    free(text);
+}
+
+int main(void)
+{
+    const struct CMUnitTest tests[] = {
+#define T(fn) cmocka_unit_test_setup_teardown(fn, setup, teardown)
+        T(test_pool_defaults),
+        T(test_model_defaults),
+        T(test_every_pool_key),
+        T(test_every_model_key),
+        T(test_parse_size),
+        T(test_parse_duration),
+        T(test_parse_bool),
+        T(test_bad_pool_values),
+        T(test_listen),
+        T(test_bad_model_values),
+        T(test_env),
+        T(test_owned_args_refused),
+        T(test_duplicates),
+        T(test_unknown_keys),
+        T(test_sections_and_syntax),
+        T(test_all_errors_collected_in_line_order),
+        T(test_too_many_errors),
+        T(test_default_model),
+        T(test_model_file_checks),
+        T(test_config_load_file),
+        T(test_comments),
+        T(test_continuation_lines),
+        T(test_long_lines),
+        T(test_models_dir),
+        T(test_models_dir_10000_files),
+        T(test_split_words),
+        T(test_child_argv),
+        T(test_same_child),
+        T(test_errors_free_and_null),
+        T(test_example_config),
+#undef T
+    };
+    return cmocka_run_group_tests_name("config", tests, NULL, NULL);
+}
