@@ -1,0 +1,719 @@
+#define _GNU_SOURCE
+#include "cli.h"
+
+#include "config.h"
+#include "memory.h"
+
+#include <curl/curl.h>
+#include <getopt.h>
+#include <ini.h>
+#include <jansson.h>
+#include <math.h>
+#include <stdbool.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+
+#define DEFAULT_SOCKET "/run/llama-pool/control.sock"
+
+struct client {
+    const char *socket;
+    bool tty;
+};
+
+/* ---------- finding the daemon ---------- */
+
+static int find_socket_handler(void *user, const char *section, const char *name, const char *value)
+{
+    char **out = user;
+    if (strcmp(section, "pool") == 0 && strcmp(name, "control_socket") == 0 && value && *value) {
+        free(*out);
+        *out = strdup(value);
+    }
+    return 1;
+}
+
+/* -s, then $LLAMA_POOL_SOCKET, then control_socket from the config file
+ * (read for that key only: a config with errors elsewhere still says where
+ * the daemon listens), then the default. */
+static char *resolve_socket(const char *opt, const char *config)
+{
+    if (opt)
+        return strdup(opt);
+    const char *env = getenv("LLAMA_POOL_SOCKET");
+    if (env && *env)
+        return strdup(env);
+    if (!config) {
+        const char *c = getenv("LLAMA_POOL_CONFIG");
+        config = c && *c ? c : CONFIG_DEFAULT_PATH;
+    }
+    char *sock = NULL;
+    (void)ini_parse(config, find_socket_handler, &sock);
+    return sock ? sock : strdup(DEFAULT_SOCKET);
+}
+
+/* ---------- HTTP over the control socket ---------- */
+
+struct reply {
+    CURL *curl;
+    char *body;
+    size_t len;
+    long status;
+    /* Streaming: called per complete line; returns false to stop. */
+    bool (*on_line)(const char *line, void *arg);
+    void *arg;
+    size_t scanned;
+};
+
+static size_t reply_write(char *data, size_t size, size_t nmemb, void *userp)
+{
+    struct reply *r = userp;
+    size_t n = size * nmemb;
+    char *b = realloc(r->body, r->len + n + 1);
+    if (!b)
+        return 0;
+    memcpy(b + r->len, data, n);
+    r->body = b;
+    r->len += n;
+    r->body[r->len] = '\0';
+    if (!r->on_line)
+        return n;
+    /* Only a successful answer is a stream of lines; an error is one body. */
+    curl_easy_getinfo(r->curl, CURLINFO_RESPONSE_CODE, &r->status);
+    if (r->status >= 300)
+        return n;
+    /* Hand over complete lines, keep the rest. */
+    size_t start = 0;
+    for (size_t i = 0; i < r->len; i++) {
+        if (r->body[i] != '\n')
+            continue;
+        r->body[i] = '\0';
+        bool go_on = r->on_line(r->body + start, r->arg);
+        start = i + 1;
+        if (!go_on)
+            return 0;
+    }
+    memmove(r->body, r->body + start, r->len - start);
+    r->len -= start;
+    r->body[r->len] = '\0';
+    return n;
+}
+
+/* Returns the HTTP status, or -1 when the daemon cannot be reached (a
+ * message is printed). */
+static long request(struct client *c, const char *method, const char *path, struct reply *r)
+{
+    CURL *curl = curl_easy_init();
+    if (!curl) {
+        fprintf(stderr, "llama-pool: cannot initialise libcurl\n");
+        return -1;
+    }
+    char url[2048], errbuf[CURL_ERROR_SIZE] = "";
+    snprintf(url, sizeof url, "http://localhost%s", path);
+    curl_easy_setopt(curl, CURLOPT_UNIX_SOCKET_PATH, c->socket);
+    curl_easy_setopt(curl, CURLOPT_URL, url);
+    curl_easy_setopt(curl, CURLOPT_CUSTOMREQUEST, method);
+    if (strcmp(method, "POST") == 0) {
+        curl_easy_setopt(curl, CURLOPT_POSTFIELDS, "");
+        curl_easy_setopt(curl, CURLOPT_POSTFIELDSIZE, 0L);
+    }
+    curl_easy_setopt(curl, CURLOPT_WRITEFUNCTION, reply_write);
+    curl_easy_setopt(curl, CURLOPT_WRITEDATA, r);
+    r->curl = curl;
+    curl_easy_setopt(curl, CURLOPT_ERRORBUFFER, errbuf);
+    curl_easy_setopt(curl, CURLOPT_NOSIGNAL, 1L);
+    curl_easy_setopt(curl, CURLOPT_USERAGENT, "llama-pool-cli");
+    CURLcode rc = curl_easy_perform(curl);
+    long status = 0;
+    curl_easy_getinfo(curl, CURLINFO_RESPONSE_CODE, &status);
+    curl_easy_cleanup(curl);
+    if (rc == CURLE_WRITE_ERROR && r->on_line)   /* the line handler stopped us */
+        return status;
+    if (rc == CURLE_COULDNT_CONNECT || (rc != CURLE_OK && status == 0)) {
+        fprintf(stderr, "llama-pool: the daemon is not running (nothing answers on %s)\n", c->socket);
+        return -1;
+    }
+    if (rc != CURLE_OK) {
+        fprintf(stderr, "llama-pool: %s\n", errbuf[0] ? errbuf : curl_easy_strerror(rc));
+        return -1;
+    }
+    return status;
+}
+
+/* An error reply: print its message, map its status to an exit code. */
+static int report_error(long status, const struct reply *r)
+{
+    json_t *j = r->body ? json_loads(r->body, 0, NULL) : NULL;
+    const char *msg = json_string_value(json_object_get(json_object_get(j, "error"), "message"));
+    json_t *errors = json_object_get(j, "errors");
+    if (json_array_size(errors)) {
+        size_t i;
+        json_t *e;
+        json_array_foreach(errors, i, e)
+            fprintf(stderr, "%s\n", json_string_value(e));
+        fprintf(stderr, "llama-pool: reload refused; the daemon keeps its current config\n");
+    } else {
+        fprintf(stderr, "llama-pool: %s\n", msg ? msg : (r->body && *r->body ? r->body : "request failed"));
+    }
+    json_decref(j);
+    return status == 404 ? CLI_UNKNOWN_MODEL : CLI_FAILED;
+}
+
+static char *escape_path_part(const char *s)
+{
+    CURL *curl = curl_easy_init();
+    char *e = curl ? curl_easy_escape(curl, s, 0) : NULL;
+    char *copy = e ? strdup(e) : NULL;
+    curl_free(e);
+    if (curl)
+        curl_easy_cleanup(curl);
+    return copy;
+}
+
+/* ---------- status ---------- */
+
+static void fmt_duration(double s, char *buf, size_t len)
+{
+    long t = (long)s;
+    if (t < 60)
+        snprintf(buf, len, "%lds", t);
+    else if (t < 3600)
+        snprintf(buf, len, "%ldm%02lds", t / 60, t % 60);
+    else if (t < 86400)
+        snprintf(buf, len, "%ldh%02ldm", t / 3600, t % 3600 / 60);
+    else
+        snprintf(buf, len, "%ldd%02ldh", t / 86400, t % 86400 / 3600);
+}
+
+#define NCOLS 10
+struct table {
+    char *(*cells)[NCOLS];
+    size_t rows, cap;
+    int width[NCOLS];
+};
+
+/* Display width of UTF-8 text: count code points, not bytes. */
+static int text_width(const char *s)
+{
+    int w = 0;
+    for (; *s; s++)
+        w += ((unsigned char)*s & 0xC0) != 0x80;
+    return w;
+}
+
+static void table_add(struct table *t, char *cells[NCOLS])
+{
+    if (t->rows == t->cap) {
+        size_t cap = t->cap ? t->cap * 2 : 16;
+        void *v = realloc(t->cells, cap * sizeof *t->cells);
+        if (!v)
+            return;
+        t->cells = v;
+        t->cap = cap;
+    }
+    for (int i = 0; i < NCOLS; i++) {
+        t->cells[t->rows][i] = strdup(cells[i] ? cells[i] : "-");
+        int w = text_width(t->cells[t->rows][i]);
+        if (w > t->width[i])
+            t->width[i] = w;
+    }
+    t->rows++;
+}
+
+static void table_print(struct table *t)
+{
+    for (size_t r = 0; r < t->rows; r++) {
+        for (int i = 0; i < NCOLS; i++) {
+            const char *s = t->cells[r][i];
+            int pad = t->width[i] - text_width(s);
+            printf("%s%*s%s", s, i == NCOLS - 1 ? 0 : pad, "", i == NCOLS - 1 ? "\n" : "  ");
+            free(t->cells[r][i]);
+        }
+    }
+    free(t->cells);
+}
+
+static void status_rows(struct table *t, json_t *model)
+{
+    const char *name = json_string_value(json_object_get(model, "name"));
+    json_t *insts = json_object_get(model, "instances");
+    if (json_array_size(insts) == 0) {
+        char *cells[NCOLS] = { (char *)name, NULL, (char *)json_string_value(json_object_get(model, "state")) };
+        table_add(t, cells);
+        return;
+    }
+    size_t i;
+    json_t *in;
+    json_array_foreach(insts, i, in) {
+        char pid[16] = "-", port[8] = "-", up[24] = "-", rs[12], mem[24] = "-", slots[24] = "-",
+             used[32] = "-", state[48];
+        json_t *v;
+        if ((v = json_object_get(in, "pid")) && json_is_integer(v))
+            snprintf(pid, sizeof pid, "%lld", (long long)json_integer_value(v));
+        if ((v = json_object_get(in, "port")) && json_is_integer(v))
+            snprintf(port, sizeof port, "%lld", (long long)json_integer_value(v));
+        if (json_is_integer(json_object_get(in, "pid")))
+            fmt_duration(json_number_value(json_object_get(in, "uptime_s")), up, sizeof up);
+        snprintf(rs, sizeof rs, "%lld", (long long)json_integer_value(json_object_get(in, "restarts")));
+        json_int_t m = json_integer_value(json_object_get(in, "memory"));
+        if (m > 0)
+            memory_format((uint64_t)m, mem, sizeof mem);
+        json_int_t total = json_integer_value(json_object_get(in, "slots"));
+        if (total > 0)
+            snprintf(slots, sizeof slots, "%lld/%lld",
+                     (long long)json_integer_value(json_object_get(in, "in_flight")), (long long)total);
+        if ((v = json_object_get(in, "last_used_s_ago")) && json_is_number(v)) {
+            fmt_duration(json_number_value(v), used, sizeof used - 4);
+            strcat(used, " ago");
+        }
+        snprintf(state, sizeof state, "%s", json_string_value(json_object_get(in, "state")));
+        if ((v = json_object_get(in, "next_start_s")) && json_is_number(v))
+            snprintf(state, sizeof state, "restart in %.0fs", ceil(json_number_value(v)));
+        char *cells[NCOLS] = { i ? "" : (char *)name, (char *)json_string_value(json_object_get(in, "id")),
+                               state, pid, port, up, rs, mem, slots, used };
+        table_add(t, cells);
+    }
+}
+
+static int cmd_status(struct client *c, int argc, char **argv)
+{
+    static const struct option opts[] = { { "json", no_argument, NULL, 'j' }, { NULL, 0, NULL, 0 } };
+    bool as_json = false;
+    int ch;
+    optind = 1;
+    while ((ch = getopt_long(argc, argv, "j", opts, NULL)) != -1) {
+        if (ch != 'j')
+            return CLI_USAGE;
+        as_json = true;
+    }
+    char path[1024] = "/pool/status";
+    if (optind < argc) {
+        char *m = escape_path_part(argv[optind]);
+        snprintf(path, sizeof path, "/pool/status?model=%s", m ? m : "");
+        free(m);
+    }
+    struct reply r = { 0 };
+    long status = request(c, "GET", path, &r);
+    if (status < 0)
+        return CLI_NO_DAEMON;
+    if (status != 200) {
+        int rc = report_error(status, &r);
+        free(r.body);
+        return rc;
+    }
+    if (as_json) {
+        fwrite(r.body, 1, r.len, stdout);
+        free(r.body);
+        return CLI_OK;
+    }
+    json_t *j = json_loads(r.body, 0, NULL);
+    free(r.body);
+    if (!j) {
+        fprintf(stderr, "llama-pool: the daemon's answer is not JSON\n");
+        return CLI_FAILED;
+    }
+    struct table t = { 0 };
+    char *head[NCOLS] = { "MODEL", "INSTANCE", "STATE", "PID", "PORT", "UPTIME", "↺", "MEMORY", "SLOTS", "LAST USED" };
+    table_add(&t, head);
+    size_t i;
+    json_t *model;
+    json_array_foreach(json_object_get(j, "models"), i, model)
+        status_rows(&t, model);
+    table_print(&t);
+    json_t *mem = json_object_get(j, "memory");
+    char used[32], budget[32];
+    printf("\nmemory %s used of %s budget · queue %lld/%lld\n",
+           memory_format((uint64_t)json_integer_value(json_object_get(mem, "used")), used, sizeof used),
+           memory_format((uint64_t)json_integer_value(json_object_get(mem, "budget")), budget, sizeof budget),
+           (long long)json_integer_value(json_object_get(json_object_get(j, "queue"), "waiting")),
+           (long long)json_integer_value(json_object_get(json_object_get(j, "queue"), "max")));
+    json_array_foreach(json_object_get(j, "models"), i, model) {
+        const char *err = json_string_value(json_object_get(model, "last_error"));
+        if (err)
+            printf("%s: %s\n", json_string_value(json_object_get(model, "name")), err);
+    }
+    json_decref(j);
+    return CLI_OK;
+}
+
+/* ---------- start / stop / restart with progress ---------- */
+
+struct progress {
+    struct client *c;
+    const char *model;
+    int result;              /* CLI_OK once ready/stopped, CLI_FAILED on failure */
+    bool done;
+    double t0;
+    char last[256];          /* the last line shown on a tty */
+};
+
+static double now_s(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (double)ts.tv_sec + (double)ts.tv_nsec / 1e9;
+}
+
+static void progress_show(struct progress *p, const char *text)
+{
+    if (p->c->tty) {
+        /* One line, rewritten in place, cut to a terminal's width. */
+        printf("\r\033[K%s: %.1fs %.100s", p->model, now_s() - p->t0, text);
+        fflush(stdout);
+    }
+    snprintf(p->last, sizeof p->last, "%s", text);
+}
+
+static void progress_end_line(struct progress *p)
+{
+    if (p->c->tty)
+        printf("\r\033[K");
+}
+
+static bool progress_line(const char *line, void *arg)
+{
+    struct progress *p = arg;
+    json_t *j = json_loads(line, 0, NULL);
+    const char *event = json_string_value(json_object_get(j, "event"));
+    if (!event) {
+        json_decref(j);
+        return true;
+    }
+    const char *inst = json_string_value(json_object_get(j, "instance"));
+    char buf[512];
+    if (strcmp(event, "log") == 0) {
+        progress_show(p, json_string_value(json_object_get(j, "line")));
+    } else if (strcmp(event, "state") == 0) {
+        json_t *pid = json_object_get(j, "pid"), *port = json_object_get(j, "port");
+        snprintf(buf, sizeof buf, "%s %s", inst, json_string_value(json_object_get(j, "state")));
+        if (pid)
+            snprintf(buf + strlen(buf), sizeof buf - strlen(buf), " (pid %lld, port %lld)",
+                     (long long)json_integer_value(pid), (long long)json_integer_value(port));
+        progress_show(p, buf);
+        if (!p->c->tty && strcmp(json_string_value(json_object_get(j, "state")), "ready") != 0)
+            printf("%s: %s\n", p->model, buf);
+    } else if (strcmp(event, "ready") == 0) {
+        progress_end_line(p);
+        json_t *insts = json_object_get(json_object_get(j, "status"), "instances");
+        size_t i;
+        json_t *in;
+        json_array_foreach(insts, i, in) {
+            if (strcmp(json_string_value(json_object_get(in, "state")), "ready") != 0)
+                continue;
+            printf("%s: %s ready on port %lld (pid %lld)\n", p->model,
+                   json_string_value(json_object_get(in, "id")),
+                   (long long)json_integer_value(json_object_get(in, "port")),
+                   (long long)json_integer_value(json_object_get(in, "pid")));
+        }
+        printf("%s: ready after %.1f s\n", p->model, now_s() - p->t0);
+        p->result = CLI_OK;
+        p->done = true;
+    } else if (strcmp(event, "stopped") == 0) {
+        progress_end_line(p);
+        printf("%s: stopped\n", p->model);
+        p->result = CLI_OK;
+        p->done = true;
+    } else if (strcmp(event, "failed") == 0) {
+        progress_end_line(p);
+        fprintf(stderr, "%s: failed to start%s%s: %s\n", p->model, inst ? " " : "", inst ? inst : "",
+                json_string_value(json_object_get(j, "error")));
+        json_t *log = json_object_get(j, "log");
+        if (json_array_size(log)) {
+            fprintf(stderr, "last lines of its log:\n");
+            size_t i;
+            json_t *l;
+            json_array_foreach(log, i, l)
+                fprintf(stderr, "  %s\n", json_string_value(l));
+        }
+        p->result = CLI_FAILED;
+        p->done = true;
+    }
+    fflush(stdout);
+    json_decref(j);
+    return !p->done;
+}
+
+static int model_action(struct client *c, const char *action, const char *model, unsigned n, bool wait)
+{
+    char *m = escape_path_part(model);
+    char path[1024];
+    snprintf(path, sizeof path, "/pool/models/%s/%s?%s%s", m ? m : "", action,
+             wait ? "wait=1" : "", "");
+    if (n)
+        snprintf(path + strlen(path), sizeof path - strlen(path), "%sinstances=%u", wait ? "&" : "", n);
+    free(m);
+
+    struct progress p = { .c = c, .model = model, .result = CLI_FAILED, .t0 = now_s() };
+    struct reply r = { 0 };
+    if (wait) {
+        r.on_line = progress_line;
+        r.arg = &p;
+    }
+    long status = request(c, "POST", path, &r);
+    if (status < 0) {
+        free(r.body);
+        return CLI_NO_DAEMON;
+    }
+    if (status >= 300) {
+        /* The error body may still sit in the line buffer. */
+        int rc = report_error(status, &r);
+        free(r.body);
+        return rc;
+    }
+    free(r.body);
+    if (!wait) {
+        printf("%s: %s requested\n", model, action);
+        return CLI_OK;
+    }
+    if (!p.done) {
+        progress_end_line(&p);
+        fprintf(stderr, "%s: the daemon closed the connection before the %s finished%s%s\n", model,
+                action, p.last[0] ? "; last: " : "", p.last);
+        return CLI_FAILED;
+    }
+    return p.result;
+}
+
+static int cmd_start(struct client *c, int argc, char **argv)
+{
+    static const struct option opts[] = {
+        { "instances", required_argument, NULL, 'n' },
+        { "no-wait", no_argument, NULL, 'W' },
+        { NULL, 0, NULL, 0 },
+    };
+    unsigned n = 0;
+    bool wait = true;
+    int ch;
+    optind = 1;
+    while ((ch = getopt_long(argc, argv, "n:", opts, NULL)) != -1) {
+        if (ch == 'n') {
+            char *end;
+            long v = strtol(optarg, &end, 10);
+            if (*end || v < 1 || v > 1000) {
+                fprintf(stderr, "llama-pool start: -n wants a number of instances, not \"%s\"\n", optarg);
+                return CLI_USAGE;
+            }
+            n = (unsigned)v;
+        } else if (ch == 'W') {
+            wait = false;
+        } else {
+            return CLI_USAGE;
+        }
+    }
+    if (optind != argc - 1) {
+        fprintf(stderr, "usage: llama-pool start MODEL [-n N] [--no-wait]\n");
+        return CLI_USAGE;
+    }
+    return model_action(c, "start", argv[optind], n, wait);
+}
+
+static int cmd_stop(struct client *c, int argc, char **argv)
+{
+    static const struct option opts[] = { { "all", no_argument, NULL, 'a' }, { NULL, 0, NULL, 0 } };
+    bool all = false;
+    int ch;
+    optind = 1;
+    while ((ch = getopt_long(argc, argv, "", opts, NULL)) != -1) {
+        if (ch != 'a')
+            return CLI_USAGE;
+        all = true;
+    }
+    if (all == (optind < argc) || optind < argc - 1) {
+        fprintf(stderr, "usage: llama-pool stop MODEL | --all\n");
+        return CLI_USAGE;
+    }
+    if (!all)
+        return model_action(c, "stop", argv[optind], 0, true);
+
+    struct reply r = { 0 };
+    long status = request(c, "GET", "/pool/status", &r);
+    if (status < 0)
+        return CLI_NO_DAEMON;
+    json_t *j = status == 200 ? json_loads(r.body, 0, NULL) : NULL;
+    free(r.body);
+    if (!j) {
+        fprintf(stderr, "llama-pool: cannot read the daemon's status\n");
+        return CLI_FAILED;
+    }
+    /* Ask every model to stop first (they stop in parallel), then wait. */
+    json_t *models = json_object_get(j, "models"), *model;
+    size_t i;
+    int rc = CLI_OK, stopped = 0;
+    for (int pass = 0; pass < 2; pass++) {
+        json_array_foreach(models, i, model) {
+            if (json_array_size(json_object_get(model, "instances")) == 0)
+                continue;
+            const char *name = json_string_value(json_object_get(model, "name"));
+            if (pass == 0) {
+                char *m = escape_path_part(name);
+                char path[1024];
+                snprintf(path, sizeof path, "/pool/models/%s/stop", m ? m : "");
+                free(m);
+                struct reply r2 = { 0 };
+                (void)request(c, "POST", path, &r2);
+                free(r2.body);
+            } else {
+                int one = model_action(c, "stop", name, 0, true);
+                if (one != CLI_OK)
+                    rc = one;
+                stopped++;
+            }
+        }
+    }
+    if (!stopped)
+        printf("nothing is running\n");
+    json_decref(j);
+    return rc;
+}
+
+static int cmd_restart(struct client *c, int argc, char **argv)
+{
+    if (argc != 2) {
+        fprintf(stderr, "usage: llama-pool restart MODEL\n");
+        return CLI_USAGE;
+    }
+    return model_action(c, "restart", argv[1], 0, true);
+}
+
+/* ---------- logs ---------- */
+
+static bool print_line(const char *line, void *arg)
+{
+    (void)arg;
+    printf("%s\n", line);
+    fflush(stdout);
+    return true;
+}
+
+static int cmd_logs(struct client *c, int argc, char **argv)
+{
+    static const struct option opts[] = {
+        { "follow", no_argument, NULL, 'f' },
+        { "lines", required_argument, NULL, 'n' },
+        { NULL, 0, NULL, 0 },
+    };
+    bool follow = false;
+    long lines = 50;
+    int ch;
+    optind = 1;
+    while ((ch = getopt_long(argc, argv, "fn:", opts, NULL)) != -1) {
+        if (ch == 'f') {
+            follow = true;
+        } else if (ch == 'n') {
+            char *end;
+            lines = strtol(optarg, &end, 10);
+            if (*end || lines < 0) {
+                fprintf(stderr, "llama-pool logs: -n wants a number of lines, not \"%s\"\n", optarg);
+                return CLI_USAGE;
+            }
+        } else {
+            return CLI_USAGE;
+        }
+    }
+    if (optind != argc - 1) {
+        fprintf(stderr, "usage: llama-pool logs MODEL [-f] [-n LINES]\n");
+        return CLI_USAGE;
+    }
+    char *m = escape_path_part(argv[optind]);
+    char path[1024];
+    snprintf(path, sizeof path, "/pool/models/%s/logs?lines=%ld%s", m ? m : "", lines,
+             follow ? "&follow=1" : "");
+    free(m);
+    struct reply r = { .on_line = print_line };
+    long status = request(c, "GET", path, &r);
+    if (status < 0) {
+        free(r.body);
+        return CLI_NO_DAEMON;
+    }
+    if (status != 200) {
+        int rc = report_error(status, &r);
+        free(r.body);
+        return rc;
+    }
+    if (r.len)
+        printf("%s\n", r.body);
+    free(r.body);
+    return CLI_OK;
+}
+
+/* ---------- reload ---------- */
+
+static int cmd_reload(struct client *c, int argc, char **argv)
+{
+    (void)argv;
+    if (argc != 1) {
+        fprintf(stderr, "usage: llama-pool reload\n");
+        return CLI_USAGE;
+    }
+    struct reply r = { 0 };
+    long status = request(c, "POST", "/pool/reload", &r);
+    if (status < 0)
+        return CLI_NO_DAEMON;
+    if (status != 200) {
+        int rc = report_error(status, &r);
+        free(r.body);
+        return rc;
+    }
+    json_t *j = json_loads(r.body, 0, NULL);
+    free(r.body);
+    const char *keys[] = { "added", "removed", "changed" };
+    for (int k = 0; k < 3; k++) {
+        json_t *list = json_object_get(j, keys[k]), *v;
+        size_t i;
+        if (!json_array_size(list))
+            continue;
+        printf("%s:", keys[k]);
+        json_array_foreach(list, i, v)
+            printf(" %s", json_string_value(v));
+        printf("\n");
+    }
+    printf("reloaded (%lld unchanged)\n", (long long)json_integer_value(json_object_get(j, "unchanged")));
+    json_decref(j);
+    return CLI_OK;
+}
+
+int cli_run(int argc, char **argv, const char *sock_opt, const char *config)
+{
+    /* -c/-s may come before the subcommand's own options; take them out. */
+    char **args = calloc((size_t)argc + 1, sizeof *args);
+    if (!args)
+        return CLI_FAILED;
+    int n = 0;
+    for (int i = 0; i < argc; i++) {
+        if ((strcmp(argv[i], "-s") == 0 || strcmp(argv[i], "--socket") == 0) && i + 1 < argc) {
+            sock_opt = argv[++i];
+        } else if ((strcmp(argv[i], "-c") == 0 || strcmp(argv[i], "--config") == 0) && i + 1 < argc) {
+            config = argv[++i];
+        } else if (strncmp(argv[i], "--socket=", 9) == 0) {
+            sock_opt = argv[i] + 9;
+        } else if (strncmp(argv[i], "--config=", 9) == 0) {
+            config = argv[i] + 9;
+        } else {
+            args[n++] = argv[i];
+        }
+    }
+    char *sock = resolve_socket(sock_opt, config);
+    struct client c = { .socket = sock, .tty = isatty(STDOUT_FILENO) };
+    int rc;
+    const char *cmd = args[0];
+    if (strcmp(cmd, "status") == 0)
+        rc = cmd_status(&c, n, args);
+    else if (strcmp(cmd, "start") == 0)
+        rc = cmd_start(&c, n, args);
+    else if (strcmp(cmd, "stop") == 0)
+        rc = cmd_stop(&c, n, args);
+    else if (strcmp(cmd, "restart") == 0)
+        rc = cmd_restart(&c, n, args);
+    else if (strcmp(cmd, "logs") == 0)
+        rc = cmd_logs(&c, n, args);
+    else if (strcmp(cmd, "reload") == 0)
+        rc = cmd_reload(&c, n, args);
+    else {
+        fprintf(stderr, "llama-pool: unknown command \"%s\" (try llama-pool --help)\n", cmd);
+        rc = CLI_USAGE;
+    }
+    free(sock);
+    free(args);
+    return rc;
+}

@@ -1,0 +1,704 @@
+#define _GNU_SOURCE
+#include "instance.h"
+
+#include "config.h"
+#include "health.h"
+#include "memory.h"
+#include "port.h"
+#include "spawn.h"
+
+#include <errno.h>
+#include <fcntl.h>
+#include <jansson.h>
+#include <signal.h>
+#include <stdarg.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#define POLL_STARTING_S      0.005  /* /health poll period while starting */
+#define PROBE_STARTING_MS    1000L  /* timeout of one readiness probe */
+#define LIVENESS_FAILURES    3      /* consecutive failed probes → restart */
+#define PORT_RETRIES_MAX     10     /* "port taken" respawns in a row */
+#define TAIL_LINES           40     /* child output kept per instance */
+
+enum instance_event {
+    IEV_START,        /* the operator or the proxy wants it running */
+    IEV_STOP,         /* the operator, eviction or shutdown wants it gone */
+    IEV_RESTART,
+    IEV_HEALTH_OK,    /* /health answered 200 */
+    IEV_HEALTH_FAIL,  /* /health answered otherwise, or not at all */
+    IEV_EXIT,         /* the child exited; inst->exit_status holds why */
+    IEV_DEADLINE,     /* the state's timer: start_timeout, stop_timeout, backoff */
+};
+
+static void instance_step(struct instance *inst, enum instance_event ev);
+
+/* ---------- small helpers ---------- */
+
+static double now_of(const struct instance *inst)
+{
+    return ev_now(inst->world->loop);
+}
+
+static void instance_eventf(struct instance *inst, const char *fmt, ...)
+    __attribute__((format(printf, 2, 3)));
+static void instance_eventf(struct instance *inst, const char *fmt, ...)
+{
+    char msg[1024];
+    va_list ap;
+    va_start(ap, fmt);
+    vsnprintf(msg, sizeof msg, fmt, ap);
+    va_end(ap);
+    inst->world->ops->event(inst, msg, inst->world->arg);
+}
+
+static void set_state(struct instance *inst, enum instance_state s)
+{
+    enum instance_state old = inst->state;
+    if (old == s)
+        return;
+    inst->state = s;
+    inst->world->ops->changed(inst, old, inst->world->arg);
+}
+
+static void set_error(struct instance *inst, const char *msg)
+{
+    free(inst->last_error);
+    inst->last_error = msg ? strdup(msg) : NULL;
+}
+
+static void arm_deadline(struct instance *inst, double after)
+{
+    ev_timer_stop(inst->world->loop, &inst->deadline);
+    ev_timer_set(&inst->deadline, after > 0 ? after : 0, 0.);
+    ev_timer_start(inst->world->loop, &inst->deadline);
+}
+
+static void arm_poll(struct instance *inst, double after)
+{
+    ev_timer_stop(inst->world->loop, &inst->poll);
+    ev_timer_set(&inst->poll, after > 0 ? after : 0, 0.);
+    ev_timer_start(inst->world->loop, &inst->poll);
+}
+
+static void cancel_probes(struct instance *inst)
+{
+    health_cancel(inst->probe);
+    inst->probe = NULL;
+    health_cancel(inst->props_probe);
+    inst->props_probe = NULL;
+    inst->reprobe = false;
+    ev_timer_stop(inst->world->loop, &inst->poll);
+}
+
+const char *instance_state_name(enum instance_state s)
+{
+    switch (s) {
+    case INSTANCE_STOPPED:  return "stopped";
+    case INSTANCE_STARTING: return "starting";
+    case INSTANCE_READY:    return "ready";
+    case INSTANCE_STOPPING: return "stopping";
+    case INSTANCE_BACKOFF:  return "starting";   /* waiting to start again */
+    case INSTANCE_FAILED:   return "failed";
+    }
+    return "unknown";
+}
+
+void instance_describe_status(int status, char *buf, size_t len)
+{
+    if (status < 0)
+        snprintf(buf, len, "exited");
+    else if (WIFEXITED(status))
+        snprintf(buf, len, "exited with status %d", WEXITSTATUS(status));
+    else if (WIFSIGNALED(status))
+        snprintf(buf, len, "killed by signal %d (%s)%s", WTERMSIG(status),
+                 strsignal(WTERMSIG(status)), WCOREDUMP(status) ? ", core dumped" : "");
+    else
+        snprintf(buf, len, "ended with wait status %d", status);
+}
+
+bool instance_has_process(const struct instance *inst)
+{
+    return inst->pid > 0;
+}
+
+/* ---------- child output ---------- */
+
+static bool line_is_progress_hint(const char *line)
+{
+    return strstr(line, "model loaded") || strstr(line, "listening on") ||
+           strstr(line, "server is listening");
+}
+
+static void instance_line(struct instance *inst, const char *line, size_t len)
+{
+    logring_push(&inst->tail, line, len);
+    inst->world->ops->output(inst, line, len, inst->world->arg);
+    if (inst->state != INSTANCE_STARTING)
+        return;
+    /* Output while starting is progress: start_timeout counts from here. */
+    inst->last_progress = now_of(inst);
+    arm_deadline(inst, (double)inst->world->cfg->start_timeout_ms / 1000.0);
+    if (line_is_progress_hint(logring_last(&inst->tail, 0))) {
+        if (inst->probe)
+            inst->reprobe = true;
+        else
+            arm_poll(inst, 0);
+    }
+}
+
+/* Read what the child wrote; split into lines. Returns false at EOF/error. */
+static bool instance_drain_output(struct instance *inst)
+{
+    for (;;) {
+        size_t room = sizeof inst->linebuf - inst->linelen;
+        ssize_t r = read(inst->out_fd, inst->linebuf + inst->linelen, room);
+        if (r < 0) {
+            if (errno == EINTR)
+                continue;
+            return errno == EAGAIN || errno == EWOULDBLOCK;
+        }
+        if (r == 0) {
+            if (inst->linelen) {
+                instance_line(inst, inst->linebuf, inst->linelen);
+                inst->linelen = 0;
+            }
+            return false;
+        }
+        inst->linelen += (size_t)r;
+        size_t start = 0;
+        for (size_t i = 0; i < inst->linelen; i++) {
+            if (inst->linebuf[i] != '\n')
+                continue;
+            size_t end = i;
+            if (end > start && inst->linebuf[end - 1] == '\r')
+                end--;
+            instance_line(inst, inst->linebuf + start, end - start);
+            start = i + 1;
+        }
+        if (start == 0 && inst->linelen == sizeof inst->linebuf) {
+            /* A line longer than the buffer: pass it on in pieces. */
+            instance_line(inst, inst->linebuf, inst->linelen);
+            inst->linelen = 0;
+        } else if (start > 0) {
+            memmove(inst->linebuf, inst->linebuf + start, inst->linelen - start);
+            inst->linelen -= start;
+        }
+    }
+}
+
+static void close_output(struct instance *inst)
+{
+    if (inst->out_fd < 0)
+        return;
+    ev_io_stop(inst->world->loop, &inst->out_w);
+    close(inst->out_fd);
+    inst->out_fd = -1;
+    inst->linelen = 0;
+}
+
+static void output_cb(struct ev_loop *loop, ev_io *w, int revents)
+{
+    (void)loop; (void)revents;
+    struct instance *inst = w->data;
+    if (!instance_drain_output(inst))
+        close_output(inst);
+}
+
+/* ---------- process ---------- */
+
+static void child_cb(struct ev_loop *loop, ev_child *w, int revents)
+{
+    (void)revents;
+    struct instance *inst = w->data;
+    ev_child_stop(loop, w);
+    inst->exit_status = w->rstatus;
+    /* Take every line it wrote before dying: they explain the exit. */
+    if (inst->out_fd >= 0 && !instance_drain_output(inst))
+        close_output(inst);
+    instance_step(inst, IEV_EXIT);
+}
+
+static char **model_env_strings(const struct config_model *m)
+{
+    char **env = calloc(m->nenv + 1, sizeof *env);
+    if (!env)
+        return NULL;
+    for (size_t i = 0; i < m->nenv; i++) {
+        if (asprintf(&env[i], "%s=%s", m->env[i].name, m->env[i].value) < 0) {
+            env[i] = NULL;
+            spawn_env_free(env);
+            return NULL;
+        }
+    }
+    return env;
+}
+
+/* Fork and exec a child on a fresh port. Returns 0, or -1 with
+ * inst->last_error set; FATAL tells whether retrying could ever help. */
+static int instance_spawn(struct instance *inst, bool *fatal)
+{
+    const struct config *cfg = inst->world->cfg;
+    char err[512];
+    *fatal = false;
+
+    unsigned port = port_alloc(inst->world->ports);
+    if (!port) {
+        snprintf(err, sizeof err, "no free port in port_range %u-%u", cfg->port_min, cfg->port_max);
+        set_error(inst, err);
+        return -1;
+    }
+    char **argv = config_child_argv(cfg, inst->model, port);
+    char **extra = model_env_strings(inst->model);
+    char **env = extra ? spawn_clean_env(extra, inst->model->nenv) : NULL;
+    char *path = argv ? spawn_resolve(argv[0]) : NULL;
+    int pipefd[2] = { -1, -1 };
+    pid_t pid = -1;
+
+    if (!argv || !extra || !env) {
+        snprintf(err, sizeof err, "out of memory preparing the child");
+    } else if (!path) {
+        snprintf(err, sizeof err, "cannot run %s: %s (set llama_server in pool.conf)",
+                 argv[0], strerror(errno));
+        *fatal = true;
+    } else if (pipe2(pipefd, O_CLOEXEC) < 0) {
+        snprintf(err, sizeof err, "pipe: %s", strerror(errno));
+    } else {
+        pid = spawn_child(path, argv, env, pipefd[1], err, sizeof err);
+        if (pid < 0)
+            *fatal = true;
+    }
+    if (pipefd[1] >= 0)
+        close(pipefd[1]);
+    free(path);
+    config_argv_free(argv);
+    spawn_env_free(extra);
+    spawn_env_free(env);
+
+    if (pid < 0) {
+        if (pipefd[0] >= 0)
+            close(pipefd[0]);
+        port_release(inst->world->ports, port);
+        set_error(inst, err);
+        return -1;
+    }
+
+    inst->pid = pid;
+    inst->port = port;
+    inst->spawned_at = inst->last_progress = now_of(inst);
+    inst->ready_at = 0;
+    inst->slots = 0;
+    inst->pss = 0;
+    inst->health_failures = 0;
+    inst->answered = false;
+    inst->killed = false;
+    inst->unhealthy_stop = false;
+    inst->exit_status = -1;
+    inst->out_fd = pipefd[0];
+    (void)fcntl(inst->out_fd, F_SETFL, fcntl(inst->out_fd, F_GETFL) | O_NONBLOCK);
+    ev_io_init(&inst->out_w, output_cb, inst->out_fd, EV_READ);
+    inst->out_w.data = inst;
+    ev_io_start(inst->world->loop, &inst->out_w);
+    ev_child_init(&inst->child_w, child_cb, pid, 0);
+    inst->child_w.data = inst;
+    ev_child_start(inst->world->loop, &inst->child_w);
+    instance_eventf(inst, "started pid %d on port %u", (int)pid, port);
+    return 0;
+}
+
+static void signal_group(struct instance *inst, int sig)
+{
+    if (inst->pid > 0 && kill(-inst->pid, sig) < 0 && errno == ESRCH)
+        (void)kill(inst->pid, sig);
+}
+
+/* The child is gone: sweep its group, free its port. */
+static void reap_cleanup(struct instance *inst)
+{
+    if (inst->pid > 0)
+        (void)kill(-inst->pid, SIGKILL);   /* anything it left in its group */
+    close_output(inst);
+    cancel_probes(inst);
+    if (inst->port)
+        port_release(inst->world->ports, inst->port);
+    inst->pid = 0;
+    inst->port = 0;
+    inst->slots = 0;
+    inst->pss = 0;
+    inst->in_flight = 0;
+}
+
+/* ---------- health ---------- */
+
+static void probe_cb(void *arg, long status, const char *body, size_t len, const char *err);
+
+static void send_probe(struct instance *inst)
+{
+    char url[64];
+    long timeout_ms = PROBE_STARTING_MS;
+    if (inst->state == INSTANCE_READY) {
+        timeout_ms = inst->world->cfg->health_interval_ms;
+        if (timeout_ms > 5000) timeout_ms = 5000;
+        if (timeout_ms < 100) timeout_ms = 100;
+    }
+    snprintf(url, sizeof url, "http://127.0.0.1:%u/health", inst->port);
+    inst->reprobe = false;
+    inst->probe = health_get(inst->world->health, url, timeout_ms, probe_cb, inst);
+    if (!inst->probe)
+        arm_poll(inst, 0.1);   /* out of memory: try again shortly */
+}
+
+static void poll_cb(struct ev_loop *loop, ev_timer *w, int revents)
+{
+    (void)loop; (void)revents;
+    struct instance *inst = w->data;
+    if (inst->probe) {
+        inst->reprobe = true;
+        return;
+    }
+    if (inst->state == INSTANCE_STARTING || inst->state == INSTANCE_READY)
+        send_probe(inst);
+}
+
+static void probe_cb(void *arg, long status, const char *body, size_t len, const char *err)
+{
+    (void)body; (void)len;
+    struct instance *inst = arg;
+    inst->probe = NULL;
+    if (status == 200) {
+        instance_step(inst, IEV_HEALTH_OK);
+        return;
+    }
+    if (inst->state == INSTANCE_STARTING && status && !inst->answered) {
+        /* First answer ("503 Loading model"): the port is bound, loading is
+         * under way. That is progress; later 503s are not. */
+        inst->answered = true;
+        inst->last_progress = now_of(inst);
+        arm_deadline(inst, (double)inst->world->cfg->start_timeout_ms / 1000.0);
+    }
+    if (inst->state == INSTANCE_READY) {
+        char why[256];
+        if (status)
+            snprintf(why, sizeof why, "HTTP %ld", status);
+        else
+            snprintf(why, sizeof why, "%s", err ? err : "no answer");
+        instance_eventf(inst, "/health failed (%s), %u of %u", why,
+                        inst->health_failures + 1, LIVENESS_FAILURES);
+    }
+    instance_step(inst, IEV_HEALTH_FAIL);
+}
+
+static void props_cb(void *arg, long status, const char *body, size_t len, const char *err)
+{
+    (void)err;
+    struct instance *inst = arg;
+    inst->props_probe = NULL;
+    if (status != 200)
+        return;
+    json_error_t jerr;
+    json_t *props = json_loadb(body, len, 0, &jerr);
+    json_int_t slots = json_integer_value(json_object_get(props, "total_slots"));
+    if (slots > 0)
+        inst->slots = (unsigned)slots;
+    json_decref(props);
+}
+
+static void fetch_props(struct instance *inst)
+{
+    char url[64];
+    snprintf(url, sizeof url, "http://127.0.0.1:%u/props", inst->port);
+    health_cancel(inst->props_probe);
+    inst->props_probe = health_get(inst->world->health, url, 5000, props_cb, inst);
+}
+
+/* ---------- the state machine ---------- */
+
+static void deadline_cb(struct ev_loop *loop, ev_timer *w, int revents)
+{
+    (void)loop; (void)revents;
+    instance_step(w->data, IEV_DEADLINE);
+}
+
+static void begin_stop(struct instance *inst)
+{
+    cancel_probes(inst);
+    signal_group(inst, SIGTERM);
+    arm_deadline(inst, (double)inst->world->cfg->stop_timeout_ms / 1000.0);
+    set_state(inst, INSTANCE_STOPPING);
+}
+
+static void begin_start(struct instance *inst)
+{
+    bool fatal;
+    if (instance_spawn(inst, &fatal) < 0) {
+        instance_eventf(inst, "cannot start: %s", inst->last_error);
+        if (fatal) {
+            set_state(inst, INSTANCE_FAILED);
+            return;
+        }
+        /* Temporary (no port, no memory): try again like after a crash. */
+        double delay = backoff_on_crash(&inst->backoff, 0);
+        inst->next_start_at = now_of(inst) + delay;
+        arm_deadline(inst, delay);
+        set_state(inst, INSTANCE_BACKOFF);
+        return;
+    }
+    arm_deadline(inst, (double)inst->world->cfg->start_timeout_ms / 1000.0);
+    arm_poll(inst, 0);
+    set_state(inst, INSTANCE_STARTING);
+}
+
+/* The child died unasked (or was stopped for failing health). */
+static void on_crash(struct instance *inst, const char *what)
+{
+    char msg[1024];
+    const char *last = logring_last(&inst->tail, 0);
+    double uptime = inst->ready_at > 0 ? now_of(inst) - inst->ready_at : 0;
+    snprintf(msg, sizeof msg, "%s%s%s", what, last && *last ? ": " : "", last && *last ? last : "");
+    set_error(inst, msg);
+    instance_eventf(inst, "%s", msg);
+    reap_cleanup(inst);
+    if (inst->world->ops->crashed(inst, inst->world->arg)) {
+        set_state(inst, INSTANCE_FAILED);
+        return;
+    }
+    double delay = backoff_on_crash(&inst->backoff, uptime);
+    inst->next_start_at = now_of(inst) + delay;
+    instance_eventf(inst, "restarting in %.0f s", delay);
+    arm_deadline(inst, delay);
+    set_state(inst, INSTANCE_BACKOFF);
+}
+
+static bool exit_was_port_taken(struct instance *inst)
+{
+    if (!WIFEXITED(inst->exit_status) || WEXITSTATUS(inst->exit_status) != 1)
+        return false;
+    for (size_t i = 0; i < 5; i++) {
+        const char *l = logring_last(&inst->tail, i);
+        if (l && strstr(l, "couldn't bind HTTP server socket"))
+            return true;
+    }
+    return false;
+}
+
+static void on_exit_starting(struct instance *inst)
+{
+    char what[256], st[128];
+    instance_describe_status(inst->exit_status, st, sizeof st);
+    if (exit_was_port_taken(inst) && inst->port_retries < PORT_RETRIES_MAX) {
+        unsigned port = inst->port;
+        inst->port_retries++;
+        reap_cleanup(inst);
+        instance_eventf(inst, "port %u is taken by another process; trying the next port", port);
+        begin_start(inst);
+        return;
+    }
+    snprintf(what, sizeof what, "%s while loading", st);
+    on_crash(inst, what);
+}
+
+static void instance_step(struct instance *inst, enum instance_event ev)
+{
+    char st[128];
+    const struct config *cfg = inst->world->cfg;
+
+    switch (inst->state) {
+    case INSTANCE_STOPPED:
+    case INSTANCE_FAILED:
+        if (ev == IEV_START || ev == IEV_RESTART) {
+            backoff_reset(&inst->backoff);
+            inst->port_retries = 0;
+            begin_start(inst);
+        } else if (ev == IEV_STOP && inst->state == INSTANCE_FAILED) {
+            set_state(inst, INSTANCE_STOPPED);
+        }
+        break;
+
+    case INSTANCE_BACKOFF:
+        if (ev == IEV_DEADLINE || ev == IEV_START || ev == IEV_RESTART) {
+            if (ev != IEV_DEADLINE)
+                backoff_reset(&inst->backoff);
+            else
+                inst->restarts++;
+            inst->port_retries = 0;
+            begin_start(inst);
+        } else if (ev == IEV_STOP) {
+            ev_timer_stop(inst->world->loop, &inst->deadline);
+            set_state(inst, INSTANCE_STOPPED);
+        }
+        break;
+
+    case INSTANCE_STARTING:
+        switch (ev) {
+        case IEV_HEALTH_OK:
+            inst->ready_at = inst->last_used = now_of(inst);
+            inst->port_retries = 0;
+            inst->health_failures = 0;
+            ev_timer_stop(inst->world->loop, &inst->deadline);
+            set_error(inst, NULL);
+            instance_eventf(inst, "ready on port %u after %.2f s", inst->port,
+                            inst->ready_at - inst->spawned_at);
+            inst->pss = memory_pss(inst->pid);
+            fetch_props(inst);
+            arm_poll(inst, (double)cfg->health_interval_ms / 1000.0);
+            set_state(inst, INSTANCE_READY);
+            break;
+        case IEV_HEALTH_FAIL:
+            arm_poll(inst, inst->reprobe ? 0 : POLL_STARTING_S);
+            break;
+        case IEV_DEADLINE:
+            instance_eventf(inst, "no progress for %.0f s while loading; stopping it",
+                            (double)cfg->start_timeout_ms / 1000.0);
+            inst->unhealthy_stop = true;
+            begin_stop(inst);
+            set_error(inst, "start_timeout: no progress while loading");
+            break;
+        case IEV_EXIT:
+            on_exit_starting(inst);
+            break;
+        case IEV_STOP:
+            begin_stop(inst);
+            break;
+        case IEV_RESTART:
+            inst->restart_after_stop = true;
+            begin_stop(inst);
+            break;
+        case IEV_START:
+            break;
+        }
+        break;
+
+    case INSTANCE_READY:
+        switch (ev) {
+        case IEV_HEALTH_OK:
+            inst->health_failures = 0;
+            inst->pss = memory_pss(inst->pid);
+            if (!inst->slots && !inst->props_probe)
+                fetch_props(inst);
+            arm_poll(inst, (double)cfg->health_interval_ms / 1000.0);
+            break;
+        case IEV_HEALTH_FAIL:
+            if (++inst->health_failures >= LIVENESS_FAILURES) {
+                instance_eventf(inst, "not answering /health; restarting it");
+                inst->unhealthy_stop = true;
+                begin_stop(inst);
+            } else {
+                arm_poll(inst, (double)cfg->health_interval_ms / 1000.0);
+            }
+            break;
+        case IEV_EXIT:
+            instance_describe_status(inst->exit_status, st, sizeof st);
+            on_crash(inst, st);
+            break;
+        case IEV_STOP:
+            begin_stop(inst);
+            break;
+        case IEV_RESTART:
+            inst->restart_after_stop = true;
+            begin_stop(inst);
+            break;
+        case IEV_START:
+        case IEV_DEADLINE:
+            break;
+        }
+        break;
+
+    case INSTANCE_STOPPING:
+        switch (ev) {
+        case IEV_DEADLINE:
+            instance_eventf(inst, "still running %.0f s after SIGTERM; sending SIGKILL",
+                            (double)cfg->stop_timeout_ms / 1000.0);
+            inst->killed = true;
+            signal_group(inst, SIGKILL);
+            break;
+        case IEV_EXIT:
+            ev_timer_stop(inst->world->loop, &inst->deadline);
+            instance_describe_status(inst->exit_status, st, sizeof st);
+            if (inst->unhealthy_stop) {
+                inst->unhealthy_stop = false;
+                on_crash(inst, inst->last_error && strstr(inst->last_error, "start_timeout")
+                                   ? "start_timeout: no progress while loading"
+                                   : "restarted after failing /health");
+                break;
+            }
+            instance_eventf(inst, "stopped (%s)", st);
+            reap_cleanup(inst);
+            set_state(inst, INSTANCE_STOPPED);
+            if (inst->restart_after_stop) {
+                inst->restart_after_stop = false;
+                instance_step(inst, IEV_START);
+            }
+            break;
+        case IEV_START:
+        case IEV_RESTART:
+            inst->restart_after_stop = true;
+            break;
+        case IEV_STOP:
+            inst->restart_after_stop = false;
+            inst->unhealthy_stop = false;
+            break;
+        case IEV_HEALTH_OK:
+        case IEV_HEALTH_FAIL:
+            break;
+        }
+        break;
+    }
+}
+
+/* ---------- public ---------- */
+
+struct instance *instance_new(struct instance_world *w, const struct config_model *m,
+                              unsigned no, void *owner)
+{
+    struct instance *inst = calloc(1, sizeof *inst);
+    if (!inst)
+        return NULL;
+    if (logring_init(&inst->tail, TAIL_LINES) < 0) {
+        free(inst);
+        return NULL;
+    }
+    snprintf(inst->id, sizeof inst->id, "%s#%u", m->name, no);
+    inst->no = no;
+    inst->model = m;
+    inst->world = w;
+    inst->owner = owner;
+    inst->state = INSTANCE_STOPPED;
+    inst->out_fd = -1;
+    inst->exit_status = -1;
+    ev_timer_init(&inst->deadline, deadline_cb, 0., 0.);
+    inst->deadline.data = inst;
+    ev_timer_init(&inst->poll, poll_cb, 0., 0.);
+    inst->poll.data = inst;
+    return inst;
+}
+
+void instance_free(struct instance *inst)
+{
+    if (!inst)
+        return;
+    if (inst->pid > 0) {
+        /* Should not happen; never leave a child behind. */
+        signal_group(inst, SIGKILL);
+        ev_child_stop(inst->world->loop, &inst->child_w);
+    }
+    reap_cleanup(inst);
+    ev_timer_stop(inst->world->loop, &inst->deadline);
+    logring_free(&inst->tail);
+    free(inst->last_error);
+    free(inst);
+}
+
+void instance_start(struct instance *inst)   { instance_step(inst, IEV_START); }
+void instance_stop(struct instance *inst)    { instance_step(inst, IEV_STOP); }
+void instance_restart(struct instance *inst) { instance_step(inst, IEV_RESTART); }
+
+void instance_kill(struct instance *inst)
+{
+    if (inst->pid > 0) {
+        inst->killed = true;
+        signal_group(inst, SIGKILL);
+    }
+}

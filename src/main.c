@@ -1,0 +1,405 @@
+/* main — argv → serve, check, or a client command. */
+#define _GNU_SOURCE
+#include "api.h"
+#include "build_config.h"
+#include "cli.h"
+#include "config.h"
+#include "http.h"
+#include "log.h"
+#include "notify.h"
+#include "pool.h"
+
+#include <curl/curl.h>
+#include <errno.h>
+#include <getopt.h>
+#include <libgen.h>
+#include <limits.h>
+#include <signal.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/prctl.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+static void usage(FILE *f)
+{
+    fputs("usage: llama-pool COMMAND [options]\n"
+          "\n"
+          "  serve   [-c FILE]                  run the supervisor in the foreground\n"
+          "  status  [--json] [MODEL]           instances, like `pm2 ls`\n"
+          "  start   MODEL [-n N] [--no-wait]   load (N instances), show progress until ready\n"
+          "  stop    MODEL | --all              unload\n"
+          "  restart MODEL\n"
+          "  logs    MODEL [-f] [-n LINES]\n"
+          "  reload                             re-read pool.conf (same as SIGHUP)\n"
+          "  check   [-c FILE]                  validate a config, print what it would run\n"
+          "\n"
+          "options for every command:\n"
+          "  -c, --config FILE    pool.conf ($LLAMA_POOL_CONFIG, else " CONFIG_DEFAULT_PATH ")\n"
+          "  -s, --socket PATH    control socket ($LLAMA_POOL_SOCKET, else the config's control_socket)\n"
+          "  -v, --verbose        (serve) debug logging\n"
+          "  -h, --help           this text;  -V, --version\n"
+          "\n"
+          "exit status: 0 ok, 1 failed, 2 usage, 3 daemon not running, 4 unknown model\n", f);
+}
+
+static const char *config_path(const char *opt)
+{
+    if (opt)
+        return opt;
+    const char *env = getenv("LLAMA_POOL_CONFIG");
+    return env && *env ? env : CONFIG_DEFAULT_PATH;
+}
+
+static void print_errors(const struct config_errors *errs)
+{
+    for (size_t i = 0; i < errs->n; i++)
+        fprintf(stderr, "%s\n", errs->msgs[i]);
+}
+
+/* ---------- check ---------- */
+
+static int cmd_check(const char *path)
+{
+    struct config_errors errs = { 0 };
+    struct config *cfg = config_load(path, &errs);
+    if (!cfg) {
+        print_errors(&errs);
+        fprintf(stderr, "%s: %zu error%s\n", path, errs.n, errs.n == 1 ? "" : "s");
+        config_errors_free(&errs);
+        return CLI_FAILED;
+    }
+    printf("%s: ok, %zu model%s\n", path, cfg->nmodels, cfg->nmodels == 1 ? "" : "s");
+    for (size_t i = 0; i < cfg->nmodels; i++) {
+        const struct config_model *m = &cfg->models[i];
+        printf("\n[%s]%s instances %u-%u%s\n", m->name, m->from_models_dir ? " (models_dir)" : "",
+               m->instances_min, m->instances_max, m->pin ? ", pinned" : "");
+        if (m->naliases) {
+            printf("  aliases:");
+            for (size_t j = 0; j < m->naliases; j++)
+                printf("%s %s", j ? "," : "", m->aliases[j]);
+            printf("\n");
+        }
+        for (size_t j = 0; j < m->nenv; j++)
+            printf("  env: %s=%s\n", m->env[j].name, m->env[j].value);
+        char **argv = config_child_argv(cfg, m, cfg->port_min);
+        printf("  argv:");
+        for (char **a = argv; a && *a; a++) {
+            /* Show each word so that spaces inside one are visible. */
+            bool plain = **a && strcspn(*a, " \t'\"\\$`") == strlen(*a);
+            printf(plain ? " %s" : " '%s'", *a);
+        }
+        printf("\n");
+        config_argv_free(argv);
+    }
+    config_free(cfg);
+    return CLI_OK;
+}
+
+/* ---------- serve ---------- */
+
+struct daemon {
+    struct ev_loop *loop;
+    struct pool *pool;
+    struct api api;
+    struct http_server *control;
+    struct http_server *public;
+    char *config_file;
+    ev_signal sigterm, sigint, sighup;
+    ev_timer kill_timer;
+    int signals;
+};
+
+static struct http_limits limits_of(const struct config *cfg)
+{
+    return (struct http_limits){
+        .max_header = cfg->max_header,
+        .max_body = cfg->max_body,
+        .header_timeout_ms = cfg->header_timeout_ms,
+        .keepalive_timeout_ms = cfg->keepalive_timeout_ms,
+        .max_connections = cfg->max_connections,
+    };
+}
+
+static void errors_to_json(const struct config_errors *errs, json_t **out)
+{
+    json_t *list = json_array();
+    size_t len = 0;
+    for (size_t i = 0; i < errs->n; i++) {
+        json_array_append_new(list, json_string(errs->msgs[i]));
+        len += strlen(errs->msgs[i]) + 2;
+    }
+    char *msg = calloc(1, len + 64);
+    if (msg) {
+        strcpy(msg, "reload refused, the running config is kept: ");
+        for (size_t i = 0; i < errs->n; i++) {
+            strcat(msg, i ? "; " : "");
+            strcat(msg, errs->msgs[i]);
+        }
+    }
+    *out = json_pack("{s:{s:s,s:s,s:i},s:o}", "error", "message", msg ? msg : "reload refused",
+                     "type", "invalid_request_error", "code", 400, "errors", list);
+    free(msg);
+}
+
+static int daemon_reload(struct api *api, json_t **result)
+{
+    struct daemon *d = (struct daemon *)((char *)api - offsetof(struct daemon, api));
+    struct config_errors errs = { 0 };
+    log_info("reloading %s", d->config_file);
+    notify_reloading();
+    struct config *cfg = config_load(d->config_file, &errs);
+    if (!cfg) {
+        for (size_t i = 0; i < errs.n; i++)
+            log_error("reload: %s", errs.msgs[i]);
+        log_error("reload refused; still running the previous config");
+        errors_to_json(&errs, result);
+        config_errors_free(&errs);
+        char buf[256];
+        pool_summary(d->pool, buf, sizeof buf);
+        notify_ready(buf);
+        return -1;
+    }
+    const struct config *old = d->pool->cfg;
+    if (strcmp(old->listen ? old->listen : "", cfg->listen ? cfg->listen : "") != 0 ||
+        strcmp(old->control_socket, cfg->control_socket) != 0)
+        log_warn("reload: listen and control_socket changes take effect at the next restart");
+    struct http_limits lim = limits_of(cfg);
+    if (d->control)
+        http_server_set_limits(d->control, &lim);
+    if (d->public)
+        http_server_set_limits(d->public, &lim);
+    json_t *summary = json_object();
+    pool_reload(d->pool, cfg, summary);
+    char *s = json_dumps(summary, JSON_COMPACT);
+    log_info("reloaded: %s", s ? s : "");
+    free(s);
+    *result = summary;
+    char buf[256];
+    pool_summary(d->pool, buf, sizeof buf);
+    notify_ready(buf);
+    return 0;
+}
+
+static void on_pool_stopped(struct pool *p)
+{
+    log_info("every instance has stopped; exiting");
+    ev_break(p->loop, EVBREAK_ALL);
+}
+
+static void kill_timer_cb(struct ev_loop *loop, ev_timer *w, int revents)
+{
+    (void)loop; (void)revents;
+    struct daemon *d = w->data;
+    log_warn("instances still running; sending SIGKILL");
+    pool_kill_all(d->pool);
+}
+
+static void on_stop_signal(struct ev_loop *loop, ev_signal *w, int revents)
+{
+    (void)revents;
+    struct daemon *d = w->data;
+    if (d->signals++ > 0) {
+        log_warn("second %s: killing every instance now", strsignal(w->signum));
+        pool_kill_all(d->pool);
+        return;
+    }
+    log_info("%s: stopping every instance", strsignal(w->signum));
+    notify_stopping();
+    if (d->public)
+        http_server_shutdown(d->public);
+    if (d->control)
+        http_server_shutdown(d->control);
+    /* Children get stop_timeout each (in parallel); SIGKILL a little after. */
+    ev_timer_init(&d->kill_timer, kill_timer_cb,
+                  (double)d->pool->cfg->stop_timeout_ms / 1000.0 + 1.0, 0.);
+    d->kill_timer.data = d;
+    ev_timer_start(loop, &d->kill_timer);
+    pool_shutdown(d->pool, on_pool_stopped);
+}
+
+static void on_sighup(struct ev_loop *loop, ev_signal *w, int revents)
+{
+    (void)loop; (void)revents;
+    struct daemon *d = w->data;
+    json_t *result = NULL;
+    daemon_reload(&d->api, &result);
+    json_decref(result);
+}
+
+static int ensure_socket_dir(const char *sock)
+{
+    char *copy = strdup(sock);
+    if (!copy)
+        return -1;
+    char *dir = dirname(copy);
+    struct stat st;
+    int rc = 0;
+    if (stat(dir, &st) < 0) {
+        /* Create it, parents too (mkdir -p), e.g. /run/llama-pool outside systemd. */
+        for (char *p = dir + 1; ; p++) {
+            if (*p == '/' || *p == '\0') {
+                char c = *p;
+                *p = '\0';
+                if (mkdir(dir, 0755) < 0 && errno != EEXIST) {
+                    rc = -1;
+                    break;
+                }
+                *p = c;
+                if (!c)
+                    break;
+            }
+        }
+    }
+    free(copy);
+    return rc;
+}
+
+static int cmd_serve(const char *path)
+{
+    struct config_errors errs = { 0 };
+    struct config *cfg = config_load(path, &errs);
+    if (!cfg) {
+        print_errors(&errs);
+        fprintf(stderr, "llama-pool: %s has %zu error%s; not starting\n", path, errs.n,
+                errs.n == 1 ? "" : "s");
+        config_errors_free(&errs);
+        return CLI_FAILED;
+    }
+
+    struct daemon d = { 0 };
+    d.loop = ev_default_loop(EVFLAG_AUTO);
+    if (!d.loop) {
+        fprintf(stderr, "llama-pool: cannot initialise the event loop\n");
+        config_free(cfg);
+        return CLI_FAILED;
+    }
+    d.config_file = realpath(path, NULL);
+    if (!d.config_file)
+        d.config_file = strdup(path);
+    signal(SIGPIPE, SIG_IGN);
+    /* Grandchildren a llama-server leaves behind are ours to reap, not init's. */
+    (void)prctl(PR_SET_CHILD_SUBREAPER, 1);
+
+    struct http_limits lim = limits_of(cfg);
+    char err[512];
+    if (ensure_socket_dir(cfg->control_socket) < 0)
+        log_warn("cannot create the directory of %s: %s", cfg->control_socket, strerror(errno));
+    d.api.reload = daemon_reload;
+    d.control = http_server_listen(d.loop, cfg->control_socket, &lim, api_handle, &d.api, err, sizeof err);
+    if (!d.control) {
+        log_error("control socket %s: %s", cfg->control_socket, err);
+        goto fail;
+    }
+    if (cfg->listen && *cfg->listen) {
+        d.public = http_server_listen(d.loop, cfg->listen, &lim, api_handle, &d.api, err, sizeof err);
+        if (!d.public) {
+            log_error("listen %s: %s", cfg->listen, err);
+            goto fail;
+        }
+    }
+    log_info("llama-pool %s: %zu models from %s; control socket %s%s%s", LLAMA_POOL_VERSION,
+             cfg->nmodels, d.config_file, cfg->control_socket,
+             d.public ? "; listening on " : "", d.public ? cfg->listen : "");
+
+    d.pool = pool_new(d.loop, cfg);
+    if (!d.pool) {
+        log_error("out of memory");
+        cfg = NULL;
+        goto fail;
+    }
+    cfg = NULL;                     /* the pool owns it now */
+    d.api.pool = d.pool;
+
+    ev_signal_init(&d.sigterm, on_stop_signal, SIGTERM);
+    ev_signal_init(&d.sigint, on_stop_signal, SIGINT);
+    ev_signal_init(&d.sighup, on_sighup, SIGHUP);
+    d.sigterm.data = d.sigint.data = d.sighup.data = &d;
+    ev_signal_start(d.loop, &d.sigterm);
+    ev_signal_start(d.loop, &d.sigint);
+    ev_signal_start(d.loop, &d.sighup);
+
+    notify_init(d.loop);
+    char summary[256];
+    pool_summary(d.pool, summary, sizeof summary);
+    notify_ready(summary);
+
+    ev_run(d.loop, 0);
+
+    notify_stop();
+    http_server_free(d.public);
+    http_server_free(d.control);
+    pool_free(d.pool);
+    free(d.config_file);
+    log_info("exited cleanly");
+    return CLI_OK;
+
+fail:
+    http_server_free(d.public);
+    http_server_free(d.control);
+    config_free(cfg);
+    free(d.config_file);
+    return CLI_FAILED;
+}
+
+int main(int argc, char **argv)
+{
+    static const struct option opts[] = {
+        { "config", required_argument, NULL, 'c' },
+        { "socket", required_argument, NULL, 's' },
+        { "verbose", no_argument, NULL, 'v' },
+        { "help", no_argument, NULL, 'h' },
+        { "version", no_argument, NULL, 'V' },
+        { NULL, 0, NULL, 0 },
+    };
+    const char *config = NULL, *sock = NULL;
+    bool verbose = false;
+
+    if (argc < 2) {
+        usage(stderr);
+        return CLI_USAGE;
+    }
+    const char *cmd = argv[1];
+    if (strcmp(cmd, "-h") == 0 || strcmp(cmd, "--help") == 0 || strcmp(cmd, "help") == 0) {
+        usage(stdout);
+        return CLI_OK;
+    }
+    if (strcmp(cmd, "-V") == 0 || strcmp(cmd, "--version") == 0) {
+        printf("llama-pool %s\n", LLAMA_POOL_VERSION);
+        return CLI_OK;
+    }
+    log_init(LOG_INFO);
+    curl_global_init(CURL_GLOBAL_DEFAULT);
+
+    if (strcmp(cmd, "serve") == 0 || strcmp(cmd, "check") == 0) {
+        int c;
+        optind = 2;
+        while ((c = getopt_long(argc, argv, "c:s:vhV", opts, NULL)) != -1) {
+            switch (c) {
+            case 'c': config = optarg; break;
+            case 's': sock = optarg; break;
+            case 'v': verbose = true; break;
+            case 'h': usage(stdout); return CLI_OK;
+            case 'V': printf("llama-pool %s\n", LLAMA_POOL_VERSION); return CLI_OK;
+            default: usage(stderr); return CLI_USAGE;
+            }
+        }
+        if (optind < argc) {
+            fprintf(stderr, "llama-pool %s: unexpected argument \"%s\"\n", cmd, argv[optind]);
+            return CLI_USAGE;
+        }
+        int rc;
+        if (strcmp(cmd, "check") == 0) {
+            rc = cmd_check(config_path(config));
+        } else {
+            log_init(verbose ? LOG_DEBUG : LOG_INFO);
+            rc = cmd_serve(config_path(config));
+        }
+        curl_global_cleanup();
+        return rc;
+    }
+    int rc = cli_run(argc - 1, argv + 1, sock, config);
+    curl_global_cleanup();
+    return rc;
+}

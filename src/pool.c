@@ -1,0 +1,731 @@
+#define _GNU_SOURCE
+#include "pool.h"
+
+#include "health.h"
+#include "log.h"
+#include "memory.h"
+#include "notify.h"
+
+#include <errno.h>
+#include <fcntl.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/stat.h>
+#include <sys/time.h>
+#include <time.h>
+#include <unistd.h>
+
+#define MODEL_LOG_LINES 1000
+
+/* ---------- model log ---------- */
+
+static void model_log_close(struct pool_model *m)
+{
+    if (m->log_fd >= 0)
+        close(m->log_fd);
+    m->log_fd = -1;
+}
+
+static void model_log_open(struct pool_model *m)
+{
+    const char *dir = m->pool->cfg->log_dir;
+    char path[4096];
+    if (m->log_fd >= 0 || !dir || !*dir)
+        return;
+    snprintf(path, sizeof path, "%s/%s.log", dir, m->cfg->name);
+    m->log_fd = open(path, O_WRONLY | O_APPEND | O_CREAT | O_CLOEXEC, 0640);
+    if (m->log_fd < 0) {
+        static int warned;
+        if (!warned++)
+            log_warn("cannot write model logs in %s: %s (kept in memory only)", dir, strerror(errno));
+    }
+}
+
+/* Add a line to the model's log: file, memory tail, followers. */
+static void model_log(struct pool_model *m, struct instance *inst, const char *tag,
+                      const char *text, size_t len)
+{
+    char line[4400];
+    struct timeval tv;
+    struct tm tm;
+    gettimeofday(&tv, NULL);
+    gmtime_r(&tv.tv_sec, &tm);
+    size_t n = strftime(line, sizeof line, "%Y-%m-%dT%H:%M:%S", &tm);
+    if (len > 4096)
+        len = 4096;
+    n += (size_t)snprintf(line + n, sizeof line - n, ".%03ldZ %s%s %.*s",
+                          (long)tv.tv_usec / 1000, inst ? inst->id : m->cfg->name,
+                          tag, (int)len, text);
+    if (n >= sizeof line)
+        n = sizeof line - 1;
+
+    if (!m->log.lines && logring_init(&m->log, MODEL_LOG_LINES) < 0)
+        return;
+    logring_push(&m->log, line, n);
+    model_log_open(m);
+    if (m->log_fd >= 0) {
+        line[n] = '\n';
+        if (write(m->log_fd, line, n + 1) < 0) { /* disk full: memory tail still has it */ }
+        line[n] = '\0';
+    }
+    struct pool_event ev = { .kind = POOL_EV_LOG, .model = m, .inst = inst,
+                             .line = logring_last(&m->log, 0) };
+    for (struct pool_observer *o = m->observers.next, *next; o != &m->observers; o = next) {
+        next = o->next;
+        o->fn(o, &ev);
+    }
+}
+
+/* ---------- instance callbacks ---------- */
+
+static void gc_soon(struct pool *p)
+{
+    if (!ev_is_active(&p->gc) && !ev_is_pending(&p->gc)) {
+        ev_timer_set(&p->gc, 0., 0.);
+        ev_timer_start(p->loop, &p->gc);
+    }
+}
+
+static void update_systemd_status(struct pool *p)
+{
+    char buf[256];
+    pool_summary(p, buf, sizeof buf);
+    notify_status(buf);
+}
+
+static void inst_changed(struct instance *inst, enum instance_state old, void *arg)
+{
+    struct pool *p = arg;
+    struct pool_model *m = inst->owner;
+    struct pool_event ev = { .kind = POOL_EV_STATE, .model = m, .inst = inst, .old = old };
+    for (struct pool_observer *o = m->observers.next, *next; o != &m->observers; o = next) {
+        next = o->next;
+        o->fn(o, &ev);
+    }
+    if (inst->state == INSTANCE_STOPPED || m->retired || p->shutting_down)
+        gc_soon(p);
+    update_systemd_status(p);
+}
+
+static void inst_output(struct instance *inst, const char *line, size_t len, void *arg)
+{
+    (void)arg;
+    model_log(inst->owner, inst, ":", line, len);
+}
+
+static void inst_event(struct instance *inst, const char *msg, void *arg)
+{
+    (void)arg;
+    log_info("%s: %s", inst->id, msg);
+    model_log(inst->owner, inst, ": [llama-pool]", msg, strlen(msg));
+}
+
+static bool inst_crashed(struct instance *inst, void *arg)
+{
+    struct pool *p = arg;
+    struct pool_model *m = inst->owner;
+    double now = ev_now(p->loop);
+    double window = (double)p->cfg->restart_window_ms / 1000.0;
+    if (p->shutting_down || m->retired)
+        return true;            /* no restarts while going away */
+    if (!crash_log_add(&m->crashes, now, window, p->cfg->max_restarts))
+        return false;
+    char msg[1200];
+    snprintf(msg, sizeof msg, "%s (crashed %zu times within %.0f s; marked failed until start or reload)",
+             inst->last_error ? inst->last_error : "crashed",
+             crash_log_count(&m->crashes, now, window), window);
+    free(m->last_error);
+    m->last_error = strdup(msg);
+    m->failed = true;
+    log_error("%s: %s", m->cfg->name, msg);
+    model_log(m, NULL, ": [llama-pool]", msg, strlen(msg));
+    return true;
+}
+
+static const struct instance_ops pool_instance_ops = {
+    .changed = inst_changed,
+    .output = inst_output,
+    .event = inst_event,
+    .crashed = inst_crashed,
+};
+
+/* ---------- models ---------- */
+
+static struct pool_model *model_new(struct pool *p, const struct config_model *cm)
+{
+    struct pool_model *m = calloc(1, sizeof *m);
+    if (!m)
+        return NULL;
+    m->pool = p;
+    m->cfg = cm;
+    m->log_fd = -1;
+    m->observers.next = m->observers.prev = &m->observers;
+    return m;
+}
+
+static void model_free(struct pool_model *m)
+{
+    struct pool_event ev = { .kind = POOL_EV_GONE, .model = m };
+    while (m->observers.next != &m->observers) {
+        struct pool_observer *o = m->observers.next;
+        pool_unobserve(o);
+        o->fn(o, &ev);
+    }
+    for (size_t i = 0; i < m->ninst; i++)
+        instance_free(m->inst[i]);
+    free(m->inst);
+    logring_free(&m->log);
+    model_log_close(m);
+    free(m->last_error);
+    free(m);
+}
+
+static unsigned model_active(const struct pool_model *m)
+{
+    unsigned n = 0;
+    for (size_t i = 0; i < m->ninst; i++) {
+        enum instance_state s = m->inst[i]->state;
+        if (s == INSTANCE_STARTING || s == INSTANCE_READY || s == INSTANCE_BACKOFF)
+            n++;
+    }
+    return n;
+}
+
+static struct instance *model_add_instance(struct pool_model *m)
+{
+    /* The lowest free number: tiny#1 again after tiny#1 was stopped. */
+    unsigned no = 1;
+    for (bool taken = true; taken; ) {
+        taken = false;
+        for (size_t i = 0; i < m->ninst; i++)
+            if (m->inst[i]->no == no) {
+                taken = true;
+                no++;
+                break;
+            }
+    }
+    struct instance **v = realloc(m->inst, (m->ninst + 1) * sizeof *v);
+    if (!v)
+        return NULL;
+    m->inst = v;
+    struct instance *inst = instance_new(&m->pool->world, m->cfg, no, m);
+    if (!inst)
+        return NULL;
+    m->inst[m->ninst++] = inst;
+    return inst;
+}
+
+size_t pool_model_count(const struct pool_model *m, enum instance_state s)
+{
+    size_t n = 0;
+    for (size_t i = 0; i < m->ninst; i++)
+        n += m->inst[i]->state == s;
+    return n;
+}
+
+const char *pool_model_state(const struct pool_model *m)
+{
+    if (m->failed)
+        return "failed";
+    if (pool_model_count(m, INSTANCE_READY))
+        return "ready";
+    if (pool_model_count(m, INSTANCE_STARTING) || pool_model_count(m, INSTANCE_BACKOFF))
+        return "starting";
+    if (pool_model_count(m, INSTANCE_STOPPING))
+        return "stopping";
+    if (pool_model_count(m, INSTANCE_FAILED))
+        return "failed";
+    return "stopped";
+}
+
+int pool_model_start(struct pool_model *m, unsigned n, char *err, size_t errlen)
+{
+    unsigned max = m->cfg->instances_max;
+    if (n == 0)
+        n = 1;
+    if (n > max) {
+        snprintf(err, errlen, "model \"%s\" allows at most %u instance%s (instances = %u-%u)",
+                 m->cfg->name, max, max == 1 ? "" : "s", m->cfg->instances_min, max);
+        return -1;
+    }
+    if (m->pool->shutting_down) {
+        snprintf(err, errlen, "llama-pool is shutting down");
+        return -1;
+    }
+    if (m->failed) {
+        m->failed = false;
+        crash_log_clear(&m->crashes);
+    }
+    /* Failed instances are started again first, then new ones are added. */
+    for (size_t i = 0; i < m->ninst && model_active(m) < n; i++) {
+        enum instance_state s = m->inst[i]->state;
+        if (s == INSTANCE_FAILED || s == INSTANCE_STOPPED || s == INSTANCE_STOPPING)
+            instance_start(m->inst[i]);
+    }
+    while (model_active(m) < n) {
+        struct instance *inst = model_add_instance(m);
+        if (!inst) {
+            snprintf(err, errlen, "out of memory");
+            return -1;
+        }
+        instance_start(inst);
+    }
+    /* A start also revives an instance waiting in backoff. */
+    for (size_t i = 0; i < m->ninst; i++)
+        if (m->inst[i]->state == INSTANCE_BACKOFF)
+            instance_start(m->inst[i]);
+    return 0;
+}
+
+void pool_model_stop(struct pool_model *m)
+{
+    for (size_t i = 0; i < m->ninst; i++)
+        instance_stop(m->inst[i]);
+    m->failed = false;
+    gc_soon(m->pool);
+}
+
+void pool_model_restart(struct pool_model *m)
+{
+    if (m->failed) {
+        m->failed = false;
+        crash_log_clear(&m->crashes);
+    }
+    if (model_active(m) == 0) {
+        char err[256];
+        (void)pool_model_start(m, 1, err, sizeof err);
+        return;
+    }
+    for (size_t i = 0; i < m->ninst; i++)
+        instance_restart(m->inst[i]);
+}
+
+/* ---------- garbage collection of stopped instances ---------- */
+
+static void model_collect(struct pool_model *m)
+{
+    size_t keep = 0;
+    for (size_t i = 0; i < m->ninst; i++) {
+        struct instance *inst = m->inst[i];
+        if (inst->state == INSTANCE_STOPPED && !inst->restart_after_stop)
+            instance_free(inst);
+        else
+            m->inst[keep++] = inst;
+    }
+    m->ninst = keep;
+    if (keep == 0)
+        model_log_close(m);     /* thousands of idle models hold no fds */
+}
+
+bool pool_has_processes(const struct pool *p)
+{
+    for (size_t i = 0; i < p->nmodels; i++)
+        for (size_t j = 0; j < p->models[i]->ninst; j++)
+            if (instance_has_process(p->models[i]->inst[j]))
+                return true;
+    for (size_t i = 0; i < p->nretired; i++)
+        for (size_t j = 0; j < p->retired[i]->ninst; j++)
+            if (instance_has_process(p->retired[i]->inst[j]))
+                return true;
+    return false;
+}
+
+static void gc_cb(struct ev_loop *loop, ev_timer *w, int revents)
+{
+    (void)loop; (void)revents;
+    struct pool *p = w->data;
+    for (size_t i = 0; i < p->nmodels; i++)
+        model_collect(p->models[i]);
+    size_t keep = 0;
+    for (size_t i = 0; i < p->nretired; i++) {
+        struct pool_model *m = p->retired[i];
+        model_collect(m);
+        if (m->ninst == 0)
+            model_free(m);
+        else
+            p->retired[keep++] = m;
+    }
+    p->nretired = keep;
+    if (keep == 0) {
+        for (size_t i = 0; i < p->nold_cfgs; i++)
+            config_free(p->old_cfgs[i]);
+        p->nold_cfgs = 0;
+    }
+    if (p->shutting_down && !pool_has_processes(p) && p->on_stopped) {
+        void (*done)(struct pool *) = p->on_stopped;
+        p->on_stopped = NULL;
+        done(p);
+    }
+}
+
+/* ---------- lifecycle ---------- */
+
+static void preload(struct pool *p)
+{
+    for (size_t i = 0; i < p->nmodels; i++) {
+        struct pool_model *m = p->models[i];
+        if (m->cfg->instances_min == 0 || model_active(m) >= m->cfg->instances_min)
+            continue;
+        char err[256];
+        if (pool_model_start(m, m->cfg->instances_min, err, sizeof err) < 0)
+            log_error("%s: cannot preload: %s", m->cfg->name, err);
+    }
+}
+
+struct pool *pool_new(struct ev_loop *loop, struct config *cfg)
+{
+    struct pool *p = calloc(1, sizeof *p);
+    if (!p)
+        return NULL;
+    p->loop = loop;
+    p->cfg = cfg;
+    p->started_at = ev_now(loop);
+    p->health = health_new(loop);
+    p->models = calloc(cfg->nmodels ? cfg->nmodels : 1, sizeof *p->models);
+    if (!p->health || !p->models)
+        goto fail;
+    port_pool_init(&p->ports, cfg->port_min, cfg->port_max);
+    p->world = (struct instance_world){ .loop = loop, .health = p->health, .ports = &p->ports,
+                                        .cfg = cfg, .ops = &pool_instance_ops, .arg = p };
+    ev_timer_init(&p->gc, gc_cb, 0., 0.);
+    p->gc.data = p;
+    for (size_t i = 0; i < cfg->nmodels; i++) {
+        if (!(p->models[i] = model_new(p, &cfg->models[i])))
+            goto fail;
+        p->nmodels++;
+    }
+    if (cfg->log_dir && *cfg->log_dir && mkdir(cfg->log_dir, 0750) < 0 && errno != EEXIST)
+        log_warn("cannot create log_dir %s: %s", cfg->log_dir, strerror(errno));
+    preload(p);
+    return p;
+fail:
+    pool_free(p);
+    return NULL;
+}
+
+void pool_free(struct pool *p)
+{
+    if (!p)
+        return;
+    for (size_t i = 0; i < p->nmodels; i++)
+        model_free(p->models[i]);
+    for (size_t i = 0; i < p->nretired; i++)
+        model_free(p->retired[i]);
+    free(p->models);
+    free(p->retired);
+    if (p->loop)
+        ev_timer_stop(p->loop, &p->gc);
+    health_free(p->health);
+    for (size_t i = 0; i < p->nold_cfgs; i++)
+        config_free(p->old_cfgs[i]);
+    free(p->old_cfgs);
+    config_free(p->cfg);
+    free(p);
+}
+
+struct pool_model *pool_find(struct pool *p, const char *name)
+{
+    const struct config_model *cm = config_find_model(p->cfg, name);
+    if (!cm)
+        return NULL;
+    for (size_t i = 0; i < p->nmodels; i++)
+        if (p->models[i]->cfg == cm)
+            return p->models[i];
+    return NULL;
+}
+
+void pool_shutdown(struct pool *p, void (*on_stopped)(struct pool *p))
+{
+    p->shutting_down = true;
+    p->on_stopped = on_stopped;
+    for (size_t i = 0; i < p->nmodels; i++)
+        for (size_t j = 0; j < p->models[i]->ninst; j++)
+            instance_stop(p->models[i]->inst[j]);
+    for (size_t i = 0; i < p->nretired; i++)
+        for (size_t j = 0; j < p->retired[i]->ninst; j++)
+            instance_stop(p->retired[i]->inst[j]);
+    gc_soon(p);
+}
+
+void pool_kill_all(struct pool *p)
+{
+    for (size_t i = 0; i < p->nmodels; i++)
+        for (size_t j = 0; j < p->models[i]->ninst; j++)
+            instance_kill(p->models[i]->inst[j]);
+    for (size_t i = 0; i < p->nretired; i++)
+        for (size_t j = 0; j < p->retired[i]->ninst; j++)
+            instance_kill(p->retired[i]->inst[j]);
+}
+
+/* ---------- reload ---------- */
+
+static void model_rebind(struct pool_model *m, const struct config_model *cm)
+{
+    m->cfg = cm;
+    for (size_t i = 0; i < m->ninst; i++)
+        m->inst[i]->model = cm;
+}
+
+/* Stop the highest-numbered instances beyond the model's max. */
+static void model_trim(struct pool_model *m)
+{
+    while (model_active(m) > m->cfg->instances_max) {
+        struct instance *last = NULL;
+        for (size_t j = 0; j < m->ninst; j++) {
+            enum instance_state s = m->inst[j]->state;
+            if ((s == INSTANCE_STARTING || s == INSTANCE_READY || s == INSTANCE_BACKOFF) &&
+                (!last || m->inst[j]->no > last->no))
+                last = m->inst[j];
+        }
+        instance_stop(last);
+    }
+}
+
+/* Decide everything first, swap the model list in, and only then act:
+ * stopping and restarting call back into the pool, which must by then see
+ * a consistent list. */
+void pool_reload(struct pool *p, struct config *cfg, json_t *summary)
+{
+    json_t *added = json_array(), *removed = json_array(), *changed = json_array();
+    size_t unchanged = 0, n = cfg->nmodels;
+    struct config *old = p->cfg;
+    struct pool_model **models = calloc(n ? n : 1, sizeof *models);
+    bool *restart = calloc(n ? n : 1, sizeof *restart);
+    bool *kept = calloc(p->nmodels ? p->nmodels : 1, sizeof *kept);
+    struct config **olds = realloc(p->old_cfgs, (p->nold_cfgs + 1) * sizeof *olds);
+    if (olds)
+        p->old_cfgs = olds;
+    struct pool_model **retired = realloc(p->retired, (p->nretired + p->nmodels + 1) * sizeof *retired);
+    if (retired)
+        p->retired = retired;
+    if (!models || !restart || !kept || !olds || !retired)
+        goto oom;
+
+    size_t k = 0;
+    for (size_t i = 0; i < n; i++) {
+        const struct config_model *cm = &cfg->models[i];
+        struct pool_model *m = NULL;
+        for (size_t j = 0; j < p->nmodels && !m; j++)
+            if (!kept[j] && strcmp(p->models[j]->cfg->name, cm->name) == 0) {
+                m = p->models[j];
+                kept[j] = true;
+            }
+        if (m) {
+            restart[k] = !config_model_same_child(old, m->cfg, cfg, cm);
+            if (restart[k])
+                json_array_append_new(changed, json_string(cm->name));
+            else
+                unchanged++;
+            model_rebind(m, cm);
+            m->failed = false;
+            crash_log_clear(&m->crashes);
+            model_log_close(m);             /* log_dir may have moved */
+        } else if ((m = model_new(p, cm))) {
+            json_array_append_new(added, json_string(cm->name));
+        } else {
+            goto oom;
+        }
+        models[k++] = m;
+    }
+
+    /* Swap: from here on the pool is consistent with the new config. */
+    p->cfg = cfg;
+    p->world.cfg = cfg;
+    p->old_cfgs[p->nold_cfgs++] = old;
+    port_pool_set_range(&p->ports, cfg->port_min, cfg->port_max);
+    struct pool_model **gone = p->models;
+    size_t ngone = p->nmodels;
+    p->models = models;
+    p->nmodels = k;
+    if (cfg->log_dir && *cfg->log_dir && mkdir(cfg->log_dir, 0750) < 0 && errno != EEXIST)
+        log_warn("cannot create log_dir %s: %s", cfg->log_dir, strerror(errno));
+
+    for (size_t j = 0; j < ngone; j++) {
+        if (kept[j])
+            continue;
+        struct pool_model *m = gone[j];
+        json_array_append_new(removed, json_string(m->cfg->name));
+        m->retired = true;
+        p->retired[p->nretired++] = m;
+        struct pool_event ev = { .kind = POOL_EV_GONE, .model = m };
+        while (m->observers.next != &m->observers) {
+            struct pool_observer *o = m->observers.next;
+            pool_unobserve(o);
+            o->fn(o, &ev);
+        }
+        for (size_t i = 0; i < m->ninst; i++)
+            instance_stop(m->inst[i]);
+    }
+    free(gone);
+    for (size_t i = 0; i < p->nmodels; i++) {
+        struct pool_model *m = p->models[i];
+        if (restart[i])
+            for (size_t j = 0; j < m->ninst; j++)
+                if (instance_has_process(m->inst[j]) || m->inst[j]->state == INSTANCE_BACKOFF)
+                    instance_restart(m->inst[j]);
+        model_trim(m);
+    }
+    free(restart);
+    free(kept);
+
+    preload(p);
+    gc_soon(p);
+    json_object_set_new(summary, "added", added);
+    json_object_set_new(summary, "removed", removed);
+    json_object_set_new(summary, "changed", changed);
+    json_object_set_new(summary, "unchanged", json_integer((json_int_t)unchanged));
+    return;
+
+oom:
+    /* Nothing was swapped in yet: undo the rebinding, drop the new models. */
+    for (size_t i = 0; models && i < n && models[i]; i++) {
+        bool existing = false;
+        for (size_t j = 0; j < p->nmodels; j++) {
+            if (p->models[j] != models[i])
+                continue;
+            existing = true;
+            for (size_t c = 0; c < old->nmodels; c++)
+                if (strcmp(old->models[c].name, models[i]->cfg->name) == 0)
+                    model_rebind(models[i], &old->models[c]);
+        }
+        if (!existing)
+            model_free(models[i]);
+    }
+    free(models);
+    free(restart);
+    free(kept);
+    json_decref(added);
+    json_decref(removed);
+    json_decref(changed);
+    config_free(cfg);
+    json_object_set_new(summary, "error", json_string("out of memory; the previous config is kept"));
+}
+
+/* ---------- observers ---------- */
+
+void pool_observe(struct pool_model *m, struct pool_observer *obs)
+{
+    obs->model = m;
+    obs->next = &m->observers;
+    obs->prev = m->observers.prev;
+    m->observers.prev->next = obs;
+    m->observers.prev = obs;
+}
+
+void pool_unobserve(struct pool_observer *obs)
+{
+    if (!obs->next)
+        return;
+    obs->prev->next = obs->next;
+    obs->next->prev = obs->prev;
+    obs->next = obs->prev = NULL;
+}
+
+/* ---------- status ---------- */
+
+static json_t *instance_json(struct pool *p, const struct instance *inst)
+{
+    double now = ev_now(p->loop);
+    json_t *o = json_object();
+    json_object_set_new(o, "id", json_string(inst->id));
+    json_object_set_new(o, "state", json_string(instance_state_name(inst->state)));
+    json_object_set_new(o, "pid", inst->pid > 0 ? json_integer(inst->pid) : json_null());
+    json_object_set_new(o, "port", inst->port ? json_integer(inst->port) : json_null());
+    json_object_set_new(o, "uptime_s", json_real(inst->pid > 0 ? now - inst->spawned_at : 0));
+    json_object_set_new(o, "restarts", json_integer(inst->restarts));
+    json_object_set_new(o, "memory", json_integer((json_int_t)inst->pss));
+    json_object_set_new(o, "slots", json_integer(inst->slots));
+    json_object_set_new(o, "in_flight", json_integer(inst->in_flight));
+    json_object_set_new(o, "last_used_s_ago",
+                        inst->last_used > 0 ? json_real(now - inst->last_used) : json_null());
+    json_object_set_new(o, "last_error", inst->last_error ? json_string(inst->last_error) : json_null());
+    if (inst->state == INSTANCE_BACKOFF)
+        json_object_set_new(o, "next_start_s", json_real(inst->next_start_at > now ? inst->next_start_at - now : 0));
+    return o;
+}
+
+json_t *pool_model_json(struct pool_model *m)
+{
+    json_t *o = json_object();
+    json_t *aliases = json_array();
+    for (size_t i = 0; i < m->cfg->naliases; i++)
+        json_array_append_new(aliases, json_string(m->cfg->aliases[i]));
+    json_object_set_new(o, "name", json_string(m->cfg->name));
+    json_object_set_new(o, "aliases", aliases);
+    json_object_set_new(o, "state", json_string(pool_model_state(m)));
+    json_object_set_new(o, "pinned", json_boolean(m->cfg->pin));
+    json_object_set_new(o, "path", json_string(m->cfg->path));
+    json_object_set_new(o, "instances_min", json_integer(m->cfg->instances_min));
+    json_object_set_new(o, "instances_max", json_integer(m->cfg->instances_max));
+    json_object_set_new(o, "memory_estimate",
+                        json_integer(m->cfg->memory_kind == CONFIG_MEMORY_SIZE ? (json_int_t)m->cfg->memory_bytes : 0));
+    json_object_set_new(o, "waiting", json_integer(0));
+    const char *err = m->last_error;
+    if (!m->failed) {
+        err = NULL;
+        for (size_t i = 0; i < m->ninst && !err; i++)
+            if (m->inst[i]->state == INSTANCE_FAILED)
+                err = m->inst[i]->last_error;
+    }
+    json_object_set_new(o, "last_error", err ? json_string(err) : json_null());
+    json_t *insts = json_array();
+    for (size_t i = 0; i < m->ninst; i++)
+        json_array_append_new(insts, instance_json(m->pool, m->inst[i]));
+    json_object_set_new(o, "instances", insts);
+    return o;
+}
+
+static uint64_t pool_used(const struct pool *p)
+{
+    uint64_t used = 0;
+    for (size_t i = 0; i < p->nmodels; i++)
+        for (size_t j = 0; j < p->models[i]->ninst; j++)
+            used += p->models[i]->inst[j]->pss;
+    return used;
+}
+
+json_t *pool_status_json(struct pool *p, const struct pool_model *only)
+{
+    struct memory_info mi;
+    uint64_t budget = 0, avail = 0;
+    if (memory_read_info(NULL, &mi) == 0) {
+        budget = memory_budget(p->cfg, &mi);
+        avail = mi.mem_available;
+    }
+    json_t *root = json_object();
+    json_t *mem = json_object();
+    json_object_set_new(mem, "budget", json_integer((json_int_t)budget));
+    json_object_set_new(mem, "reserve", json_integer((json_int_t)p->cfg->memory_reserve));
+    json_object_set_new(mem, "used", json_integer((json_int_t)pool_used(p)));
+    json_object_set_new(mem, "available", json_integer((json_int_t)avail));
+    json_object_set_new(root, "memory", mem);
+    json_t *queue = json_object();
+    json_object_set_new(queue, "waiting", json_integer(0));
+    json_object_set_new(queue, "max", json_integer(p->cfg->max_queue));
+    json_object_set_new(root, "queue", queue);
+    json_object_set_new(root, "uptime_s", json_real(ev_now(p->loop) - p->started_at));
+    json_object_set_new(root, "config", json_string(p->cfg->file ? p->cfg->file : ""));
+    json_t *models = json_array();
+    for (size_t i = 0; i < p->nmodels; i++)
+        if (!only || p->models[i] == only)
+            json_array_append_new(models, pool_model_json(p->models[i]));
+    json_object_set_new(root, "models", models);
+    return root;
+}
+
+void pool_summary(struct pool *p, char *buf, size_t len)
+{
+    size_t ready = 0, starting = 0;
+    for (size_t i = 0; i < p->nmodels; i++) {
+        ready += pool_model_count(p->models[i], INSTANCE_READY);
+        starting += pool_model_count(p->models[i], INSTANCE_STARTING);
+    }
+    struct memory_info mi;
+    char used[32], budget[32];
+    uint64_t b = memory_read_info(NULL, &mi) == 0 ? memory_budget(p->cfg, &mi) : 0;
+    memory_format(pool_used(p), used, sizeof used);
+    memory_format(b, budget, sizeof budget);
+    snprintf(len ? buf : NULL, len, "%zu instance%s ready, %zu starting, %s of %s",
+             ready, ready == 1 ? "" : "s", starting, used, budget);
+}

@@ -1,0 +1,296 @@
+"""Harness for integration tests: the real llama-pool binary, driven over
+its control socket and its CLI, with the stand-in llama-server (or a real
+one when LLAMA_SERVER is set).
+
+Every wait is a bounded poll (wait_for); every process a test starts is
+killed at teardown, whatever the test's outcome: the daemon, and any
+llama-server whose command line names the test's own temp dir.
+"""
+import http.client
+import json
+import os
+import random
+import signal
+import socket
+import struct
+import subprocess
+import time
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+BUILD = os.path.abspath(os.environ.get("LLAMA_POOL_BUILD", os.path.join(ROOT, "build")))
+LLAMA_POOL = os.path.join(BUILD, "llama-pool")
+FAKE_SERVER = os.path.join(BUILD, "fake-llama-server")
+REAL_SERVER = os.environ.get("LLAMA_SERVER")
+REAL_MODEL = os.environ.get("LLAMA_POOL_TEST_MODEL")
+REAL = bool(REAL_SERVER and REAL_MODEL)
+if not REAL:
+    REAL_SERVER = None
+
+# Sanitizer builds are slower; give every bound some room.
+SLOW = 3.0 if "asan" in BUILD else 1.0
+
+
+def fake_only(reason="needs the stand-in's test knobs"):
+    return pytest.mark.skipif(REAL, reason=reason)
+
+
+def wait_for(cond, timeout=10.0, interval=0.01, what="condition"):
+    """Poll COND until it returns something truthy; fail after TIMEOUT s."""
+    deadline = time.monotonic() + timeout * SLOW
+    last = None
+    while time.monotonic() < deadline:
+        try:
+            last = cond()
+        except (OSError, http.client.HTTPException, ValueError, IndexError, KeyError) as e:
+            last = e
+        else:
+            if last:
+                return last
+        time.sleep(interval)
+    raise AssertionError(f"timed out after {timeout * SLOW:.1f}s waiting for {what}; last: {last!r}")
+
+
+def pid_alive(pid):
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    # A zombie is dead for our purposes.
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def pids_with_arg(needle):
+    """PIDs whose command line contains NEEDLE (the test's temp dir)."""
+    found = []
+    for d in os.listdir("/proc"):
+        if not d.isdigit():
+            continue
+        try:
+            with open(f"/proc/{d}/cmdline", "rb") as f:
+                cmd = f.read()
+        except OSError:
+            continue
+        if needle.encode() in cmd and pid_alive(int(d)):
+            found.append(int(d))
+    return found
+
+
+def free_port_block(n):
+    """A base port with N consecutive free ports, picked at random so that
+    tests (and leftovers of other runs) do not collide."""
+    for _ in range(200):
+        base = random.randrange(20000, 60000 - n)
+        ok = True
+        for p in range(base, base + n):
+            s = socket.socket()
+            try:
+                s.bind(("127.0.0.1", p))
+            except OSError:
+                ok = False
+            finally:
+                s.close()
+            if not ok:
+                break
+        if ok:
+            return base
+    raise RuntimeError("no free port block")
+
+
+class UnixHTTPConnection(http.client.HTTPConnection):
+    def __init__(self, path, timeout=10):
+        super().__init__("localhost", timeout=timeout)
+        self.unix_path = path
+
+    def connect(self):
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.sock.settimeout(self.timeout)
+        self.sock.connect(self.unix_path)
+
+
+def write_gguf(path):
+    """A minimal GGUF v3 file: magic, version, no tensors, no metadata. The
+    stand-in only checks the magic."""
+    with open(path, "wb") as f:
+        f.write(b"GGUF" + struct.pack("<IQQ", 3, 0, 0))
+    return path
+
+
+class Pool:
+    """One llama-pool daemon on a config written into a temp dir."""
+
+    def __init__(self, tmp_path):
+        self.dir = str(tmp_path)
+        self.conf = os.path.join(self.dir, "pool.conf")
+        self.sock = os.path.join(self.dir, "control.sock")
+        self.log_dir = os.path.join(self.dir, "logs")
+        self.stderr_path = os.path.join(self.dir, "daemon.log")
+        self.proc = None
+        self.port_base = free_port_block(20)
+        self.listen_port = free_port_block(1)
+
+    # ---- config ----
+    def model_file(self, name="m"):
+        if REAL:
+            return REAL_MODEL
+        return write_gguf(os.path.join(self.dir, f"{name}.gguf"))
+
+    def config(self, models, pool_extra="", port_count=20):
+        """MODELS: {name: {"env": {...}, "args": "...", other keys...}}"""
+        keys = {
+            "listen": f"127.0.0.1:{self.listen_port}",
+            "control_socket": self.sock,
+            "llama_server": REAL_SERVER or FAKE_SERVER,
+            "port_range": f"{self.port_base}-{self.port_base + port_count - 1}",
+            "log_dir": self.log_dir,
+            "stop_timeout": "5s",
+            "health_interval": "1s",
+        }
+        for line in pool_extra.splitlines():   # "key = value" lines override
+            if "=" in line:
+                k, v = line.split("=", 1)
+                keys[k.strip()] = v.strip()
+        lines = ["[pool]"] + [f"{k} = {v}" for k, v in keys.items()]
+        for name, m in models.items():
+            m = dict(m)
+            env = m.pop("env", {})
+            lines.append(f"[model {name}]")
+            lines.append(f"path = {m.pop('path', None) or self.model_file(name)}")
+            args = m.pop("args", "-c 256 -np 2")
+            if REAL:
+                args += " -cram 0 -t 1 --no-warmup"
+            lines.append(f"args = {args}")
+            # The test's dir in every child's environment marks it as ours.
+            env = {"FAKE_LOAD_MS": "100", "LLAMA_POOL_TEST_DIR": self.dir, **env}
+            lines.append("env = " + " ".join(f"{k}={v}" for k, v in env.items()))
+            for k, v in m.items():
+                lines.append(f"{k} = {v}")
+        with open(self.conf, "w") as f:
+            f.write("\n".join(lines) + "\n")
+        return self.conf
+
+    # ---- daemon ----
+    def start(self, expect_ready=True):
+        self.stderr = open(self.stderr_path, "ab")
+        self.proc = subprocess.Popen([LLAMA_POOL, "serve", "-c", self.conf],
+                                     stdin=subprocess.DEVNULL, stdout=self.stderr,
+                                     stderr=self.stderr, cwd=self.dir)
+        if expect_ready:
+            def up():
+                if self.proc.poll() is not None:
+                    raise AssertionError(f"llama-pool exited with {self.proc.returncode}:\n{self.daemon_log()}")
+                return self.get("/pool/status")[0] == 200
+            wait_for(up, what="the daemon's control socket")
+        return self
+
+    def daemon_log(self):
+        try:
+            with open(self.stderr_path, errors="replace") as f:
+                return f.read()
+        except OSError:
+            return ""
+
+    def request(self, method, path, body=None, headers=None, timeout=10):
+        conn = UnixHTTPConnection(self.sock, timeout=timeout)
+        try:
+            conn.request(method, path, body=body, headers=headers or {})
+            r = conn.getresponse()
+            data = r.read()
+            return r.status, data
+        finally:
+            conn.close()
+
+    def get(self, path):
+        return self.request("GET", path)
+
+    def status(self, model=None):
+        code, body = self.get("/pool/status" + (f"?model={model}" if model else ""))
+        assert code == 200, body
+        return json.loads(body)
+
+    def model(self, name):
+        for m in self.status()["models"]:
+            if m["name"] == name:
+                return m
+        raise KeyError(name)
+
+    def instances(self, name):
+        return self.model(name)["instances"]
+
+    def ready_instances(self, name):
+        return [i for i in self.instances(name) if i["state"] == "ready"]
+
+    def cli(self, *args, timeout=60, check=None):
+        env = {k: v for k, v in os.environ.items() if not k.startswith("LLAMA_POOL_")}
+        r = subprocess.run([LLAMA_POOL, *args, "-s", self.sock], env=env, stdin=subprocess.DEVNULL,
+                           capture_output=True, text=True, timeout=timeout * SLOW)
+        if check is not None:
+            assert r.returncode == check, f"exit {r.returncode}\nstdout: {r.stdout}\nstderr: {r.stderr}"
+        return r
+
+    def signal(self, sig):
+        self.proc.send_signal(sig)
+
+    def wait_exit(self, timeout=20):
+        return self.proc.wait(timeout=timeout * SLOW)
+
+    def children(self):
+        """Live processes started for this test (they carry its dir)."""
+        return [p for p in pids_with_arg(self.dir) if self.proc is None or p != self.proc.pid]
+
+    def child_pids_from_env(self):
+        """Live processes whose environment names this test's dir."""
+        found = []
+        for d in os.listdir("/proc"):
+            if not d.isdigit():
+                continue
+            try:
+                with open(f"/proc/{d}/environ", "rb") as f:
+                    env = f.read()
+            except OSError:
+                continue
+            if f"LLAMA_POOL_TEST_DIR={self.dir}".encode() in env.split(b"\0") and pid_alive(int(d)):
+                found.append(int(d))
+        return found
+
+    def cleanup(self):
+        if self.proc and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+        for pid in set(self.children()) | set(self.child_pids_from_env()):
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        if getattr(self, "stderr", None):
+            self.stderr.close()
+
+
+@pytest.fixture
+def pool(tmp_path, request):
+    p = Pool(tmp_path)
+    yield p
+    failed = getattr(request.node, "rep_call", None)
+    if failed is not None and failed.failed:
+        print("---- daemon log ----")
+        print(p.daemon_log()[-6000:])
+    p.cleanup()
+
+
+@pytest.hookimpl(tryfirst=True, hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    outcome = yield
+    rep = outcome.get_result()
+    setattr(item, "rep_" + rep.when, rep)
+
+
+def pytest_report_header(config):
+    mode = f"real llama-server {REAL_SERVER} with {REAL_MODEL}" if REAL else f"stand-in {FAKE_SERVER}"
+    return f"llama-pool: {LLAMA_POOL}; children: {mode}"

@@ -1,0 +1,339 @@
+"""The supervisor: start/status/stop through the CLI, crashes and backoff,
+crash loops, hung health checks, port conflicts, failed loads, shutdown,
+kill -9, reload. Each test names the behaviour it checks."""
+import json
+import os
+import signal
+import socket
+import time
+import urllib.error
+import urllib.request
+
+import pytest
+
+from conftest import REAL, SLOW, fake_only, pid_alive, wait_for
+
+
+def health_of(port):
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=5) as r:
+        return r.status
+
+
+def test_start_status_stop_through_the_cli(pool):
+    pool.config({"tiny": {}, "other": {}})
+    pool.start()
+
+    r = pool.cli("start", "tiny", check=0)
+    assert "tiny: ready" in r.stdout
+    inst = pool.ready_instances("tiny")
+    assert len(inst) == 1
+    assert inst[0]["id"] == "tiny#1"
+    assert health_of(inst[0]["port"]) == 200
+    assert pool.port_base <= inst[0]["port"] < pool.port_base + 20
+
+    table = pool.cli("status", check=0).stdout
+    header = table.splitlines()[0].split()
+    assert header[:6] == ["MODEL", "INSTANCE", "STATE", "PID", "PORT", "UPTIME"]
+    row = next(l for l in table.splitlines() if "tiny#1" in l).split()
+    assert row[2] == "ready" and row[3] == str(inst[0]["pid"]) and row[4] == str(inst[0]["port"])
+    assert any(l.split()[:3] == ["other", "-", "stopped"] for l in table.splitlines())
+
+    js = json.loads(pool.cli("status", "--json", check=0).stdout)
+    assert {"memory", "queue", "models"} <= js.keys()
+    m = next(m for m in js["models"] if m["name"] == "tiny")
+    for k in ("name", "aliases", "state", "pinned", "memory_estimate", "waiting", "last_error", "instances"):
+        assert k in m
+    for k in ("id", "state", "pid", "port", "uptime_s", "restarts", "memory", "slots", "in_flight", "last_used_s_ago"):
+        assert k in m["instances"][0]
+
+    pid = inst[0]["pid"]
+    r = pool.cli("stop", "tiny", check=0)
+    assert "tiny: stopped" in r.stdout
+    assert not pid_alive(pid)
+    assert pool.model("tiny")["state"] == "stopped"
+
+
+def test_slots_come_from_props(pool):
+    pool.config({"tiny": {"args": "-c 256 -np 3"}})
+    pool.start()
+    pool.cli("start", "tiny", check=0)
+    wait_for(lambda: pool.ready_instances("tiny")[0]["slots"] == 3, what="slots = 3 from /props")
+
+
+def test_start_several_instances(pool):
+    pool.config({"tiny": {"instances": "1-3"}})
+    pool.start()
+    # min 1 preloads at startup
+    wait_for(lambda: len(pool.ready_instances("tiny")) == 1, what="preloaded instance")
+    pool.cli("start", "tiny", "-n", "3", check=0)
+    inst = pool.ready_instances("tiny")
+    assert sorted(i["id"] for i in inst) == ["tiny#1", "tiny#2", "tiny#3"]
+    assert len({i["port"] for i in inst}) == 3
+    r = pool.cli("start", "tiny", "-n", "4")
+    assert r.returncode == 1 and "at most 3" in r.stderr
+
+
+@fake_only("kills the child with SIGSEGV; works with any server but keeps real runs short")
+def test_crash_is_restarted_with_backoff(pool):
+    pool.config({"tiny": {}})
+    pool.start()
+    pool.cli("start", "tiny", check=0)
+    first = pool.ready_instances("tiny")[0]
+
+    t0 = time.monotonic()
+    os.kill(first["pid"], signal.SIGSEGV)
+    second = wait_for(lambda: [i for i in pool.ready_instances("tiny") if i["pid"] != first["pid"]],
+                      what="a restarted instance")[0]
+    assert time.monotonic() - t0 >= 0.9, "restarted before the 1 s backoff"
+    assert second["restarts"] == 1
+    assert "signal 11" in (second["last_error"] or pool.daemon_log())
+
+    t1 = time.monotonic()
+    os.kill(second["pid"], signal.SIGSEGV)
+    wait_for(lambda: pool.ready_instances("tiny") and pool.ready_instances("tiny")[0]["pid"] != second["pid"],
+             what="the second restart")
+    assert time.monotonic() - t1 >= 1.9, "the second backoff should be 2 s"
+    assert pool.ready_instances("tiny")[0]["restarts"] == 2
+
+
+@fake_only()
+def test_crash_loop_marks_the_model_failed_with_reason(pool):
+    pool.config({"bad": {"env": {"FAKE_CRASH_AT_LOAD": "1", "FAKE_LOAD_MS": "10"}}},
+                pool_extra="max_restarts = 2\nrestart_window = 1m")
+    pool.start()
+    pool.cli("start", "bad", "--no-wait", check=0)
+    m = wait_for(lambda: (lambda m: m if m["state"] == "failed" else None)(pool.model("bad")),
+                 timeout=20, what="model marked failed")
+    assert "exited with status 1 while loading" in m["last_error"]
+    assert "model loading error" in m["last_error"]
+    assert "marked failed" in m["last_error"]
+    # failed means no more restarts: no process of this test stays up
+    wait_for(lambda: not pool.child_pids_from_env(), what="no child left")
+    assert "failed" in pool.cli("status", check=0).stdout
+
+
+@fake_only()
+def test_hung_health_is_restarted(pool):
+    pool.config({"tiny": {"env": {"FAKE_HEALTH_HANG_AFTER": "3"}}},
+                pool_extra="health_interval = 200ms")
+    pool.start()
+    pool.cli("start", "tiny", check=0)
+    first = pool.ready_instances("tiny")[0]
+    wait_for(lambda: any(i["pid"] not in (None, first["pid"]) for i in pool.instances("tiny")),
+             timeout=20, what="a new pid after /health hung")
+    assert not pid_alive(first["pid"])
+    assert "not answering /health" in pool.daemon_log()
+
+
+@fake_only("needs the stand-in to bind late")
+def test_port_taken_by_another_process_moves_to_the_next_port(pool):
+    pool.config({"tiny": {"env": {"FAKE_BIND_DELAY_MS": "1500"}}})
+    pool.start()
+    pool.cli("start", "tiny", "--no-wait", check=0)
+    inst = wait_for(lambda: [i for i in pool.instances("tiny") if i["port"]], what="a port")[0]
+    squatter = socket.socket()
+    squatter.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    squatter.bind(("127.0.0.1", inst["port"]))
+    squatter.listen(1)
+    try:
+        ready = wait_for(lambda: pool.ready_instances("tiny"), timeout=20, what="ready on another port")[0]
+        assert ready["port"] != inst["port"]
+        assert ready["restarts"] == 0, "a port conflict is not a crash"
+        assert f"port {inst['port']} is taken" in pool.daemon_log()
+    finally:
+        squatter.close()
+
+
+def test_failed_load_shows_the_log_tail(pool):
+    bad = os.path.join(pool.dir, "broken.gguf")
+    with open(bad, "wb") as f:
+        f.write(b"GGUF" + b"\xff" * 64 if REAL else b"not a gguf file at all")
+    pool.config({"broken": {"path": bad}})
+    pool.start()
+    r = pool.cli("start", "broken")
+    assert r.returncode == 1
+    assert "broken: failed to start" in r.stderr
+    assert "while loading" in r.stderr
+    assert "last lines of its log" in r.stderr
+    assert "model loading error" in r.stderr or "failed to load model" in r.stderr
+
+
+def test_sigterm_stops_every_child_and_exits_0(pool):
+    pool.config({"a": {}, "b": {}})
+    pool.start()
+    pool.cli("start", "a", check=0)
+    pool.cli("start", "b", check=0)
+    pids = [i["pid"] for m in ("a", "b") for i in pool.instances(m)]
+    assert len(pids) == 2 and all(pid_alive(p) for p in pids)
+    pool.signal(signal.SIGTERM)
+    assert pool.wait_exit() == 0
+    assert not any(pid_alive(p) for p in pids)
+    assert not pool.child_pids_from_env()
+
+
+def test_kill_9_of_the_daemon_leaves_no_child(pool):
+    pool.config({"a": {}, "b": {}})
+    pool.start()
+    pool.cli("start", "a", check=0)
+    pool.cli("start", "b", check=0)
+    pids = [i["pid"] for m in ("a", "b") for i in pool.instances(m)]
+    pool.proc.kill()
+    pool.proc.wait()
+    wait_for(lambda: not any(pid_alive(p) for p in pids), timeout=2 / SLOW, what="children gone within 2 s")
+
+
+@fake_only()
+def test_stop_escalates_to_sigkill_after_stop_timeout(pool):
+    pool.config({"stubborn": {"env": {"FAKE_IGNORE_SIGTERM": "1"}}},
+                pool_extra="stop_timeout = 500ms")
+    pool.start()
+    pool.cli("start", "stubborn", check=0)
+    pid = pool.ready_instances("stubborn")[0]["pid"]
+    t0 = time.monotonic()
+    pool.cli("stop", "stubborn", check=0)
+    assert time.monotonic() - t0 >= 0.45
+    assert not pid_alive(pid)
+    assert "sending SIGKILL" in pool.daemon_log()
+
+
+def test_reload_keeps_unchanged_instances(pool):
+    pool.config({"keep": {}, "change": {}, "drop": {}})
+    pool.start()
+    for m in ("keep", "change", "drop"):
+        pool.cli("start", m, check=0)
+    keep = pool.ready_instances("keep")[0]["pid"]
+    change = pool.ready_instances("change")[0]["pid"]
+    drop = pool.ready_instances("drop")[0]["pid"]
+
+    pool.config({"keep": {}, "change": {"args": "-c 512 -np 2"}, "added": {}})
+    r = pool.cli("reload", check=0)
+    assert "added: added" in r.stdout and "removed: drop" in r.stdout and "changed: change" in r.stdout
+
+    wait_for(lambda: not pid_alive(drop), what="the removed model's child to stop")
+    new_change = wait_for(lambda: [i for i in pool.ready_instances("change") if i["pid"] != change],
+                          what="the changed model restarted")[0]
+    assert new_change["pid"] != change
+    assert pool.ready_instances("keep")[0]["pid"] == keep
+    names = [m["name"] for m in pool.status()["models"]]
+    assert names == ["keep", "change", "added"]
+
+
+def test_sighup_reloads_too(pool):
+    pool.config({"a": {}})
+    pool.start()
+    pool.config({"a": {}, "b": {}})
+    pool.signal(signal.SIGHUP)
+    wait_for(lambda: [m["name"] for m in pool.status()["models"]] == ["a", "b"], what="b after SIGHUP")
+
+
+def test_bad_reload_keeps_the_running_config(pool):
+    pool.config({"a": {}})
+    pool.start()
+    pool.cli("start", "a", check=0)
+    pid = pool.ready_instances("a")[0]["pid"]
+    with open(pool.conf, "a") as f:
+        f.write("intances = 3\n")
+    r = pool.cli("reload")
+    assert r.returncode == 1
+    assert "pool.conf:" in r.stderr and "unknown key" in r.stderr
+    assert pool.proc.poll() is None
+    assert pool.ready_instances("a")[0]["pid"] == pid
+
+
+def test_bad_config_refuses_to_serve_with_file_and_line(pool):
+    pool.config({"a": {}})
+    with open(pool.conf, "a") as f:
+        f.write("[model b]\npath = /nonexistent/b.gguf\n")
+    pool.start(expect_ready=False)
+    assert pool.wait_exit() == 1
+    log = pool.daemon_log()
+    assert "pool.conf:" in log and "/nonexistent/b.gguf" in log
+
+
+def test_check_prints_each_models_argv(pool):
+    pool.config({"a": {"args": "-c 256 -np 2 --alias 'my model'"}})
+    r = pool.cli("check", "-c", pool.conf, check=0)
+    assert "-m " + pool.model_file("a") in r.stdout or "-m" in r.stdout
+    assert "--host 127.0.0.1" in r.stdout
+    assert "'my model'" in r.stdout
+
+
+def test_logs_tail_and_follow(pool):
+    pool.config({"tiny": {}})
+    pool.start()
+    pool.cli("start", "tiny", check=0)
+    r = pool.cli("logs", "tiny", "-n", "200", check=0)
+    assert "tiny#1" in r.stdout
+    assert "started pid" in r.stdout
+    assert os.path.exists(os.path.join(pool.log_dir, "tiny.log"))
+
+    import subprocess
+    from conftest import LLAMA_POOL
+    follow = subprocess.Popen([LLAMA_POOL, "logs", "tiny", "-f", "-n", "0", "-s", pool.sock],
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        pool.cli("restart", "tiny", check=0)
+        line = follow.stdout.readline()
+        assert "tiny#1" in line
+    finally:
+        follow.kill()
+        follow.wait()
+
+
+def test_model_env_reaches_the_child_but_not_router_port(pool, monkeypatch):
+    pool.config({"tiny": {"env": {"OMP_NUM_THREADS": "3"}}})
+    # The daemon's own environment has it; the child must not.
+    os.environ["LLAMA_SERVER_ROUTER_PORT"] = "1"
+    try:
+        pool.start()
+    finally:
+        del os.environ["LLAMA_SERVER_ROUTER_PORT"]
+    pool.cli("start", "tiny", check=0)
+    pid = pool.ready_instances("tiny")[0]["pid"]
+    with open(f"/proc/{pid}/environ", "rb") as f:
+        env = f.read().split(b"\0")
+    assert b"OMP_NUM_THREADS=3" in env
+    assert not any(e.startswith(b"LLAMA_SERVER_ROUTER_PORT=") for e in env)
+    # Only stdin/out/err (and what the server opens itself) — none of ours.
+    fds = os.listdir(f"/proc/{pid}/fd")
+    links = [os.readlink(f"/proc/{pid}/fd/{fd}") for fd in fds]
+    assert not any(pool.sock in l or "daemon.log" in l for l in links)
+
+
+def test_cli_without_daemon_says_so(pool):
+    pool.config({"a": {}})
+    r = pool.cli("status")
+    assert r.returncode == 3
+    assert "not running" in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1
+
+
+def test_unknown_model_is_one_clear_line(pool):
+    pool.config({"alpha": {}, "beta": {}})
+    pool.start()
+    r = pool.cli("start", "gamma")
+    assert r.returncode == 4
+    assert 'model "gamma" not found' in r.stderr and "alpha" in r.stderr and "beta" in r.stderr
+
+
+@fake_only()
+def test_start_timeout_counts_from_last_progress(pool):
+    # Loads for 30 s in silence: start_timeout (1 s) ends it.
+    pool.config({"slow": {"env": {"FAKE_LOAD_MS": "30000", "FAKE_QUIET_LOAD": "1"}}},
+                pool_extra="start_timeout = 1s")
+    pool.start()
+    r = pool.cli("start", "slow", timeout=20)
+    assert r.returncode == 1
+    assert "start_timeout" in r.stderr
+
+
+def test_control_api_over_tcp_needs_admin_key(pool):
+    pool.config({"a": {}}, pool_extra="admin_key = s3cret")
+    pool.start()
+    url = f"http://127.0.0.1:{pool.listen_port}/pool/status"
+    with pytest.raises(urllib.error.HTTPError) as e:
+        urllib.request.urlopen(url, timeout=5)
+    assert e.value.code == 401
+    req = urllib.request.Request(url, headers={"Authorization": "Bearer s3cret"})
+    with urllib.request.urlopen(req, timeout=5) as r:
+        assert json.loads(r.read())["models"][0]["name"] == "a"

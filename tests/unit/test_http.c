@@ -1,0 +1,1725 @@
+/* test_http — the HTTP server driven over real sockets.
+ *
+ * The server runs on an ev loop in the test's thread; each scenario's
+ * client runs in a second thread with blocking sockets whose every wait is
+ * bounded (SO_RCVTIMEO), and reports back through the fixture. The client
+ * never calls cmocka (not thread-safe): it records the first failed check
+ * in fx->fail, and the test thread asserts after joining it. Responses are
+ * parsed on the client side with llhttp in response mode, and their raw
+ * bytes are kept for exact framing checks. */
+#define _GNU_SOURCE
+#include <setjmp.h>
+#include <stdarg.h>
+#include <stddef.h>
+#include <cmocka.h>
+
+#include <errno.h>
+#include <llhttp.h>
+#include <netinet/in.h>
+#include <arpa/inet.h>
+#include <pthread.h>
+#include <semaphore.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <strings.h>
+#include <sys/resource.h>
+#include <sys/socket.h>
+#include <sys/stat.h>
+#include <sys/un.h>
+#include <time.h>
+#include <unistd.h>
+
+#include "http.h"
+#include "log.h"
+
+#define CLIENT_TIMEOUT_MS 2000
+#define RUN_TIMEOUT_S     10.0
+
+/* ------------------------------------------------------------ fixture */
+
+struct fx;
+typedef void (*client_fn)(struct fx *);
+typedef void (*on_req_fn)(struct fx *, struct http_request *);
+
+struct fx {
+    struct ev_loop *loop;
+    struct http_server *srv;
+    struct http_limits lim;
+    char addr[256];
+    char dir[64];              /* temp dir for UNIX sockets */
+
+    /* loop control */
+    ev_async done_w;           /* client thread finished */
+    ev_async act_w;            /* client asks the loop to do fx->act */
+    void (*act)(struct fx *);
+    ev_timer guard_w;
+    ev_prepare cond_w;
+    bool (*cond)(struct fx *);
+    bool guard_fired;
+    client_fn client;
+    pthread_t th;
+
+    /* server side: what the handler saw and did */
+    on_req_fn on_req;
+    int nreq;
+    char seen[16][160];
+    struct http_conn *conn_of[16];
+    int outstanding, max_outstanding;
+    size_t max_conns;
+    int closes, drains;
+    struct http_request *held;
+    ev_timer later_w;          /* answers fx->held later */
+    char host[64], peer[64], path[128], query[128];
+    int minor;
+    bool keep_alive, is_unix;
+    size_t written, blocked_buffered, buffered_at_drain;
+    int nblocked;
+    sem_t got_req, blocked;
+    int keep_fd;               /* client socket left open past the client thread */
+
+    /* client side results */
+    char fail[512];
+    int status[8];
+    char body[8][512];
+    char note[8][512];
+    bool flag[8];
+    double elapsed[8];
+    size_t recv_len;
+};
+
+static struct fx *fx_of(void **state) { return *state; }
+
+static double now_s(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (double)ts.tv_sec + (double)ts.tv_nsec / 1e9;
+}
+
+static void cli_fail(struct fx *fx, int line, const char *what)
+{
+    if (!fx->fail[0])
+        snprintf(fx->fail, sizeof fx->fail, "client check failed at line %d: %s", line, what);
+}
+
+/* Client-thread check: record and leave the scenario. */
+#define CHECK(cond)                                  \
+    do {                                             \
+        if (!(cond)) {                               \
+            cli_fail(fx, __LINE__, #cond);           \
+            return;                                  \
+        }                                            \
+    } while (0)
+
+static bool wait_sem(sem_t *s, double seconds)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_REALTIME, &ts);
+    long ns = ts.tv_nsec + (long)((seconds - (long)seconds) * 1e9);
+    ts.tv_sec += (time_t)seconds + ns / 1000000000L;
+    ts.tv_nsec = ns % 1000000000L;
+    while (sem_timedwait(s, &ts) < 0)
+        if (errno != EINTR)
+            return false;
+    return true;
+}
+
+/* ---------------------------------------------------------- the handler */
+
+static void reply(struct fx *fx, struct http_request *req, int status, const char *body)
+{
+    fx->outstanding--;
+    http_respond(req, status, "text/plain", NULL, body, strlen(body));
+}
+
+/* Default: echo "METHOD path|query|body". */
+static void on_req_echo(struct fx *fx, struct http_request *req)
+{
+    char body[600];
+    snprintf(body, sizeof body, "%s %s|%s|%.*s", req->method, req->path, req->query,
+             (int)(req->body_len > 400 ? 400 : req->body_len), req->body ? req->body : "");
+    reply(fx, req, 200, body);
+}
+
+static void handler(struct http_request *req, void *arg)
+{
+    struct fx *fx = arg;
+    int i = fx->nreq < 16 ? fx->nreq : 15;
+    snprintf(fx->seen[i], sizeof fx->seen[i], "%s %s", req->method, req->target);
+    fx->conn_of[i] = req->conn;
+    fx->nreq++;
+    const char *host = http_header_get(req, "host");
+    snprintf(fx->host, sizeof fx->host, "%s", host ? host : "");
+    snprintf(fx->peer, sizeof fx->peer, "%s", req->peer);
+    snprintf(fx->path, sizeof fx->path, "%s", req->path);
+    snprintf(fx->query, sizeof fx->query, "%s", req->query);
+    fx->minor = req->http_minor;
+    fx->keep_alive = req->keep_alive;
+    fx->is_unix = req->is_unix;
+    size_t nc = http_server_connections(fx->srv);
+    if (nc > fx->max_conns)
+        fx->max_conns = nc;
+    fx->outstanding++;
+    if (fx->outstanding > fx->max_outstanding)
+        fx->max_outstanding = fx->outstanding;
+    (fx->on_req ? fx->on_req : on_req_echo)(fx, req);
+}
+
+static void on_close_count(struct http_request *req, void *arg)
+{
+    struct fx *fx = arg;
+    (void)req;
+    fx->closes++;
+    fx->outstanding--;
+    fx->held = NULL;
+}
+
+/* Holds the request; the client learns through got_req. */
+static void on_req_hold(struct fx *fx, struct http_request *req)
+{
+    req->on_close = on_close_count;
+    req->arg = fx;
+    fx->held = req;
+    sem_post(&fx->got_req);
+}
+
+static void later_cb(struct ev_loop *loop, ev_timer *w, int revents)
+{
+    struct fx *fx = w->data;
+    (void)loop;
+    (void)revents;
+    if (fx->held) {
+        struct http_request *req = fx->held;
+        fx->held = NULL;
+        on_req_echo(fx, req);
+    }
+}
+
+static void answer_later(struct fx *fx, struct http_request *req, double seconds)
+{
+    fx->held = req;
+    ev_timer_set(&fx->later_w, seconds, 0.);
+    ev_timer_start(fx->loop, &fx->later_w);
+}
+
+/* ------------------------------------------------------------ running */
+
+static void done_cb(struct ev_loop *loop, ev_async *w, int revents)
+{
+    (void)w;
+    (void)revents;
+    ev_break(loop, EVBREAK_ALL);
+}
+
+static void act_cb(struct ev_loop *loop, ev_async *w, int revents)
+{
+    struct fx *fx = w->data;
+    (void)loop;
+    (void)revents;
+    if (fx->act)
+        fx->act(fx);
+}
+
+static void guard_cb(struct ev_loop *loop, ev_timer *w, int revents)
+{
+    struct fx *fx = w->data;
+    (void)revents;
+    fx->guard_fired = true;
+    ev_break(loop, EVBREAK_ALL);
+}
+
+static void cond_cb(struct ev_loop *loop, ev_prepare *w, int revents)
+{
+    struct fx *fx = w->data;
+    (void)revents;
+    if (fx->cond(fx))
+        ev_break(loop, EVBREAK_ALL);
+}
+
+static int setup(void **state)
+{
+    struct fx *fx = calloc(1, sizeof *fx);
+    if (!fx)
+        return -1;
+    fx->loop = ev_loop_new(EVFLAG_AUTO);
+    fx->lim = (struct http_limits){
+        .max_header = 64 * 1024,
+        .max_body = 1024 * 1024,
+        .header_timeout_ms = 5000,
+        .keepalive_timeout_ms = 5000,
+        .max_connections = 64,
+    };
+    sem_init(&fx->got_req, 0, 0);
+    sem_init(&fx->blocked, 0, 0);
+    ev_async_init(&fx->done_w, done_cb);
+    ev_async_init(&fx->act_w, act_cb);
+    fx->act_w.data = fx;
+    ev_async_start(fx->loop, &fx->done_w);
+    ev_async_start(fx->loop, &fx->act_w);
+    ev_init(&fx->later_w, later_cb);
+    fx->later_w.data = fx;
+    ev_init(&fx->guard_w, guard_cb);
+    fx->guard_w.data = fx;
+    ev_prepare_init(&fx->cond_w, cond_cb);
+    fx->cond_w.data = fx;
+    fx->keep_fd = -1;
+    *state = fx;
+    return 0;
+}
+
+static int teardown(void **state)
+{
+    struct fx *fx = *state;
+    http_server_free(fx->srv);
+    if (fx->keep_fd >= 0)
+        close(fx->keep_fd);
+    ev_timer_stop(fx->loop, &fx->later_w);
+    ev_async_stop(fx->loop, &fx->done_w);
+    ev_async_stop(fx->loop, &fx->act_w);
+    ev_loop_destroy(fx->loop);
+    sem_destroy(&fx->got_req);
+    sem_destroy(&fx->blocked);
+    if (fx->dir[0]) {
+        char path[128];
+        snprintf(path, sizeof path, "%s/sock", fx->dir);
+        unlink(path);
+        snprintf(path, sizeof path, "%s/file", fx->dir);
+        unlink(path);
+        rmdir(fx->dir);
+    }
+    free(fx);
+    return 0;
+}
+
+static void fx_listen(struct fx *fx, const char *addr)
+{
+    char err[256] = "";
+    fx->srv = http_server_listen(fx->loop, addr, &fx->lim, handler, fx, err, sizeof err);
+    if (!fx->srv)
+        fail_msg("listen %s: %s", addr, err);
+    if (addr[0] == '/')
+        snprintf(fx->addr, sizeof fx->addr, "%s", addr);
+    else
+        snprintf(fx->addr, sizeof fx->addr, "%u", http_server_port(fx->srv));
+}
+
+static void *client_main(void *arg)
+{
+    struct fx *fx = arg;
+    fx->client(fx);
+    ev_async_send(fx->loop, &fx->done_w);
+    return NULL;
+}
+
+/* Runs the loop until the client thread is done (bounded), then joins it. */
+static void fx_run(struct fx *fx, client_fn fn)
+{
+    fx->client = fn;
+    fx->guard_fired = false;
+    ev_timer_set(&fx->guard_w, RUN_TIMEOUT_S, 0.);
+    ev_timer_start(fx->loop, &fx->guard_w);
+    assert_int_equal(pthread_create(&fx->th, NULL, client_main, fx), 0);
+    ev_run(fx->loop, 0);
+    ev_timer_stop(fx->loop, &fx->guard_w);
+    pthread_join(fx->th, NULL);
+    if (fx->guard_fired)
+        fail_msg("scenario did not finish within %.0f s", RUN_TIMEOUT_S);
+    if (fx->fail[0])
+        fail_msg("%s", fx->fail);
+}
+
+/* Runs the loop until COND holds; false if it did not within SECONDS. */
+static bool fx_wait(struct fx *fx, bool (*cond)(struct fx *), double seconds)
+{
+    if (cond(fx))
+        return true;
+    fx->cond = cond;
+    fx->guard_fired = false;
+    ev_timer_set(&fx->guard_w, seconds, 0.);
+    ev_timer_start(fx->loop, &fx->guard_w);
+    ev_prepare_start(fx->loop, &fx->cond_w);
+    ev_run(fx->loop, 0);
+    ev_prepare_stop(fx->loop, &fx->cond_w);
+    ev_timer_stop(fx->loop, &fx->guard_w);
+    return cond(fx);
+}
+
+/* ------------------------------------------------------------- client */
+
+static void set_timeout(int fd, int ms)
+{
+    struct timeval tv = { ms / 1000, (ms % 1000) * 1000 };
+    setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof tv);
+    setsockopt(fd, SOL_SOCKET, SO_SNDTIMEO, &tv, sizeof tv);
+}
+
+static int cli_tcp_opts(struct fx *fx, int rcvbuf)
+{
+    int fd = socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
+    if (fd < 0)
+        return -1;
+    set_timeout(fd, CLIENT_TIMEOUT_MS);
+    if (rcvbuf)
+        setsockopt(fd, SOL_SOCKET, SO_RCVBUF, &rcvbuf, sizeof rcvbuf);
+    struct sockaddr_in sin = { .sin_family = AF_INET, .sin_port = htons((uint16_t)atoi(fx->addr)) };
+    sin.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+    if (connect(fd, (struct sockaddr *)&sin, sizeof sin) < 0) {
+        close(fd);
+        return -1;
+    }
+    return fd;
+}
+
+static int cli_tcp(struct fx *fx) { return cli_tcp_opts(fx, 0); }
+
+static int cli_unix(const char *path)
+{
+    int fd = socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);
+    struct sockaddr_un sun = { .sun_family = AF_UNIX };
+    if (fd < 0)
+        return -1;
+    set_timeout(fd, CLIENT_TIMEOUT_MS);
+    snprintf(sun.sun_path, sizeof sun.sun_path, "%s", path);
+    if (connect(fd, (struct sockaddr *)&sun, sizeof sun) < 0) {
+        close(fd);
+        return -1;
+    }
+    return fd;
+}
+
+static bool cli_send_n(int fd, const char *s, size_t n)
+{
+    while (n) {
+        ssize_t w = send(fd, s, n, MSG_NOSIGNAL);
+        if (w < 0 && errno == EINTR)
+            continue;
+        if (w <= 0)
+            return false;
+        s += w;
+        n -= (size_t)w;
+    }
+    return true;
+}
+
+static bool cli_send(int fd, const char *s) { return cli_send_n(fd, s, strlen(s)); }
+
+/* One parsed response. */
+struct cresp {
+    int status;
+    int nh;
+    char hn[32][64];
+    char hv[32][256];
+    char *body;
+    size_t body_len, body_cap;
+    char *raw;                 /* the response's bytes as received */
+    size_t raw_len, raw_cap;
+    bool done;
+};
+
+/* A client connection: leftover bytes carry over to the next response. */
+struct cconn {
+    int fd;
+    llhttp_t p;
+    llhttp_settings_t s;
+    char buf[65536];
+    size_t off, len;
+    struct cresp *r;
+    bool head;
+    bool eof;
+};
+
+static void grow_append(char **buf, size_t *len, size_t *cap, const char *at, size_t n)
+{
+    if (*cap - *len < n + 1) {
+        size_t c = *cap ? *cap : 1024;
+        while (c - *len < n + 1)
+            c *= 2;
+        *buf = realloc(*buf, c);
+        assert_non_null(*buf); /* test thread only uses this via the client: abort is fine */
+        *cap = c;
+    }
+    memcpy(*buf + *len, at, n);
+    *len += n;
+    (*buf)[*len] = '\0';
+}
+
+static void cresp_free(struct cresp *r)
+{
+    free(r->body);
+    free(r->raw);
+    memset(r, 0, sizeof *r);
+}
+
+static const char *cresp_header(const struct cresp *r, const char *name)
+{
+    for (int i = 0; i < r->nh; i++)
+        if (strcasecmp(r->hn[i], name) == 0)
+            return r->hv[i];
+    return NULL;
+}
+
+static void strncat_piece(char *dst, size_t cap, const char *at, size_t n)
+{
+    size_t l = strlen(dst);
+    if (l + n >= cap)
+        n = cap - l - 1;
+    memcpy(dst + l, at, n);
+    dst[l + n] = '\0';
+}
+
+static int c_on_header_field(llhttp_t *p, const char *at, size_t n)
+{
+    struct cconn *cc = p->data;
+    if (cc->r->nh < 32)
+        strncat_piece(cc->r->hn[cc->r->nh], sizeof cc->r->hn[0], at, n);
+    return 0;
+}
+
+static int c_on_header_value(llhttp_t *p, const char *at, size_t n)
+{
+    struct cconn *cc = p->data;
+    if (cc->r->nh < 32)
+        strncat_piece(cc->r->hv[cc->r->nh], sizeof cc->r->hv[0], at, n);
+    return 0;
+}
+
+static int c_on_header_value_complete(llhttp_t *p)
+{
+    struct cconn *cc = p->data;
+    if (cc->r->nh < 32)
+        cc->r->nh++;
+    return 0;
+}
+
+static int c_on_headers_complete(llhttp_t *p)
+{
+    struct cconn *cc = p->data;
+    cc->r->status = p->status_code;
+    return cc->head ? 1 : 0;
+}
+
+static int c_on_body(llhttp_t *p, const char *at, size_t n)
+{
+    struct cconn *cc = p->data;
+    grow_append(&cc->r->body, &cc->r->body_len, &cc->r->body_cap, at, n);
+    return 0;
+}
+
+static int c_on_message_complete(llhttp_t *p)
+{
+    struct cconn *cc = p->data;
+    cc->r->done = true;
+    return HPE_PAUSED;
+}
+
+static void cc_init(struct cconn *cc, int fd)
+{
+    memset(cc, 0, sizeof *cc);
+    cc->fd = fd;
+    llhttp_settings_init(&cc->s);
+    cc->s.on_header_field = c_on_header_field;
+    cc->s.on_header_value = c_on_header_value;
+    cc->s.on_header_value_complete = c_on_header_value_complete;
+    cc->s.on_headers_complete = c_on_headers_complete;
+    cc->s.on_body = c_on_body;
+    cc->s.on_message_complete = c_on_message_complete;
+}
+
+/* Reads one response (HEAD: no body). False on timeout, EOF too early, or
+ * a framing error. */
+static bool cc_read(struct cconn *cc, struct cresp *r, bool head)
+{
+    memset(r, 0, sizeof *r);
+    cc->r = r;
+    cc->head = head;
+    llhttp_init(&cc->p, HTTP_RESPONSE, &cc->s);
+    cc->p.data = cc;
+    for (;;) {
+        if (cc->len > cc->off) {
+            const char *data = cc->buf + cc->off;
+            size_t n = cc->len - cc->off;
+            llhttp_errno_t e = llhttp_execute(&cc->p, data, n);
+            size_t used = n;
+            if (e == HPE_PAUSED)
+                used = (size_t)(llhttp_get_error_pos(&cc->p) - data);
+            else if (e != HPE_OK)
+                return false;
+            grow_append(&r->raw, &r->raw_len, &r->raw_cap, data, used);
+            cc->off += used;
+            if (r->done)
+                return true;
+        }
+        ssize_t n = recv(cc->fd, cc->buf, sizeof cc->buf, 0);
+        if (n > 0) {
+            cc->off = 0;
+            cc->len = (size_t)n;
+            continue;
+        }
+        if (n == 0) {
+            cc->eof = true;
+            llhttp_finish(&cc->p);
+            return r->done;
+        }
+        if (errno != EINTR)
+            return false;
+    }
+}
+
+/* True if the server closes the connection (EOF) with no further bytes. */
+static bool cc_expect_eof(struct cconn *cc)
+{
+    if (cc->eof)
+        return cc->len == cc->off;
+    if (cc->len > cc->off)
+        return false;
+    char b[256];
+    ssize_t n;
+    do
+        n = recv(cc->fd, b, sizeof b, 0);
+    while (n < 0 && errno == EINTR);
+    if (n == 0)
+        cc->eof = true;
+    return n == 0 || (n < 0 && errno == ECONNRESET);
+}
+
+/* Sends REQ on a fresh connection and reads one response. */
+static bool one_shot(struct fx *fx, const char *req, struct cconn *cc, struct cresp *r)
+{
+    int fd = cli_tcp(fx);
+    if (fd < 0)
+        return false;
+    cc_init(cc, fd);
+    return cli_send(fd, req) && cc_read(cc, r, false);
+}
+
+/* ------------------------------------------------------------- tests */
+
+/* GET / 200 --------------------------------------------------------- */
+
+static void client_simple_get(struct fx *fx)
+{
+    struct cconn cc;
+    struct cresp r;
+    CHECK(one_shot(fx, "GET /hello?x=1&y=2 HTTP/1.1\r\nHost: example\r\nUser-Agent: t\r\n\r\n", &cc, &r));
+    fx->status[0] = r.status;
+    snprintf(fx->body[0], sizeof fx->body[0], "%s", r.body ? r.body : "");
+    const char *h;
+    fx->flag[0] = (h = cresp_header(&r, "Content-Length")) && atoi(h) == (int)r.body_len;
+    fx->flag[1] = (h = cresp_header(&r, "Content-Type")) && strcmp(h, "text/plain") == 0;
+    fx->flag[2] = (h = cresp_header(&r, "Connection")) && strcasecmp(h, "keep-alive") == 0;
+    fx->flag[3] = (h = cresp_header(&r, "Server")) && strcmp(h, "llama-pool") == 0;
+    fx->flag[4] = (h = cresp_header(&r, "Date")) && strstr(h, " GMT") != NULL;
+    fx->flag[5] = strncmp(r.raw, "HTTP/1.1 200 OK\r\n", 17) == 0;
+    fx->flag[6] = cresp_header(&r, "Transfer-Encoding") == NULL;
+    cresp_free(&r);
+    close(cc.fd);
+}
+
+static void test_get_200_with_headers(void **state)
+{
+    struct fx *fx = fx_of(state);
+    fx_listen(fx, "127.0.0.1:0");
+    assert_int_not_equal(http_server_port(fx->srv), 0);
+    fx_run(fx, client_simple_get);
+    assert_int_equal(fx->status[0], 200);
+    assert_string_equal(fx->body[0], "GET /hello|x=1&y=2|");
+    for (int i = 0; i <= 6; i++) {
+        if (!fx->flag[i])
+            fail_msg("response header check %d failed", i);
+    }
+    assert_string_equal(fx->seen[0], "GET /hello?x=1&y=2");
+    assert_string_equal(fx->host, "example");
+    assert_string_equal(fx->path, "/hello");
+    assert_string_equal(fx->query, "x=1&y=2");
+    assert_int_equal(fx->minor, 1);
+    assert_true(fx->keep_alive);
+    assert_false(fx->is_unix);
+    assert_true(strncmp(fx->peer, "127.0.0.1:", 10) == 0);
+}
+
+/* Keep-alive ---------------------------------------------------------- */
+
+static void client_keepalive(struct fx *fx)
+{
+    struct cconn cc;
+    struct cresp r;
+    CHECK(one_shot(fx, "GET /one HTTP/1.1\r\nHost: a\r\n\r\n", &cc, &r));
+    fx->status[0] = r.status;
+    snprintf(fx->body[0], sizeof fx->body[0], "%s", r.body);
+    cresp_free(&r);
+    CHECK(cli_send(cc.fd, "GET /two HTTP/1.1\r\nHost: a\r\n\r\n"));
+    CHECK(cc_read(&cc, &r, false));
+    fx->status[1] = r.status;
+    snprintf(fx->body[1], sizeof fx->body[1], "%s", r.body);
+    cresp_free(&r);
+    close(cc.fd);
+}
+
+static void test_keepalive_two_sequential_requests(void **state)
+{
+    struct fx *fx = fx_of(state);
+    fx_listen(fx, "127.0.0.1:0");
+    fx_run(fx, client_keepalive);
+    assert_int_equal(fx->status[0], 200);
+    assert_int_equal(fx->status[1], 200);
+    assert_string_equal(fx->body[0], "GET /one||");
+    assert_string_equal(fx->body[1], "GET /two||");
+    assert_int_equal(fx->nreq, 2);
+    assert_ptr_equal(fx->conn_of[0], fx->conn_of[1]); /* one connection */
+}
+
+/* Pipelining -------------------------------------------------------- */
+
+/* Paths containing "slow" are answered 30 ms later from a timer. */
+static void on_req_some_later(struct fx *fx, struct http_request *req)
+{
+    if (strstr(req->path, "slow"))
+        answer_later(fx, req, 0.03);
+    else
+        on_req_echo(fx, req);
+}
+
+static void client_pipelined(struct fx *fx)
+{
+    struct cconn cc;
+    int fd = cli_tcp(fx);
+    CHECK(fd >= 0);
+    cc_init(&cc, fd);
+    CHECK(cli_send(fd, "GET /slow1 HTTP/1.1\r\nHost: a\r\n\r\n"
+                       "POST /fast2 HTTP/1.1\r\nHost: a\r\nContent-Length: 3\r\n\r\nabc"
+                       "GET /slow3 HTTP/1.1\r\nHost: a\r\n\r\n"));
+    for (int i = 0; i < 3; i++) {
+        struct cresp r;
+        CHECK(cc_read(&cc, &r, false));
+        fx->status[i] = r.status;
+        snprintf(fx->body[i], sizeof fx->body[i], "%s", r.body);
+        cresp_free(&r);
+    }
+    close(fd);
+}
+
+static void test_pipelined_requests_answered_in_order(void **state)
+{
+    struct fx *fx = fx_of(state);
+    fx->on_req = on_req_some_later;
+    fx_listen(fx, "127.0.0.1:0");
+    fx_run(fx, client_pipelined);
+    assert_int_equal(fx->nreq, 3);
+    assert_int_equal(fx->max_outstanding, 1); /* one at a time */
+    assert_string_equal(fx->body[0], "GET /slow1||");
+    assert_string_equal(fx->body[1], "POST /fast2||abc");
+    assert_string_equal(fx->body[2], "GET /slow3||");
+}
+
+/* The loop answers the held request 50 ms after the client asks, leaving
+ * time for the client's next request to arrive while it is held. */
+static void act_answer_held_soon(struct fx *fx)
+{
+    if (fx->held)
+        answer_later(fx, fx->held, 0.05);
+}
+
+static void client_next_request_while_held(struct fx *fx)
+{
+    struct cconn cc;
+    int fd = cli_tcp(fx);
+    CHECK(fd >= 0);
+    cc_init(&cc, fd);
+    CHECK(cli_send(fd, "GET /first HTTP/1.1\r\nHost: a\r\n\r\n"));
+    CHECK(wait_sem(&fx->got_req, 2.0));
+    CHECK(cli_send(fd, "GET /second HTTP/1.1\r\nHost: a\r\n\r\n"));
+    ev_async_send(fx->loop, &fx->act_w);
+    for (int i = 0; i < 2; i++) {
+        struct cresp r;
+        CHECK(cc_read(&cc, &r, false));
+        fx->status[i] = r.status;
+        snprintf(fx->body[i], sizeof fx->body[i], "%s", r.body);
+        cresp_free(&r);
+    }
+    close(fd);
+}
+
+static void on_req_hold_first(struct fx *fx, struct http_request *req)
+{
+    if (strcmp(req->path, "/first") == 0)
+        on_req_hold(fx, req);
+    else
+        on_req_echo(fx, req);
+}
+
+static void test_next_request_while_held_is_not_a_disconnect(void **state)
+{
+    struct fx *fx = fx_of(state);
+    fx->on_req = on_req_hold_first;
+    fx->act = act_answer_held_soon;
+    fx_listen(fx, "127.0.0.1:0");
+    fx_run(fx, client_next_request_while_held);
+    assert_int_equal(fx->closes, 0);
+    assert_string_equal(fx->body[0], "GET /first||");
+    assert_string_equal(fx->body[1], "GET /second||");
+}
+
+/* Bodies ------------------------------------------------------------ */
+
+static void client_bodies(struct fx *fx)
+{
+    struct cconn cc;
+    struct cresp r;
+    int fd = cli_tcp(fx);
+    CHECK(fd >= 0);
+    cc_init(&cc, fd);
+    /* Content-Length, sent in pieces that split a header name and the body */
+    CHECK(cli_send(fd, "POST /cl HTTP/1.1\r\nHost: a\r\nCont"));
+    CHECK(cli_send(fd, "ent-Length: 11\r\n\r\nhello"));
+    CHECK(cli_send(fd, " world"));
+    CHECK(cc_read(&cc, &r, false));
+    fx->status[0] = r.status;
+    snprintf(fx->body[0], sizeof fx->body[0], "%s", r.body);
+    cresp_free(&r);
+    /* chunked, with a chunk extension and a trailer */
+    CHECK(cli_send(fd, "POST /chunked HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n"
+                       "5;ext=1\r\nhello\r\n6\r\n world\r\n"));
+    CHECK(cli_send(fd, "0\r\nX-Trailer: t\r\n\r\n"));
+    CHECK(cc_read(&cc, &r, false));
+    fx->status[1] = r.status;
+    snprintf(fx->body[1], sizeof fx->body[1], "%s", r.body);
+    cresp_free(&r);
+    close(fd);
+}
+
+static void test_content_length_and_chunked_bodies(void **state)
+{
+    struct fx *fx = fx_of(state);
+    fx_listen(fx, "127.0.0.1:0");
+    fx_run(fx, client_bodies);
+    assert_int_equal(fx->status[0], 200);
+    assert_string_equal(fx->body[0], "POST /cl||hello world");
+    assert_int_equal(fx->status[1], 200);
+    assert_string_equal(fx->body[1], "POST /chunked||hello world");
+}
+
+static void client_expect_continue(struct fx *fx)
+{
+    struct cconn cc;
+    struct cresp r;
+    int fd = cli_tcp(fx);
+    CHECK(fd >= 0);
+    cc_init(&cc, fd);
+    CHECK(cli_send(fd, "POST /up HTTP/1.1\r\nHost: a\r\nExpect: 100-continue\r\nContent-Length: 4\r\n\r\n"));
+    CHECK(cc_read(&cc, &r, false)); /* the interim response, before any body is sent */
+    fx->status[0] = r.status;
+    cresp_free(&r);
+    CHECK(cli_send(fd, "data"));
+    CHECK(cc_read(&cc, &r, false));
+    fx->status[1] = r.status;
+    snprintf(fx->body[1], sizeof fx->body[1], "%s", r.body);
+    cresp_free(&r);
+    close(fd);
+}
+
+static void test_expect_100_continue(void **state)
+{
+    struct fx *fx = fx_of(state);
+    fx_listen(fx, "127.0.0.1:0");
+    fx_run(fx, client_expect_continue);
+    assert_int_equal(fx->status[0], 100);
+    assert_int_equal(fx->status[1], 200);
+    assert_string_equal(fx->body[1], "POST /up||data");
+}
+
+/* Upgrades are not supported: the request is answered, then the
+ * connection closes instead of switching protocols. */
+static void client_upgrade(struct fx *fx)
+{
+    struct cconn cc;
+    struct cresp r;
+    const char *h;
+    CHECK(one_shot(fx, "GET /ws HTTP/1.1\r\nHost: a\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\r\n",
+                   &cc, &r));
+    fx->status[0] = r.status;
+    fx->flag[0] = (h = cresp_header(&r, "Connection")) && strcasecmp(h, "close") == 0;
+    fx->flag[1] = cc_expect_eof(&cc);
+    cresp_free(&r);
+    close(cc.fd);
+}
+
+static void test_upgrade_request_answered_then_closed(void **state)
+{
+    struct fx *fx = fx_of(state);
+    fx_listen(fx, "127.0.0.1:0");
+    fx_run(fx, client_upgrade);
+    assert_int_equal(fx->status[0], 200);
+    assert_true(fx->flag[0]);
+    assert_true(fx->flag[1]);
+}
+
+/* HTTP/1.0 and HEAD ------------------------------------------------- */
+
+static void client_http10(struct fx *fx)
+{
+    struct cconn cc;
+    struct cresp r;
+    const char *h;
+    /* plain 1.0: answered, then closed */
+    CHECK(one_shot(fx, "GET /old HTTP/1.0\r\n\r\n", &cc, &r));
+    fx->status[0] = r.status;
+    fx->flag[0] = (h = cresp_header(&r, "Connection")) && strcasecmp(h, "close") == 0;
+    fx->flag[1] = cc_expect_eof(&cc);
+    cresp_free(&r);
+    close(cc.fd);
+    /* 1.0 asking for keep-alive: kept */
+    CHECK(one_shot(fx, "GET /ka HTTP/1.0\r\nConnection: keep-alive\r\n\r\n", &cc, &r));
+    fx->status[1] = r.status;
+    fx->flag[2] = (h = cresp_header(&r, "Connection")) && strcasecmp(h, "keep-alive") == 0;
+    cresp_free(&r);
+    CHECK(cli_send(cc.fd, "GET /ka2 HTTP/1.0\r\n\r\n"));
+    CHECK(cc_read(&cc, &r, false));
+    fx->status[2] = r.status;
+    fx->flag[3] = cc_expect_eof(&cc);
+    cresp_free(&r);
+    close(cc.fd);
+    /* 1.1 with Connection: close */
+    CHECK(one_shot(fx, "GET /bye HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n", &cc, &r));
+    fx->status[3] = r.status;
+    fx->flag[4] = (h = cresp_header(&r, "Connection")) && strcasecmp(h, "close") == 0;
+    fx->flag[5] = cc_expect_eof(&cc);
+    cresp_free(&r);
+    close(cc.fd);
+}
+
+static void test_http10_closes_after_response(void **state)
+{
+    struct fx *fx = fx_of(state);
+    fx_listen(fx, "127.0.0.1:0");
+    fx_run(fx, client_http10);
+    for (int i = 0; i < 4; i++)
+        assert_int_equal(fx->status[i], 200);
+    assert_true(fx->flag[0]); /* Connection: close */
+    assert_true(fx->flag[1]); /* then EOF */
+    assert_true(fx->flag[2]); /* 1.0 keep-alive honoured */
+    assert_true(fx->flag[3]); /* second 1.0 request without keep-alive: closed */
+    assert_true(fx->flag[4]);
+    assert_true(fx->flag[5]);
+}
+
+static void client_head(struct fx *fx)
+{
+    struct cconn cc;
+    struct cresp r;
+    const char *h;
+    int fd = cli_tcp(fx);
+    CHECK(fd >= 0);
+    cc_init(&cc, fd);
+    CHECK(cli_send(fd, "HEAD /h HTTP/1.1\r\nHost: a\r\n\r\nGET /g HTTP/1.1\r\nHost: a\r\n\r\n"));
+    CHECK(cc_read(&cc, &r, true));
+    fx->status[0] = r.status;
+    fx->flag[0] = (h = cresp_header(&r, "Content-Length")) && atoi(h) == (int)strlen("HEAD /h||");
+    fx->flag[1] = r.body_len == 0;
+    cresp_free(&r);
+    CHECK(cc_read(&cc, &r, false)); /* would misparse if HEAD had sent a body */
+    fx->status[1] = r.status;
+    snprintf(fx->body[1], sizeof fx->body[1], "%s", r.body);
+    cresp_free(&r);
+    close(fd);
+}
+
+static void test_head_has_length_but_no_body(void **state)
+{
+    struct fx *fx = fx_of(state);
+    fx_listen(fx, "127.0.0.1:0");
+    fx_run(fx, client_head);
+    assert_int_equal(fx->status[0], 200);
+    assert_true(fx->flag[0]);
+    assert_true(fx->flag[1]);
+    assert_int_equal(fx->status[1], 200);
+    assert_string_equal(fx->body[1], "GET /g||");
+}
+
+/* Errors and limits ------------------------------------------------- */
+
+/* Sends REQ (in pieces split at '|'), reads one response into slot I,
+ * records whether the server then closed. */
+static void error_case(struct fx *fx, int i, const char *req)
+{
+    struct cconn cc;
+    struct cresp r;
+    const char *h;
+    int fd = cli_tcp(fx);
+    CHECK(fd >= 0);
+    cc_init(&cc, fd);
+    CHECK(cli_send(fd, req));
+    CHECK(cc_read(&cc, &r, false));
+    fx->status[i] = r.status;
+    snprintf(fx->body[i], sizeof fx->body[i], "%s", r.body ? r.body : "");
+    h = cresp_header(&r, "Content-Type");
+    snprintf(fx->note[i], sizeof fx->note[i], "%s", h ? h : "");
+    fx->flag[i] = cc_expect_eof(&cc);
+    cresp_free(&r);
+    close(fd);
+}
+
+static void client_malformed(struct fx *fx)
+{
+    error_case(fx, 0, "GET / HTTP/1.1 trailing-garbage\r\nHost: a\r\n\r\n");
+    error_case(fx, 1, "GET / HTTP/1.1\r\nBad\x01Header: x\r\n\r\n");
+    error_case(fx, 2, "GET / HTTP/1.1\r\nHost: a\r\nContent-Length: 1\r\nTransfer-Encoding: chunked\r\n\r\n");
+    error_case(fx, 3, "G@T / HTTP/1.1\r\n\r\n");
+    error_case(fx, 4, "GET / HTTP/1.1\r\nContent-Length: 1x\r\n\r\n");
+    error_case(fx, 5, "GET / HTTP/2.0\r\n\r\n");
+}
+
+static void test_malformed_request_gets_400_json(void **state)
+{
+    struct fx *fx = fx_of(state);
+    fx_listen(fx, "127.0.0.1:0");
+    fx_run(fx, client_malformed);
+    for (int i = 0; i < 5; i++) {
+        assert_int_equal(fx->status[i], 400);
+        assert_string_equal(fx->note[i], "application/json");
+        assert_true(strncmp(fx->body[i], "{\"error\":{\"message\":\"malformed HTTP request: ", 44) == 0);
+        assert_non_null(strstr(fx->body[i], "\",\"type\":\"invalid_request_error\",\"code\":400}}"));
+        assert_true(fx->flag[i]); /* closed after */
+    }
+    assert_non_null(strstr(fx->body[0], "Expected CRLF after version"));
+    assert_int_equal(fx->status[5], 505);
+    assert_true(fx->flag[5]);
+    assert_int_equal(fx->nreq, 0);
+}
+
+/* A header block of exactly N bytes ("GET / HTTP/1.1\r\nX: xxx…\r\n\r\n"). */
+static char *header_block(size_t n)
+{
+    const char *pre = "GET / HTTP/1.1\r\nX: ";
+    const char *post = "\r\n\r\n";
+    size_t fixed = strlen(pre) + strlen(post);
+    char *s = malloc(n + 1);
+    assert_non_null(s);
+    assert_true(n > fixed);
+    strcpy(s, pre);
+    memset(s + strlen(pre), 'x', n - fixed);
+    strcpy(s + n - strlen(post), post);
+    return s;
+}
+
+static char *g_exact, *g_over;
+
+static void client_header_limit(struct fx *fx)
+{
+    struct cconn cc;
+    struct cresp r;
+    CHECK(one_shot(fx, g_exact, &cc, &r));
+    fx->status[0] = r.status;
+    cresp_free(&r);
+    close(cc.fd);
+    error_case(fx, 1, g_over);
+}
+
+static void test_oversized_header_gets_431(void **state)
+{
+    struct fx *fx = fx_of(state);
+    fx->lim.max_header = 256;
+    fx_listen(fx, "127.0.0.1:0");
+    g_exact = header_block(256);
+    g_over = header_block(257);
+    fx_run(fx, client_header_limit);
+    free(g_exact);
+    free(g_over);
+    assert_int_equal(fx->status[0], 200); /* exactly at the limit */
+    assert_int_equal(fx->status[1], 431);
+    assert_string_equal(fx->note[1], "application/json");
+    assert_non_null(strstr(fx->body[1], "\"code\":431"));
+    assert_true(fx->flag[1]);
+    assert_int_equal(fx->nreq, 1);
+}
+
+static void client_body_limit(struct fx *fx)
+{
+    struct cconn cc;
+    struct cresp r;
+    CHECK(one_shot(fx, "POST /ok HTTP/1.1\r\nHost: a\r\nContent-Length: 16\r\n\r\n0123456789abcdef", &cc, &r));
+    fx->status[0] = r.status;
+    cresp_free(&r);
+    close(cc.fd);
+    /* refused from the length alone: no body sent */
+    error_case(fx, 1, "POST /big HTTP/1.1\r\nHost: a\r\nContent-Length: 17\r\n\r\n");
+    /* chunked: 10 + 7 bytes */
+    error_case(fx, 2, "POST /big HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n"
+                      "a\r\n0123456789\r\n7\r\n0123456\r\n0\r\n\r\n");
+}
+
+static void test_oversized_body_gets_413(void **state)
+{
+    struct fx *fx = fx_of(state);
+    fx->lim.max_body = 16;
+    fx_listen(fx, "127.0.0.1:0");
+    fx_run(fx, client_body_limit);
+    assert_int_equal(fx->status[0], 200);
+    assert_int_equal(fx->status[1], 413);
+    assert_int_equal(fx->status[2], 413);
+    assert_true(fx->flag[1]);
+    assert_true(fx->flag[2]);
+    assert_non_null(strstr(fx->body[1], "request body exceeds 16 bytes"));
+    assert_non_null(strstr(fx->body[2], "request body exceeds 16 bytes"));
+    assert_int_equal(fx->nreq, 1);
+}
+
+static void client_slow_headers(struct fx *fx)
+{
+    double t0 = now_s();
+    error_case(fx, 0, "GET / HTTP/1.1\r\nHost: a\r\n"); /* never finishes its headers */
+    fx->elapsed[0] = now_s() - t0;
+    t0 = now_s();
+    error_case(fx, 1, ""); /* sends nothing at all */
+    fx->elapsed[1] = now_s() - t0;
+}
+
+static void test_slow_headers_get_408(void **state)
+{
+    struct fx *fx = fx_of(state);
+    fx->lim.header_timeout_ms = 100;
+    fx_listen(fx, "127.0.0.1:0");
+    fx_run(fx, client_slow_headers);
+    for (int i = 0; i < 2; i++) {
+        assert_int_equal(fx->status[i], 408);
+        assert_true(fx->flag[i]);
+        assert_true(fx->elapsed[i] >= 0.09);
+        assert_true(fx->elapsed[i] < 1.5);
+    }
+}
+
+static void client_idle(struct fx *fx)
+{
+    struct cconn cc;
+    struct cresp r;
+    CHECK(one_shot(fx, "GET / HTTP/1.1\r\nHost: a\r\n\r\n", &cc, &r));
+    fx->status[0] = r.status;
+    cresp_free(&r);
+    double t0 = now_s();
+    fx->flag[0] = cc_expect_eof(&cc); /* silently: no bytes before EOF */
+    fx->elapsed[0] = now_s() - t0;
+    close(cc.fd);
+}
+
+static void test_idle_keepalive_connection_closes(void **state)
+{
+    struct fx *fx = fx_of(state);
+    fx->lim.keepalive_timeout_ms = 100;
+    fx_listen(fx, "127.0.0.1:0");
+    fx_run(fx, client_idle);
+    assert_int_equal(fx->status[0], 200);
+    assert_true(fx->flag[0]);
+    assert_true(fx->elapsed[0] >= 0.05);
+    assert_true(fx->elapsed[0] < 1.5);
+}
+
+/* Streaming --------------------------------------------------------- */
+
+static void on_req_stream(struct fx *fx, struct http_request *req)
+{
+    fx->outstanding--;
+    http_stream_begin(req, 200, "text/event-stream", "Cache-Control: no-cache\r\n");
+    http_stream_write(req, "data: 1\n\n", 9);
+    http_stream_write(req, "", 0); /* must not end the stream */
+    http_stream_write(req, "data: hello\n\n", 13);
+    http_stream_end(req);
+}
+
+static const char *after_head(const char *raw)
+{
+    const char *p = strstr(raw, "\r\n\r\n");
+    return p ? p + 4 : "";
+}
+
+static void client_stream(struct fx *fx)
+{
+    struct cconn cc;
+    struct cresp r;
+    const char *h;
+    CHECK(one_shot(fx, "GET /events HTTP/1.1\r\nHost: a\r\n\r\n", &cc, &r));
+    fx->status[0] = r.status;
+    snprintf(fx->body[0], sizeof fx->body[0], "%s", after_head(r.raw)); /* raw framing */
+    fx->flag[0] = (h = cresp_header(&r, "Transfer-Encoding")) && strcmp(h, "chunked") == 0;
+    fx->flag[1] = cresp_header(&r, "Content-Length") == NULL;
+    fx->flag[2] = (h = cresp_header(&r, "Cache-Control")) && strcmp(h, "no-cache") == 0;
+    cresp_free(&r);
+    /* still usable afterwards */
+    CHECK(cli_send(cc.fd, "GET /again HTTP/1.1\r\nHost: a\r\n\r\n"));
+    CHECK(cc_read(&cc, &r, false));
+    fx->status[1] = r.status;
+    cresp_free(&r);
+    close(cc.fd);
+    /* HTTP/1.0: raw bytes, closed at the end */
+    CHECK(one_shot(fx, "GET /events HTTP/1.0\r\n\r\n", &cc, &r));
+    fx->status[2] = r.status;
+    snprintf(fx->body[2], sizeof fx->body[2], "%s", after_head(r.raw));
+    fx->flag[3] = (h = cresp_header(&r, "Connection")) && strcasecmp(h, "close") == 0;
+    fx->flag[4] = cc.eof;
+    cresp_free(&r);
+    close(cc.fd);
+}
+
+static void on_req_stream_events(struct fx *fx, struct http_request *req)
+{
+    if (strcmp(req->path, "/events") == 0)
+        on_req_stream(fx, req);
+    else
+        on_req_echo(fx, req);
+}
+
+static void test_streamed_response_chunked_framing(void **state)
+{
+    struct fx *fx = fx_of(state);
+    fx->on_req = on_req_stream_events;
+    fx_listen(fx, "127.0.0.1:0");
+    fx_run(fx, client_stream);
+    assert_int_equal(fx->status[0], 200);
+    assert_string_equal(fx->body[0], "9\r\ndata: 1\n\n\r\nd\r\ndata: hello\n\n\r\n0\r\n\r\n");
+    assert_true(fx->flag[0]);
+    assert_true(fx->flag[1]);
+    assert_true(fx->flag[2]);
+    assert_int_equal(fx->status[1], 200);
+    assert_int_equal(fx->status[2], 200);
+    assert_string_equal(fx->body[2], "data: 1\n\ndata: hello\n\n");
+    assert_true(fx->flag[3]);
+    assert_true(fx->flag[4]);
+}
+
+/* Disconnects ------------------------------------------------------- */
+
+static bool one_close(struct fx *fx) { return fx->closes >= 1; }
+
+static void client_disconnect_while_held(struct fx *fx)
+{
+    int fd = cli_tcp(fx);
+    CHECK(fd >= 0);
+    CHECK(cli_send(fd, "GET /wait HTTP/1.1\r\nHost: a\r\n\r\n"));
+    CHECK(wait_sem(&fx->got_req, 2.0));
+    close(fd);
+}
+
+static void test_client_disconnect_calls_on_close(void **state)
+{
+    struct fx *fx = fx_of(state);
+    fx->on_req = on_req_hold;
+    fx_listen(fx, "127.0.0.1:0");
+    fx_run(fx, client_disconnect_while_held);
+    assert_true(fx_wait(fx, one_close, 2.0));
+    assert_int_equal(fx->closes, 1);
+    assert_null(fx->held);
+}
+
+static void on_req_stream_and_hold(struct fx *fx, struct http_request *req)
+{
+    req->on_close = on_close_count;
+    req->arg = fx;
+    fx->held = req;
+    http_stream_begin(req, 200, "text/event-stream", NULL);
+    http_stream_write(req, "data: 1\n\n", 9);
+    sem_post(&fx->got_req);
+}
+
+static void client_disconnect_while_streaming(struct fx *fx)
+{
+    char buf[512];
+    size_t got = 0;
+    int fd = cli_tcp(fx);
+    CHECK(fd >= 0);
+    CHECK(cli_send(fd, "POST /v1/chat/completions HTTP/1.1\r\nHost: a\r\nContent-Length: 2\r\n\r\n{}"));
+    CHECK(wait_sem(&fx->got_req, 2.0));
+    while (!memmem(buf, got, "data: 1", 7)) { /* the first event arrives */
+        ssize_t n = recv(fd, buf + got, sizeof buf - got - 1, 0);
+        CHECK(n > 0);
+        got += (size_t)n;
+    }
+    close(fd);
+}
+
+static void test_client_disconnect_during_stream_calls_on_close(void **state)
+{
+    struct fx *fx = fx_of(state);
+    fx->on_req = on_req_stream_and_hold;
+    fx_listen(fx, "127.0.0.1:0");
+    fx_run(fx, client_disconnect_while_streaming);
+    assert_true(fx_wait(fx, one_close, 2.0));
+    assert_int_equal(fx->closes, 1);
+    assert_null(fx->held);
+}
+
+/* The client pipelines more than the server buffers while its first
+ * request is held, then hangs up: reading is paused, yet the hang-up is
+ * noticed. */
+static void client_flood_then_hang_up(struct fx *fx)
+{
+    static char junk[96 * 1024]; /* more than the server buffers, less than the kernel holds */
+    int fd = cli_tcp(fx);
+    CHECK(fd >= 0);
+    CHECK(cli_send(fd, "GET /wait HTTP/1.1\r\nHost: a\r\n\r\n"));
+    CHECK(wait_sem(&fx->got_req, 2.0));
+    static const char one[] = "GET /xyzw HTTP/1.1\r\nHost: ab\r\n\r\n"; /* 32 bytes */
+    for (size_t i = 0; i + sizeof one - 1 <= sizeof junk; i += sizeof one - 1)
+        memcpy(junk + i, one, sizeof one - 1);
+    CHECK(cli_send_n(fd, junk, sizeof junk - sizeof junk % 32));
+    close(fd);
+}
+
+static void test_hang_up_noticed_while_reading_is_paused(void **state)
+{
+    struct fx *fx = fx_of(state);
+    fx->on_req = on_req_hold;
+    fx_listen(fx, "127.0.0.1:0");
+    fx_run(fx, client_flood_then_hang_up);
+    assert_true(fx_wait(fx, one_close, 3.0));
+    assert_int_equal(fx->nreq, 1); /* the pipelined ones were never handed out */
+    assert_int_equal(http_server_connections(fx->srv), 0);
+}
+
+/* EMFILE ------------------------------------------------------------ */
+
+static bool never(struct fx *fx) { (void)fx; return false; }
+static bool one_request(struct fx *fx) { return fx->nreq >= 1; }
+
+static double cpu_s(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_PROCESS_CPUTIME_ID, &ts);
+    return (double)ts.tv_sec + (double)ts.tv_nsec / 1e9;
+}
+
+static void test_emfile_pauses_accepting_without_spinning(void **state)
+{
+    struct fx *fx = fx_of(state);
+    struct rlimit old, low;
+    int spare[64], nspare = 0;
+    char buf[512];
+
+    fx_listen(fx, "127.0.0.1:0");
+    int c = cli_tcp(fx); /* waits in the backlog */
+    assert_true(c >= 0);
+    assert_true(cli_send(c, "GET /late HTTP/1.1\r\nHost: a\r\n\r\n"));
+
+    /* use up every descriptor */
+    assert_int_equal(getrlimit(RLIMIT_NOFILE, &old), 0);
+    low = old;
+    low.rlim_cur = (rlim_t)c + 32;
+    assert_int_equal(setrlimit(RLIMIT_NOFILE, &low), 0);
+    for (int d; nspare < 64 && (d = dup(c)) >= 0;)
+        spare[nspare++] = d;
+    assert_int_equal(errno, EMFILE);
+
+    double cpu0 = cpu_s();
+    fx_wait(fx, never, 0.3);
+    double cpu = cpu_s() - cpu0;
+
+    for (int i = 0; i < nspare; i++)
+        close(spare[i]);
+    assert_int_equal(setrlimit(RLIMIT_NOFILE, &old), 0);
+    assert_int_equal(fx->nreq, 0);
+    assert_true(cpu < 0.1); /* a spinning accept loop would burn ~0.3 s */
+
+    /* descriptors are back: the waiting client is served */
+    assert_true(fx_wait(fx, one_request, 2.0));
+    ssize_t n = recv(c, buf, sizeof buf - 1, 0);
+    assert_true(n > 0);
+    buf[n] = '\0';
+    assert_true(strncmp(buf, "HTTP/1.1 200 OK\r\n", 17) == 0);
+    close(c);
+}
+
+/* Back-pressure ----------------------------------------------------- */
+
+static void flood(struct fx *fx, struct http_request *req)
+{
+    static char chunk[16384];
+    memset(chunk, 'x', sizeof chunk);
+    while (fx->written < 256u * 1024 * 1024) {
+        fx->written += sizeof chunk;
+        if (!http_stream_write(req, chunk, sizeof chunk)) {
+            fx->nblocked++;
+            if (fx->nblocked == 1) {
+                fx->blocked_buffered = http_stream_buffered(req);
+                sem_post(&fx->blocked);
+            }
+            return;
+        }
+    }
+    http_stream_end(req); /* never reported back-pressure: the test fails on nblocked */
+}
+
+static void on_drain_flood(struct http_request *req, void *arg)
+{
+    struct fx *fx = arg;
+    fx->drains++;
+    if (fx->drains == 1)
+        fx->buffered_at_drain = http_stream_buffered(req);
+    if (fx->drains < 2) {
+        flood(fx, req);
+    } else {
+        fx->written += 3;
+        http_stream_write(req, "end", 3);
+        http_stream_end(req);
+        fx->outstanding--;
+    }
+}
+
+static void on_req_flood(struct fx *fx, struct http_request *req)
+{
+    req->on_drain = on_drain_flood;
+    req->on_close = on_close_count;
+    req->arg = fx;
+    http_stream_begin(req, 200, "application/octet-stream", NULL);
+    flood(fx, req);
+}
+
+static void client_slow_reader(struct fx *fx)
+{
+    struct cconn cc;
+    struct cresp r;
+    int fd = cli_tcp_opts(fx, 8192);
+    CHECK(fd >= 0);
+    cc_init(&cc, fd);
+    CHECK(cli_send(fd, "GET /flood HTTP/1.1\r\nHost: a\r\n\r\n"));
+    CHECK(wait_sem(&fx->blocked, 5.0)); /* writer saw back-pressure before we read */
+    CHECK(cc_read(&cc, &r, false));
+    fx->status[0] = r.status;
+    fx->recv_len = r.body_len;
+    bool all_x = r.body_len >= 3 && memcmp(r.body + r.body_len - 3, "end", 3) == 0;
+    for (size_t i = 0; all_x && i + 3 < r.body_len; i++)
+        all_x = r.body[i] == 'x';
+    fx->flag[0] = all_x;
+    cresp_free(&r);
+    close(fd);
+}
+
+static void test_backpressure_then_on_drain(void **state)
+{
+    struct fx *fx = fx_of(state);
+    fx->on_req = on_req_flood;
+    fx_listen(fx, "127.0.0.1:0");
+    fx_run(fx, client_slow_reader);
+    assert_int_equal(fx->status[0], 200);
+    assert_true(fx->flag[0]);
+    assert_true(fx->nblocked >= 2);            /* once at first, once after the first drain */
+    assert_int_equal(fx->drains, 2);
+    assert_true(fx->blocked_buffered >= 256 * 1024);
+    assert_true(fx->buffered_at_drain < 64 * 1024);
+    assert_int_equal(fx->recv_len, fx->written); /* nothing dropped */
+    assert_true(fx->recv_len > 2 * 256 * 1024);
+    assert_int_equal(fx->closes, 0);
+}
+
+/* Connection limit -------------------------------------------------- */
+
+static void client_max_connections(struct fx *fx)
+{
+    struct cconn a, b;
+    struct cresp r;
+    CHECK(one_shot(fx, "GET /a HTTP/1.1\r\nHost: a\r\n\r\n", &a, &r));
+    fx->status[0] = r.status;
+    cresp_free(&r);
+    int fd = cli_tcp(fx); /* completes in the kernel's backlog */
+    CHECK(fd >= 0);
+    cc_init(&b, fd);
+    CHECK(cli_send(fd, "GET /b HTTP/1.1\r\nHost: a\r\n\r\n"));
+    set_timeout(fd, 300);
+    char c;
+    ssize_t n = recv(fd, &c, 1, MSG_PEEK);
+    fx->flag[0] = n < 0 && (errno == EAGAIN || errno == EWOULDBLOCK); /* not served yet */
+    set_timeout(fd, CLIENT_TIMEOUT_MS);
+    close(a.fd); /* frees the slot */
+    CHECK(cc_read(&b, &r, false));
+    fx->status[1] = r.status;
+    snprintf(fx->body[1], sizeof fx->body[1], "%s", r.body);
+    cresp_free(&r);
+    close(fd);
+}
+
+static void test_max_connections_defers_accept(void **state)
+{
+    struct fx *fx = fx_of(state);
+    fx->lim.max_connections = 1;
+    fx_listen(fx, "127.0.0.1:0");
+    fx_run(fx, client_max_connections);
+    assert_int_equal(fx->status[0], 200);
+    assert_true(fx->flag[0]);
+    assert_int_equal(fx->status[1], 200);
+    assert_string_equal(fx->body[1], "GET /b||");
+    assert_int_equal(fx->max_conns, 1);
+}
+
+/* Shutdown and free ------------------------------------------------- */
+
+static void act_shutdown(struct fx *fx)
+{
+    http_server_shutdown(fx->srv);
+    if (fx->held)
+        answer_later(fx, fx->held, 0.05);
+}
+
+static void client_shutdown(struct fx *fx)
+{
+    struct cconn idle, busy;
+    struct cresp r;
+    const char *h;
+    CHECK(one_shot(fx, "GET /idle HTTP/1.1\r\nHost: a\r\n\r\n", &idle, &r));
+    cresp_free(&r);
+    int fd = cli_tcp(fx);
+    CHECK(fd >= 0);
+    cc_init(&busy, fd);
+    CHECK(cli_send(fd, "GET /first HTTP/1.1\r\nHost: a\r\n\r\n"));
+    CHECK(wait_sem(&fx->got_req, 2.0));
+    ev_async_send(fx->loop, &fx->act_w);
+    fx->flag[0] = cc_expect_eof(&idle);          /* idle: closed */
+    CHECK(cc_read(&busy, &r, false));            /* busy: finishes */
+    fx->status[1] = r.status;
+    fx->flag[1] = (h = cresp_header(&r, "Connection")) && strcasecmp(h, "close") == 0;
+    fx->flag[2] = cc_expect_eof(&busy);
+    cresp_free(&r);
+    fx->flag[3] = cli_tcp(fx) < 0;               /* no longer accepting */
+    close(idle.fd);
+    close(fd);
+}
+
+static void test_shutdown_closes_idle_and_finishes_busy(void **state)
+{
+    struct fx *fx = fx_of(state);
+    fx->on_req = on_req_hold_first;
+    fx->act = act_shutdown;
+    fx_listen(fx, "127.0.0.1:0");
+    fx_run(fx, client_shutdown);
+    assert_true(fx->flag[0]);
+    assert_int_equal(fx->status[1], 200);
+    assert_true(fx->flag[1]);
+    assert_true(fx->flag[2]);
+    assert_true(fx->flag[3]);
+    assert_int_equal(fx->closes, 0);
+}
+
+static void client_hold_and_stay(struct fx *fx)
+{
+    int fd = cli_tcp(fx);
+    CHECK(fd >= 0);
+    fx->keep_fd = fd; /* stays open: on_close must come from http_server_free */
+    CHECK(cli_send(fd, "GET /wait HTTP/1.1\r\nHost: a\r\n\r\n"));
+    CHECK(wait_sem(&fx->got_req, 2.0));
+}
+
+static void test_server_free_calls_on_close(void **state)
+{
+    struct fx *fx = fx_of(state);
+    fx->on_req = on_req_hold;
+    fx_listen(fx, "127.0.0.1:0");
+    fx_run(fx, client_hold_and_stay);
+    assert_int_equal(fx->closes, 0);
+    assert_int_equal(http_server_connections(fx->srv), 1);
+    http_server_free(fx->srv);
+    fx->srv = NULL;
+    assert_int_equal(fx->closes, 1);
+}
+
+/* UNIX socket ------------------------------------------------------- */
+
+static char g_sock[100];
+
+static void client_unix(struct fx *fx)
+{
+    struct cconn cc;
+    struct cresp r;
+    int fd = cli_unix(g_sock);
+    CHECK(fd >= 0);
+    cc_init(&cc, fd);
+    CHECK(cli_send(fd, "GET /pool/status HTTP/1.1\r\nHost: localhost\r\n\r\n"));
+    CHECK(cc_read(&cc, &r, false));
+    fx->status[0] = r.status;
+    snprintf(fx->body[0], sizeof fx->body[0], "%s", r.body);
+    cresp_free(&r);
+    close(fd);
+}
+
+static void test_unix_socket_listen_and_request(void **state)
+{
+    struct fx *fx = fx_of(state);
+    struct stat st;
+    char err[256];
+
+    snprintf(fx->dir, sizeof fx->dir, "/tmp/test_http.XXXXXX");
+    assert_non_null(mkdtemp(fx->dir));
+    snprintf(g_sock, sizeof g_sock, "%s/sock", fx->dir);
+
+    /* a stale socket file: bound, never listened on, its owner gone */
+    int s = socket(AF_UNIX, SOCK_STREAM, 0);
+    struct sockaddr_un sun = { .sun_family = AF_UNIX };
+    memcpy(sun.sun_path, g_sock, strlen(g_sock) + 1);
+    assert_int_equal(bind(s, (struct sockaddr *)&sun, sizeof sun), 0);
+    close(s);
+
+    fx_listen(fx, g_sock);
+    assert_int_equal(http_server_port(fx->srv), 0);
+    assert_int_equal(stat(g_sock, &st), 0);
+    assert_true(S_ISSOCK(st.st_mode));
+    assert_int_equal(st.st_mode & 0777, 0660);
+
+    /* a second server on the live socket is refused */
+    assert_null(http_server_listen(fx->loop, g_sock, &fx->lim, handler, fx, err, sizeof err));
+    assert_non_null(strstr(err, "another process"));
+    /* a regular file is never replaced */
+    char file[128];
+    snprintf(file, sizeof file, "%s/file", fx->dir);
+    FILE *f = fopen(file, "w");
+    assert_non_null(f);
+    fclose(f);
+    assert_null(http_server_listen(fx->loop, file, &fx->lim, handler, fx, err, sizeof err));
+    assert_non_null(strstr(err, "not a socket"));
+
+    fx_run(fx, client_unix);
+    assert_int_equal(fx->status[0], 200);
+    assert_string_equal(fx->body[0], "GET /pool/status||");
+    assert_true(fx->is_unix);
+    assert_string_equal(fx->peer, "unix");
+
+    http_server_free(fx->srv);
+    fx->srv = NULL;
+    assert_int_equal(stat(g_sock, &st), -1); /* unlinked */
+}
+
+/* Pure functions ---------------------------------------------------- */
+
+static void test_query_get_decodes(void **state)
+{
+    (void)state;
+    struct http_request req = { 0 };
+    char *v;
+    req.query = "a=1&b=hello+world&c=%41%42%zz%4&d&e=&%6Bey=v%20w%2B&a=2&model=tiny%2Fq4";
+
+    v = http_query_get(&req, "a");
+    assert_string_equal(v, "1"); /* the first one */
+    free(v);
+    v = http_query_get(&req, "b");
+    assert_string_equal(v, "hello world");
+    free(v);
+    v = http_query_get(&req, "c");
+    assert_string_equal(v, "AB%zz%4"); /* bad escapes stay literal */
+    free(v);
+    v = http_query_get(&req, "d");
+    assert_string_equal(v, "");
+    free(v);
+    v = http_query_get(&req, "e");
+    assert_string_equal(v, "");
+    free(v);
+    v = http_query_get(&req, "key"); /* the name is decoded too */
+    assert_string_equal(v, "v w+");
+    free(v);
+    v = http_query_get(&req, "model");
+    assert_string_equal(v, "tiny/q4");
+    free(v);
+    assert_null(http_query_get(&req, "missing"));
+    assert_null(http_query_get(&req, "mode"));
+    req.query = "";
+    assert_null(http_query_get(&req, "a"));
+}
+
+static void test_status_and_error_type_tables(void **state)
+{
+    (void)state;
+    assert_string_equal(http_status_text(404), "Not Found");
+    assert_string_equal(http_status_text(431), "Request Header Fields Too Large");
+    assert_string_equal(http_status_text(503), "Service Unavailable");
+    assert_string_equal(http_error_type(400), "invalid_request_error");
+    assert_string_equal(http_error_type(401), "authentication_error");
+    assert_string_equal(http_error_type(404), "not_found_error");
+    assert_string_equal(http_error_type(503), "unavailable_error");
+    assert_string_equal(http_error_type(502), "server_error");
+}
+
+static void on_req_error(struct fx *fx, struct http_request *req)
+{
+    fx->outstanding--;
+    http_respond_error(req, 404, NULL, "model \"%s\" not found\n\\%s", "ti\"ny", "\x01");
+}
+
+static void client_error_json(struct fx *fx)
+{
+    struct cconn cc;
+    struct cresp r;
+    const char *h;
+    CHECK(one_shot(fx, "GET /x HTTP/1.1\r\nHost: a\r\n\r\n", &cc, &r));
+    fx->status[0] = r.status;
+    snprintf(fx->body[0], sizeof fx->body[0], "%s", r.body);
+    fx->flag[0] = (h = cresp_header(&r, "Content-Type")) && strcmp(h, "application/json") == 0;
+    cresp_free(&r);
+    close(cc.fd);
+}
+
+static void test_respond_error_escapes_json(void **state)
+{
+    struct fx *fx = fx_of(state);
+    fx->on_req = on_req_error;
+    fx_listen(fx, "127.0.0.1:0");
+    fx_run(fx, client_error_json);
+    assert_int_equal(fx->status[0], 404);
+    assert_true(fx->flag[0]);
+    assert_string_equal(fx->body[0],
+                        "{\"error\":{\"message\":\"model \\\"ti\\\"ny\\\" not found\\n\\\\\\u0001\","
+                        "\"type\":\"not_found_error\",\"code\":404}}");
+}
+
+static void test_listen_rejects_bad_addresses(void **state)
+{
+    struct fx *fx = fx_of(state);
+    char err[256];
+    const char *bad[] = { "nonsense", "127.0.0.1:99999", "::1:80", "127.0.0.1:", "[::1]80",
+                          "relative/path" };
+    for (size_t i = 0; i < sizeof bad / sizeof bad[0]; i++) {
+        err[0] = '\0';
+        assert_null(http_server_listen(fx->loop, bad[i], &fx->lim, handler, fx, err, sizeof err));
+        assert_non_null(strstr(err, bad[i]));
+    }
+    /* IPv6 loopback, if this host has it */
+    struct http_server *s6 = http_server_listen(fx->loop, "[::1]:0", &fx->lim, handler, fx, err, sizeof err);
+    if (s6) {
+        assert_int_not_equal(http_server_port(s6), 0);
+        http_server_free(s6);
+    }
+    /* a port in use */
+    fx_listen(fx, "127.0.0.1:0");
+    char addr[64];
+    snprintf(addr, sizeof addr, "127.0.0.1:%u", http_server_port(fx->srv));
+    assert_null(http_server_listen(fx->loop, addr, &fx->lim, handler, fx, err, sizeof err));
+    assert_non_null(strstr(err, "bind"));
+}
+
+int main(void)
+{
+    log_init(LOG_ERROR);
+    const struct CMUnitTest tests[] = {
+        cmocka_unit_test_setup_teardown(test_get_200_with_headers, setup, teardown),
+        cmocka_unit_test_setup_teardown(test_keepalive_two_sequential_requests, setup, teardown),
+        cmocka_unit_test_setup_teardown(test_pipelined_requests_answered_in_order, setup, teardown),
+        cmocka_unit_test_setup_teardown(test_next_request_while_held_is_not_a_disconnect, setup, teardown),
+        cmocka_unit_test_setup_teardown(test_content_length_and_chunked_bodies, setup, teardown),
+        cmocka_unit_test_setup_teardown(test_expect_100_continue, setup, teardown),
+        cmocka_unit_test_setup_teardown(test_http10_closes_after_response, setup, teardown),
+        cmocka_unit_test_setup_teardown(test_upgrade_request_answered_then_closed, setup, teardown),
+        cmocka_unit_test_setup_teardown(test_head_has_length_but_no_body, setup, teardown),
+        cmocka_unit_test_setup_teardown(test_malformed_request_gets_400_json, setup, teardown),
+        cmocka_unit_test_setup_teardown(test_oversized_header_gets_431, setup, teardown),
+        cmocka_unit_test_setup_teardown(test_oversized_body_gets_413, setup, teardown),
+        cmocka_unit_test_setup_teardown(test_slow_headers_get_408, setup, teardown),
+        cmocka_unit_test_setup_teardown(test_idle_keepalive_connection_closes, setup, teardown),
+        cmocka_unit_test_setup_teardown(test_streamed_response_chunked_framing, setup, teardown),
+        cmocka_unit_test_setup_teardown(test_client_disconnect_calls_on_close, setup, teardown),
+        cmocka_unit_test_setup_teardown(test_client_disconnect_during_stream_calls_on_close, setup, teardown),
+        cmocka_unit_test_setup_teardown(test_hang_up_noticed_while_reading_is_paused, setup, teardown),
+        cmocka_unit_test_setup_teardown(test_emfile_pauses_accepting_without_spinning, setup, teardown),
+        cmocka_unit_test_setup_teardown(test_backpressure_then_on_drain, setup, teardown),
+        cmocka_unit_test_setup_teardown(test_max_connections_defers_accept, setup, teardown),
+        cmocka_unit_test_setup_teardown(test_shutdown_closes_idle_and_finishes_busy, setup, teardown),
+        cmocka_unit_test_setup_teardown(test_server_free_calls_on_close, setup, teardown),
+        cmocka_unit_test_setup_teardown(test_unix_socket_listen_and_request, setup, teardown),
+        cmocka_unit_test(test_query_get_decodes),
+        cmocka_unit_test(test_status_and_error_type_tables),
+        cmocka_unit_test_setup_teardown(test_respond_error_escapes_json, setup, teardown),
+        cmocka_unit_test_setup_teardown(test_listen_rejects_bad_addresses, setup, teardown),
+    };
+    return cmocka_run_group_tests(tests, NULL, NULL);
+}
