@@ -73,7 +73,6 @@ def test_start_several_instances(pool):
     assert r.returncode == 1 and "at most 3" in r.stderr
 
 
-@fake_only("kills the child with SIGSEGV; works with any server but keeps real runs short")
 def test_crash_is_restarted_with_backoff(pool):
     pool.config({"tiny": {}})
     pool.start()
@@ -96,9 +95,17 @@ def test_crash_is_restarted_with_backoff(pool):
     assert pool.ready_instances("tiny")[0]["restarts"] == 2
 
 
-@fake_only()
+def broken_model(pool):
+    """A file whose load fails: garbage after the magic for a real server,
+    no magic at all for the stand-in."""
+    bad = os.path.join(pool.dir, "broken.gguf")
+    with open(bad, "wb") as f:
+        f.write(b"GGUF" + b"\xff" * 64 if REAL else b"not a gguf file at all")
+    return bad
+
+
 def test_crash_loop_marks_the_model_failed_with_reason(pool):
-    pool.config({"bad": {"env": {"FAKE_CRASH_AT_LOAD": "1", "FAKE_LOAD_MS": "10"}}},
+    pool.config({"bad": {"path": broken_model(pool)}},
                 pool_extra="max_restarts = 2\nrestart_window = 1m")
     pool.start()
     pool.cli("start", "bad", "--no-wait", check=0)
@@ -112,13 +119,13 @@ def test_crash_loop_marks_the_model_failed_with_reason(pool):
     assert "failed" in pool.cli("status", check=0).stdout
 
 
-@fake_only()
 def test_hung_health_is_restarted(pool):
-    pool.config({"tiny": {"env": {"FAKE_HEALTH_HANG_AFTER": "3"}}},
-                pool_extra="health_interval = 200ms")
+    # A frozen process (SIGSTOP) answers nothing: /health times out.
+    pool.config({"tiny": {}}, pool_extra="health_interval = 200ms\nstop_timeout = 500ms")
     pool.start()
     pool.cli("start", "tiny", check=0)
     first = pool.ready_instances("tiny")[0]
+    os.kill(first["pid"], signal.SIGSTOP)
     wait_for(lambda: any(i["pid"] not in (None, first["pid"]) for i in pool.instances("tiny")),
              timeout=20, what="a new pid after /health hung")
     assert not pid_alive(first["pid"])
@@ -145,10 +152,7 @@ def test_port_taken_by_another_process_moves_to_the_next_port(pool):
 
 
 def test_failed_load_shows_the_log_tail(pool):
-    bad = os.path.join(pool.dir, "broken.gguf")
-    with open(bad, "wb") as f:
-        f.write(b"GGUF" + b"\xff" * 64 if REAL else b"not a gguf file at all")
-    pool.config({"broken": {"path": bad}})
+    pool.config({"broken": {"path": broken_model(pool)}})
     pool.start()
     r = pool.cli("start", "broken")
     assert r.returncode == 1
@@ -182,13 +186,17 @@ def test_kill_9_of_the_daemon_leaves_no_child(pool):
     wait_for(lambda: not any(pid_alive(p) for p in pids), timeout=2 / SLOW, what="children gone within 2 s")
 
 
-@fake_only()
-def test_stop_escalates_to_sigkill_after_stop_timeout(pool):
-    pool.config({"stubborn": {"env": {"FAKE_IGNORE_SIGTERM": "1"}}},
+@pytest.mark.parametrize("how", ["ignores SIGTERM", "frozen"])
+def test_stop_escalates_to_sigkill_after_stop_timeout(pool, how):
+    if how == "ignores SIGTERM" and REAL:
+        pytest.skip("needs the stand-in's FAKE_IGNORE_SIGTERM")
+    pool.config({"stubborn": {"env": {"FAKE_IGNORE_SIGTERM": "1"} if how == "ignores SIGTERM" else {}}},
                 pool_extra="stop_timeout = 500ms")
     pool.start()
     pool.cli("start", "stubborn", check=0)
     pid = pool.ready_instances("stubborn")[0]["pid"]
+    if how == "frozen":
+        os.kill(pid, signal.SIGSTOP)
     t0 = time.monotonic()
     pool.cli("stop", "stubborn", check=0)
     assert time.monotonic() - t0 >= 0.45
