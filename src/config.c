@@ -1723,7 +1723,8 @@ static void scan_models_dir(struct parser *p)
         found_add(p, dir, name, stem);
     }
     closedir(d);
-    qsort(p->found, p->nfound, sizeof *p->found, cmp_found);
+    if (p->nfound > 1)          /* qsort(NULL, 0, …) is undefined */
+        qsort(p->found, p->nfound, sizeof *p->found, cmp_found);
 
     for (size_t i = 0; i < p->nfound; i++) {
         struct found *f = &p->found[i];

@@ -80,15 +80,15 @@ def test_crash_is_restarted_with_backoff(pool):
     first = pool.ready_instances("tiny")[0]
 
     t0 = time.monotonic()
-    os.kill(first["pid"], signal.SIGSEGV)
+    os.kill(first["pid"], signal.SIGKILL)   # a crash no runtime can intercept (the OOM killer's)
     second = wait_for(lambda: [i for i in pool.ready_instances("tiny") if i["pid"] != first["pid"]],
                       what="a restarted instance")[0]
     assert time.monotonic() - t0 >= 0.9, "restarted before the 1 s backoff"
     assert second["restarts"] == 1
-    assert "signal 11" in (second["last_error"] or pool.daemon_log())
+    assert "killed by signal 9" in pool.daemon_log()
 
     t1 = time.monotonic()
-    os.kill(second["pid"], signal.SIGSEGV)
+    os.kill(second["pid"], signal.SIGKILL)
     wait_for(lambda: pool.ready_instances("tiny") and pool.ready_instances("tiny")[0]["pid"] != second["pid"],
              what="the second restart")
     assert time.monotonic() - t1 >= 1.9, "the second backoff should be 2 s"

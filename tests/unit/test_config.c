@@ -1337,11 +1337,15 @@ static void test_errors_free_and_null(void **state)
 
 static char *read_example(void)
 {
-    /* tests/unit/test_config.c -> pool.conf.example at the project root */
+    /* meson passes the source root; a direct cc build falls back on __FILE__ */
     char path[4096];
+#ifdef SOURCE_ROOT
+    snprintf(path, sizeof path, "%s/pool.conf.example", SOURCE_ROOT);
+#else
     const char *here = __FILE__;
     const char *cut = strstr(here, "tests/unit/test_config.c");
     snprintf(path, sizeof path, "%.*spool.conf.example", cut ? (int)(cut - here) : 0, here);
+#endif
     FILE *fp = fopen(path, "r");
     if (!fp)
         return NULL;

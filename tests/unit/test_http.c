@@ -380,7 +380,11 @@ static int cli_unix(const char *path)
     if (fd < 0)
         return -1;
     set_timeout(fd, CLIENT_TIMEOUT_MS);
-    snprintf(sun.sun_path, sizeof sun.sun_path, "%s", path);
+    if (strlen(path) >= sizeof sun.sun_path) {
+        close(fd);
+        return -1;
+    }
+    memcpy(sun.sun_path, path, strlen(path) + 1);
     if (connect(fd, (struct sockaddr *)&sun, sizeof sun) < 0) {
         close(fd);
         return -1;
