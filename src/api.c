@@ -4,6 +4,7 @@
 #include "config.h"
 #include "log.h"
 #include "pool.h"
+#include "router.h"
 
 #include <jansson.h>
 #include <stdlib.h>
@@ -105,6 +106,7 @@ struct waiter {
     enum wait_goal goal;
     unsigned target;            /* WAIT_READY: instances that must be ready */
     bool done;
+    bool *finished;             /* set when the waiter ends, if not NULL */
 };
 
 static void waiter_free(struct waiter *w)
@@ -118,6 +120,8 @@ static void waiter_finish(struct waiter *w)
     if (w->done)
         return;
     w->done = true;
+    if (w->finished)
+        *w->finished = true;
     w->req->on_close = NULL;
     w->req->on_drain = NULL;
     http_stream_end(w->req);
@@ -183,9 +187,14 @@ static void waiter_event(struct pool_observer *obs, const struct pool_event *ev)
 {
     struct waiter *w = (struct waiter *)obs;
     if (ev->kind == POOL_EV_GONE) {
-        json_t *o = event_json("failed", ev->model);
-        json_object_set_new(o, "error", json_string("the model was removed by a reload"));
-        stream_json(w->req, o);
+        if (w->goal == WAIT_FOLLOW) {
+            static const char gone[] = "[llama-pool] the model was removed by a reload\n";
+            http_stream_write(w->req, gone, sizeof gone - 1);
+        } else {
+            json_t *o = event_json("failed", ev->model);
+            json_object_set_new(o, "error", json_string("the model was removed by a reload"));
+            stream_json(w->req, o);
+        }
         w->obs.next = w->obs.prev = NULL;    /* already unlinked by the pool */
         waiter_finish(w);
         return;
@@ -228,23 +237,59 @@ static void waiter_gone(struct http_request *req, void *arg)
     waiter_free(arg);
 }
 
-static void wait_on(struct http_request *req, struct pool_model *m, enum wait_goal goal,
-                    unsigned target, const char *content_type)
+enum model_op { OP_START, OP_STOP, OP_RESTART };
+
+/* Perform OP on M; with WAIT, stream its progress as NDJSON until GOAL.
+ * The stream begins and the waiter subscribes before the operation, so the
+ * first events (the spawn itself) are seen too. */
+static void model_op(struct http_request *req, struct pool_model *m, enum model_op op,
+                     unsigned n, bool wait)
 {
-    struct waiter *w = calloc(1, sizeof *w);
-    if (!w) {
-        http_respond_error(req, 500, NULL, "out of memory");
+    static const char *const names[] = { "start", "stop", "restart" };
+    char err[512] = "";
+    int rc = 0;
+    struct waiter *w = NULL;
+    bool finished = false;
+
+    log_info("%s: %s requested%s", m->cfg->name, names[op], op == OP_START && n > 1 ? " (several instances)" : "");
+    if (wait) {
+        if (!(w = calloc(1, sizeof *w))) {
+            http_respond_error(req, 500, NULL, "out of memory");
+            return;
+        }
+        w->req = req;
+        w->goal = op == OP_STOP ? WAIT_STOPPED : WAIT_READY;
+        w->target = op == OP_START && n ? n : 1;
+        w->obs.fn = waiter_event;
+        w->obs.arg = w;
+        w->finished = &finished;
+        http_stream_begin(req, 200, "application/x-ndjson", "Cache-Control: no-cache\r\nX-Accel-Buffering: no\r\n");
+        pool_observe(m, &w->obs);
+        req->on_close = waiter_gone;
+        req->arg = w;
+    }
+    switch (op) {
+    case OP_START:   rc = pool_model_start(m, n, err, sizeof err); break;
+    case OP_STOP:    pool_model_stop(m); break;
+    case OP_RESTART: pool_model_restart(m); break;
+    }
+    if (!wait) {
+        if (rc < 0)
+            http_respond_error(req, 502, "server_error", "%s: failed to start: %s", m->cfg->name, err);
+        else
+            respond_json(req, 202, pool_model_json(m));
         return;
     }
-    w->req = req;
-    w->goal = goal;
-    w->target = target;
-    w->obs.fn = waiter_event;
-    w->obs.arg = w;
-    pool_observe(m, &w->obs);
-    req->on_close = waiter_gone;
-    req->arg = w;
-    http_stream_begin(req, 200, content_type, "Cache-Control: no-cache\r\nX-Accel-Buffering: no\r\n");
+    if (finished)               /* the events already told the whole story */
+        return;
+    w->finished = NULL;
+    if (rc < 0) {
+        json_t *o = event_json("failed", m);
+        json_object_set_new(o, "error", json_string(err));
+        stream_json(req, o);
+        waiter_finish(w);
+        return;
+    }
     waiter_check(w, NULL);
 }
 
@@ -268,7 +313,6 @@ static void route_model_action(struct http_request *req, struct pool_model *m,
 {
     bool bad = false;
     bool wait = query_flag(req, "wait");
-    char err[512];
 
     if (strcmp(action, "logs") == 0) {
         if (strcmp(req->method, "GET") != 0) {
@@ -318,29 +362,18 @@ static void route_model_action(struct http_request *req, struct pool_model *m,
             http_respond_error(req, 400, NULL, "instances must be a whole number");
             return;
         }
-        if (pool_model_start(m, (unsigned)n, err, sizeof err) < 0) {
-            http_respond_error(req, 409, "invalid_request_error", "%s", err);
+        if ((unsigned long)n > m->cfg->instances_max) {
+            http_respond_error(req, 409, "invalid_request_error",
+                               "model \"%s\" allows at most %u instance%s (instances = %u-%u)",
+                               m->cfg->name, m->cfg->instances_max, m->cfg->instances_max == 1 ? "" : "s",
+                               m->cfg->instances_min, m->cfg->instances_max);
             return;
         }
-        log_info("%s: start requested (%ld instance%s)", m->cfg->name, n ? n : 1, n > 1 ? "s" : "");
-        if (wait)
-            wait_on(req, m, WAIT_READY, n ? (unsigned)n : 1, "application/x-ndjson");
-        else
-            respond_json(req, 202, pool_model_json(m));
+        model_op(req, m, OP_START, (unsigned)n, wait);
     } else if (strcmp(action, "stop") == 0) {
-        log_info("%s: stop requested", m->cfg->name);
-        pool_model_stop(m);
-        if (wait)
-            wait_on(req, m, WAIT_STOPPED, 0, "application/x-ndjson");
-        else
-            respond_json(req, 202, pool_model_json(m));
+        model_op(req, m, OP_STOP, 0, wait);
     } else if (strcmp(action, "restart") == 0) {
-        log_info("%s: restart requested", m->cfg->name);
-        pool_model_restart(m);
-        if (wait)
-            wait_on(req, m, WAIT_READY, 1, "application/x-ndjson");
-        else
-            respond_json(req, 202, pool_model_json(m));
+        model_op(req, m, OP_RESTART, 0, wait);
     } else {
         http_respond_error(req, 404, "not_found_error", "unknown action \"%s\"", action);
     }
@@ -376,6 +409,131 @@ static bool admin_allowed(struct http_request *req, struct pool *p)
     return false;
 }
 
+/* ---------- the OpenAI side ---------- */
+
+/* POST paths routed by the body's "model". */
+static const char *const model_paths[] = {
+    "/v1/chat/completions", "/v1/completions", "/v1/embeddings", "/v1/rerank",
+    "/completion", "/infill", "/embedding", "/tokenize", "/detokenize",
+    NULL,
+};
+
+static bool api_key_ok(struct http_request *req, struct pool *p)
+{
+    if (req->is_unix || p->cfg->napi_keys == 0)
+        return true;
+    const char *auth = http_header_get(req, "Authorization");
+    const char *xkey = http_header_get(req, "X-Api-Key");
+    const char *given = auth && strncasecmp(auth, "Bearer ", 7) == 0 ? auth + 7 : xkey;
+    for (size_t i = 0; given && i < p->cfg->napi_keys; i++)
+        if (strcmp(given, p->cfg->api_keys[i]) == 0)
+            return true;
+    http_respond_error(req, 401, "authentication_error", "Invalid API Key");
+    return false;
+}
+
+static void route_model_request(struct http_request *req, struct api *api)
+{
+    struct pool *p = api->pool;
+    if (strcmp(req->method, "POST") != 0) {
+        http_respond_error(req, 405, "invalid_request_error", "%s takes POST", req->path);
+        return;
+    }
+    json_error_t jerr;
+    json_t *body = req->body_len ? json_loadb(req->body, req->body_len, 0, &jerr) : NULL;
+    if (!json_is_object(body)) {
+        if (!req->body_len)
+            http_respond_error(req, 400, "invalid_request_error", "the request has no JSON body");
+        else if (!body)
+            http_respond_error(req, 400, "invalid_request_error", "invalid JSON at line %d column %d: %s",
+                               jerr.line, jerr.column, jerr.text);
+        else
+            http_respond_error(req, 400, "invalid_request_error", "the body must be a JSON object");
+        json_decref(body);
+        return;
+    }
+    json_t *mv = json_object_get(body, "model");
+    const char *name = json_string_value(mv);
+    if (mv && !name) {
+        json_decref(body);
+        http_respond_error(req, 400, "invalid_request_error", "\"model\" must be a string");
+        return;
+    }
+    if (!name || !*name)
+        name = p->cfg->default_model;
+    if (!name) {
+        json_decref(body);
+        http_respond_error(req, 400, "invalid_request_error",
+                           "the request names no \"model\" and pool.conf sets no default_model");
+        return;
+    }
+    struct pool_model *m = pool_find(p, name);
+    if (!m) {
+        respond_unknown_model(req, p, name);
+        json_decref(body);
+        return;
+    }
+    json_decref(body);
+    router_forward(api->router, req, m, NULL);
+}
+
+/* ANY /upstream/{model}/{path}: passthrough to one instance of the model. */
+static void route_upstream(struct http_request *req, struct api *api)
+{
+    const char *rest = req->target + strlen("/upstream/");
+    size_t len = strcspn(rest, "/?");
+    char *name = strndup(rest, len);
+    struct pool_model *m = name ? pool_find(api->pool, name) : NULL;
+    if (!m) {
+        respond_unknown_model(req, api->pool, name ? name : "");
+        free(name);
+        return;
+    }
+    free(name);
+    const char *target = rest + len;
+    char *t = NULL;
+    if (*target != '/' && asprintf(&t, "/%s", target) < 0)
+        t = NULL;
+    router_forward(api->router, req, m, t ? t : target);
+    free(t);
+}
+
+static void route_models(struct http_request *req, struct pool *p)
+{
+    json_t *data = json_array();
+    for (size_t i = 0; i < p->nmodels; i++) {
+        struct pool_model *m = p->models[i];
+        const char *st = pool_model_state(m);
+        const char *status = strcmp(st, "ready") == 0 ? "ready"
+                           : strcmp(st, "starting") == 0 ? "loading"
+                           : strcmp(st, "failed") == 0 ? "failed" : "unloaded";
+        json_t *aliases = json_array();
+        for (size_t j = 0; j < m->cfg->naliases; j++)
+            json_array_append_new(aliases, json_string(m->cfg->aliases[j]));
+        json_array_append_new(data, json_pack("{s:s,s:s,s:I,s:s,s:s,s:o}", "id", m->cfg->name,
+                                              "object", "model", "created", (json_int_t)p->started_at,
+                                              "owned_by", "llama-pool", "status", status,
+                                              "aliases", aliases));
+    }
+    respond_json(req, 200, json_pack("{s:s,s:o}", "object", "list", "data", data));
+}
+
+static void route_server(struct http_request *req, struct api *api)
+{
+    char *name = http_query_get(req, "model");
+    if (!name || !*name) {
+        free(name);
+        http_respond_error(req, 400, "invalid_request_error", "use /pool/server?model=NAME");
+        return;
+    }
+    struct pool_model *m = pool_find(api->pool, name);
+    if (!m)
+        respond_unknown_model(req, api->pool, name);
+    else
+        router_server(api->router, req, m);
+    free(name);
+}
+
 void api_handle(struct http_request *req, void *arg)
 {
     struct api *api = arg;
@@ -386,12 +544,32 @@ void api_handle(struct http_request *req, void *arg)
         respond_json(req, 200, json_pack("{s:s}", "status", "ok"));
         return;
     }
+    for (size_t i = 0; model_paths[i]; i++)
+        if (strcmp(path, model_paths[i]) == 0) {
+            if (api_key_ok(req, p))
+                route_model_request(req, api);
+            return;
+        }
+    if (strcmp(path, "/v1/models") == 0 || strcmp(path, "/models") == 0) {
+        if (api_key_ok(req, p))
+            route_models(req, p);
+        return;
+    }
+    if (strncmp(path, "/upstream/", 10) == 0 && path[10]) {
+        if (api_key_ok(req, p))
+            route_upstream(req, api);
+        return;
+    }
     if (strncmp(path, "/pool/", 6) != 0) {
-        http_respond_error(req, 404, "not_found_error", "File Not Found");
+        http_respond_error(req, 404, "not_found_error", "File Not Found: %s", path);
         return;
     }
     if (!admin_allowed(req, p))
         return;
+    if (strcmp(path, "/pool/server") == 0) {
+        route_server(req, api);
+        return;
+    }
     if (strcmp(path, "/pool/status") == 0) {
         route_status(req, p);
         return;

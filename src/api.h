@@ -11,8 +11,11 @@
 
 struct pool;
 
+struct router;
+
 struct api {
     struct pool *pool;
+    struct router *router;
     /* Re-read the config file and apply it; fills *errors_json on failure.
      * Set by main (it owns the config path). */
     int (*reload)(struct api *api, json_t **result);

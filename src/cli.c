@@ -50,6 +50,15 @@ static char *resolve_socket(const char *opt, const char *config)
     }
     char *sock = NULL;
     (void)ini_parse(config, find_socket_handler, &sock);
+    if (sock && sock[0] != '/') {
+        /* Relative to the config file, as the daemon reads it. */
+        const char *slash = strrchr(config, '/');
+        char *abs = NULL;
+        if (slash && asprintf(&abs, "%.*s/%s", (int)(slash - config), config, sock) >= 0) {
+            free(sock);
+            sock = abs;
+        }
+    }
     return sock ? sock : strdup(DEFAULT_SOCKET);
 }
 
@@ -692,6 +701,11 @@ int cli_run(int argc, char **argv, const char *sock_opt, const char *config)
         } else {
             args[n++] = argv[i];
         }
+    }
+    if (n == 0) {
+        fprintf(stderr, "llama-pool: which command? (try llama-pool --help)\n");
+        free(args);
+        return CLI_USAGE;
     }
     char *sock = resolve_socket(sock_opt, config);
     struct client c = { .socket = sock, .tty = isatty(STDOUT_FILENO) };

@@ -1559,8 +1559,8 @@ static int on_value(void *user, const char *section, const char *name, const cha
     (void)section;   /* ours is p->sec: inih's is cut at 50 bytes */
 
     if (p->kind == LK_CONT) {
-        if (!p->stashed)
-            p->value = value;
+        /* Our own split of the line, not inih's: inih 55 keeps an inline
+         * "; comment" on continuation lines. */
         switch (p->cont) {
         case CONT_IGNORE:
             break;

@@ -1316,6 +1316,15 @@ void http_stream_end(struct http_request *req)
     conn_end_response(c);
 }
 
+void http_stream_abort(struct http_request *req)
+{
+    struct http_conn *c = req_conn(req);
+    if (!c)
+        return;
+    c->resp_close = true;
+    conn_end_response(c);
+}
+
 /* ------------------------------------------------- listening, accepting */
 
 static void srv_update_accept(struct http_server *srv)

@@ -104,6 +104,10 @@ void http_stream_begin(struct http_request *req, int status, const char *content
 bool http_stream_write(struct http_request *req, const void *data, size_t len);
 size_t http_stream_buffered(const struct http_request *req);
 void http_stream_end(struct http_request *req);
+/* Ends a streamed response without its proper end (no terminating chunk)
+ * and closes the connection once queued bytes are sent, so the client sees
+ * a cut response rather than a complete one (the proxy's upstream broke). */
+void http_stream_abort(struct http_request *req);
 
 /* Reason phrase for a status code ("Not Found"). */
 const char *http_status_text(int status);

@@ -3,6 +3,7 @@
 
 #include "config.h"
 #include "health.h"
+#include "log.h"
 #include "memory.h"
 #include "port.h"
 #include "spawn.h"
@@ -43,16 +44,16 @@ static double now_of(const struct instance *inst)
     return ev_now(inst->world->loop);
 }
 
-static void instance_eventf(struct instance *inst, const char *fmt, ...)
-    __attribute__((format(printf, 2, 3)));
-static void instance_eventf(struct instance *inst, const char *fmt, ...)
+static void instance_eventf(struct instance *inst, int level, const char *fmt, ...)
+    __attribute__((format(printf, 3, 4)));
+static void instance_eventf(struct instance *inst, int level, const char *fmt, ...)
 {
     char msg[1024];
     va_list ap;
     va_start(ap, fmt);
     vsnprintf(msg, sizeof msg, fmt, ap);
     va_end(ap);
-    inst->world->ops->event(inst, msg, inst->world->arg);
+    inst->world->ops->event(inst, level, msg, inst->world->arg);
 }
 
 static void set_state(struct instance *inst, enum instance_state s)
@@ -305,7 +306,7 @@ static int instance_spawn(struct instance *inst, bool *fatal)
     ev_child_init(&inst->child_w, child_cb, pid, 0);
     inst->child_w.data = inst;
     ev_child_start(inst->world->loop, &inst->child_w);
-    instance_eventf(inst, "started pid %d on port %u", (int)pid, port);
+    instance_eventf(inst, LOG_INFO, "started pid %d on port %u", (int)pid, port);
     return 0;
 }
 
@@ -385,7 +386,7 @@ static void probe_cb(void *arg, long status, const char *body, size_t len, const
             snprintf(why, sizeof why, "HTTP %ld", status);
         else
             snprintf(why, sizeof why, "%s", err ? err : "no answer");
-        instance_eventf(inst, "/health failed (%s), %u of %u", why,
+        instance_eventf(inst, LOG_WARN, "/health failed (%s), %u of %u", why,
                         inst->health_failures + 1, LIVENESS_FAILURES);
     }
     instance_step(inst, IEV_HEALTH_FAIL);
@@ -401,9 +402,11 @@ static void props_cb(void *arg, long status, const char *body, size_t len, const
     json_error_t jerr;
     json_t *props = json_loadb(body, len, 0, &jerr);
     json_int_t slots = json_integer_value(json_object_get(props, "total_slots"));
-    if (slots > 0)
-        inst->slots = (unsigned)slots;
     json_decref(props);
+    if (slots > 0 && (unsigned)slots != inst->slots) {
+        inst->slots = (unsigned)slots;
+        inst->world->ops->updated(inst, inst->world->arg);
+    }
 }
 
 static void fetch_props(struct instance *inst)
@@ -434,7 +437,7 @@ static void begin_start(struct instance *inst)
 {
     bool fatal;
     if (instance_spawn(inst, &fatal) < 0) {
-        instance_eventf(inst, "cannot start: %s", inst->last_error);
+        instance_eventf(inst, LOG_ERROR, "cannot start: %s", inst->last_error);
         if (fatal) {
             set_state(inst, INSTANCE_FAILED);
             return;
@@ -459,7 +462,7 @@ static void on_crash(struct instance *inst, const char *what)
     double uptime = inst->ready_at > 0 ? now_of(inst) - inst->ready_at : 0;
     snprintf(msg, sizeof msg, "%s%s%s", what, last && *last ? ": " : "", last && *last ? last : "");
     set_error(inst, msg);
-    instance_eventf(inst, "%s", msg);
+    instance_eventf(inst, LOG_WARN, "%s", msg);
     reap_cleanup(inst);
     if (inst->world->ops->crashed(inst, inst->world->arg)) {
         set_state(inst, INSTANCE_FAILED);
@@ -467,7 +470,7 @@ static void on_crash(struct instance *inst, const char *what)
     }
     double delay = backoff_on_crash(&inst->backoff, uptime);
     inst->next_start_at = now_of(inst) + delay;
-    instance_eventf(inst, "restarting in %.0f s", delay);
+    instance_eventf(inst, LOG_INFO, "restarting in %.0f s", delay);
     arm_deadline(inst, delay);
     set_state(inst, INSTANCE_BACKOFF);
 }
@@ -492,7 +495,7 @@ static void on_exit_starting(struct instance *inst)
         unsigned port = inst->port;
         inst->port_retries++;
         reap_cleanup(inst);
-        instance_eventf(inst, "port %u is taken by another process; trying the next port", port);
+        instance_eventf(inst, LOG_WARN, "port %u is taken by another process; trying the next port", port);
         begin_start(inst);
         return;
     }
@@ -539,7 +542,7 @@ static void instance_step(struct instance *inst, enum instance_event ev)
             inst->health_failures = 0;
             ev_timer_stop(inst->world->loop, &inst->deadline);
             set_error(inst, NULL);
-            instance_eventf(inst, "ready on port %u after %.2f s", inst->port,
+            instance_eventf(inst, LOG_INFO, "ready on port %u after %.2f s", inst->port,
                             inst->ready_at - inst->spawned_at);
             inst->pss = memory_pss(inst->pid);
             fetch_props(inst);
@@ -550,7 +553,7 @@ static void instance_step(struct instance *inst, enum instance_event ev)
             arm_poll(inst, inst->reprobe ? 0 : POLL_STARTING_S);
             break;
         case IEV_DEADLINE:
-            instance_eventf(inst, "no progress for %.0f s while loading; stopping it",
+            instance_eventf(inst, LOG_WARN, "no progress for %.0f s while loading; stopping it",
                             (double)cfg->start_timeout_ms / 1000.0);
             inst->unhealthy_stop = true;
             begin_stop(inst);
@@ -582,7 +585,7 @@ static void instance_step(struct instance *inst, enum instance_event ev)
             break;
         case IEV_HEALTH_FAIL:
             if (++inst->health_failures >= LIVENESS_FAILURES) {
-                instance_eventf(inst, "not answering /health; restarting it");
+                instance_eventf(inst, LOG_WARN, "not answering /health; restarting it");
                 inst->unhealthy_stop = true;
                 begin_stop(inst);
             } else {
@@ -609,7 +612,7 @@ static void instance_step(struct instance *inst, enum instance_event ev)
     case INSTANCE_STOPPING:
         switch (ev) {
         case IEV_DEADLINE:
-            instance_eventf(inst, "still running %.0f s after SIGTERM; sending SIGKILL",
+            instance_eventf(inst, LOG_WARN, "still running %.0f s after SIGTERM; sending SIGKILL",
                             (double)cfg->stop_timeout_ms / 1000.0);
             inst->killed = true;
             signal_group(inst, SIGKILL);
@@ -624,7 +627,7 @@ static void instance_step(struct instance *inst, enum instance_event ev)
                                    : "restarted after failing /health");
                 break;
             }
-            instance_eventf(inst, "stopped (%s)", st);
+            instance_eventf(inst, LOG_INFO, "stopped (%s)", st);
             reap_cleanup(inst);
             set_state(inst, INSTANCE_STOPPED);
             if (inst->restart_after_stop) {

@@ -45,11 +45,14 @@ struct instance_ops {
     void (*changed)(struct instance *inst, enum instance_state old, void *arg);
     /* A line of the child's stdout/stderr (no newline). */
     void (*output)(struct instance *inst, const char *line, size_t len, void *arg);
-    /* An event about this instance worth logging (also for the model log). */
-    void (*event)(struct instance *inst, const char *msg, void *arg);
+    /* An event about this instance worth logging (also for the model log);
+     * LEVEL is a log.h level. */
+    void (*event)(struct instance *inst, int level, const char *msg, void *arg);
     /* The child crashed (or was restarted for failing health). Returns true
      * when the model is now crash-looping and the instance must not come back. */
     bool (*crashed)(struct instance *inst, void *arg);
+    /* Something other than the state changed (slots learnt from /props). */
+    void (*updated)(struct instance *inst, void *arg);
 };
 
 /* What an instance needs from the daemon; shared by all instances. */
@@ -68,6 +71,7 @@ struct instance {
     const struct config_model *model;  /* updated by the pool on reload */
     struct instance_world *world;
     void *owner;                  /* the pool's per-model data */
+    bool sched_known;             /* the router has told the scheduler of it */
 
     enum instance_state state;
     pid_t pid;

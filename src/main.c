@@ -8,6 +8,7 @@
 #include "log.h"
 #include "notify.h"
 #include "pool.h"
+#include "router.h"
 
 #include <curl/curl.h>
 #include <errno.h>
@@ -102,6 +103,7 @@ static int cmd_check(const char *path)
 struct daemon {
     struct ev_loop *loop;
     struct pool *pool;
+    struct router *router;
     struct api api;
     struct http_server *control;
     struct http_server *public;
@@ -172,6 +174,7 @@ static int daemon_reload(struct api *api, json_t **result)
         http_server_set_limits(d->public, &lim);
     json_t *summary = json_object();
     pool_reload(d->pool, cfg, summary);
+    router_reload(d->router);
     char *s = json_dumps(summary, JSON_COMPACT);
     log_info("reloaded: %s", s ? s : "");
     free(s);
@@ -256,15 +259,18 @@ static int ensure_socket_dir(const char *sock)
     return rc;
 }
 
-static int cmd_serve(const char *path)
+static int cmd_serve(const char *given)
 {
     struct config_errors errs = { 0 };
+    char *resolved = realpath(given, NULL);
+    const char *path = resolved ? resolved : given;
     struct config *cfg = config_load(path, &errs);
     if (!cfg) {
         print_errors(&errs);
         fprintf(stderr, "llama-pool: %s has %zu error%s; not starting\n", path, errs.n,
                 errs.n == 1 ? "" : "s");
         config_errors_free(&errs);
+        free(resolved);
         return CLI_FAILED;
     }
 
@@ -275,9 +281,7 @@ static int cmd_serve(const char *path)
         config_free(cfg);
         return CLI_FAILED;
     }
-    d.config_file = realpath(path, NULL);
-    if (!d.config_file)
-        d.config_file = strdup(path);
+    d.config_file = resolved ? resolved : strdup(given);
     signal(SIGPIPE, SIG_IGN);
     /* Grandchildren a llama-server leaves behind are ours to reap, not init's. */
     (void)prctl(PR_SET_CHILD_SUBREAPER, 1);
@@ -299,8 +303,8 @@ static int cmd_serve(const char *path)
             goto fail;
         }
     }
-    log_info("llama-pool %s: %zu models from %s; control socket %s%s%s", LLAMA_POOL_VERSION,
-             cfg->nmodels, d.config_file, cfg->control_socket,
+    log_info("llama-pool %s: %zu model%s from %s; control socket %s%s%s", LLAMA_POOL_VERSION,
+             cfg->nmodels, cfg->nmodels == 1 ? "" : "s", d.config_file, cfg->control_socket,
              d.public ? "; listening on " : "", d.public ? cfg->listen : "");
 
     d.pool = pool_new(d.loop, cfg);
@@ -311,6 +315,12 @@ static int cmd_serve(const char *path)
     }
     cfg = NULL;                     /* the pool owns it now */
     d.api.pool = d.pool;
+    d.router = router_new(d.loop, d.pool);
+    if (!d.router) {
+        log_error("out of memory");
+        goto fail;
+    }
+    d.api.router = d.router;
 
     ev_signal_init(&d.sigterm, on_stop_signal, SIGTERM);
     ev_signal_init(&d.sigint, on_stop_signal, SIGINT);
@@ -328,8 +338,10 @@ static int cmd_serve(const char *path)
     ev_run(d.loop, 0);
 
     notify_stop();
+    /* Clients first (their requests end through the router), then the rest. */
     http_server_free(d.public);
     http_server_free(d.control);
+    router_free(d.router);
     pool_free(d.pool);
     free(d.config_file);
     log_info("exited cleanly");
@@ -338,6 +350,11 @@ static int cmd_serve(const char *path)
 fail:
     http_server_free(d.public);
     http_server_free(d.control);
+    router_free(d.router);
+    if (d.pool) {
+        pool_kill_all(d.pool);
+        pool_free(d.pool);
+    }
     config_free(cfg);
     free(d.config_file);
     return CLI_FAILED;
@@ -356,6 +373,14 @@ int main(int argc, char **argv)
     const char *config = NULL, *sock = NULL;
     bool verbose = false;
 
+    /* "llama-pool -c FILE check": move the command before the option. */
+    if (argc >= 4 && (strcmp(argv[1], "-c") == 0 || strcmp(argv[1], "-s") == 0 ||
+                      strcmp(argv[1], "--config") == 0 || strcmp(argv[1], "--socket") == 0)) {
+        char *command = argv[3];
+        argv[3] = argv[2];
+        argv[2] = argv[1];
+        argv[1] = command;
+    }
     if (argc < 2) {
         usage(stderr);
         return CLI_USAGE;

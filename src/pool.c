@@ -90,6 +90,8 @@ static void gc_soon(struct pool *p)
 static void update_systemd_status(struct pool *p)
 {
     char buf[256];
+    if (p->shutting_down)
+        return;                 /* keep "stopping instances" */
     pool_summary(p, buf, sizeof buf);
     notify_status(buf);
 }
@@ -103,9 +105,18 @@ static void inst_changed(struct instance *inst, enum instance_state old, void *a
         next = o->next;
         o->fn(o, &ev);
     }
+    if (p->hook)
+        p->hook(inst, old, p->hook_arg);
     if (inst->state == INSTANCE_STOPPED || m->retired || p->shutting_down)
         gc_soon(p);
     update_systemd_status(p);
+}
+
+static void inst_updated(struct instance *inst, void *arg)
+{
+    struct pool *p = arg;
+    if (p->hook)
+        p->hook(inst, inst->state, p->hook_arg);
 }
 
 static void inst_output(struct instance *inst, const char *line, size_t len, void *arg)
@@ -114,10 +125,10 @@ static void inst_output(struct instance *inst, const char *line, size_t len, voi
     model_log(inst->owner, inst, ":", line, len);
 }
 
-static void inst_event(struct instance *inst, const char *msg, void *arg)
+static void inst_event(struct instance *inst, int level, const char *msg, void *arg)
 {
     (void)arg;
-    log_info("%s: %s", inst->id, msg);
+    log_msg((enum log_level)level, "%s: %s", inst->id, msg);
     model_log(inst->owner, inst, ": [llama-pool]", msg, strlen(msg));
 }
 
@@ -132,9 +143,9 @@ static bool inst_crashed(struct instance *inst, void *arg)
     if (!crash_log_add(&m->crashes, now, window, p->cfg->max_restarts))
         return false;
     char msg[1200];
-    snprintf(msg, sizeof msg, "%s (crashed %zu times within %.0f s; marked failed until start or reload)",
-             inst->last_error ? inst->last_error : "crashed",
-             crash_log_count(&m->crashes, now, window), window);
+    size_t crashes = crash_log_count(&m->crashes, now, window);
+    snprintf(msg, sizeof msg, "%s (crashed %zu time%s within %.0f s; marked failed until start or reload)",
+             inst->last_error ? inst->last_error : "crashed", crashes, crashes == 1 ? "" : "s", window);
     free(m->last_error);
     m->last_error = strdup(msg);
     m->failed = true;
@@ -148,9 +159,22 @@ static const struct instance_ops pool_instance_ops = {
     .output = inst_output,
     .event = inst_event,
     .crashed = inst_crashed,
+    .updated = inst_updated,
 };
 
 /* ---------- models ---------- */
+
+/* Slots a child of CM will have: its -np/--parallel, else llama-server's
+ * automatic 4. The real count comes from /props once it is ready. */
+static unsigned np_hint(const struct config_model *cm)
+{
+    for (size_t i = 0; i + 1 < cm->nargs; i++)
+        if (strcmp(cm->args[i], "-np") == 0 || strcmp(cm->args[i], "--parallel") == 0) {
+            long n = strtol(cm->args[i + 1], NULL, 10);
+            return n > 0 ? (unsigned)n : 4;
+        }
+    return 4;
+}
 
 static struct pool_model *model_new(struct pool *p, const struct config_model *cm)
 {
@@ -159,6 +183,7 @@ static struct pool_model *model_new(struct pool *p, const struct config_model *c
         return NULL;
     m->pool = p;
     m->cfg = cm;
+    m->np_hint = np_hint(cm);
     m->log_fd = -1;
     m->observers.next = m->observers.prev = &m->observers;
     return m;
@@ -253,10 +278,9 @@ int pool_model_start(struct pool_model *m, unsigned n, char *err, size_t errlen)
         snprintf(err, errlen, "llama-pool is shutting down");
         return -1;
     }
-    if (m->failed) {
-        m->failed = false;
-        crash_log_clear(&m->crashes);
-    }
+    /* An operator's start forgets past crashes. */
+    m->failed = false;
+    crash_log_clear(&m->crashes);
     /* Failed instances are started again first, then new ones are added. */
     for (size_t i = 0; i < m->ninst && model_active(m) < n; i++) {
         enum instance_state s = m->inst[i]->state;
@@ -267,9 +291,15 @@ int pool_model_start(struct pool_model *m, unsigned n, char *err, size_t errlen)
         struct instance *inst = model_add_instance(m);
         if (!inst) {
             snprintf(err, errlen, "out of memory");
-            return -1;
+            return -2;
         }
         instance_start(inst);
+        /* It could not even be spawned (no llama-server binary): adding
+         * more would fail the same way. */
+        if (inst->state == INSTANCE_FAILED) {
+            snprintf(err, errlen, "%s: %s", inst->id, inst->last_error ? inst->last_error : "cannot start");
+            return -2;
+        }
     }
     /* A start also revives an instance waiting in backoff. */
     for (size_t i = 0; i < m->ninst; i++)
@@ -278,11 +308,30 @@ int pool_model_start(struct pool_model *m, unsigned n, char *err, size_t errlen)
     return 0;
 }
 
+struct instance *pool_model_add(struct pool_model *m)
+{
+    if (m->pool->shutting_down || m->retired || model_active(m) >= m->cfg->instances_max)
+        return NULL;
+    /* A stopped or failed instance is reused before a new one is made. */
+    for (size_t i = 0; i < m->ninst; i++) {
+        enum instance_state s = m->inst[i]->state;
+        if (s == INSTANCE_STOPPED || s == INSTANCE_FAILED) {
+            instance_start(m->inst[i]);
+            return m->inst[i];
+        }
+    }
+    struct instance *inst = model_add_instance(m);
+    if (inst)
+        instance_start(inst);
+    return inst;
+}
+
 void pool_model_stop(struct pool_model *m)
 {
     for (size_t i = 0; i < m->ninst; i++)
         instance_stop(m->inst[i]);
     m->failed = false;
+    crash_log_clear(&m->crashes);
     gc_soon(m->pool);
 }
 
@@ -463,6 +512,7 @@ void pool_kill_all(struct pool *p)
 static void model_rebind(struct pool_model *m, const struct config_model *cm)
 {
     m->cfg = cm;
+    m->np_hint = np_hint(cm);
     for (size_t i = 0; i < m->ninst; i++)
         m->inst[i]->model = cm;
 }
@@ -660,7 +710,8 @@ json_t *pool_model_json(struct pool_model *m)
     json_object_set_new(o, "instances_max", json_integer(m->cfg->instances_max));
     json_object_set_new(o, "memory_estimate",
                         json_integer(m->cfg->memory_kind == CONFIG_MEMORY_SIZE ? (json_int_t)m->cfg->memory_bytes : 0));
-    json_object_set_new(o, "waiting", json_integer(0));
+    json_object_set_new(o, "waiting", json_integer(
+        m->pool->waiting ? (json_int_t)m->pool->waiting(m, m->pool->hook_arg) : 0));
     const char *err = m->last_error;
     if (!m->failed) {
         err = NULL;
@@ -701,7 +752,8 @@ json_t *pool_status_json(struct pool *p, const struct pool_model *only)
     json_object_set_new(mem, "available", json_integer((json_int_t)avail));
     json_object_set_new(root, "memory", mem);
     json_t *queue = json_object();
-    json_object_set_new(queue, "waiting", json_integer(0));
+    json_object_set_new(queue, "waiting", json_integer(
+        p->waiting ? (json_int_t)p->waiting(NULL, p->hook_arg) : 0));
     json_object_set_new(queue, "max", json_integer(p->cfg->max_queue));
     json_object_set_new(root, "queue", queue);
     json_object_set_new(root, "uptime_s", json_real(ev_now(p->loop) - p->started_at));

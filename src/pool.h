@@ -56,6 +56,8 @@ struct pool_model {
     int log_fd;                     /* opened on first line, -1 otherwise */
     struct pool_observer observers; /* list head */
     bool retired;                   /* removed by reload; freed once stopped */
+    size_t slot;                    /* the scheduler's index for it, stable across reloads */
+    unsigned np_hint;               /* -np/--parallel in its args, else 4 */
 };
 
 struct pool {
@@ -73,6 +75,11 @@ struct pool {
     ev_timer gc;                    /* frees stopped instances, outside callbacks */
     bool shutting_down;
     void (*on_stopped)(struct pool *p);   /* shutdown finished */
+    /* One listener for every instance change (the router). */
+    void (*hook)(struct instance *inst, enum instance_state old, void *arg);
+    void *hook_arg;
+    /* Requests waiting for model M (all models when M is NULL). */
+    size_t (*waiting)(const struct pool_model *m, void *arg);
     double started_at;
 };
 
@@ -82,9 +89,12 @@ void pool_free(struct pool *p);
 struct pool_model *pool_find(struct pool *p, const char *name_or_alias);
 
 /* Make sure at least N instances (1 when N is 0; at most the model's max)
- * are starting or ready. Clears a crash-loop failure. Returns 0, or -1 with
- * ERR filled. */
+ * are starting or ready. Clears a crash-loop failure. Returns 0; -1 when
+ * the request is invalid (N above max, shutting down); -2 when an instance
+ * could not be started at all (no llama-server binary…). ERR says why. */
 int pool_model_start(struct pool_model *m, unsigned n, char *err, size_t errlen);
+/* Start one more instance (on demand); NULL when at max or out of memory. */
+struct instance *pool_model_add(struct pool_model *m);
 void pool_model_stop(struct pool_model *m);
 void pool_model_restart(struct pool_model *m);
 

@@ -895,7 +895,7 @@ static void test_continuation_lines(void **state)
         "[model m]\n"
         "path = m.gguf\n"
         "args =\n"
-        "    -c 4096\n"
+        "    -c 4096   ; an inline comment on a continuation line is dropped\n"
         "    ; a comment inside does not end it\n"
         "    --alias 'two words'\n"
         "aliases = a1,\n"

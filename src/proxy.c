@@ -1,0 +1,1337 @@
+/* proxy — relay one client request to a llama-server instance and its
+ * answer back. See proxy.h for the contract.
+ *
+ * Shape of the code, top to bottom:
+ *   types: upstream connections (struct upconn), per-port idle pools,
+ *          calls (struct proxy_call)
+ *   header names: hop-by-hop lists, token checks
+ *   upstream connections: connect, idle pool (LIFO, bounded, expiring)
+ *   the request: one buffer for the head, one sendmsg for head + body
+ *   the response: llhttp callbacks (filter headers, relay body pieces)
+ *   ending a call: success, upstream failure (502 / SSE error / cut),
+ *          client gone
+ *   the public API
+ *
+ * A call goes through these stages (its connection's watcher and timer
+ * mean something different in each):
+ *   CONNECTING  fresh socket, connect in progress: the watcher waits for
+ *               writability, the timer is the connect timeout (→ 502).
+ *   SENDING     request bytes left: EV_WRITE as long as the socket is full;
+ *               EV_READ too, the upstream may answer early.
+ *   WAITING     request sent, no response byte yet: EV_READ, no timer
+ *               (a queued request waits for a slot as long as it takes).
+ *               EOF or reset here on a reused connection → retry once on a
+ *               fresh one; otherwise 502.
+ *   RELAYING    response head seen: body pieces go to the client as they
+ *               arrive; EV_READ stops while the client's buffer is above
+ *               its high-water mark (until on_drain). No timer.
+ *   done        message complete: the connection goes back to its idle pool
+ *               if both sides allow keep-alive, else it is closed.
+ * An idle pooled connection watches for EOF/data (→ closed) and expires
+ * after IDLE_TIMEOUT_S, before llama-server's own 5 s keep-alive limit.
+ *
+ * Reading uses one buffer shared by all calls (the proxy's): every byte
+ * read is parsed, and every body byte handed to http_stream_write, before
+ * the callback returns, so no call keeps unparsed input. Memory per call is
+ * thus bounded by http.c's high-water mark plus one read. */
+#define _GNU_SOURCE
+#include "proxy.h"
+
+#include "log.h"
+
+#include <arpa/inet.h>
+#include <errno.h>
+#include <llhttp.h>
+#include <netinet/in.h>
+#include <netinet/tcp.h>
+#include <stdarg.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <strings.h>
+#include <sys/socket.h>
+#include <sys/uio.h>
+#include <unistd.h>
+
+#define READ_BUF_SIZE     (64 * 1024)  /* shared by all calls */
+#define READS_PER_WAKEUP  4            /* full reads in a row before yielding to the loop */
+#define IDLE_PER_PORT     64           /* idle keep-alive connections kept per port */
+#define IDLE_TIMEOUT_S    4.0          /* llama-server closes idle connections at 5 s */
+#define CONNECT_TIMEOUT_S 5.0
+#define MAX_RESP_HEAD     (64 * 1024)  /* upstream header lines we keep */
+#define WHOLE_MAX         (64 * 1024)  /* Content-Length up to this: answered whole */
+#define FREE_CALLS_MAX    256          /* recycled call structs kept */
+#define CTYPE_MAX         256
+
+/* ---------------------------------------------------------------- types */
+
+enum uc_state {
+    UC_BUSY, /* owned by a call */
+    UC_IDLE, /* in its port's pool */
+};
+
+struct port_pool;
+
+/* One upstream TCP connection. */
+struct upconn {
+    struct proxy *p;
+    struct port_pool *pool;
+    int fd;
+    enum uc_state state;
+    ev_io io;                  /* events follow the owning call's needs; EV_READ when idle */
+    ev_timer timer;            /* connect timeout while connecting; expiry while idle */
+    struct upconn *prev, *next; /* idle list, most recent first */
+    struct proxy_call *call;   /* owner while busy */
+};
+
+struct port_pool {
+    unsigned port;
+    struct upconn *idle;       /* most recently used first: reuse is LIFO */
+    unsigned nidle;
+};
+
+/* How the response head's current header line is handled. */
+enum hdr_action {
+    HDR_KEEP,  /* passed to the client */
+    HDR_DROP,  /* hop-by-hop, framing, or replaced by http.c */
+    HDR_CTYPE, /* Content-Type: passed as http_stream_begin's content type */
+    HDR_CONN,  /* Connection: dropped, its tokens name more headers to drop */
+};
+
+struct proxy_call {
+    struct proxy *p;
+    struct proxy_call *prev, *next;   /* active calls; next also links the free list */
+    struct http_request *req;         /* NULL once the response has ended or the client left */
+    unsigned port;
+    proxy_done_fn done;
+    void *arg;
+    struct upconn *uc;
+
+    /* the request */
+    char *out;                        /* request line and headers */
+    size_t out_len, out_cap;
+    size_t sent;                      /* bytes of out + body written */
+    bool connected;                   /* the socket took bytes (or was reused) */
+    bool reused;                      /* the connection came from the idle pool */
+    bool retried;
+    bool send_failed;                 /* stop writing; the read side sees the end */
+
+    /* the response */
+    llhttp_t parser;
+    bool got_bytes;                   /* any response byte on this connection */
+    bool head_done;
+    bool started;                     /* http_stream_begin called */
+    bool whole;                       /* collect the body, answer with http_respond */
+    bool complete;                    /* message complete (parser paused) */
+    bool keep_alive;                  /* upstream allows reuse */
+    bool paused;                      /* client buffer full: not reading upstream */
+    bool is_sse;
+    bool head_req;
+    int status;
+    char *hdr;                        /* kept header lines "Name: value\r\n", NUL-terminated */
+    size_t hdr_len, hdr_cap;
+    size_t line_start, value_start;
+    enum hdr_action action;
+    bool in_field;
+    bool bad_value;
+    bool has_accel;                   /* upstream sent X-Accel-Buffering */
+    char ctype[CTYPE_MAX];
+    size_t ctype_len;
+    char conn[CTYPE_MAX];             /* upstream Connection tokens */
+    size_t conn_len;
+    char tail[2];                     /* last two body bytes relayed (SSE framing) */
+    bool relayed;                     /* any body byte relayed */
+    const char *body;                 /* whole mode: the body (body_buf or the read buffer) */
+    size_t body_len, body_expect;
+    char *body_buf;
+    size_t body_cap;
+    const char *fail_why;             /* set by a callback that rejects the response */
+    bool *ended;                      /* proxy_forward's: set when the call ends inside it */
+};
+
+struct proxy {
+    struct ev_loop *loop;
+    llhttp_settings_t settings;
+    struct port_pool **pools;
+    size_t npools, pools_cap;
+    struct port_pool *last_pool;      /* most requests go to the port of the last one */
+    struct proxy_call *calls;         /* active */
+    struct proxy_call *free_calls;
+    size_t nfree;
+    char rbuf[READ_BUF_SIZE];
+};
+
+static void call_start(struct proxy_call *call);
+static void call_update_io(struct proxy_call *call);
+
+/* --------------------------------------------------------- header names */
+
+static bool name_is(const char *name, size_t len, const char *lit, size_t litlen)
+{
+    return len == litlen && strncasecmp(name, lit, len) == 0;
+}
+#define NAME_IS(n, l, lit) name_is((n), (l), lit, sizeof lit - 1)
+
+/* tchar of RFC 9110: what a field name may contain. */
+static bool is_tchar(unsigned char ch)
+{
+    static const char extra[] = "!#$%&'*+-.^_`|~";
+    return (ch >= 'a' && ch <= 'z') || (ch >= 'A' && ch <= 'Z') || (ch >= '0' && ch <= '9') ||
+           (ch && strchr(extra, ch));
+}
+
+static bool valid_name(const char *s, size_t len)
+{
+    if (len == 0)
+        return false;
+    for (size_t i = 0; i < len; i++)
+        if (!is_tchar((unsigned char)s[i]))
+            return false;
+    return true;
+}
+
+/* Field values: no control characters except HTAB (no CR/LF smuggling). */
+static bool valid_value_char(unsigned char ch)
+{
+    return ch == '\t' || (ch >= 0x20 && ch != 0x7f);
+}
+
+static bool valid_value(const char *s)
+{
+    for (; *s; s++)
+        if (!valid_value_char((unsigned char)*s))
+            return false;
+    return true;
+}
+
+/* Hop-by-hop in both directions (RFC 9110 7.6.1 and the usual extras). */
+static bool is_hop_by_hop(const char *n, size_t l)
+{
+    switch (l) {
+    case 2: return NAME_IS(n, l, "TE");
+    case 7: return NAME_IS(n, l, "Trailer") || NAME_IS(n, l, "Upgrade");
+    case 10: return NAME_IS(n, l, "Connection") || NAME_IS(n, l, "Keep-Alive");
+    case 16: return NAME_IS(n, l, "Proxy-Connection");
+    case 17: return NAME_IS(n, l, "Transfer-Encoding");
+    case 18: return NAME_IS(n, l, "Proxy-Authenticate");
+    case 19: return NAME_IS(n, l, "Proxy-Authorization");
+    default: return false;
+    }
+}
+
+/* Does the comma-separated token LIST name NAME? */
+static bool token_listed(const char *list, size_t list_len, const char *name, size_t len)
+{
+    const char *s = list, *end = list + list_len;
+    while (s < end) {
+        while (s < end && (*s == ' ' || *s == '\t' || *s == ','))
+            s++;
+        const char *t = s;
+        while (s < end && *s != ',')
+            s++;
+        const char *e = s;
+        while (e > t && (e[-1] == ' ' || e[-1] == '\t'))
+            e--;
+        if ((size_t)(e - t) == len && strncasecmp(t, name, len) == 0)
+            return true;
+    }
+    return false;
+}
+
+/* Does a Connection value name anything besides keep-alive and close? */
+static bool conn_names_headers(const char *list, size_t list_len)
+{
+    const char *s = list, *end = list + list_len;
+    while (s < end) {
+        while (s < end && (*s == ' ' || *s == '\t' || *s == ','))
+            s++;
+        const char *t = s;
+        while (s < end && *s != ',')
+            s++;
+        const char *e = s;
+        while (e > t && (e[-1] == ' ' || e[-1] == '\t'))
+            e--;
+        size_t l = (size_t)(e - t);
+        if (l && !NAME_IS(t, l, "keep-alive") && !NAME_IS(t, l, "close"))
+            return true;
+    }
+    return false;
+}
+
+/* ------------------------------------------------- upstream connections */
+
+static struct port_pool *pool_find(struct proxy *p, unsigned port, bool create)
+{
+    if (p->last_pool && p->last_pool->port == port)
+        return p->last_pool;
+    for (size_t i = 0; i < p->npools; i++)
+        if (p->pools[i]->port == port)
+            return p->last_pool = p->pools[i];
+    if (!create)
+        return NULL;
+    if (p->npools == p->pools_cap) {
+        size_t cap = p->pools_cap ? p->pools_cap * 2 : 8;
+        struct port_pool **v = realloc(p->pools, cap * sizeof *v);
+        if (!v)
+            return NULL;
+        p->pools = v;
+        p->pools_cap = cap;
+    }
+    struct port_pool *pp = calloc(1, sizeof *pp);
+    if (!pp)
+        return NULL;
+    pp->port = port;
+    p->pools[p->npools++] = pp;
+    return p->last_pool = pp;
+}
+
+static void uc_io_cb(struct ev_loop *loop, ev_io *w, int revents);
+static void uc_timer_cb(struct ev_loop *loop, ev_timer *w, int revents);
+
+/* Sets the watcher to EVENTS (0: stopped), touching libev only on change. */
+static void uc_watch(struct upconn *uc, int events)
+{
+    struct ev_loop *loop = uc->p->loop;
+    bool active = ev_is_active(&uc->io);
+    if (active && (uc->io.events & (EV_READ | EV_WRITE)) == events)
+        return;
+    if (!active && events == 0)
+        return;
+    if (active)
+        ev_io_stop(loop, &uc->io);
+    if (events) {
+        ev_io_set(&uc->io, uc->fd, events);
+        ev_io_start(loop, &uc->io);
+    }
+}
+
+static void pool_unlink(struct upconn *uc)
+{
+    struct port_pool *pp = uc->pool;
+    if (uc->prev)
+        uc->prev->next = uc->next;
+    else
+        pp->idle = uc->next;
+    if (uc->next)
+        uc->next->prev = uc->prev;
+    uc->prev = uc->next = NULL;
+    pp->nidle--;
+}
+
+static void uc_close(struct upconn *uc)
+{
+    struct ev_loop *loop = uc->p->loop;
+    if (uc->state == UC_IDLE)
+        pool_unlink(uc);
+    ev_io_stop(loop, &uc->io);
+    ev_timer_stop(loop, &uc->timer);
+    if (close(uc->fd) < 0)
+        log_warn("proxy: upstream port %u: close: %s", uc->pool->port, strerror(errno));
+    free(uc);
+}
+
+/* A new connection to 127.0.0.1:PORT, connect in progress (or done).
+ * NULL with *ERR set when it failed at once. */
+static struct upconn *uc_connect(struct proxy *p, struct port_pool *pp, int *err)
+{
+    struct upconn *uc = calloc(1, sizeof *uc);
+    if (!uc) {
+        *err = ENOMEM;
+        return NULL;
+    }
+    int fd = socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC | SOCK_NONBLOCK, 0);
+    if (fd < 0) {
+        *err = errno;
+        free(uc);
+        return NULL;
+    }
+    int one = 1;
+    if (setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof one) < 0)
+        log_warn("proxy: upstream port %u: TCP_NODELAY: %s", pp->port, strerror(errno));
+    struct sockaddr_in sin = { .sin_family = AF_INET, .sin_port = htons((uint16_t)pp->port) };
+    sin.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+    int r;
+    do
+        r = connect(fd, (struct sockaddr *)&sin, sizeof sin);
+    while (r < 0 && errno == EINTR);
+    if (r < 0 && errno != EINPROGRESS) {
+        *err = errno;
+        close(fd);
+        free(uc);
+        return NULL;
+    }
+    uc->p = p;
+    uc->pool = pp;
+    uc->fd = fd;
+    uc->state = UC_BUSY;
+    ev_io_init(&uc->io, uc_io_cb, fd, EV_WRITE);
+    ev_init(&uc->timer, uc_timer_cb);
+    uc->io.data = uc->timer.data = uc;
+    ev_timer_set(&uc->timer, CONNECT_TIMEOUT_S, 0.);
+    ev_timer_start(p->loop, &uc->timer);
+    return uc;
+}
+
+/* The most recently used idle connection to PP, or NULL. */
+static struct upconn *pool_take(struct port_pool *pp)
+{
+    struct upconn *uc = pp->idle;
+    if (!uc)
+        return NULL;
+    pool_unlink(uc);
+    uc->state = UC_BUSY;
+    ev_timer_stop(uc->p->loop, &uc->timer);
+    return uc;
+}
+
+/* Back to the pool (or closed when the pool is full). */
+static void pool_put(struct upconn *uc)
+{
+    struct port_pool *pp = uc->pool;
+    if (pp->nidle >= IDLE_PER_PORT) {
+        uc_close(uc);
+        return;
+    }
+    uc->call = NULL;
+    uc->state = UC_IDLE;
+    uc->prev = NULL;
+    uc->next = pp->idle;
+    if (pp->idle)
+        pp->idle->prev = uc;
+    pp->idle = uc;
+    pp->nidle++;
+    uc_watch(uc, EV_READ);
+    ev_timer_set(&uc->timer, IDLE_TIMEOUT_S, 0.);
+    ev_timer_start(uc->p->loop, &uc->timer);
+}
+
+/* An idle connection is readable: EOF, reset, or bytes nobody asked for.
+ * Either way it is no longer safe to reuse. */
+static void uc_idle_readable(struct upconn *uc)
+{
+    char b;
+    ssize_t n = recv(uc->fd, &b, 1, MSG_PEEK);
+    if (n < 0 && (errno == EAGAIN || errno == EWOULDBLOCK || errno == EINTR))
+        return;
+    uc_close(uc);
+}
+
+/* ----------------------------------------------------------- the request */
+
+static bool out_reserve(struct proxy_call *call, size_t n)
+{
+    if (call->out_cap >= n)
+        return true;
+    size_t cap = call->out_cap ? call->out_cap : 1024;
+    while (cap < n)
+        cap *= 2;
+    char *o = realloc(call->out, cap);
+    if (!o)
+        return false;
+    call->out = o;
+    call->out_cap = cap;
+    return true;
+}
+
+/* Unchecked appends: out_reserve made room for the whole head first. */
+static char *put(char *o, const char *s, size_t n)
+{
+    memcpy(o, s, n);
+    return o + n;
+}
+#define PUT_LIT(o, lit) put((o), lit, sizeof lit - 1)
+
+static char *put_uint(char *o, unsigned long long v)
+{
+    char tmp[24];
+    size_t n = 0;
+    do
+        tmp[n++] = (char)('0' + v % 10);
+    while ((v /= 10) != 0);
+    while (n)
+        *o++ = tmp[--n];
+    return o;
+}
+
+/* The address part of req->peer ("1.2.3.4:5" → "1.2.3.4", "[::1]:5" → "::1"). */
+static size_t peer_addr(const char *peer, const char **addr)
+{
+    if (peer[0] == '[') {
+        const char *rb = strchr(peer, ']');
+        *addr = peer + 1;
+        return rb ? (size_t)(rb - peer - 1) : 0;
+    }
+    const char *colon = strrchr(peer, ':');
+    *addr = peer;
+    return colon ? (size_t)(colon - peer) : 0; /* "unix": nothing to add */
+}
+
+static bool valid_target(const char *t)
+{
+    if (!*t)
+        return false;
+    for (; *t; t++)
+        if ((unsigned char)*t <= 0x20 || *t == 0x7f)
+            return false;
+    return true;
+}
+
+/* Request line and headers for upstream, in call->out. */
+static bool call_build_head(struct proxy_call *call, const char *target)
+{
+    const struct http_request *req = call->req;
+    const char *conn_lists[8];
+    size_t nconn = 0;
+    bool conn_extra = false, framed = false;
+    size_t need = strlen(req->method) + strlen(target) + 128;
+    size_t xff_need = 0;
+
+    for (size_t i = 0; i < req->nheaders; i++) {
+        const char *n = req->headers[i].name, *v = req->headers[i].value;
+        size_t nl = strlen(n), vl = strlen(v);
+        need += nl + vl + 4;
+        if (NAME_IS(n, nl, "Connection")) {
+            if (nconn < sizeof conn_lists / sizeof *conn_lists)
+                conn_lists[nconn++] = v;
+            if (conn_names_headers(v, vl))
+                conn_extra = true;
+        } else if (NAME_IS(n, nl, "X-Forwarded-For")) {
+            xff_need += vl + 2;
+        } else if (NAME_IS(n, nl, "Content-Length") || NAME_IS(n, nl, "Transfer-Encoding")) {
+            framed = true;
+        }
+    }
+    const char *paddr;
+    size_t paddr_len = peer_addr(req->peer, &paddr);
+    need += xff_need + paddr_len + 64;
+    if (!out_reserve(call, need))
+        return false;
+
+    char *o = call->out;
+    o = put(o, req->method, strlen(req->method));
+    *o++ = ' ';
+    o = put(o, target, strlen(target));
+    o = PUT_LIT(o, " HTTP/1.1\r\nHost: 127.0.0.1:");
+    o = put_uint(o, call->port);
+    o = PUT_LIT(o, "\r\n");
+    for (size_t i = 0; i < req->nheaders; i++) {
+        const char *n = req->headers[i].name, *v = req->headers[i].value;
+        size_t nl = strlen(n);
+        if (!valid_name(n, nl) || !valid_value(v) || is_hop_by_hop(n, nl) ||
+            NAME_IS(n, nl, "Host") || NAME_IS(n, nl, "Content-Length") ||
+            NAME_IS(n, nl, "X-Forwarded-For") || NAME_IS(n, nl, "Expect"))
+            continue;
+        if (conn_extra) {
+            bool listed = false;
+            for (size_t k = 0; k < nconn && !listed; k++)
+                listed = token_listed(conn_lists[k], strlen(conn_lists[k]), n, nl);
+            if (listed)
+                continue;
+        }
+        o = put(o, n, nl);
+        o = PUT_LIT(o, ": ");
+        o = put(o, v, strlen(v));
+        o = PUT_LIT(o, "\r\n");
+    }
+    /* X-Forwarded-For: what the client brought, then the client itself */
+    bool xff_any = false;
+    for (size_t i = 0; i < req->nheaders; i++) {
+        const char *n = req->headers[i].name, *v = req->headers[i].value;
+        if (!NAME_IS(n, strlen(n), "X-Forwarded-For") || !*v || !valid_value(v))
+            continue;
+        o = xff_any ? PUT_LIT(o, ", ") : PUT_LIT(o, "X-Forwarded-For: ");
+        o = put(o, v, strlen(v));
+        xff_any = true;
+    }
+    if (paddr_len) {
+        o = xff_any ? PUT_LIT(o, ", ") : PUT_LIT(o, "X-Forwarded-For: ");
+        o = put(o, paddr, paddr_len);
+        xff_any = true;
+    }
+    if (xff_any)
+        o = PUT_LIT(o, "\r\n");
+    if (req->body_len > 0 || framed) {
+        o = PUT_LIT(o, "Content-Length: ");
+        o = put_uint(o, req->body_len);
+        o = PUT_LIT(o, "\r\n");
+    }
+    o = PUT_LIT(o, "\r\n");
+    call->out_len = (size_t)(o - call->out);
+    return true;
+}
+
+/* ------------------------------------------------------- ending a call */
+
+/* Unhooks the call from the request and the proxy, recycles it, then
+ * reports OUTCOME. The response has ended (or the client is gone). */
+static void call_end(struct proxy_call *call, enum proxy_outcome outcome)
+{
+    struct proxy *p = call->p;
+    proxy_done_fn done = call->done;
+    void *arg = call->arg;
+
+    if (call->ended)
+        *call->ended = true;
+    if (call->req) {
+        call->req->on_close = NULL;
+        call->req->on_drain = NULL;
+        call->req = NULL;
+    }
+    if (call->prev)
+        call->prev->next = call->next;
+    else
+        p->calls = call->next;
+    if (call->next)
+        call->next->prev = call->prev;
+    if (p->nfree < FREE_CALLS_MAX) {
+        call->next = p->free_calls;
+        p->free_calls = call;
+        p->nfree++;
+    } else {
+        free(call->out);
+        free(call->hdr);
+        free(call->body_buf);
+        free(call);
+    }
+    done(arg, outcome);
+}
+
+/* Gives up the connection: back to the pool if REUSE, else closed. */
+static void call_release_uc(struct proxy_call *call, bool reuse)
+{
+    struct upconn *uc = call->uc;
+    if (!uc)
+        return;
+    call->uc = NULL;
+    uc->call = NULL;
+    if (reuse)
+        pool_put(uc);
+    else
+        uc_close(uc);
+}
+
+static void call_ok(struct proxy_call *call, bool reuse)
+{
+    struct http_request *req = call->req;
+    call_release_uc(call, reuse);
+    call->req = NULL;
+    req->on_close = NULL;
+    req->on_drain = NULL;
+    if (call->whole)
+        http_respond(req, call->status, call->ctype_len ? call->ctype : NULL,
+                     call->hdr_len ? call->hdr : NULL, call->body, call->body_len);
+    else
+        http_stream_end(req);
+    call_end(call, PROXY_OK);
+}
+
+/* Quotes S into a JSON string body (no surrounding quotes) of at most CAP. */
+static void json_escape(char *dst, size_t cap, const char *s)
+{
+    size_t o = 0;
+    for (; *s && o + 7 < cap; s++) {
+        unsigned char ch = (unsigned char)*s;
+        if (ch == '"' || ch == '\\') {
+            dst[o++] = '\\';
+            dst[o++] = (char)ch;
+        } else if (ch < 0x20 || ch == 0x7f) {
+            o += (size_t)snprintf(dst + o, cap - o, "\\u%04x", ch);
+        } else {
+            dst[o++] = (char)ch;
+        }
+    }
+    dst[o] = '\0';
+}
+
+/* The upstream broke: 502 JSON if nothing was sent to the client yet; an
+ * SSE error event and a clean end for event streams; otherwise the client
+ * connection is cut so the truncation shows. */
+static void call_upstream_failed(struct proxy_call *call, const char *fmt, ...)
+    __attribute__((format(printf, 2, 3)));
+static void call_upstream_failed(struct proxy_call *call, const char *fmt, ...)
+{
+    struct http_request *req = call->req;
+    char msg[256];
+    va_list ap;
+    va_start(ap, fmt);
+    vsnprintf(msg, sizeof msg, fmt, ap);
+    va_end(ap);
+
+    log_warn("proxy: %s %s: %s", req->method, req->path, msg);
+    call_release_uc(call, false);
+    call->req = NULL;
+    req->on_close = NULL;
+    req->on_drain = NULL;
+    if (!call->started) {
+        http_respond_error(req, 502, "server_error", "%s", msg);
+        call_end(call, PROXY_UPSTREAM_ERROR);
+        return;
+    }
+    if (call->is_sse) {
+        char esc[300], ev[400];
+        json_escape(esc, sizeof esc, msg);
+        /* end a partly relayed event first, so the error stands alone */
+        const char *sep = !call->relayed ? ""
+                          : call->tail[1] == '\n' ? (call->tail[0] == '\n' ? "" : "\n")
+                                                  : "\n\n";
+        int n = snprintf(ev, sizeof ev,
+                         "%sdata: {\"error\":{\"code\":502,\"message\":\"%s\",\"type\":\"server_error\"}}\n\n",
+                         sep, esc);
+        if (n > 0)
+            http_stream_write(req, ev, (size_t)n < sizeof ev ? (size_t)n : sizeof ev - 1);
+        http_stream_end(req);
+    } else {
+        http_stream_abort(req);
+    }
+    call_end(call, PROXY_UPSTREAM_CUT);
+}
+
+/* req->on_close: the client left. Close upstream at once (llama-server
+ * cancels the generation when its socket closes). */
+static void call_client_gone(struct http_request *req, void *arg)
+{
+    struct proxy_call *call = arg;
+    (void)req;
+    call->req = NULL; /* being torn down by http.c */
+    call_release_uc(call, false);
+    call_end(call, PROXY_CLIENT_GONE);
+}
+
+/* req->on_drain: the client caught up; read upstream again. */
+static void call_client_drained(struct http_request *req, void *arg)
+{
+    struct proxy_call *call = arg;
+    (void)req;
+    if (call->paused) {
+        call->paused = false;
+        call_update_io(call);
+    }
+}
+
+/* A reused connection died before answering: the server closed it as we
+ * picked it up. Once, on a fresh connection. */
+static void call_retry(struct proxy_call *call)
+{
+    log_debug("proxy: upstream port %u closed a reused connection; retrying on a new one",
+              call->port);
+    call_release_uc(call, false);
+    call->retried = true;
+    call_start(call);
+}
+
+/* ---------------------------------------------------------- the response */
+
+static bool hdr_reserve(struct proxy_call *call, size_t more)
+{
+    if (call->hdr_cap - call->hdr_len > more)
+        return true;
+    if (call->hdr_len + more + 1 > MAX_RESP_HEAD)
+        return false;
+    size_t cap = call->hdr_cap ? call->hdr_cap : 1024;
+    while (cap - call->hdr_len <= more)
+        cap *= 2;
+    char *h = realloc(call->hdr, cap);
+    if (!h)
+        return false;
+    call->hdr = h;
+    call->hdr_cap = cap;
+    return true;
+}
+
+static bool hdr_append(struct proxy_call *call, const char *s, size_t n)
+{
+    if (!hdr_reserve(call, n))
+        return false;
+    memcpy(call->hdr + call->hdr_len, s, n);
+    call->hdr_len += n;
+    return true;
+}
+
+static int reject(struct proxy_call *call, const char *why)
+{
+    call->fail_why = why;
+    return HPE_USER;
+}
+
+static void head_reset(struct proxy_call *call)
+{
+    call->hdr_len = 0;
+    call->ctype_len = 0;
+    call->conn_len = 0;
+    call->in_field = false;
+    call->has_accel = false;
+    call->action = HDR_DROP;
+}
+
+static int on_message_begin(llhttp_t *lp)
+{
+    head_reset(lp->data);
+    return 0;
+}
+
+static int on_header_field(llhttp_t *lp, const char *at, size_t n)
+{
+    struct proxy_call *call = lp->data;
+    if (call->head_done)
+        return 0; /* trailers are not relayed */
+    if (!call->in_field) {
+        call->in_field = true;
+        call->line_start = call->hdr_len;
+    }
+    return hdr_append(call, at, n) ? 0 : reject(call, "response header block too large");
+}
+
+static int on_header_field_complete(llhttp_t *lp)
+{
+    struct proxy_call *call = lp->data;
+    if (call->head_done)
+        return 0;
+    if (!call->in_field) /* empty name (llhttp rejects those): an empty line */
+        call->line_start = call->hdr_len;
+    const char *n = call->hdr ? call->hdr + call->line_start : "";
+    size_t l = call->hdr_len - call->line_start;
+    call->in_field = false;
+    call->bad_value = false;
+    if (!valid_name(n, l))
+        call->action = HDR_DROP;
+    else if (NAME_IS(n, l, "Connection"))
+        call->action = HDR_CONN;
+    else if (NAME_IS(n, l, "Content-Type"))
+        call->action = HDR_CTYPE;
+    else if (is_hop_by_hop(n, l) || NAME_IS(n, l, "Content-Length") ||
+             NAME_IS(n, l, "Server") || NAME_IS(n, l, "Date"))
+        call->action = HDR_DROP;
+    else
+        call->action = HDR_KEEP;
+    if (call->action == HDR_KEEP && NAME_IS(n, l, "X-Accel-Buffering"))
+        call->has_accel = true;
+    if (call->action != HDR_KEEP) {
+        call->hdr_len = call->line_start;
+        if (call->action == HDR_CTYPE)
+            call->ctype_len = 0; /* the last one wins */
+        else if (call->action == HDR_CONN && call->conn_len && call->conn_len < CTYPE_MAX - 1)
+            call->conn[call->conn_len++] = ',';
+        return 0;
+    }
+    if (!hdr_append(call, ": ", 2))
+        return reject(call, "response header block too large");
+    call->value_start = call->hdr_len;
+    return 0;
+}
+
+static int on_header_value(llhttp_t *lp, const char *at, size_t n)
+{
+    struct proxy_call *call = lp->data;
+    if (call->head_done)
+        return 0;
+    for (size_t i = 0; i < n; i++)
+        if (!valid_value_char((unsigned char)at[i]))
+            call->bad_value = true;
+    switch (call->action) {
+    case HDR_KEEP:
+        return hdr_append(call, at, n) ? 0 : reject(call, "response header block too large");
+    case HDR_CTYPE:
+        if (call->ctype_len + n >= CTYPE_MAX)
+            return reject(call, "Content-Type too long");
+        memcpy(call->ctype + call->ctype_len, at, n);
+        call->ctype_len += n;
+        return 0;
+    case HDR_CONN:
+        if (call->conn_len + n >= CTYPE_MAX)
+            return reject(call, "Connection header too long");
+        memcpy(call->conn + call->conn_len, at, n);
+        call->conn_len += n;
+        return 0;
+    case HDR_DROP:
+        return 0;
+    }
+    return 0;
+}
+
+static int on_header_value_complete(llhttp_t *lp)
+{
+    struct proxy_call *call = lp->data;
+    if (call->head_done)
+        return 0;
+    switch (call->action) {
+    case HDR_KEEP:
+        while (call->hdr_len > call->value_start &&
+               (call->hdr[call->hdr_len - 1] == ' ' || call->hdr[call->hdr_len - 1] == '\t'))
+            call->hdr_len--;
+        if (call->bad_value)
+            call->hdr_len = call->line_start;
+        else if (!hdr_append(call, "\r\n", 2))
+            return reject(call, "response header block too large");
+        break;
+    case HDR_CTYPE:
+        while (call->ctype_len && (call->ctype[call->ctype_len - 1] == ' ' ||
+                                   call->ctype[call->ctype_len - 1] == '\t'))
+            call->ctype_len--;
+        if (call->bad_value)
+            call->ctype_len = 0;
+        call->ctype[call->ctype_len] = '\0';
+        break;
+    case HDR_CONN:
+    case HDR_DROP:
+        break;
+    }
+    call->action = HDR_DROP;
+    return 0;
+}
+
+/* Removes the kept lines whose names the upstream's Connection header lists. */
+static void head_drop_connection_listed(struct proxy_call *call)
+{
+    size_t r = 0, w = 0;
+    while (r < call->hdr_len) {
+        const char *line = call->hdr + r;
+        const char *eol = memchr(line, '\n', call->hdr_len - r);
+        size_t ll = eol ? (size_t)(eol - line) + 1 : call->hdr_len - r;
+        const char *colon = memchr(line, ':', ll);
+        size_t nl = colon ? (size_t)(colon - line) : 0;
+        if (!token_listed(call->conn, call->conn_len, line, nl)) {
+            memmove(call->hdr + w, line, ll);
+            w += ll;
+        }
+        r += ll;
+    }
+    call->hdr_len = w;
+}
+
+static bool status_has_no_body(int status)
+{
+    return (status >= 100 && status < 200) || status == 204 || status == 304;
+}
+
+/* The response head is complete: relay it now (streams), or prepare to
+ * collect a small body and answer it whole. */
+static int on_headers_complete(llhttp_t *lp)
+{
+    struct proxy_call *call = lp->data;
+    int status = lp->status_code;
+    if (status >= 100 && status < 200 && status != 101) {
+        head_reset(call); /* 100 Continue and friends: the real answer follows */
+        return 0;
+    }
+    if (status == 101 || lp->upgrade)
+        return reject(call, "unexpected protocol upgrade");
+    if (call->conn_len && conn_names_headers(call->conn, call->conn_len))
+        head_drop_connection_listed(call);
+    call->is_sse = call->ctype_len >= 17 && strncasecmp(call->ctype, "text/event-stream", 17) == 0;
+    if (call->is_sse && !call->has_accel &&
+        !hdr_append(call, "X-Accel-Buffering: no\r\n", 23))
+        return reject(call, "response header block too large");
+    if (!hdr_reserve(call, 0))
+        return reject(call, "response header block too large");
+    call->hdr[call->hdr_len] = '\0';
+    call->head_done = true;
+    call->status = status;
+    call->body = NULL;
+    call->body_len = 0;
+    call->body_expect = 0;
+    bool has_length = (lp->flags & F_CONTENT_LENGTH) != 0;
+    if (!call->head_req && !call->is_sse &&
+        (status_has_no_body(status) || (has_length && lp->content_length <= WHOLE_MAX))) {
+        call->whole = true;
+        call->body_expect = status_has_no_body(status) ? 0 : (size_t)lp->content_length;
+    } else {
+        call->whole = false;
+        call->started = true;
+        http_stream_begin(call->req, status, call->ctype_len ? call->ctype : NULL,
+                          call->hdr_len ? call->hdr : NULL);
+    }
+    return call->head_req ? 1 : 0;
+}
+
+static int on_body(llhttp_t *lp, const char *at, size_t n)
+{
+    struct proxy_call *call = lp->data;
+    if (call->whole) {
+        if (call->body_len == 0 && n == call->body_expect) {
+            call->body = at; /* all of it in one read: no copy */
+            call->body_len = n;
+            return 0;
+        }
+        if (call->body_len + n > call->body_expect)
+            return reject(call, "body longer than its Content-Length");
+        if (call->body_cap < call->body_expect) {
+            char *b = realloc(call->body_buf, call->body_expect);
+            if (!b)
+                return reject(call, "out of memory");
+            call->body_buf = b;
+            call->body_cap = call->body_expect;
+        }
+        memcpy(call->body_buf + call->body_len, at, n);
+        call->body_len += n;
+        call->body = call->body_buf;
+        return 0;
+    }
+    if (call->is_sse) {
+        call->relayed = true;
+        if (n >= 2) {
+            call->tail[0] = at[n - 2];
+            call->tail[1] = at[n - 1];
+        } else {
+            call->tail[0] = call->tail[1];
+            call->tail[1] = at[0];
+        }
+    }
+    if (!http_stream_write(call->req, at, n))
+        call->paused = true;
+    return 0;
+}
+
+static int on_message_complete(llhttp_t *lp)
+{
+    struct proxy_call *call = lp->data;
+    if (!call->head_done)
+        return 0; /* an interim 1xx response ended */
+    call->complete = true;
+    call->keep_alive = llhttp_should_keep_alive(lp);
+    return HPE_PAUSED;
+}
+
+/* Parses N bytes of the response. Returns false when the call has ended. */
+static bool call_parse(struct proxy_call *call, const char *data, size_t n)
+{
+    llhttp_errno_t err = llhttp_execute(&call->parser, data, n);
+    if (err == HPE_OK)
+        return true;
+    if (err == HPE_PAUSED && call->complete) {
+        const char *pos = llhttp_get_error_pos(&call->parser);
+        bool extra = pos && pos < data + n; /* bytes after the response: don't trust the connection */
+        bool all_sent = call->sent == call->out_len + call->req->body_len;
+        call_ok(call, call->keep_alive && !extra && all_sent && !call->send_failed);
+        return false;
+    }
+    const char *why = call->fail_why;
+    if (!why)
+        why = llhttp_get_error_reason(&call->parser);
+    if (!why || !*why)
+        why = llhttp_errno_name(err);
+    call_upstream_failed(call, "upstream port %u sent a malformed response: %s", call->port, why);
+    return false;
+}
+
+/* EOF (ERR 0) or a socket error from upstream. */
+static void call_upstream_eof(struct proxy_call *call, int err)
+{
+    if (!call->connected) {
+        call_upstream_failed(call, "connect to upstream port %u: %s", call->port,
+                             strerror(err ? err : ECONNREFUSED));
+        return;
+    }
+    if (!call->got_bytes && call->reused && !call->retried) {
+        call_retry(call);
+        return;
+    }
+    if (err == 0) {
+        llhttp_errno_t e = llhttp_finish(&call->parser);
+        if (e == HPE_PAUSED && call->complete) { /* a body that ends at close */
+            call_ok(call, false);
+            return;
+        }
+    }
+    const char *how = err ? "reset" : "closed";
+    if (!call->got_bytes)
+        call_upstream_failed(call, "upstream %u %s the connection before answering", call->port, how);
+    else if (!call->head_done)
+        call_upstream_failed(call, "upstream %u %s the connection in the response headers",
+                             call->port, how);
+    else
+        call_upstream_failed(call, "upstream %u %s the connection mid-response", call->port, how);
+}
+
+/* ----------------------------------------------------- driving the socket */
+
+static size_t call_total(const struct proxy_call *call)
+{
+    return call->out_len + call->req->body_len;
+}
+
+static void call_update_io(struct proxy_call *call)
+{
+    struct upconn *uc = call->uc;
+    int events;
+    if (!call->connected) {
+        events = EV_WRITE;
+    } else {
+        events = call->paused ? 0 : EV_READ;
+        if (!call->send_failed && call->sent < call_total(call))
+            events |= EV_WRITE;
+    }
+    uc_watch(uc, events);
+}
+
+/* Writes what is left of the request. Returns false when the call ended
+ * or moved to another connection. */
+static bool call_send(struct proxy_call *call)
+{
+    struct upconn *uc = call->uc;
+    const struct http_request *req = call->req;
+    size_t total = call_total(call);
+    while (!call->send_failed && call->sent < total) {
+        struct iovec iov[2];
+        int cnt = 0;
+        if (call->sent < call->out_len) {
+            iov[cnt].iov_base = call->out + call->sent;
+            iov[cnt++].iov_len = call->out_len - call->sent;
+            if (req->body_len) {
+                iov[cnt].iov_base = req->body;
+                iov[cnt++].iov_len = req->body_len;
+            }
+        } else {
+            iov[cnt].iov_base = req->body + (call->sent - call->out_len);
+            iov[cnt++].iov_len = total - call->sent;
+        }
+        struct msghdr mh = { .msg_iov = iov, .msg_iovlen = (size_t)cnt };
+        ssize_t n = sendmsg(uc->fd, &mh, MSG_NOSIGNAL);
+        if (n > 0) {
+            call->sent += (size_t)n;
+            if (!call->connected) {
+                call->connected = true;
+                ev_timer_stop(call->p->loop, &uc->timer);
+            }
+            continue;
+        }
+        if (n < 0 && errno == EINTR)
+            continue;
+        if (n < 0 && (errno == EAGAIN || errno == EWOULDBLOCK))
+            break;
+        int err = n < 0 ? errno : EPIPE;
+        if (!call->connected) {
+            call_upstream_failed(call, "connect to upstream port %u: %s", call->port, strerror(err));
+            return false;
+        }
+        if (!call->got_bytes && call->reused && !call->retried) {
+            call_retry(call);
+            return false;
+        }
+        call->send_failed = true; /* the read side sees the end, or an early answer */
+    }
+    call_update_io(call);
+    return true;
+}
+
+static void call_read(struct proxy_call *call)
+{
+    struct proxy *p = call->p;
+    struct upconn *uc = call->uc;
+    for (int i = 0; i < READS_PER_WAKEUP; i++) {
+        ssize_t n = recv(uc->fd, p->rbuf, sizeof p->rbuf, 0);
+        if (n > 0) {
+            call->got_bytes = true;
+            if (!call_parse(call, p->rbuf, (size_t)n))
+                return;
+            if (call->paused || (size_t)n < sizeof p->rbuf)
+                break;
+            continue;
+        }
+        if (n < 0 && errno == EINTR)
+            continue;
+        if (n < 0 && (errno == EAGAIN || errno == EWOULDBLOCK))
+            break;
+        call_upstream_eof(call, n < 0 ? errno : 0);
+        return;
+    }
+    call_update_io(call);
+}
+
+static void uc_io_cb(struct ev_loop *loop, ev_io *w, int revents)
+{
+    struct upconn *uc = w->data;
+    (void)loop;
+    if (uc->state == UC_IDLE) {
+        uc_idle_readable(uc);
+        return;
+    }
+    struct proxy_call *call = uc->call;
+    if ((revents & EV_WRITE) && (!call_send(call) || call->uc != uc))
+        return;
+    if ((revents & EV_READ) && call->connected && !call->paused)
+        call_read(call);
+}
+
+static void uc_timer_cb(struct ev_loop *loop, ev_timer *w, int revents)
+{
+    struct upconn *uc = w->data;
+    (void)loop;
+    (void)revents;
+    if (uc->state == UC_IDLE) {
+        uc_close(uc); /* before the server's own keep-alive limit closes it under us */
+        return;
+    }
+    call_upstream_failed(uc->call, "connect to upstream port %u: timed out after %.0f s",
+                         uc->pool->port, CONNECT_TIMEOUT_S);
+}
+
+/* Takes an idle connection or opens one, and sends the request. */
+static void call_start(struct proxy_call *call)
+{
+    struct proxy *p = call->p;
+    struct port_pool *pp = pool_find(p, call->port, true);
+    struct upconn *uc = NULL;
+    int err = ENOMEM;
+
+    call->sent = 0;
+    call->got_bytes = call->head_done = call->complete = false;
+    call->send_failed = false;
+    call->fail_why = NULL;
+    llhttp_reset(&call->parser);
+    head_reset(call);
+    if (pp && !call->retried)
+        uc = pool_take(pp);
+    call->reused = uc != NULL;
+    call->connected = uc != NULL;
+    if (!uc && pp)
+        uc = uc_connect(p, pp, &err);
+    if (!uc) {
+        call_upstream_failed(call, "connect to upstream port %u: %s", call->port, strerror(err));
+        return;
+    }
+    uc->call = call;
+    call->uc = uc;
+    call_send(call);
+}
+
+/* ------------------------------------------------------------ public API */
+
+struct proxy *proxy_new(struct ev_loop *loop)
+{
+    struct proxy *p = calloc(1, sizeof *p);
+    if (!p)
+        return NULL;
+    p->loop = loop;
+    llhttp_settings_init(&p->settings);
+    p->settings.on_message_begin = on_message_begin;
+    p->settings.on_header_field = on_header_field;
+    p->settings.on_header_field_complete = on_header_field_complete;
+    p->settings.on_header_value = on_header_value;
+    p->settings.on_header_value_complete = on_header_value_complete;
+    p->settings.on_headers_complete = on_headers_complete;
+    p->settings.on_body = on_body;
+    p->settings.on_message_complete = on_message_complete;
+    return p;
+}
+
+static void pool_close_all(struct port_pool *pp)
+{
+    while (pp->idle)
+        uc_close(pp->idle);
+}
+
+/* Calls still running are dropped without their DONE: whoever frees the
+ * proxy is tearing everything down and owns their arguments. */
+void proxy_free(struct proxy *p)
+{
+    if (!p)
+        return;
+    while (p->calls) {
+        struct proxy_call *call = p->calls;
+        p->calls = call->next;
+        if (call->req) {
+            call->req->on_close = NULL;
+            call->req->on_drain = NULL;
+        }
+        call_release_uc(call, false);
+        free(call->out);
+        free(call->hdr);
+        free(call->body_buf);
+        free(call);
+    }
+    while (p->free_calls) {
+        struct proxy_call *call = p->free_calls;
+        p->free_calls = call->next;
+        free(call->out);
+        free(call->hdr);
+        free(call->body_buf);
+        free(call);
+    }
+    for (size_t i = 0; i < p->npools; i++) {
+        pool_close_all(p->pools[i]);
+        free(p->pools[i]);
+    }
+    free(p->pools);
+    free(p);
+}
+
+static struct proxy_call *call_alloc(struct proxy *p)
+{
+    struct proxy_call *call = p->free_calls;
+    if (call) {
+        p->free_calls = call->next;
+        p->nfree--;
+        char *out = call->out, *hdr = call->hdr, *body_buf = call->body_buf;
+        size_t out_cap = call->out_cap, hdr_cap = call->hdr_cap, body_cap = call->body_cap;
+        memset(call, 0, sizeof *call);
+        call->out = out;
+        call->out_cap = out_cap;
+        call->hdr = hdr;
+        call->hdr_cap = hdr_cap;
+        call->body_buf = body_buf;
+        call->body_cap = body_cap;
+    } else {
+        call = calloc(1, sizeof *call);
+        if (!call)
+            return NULL;
+    }
+    call->p = p;
+    llhttp_init(&call->parser, HTTP_RESPONSE, &p->settings);
+    call->parser.data = call;
+    return call;
+}
+
+struct proxy_call *proxy_forward(struct proxy *p, struct http_request *req, unsigned port,
+                                 const char *target, proxy_done_fn done, void *arg)
+{
+    if (!target)
+        target = req->target;
+    struct proxy_call *call = call_alloc(p);
+    if (!call) {
+        req->on_close = NULL;
+        req->on_drain = NULL;
+        http_respond_error(req, 502, "server_error", "proxy: out of memory");
+        done(arg, PROXY_UPSTREAM_ERROR);
+        return NULL;
+    }
+    call->req = req;
+    call->port = port;
+    call->done = done;
+    call->arg = arg;
+    call->head_req = strcmp(req->method, "HEAD") == 0;
+    call->next = p->calls;
+    if (p->calls)
+        p->calls->prev = call;
+    p->calls = call;
+    req->on_close = call_client_gone;
+    req->on_drain = call_client_drained;
+    req->arg = call;
+
+    if (!valid_target(target)) {
+        call->req = NULL;
+        req->on_close = NULL;
+        req->on_drain = NULL;
+        http_respond_error(req, 400, "invalid_request_error",
+                           "request target is empty or contains spaces or control characters");
+        call_end(call, PROXY_UPSTREAM_ERROR);
+        return NULL;
+    }
+    if (!call_build_head(call, target)) {
+        call_upstream_failed(call, "proxy: out of memory for the request to port %u", port);
+        return NULL;
+    }
+    bool ended = false; /* the call may end inside (connect refused at once) */
+    call->ended = &ended;
+    call_start(call);
+    if (ended)
+        return NULL;
+    call->ended = NULL;
+    return call;
+}
+
+void proxy_forget_port(struct proxy *p, unsigned port)
+{
+    struct port_pool *pp = pool_find(p, port, false);
+    if (pp)
+        pool_close_all(pp);
+}

@@ -1,0 +1,49 @@
+/* proxy — relay one client request to a llama-server instance and its
+ * answer back, as it arrives.
+ *
+ * Keeps idle keep-alive connections to each instance port and reuses them.
+ * Forwards method, target, headers (hop-by-hop ones dropped, Host
+ * rewritten, Content-Length set) and body; relays status, headers and body
+ * piece by piece (each upstream body piece becomes one chunk to the client
+ * at once: every SSE event leaves without waiting for more), with
+ * back-pressure both ways: a slow client pauses reads from upstream.
+ * A client that leaves closes the upstream connection at once, so
+ * llama-server cancels the generation. */
+#ifndef LLAMA_POOL_PROXY_H
+#define LLAMA_POOL_PROXY_H
+
+#include <ev.h>
+#include <stdbool.h>
+
+#include "http.h"
+
+struct proxy;
+struct proxy_call;
+
+enum proxy_outcome {
+    PROXY_OK,             /* the whole response was relayed */
+    PROXY_UPSTREAM_ERROR, /* connect failed or upstream broke before the
+                           * status line: the client got 502 JSON */
+    PROXY_UPSTREAM_CUT,   /* upstream broke mid-response: the client got an
+                           * SSE error event (streams) or a cut response */
+    PROXY_CLIENT_GONE,    /* the client left; upstream closed */
+};
+
+/* Called once per call, after the client's response has ended (or the
+ * client is gone). The call is freed after it returns. */
+typedef void (*proxy_done_fn)(void *arg, enum proxy_outcome outcome);
+
+struct proxy *proxy_new(struct ev_loop *loop);
+void proxy_free(struct proxy *p);
+
+/* Relay REQ to 127.0.0.1:PORT. TARGET is the request target to send
+ * upstream (NULL: req->target as received). The proxy takes over req's
+ * on_close/on_drain until DONE is called. Never fails synchronously: a
+ * connection error answers 502 and calls DONE (possibly before returning). */
+struct proxy_call *proxy_forward(struct proxy *p, struct http_request *req, unsigned port,
+                                 const char *target, proxy_done_fn done, void *arg);
+
+/* Close idle connections to PORT (the instance is going away). */
+void proxy_forget_port(struct proxy *p, unsigned port);
+
+#endif

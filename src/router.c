@@ -1,0 +1,507 @@
+#define _GNU_SOURCE
+#include "router.h"
+
+#include "log.h"
+#include "pool.h"
+#include "proxy.h"
+#include "scheduler.h"
+
+#include <jansson.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+struct router {
+    struct ev_loop *loop;
+    struct pool *pool;
+    struct sched *sched;
+    struct proxy *proxy;
+    ev_timer wake;
+    uint64_t next_id;
+    /* Requests known to the scheduler, by id (an open hash would do for
+     * millions; a list is plenty for the connections one box holds). */
+    struct rreq *reqs;
+    /* Scheduler slot → model; slots are never reused while a model lives. */
+    struct pool_model **slots;
+    size_t nslots;
+};
+
+/* One proxied request, from arrival to its response's end. */
+struct rreq {
+    struct rreq *prev, *next;
+    struct router *r;
+    uint64_t id;
+    struct http_request *req;
+    struct pool_model *model;
+    struct instance *inst;      /* once dispatched */
+    char *target;               /* upstream target, NULL = as received */
+    bool dispatched;
+};
+
+static void router_run(struct router *r);
+
+/* ---------- bookkeeping ---------- */
+
+static struct rreq *rreq_find(struct router *r, uint64_t id)
+{
+    for (struct rreq *q = r->reqs; q; q = q->next)
+        if (q->id == id)
+            return q;
+    return NULL;
+}
+
+static void rreq_free(struct rreq *q)
+{
+    struct router *r = q->r;
+    if (q->prev)
+        q->prev->next = q->next;
+    else
+        r->reqs = q->next;
+    if (q->next)
+        q->next->prev = q->prev;
+    free(q->target);
+    free(q);
+}
+
+static size_t model_slot(struct router *r, struct pool_model *m)
+{
+    if (m->slot < r->nslots && r->slots[m->slot] == m)
+        return m->slot;
+    struct pool_model **v = realloc(r->slots, (r->nslots + 1) * sizeof *v);
+    if (!v)
+        return SIZE_MAX;
+    r->slots = v;
+    m->slot = r->nslots;
+    r->slots[r->nslots++] = m;
+    sched_models_resize(r->sched, r->nslots);
+    struct sched_model_info info = { .instances_min = m->cfg->instances_min,
+                                     .instances_max = m->cfg->instances_max,
+                                     .slots_hint = m->np_hint };
+    sched_model_set(r->sched, m->slot, m->cfg->name, &info);
+    return m->slot;
+}
+
+static double now_of(struct router *r)
+{
+    return ev_now(r->loop);
+}
+
+/* ---------- performing the scheduler's actions ---------- */
+
+static void call_done(void *arg, enum proxy_outcome outcome)
+{
+    struct rreq *q = arg;
+    struct router *r = q->r;
+    (void)outcome;
+    if (q->inst)
+        q->inst->last_used = now_of(r);
+    sched_request_done(r->sched, now_of(r), q->id);
+    if (q->inst)
+        q->inst->in_flight = sched_in_flight(r->sched, (sched_inst_t)(uintptr_t)q->inst);
+    rreq_free(q);
+    router_run(r);
+}
+
+static void do_dispatch(struct router *r, struct rreq *q, struct instance *inst)
+{
+    q->dispatched = true;
+    q->inst = inst;
+    inst->in_flight = sched_in_flight(r->sched, (sched_inst_t)(uintptr_t)inst);
+    inst->last_used = now_of(r);
+    q->req->on_close = NULL;     /* the proxy watches the client from here */
+    proxy_forward(r->proxy, q->req, inst->port, q->target, call_done, q);
+}
+
+static void do_fail(struct router *r, struct rreq *q, const struct sched_action *a)
+{
+    (void)r;
+    char extra[64] = "";
+    if (a->retry_after > 0)
+        snprintf(extra, sizeof extra, "Retry-After: %.0f\r\n", a->retry_after);
+    q->req->on_close = NULL;
+    const char *type = a->status == 429 ? "rate_limit_error" : NULL;
+    if (extra[0]) {
+        json_t *body = json_pack("{s:{s:s,s:s,s:i}}", "error", "message", a->message ? a->message : "",
+                                 "type", type ? type : http_error_type(a->status), "code", a->status);
+        char *s = json_dumps(body, JSON_COMPACT);
+        json_decref(body);
+        http_respond(q->req, a->status, "application/json", extra, s ? s : "", s ? strlen(s) : 0);
+        free(s);
+    } else {
+        http_respond_error(q->req, a->status, type, "%s", a->message ? a->message : "request failed");
+    }
+    rreq_free(q);
+}
+
+static void do_start(struct router *r, size_t slot)
+{
+    if (slot >= r->nslots || !r->slots[slot])
+        return;
+    struct pool_model *m = r->slots[slot];
+    struct instance *inst = pool_model_add(m);
+    if (!inst) {
+        /* At max already (one is waiting out its backoff, or stopping):
+         * the waiters wait for it, or for queue_timeout. */
+        log_debug("%s: no further instance can be added now", m->cfg->name);
+        return;
+    }
+    /* The pool's hook has told the scheduler (sched_instance_added). */
+    log_info("%s: started on demand (%zu waiting)", inst->id,
+             sched_waiting_model(r->sched, slot));
+}
+
+static void wake_cb(struct ev_loop *loop, ev_timer *w, int revents)
+{
+    (void)loop; (void)revents;
+    struct router *r = w->data;
+    sched_tick(r->sched, now_of(r));
+    router_run(r);
+}
+
+static void router_run(struct router *r)
+{
+    struct sched_action a;
+    while (sched_next_action(r->sched, &a)) {
+        struct rreq *q = a.req ? rreq_find(r, a.req) : NULL;
+        switch (a.kind) {
+        case SCHED_DISPATCH:
+            if (q)
+                do_dispatch(r, q, (struct instance *)(uintptr_t)a.inst);
+            break;
+        case SCHED_FAIL:
+            if (q)
+                do_fail(r, q, &a);
+            break;
+        case SCHED_START:
+            do_start(r, a.model);
+            break;
+        case SCHED_STOP:
+            instance_stop((struct instance *)(uintptr_t)a.inst);
+            break;
+        case SCHED_WAKE:
+            ev_timer_stop(r->loop, &r->wake);
+            ev_timer_set(&r->wake, a.at > now_of(r) ? a.at - now_of(r) : 0, 0.);
+            ev_timer_start(r->loop, &r->wake);
+            break;
+        }
+    }
+}
+
+/* ---------- events from the pool ---------- */
+
+static void pool_hook(struct instance *inst, enum instance_state old, void *arg)
+{
+    struct router *r = arg;
+    struct pool_model *m = inst->owner;
+    sched_inst_t id = (sched_inst_t)(uintptr_t)inst;
+    double now = now_of(r);
+    size_t slot = model_slot(r, m);
+    if (slot == SIZE_MAX)
+        return;
+
+    switch (inst->state) {
+    case INSTANCE_STARTING:
+        if (!inst->sched_known) {
+            inst->sched_known = true;
+            sched_instance_added(r->sched, now, id, slot);
+        } else if (old != INSTANCE_STARTING) {
+            sched_instance_starting(r->sched, now, id);
+        }
+        break;
+    case INSTANCE_READY:
+        if (!inst->sched_known) {
+            inst->sched_known = true;
+            sched_instance_added(r->sched, now, id, slot);
+        }
+        if (old != INSTANCE_READY)
+            sched_instance_ready(r->sched, now, id, inst->slots);
+        else
+            sched_instance_slots(r->sched, now, id, inst->slots);
+        break;
+    case INSTANCE_BACKOFF:
+    case INSTANCE_FAILED:
+        /* A spawn can fail before the instance was ever starting: it still
+         * has to be reported, so that its waiters hear of the failure. */
+        if (!inst->sched_known) {
+            inst->sched_known = true;
+            sched_instance_added(r->sched, now, id, slot);
+        }
+        sched_instance_failed(r->sched, now, id, inst->last_error ? inst->last_error : "failed");
+        /* In backoff it comes back by itself: capacity on its way. */
+        if (inst->state == INSTANCE_BACKOFF && !m->failed)
+            sched_instance_starting(r->sched, now, id);
+        if (m->failed)
+            sched_model_failed(r->sched, now, slot, m->last_error);
+        break;
+    case INSTANCE_STOPPING:
+    case INSTANCE_STOPPED:
+        if (inst->sched_known) {
+            inst->sched_known = false;
+            sched_instance_removed(r->sched, now, id);
+        }
+        proxy_forget_port(r->proxy, inst->port);
+        break;
+    }
+    /* The pool frees stopped instances soon; requests still relaying from
+     * this one (their upstream is closing) must not point at it then. */
+    if (inst->state == INSTANCE_STOPPED || inst->state == INSTANCE_BACKOFF ||
+        inst->state == INSTANCE_FAILED)
+        for (struct rreq *q = r->reqs; q; q = q->next)
+            if (q->inst == inst)
+                q->inst = NULL;
+    if (!m->failed && old == INSTANCE_FAILED)
+        sched_model_failed(r->sched, now, slot, NULL);
+    router_run(r);
+}
+
+/* ---------- requests ---------- */
+
+static void rreq_gone(struct http_request *req, void *arg)
+{
+    (void)req;
+    struct rreq *q = arg;
+    struct router *r = q->r;
+    sched_request_gone(r->sched, now_of(r), q->id);
+    rreq_free(q);
+    router_run(r);
+}
+
+void router_forward(struct router *r, struct http_request *req, struct pool_model *m,
+                    const char *target)
+{
+    size_t slot = model_slot(r, m);
+    struct rreq *q = calloc(1, sizeof *q);
+    if (!q || slot == SIZE_MAX || (target && !(q->target = strdup(target)))) {
+        free(q);
+        http_respond_error(req, 500, NULL, "out of memory");
+        return;
+    }
+    q->r = r;
+    q->id = ++r->next_id;
+    q->req = req;
+    q->model = m;
+    q->next = r->reqs;
+    if (r->reqs)
+        r->reqs->prev = q;
+    r->reqs = q;
+    req->on_close = rreq_gone;
+    req->arg = q;
+    if (m->failed)
+        sched_model_failed(r->sched, now_of(r), slot, m->last_error);
+    sched_request(r->sched, now_of(r), q->id, slot);
+    router_run(r);
+}
+
+/* ---------- /pool/server ---------- */
+
+struct server_wait {
+    struct pool_observer obs;
+    struct http_request *req;
+    struct router *r;
+    ev_timer timeout;
+};
+
+static struct instance *least_busy_ready(struct pool_model *m)
+{
+    struct instance *best = NULL;
+    for (size_t i = 0; i < m->ninst; i++) {
+        struct instance *in = m->inst[i];
+        if (in->state == INSTANCE_READY && (!best || in->in_flight < best->in_flight))
+            best = in;
+    }
+    return best;
+}
+
+static void answer_server(struct http_request *req, struct pool_model *m, struct instance *inst)
+{
+    char url[64];
+    snprintf(url, sizeof url, "http://127.0.0.1:%u", inst->port);
+    json_t *o = json_pack("{s:s,s:i,s:s,s:s}", "model", m->cfg->name, "port", (int)inst->port,
+                          "url", url, "instance", inst->id);
+    char *s = json_dumps(o, JSON_COMPACT);
+    json_decref(o);
+    http_respond(req, 200, "application/json", NULL, s ? s : "{}", s ? strlen(s) : 2);
+    free(s);
+}
+
+static void server_wait_end(struct server_wait *w)
+{
+    pool_unobserve(&w->obs);
+    ev_timer_stop(w->r->loop, &w->timeout);
+    w->req->on_close = NULL;
+    free(w);
+}
+
+static void server_wait_event(struct pool_observer *obs, const struct pool_event *ev)
+{
+    struct server_wait *w = (struct server_wait *)obs;
+    if (ev->kind == POOL_EV_GONE) {
+        w->obs.next = w->obs.prev = NULL;
+        http_respond_error(w->req, 404, "not_found_error", "model removed by a reload");
+        server_wait_end(w);
+        return;
+    }
+    if (ev->kind != POOL_EV_STATE)
+        return;
+    struct instance *inst = least_busy_ready(ev->model);
+    if (inst) {
+        answer_server(w->req, ev->model, inst);
+        server_wait_end(w);
+    } else if (ev->inst->state == INSTANCE_BACKOFF || ev->inst->state == INSTANCE_FAILED) {
+        http_respond_error(w->req, 502, "server_error", "%s: failed to start: %s", ev->model->cfg->name,
+                           ev->inst->last_error ? ev->inst->last_error : "unknown error");
+        server_wait_end(w);
+    }
+}
+
+static void server_wait_timeout(struct ev_loop *loop, ev_timer *t, int revents)
+{
+    (void)loop; (void)revents;
+    struct server_wait *w = t->data;
+    http_respond_error(w->req, 504, "timeout_error", "%s: not ready within queue_timeout",
+                       w->obs.model ? w->obs.model->cfg->name : "model");
+    server_wait_end(w);
+}
+
+static void server_wait_gone(struct http_request *req, void *arg)
+{
+    (void)req;
+    server_wait_end(arg);
+}
+
+void router_server(struct router *r, struct http_request *req, struct pool_model *m)
+{
+    struct instance *inst = least_busy_ready(m);
+    if (inst) {
+        answer_server(req, m, inst);
+        return;
+    }
+    if (m->failed) {
+        http_respond_error(req, 503, "unavailable_error", "%s", m->last_error ? m->last_error : "model failed");
+        return;
+    }
+    char err[512];
+    if (pool_model_start(m, 1, err, sizeof err) < 0) {
+        http_respond_error(req, 502, "server_error", "%s: failed to start: %s", m->cfg->name, err);
+        return;
+    }
+    struct server_wait *w = calloc(1, sizeof *w);
+    if (!w) {
+        http_respond_error(req, 500, NULL, "out of memory");
+        return;
+    }
+    w->req = req;
+    w->r = r;
+    w->obs.fn = server_wait_event;
+    pool_observe(m, &w->obs);
+    req->on_close = server_wait_gone;
+    req->arg = w;
+    double limit = (double)r->pool->cfg->queue_timeout_ms / 1000.0;
+    ev_timer_init(&w->timeout, server_wait_timeout, limit > 0 ? limit : 1e9, 0.);
+    w->timeout.data = w;
+    ev_timer_start(r->loop, &w->timeout);
+}
+
+/* ---------- lifecycle ---------- */
+
+static void router_limits(struct router *r, struct sched_limits *l)
+{
+    l->max_queue = r->pool->cfg->max_queue;
+    l->queue_timeout = (double)r->pool->cfg->queue_timeout_ms / 1000.0;
+}
+
+static size_t pool_waiting(const struct pool_model *m, void *arg)
+{
+    return m ? router_waiting_model(arg, m) : router_waiting(arg);
+}
+
+struct router *router_new(struct ev_loop *loop, struct pool *pool)
+{
+    struct router *r = calloc(1, sizeof *r);
+    if (!r)
+        return NULL;
+    struct sched_limits l;
+    r->loop = loop;
+    r->pool = pool;
+    router_limits(r, &l);
+    r->sched = sched_new(&l);
+    r->proxy = proxy_new(loop);
+    if (!r->sched || !r->proxy) {
+        router_free(r);
+        return NULL;
+    }
+    ev_timer_init(&r->wake, wake_cb, 0., 0.);
+    r->wake.data = r;
+    pool->hook = pool_hook;
+    pool->hook_arg = r;
+    pool->waiting = pool_waiting;
+    router_reload(r);
+    /* Instances preloaded before the router existed. */
+    for (size_t i = 0; i < pool->nmodels; i++)
+        for (size_t j = 0; j < pool->models[i]->ninst; j++)
+            pool_hook(pool->models[i]->inst[j], INSTANCE_STOPPED, r);
+    return r;
+}
+
+void router_reload(struct router *r)
+{
+    struct sched_limits l;
+    router_limits(r, &l);
+    sched_set_limits(r->sched, &l);
+    /* Forget slots of models that are gone; give new models one. */
+    for (size_t i = 0; i < r->nslots; i++) {
+        struct pool_model *m = r->slots[i];
+        bool live = false;
+        for (size_t j = 0; m && j < r->pool->nmodels && !live; j++)
+            live = r->pool->models[j] == m;
+        if (m && !live) {
+            r->slots[i] = NULL;
+            sched_model_failed(r->sched, now_of(r), i, "model removed by a reload");
+        }
+    }
+    for (size_t j = 0; j < r->pool->nmodels; j++) {
+        struct pool_model *m = r->pool->models[j];
+        size_t slot = model_slot(r, m);
+        if (slot == SIZE_MAX)
+            continue;
+        struct sched_model_info info = { .instances_min = m->cfg->instances_min,
+                                         .instances_max = m->cfg->instances_max,
+                                         .slots_hint = m->np_hint };
+        sched_model_set(r->sched, slot, m->cfg->name, &info);
+    }
+    router_run(r);
+}
+
+void router_free(struct router *r)
+{
+    if (!r)
+        return;
+    if (r->pool && r->pool->hook_arg == r) {
+        r->pool->hook = NULL;
+        r->pool->waiting = NULL;
+    }
+    ev_timer_stop(r->loop, &r->wake);
+    while (r->reqs) {
+        struct rreq *q = r->reqs;
+        if (!q->dispatched)
+            q->req->on_close = NULL;
+        rreq_free(q);
+    }
+    proxy_free(r->proxy);
+    sched_free(r->sched);
+    free(r->slots);
+    free(r);
+}
+
+size_t router_waiting(const struct router *r)
+{
+    return sched_waiting(r->sched);
+}
+
+size_t router_waiting_model(const struct router *r, const struct pool_model *m)
+{
+    if (m->slot < r->nslots && r->slots[m->slot] == m)
+        return sched_waiting_model(r->sched, m->slot);
+    return 0;
+}

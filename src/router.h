@@ -1,0 +1,35 @@
+/* router — OpenAI requests to instances.
+ *
+ * The event-loop side of the scheduler: it tells the scheduler what happens
+ * (a request for model M arrived, finished or was abandoned; an instance
+ * started, became ready, failed, went away) and performs what the scheduler
+ * decides (start an instance through the pool, relay a request through the
+ * proxy, answer an error, arm the queue timer). */
+#ifndef LLAMA_POOL_ROUTER_H
+#define LLAMA_POOL_ROUTER_H
+
+#include <ev.h>
+#include <stddef.h>
+
+#include "http.h"
+
+struct pool;
+struct pool_model;
+struct router;
+
+struct router *router_new(struct ev_loop *loop, struct pool *pool);
+void router_free(struct router *r);
+/* After pool_reload(): new models get scheduler slots, limits change. */
+void router_reload(struct router *r);
+
+/* Relay REQ to an instance of M (starting one, or queueing, as needed).
+ * TARGET: the upstream request target, NULL for req->target. */
+void router_forward(struct router *r, struct http_request *req, struct pool_model *m,
+                    const char *target);
+/* GET /pool/server?model=M: make sure M runs, answer {"model","port","url"}. */
+void router_server(struct router *r, struct http_request *req, struct pool_model *m);
+
+size_t router_waiting(const struct router *r);
+size_t router_waiting_model(const struct router *r, const struct pool_model *m);
+
+#endif

@@ -1,0 +1,915 @@
+/* scheduler — every decision about requests and instances, and no I/O.
+ * The policy is stated in scheduler.h; this file is its only reader.
+ *
+ * Layout of the state (all of it in struct sched, nothing global):
+ *   - requests live in one array of records, reused through a free list and
+ *     found by id through an open-addressing hash (id → index). A waiting
+ *     request sits on two intrusive FIFOs: its model's (who is served next)
+ *     and the global one by arrival (who times out next: queue_timeout is
+ *     one value for all, so the global head always has the earliest
+ *     deadline). A dispatched request sits on its instance's in-flight list
+ *     instead, through the same links as the model FIFO.
+ *   - instances live the same way (array, free list, id hash); each model
+ *     keeps the indices of its instances in the order they were added.
+ *   - actions wait in a ring buffer; a FAIL's message is owned by its entry
+ *     and freed on the next sched_next_action(), so it outlives the call
+ *     that took it.
+ * Every operation is O(1) or O(instances of one model), except those that
+ * by nature touch every waiter of a model (a failed start, a failed model). */
+#include "scheduler.h"
+
+#include <stdarg.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#define NIL UINT32_MAX
+#define DEFAULT_SLOTS 4         /* llama-server's own -np default */
+
+/* ---------- id → index: open addressing, linear probing ---------- */
+
+struct idmap {
+    uint64_t *keys;             /* 0 = empty (ids are never 0) */
+    uint32_t *vals;
+    size_t cap;                 /* a power of two, or 0 */
+    size_t n;
+};
+
+static size_t idmap_home(uint64_t k, size_t cap)
+{
+    k ^= k >> 33;               /* murmur3's finalizer */
+    k *= 0xff51afd7ed558ccdULL;
+    k ^= k >> 33;
+    k *= 0xc4ceb9fe1a85ec53ULL;
+    k ^= k >> 33;
+    return (size_t)k & (cap - 1);
+}
+
+static uint32_t idmap_get(const struct idmap *m, uint64_t key)
+{
+    if (!m->cap || !key)
+        return NIL;
+    for (size_t i = idmap_home(key, m->cap);; i = (i + 1) & (m->cap - 1)) {
+        if (m->keys[i] == key)
+            return m->vals[i];
+        if (!m->keys[i])
+            return NIL;
+    }
+}
+
+static void idmap_insert(struct idmap *m, uint64_t key, uint32_t val)
+{
+    size_t i = idmap_home(key, m->cap);
+    while (m->keys[i])
+        i = (i + 1) & (m->cap - 1);
+    m->keys[i] = key;
+    m->vals[i] = val;
+    m->n++;
+}
+
+/* KEY must not be in the map yet. */
+static bool idmap_put(struct idmap *m, uint64_t key, uint32_t val)
+{
+    if ((m->n + 1) * 2 > m->cap) {              /* keep the load under 1/2 */
+        size_t cap = m->cap ? m->cap * 2 : 64;
+        uint64_t *keys = calloc(cap, sizeof *keys);
+        uint32_t *vals = malloc(cap * sizeof *vals);
+        if (!keys || !vals) {
+            free(keys);
+            free(vals);
+            return false;
+        }
+        struct idmap old = *m;
+        *m = (struct idmap){ .keys = keys, .vals = vals, .cap = cap };
+        for (size_t i = 0; i < old.cap; i++)
+            if (old.keys[i])
+                idmap_insert(m, old.keys[i], old.vals[i]);
+        free(old.keys);
+        free(old.vals);
+    }
+    idmap_insert(m, key, val);
+    return true;
+}
+
+/* Deletion by backward shift: no tombstones, lookups stay short. */
+static void idmap_del(struct idmap *m, uint64_t key)
+{
+    if (!m->cap || !key)
+        return;
+    size_t mask = m->cap - 1, i = idmap_home(key, m->cap);
+    while (m->keys[i] != key) {
+        if (!m->keys[i])
+            return;
+        i = (i + 1) & mask;
+    }
+    for (size_t j = i;;) {
+        j = (j + 1) & mask;
+        if (!m->keys[j])
+            break;
+        size_t k = idmap_home(m->keys[j], m->cap);
+        /* The entry at j may fill the hole at i unless its home lies
+         * cyclically in (i, j]. */
+        bool stays = i <= j ? (i < k && k <= j) : (i < k || k <= j);
+        if (stays)
+            continue;
+        m->keys[i] = m->keys[j];
+        m->vals[i] = m->vals[j];
+        i = j;
+    }
+    m->keys[i] = 0;
+    m->n--;
+}
+
+static void idmap_free(struct idmap *m)
+{
+    free(m->keys);
+    free(m->vals);
+    *m = (struct idmap){ 0 };
+}
+
+/* ---------- records ---------- */
+
+/* A request known to the scheduler: waiting (inst == NIL) or dispatched. */
+struct req {
+    uint64_t id;
+    size_t model;
+    uint32_t inst;              /* NIL while waiting */
+    uint32_t prev, next;        /* model FIFO while waiting, the instance's
+                                 * in-flight list once dispatched; next also
+                                 * links the free list */
+    uint32_t gprev, gnext;      /* global FIFO by arrival, while waiting */
+    double arrival;
+};
+
+enum inst_state {
+    INST_STARTING,              /* coming: counts its expected slots */
+    INST_READY,                 /* serving: in_flight < slots means free */
+    INST_FAILED,                /* not usable and not coming (backoff, gave up) */
+};
+
+struct inst {
+    uint64_t id;
+    size_t model;
+    enum inst_state state;
+    unsigned slots;             /* 0 = not known yet */
+    unsigned in_flight;
+    double last_used;
+    uint32_t flight;            /* head of its dispatched requests */
+    uint32_t next_free;
+};
+
+struct model {
+    char *name;
+    struct sched_model_info info;
+    char *failed;               /* reason, NULL = usable */
+    uint32_t head, tail;        /* waiting requests, first come first */
+    size_t waiting;
+    uint32_t *inst;             /* its instances, in the order added */
+    size_t ninst, capinst;
+    unsigned start_queued;      /* START actions not yet taken */
+    unsigned start_out;         /* taken, awaiting sched_instance_added() */
+};
+
+struct entry {
+    struct sched_action a;
+    char *own;                  /* the message, when it was allocated */
+};
+
+struct sched {
+    struct sched_limits limits;
+
+    struct model *models;
+    size_t nmodels;
+
+    struct req *reqs;
+    size_t nreqs, capreqs;
+    uint32_t req_free;
+    struct idmap req_map;
+    uint32_t ghead, gtail;      /* every waiting request, by arrival */
+    size_t waiting;
+
+    struct inst *insts;
+    size_t ninsts, capinsts;
+    uint32_t inst_free;
+    struct idmap inst_map;
+
+    struct entry *q;            /* ring of pending actions */
+    size_t qhead, qlen, qcap;   /* qcap: a power of two, or 0 */
+    char *taken_msg;            /* message of the last action taken */
+
+    size_t *out;                /* models with start_out > 0 */
+    size_t nout, capout;
+
+    bool wake_armed;            /* a WAKE at wake_at is the caller's timer */
+    double wake_at;
+};
+
+static bool grow(void **p, size_t *cap, size_t need, size_t size)
+{
+    if (need <= *cap)
+        return true;
+    size_t n = *cap ? *cap : 16;
+    while (n < need)
+        n *= 2;
+    void *v = realloc(*p, n * size);
+    if (!v)
+        return false;
+    *p = v;
+    *cap = n;
+    return true;
+}
+
+static unsigned model_hint(const struct model *m)
+{
+    return m->info.slots_hint ? m->info.slots_hint : DEFAULT_SLOTS;
+}
+
+/* ---------- actions ---------- */
+
+static bool push(struct sched *s, const struct sched_action *a, char *own)
+{
+    if (s->qlen == s->qcap) {
+        size_t cap = s->qcap ? s->qcap * 2 : 64;
+        struct entry *q = malloc(cap * sizeof *q);
+        if (!q) {
+            free(own);
+            return false;
+        }
+        for (size_t i = 0; i < s->qlen; i++)
+            q[i] = s->q[(s->qhead + i) & (s->qcap - 1)];
+        free(s->q);
+        s->q = q;
+        s->qcap = cap;
+        s->qhead = 0;
+    }
+    struct entry *e = &s->q[(s->qhead + s->qlen++) & (s->qcap - 1)];
+    e->a = *a;
+    e->own = own;
+    return true;
+}
+
+static void emit_dispatch(struct sched *s, const struct req *r, const struct inst *in)
+{
+    push(s, &(struct sched_action){ .kind = SCHED_DISPATCH, .req = r->id, .inst = in->id,
+                                    .model = r->model }, NULL);
+}
+
+static void emit_start(struct sched *s, size_t model)
+{
+    if (push(s, &(struct sched_action){ .kind = SCHED_START, .model = model }, NULL))
+        s->models[model].start_queued++;
+}
+
+/* MSG is a literal; OWN, when not NULL, an allocated message that wins. */
+static void emit_fail(struct sched *s, sched_req_t req, size_t model, int status,
+                      double retry_after, const char *msg, char *own)
+{
+    push(s, &(struct sched_action){ .kind = SCHED_FAIL, .req = req, .model = model,
+                                    .status = status, .retry_after = retry_after,
+                                    .message = own ? own : msg }, own);
+}
+
+static char *fmt(const char *f, ...) __attribute__((format(printf, 1, 2)));
+static char *fmt(const char *f, ...)
+{
+    va_list ap;
+    va_start(ap, f);
+    int n = vsnprintf(NULL, 0, f, ap);
+    va_end(ap);
+    if (n < 0)
+        return NULL;
+    char *p = malloc((size_t)n + 1);
+    if (!p)
+        return NULL;
+    va_start(ap, f);
+    vsnprintf(p, (size_t)n + 1, f, ap);
+    va_end(ap);
+    return p;
+}
+
+static char *dup_str(const char *str)
+{
+    return str ? fmt("%s", str) : NULL;
+}
+
+bool sched_next_action(struct sched *s, struct sched_action *out)
+{
+    free(s->taken_msg);
+    s->taken_msg = NULL;
+    if (!s->qlen)
+        return false;
+    struct entry *e = &s->q[s->qhead];
+    s->qhead = (s->qhead + 1) & (s->qcap - 1);
+    s->qlen--;
+    *out = e->a;
+    s->taken_msg = e->own;
+    if (out->kind == SCHED_START && out->model < s->nmodels) {
+        struct model *m = &s->models[out->model];
+        if (m->start_queued)
+            m->start_queued--;
+        /* The caller now owes sched_instance_added() before its next event. */
+        if (!m->start_out++ && grow((void **)&s->out, &s->capout, s->nout + 1, sizeof *s->out))
+            s->out[s->nout++] = out->model;
+    }
+    return true;
+}
+
+/* Every event but sched_instance_added(): a START taken and not reported
+ * by now did not happen (the caller could not add an instance); forget it,
+ * so that waiting requests may ask again instead of waiting for nothing. */
+static void event_begin(struct sched *s)
+{
+    for (size_t i = 0; i < s->nout; i++)
+        if (s->out[i] < s->nmodels)
+            s->models[s->out[i]].start_out = 0;
+    s->nout = 0;
+}
+
+/* The caller's one timer follows the earliest deadline; none when nothing waits. */
+static void wake_update(struct sched *s)
+{
+    if (s->ghead == NIL || s->limits.queue_timeout <= 0) {
+        s->wake_armed = false;
+        return;
+    }
+    double at = s->reqs[s->ghead].arrival + s->limits.queue_timeout;
+    if (s->wake_armed && s->wake_at == at)
+        return;
+    if (push(s, &(struct sched_action){ .kind = SCHED_WAKE, .at = at }, NULL)) {
+        s->wake_armed = true;
+        s->wake_at = at;
+    }
+}
+
+/* ---------- requests ---------- */
+
+static uint32_t req_new(struct sched *s, sched_req_t id, size_t model)
+{
+    uint32_t ri = s->req_free;
+    if (ri != NIL) {
+        s->req_free = s->reqs[ri].next;
+    } else {
+        if (s->nreqs >= NIL || !grow((void **)&s->reqs, &s->capreqs, s->nreqs + 1, sizeof *s->reqs))
+            return NIL;
+        ri = (uint32_t)s->nreqs++;
+    }
+    if (!idmap_put(&s->req_map, id, ri)) {
+        s->reqs[ri].next = s->req_free;
+        s->req_free = ri;
+        return NIL;
+    }
+    s->reqs[ri] = (struct req){ .id = id, .model = model, .inst = NIL, .prev = NIL, .next = NIL,
+                                .gprev = NIL, .gnext = NIL };
+    return ri;
+}
+
+static void req_forget(struct sched *s, uint32_t ri)
+{
+    idmap_del(&s->req_map, s->reqs[ri].id);
+    s->reqs[ri].id = 0;
+    s->reqs[ri].next = s->req_free;
+    s->req_free = ri;
+}
+
+static void wait_push(struct sched *s, uint32_t ri, double now)
+{
+    struct req *r = &s->reqs[ri];
+    struct model *m = &s->models[r->model];
+    r->arrival = now;
+    r->prev = m->tail;
+    r->next = NIL;
+    if (m->tail != NIL)
+        s->reqs[m->tail].next = ri;
+    else
+        m->head = ri;
+    m->tail = ri;
+    m->waiting++;
+    r->gprev = s->gtail;
+    r->gnext = NIL;
+    if (s->gtail != NIL)
+        s->reqs[s->gtail].gnext = ri;
+    else
+        s->ghead = ri;
+    s->gtail = ri;
+    s->waiting++;
+}
+
+static void wait_unlink(struct sched *s, uint32_t ri)
+{
+    struct req *r = &s->reqs[ri];
+    struct model *m = &s->models[r->model];
+    if (r->prev != NIL)
+        s->reqs[r->prev].next = r->next;
+    else
+        m->head = r->next;
+    if (r->next != NIL)
+        s->reqs[r->next].prev = r->prev;
+    else
+        m->tail = r->prev;
+    m->waiting--;
+    if (r->gprev != NIL)
+        s->reqs[r->gprev].gnext = r->gnext;
+    else
+        s->ghead = r->gnext;
+    if (r->gnext != NIL)
+        s->reqs[r->gnext].gprev = r->gprev;
+    else
+        s->gtail = r->gprev;
+    s->waiting--;
+    r->prev = r->next = r->gprev = r->gnext = NIL;
+}
+
+static void flight_link(struct sched *s, uint32_t ri, uint32_t ii)
+{
+    struct req *r = &s->reqs[ri];
+    struct inst *in = &s->insts[ii];
+    r->inst = ii;
+    r->prev = NIL;
+    r->next = in->flight;
+    if (in->flight != NIL)
+        s->reqs[in->flight].prev = ri;
+    in->flight = ri;
+    in->in_flight++;
+}
+
+static void flight_unlink(struct sched *s, uint32_t ri)
+{
+    struct req *r = &s->reqs[ri];
+    struct inst *in = &s->insts[r->inst];
+    if (r->prev != NIL)
+        s->reqs[r->prev].next = r->next;
+    else
+        in->flight = r->next;
+    if (r->next != NIL)
+        s->reqs[r->next].prev = r->prev;
+    in->in_flight--;
+    r->inst = NIL;
+    r->prev = r->next = NIL;
+}
+
+/* Fail every waiting request of MODEL with a copy of MSG each. */
+static void fail_waiters(struct sched *s, size_t model, int status, const char *msg)
+{
+    struct model *m = &s->models[model];
+    while (m->head != NIL) {
+        uint32_t ri = m->head;
+        sched_req_t id = s->reqs[ri].id;
+        wait_unlink(s, ri);
+        req_forget(s, ri);
+        char *own = dup_str(msg);
+        emit_fail(s, id, model, status, 0, own ? own : "request failed", own);
+    }
+}
+
+/* ---------- instances ---------- */
+
+static uint32_t inst_new(struct sched *s, sched_inst_t id, size_t model)
+{
+    struct model *m = &s->models[model];
+    if (!grow((void **)&m->inst, &m->capinst, m->ninst + 1, sizeof *m->inst))
+        return NIL;
+    uint32_t ii = s->inst_free;
+    if (ii != NIL) {
+        s->inst_free = s->insts[ii].next_free;
+    } else {
+        if (s->ninsts >= NIL || !grow((void **)&s->insts, &s->capinsts, s->ninsts + 1, sizeof *s->insts))
+            return NIL;
+        ii = (uint32_t)s->ninsts++;
+    }
+    if (!idmap_put(&s->inst_map, id, ii)) {
+        s->insts[ii].next_free = s->inst_free;
+        s->inst_free = ii;
+        return NIL;
+    }
+    s->insts[ii] = (struct inst){ .id = id, .model = model, .state = INST_STARTING,
+                                  .flight = NIL, .next_free = NIL };
+    m->inst[m->ninst++] = ii;
+    return ii;
+}
+
+/* Its dispatched requests are the caller's to answer: forget them. */
+static void inst_drop_flight(struct sched *s, uint32_t ii)
+{
+    struct inst *in = &s->insts[ii];
+    while (in->flight != NIL) {
+        uint32_t ri = in->flight;
+        flight_unlink(s, ri);
+        req_forget(s, ri);
+    }
+}
+
+static void inst_forget(struct sched *s, uint32_t ii)
+{
+    struct inst *in = &s->insts[ii];
+    struct model *m = &s->models[in->model];
+    inst_drop_flight(s, ii);
+    for (size_t i = 0; i < m->ninst; i++)
+        if (m->inst[i] == ii) {
+            memmove(&m->inst[i], &m->inst[i + 1], (m->ninst - i - 1) * sizeof *m->inst);
+            m->ninst--;
+            break;
+        }
+    idmap_del(&s->inst_map, in->id);
+    in->id = 0;
+    in->next_free = s->inst_free;
+    s->inst_free = ii;
+}
+
+/* The ready instance with a free slot and the fewest in flight; the
+ * earliest added on ties. */
+static uint32_t pick(const struct sched *s, const struct model *m)
+{
+    uint32_t best = NIL;
+    for (size_t i = 0; i < m->ninst; i++) {
+        const struct inst *in = &s->insts[m->inst[i]];
+        if (in->state == INST_READY && in->in_flight < in->slots &&
+            (best == NIL || in->in_flight < s->insts[best].in_flight))
+            best = m->inst[i];
+    }
+    return best;
+}
+
+static void dispatch(struct sched *s, double now, uint32_t ri, uint32_t ii)
+{
+    flight_link(s, ri, ii);
+    s->insts[ii].last_used = now;
+    emit_dispatch(s, &s->reqs[ri], &s->insts[ii]);
+}
+
+/* Serve the model's waiters, first come first, while any slot is free. */
+static void drain_waiters(struct sched *s, double now, size_t model)
+{
+    struct model *m = &s->models[model];
+    uint32_t ii;
+    while (m->head != NIL && (ii = pick(s, m)) != NIL) {
+        uint32_t ri = m->head;
+        wait_unlink(s, ri);
+        dispatch(s, now, ri, ii);
+    }
+}
+
+/* Start instances while the waiters outnumber free and coming slots and
+ * the model is below its max. Never for a failed model, never for nobody. */
+static void consider_starts(struct sched *s, size_t model)
+{
+    struct model *m = &s->models[model];
+    if (m->failed || !m->waiting)
+        return;
+    unsigned hint = model_hint(m);
+    size_t free_slots = 0, coming = 0, count = 0;
+    for (size_t i = 0; i < m->ninst; i++) {
+        const struct inst *in = &s->insts[m->inst[i]];
+        if (in->state == INST_READY) {
+            free_slots += in->slots > in->in_flight ? in->slots - in->in_flight : 0;
+            count++;
+        } else if (in->state == INST_STARTING) {
+            coming += in->slots ? in->slots : hint;
+            count++;
+        }
+    }
+    size_t pending = (size_t)m->start_queued + m->start_out;
+    coming += pending * hint;
+    count += pending;
+    while (m->waiting > free_slots + coming && count < m->info.instances_max) {
+        emit_start(s, model);
+        coming += hint;
+        count++;
+    }
+}
+
+static void settle(struct sched *s, double now, size_t model)
+{
+    drain_waiters(s, now, model);
+    consider_starts(s, model);
+}
+
+static bool has_coming_or_ready(const struct sched *s, const struct model *m)
+{
+    if (m->start_queued || m->start_out)
+        return true;
+    for (size_t i = 0; i < m->ninst; i++)
+        if (s->insts[m->inst[i]].state != INST_FAILED)
+            return true;
+    return false;
+}
+
+/* ---------- lifecycle and configuration ---------- */
+
+struct sched *sched_new(const struct sched_limits *limits)
+{
+    struct sched *s = calloc(1, sizeof *s);
+    if (!s)
+        return NULL;
+    s->limits = *limits;
+    s->req_free = s->inst_free = NIL;
+    s->ghead = s->gtail = NIL;
+    return s;
+}
+
+static void model_clear(struct sched *s, size_t model)
+{
+    struct model *m = &s->models[model];
+    while (m->ninst)
+        inst_forget(s, m->inst[m->ninst - 1]);
+    free(m->inst);
+    free(m->name);
+    free(m->failed);
+    *m = (struct model){ .head = NIL, .tail = NIL };
+}
+
+void sched_free(struct sched *s)
+{
+    if (!s)
+        return;
+    for (size_t i = 0; i < s->nmodels; i++) {
+        free(s->models[i].inst);
+        free(s->models[i].name);
+        free(s->models[i].failed);
+    }
+    free(s->models);
+    free(s->reqs);
+    free(s->insts);
+    idmap_free(&s->req_map);
+    idmap_free(&s->inst_map);
+    for (size_t i = 0; i < s->qlen; i++)
+        free(s->q[(s->qhead + i) & (s->qcap - 1)].own);
+    free(s->q);
+    free(s->taken_msg);
+    free(s->out);
+    free(s);
+}
+
+void sched_set_limits(struct sched *s, const struct sched_limits *limits)
+{
+    s->limits = *limits;
+    wake_update(s);         /* a new queue_timeout moves every deadline */
+}
+
+void sched_models_resize(struct sched *s, size_t n)
+{
+    for (size_t i = n; i < s->nmodels; i++) {
+        fail_waiters(s, i, 404, "model removed by reload");
+        model_clear(s, i);
+    }
+    if (n > s->nmodels) {
+        struct model *v = realloc(s->models, n * sizeof *v);
+        if (!v)
+            return;
+        s->models = v;
+        for (size_t i = s->nmodels; i < n; i++)
+            v[i] = (struct model){ .head = NIL, .tail = NIL };
+    } else if (n == 0) {
+        free(s->models);
+        s->models = NULL;
+    } else if (n < s->nmodels) {
+        struct model *v = realloc(s->models, n * sizeof *v);
+        if (v)
+            s->models = v;
+    }
+    s->nmodels = n;
+    wake_update(s);
+}
+
+void sched_model_set(struct sched *s, size_t model, const char *name,
+                     const struct sched_model_info *info)
+{
+    if (model >= s->nmodels)
+        return;
+    struct model *m = &s->models[model];
+    char *copy = dup_str(name ? name : "");
+    if (copy) {
+        free(m->name);
+        m->name = copy;
+    }
+    m->info = *info;
+    consider_starts(s, model);  /* a higher max or a smaller hint may call for more */
+}
+
+void sched_model_failed(struct sched *s, double now, size_t model, const char *reason)
+{
+    (void)now;
+    event_begin(s);
+    if (model < s->nmodels) {
+        struct model *m = &s->models[model];
+        free(m->failed);
+        m->failed = NULL;
+        if (reason) {
+            m->failed = dup_str(reason);
+            fail_waiters(s, model, 503, m->failed ? m->failed : "model failed");
+            if (!m->failed)
+                m->failed = dup_str("model failed");   /* never "usable" by accident */
+        }
+    }
+    wake_update(s);
+}
+
+/* ---------- events ---------- */
+
+void sched_request(struct sched *s, double now, sched_req_t req, size_t model)
+{
+    event_begin(s);
+    if (!req) {
+        /* ids are never 0 */
+    } else if (model >= s->nmodels) {
+        emit_fail(s, req, model, 404, 0, "unknown model", NULL);
+    } else if (idmap_get(&s->req_map, req) != NIL) {
+        /* already known: the caller's mistake; the first one stands */
+    } else if (s->models[model].failed) {
+        char *own = dup_str(s->models[model].failed);
+        emit_fail(s, req, model, 503, 0, "model failed", own);
+    } else {
+        struct model *m = &s->models[model];
+        uint32_t ii = m->head == NIL ? pick(s, m) : NIL;
+        if (ii == NIL && s->waiting >= s->limits.max_queue) {
+            emit_fail(s, req, model, 429, 1, "queue full", fmt("queue full (%zu waiting)", s->waiting));
+        } else {
+            uint32_t ri = req_new(s, req, model);
+            if (ri == NIL) {
+                emit_fail(s, req, model, 503, 1, "out of memory", NULL);
+            } else if (ii != NIL) {
+                dispatch(s, now, ri, ii);
+            } else {
+                wait_push(s, ri, now);
+                settle(s, now, model);
+            }
+        }
+    }
+    wake_update(s);
+}
+
+/* Done or gone: a waiting request leaves the queue without an answer, a
+ * dispatched one frees its slot for the next waiter. */
+static void request_end(struct sched *s, double now, sched_req_t req)
+{
+    event_begin(s);
+    uint32_t ri = idmap_get(&s->req_map, req);
+    if (ri != NIL) {
+        struct req *r = &s->reqs[ri];
+        if (r->inst == NIL) {
+            wait_unlink(s, ri);
+            req_forget(s, ri);
+        } else {
+            uint32_t ii = r->inst;
+            flight_unlink(s, ri);
+            req_forget(s, ri);
+            s->insts[ii].last_used = now;
+            settle(s, now, s->insts[ii].model);
+        }
+    }
+    wake_update(s);
+}
+
+void sched_request_done(struct sched *s, double now, sched_req_t req)
+{
+    request_end(s, now, req);
+}
+
+void sched_request_gone(struct sched *s, double now, sched_req_t req)
+{
+    request_end(s, now, req);
+}
+
+void sched_instance_added(struct sched *s, double now, sched_inst_t inst, size_t model)
+{
+    if (!inst || model >= s->nmodels)
+        return;
+    uint32_t old = idmap_get(&s->inst_map, inst);
+    if (old != NIL) {                   /* the id was reused: the old one is gone */
+        size_t was = s->insts[old].model;
+        inst_forget(s, old);
+        if (was != model)
+            settle(s, now, was);
+    }
+    struct model *m = &s->models[model];
+    if (inst_new(s, inst, model) != NIL && m->start_out)
+        m->start_out--;                 /* the START we asked for */
+    settle(s, now, model);
+    wake_update(s);
+}
+
+void sched_instance_ready(struct sched *s, double now, sched_inst_t inst, unsigned slots)
+{
+    event_begin(s);
+    uint32_t ii = idmap_get(&s->inst_map, inst);
+    if (ii != NIL) {
+        struct inst *in = &s->insts[ii];
+        in->state = INST_READY;
+        if (slots)
+            in->slots = slots;
+        else if (!in->slots)
+            in->slots = model_hint(&s->models[in->model]);
+        settle(s, now, in->model);
+    }
+    wake_update(s);
+}
+
+void sched_instance_slots(struct sched *s, double now, sched_inst_t inst, unsigned slots)
+{
+    event_begin(s);
+    uint32_t ii = idmap_get(&s->inst_map, inst);
+    if (ii != NIL && slots) {
+        s->insts[ii].slots = slots;
+        settle(s, now, s->insts[ii].model);
+    }
+    wake_update(s);
+}
+
+void sched_instance_starting(struct sched *s, double now, sched_inst_t inst)
+{
+    event_begin(s);
+    uint32_t ii = idmap_get(&s->inst_map, inst);
+    if (ii != NIL) {
+        inst_drop_flight(s, ii);
+        s->insts[ii].state = INST_STARTING;
+        settle(s, now, s->insts[ii].model);
+    }
+    wake_update(s);
+}
+
+void sched_instance_failed(struct sched *s, double now, sched_inst_t inst, const char *error)
+{
+    event_begin(s);
+    uint32_t ii = idmap_get(&s->inst_map, inst);
+    if (ii != NIL) {
+        struct inst *in = &s->insts[ii];
+        size_t model = in->model;
+        struct model *m = &s->models[model];
+        bool was_starting = in->state == INST_STARTING;
+        inst_drop_flight(s, ii);
+        in->state = INST_FAILED;
+        if (was_starting && m->waiting && !has_coming_or_ready(s, m)) {
+            /* Nothing else will serve them: they share the failed start's fate. */
+            char *msg = fmt("%s: failed to start: %s", m->name ? m->name : "model",
+                            error && *error ? error : "unknown error");
+            fail_waiters(s, model, 502, msg ? msg : "failed to start");
+            free(msg);
+        } else {
+            settle(s, now, model);
+        }
+    }
+    wake_update(s);
+}
+
+void sched_instance_removed(struct sched *s, double now, sched_inst_t inst)
+{
+    event_begin(s);
+    uint32_t ii = idmap_get(&s->inst_map, inst);
+    if (ii != NIL) {
+        size_t model = s->insts[ii].model;
+        inst_forget(s, ii);
+        settle(s, now, model);
+    }
+    wake_update(s);
+}
+
+static void fmt_seconds(char *buf, size_t len, double t)
+{
+    int n = snprintf(buf, len, "%.1f", t);
+    if (n >= 2 && (size_t)n < len && buf[n - 2] == '.' && buf[n - 1] == '0')
+        buf[n - 2] = '\0';      /* "120", "0.5" */
+}
+
+void sched_tick(struct sched *s, double now)
+{
+    event_begin(s);
+    double limit = s->limits.queue_timeout;
+    while (limit > 0 && s->ghead != NIL && s->reqs[s->ghead].arrival + limit <= now) {
+        uint32_t ri = s->ghead;
+        struct req *r = &s->reqs[ri];
+        sched_req_t id = r->id;
+        size_t model = r->model;
+        char waited[32];
+        fmt_seconds(waited, sizeof waited, now - r->arrival);
+        wait_unlink(s, ri);
+        req_forget(s, ri);
+        const char *name = s->models[model].name;
+        emit_fail(s, id, model, 504, 0, "waited too long in the queue",
+                  fmt("waited %s s in the queue for %s", waited, name ? name : "the model"));
+    }
+    s->wake_armed = false;      /* the caller's timer has fired: arm it again */
+    wake_update(s);
+}
+
+/* ---------- status ---------- */
+
+size_t sched_waiting(const struct sched *s)
+{
+    return s->waiting;
+}
+
+size_t sched_waiting_model(const struct sched *s, size_t model)
+{
+    return model < s->nmodels ? s->models[model].waiting : 0;
+}
+
+unsigned sched_in_flight(const struct sched *s, sched_inst_t inst)
+{
+    uint32_t ii = idmap_get(&s->inst_map, inst);
+    return ii != NIL ? s->insts[ii].in_flight : 0;
+}
+
+double sched_last_used(const struct sched *s, sched_inst_t inst)
+{
+    uint32_t ii = idmap_get(&s->inst_map, inst);
+    return ii != NIL ? s->insts[ii].last_used : 0;
+}

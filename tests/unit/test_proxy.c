@@ -1,0 +1,1776 @@
+/* test_proxy — the reverse proxy between a real http server and a scripted
+ * upstream, over real sockets.
+ *
+ * Three parties per scenario: the loop (http server + proxy) runs in the
+ * test's thread; the upstream is a raw-socket server in a second thread,
+ * scripted byte by byte, so each edge case (a reset just as a connection is
+ * reused, a stream cut mid-event) is exact; the client is a raw socket in a
+ * third thread. Every wait is bounded (poll, SO_RCVTIMEO, sem_timedwait);
+ * the threads record the first failed check and the test thread asserts
+ * after joining them (cmocka is not thread-safe). Upstream and client
+ * synchronise through semaphores when order matters ("the first event
+ * reached the client before the second was sent"). */
+#define _GNU_SOURCE
+#include <setjmp.h>
+#include <stdarg.h>
+#include <stddef.h>
+#include <cmocka.h>
+
+#include <arpa/inet.h>
+#include <errno.h>
+#include <llhttp.h>
+#include <netinet/in.h>
+#include <netinet/tcp.h>
+#include <poll.h>
+#include <pthread.h>
+#include <semaphore.h>
+#include <stdatomic.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <strings.h>
+#include <sys/socket.h>
+#include <time.h>
+#include <unistd.h>
+
+#include "http.h"
+#include "log.h"
+#include "proxy.h"
+
+#define IO_TIMEOUT_MS 2000
+#define RUN_TIMEOUT_S 10.0
+
+/* ------------------------------------------------------------ fixture */
+
+struct fx;
+typedef void (*party_fn)(struct fx *);
+
+struct fx {
+    struct ev_loop *loop;
+    struct http_server *srv;
+    struct proxy *proxy;
+    unsigned srv_port;
+    int up_lfd;                /* the scripted upstream's listener (blocking) */
+    unsigned up_port;
+    unsigned target_port;      /* where requests go: up_port unless a test says */
+    int spare_fd[2];           /* sockets a test keeps open until teardown */
+
+    /* loop control */
+    ev_async wake_w;           /* a thread finished */
+    ev_async act_w;            /* a thread asks the loop to run fx->act */
+    void (*act)(struct fx *);
+    ev_timer guard_w;
+    ev_prepare cond_w;
+    ev_check sample_w;
+    bool guard_fired;
+    atomic_int threads_done;
+    int nthreads;
+    int expect_done;
+    party_fn client, upstream;
+    pthread_t cth, uth;
+
+    /* loop side: what the handler and DONE saw */
+    int nreq, ndone;
+    enum proxy_outcome outcome[8];
+    struct http_request *live; /* the request being proxied */
+    size_t max_buffered;       /* largest client-side backlog seen */
+    void (*after_done)(struct fx *);
+
+    /* between the threads */
+    sem_t to_up, to_cli;
+    pthread_mutex_t mu;
+    char fail[512];
+
+    /* upstream's observations */
+    int accepts;
+    char up_req[4][4096];
+    int up_nreq;
+    size_t up_sent;
+    double up_elapsed;
+};
+
+static struct fx *fx_of(void **state) { return *state; }
+
+static double now_s(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (double)ts.tv_sec + (double)ts.tv_nsec / 1e9;
+}
+
+static void thr_fail(struct fx *fx, int line, const char *what)
+{
+    pthread_mutex_lock(&fx->mu);
+    if (!fx->fail[0])
+        snprintf(fx->fail, sizeof fx->fail, "check failed at line %d: %s", line, what);
+    pthread_mutex_unlock(&fx->mu);
+}
+
+/* Thread-side check: record and leave the script. */
+#define CHECK(cond)                                  \
+    do {                                             \
+        if (!(cond)) {                               \
+            thr_fail(fx, __LINE__, #cond);           \
+            return;                                  \
+        }                                            \
+    } while (0)
+
+static bool wait_sem(sem_t *s, double seconds)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_REALTIME, &ts);
+    long ns = ts.tv_nsec + (long)((seconds - (long)seconds) * 1e9);
+    ts.tv_sec += (time_t)seconds + ns / 1000000000L;
+    ts.tv_nsec = ns % 1000000000L;
+    while (sem_timedwait(s, &ts) < 0)
+        if (errno != EINTR)
+            return false;
+    return true;
+}
+
+/* ----------------------------------------------------- loop side */
+
+static void on_done(void *arg, enum proxy_outcome outcome)
+{
+    struct fx *fx = arg;
+    fx->outcome[fx->ndone & 7] = outcome;
+    fx->ndone++;
+    fx->live = NULL;
+    if (fx->after_done)
+        fx->after_done(fx);
+}
+
+static void handler(struct http_request *req, void *arg)
+{
+    struct fx *fx = arg;
+    fx->nreq++;
+    fx->live = req;
+    proxy_forward(fx->proxy, req, fx->target_port, NULL, on_done, fx);
+}
+
+static void wake_cb(struct ev_loop *loop, ev_async *w, int revents)
+{
+    (void)loop;
+    (void)w;
+    (void)revents;
+}
+
+static void act_cb(struct ev_loop *loop, ev_async *w, int revents)
+{
+    struct fx *fx = w->data;
+    (void)loop;
+    (void)revents;
+    if (fx->act)
+        fx->act(fx);
+}
+
+static void guard_cb(struct ev_loop *loop, ev_timer *w, int revents)
+{
+    struct fx *fx = w->data;
+    (void)revents;
+    fx->guard_fired = true;
+    ev_break(loop, EVBREAK_ALL);
+}
+
+static void cond_cb(struct ev_loop *loop, ev_prepare *w, int revents)
+{
+    struct fx *fx = w->data;
+    (void)revents;
+    if (atomic_load(&fx->threads_done) >= fx->nthreads && fx->ndone >= fx->expect_done)
+        ev_break(loop, EVBREAK_ALL);
+}
+
+static void sample_cb(struct ev_loop *loop, ev_check *w, int revents)
+{
+    struct fx *fx = w->data;
+    (void)loop;
+    (void)revents;
+    if (fx->live) {
+        size_t b = http_stream_buffered(fx->live);
+        if (b > fx->max_buffered)
+            fx->max_buffered = b;
+    }
+}
+
+static int listen_local(int backlog, unsigned *port)
+{
+    int fd = socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
+    int one = 1;
+    struct sockaddr_in sin = { .sin_family = AF_INET };
+    socklen_t sl = sizeof sin;
+    if (fd < 0)
+        return -1;
+    setsockopt(fd, SOL_SOCKET, SO_REUSEADDR, &one, sizeof one);
+    sin.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+    if (bind(fd, (struct sockaddr *)&sin, sizeof sin) < 0 || listen(fd, backlog) < 0 ||
+        getsockname(fd, (struct sockaddr *)&sin, &sl) < 0) {
+        close(fd);
+        return -1;
+    }
+    *port = ntohs(sin.sin_port);
+    return fd;
+}
+
+static int setup(void **state)
+{
+    struct fx *fx = calloc(1, sizeof *fx);
+    if (!fx)
+        return -1;
+    log_init(LOG_ERROR);
+    fx->loop = ev_loop_new(EVFLAG_AUTO);
+    struct http_limits lim = {
+        .max_header = 64 * 1024,
+        .max_body = 1024 * 1024,
+        .header_timeout_ms = 5000,
+        .keepalive_timeout_ms = 5000,
+        .max_connections = 64,
+    };
+    char err[256] = "";
+    fx->srv = http_server_listen(fx->loop, "127.0.0.1:0", &lim, handler, fx, err, sizeof err);
+    if (!fx->srv) {
+        fprintf(stderr, "listen: %s\n", err);
+        return -1;
+    }
+    fx->srv_port = http_server_port(fx->srv);
+    fx->proxy = proxy_new(fx->loop);
+    fx->up_lfd = listen_local(16, &fx->up_port);
+    if (!fx->proxy || fx->up_lfd < 0)
+        return -1;
+    fx->target_port = fx->up_port;
+    fx->spare_fd[0] = fx->spare_fd[1] = -1;
+    sem_init(&fx->to_up, 0, 0);
+    sem_init(&fx->to_cli, 0, 0);
+    pthread_mutex_init(&fx->mu, NULL);
+    ev_async_init(&fx->wake_w, wake_cb);
+    ev_async_init(&fx->act_w, act_cb);
+    fx->act_w.data = fx;
+    ev_async_start(fx->loop, &fx->wake_w);
+    ev_async_start(fx->loop, &fx->act_w);
+    ev_init(&fx->guard_w, guard_cb);
+    fx->guard_w.data = fx;
+    ev_prepare_init(&fx->cond_w, cond_cb);
+    fx->cond_w.data = fx;
+    ev_check_init(&fx->sample_w, sample_cb);
+    fx->sample_w.data = fx;
+    ev_check_start(fx->loop, &fx->sample_w);
+    *state = fx;
+    return 0;
+}
+
+static int teardown(void **state)
+{
+    struct fx *fx = *state;
+    http_server_free(fx->srv); /* calls still open end as CLIENT_GONE */
+    proxy_free(fx->proxy);
+    close(fx->up_lfd);
+    for (int i = 0; i < 2; i++)
+        if (fx->spare_fd[i] >= 0)
+            close(fx->spare_fd[i]);
+    ev_check_stop(fx->loop, &fx->sample_w);
+    ev_async_stop(fx->loop, &fx->wake_w);
+    ev_async_stop(fx->loop, &fx->act_w);
+    ev_loop_destroy(fx->loop);
+    sem_destroy(&fx->to_up);
+    sem_destroy(&fx->to_cli);
+    pthread_mutex_destroy(&fx->mu);
+    free(fx);
+    return 0;
+}
+
+static void *client_main(void *arg)
+{
+    struct fx *fx = arg;
+    fx->client(fx);
+    atomic_fetch_add(&fx->threads_done, 1);
+    ev_async_send(fx->loop, &fx->wake_w);
+    return NULL;
+}
+
+static void *upstream_main(void *arg)
+{
+    struct fx *fx = arg;
+    fx->upstream(fx);
+    atomic_fetch_add(&fx->threads_done, 1);
+    ev_async_send(fx->loop, &fx->wake_w);
+    return NULL;
+}
+
+/* Runs the loop until both scripts have finished and DONE has been called
+ * EXPECT_DONE times (bounded), then joins the threads and asserts. */
+static void fx_run_for(struct fx *fx, party_fn client, party_fn upstream, int expect_done,
+                       double seconds)
+{
+    fx->client = client;
+    fx->upstream = upstream;
+    fx->nthreads = 1 + (upstream != NULL);
+    fx->expect_done = expect_done;
+    atomic_store(&fx->threads_done, 0);
+    fx->guard_fired = false;
+    ev_timer_set(&fx->guard_w, seconds, 0.);
+    ev_timer_start(fx->loop, &fx->guard_w);
+    ev_prepare_start(fx->loop, &fx->cond_w);
+    assert_int_equal(pthread_create(&fx->cth, NULL, client_main, fx), 0);
+    if (upstream)
+        assert_int_equal(pthread_create(&fx->uth, NULL, upstream_main, fx), 0);
+    ev_run(fx->loop, 0);
+    ev_prepare_stop(fx->loop, &fx->cond_w);
+    ev_timer_stop(fx->loop, &fx->guard_w);
+    pthread_join(fx->cth, NULL);
+    if (upstream)
+        pthread_join(fx->uth, NULL);
+    if (fx->fail[0])
+        fail_msg("%s", fx->fail);
+    if (fx->guard_fired)
+        fail_msg("scenario did not finish within %.0f s (done %d of %d)", seconds, fx->ndone,
+                 expect_done);
+}
+
+static void fx_run(struct fx *fx, party_fn client, party_fn upstream, int expect_done)
+{
+    fx_run_for(fx, client, upstream, expect_done, RUN_TIMEOUT_S);
+}
+
+/* ------------------------------------------------------ socket helpers */
+
+static void set_timeouts(int fd, int ms)
+{
+    struct timeval tv = { ms / 1000, (ms % 1000) * 1000 };
+    setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof tv);
+    setsockopt(fd, SOL_SOCKET, SO_SNDTIMEO, &tv, sizeof tv);
+}
+
+static bool send_all(int fd, const void *data, size_t n)
+{
+    const char *s = data;
+    while (n) {
+        ssize_t w = send(fd, s, n, MSG_NOSIGNAL);
+        if (w < 0 && errno == EINTR)
+            continue;
+        if (w <= 0)
+            return false;
+        s += w;
+        n -= (size_t)w;
+    }
+    return true;
+}
+
+static bool send_str(int fd, const char *s) { return send_all(fd, s, strlen(s)); }
+
+/* One HTTP/1.1 chunk. */
+static bool send_chunk(int fd, const char *s)
+{
+    char size[32];
+    snprintf(size, sizeof size, "%zx\r\n", strlen(s));
+    return send_str(fd, size) && send_str(fd, s) && send_str(fd, "\r\n");
+}
+
+/* Closes with a reset instead of a FIN. */
+static void close_reset(int fd)
+{
+    struct linger lg = { 1, 0 };
+    setsockopt(fd, SOL_SOCKET, SO_LINGER, &lg, sizeof lg);
+    close(fd);
+}
+
+/* Waits for the peer to close FD (EOF or reset) within MS. */
+static bool wait_eof(int fd, int ms)
+{
+    double end = now_s() + ms / 1000.0;
+    char buf[4096];
+    for (;;) {
+        int left = (int)((end - now_s()) * 1000);
+        if (left <= 0)
+            return false;
+        struct pollfd pfd = { .fd = fd, .events = POLLIN };
+        int n = poll(&pfd, 1, left);
+        if (n < 0 && errno == EINTR)
+            continue;
+        if (n <= 0)
+            return false;
+        ssize_t r = recv(fd, buf, sizeof buf, MSG_DONTWAIT);
+        if (r == 0 || (r < 0 && errno == ECONNRESET))
+            return true;
+        if (r < 0 && errno != EAGAIN && errno != EINTR)
+            return false;
+    }
+}
+
+/* ------------------------------------------------------------ upstream */
+
+static int up_accept(struct fx *fx, int ms)
+{
+    struct pollfd pfd = { .fd = fx->up_lfd, .events = POLLIN };
+    int n;
+    do
+        n = poll(&pfd, 1, ms);
+    while (n < 0 && errno == EINTR);
+    if (n <= 0)
+        return -1;
+    int fd = accept4(fx->up_lfd, NULL, NULL, SOCK_CLOEXEC);
+    if (fd < 0)
+        return -1;
+    set_timeouts(fd, IO_TIMEOUT_MS);
+    fx->accepts++;
+    return fd;
+}
+
+/* True if a connection waits to be accepted right now. */
+static bool up_pending(struct fx *fx)
+{
+    struct pollfd pfd = { .fd = fx->up_lfd, .events = POLLIN };
+    return poll(&pfd, 1, 0) > 0;
+}
+
+static size_t content_length_of(const char *head)
+{
+    for (const char *s = head; (s = strchr(s, '\n')) != NULL;) {
+        s++;
+        if (strncasecmp(s, "Content-Length:", 15) == 0)
+            return (size_t)strtoul(s + 15, NULL, 10);
+    }
+    return 0;
+}
+
+/* Reads one request (head + Content-Length body) into fx->up_req[]. Returns
+ * its index, or -1 on EOF, reset or timeout. */
+static int up_read_request(struct fx *fx, int fd)
+{
+    if (fx->up_nreq >= 4)
+        return -1;
+    char *buf = fx->up_req[fx->up_nreq];
+    size_t cap = sizeof fx->up_req[0] - 1, len = 0, want = 0;
+    char *eoh = NULL;
+    for (;;) {
+        if (eoh && len >= want)
+            break;
+        if (len == cap)
+            return -1;
+        ssize_t n = recv(fd, buf + len, cap - len, 0);
+        if (n < 0 && errno == EINTR)
+            continue;
+        if (n <= 0)
+            return -1;
+        len += (size_t)n;
+        buf[len] = '\0';
+        if (!eoh && (eoh = strstr(buf, "\r\n\r\n")) != NULL)
+            want = (size_t)(eoh + 4 - buf) + content_length_of(buf);
+    }
+    return fx->up_nreq++;
+}
+
+static const char *up_body(const char *req)
+{
+    const char *b = strstr(req, "\r\n\r\n");
+    return b ? b + 4 : "";
+}
+
+/* ------------------------------------------------------------- client */
+
+struct cresp {
+    int status;
+    int nh;
+    char hn[32][64];
+    char hv[32][256];
+    char *body;                /* unless counting */
+    size_t body_len, body_cap;
+    bool counting;             /* check the pattern instead of keeping bytes */
+    size_t pattern_errors;
+    bool done;                 /* message complete */
+};
+
+struct cconn {
+    int fd;
+    llhttp_t p;
+    llhttp_settings_t s;
+    char buf[65536];
+    size_t off, len;
+    struct cresp *r;
+    bool head;                 /* the request was HEAD */
+    bool eof;
+};
+
+static char pattern_byte(size_t i) { return (char)('a' + i % 26); }
+
+static void strncat_piece(char *dst, size_t cap, const char *at, size_t n)
+{
+    size_t l = strlen(dst);
+    if (l + n >= cap)
+        n = cap - l - 1;
+    memcpy(dst + l, at, n);
+    dst[l + n] = '\0';
+}
+
+static int c_on_header_field(llhttp_t *p, const char *at, size_t n)
+{
+    struct cconn *cc = p->data;
+    if (cc->r->nh < 32)
+        strncat_piece(cc->r->hn[cc->r->nh], sizeof cc->r->hn[0], at, n);
+    return 0;
+}
+
+static int c_on_header_value(llhttp_t *p, const char *at, size_t n)
+{
+    struct cconn *cc = p->data;
+    if (cc->r->nh < 32)
+        strncat_piece(cc->r->hv[cc->r->nh], sizeof cc->r->hv[0], at, n);
+    return 0;
+}
+
+static int c_on_header_value_complete(llhttp_t *p)
+{
+    struct cconn *cc = p->data;
+    if (cc->r->nh < 32)
+        cc->r->nh++;
+    return 0;
+}
+
+static int c_on_headers_complete(llhttp_t *p)
+{
+    struct cconn *cc = p->data;
+    cc->r->status = p->status_code;
+    return cc->head ? 1 : 0;
+}
+
+static int c_on_body(llhttp_t *p, const char *at, size_t n)
+{
+    struct cconn *cc = p->data;
+    struct cresp *r = cc->r;
+    if (r->counting) {
+        for (size_t i = 0; i < n; i++)
+            if (at[i] != pattern_byte(r->body_len + i))
+                r->pattern_errors++;
+        r->body_len += n;
+        return 0;
+    }
+    if (r->body_cap - r->body_len < n + 1) {
+        size_t c = r->body_cap ? r->body_cap : 1024;
+        while (c - r->body_len < n + 1)
+            c *= 2;
+        char *b = realloc(r->body, c);
+        if (!b)
+            return -1;
+        r->body = b;
+        r->body_cap = c;
+    }
+    memcpy(r->body + r->body_len, at, n);
+    r->body_len += n;
+    r->body[r->body_len] = '\0';
+    return 0;
+}
+
+static int c_on_message_complete(llhttp_t *p)
+{
+    struct cconn *cc = p->data;
+    cc->r->done = true;
+    return HPE_PAUSED;
+}
+
+static int cli_connect(struct fx *fx, int timeout_ms, int rcvbuf)
+{
+    int fd = socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
+    if (fd < 0)
+        return -1;
+    set_timeouts(fd, timeout_ms);
+    if (rcvbuf)
+        setsockopt(fd, SOL_SOCKET, SO_RCVBUF, &rcvbuf, sizeof rcvbuf);
+    struct sockaddr_in sin = { .sin_family = AF_INET, .sin_port = htons((uint16_t)fx->srv_port) };
+    sin.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+    if (connect(fd, (struct sockaddr *)&sin, sizeof sin) < 0) {
+        close(fd);
+        return -1;
+    }
+    return fd;
+}
+
+static void cc_init(struct cconn *cc, int fd)
+{
+    memset(cc, 0, sizeof *cc);
+    cc->fd = fd;
+    llhttp_settings_init(&cc->s);
+    cc->s.on_header_field = c_on_header_field;
+    cc->s.on_header_value = c_on_header_value;
+    cc->s.on_header_value_complete = c_on_header_value_complete;
+    cc->s.on_headers_complete = c_on_headers_complete;
+    cc->s.on_body = c_on_body;
+    cc->s.on_message_complete = c_on_message_complete;
+    llhttp_init(&cc->p, HTTP_RESPONSE, &cc->s);
+    cc->p.data = cc;
+}
+
+static void cresp_free(struct cresp *r)
+{
+    free(r->body);
+    memset(r, 0, sizeof *r);
+}
+
+/* Starts reading a new response into R (the previous one is complete). */
+static void cc_expect(struct cconn *cc, struct cresp *r, bool head)
+{
+    cresp_free(r);
+    cc->r = r;
+    cc->head = head;
+    llhttp_resume(&cc->p);
+}
+
+/* Reads until STOP(r, arg) holds, the response completes, EOF or timeout.
+ * Returns false on a parse error. */
+static bool cc_read_until(struct cconn *cc, bool (*stop)(struct cresp *, const void *),
+                          const void *arg)
+{
+    struct cresp *r = cc->r;
+    for (;;) {
+        while (cc->off < cc->len && !r->done) {
+            llhttp_errno_t e = llhttp_execute(&cc->p, cc->buf + cc->off, cc->len - cc->off);
+            if (e == HPE_PAUSED) {
+                cc->off = (size_t)(llhttp_get_error_pos(&cc->p) - cc->buf);
+                break;
+            }
+            if (e != HPE_OK)
+                return false;
+            cc->off = cc->len;
+        }
+        if (cc->off == cc->len)
+            cc->off = cc->len = 0;
+        if (r->done || cc->eof || (stop && stop(r, arg)))
+            return true;
+        ssize_t n = recv(cc->fd, cc->buf + cc->len, sizeof cc->buf - cc->len, 0);
+        if (n < 0 && errno == EINTR)
+            continue;
+        if (n <= 0) {
+            cc->eof = true;
+            if (n == 0 && llhttp_finish(&cc->p) == HPE_PAUSED)
+                r->done = true;
+            return true;
+        }
+        cc->len += (size_t)n;
+    }
+}
+
+static bool body_has(struct cresp *r, const void *needle)
+{
+    return r->body && strstr(r->body, needle) != NULL;
+}
+
+static bool got_status(struct cresp *r, const void *arg)
+{
+    (void)arg;
+    return r->status != 0;
+}
+
+static bool cc_read_response(struct cconn *cc) { return cc_read_until(cc, NULL, NULL); }
+
+static int header_count(const struct cresp *r, const char *name)
+{
+    int n = 0;
+    for (int i = 0; i < r->nh; i++)
+        n += strcasecmp(r->hn[i], name) == 0;
+    return n;
+}
+
+static const char *header_get(const struct cresp *r, const char *name)
+{
+    for (int i = 0; i < r->nh; i++)
+        if (strcasecmp(r->hn[i], name) == 0)
+            return r->hv[i];
+    return NULL;
+}
+
+static bool post(int fd, const char *path, const char *body)
+{
+    char head[512];
+    snprintf(head, sizeof head,
+             "POST %s HTTP/1.1\r\nHost: pool\r\nContent-Type: application/json\r\n"
+             "Content-Length: %zu\r\n\r\n",
+             path, strlen(body));
+    return send_str(fd, head) && send_str(fd, body);
+}
+
+/* Headers of a JSON answer with a Content-Length. */
+static bool up_send_json(int fd, int status, const char *body)
+{
+    char head[512];
+    snprintf(head, sizeof head,
+             "HTTP/1.1 %d X\r\nServer: llama.cpp\r\nContent-Type: application/json; charset=utf-8\r\n"
+             "Content-Length: %zu\r\nKeep-Alive: timeout=5, max=100\r\n\r\n",
+             status, strlen(body));
+    return send_str(fd, head) && send_str(fd, body);
+}
+
+static const char SSE_HEAD[] =
+    "HTTP/1.1 200 OK\r\nServer: llama.cpp\r\nAccess-Control-Allow-Origin: \r\n"
+    "Content-Type: text/event-stream\r\nTransfer-Encoding: chunked\r\n"
+    "Keep-Alive: timeout=5, max=100\r\n\r\n";
+
+/* ============================================================= tests */
+
+/* ---- a plain JSON answer: status, headers, byte-identical body ---- */
+
+static const char JSON_BODY[] =
+    "{\"choices\":[{\"finish_reason\":\"stop\",\"index\":0,\"message\":{\"role\":\"assistant\","
+    "\"content\":\" tok0 \\\"q\\\" \\u00e9\"}}],\"created\":0,\"model\":\"tiny\"}";
+
+static void up_json(struct fx *fx)
+{
+    int fd = up_accept(fx, IO_TIMEOUT_MS);
+    CHECK(fd >= 0);
+    CHECK(up_read_request(fx, fd) == 0);
+    char head[512];
+    snprintf(head, sizeof head,
+             "HTTP/1.1 201 Created\r\nServer: llama.cpp\r\nAccess-Control-Allow-Origin: \r\n"
+             "Content-Type: application/json; charset=utf-8\r\nX-Custom: a  b\r\n"
+             "Content-Length: %zu\r\nKeep-Alive: timeout=5, max=100\r\n\r\n",
+             sizeof JSON_BODY - 1);
+    CHECK(send_str(fd, head));
+    CHECK(send_str(fd, JSON_BODY));
+    CHECK(wait_sem(&fx->to_up, 2)); /* the client has it */
+    close(fd);
+}
+
+static void cli_json(struct fx *fx)
+{
+    struct cconn cc;
+    struct cresp r = { 0 };
+    int fd = cli_connect(fx, IO_TIMEOUT_MS, 0);
+    CHECK(fd >= 0);
+    cc_init(&cc, fd);
+    cc_expect(&cc, &r, false);
+    CHECK(post(fd, "/v1/chat/completions", "{\"messages\":[]}"));
+    CHECK(cc_read_response(&cc));
+    sem_post(&fx->to_up);
+    CHECK(r.done);
+    CHECK(r.status == 201);
+    CHECK(r.body_len == sizeof JSON_BODY - 1 && memcmp(r.body, JSON_BODY, r.body_len) == 0);
+    CHECK(header_get(&r, "Content-Type") &&
+          strcmp(header_get(&r, "Content-Type"), "application/json; charset=utf-8") == 0);
+    CHECK(header_get(&r, "X-Custom") && strcmp(header_get(&r, "X-Custom"), "a  b") == 0);
+    CHECK(header_count(&r, "Access-Control-Allow-Origin") == 1);
+    CHECK(header_count(&r, "Server") == 1 && strcmp(header_get(&r, "Server"), "llama-pool") == 0);
+    CHECK(header_count(&r, "Content-Length") == 1 && atoi(header_get(&r, "Content-Length")) ==
+                                                         (int)sizeof JSON_BODY - 1);
+    CHECK(header_count(&r, "Keep-Alive") == 0);
+    cresp_free(&r);
+    close(fd);
+}
+
+
+static void test_json_answer_relayed_byte_identical(void **state)
+{
+    struct fx *fx = fx_of(state);
+    fx_run(fx, cli_json, up_json, 1);
+    assert_int_equal(fx->outcome[0], PROXY_OK);
+    assert_int_equal(fx->accepts, 1);
+    assert_true(strncmp(fx->up_req[0], "POST /v1/chat/completions HTTP/1.1\r\n", 36) == 0);
+    assert_string_equal(up_body(fx->up_req[0]), "{\"messages\":[]}");
+}
+
+/* ---- bodies too big to answer whole, and chunked ones: streamed intact ---- */
+
+#define BIG_LEN 300000
+
+static void up_big_and_chunked(struct fx *fx)
+{
+    int fd = up_accept(fx, IO_TIMEOUT_MS);
+    CHECK(fd >= 0);
+    CHECK(up_read_request(fx, fd) == 0);
+    char *big = malloc(BIG_LEN);
+    CHECK(big);
+    for (size_t i = 0; i < BIG_LEN; i++)
+        big[i] = pattern_byte(i);
+    char head[256];
+    snprintf(head, sizeof head,
+             "HTTP/1.1 200 OK\r\nContent-Type: application/octet-stream\r\nContent-Length: %d\r\n\r\n",
+             BIG_LEN);
+    bool ok = send_str(fd, head) && send_all(fd, big, BIG_LEN);
+    free(big);
+    CHECK(ok);
+    CHECK(up_read_request(fx, fd) == 1); /* same connection */
+    CHECK(send_str(fd, "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n"
+                       "Transfer-Encoding: chunked\r\n\r\n"));
+    CHECK(send_chunk(fd, "[1,") && send_chunk(fd, "2,") && send_chunk(fd, "3]"));
+    CHECK(send_str(fd, "0\r\n\r\n"));
+    CHECK(wait_sem(&fx->to_up, 2));
+    close(fd);
+}
+
+static void cli_big_and_chunked(struct fx *fx)
+{
+    struct cconn cc;
+    struct cresp r = { 0 };
+    int fd = cli_connect(fx, IO_TIMEOUT_MS, 0);
+    CHECK(fd >= 0);
+    cc_init(&cc, fd);
+    cc_expect(&cc, &r, false);
+    r.counting = true;
+    CHECK(post(fd, "/completion", "{}"));
+    CHECK(cc_read_response(&cc));
+    CHECK(r.done && r.status == 200);
+    CHECK(r.body_len == BIG_LEN && r.pattern_errors == 0);
+    cc_expect(&cc, &r, false);
+    CHECK(post(fd, "/completion", "{}"));
+    CHECK(cc_read_response(&cc));
+    sem_post(&fx->to_up);
+    CHECK(r.done && r.status == 200);
+    CHECK(r.body && strcmp(r.body, "[1,2,3]") == 0);
+    CHECK(header_get(&r, "Content-Type") && strcmp(header_get(&r, "Content-Type"), "application/json") == 0);
+    cresp_free(&r);
+    close(fd);
+}
+
+static void test_large_and_chunked_bodies_relayed_intact(void **state)
+{
+    struct fx *fx = fx_of(state);
+    fx_run(fx, cli_big_and_chunked, up_big_and_chunked, 2);
+    assert_int_equal(fx->outcome[0], PROXY_OK);
+    assert_int_equal(fx->outcome[1], PROXY_OK);
+    assert_int_equal(fx->accepts, 1);
+}
+
+/* ---- SSE: each event reaches the client before the next is sent ---- */
+
+static const char *const EVENTS[3] = {
+    "data: {\"i\":0,\"delta\":{\"role\":\"assistant\"}}\n\n",
+    "data: {\"i\":1,\"delta\":{\"content\":\" tok0\"}}\n\n",
+    "data: [DONE]\n\n",
+};
+
+static void up_sse_lockstep(struct fx *fx)
+{
+    int fd = up_accept(fx, IO_TIMEOUT_MS);
+    CHECK(fd >= 0);
+    CHECK(up_read_request(fx, fd) == 0);
+    CHECK(send_str(fd, SSE_HEAD));
+    for (int i = 0; i < 3; i++) {
+        CHECK(send_chunk(fd, EVENTS[i]));
+        CHECK(wait_sem(&fx->to_up, 2)); /* the client got event i: only then the next */
+    }
+    CHECK(send_str(fd, "0\r\n\r\n"));
+    CHECK(wait_sem(&fx->to_up, 2));
+    close(fd);
+}
+
+static void cli_sse_lockstep(struct fx *fx)
+{
+    struct cconn cc;
+    struct cresp r = { 0 };
+    int fd = cli_connect(fx, IO_TIMEOUT_MS, 0);
+    CHECK(fd >= 0);
+    cc_init(&cc, fd);
+    cc_expect(&cc, &r, false);
+    CHECK(post(fd, "/v1/chat/completions", "{\"stream\":true}"));
+    for (int i = 0; i < 3; i++) {
+        CHECK(cc_read_until(&cc, body_has, EVENTS[i]));
+        CHECK(body_has(&r, EVENTS[i]));
+        CHECK(!r.done);
+        sem_post(&fx->to_up);
+    }
+    CHECK(cc_read_response(&cc));
+    sem_post(&fx->to_up);
+    CHECK(r.done && r.status == 200);
+    char all[512];
+    snprintf(all, sizeof all, "%s%s%s", EVENTS[0], EVENTS[1], EVENTS[2]);
+    CHECK(strcmp(r.body, all) == 0);
+    CHECK(header_get(&r, "Content-Type") && strcmp(header_get(&r, "Content-Type"), "text/event-stream") == 0);
+    CHECK(header_count(&r, "X-Accel-Buffering") == 1 && strcmp(header_get(&r, "X-Accel-Buffering"), "no") == 0);
+    CHECK(header_get(&r, "Transfer-Encoding") && strcmp(header_get(&r, "Transfer-Encoding"), "chunked") == 0);
+    cresp_free(&r);
+    close(fd);
+}
+
+static void test_sse_relayed_event_by_event(void **state)
+{
+    struct fx *fx = fx_of(state);
+    fx_run(fx, cli_sse_lockstep, up_sse_lockstep, 1);
+    assert_int_equal(fx->outcome[0], PROXY_OK);
+}
+
+static void up_sse_with_accel(struct fx *fx)
+{
+    int fd = up_accept(fx, IO_TIMEOUT_MS);
+    CHECK(fd >= 0);
+    CHECK(up_read_request(fx, fd) == 0);
+    CHECK(send_str(fd, "HTTP/1.1 200 OK\r\nServer: llama.cpp\r\nContent-Type: text/event-stream\r\n"
+                       "X-Accel-Buffering: no\r\nTransfer-Encoding: chunked\r\n\r\n"));
+    CHECK(send_chunk(fd, EVENTS[2]) && send_str(fd, "0\r\n\r\n"));
+    CHECK(wait_sem(&fx->to_up, 2));
+    close(fd);
+}
+
+static void cli_sse_with_accel(struct fx *fx)
+{
+    struct cconn cc;
+    struct cresp r = { 0 };
+    int fd = cli_connect(fx, IO_TIMEOUT_MS, 0);
+    CHECK(fd >= 0);
+    cc_init(&cc, fd);
+    cc_expect(&cc, &r, false);
+    CHECK(post(fd, "/v1/chat/completions", "{\"stream\":true}"));
+    CHECK(cc_read_response(&cc));
+    sem_post(&fx->to_up);
+    CHECK(r.done && r.status == 200 && r.body && strcmp(r.body, EVENTS[2]) == 0);
+    CHECK(header_count(&r, "X-Accel-Buffering") == 1);
+    cresp_free(&r);
+    close(fd);
+}
+
+static void test_sse_accel_header_not_duplicated(void **state)
+{
+    struct fx *fx = fx_of(state);
+    fx_run(fx, cli_sse_with_accel, up_sse_with_accel, 1);
+    assert_int_equal(fx->outcome[0], PROXY_OK);
+}
+
+/* ---- keep-alive: two requests (two clients) share one upstream connection ---- */
+
+static void up_two_on_one(struct fx *fx)
+{
+    int fd = up_accept(fx, IO_TIMEOUT_MS);
+    CHECK(fd >= 0);
+    CHECK(up_read_request(fx, fd) == 0);
+    CHECK(up_send_json(fd, 200, "{\"n\":0}"));
+    CHECK(up_read_request(fx, fd) == 1); /* times out if the proxy opened another */
+    CHECK(up_send_json(fd, 200, "{\"n\":1}"));
+    CHECK(wait_sem(&fx->to_up, 2));
+    CHECK(!up_pending(fx));
+    close(fd);
+}
+
+static void cli_two_clients(struct fx *fx)
+{
+    for (int i = 0; i < 2; i++) {
+        struct cconn cc;
+        struct cresp r = { 0 };
+        char want[16];
+        int fd = cli_connect(fx, IO_TIMEOUT_MS, 0);
+        CHECK(fd >= 0);
+        cc_init(&cc, fd);
+        cc_expect(&cc, &r, false);
+        CHECK(post(fd, "/v1/completions", "{}"));
+        CHECK(cc_read_response(&cc));
+        snprintf(want, sizeof want, "{\"n\":%d}", i);
+        CHECK(r.done && r.status == 200 && r.body && strcmp(r.body, want) == 0);
+        cresp_free(&r);
+        close(fd);
+    }
+    sem_post(&fx->to_up);
+}
+
+static void test_keepalive_connection_reused(void **state)
+{
+    struct fx *fx = fx_of(state);
+    fx_run(fx, cli_two_clients, up_two_on_one, 2);
+    assert_int_equal(fx->ndone, 2);
+    assert_int_equal(fx->outcome[1], PROXY_OK);
+    assert_int_equal(fx->accepts, 1);
+}
+
+/* ---- a reused connection the server closes as we send: one transparent retry ---- */
+
+static bool stale_reset;
+
+static void up_stale(struct fx *fx)
+{
+    int fd = up_accept(fx, IO_TIMEOUT_MS);
+    CHECK(fd >= 0);
+    CHECK(up_read_request(fx, fd) == 0);
+    CHECK(up_send_json(fd, 200, "{\"n\":0}"));
+    CHECK(up_read_request(fx, fd) == 1); /* arrives on the kept connection ... */
+    if (stale_reset)
+        close_reset(fd);                 /* ... which dies unanswered */
+    else
+        close(fd);
+    fd = up_accept(fx, IO_TIMEOUT_MS);
+    CHECK(fd >= 0);
+    CHECK(up_read_request(fx, fd) == 2);
+    CHECK(strcmp(fx->up_req[1], fx->up_req[2]) == 0); /* the same request again */
+    CHECK(up_send_json(fd, 200, "{\"n\":1}"));
+    CHECK(wait_sem(&fx->to_up, 2));
+    close(fd);
+}
+
+static void cli_two_requests(struct fx *fx)
+{
+    struct cconn cc;
+    struct cresp r = { 0 };
+    int fd = cli_connect(fx, IO_TIMEOUT_MS, 0);
+    CHECK(fd >= 0);
+    cc_init(&cc, fd);
+    for (int i = 0; i < 2; i++) {
+        char body[32], want[32];
+        snprintf(body, sizeof body, "{\"a\":%d}", i);
+        snprintf(want, sizeof want, "{\"n\":%d}", i);
+        cc_expect(&cc, &r, false);
+        CHECK(post(fd, "/v1/chat/completions", body));
+        CHECK(cc_read_response(&cc));
+        CHECK(r.done && r.status == 200 && r.body && strcmp(r.body, want) == 0);
+    }
+    sem_post(&fx->to_up);
+    cresp_free(&r);
+    close(fd);
+}
+
+static void test_stale_reused_connection_closed_is_retried(void **state)
+{
+    struct fx *fx = fx_of(state);
+    stale_reset = false;
+    fx_run(fx, cli_two_requests, up_stale, 2);
+    assert_int_equal(fx->outcome[0], PROXY_OK);
+    assert_int_equal(fx->outcome[1], PROXY_OK);
+    assert_int_equal(fx->accepts, 2);
+}
+
+static void test_stale_reused_connection_reset_is_retried(void **state)
+{
+    struct fx *fx = fx_of(state);
+    stale_reset = true;
+    fx_run(fx, cli_two_requests, up_stale, 2);
+    assert_int_equal(fx->outcome[1], PROXY_OK);
+    assert_int_equal(fx->accepts, 2);
+}
+
+/* ---- no retry once the upstream has said anything ---- */
+
+static void up_reused_then_partial(struct fx *fx)
+{
+    int fd = up_accept(fx, IO_TIMEOUT_MS);
+    CHECK(fd >= 0);
+    CHECK(up_read_request(fx, fd) == 0);
+    CHECK(up_send_json(fd, 200, "{\"n\":0}"));
+    CHECK(up_read_request(fx, fd) == 1);
+    CHECK(send_str(fd, "HTTP/1.1 200 OK\r\nContent-"));
+    close(fd);
+    CHECK(wait_sem(&fx->to_up, 2)); /* the client has its answer: a retry would be queued by now */
+    CHECK(!up_pending(fx));
+}
+
+static void cli_ok_then_502(struct fx *fx)
+{
+    struct cconn cc;
+    struct cresp r = { 0 };
+    int fd = cli_connect(fx, IO_TIMEOUT_MS, 0);
+    CHECK(fd >= 0);
+    cc_init(&cc, fd);
+    cc_expect(&cc, &r, false);
+    CHECK(post(fd, "/v1/completions", "{}"));
+    CHECK(cc_read_response(&cc));
+    CHECK(r.done && r.status == 200);
+    cc_expect(&cc, &r, false);
+    CHECK(post(fd, "/v1/completions", "{}"));
+    CHECK(cc_read_response(&cc));
+    sem_post(&fx->to_up);
+    CHECK(r.done && r.status == 502);
+    CHECK(body_has(&r, "in the response headers"));
+    cresp_free(&r);
+    close(fd);
+}
+
+static void test_reused_connection_cut_after_first_byte_not_retried(void **state)
+{
+    struct fx *fx = fx_of(state);
+    fx_run(fx, cli_ok_then_502, up_reused_then_partial, 2);
+    assert_int_equal(fx->outcome[1], PROXY_UPSTREAM_ERROR);
+    assert_int_equal(fx->accepts, 1);
+}
+
+/* ---- upstream closes before answering: 502 in OpenAI's shape, no retry ---- */
+
+static void up_close_unanswered(struct fx *fx)
+{
+    int fd = up_accept(fx, IO_TIMEOUT_MS);
+    CHECK(fd >= 0);
+    CHECK(up_read_request(fx, fd) == 0);
+    close(fd);
+    CHECK(wait_sem(&fx->to_up, 2));
+    CHECK(!up_pending(fx)); /* a fresh connection is never retried */
+}
+
+static void cli_expect_502(struct fx *fx)
+{
+    struct cconn cc;
+    struct cresp r = { 0 };
+    int fd = cli_connect(fx, IO_TIMEOUT_MS, 0);
+    CHECK(fd >= 0);
+    cc_init(&cc, fd);
+    cc_expect(&cc, &r, false);
+    CHECK(post(fd, "/v1/chat/completions", "{}"));
+    CHECK(cc_read_response(&cc));
+    sem_post(&fx->to_up);
+    CHECK(r.done && r.status == 502);
+    CHECK(header_get(&r, "Content-Type") && strcmp(header_get(&r, "Content-Type"), "application/json") == 0);
+    CHECK(body_has(&r, "{\"error\":{\"message\":\"upstream "));
+    CHECK(body_has(&r, " closed the connection before answering\""));
+    CHECK(body_has(&r, "\"type\":\"server_error\",\"code\":502}}"));
+    cresp_free(&r);
+    close(fd);
+}
+
+static void test_upstream_closes_before_answering_gives_502(void **state)
+{
+    struct fx *fx = fx_of(state);
+    fx_run(fx, cli_expect_502, up_close_unanswered, 1);
+    assert_int_equal(fx->outcome[0], PROXY_UPSTREAM_ERROR);
+    assert_int_equal(fx->accepts, 1);
+}
+
+/* ---- upstream dies mid-stream: an SSE error event, then a proper end ---- */
+
+static const char PARTIAL[] = "data: {\"i\":1,\"delta\":";
+
+static void up_sse_dies(struct fx *fx)
+{
+    int fd = up_accept(fx, IO_TIMEOUT_MS);
+    CHECK(fd >= 0);
+    CHECK(up_read_request(fx, fd) == 0);
+    CHECK(send_str(fd, SSE_HEAD));
+    CHECK(send_chunk(fd, EVENTS[0]));
+    CHECK(send_chunk(fd, PARTIAL));
+    close(fd);
+}
+
+static void cli_sse_cut(struct fx *fx)
+{
+    struct cconn cc;
+    struct cresp r = { 0 };
+    char want[512];
+    int fd = cli_connect(fx, IO_TIMEOUT_MS, 0);
+    CHECK(fd >= 0);
+    cc_init(&cc, fd);
+    cc_expect(&cc, &r, false);
+    CHECK(post(fd, "/v1/chat/completions", "{\"stream\":true}"));
+    CHECK(cc_read_response(&cc));
+    CHECK(r.done && r.status == 200); /* the stream ended properly ... */
+    snprintf(want, sizeof want,
+             "%s%s\n\ndata: {\"error\":{\"code\":502,\"message\":\"upstream %u closed the "
+             "connection mid-response\",\"type\":\"server_error\"}}\n\n",
+             EVENTS[0], PARTIAL, fx->up_port);
+    CHECK(r.body && strcmp(r.body, want) == 0); /* ... with the error as its last event */
+    cresp_free(&r);
+    close(fd);
+}
+
+static void test_upstream_dies_mid_stream_sends_sse_error(void **state)
+{
+    struct fx *fx = fx_of(state);
+    fx_run(fx, cli_sse_cut, up_sse_dies, 1);
+    assert_int_equal(fx->outcome[0], PROXY_UPSTREAM_CUT);
+}
+
+static void up_sse_dies_at_once(struct fx *fx)
+{
+    int fd = up_accept(fx, IO_TIMEOUT_MS);
+    CHECK(fd >= 0);
+    CHECK(up_read_request(fx, fd) == 0);
+    CHECK(send_str(fd, SSE_HEAD));
+    close(fd);
+}
+
+static void cli_sse_only_error(struct fx *fx)
+{
+    struct cconn cc;
+    struct cresp r = { 0 };
+    char want[512];
+    int fd = cli_connect(fx, IO_TIMEOUT_MS, 0);
+    CHECK(fd >= 0);
+    cc_init(&cc, fd);
+    cc_expect(&cc, &r, false);
+    CHECK(post(fd, "/v1/chat/completions", "{\"stream\":true}"));
+    CHECK(cc_read_response(&cc));
+    CHECK(r.done && r.status == 200);
+    snprintf(want, sizeof want,
+             "data: {\"error\":{\"code\":502,\"message\":\"upstream %u closed the "
+             "connection mid-response\",\"type\":\"server_error\"}}\n\n",
+             fx->up_port);
+    CHECK(r.body && strcmp(r.body, want) == 0);
+    cresp_free(&r);
+    close(fd);
+}
+
+static void test_upstream_dies_before_first_event_sends_only_the_error(void **state)
+{
+    struct fx *fx = fx_of(state);
+    fx_run(fx, cli_sse_only_error, up_sse_dies_at_once, 1);
+    assert_int_equal(fx->outcome[0], PROXY_UPSTREAM_CUT);
+}
+
+/* ---- a non-SSE body cut mid-way stays visibly cut ---- */
+
+static void up_json_dies(struct fx *fx)
+{
+    int fd = up_accept(fx, IO_TIMEOUT_MS);
+    CHECK(fd >= 0);
+    CHECK(up_read_request(fx, fd) == 0);
+    CHECK(send_str(fd, "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n"
+                       "Transfer-Encoding: chunked\r\n\r\n"));
+    CHECK(send_chunk(fd, "{\"a\":"));
+    close(fd);
+}
+
+static void cli_json_cut(struct fx *fx)
+{
+    struct cconn cc;
+    struct cresp r = { 0 };
+    int fd = cli_connect(fx, IO_TIMEOUT_MS, 0);
+    CHECK(fd >= 0);
+    cc_init(&cc, fd);
+    cc_expect(&cc, &r, false);
+    CHECK(post(fd, "/v1/embeddings", "{}"));
+    CHECK(cc_read_response(&cc));
+    CHECK(r.status == 200 && r.body && strcmp(r.body, "{\"a\":") == 0);
+    CHECK(cc.eof && !r.done); /* closed without the last chunk */
+    cresp_free(&r);
+    close(fd);
+}
+
+static void test_upstream_dies_mid_body_cuts_client(void **state)
+{
+    struct fx *fx = fx_of(state);
+    fx_run(fx, cli_json_cut, up_json_dies, 1);
+    assert_int_equal(fx->outcome[0], PROXY_UPSTREAM_CUT);
+}
+
+static void up_whole_dies(struct fx *fx)
+{
+    int fd = up_accept(fx, IO_TIMEOUT_MS);
+    CHECK(fd >= 0);
+    CHECK(up_read_request(fx, fd) == 0);
+    CHECK(send_str(fd, "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n"
+                       "Content-Length: 100\r\n\r\n{\"a\":"));
+    close(fd);
+    CHECK(wait_sem(&fx->to_up, 2));
+}
+
+static void cli_whole_cut(struct fx *fx)
+{
+    struct cconn cc;
+    struct cresp r = { 0 };
+    int fd = cli_connect(fx, IO_TIMEOUT_MS, 0);
+    CHECK(fd >= 0);
+    cc_init(&cc, fd);
+    cc_expect(&cc, &r, false);
+    CHECK(post(fd, "/v1/embeddings", "{}"));
+    CHECK(cc_read_response(&cc));
+    sem_post(&fx->to_up);
+    CHECK(r.done && r.status == 502 && body_has(&r, "mid-response"));
+    cresp_free(&r);
+    close(fd);
+}
+
+static void test_small_answer_cut_before_relay_gives_502(void **state)
+{
+    struct fx *fx = fx_of(state);
+    fx_run(fx, cli_whole_cut, up_whole_dies, 1);
+    assert_int_equal(fx->outcome[0], PROXY_UPSTREAM_ERROR);
+}
+
+/* ---- the client leaves mid-stream: upstream sees EOF at once ---- */
+
+static void up_sse_watch_eof(struct fx *fx)
+{
+    int fd = up_accept(fx, IO_TIMEOUT_MS);
+    CHECK(fd >= 0);
+    CHECK(up_read_request(fx, fd) == 0);
+    CHECK(send_str(fd, SSE_HEAD));
+    CHECK(send_chunk(fd, EVENTS[0]));
+    double t0 = now_s();
+    bool eof = wait_eof(fd, 1000);
+    fx->up_elapsed = now_s() - t0;
+    close(fd);
+    CHECK(eof);
+}
+
+static void cli_leave_mid_stream(struct fx *fx)
+{
+    struct cconn cc;
+    struct cresp r = { 0 };
+    int fd = cli_connect(fx, IO_TIMEOUT_MS, 0);
+    CHECK(fd >= 0);
+    cc_init(&cc, fd);
+    cc_expect(&cc, &r, false);
+    CHECK(post(fd, "/v1/chat/completions", "{\"stream\":true}"));
+    CHECK(cc_read_until(&cc, body_has, EVENTS[0]));
+    CHECK(body_has(&r, EVENTS[0]));
+    close(fd);
+    cresp_free(&r);
+}
+
+static void test_client_disconnect_closes_upstream(void **state)
+{
+    struct fx *fx = fx_of(state);
+    fx_run(fx, cli_leave_mid_stream, up_sse_watch_eof, 1);
+    assert_int_equal(fx->outcome[0], PROXY_CLIENT_GONE);
+    assert_true(fx->up_elapsed < 0.5);
+}
+
+/* ---- back-pressure: a client that does not read stops upstream reads ---- */
+
+#define BP_TOTAL (96u << 20) /* above any kernel buffering (tcp_rmem max 32 MiB + tcp_wmem max) */
+#define BP_CHUNK 65536
+
+static void up_flood(struct fx *fx)
+{
+    int fd = up_accept(fx, IO_TIMEOUT_MS);
+    CHECK(fd >= 0);
+    CHECK(up_read_request(fx, fd) == 0);
+    int sndbuf = 64 * 1024;
+    setsockopt(fd, SOL_SOCKET, SO_SNDBUF, &sndbuf, sizeof sndbuf);
+    char head[256], *buf = malloc(BP_CHUNK);
+    CHECK(buf);
+    snprintf(head, sizeof head,
+             "HTTP/1.1 200 OK\r\nContent-Type: application/octet-stream\r\nContent-Length: %u\r\n\r\n",
+             BP_TOTAL);
+    if (!send_str(fd, head)) {
+        free(buf);
+        CHECK(!"send head");
+    }
+    size_t sent = 0;
+    bool stalled = false;
+    while (sent < BP_TOTAL) {
+        size_t n = BP_TOTAL - sent < BP_CHUNK ? BP_TOTAL - sent : BP_CHUNK;
+        for (size_t i = 0; i < n; i++)
+            buf[i] = pattern_byte(sent + i);
+        size_t off = 0;
+        while (off < n) {
+            ssize_t w = send(fd, buf + off, n - off, MSG_NOSIGNAL | (stalled ? 0 : MSG_DONTWAIT));
+            if (w > 0) {
+                off += (size_t)w;
+                continue;
+            }
+            if (w < 0 && errno == EINTR)
+                continue;
+            if (w < 0 && (errno == EAGAIN || errno == EWOULDBLOCK) && !stalled) {
+                struct pollfd pfd = { .fd = fd, .events = POLLOUT };
+                if (poll(&pfd, 1, 500) == 0) { /* nobody reads: the proxy paused */
+                    stalled = true;
+                    fx->up_sent = sent + off;
+                    sem_post(&fx->to_cli);
+                }
+                continue;
+            }
+            free(buf);
+            CHECK(!"send failed");
+        }
+        sent += n;
+    }
+    free(buf);
+    CHECK(stalled);
+    CHECK(wait_sem(&fx->to_up, 10));
+    close(fd);
+}
+
+static void cli_slow_reader(struct fx *fx)
+{
+    struct cconn cc;
+    struct cresp r = { 0 };
+    int fd = cli_connect(fx, 5000, 16 * 1024);
+    CHECK(fd >= 0);
+    cc_init(&cc, fd);
+    cc_expect(&cc, &r, false);
+    r.counting = true;
+    CHECK(post(fd, "/completion", "{}"));
+    CHECK(cc_read_until(&cc, got_status, NULL));
+    CHECK(r.status == 200);
+    bool stalled = wait_sem(&fx->to_cli, 10); /* not reading until the upstream is stuck */
+    CHECK(cc_read_response(&cc));
+    sem_post(&fx->to_up);
+    close(fd);
+    CHECK(stalled);
+    CHECK(r.done && r.body_len == BP_TOTAL && r.pattern_errors == 0);
+}
+
+static void test_backpressure_pauses_upstream_reads(void **state)
+{
+    struct fx *fx = fx_of(state);
+    fx_run_for(fx, cli_slow_reader, up_flood, 1, 30);
+    assert_int_equal(fx->outcome[0], PROXY_OK);
+    /* the upstream got stuck long before the end: the proxy stopped reading */
+    assert_true(fx->up_sent < BP_TOTAL / 2);
+    /* the proxy's own buffer: high-water mark + one read + chunk framing */
+    assert_true(fx->max_buffered <= 256 * 1024 + 64 * 1024 + 64);
+}
+
+/* ---- hop-by-hop headers dropped both ways, Host rewritten, XFF appended ---- */
+
+static void up_check_headers(struct fx *fx)
+{
+    int fd = up_accept(fx, IO_TIMEOUT_MS);
+    CHECK(fd >= 0);
+    CHECK(up_read_request(fx, fd) == 0);
+    CHECK(send_str(fd, "HTTP/1.1 200 OK\r\nConnection: keep-alive, X-Resp-Hop\r\nX-Resp-Hop: 1\r\n"
+                       "Keep-Alive: timeout=5\r\nServer: llama.cpp\r\nDate: Thu, 01 Jan 1970 00:00:00 GMT\r\n"
+                       "Trailer: X-T\r\nUpgrade: foo\r\nProxy-Authenticate: Basic\r\n"
+                       "Bad Name: y\r\nX-Kept: yes\r\nContent-Type: text/plain\r\n"
+                       "Content-Length: 2\r\n\r\nok"));
+    CHECK(wait_sem(&fx->to_up, 2));
+    close(fd);
+}
+
+static void cli_hop_headers(struct fx *fx)
+{
+    struct cconn cc;
+    struct cresp r = { 0 };
+    int fd = cli_connect(fx, IO_TIMEOUT_MS, 0);
+    CHECK(fd >= 0);
+    cc_init(&cc, fd);
+    cc_expect(&cc, &r, false);
+    CHECK(send_str(fd, "POST /v1/x?y=1 HTTP/1.1\r\nHost: example.com\r\n"
+                       "Connection: keep-alive, X-Hop\r\nX-Hop: secret\r\nKeep-Alive: timeout=5\r\n"
+                       "Proxy-Connection: keep-alive\r\nProxy-Authorization: Basic eA==\r\n"
+                       "TE: trailers\r\nUpgrade: h2c\r\nBad Name: x\r\n"
+                       "Authorization: Bearer k\r\nX-Forwarded-For: 10.0.0.1\r\n"
+                       "Transfer-Encoding: chunked\r\n\r\n"
+                       "3\r\nhel\r\n2\r\nlo\r\n0\r\n\r\n"));
+    CHECK(cc_read_response(&cc));
+    sem_post(&fx->to_up);
+    CHECK(r.done && r.status == 200 && r.body && strcmp(r.body, "ok") == 0);
+    CHECK(header_count(&r, "X-Resp-Hop") == 0);
+    CHECK(header_count(&r, "Keep-Alive") == 0);
+    CHECK(header_count(&r, "Trailer") == 0);
+    CHECK(header_count(&r, "Upgrade") == 0);
+    CHECK(header_count(&r, "Proxy-Authenticate") == 0);
+    CHECK(header_count(&r, "Bad Name") == 0);
+    CHECK(header_count(&r, "Server") == 1 && strcmp(header_get(&r, "Server"), "llama-pool") == 0);
+    CHECK(header_count(&r, "Date") == 1 && !strstr(header_get(&r, "Date"), "1970"));
+    CHECK(header_count(&r, "Connection") == 1 && strcmp(header_get(&r, "Connection"), "keep-alive") == 0);
+    CHECK(header_count(&r, "Content-Type") == 1 && strcmp(header_get(&r, "Content-Type"), "text/plain") == 0);
+    CHECK(header_get(&r, "X-Kept") && strcmp(header_get(&r, "X-Kept"), "yes") == 0);
+    cresp_free(&r);
+    close(fd);
+}
+
+static bool has_line(const char *head, const char *line)
+{
+    char want[256];
+    snprintf(want, sizeof want, "\r\n%s\r\n", line);
+    return strstr(head, want) != NULL;
+}
+
+static bool has_name(const char *head, const char *name)
+{
+    char want[128];
+    snprintf(want, sizeof want, "\r\n%s:", name);
+    return strcasestr(head, want) != NULL;
+}
+
+static void test_hop_by_hop_dropped_and_host_rewritten(void **state)
+{
+    struct fx *fx = fx_of(state);
+    fx_run(fx, cli_hop_headers, up_check_headers, 1);
+    assert_int_equal(fx->outcome[0], PROXY_OK);
+    const char *h = fx->up_req[0];
+    char host[64];
+    snprintf(host, sizeof host, "Host: 127.0.0.1:%u", fx->up_port);
+    assert_true(strncmp(h, "POST /v1/x?y=1 HTTP/1.1\r\n", 25) == 0);
+    assert_true(has_line(h, host));
+    assert_null(strstr(h, "example.com"));
+    assert_false(has_name(h, "Connection"));
+    assert_false(has_name(h, "X-Hop"));
+    assert_false(has_name(h, "Keep-Alive"));
+    assert_false(has_name(h, "Proxy-Connection"));
+    assert_false(has_name(h, "Proxy-Authorization"));
+    assert_false(has_name(h, "TE"));
+    assert_false(has_name(h, "Upgrade"));
+    assert_false(has_name(h, "Transfer-Encoding"));
+    assert_null(strstr(h, "Bad Name"));
+    assert_true(has_line(h, "Authorization: Bearer k"));
+    assert_true(has_line(h, "X-Forwarded-For: 10.0.0.1, 127.0.0.1"));
+    assert_true(has_line(h, "Content-Length: 5"));
+    assert_string_equal(up_body(h), "hello");
+}
+
+/* ---- HEAD: no body expected, the connection stays usable ---- */
+
+static void up_head_then_get(struct fx *fx)
+{
+    int fd = up_accept(fx, IO_TIMEOUT_MS);
+    CHECK(fd >= 0);
+    CHECK(up_read_request(fx, fd) == 0);
+    CHECK(strncmp(fx->up_req[0], "HEAD /health HTTP/1.1\r\n", 23) == 0);
+    CHECK(send_str(fd, "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 15\r\n\r\n"));
+    CHECK(up_read_request(fx, fd) == 1);
+    CHECK(up_send_json(fd, 200, "{\"status\":\"ok\"}"));
+    CHECK(wait_sem(&fx->to_up, 2));
+    close(fd);
+}
+
+static void cli_head_then_get(struct fx *fx)
+{
+    struct cconn cc;
+    struct cresp r = { 0 };
+    int fd = cli_connect(fx, IO_TIMEOUT_MS, 0);
+    CHECK(fd >= 0);
+    cc_init(&cc, fd);
+    cc_expect(&cc, &r, true);
+    CHECK(send_str(fd, "HEAD /health HTTP/1.1\r\nHost: x\r\n\r\n"));
+    CHECK(cc_read_response(&cc));
+    CHECK(r.done && r.status == 200 && r.body_len == 0);
+    cc_expect(&cc, &r, false);
+    CHECK(send_str(fd, "GET /health HTTP/1.1\r\nHost: x\r\n\r\n"));
+    CHECK(cc_read_response(&cc));
+    sem_post(&fx->to_up);
+    CHECK(r.done && r.status == 200 && r.body && strcmp(r.body, "{\"status\":\"ok\"}") == 0);
+    cresp_free(&r);
+    close(fd);
+}
+
+static void test_head_answer_has_no_body(void **state)
+{
+    struct fx *fx = fx_of(state);
+    fx_run(fx, cli_head_then_get, up_head_then_get, 2);
+    assert_int_equal(fx->outcome[0], PROXY_OK);
+    assert_int_equal(fx->outcome[1], PROXY_OK);
+    assert_int_equal(fx->accepts, 1);
+}
+
+/* ---- nobody listening: 502 at once ---- */
+
+static void cli_refused(struct fx *fx)
+{
+    struct cconn cc;
+    struct cresp r = { 0 };
+    int fd = cli_connect(fx, IO_TIMEOUT_MS, 0);
+    CHECK(fd >= 0);
+    cc_init(&cc, fd);
+    cc_expect(&cc, &r, false);
+    CHECK(post(fd, "/v1/chat/completions", "{}"));
+    CHECK(cc_read_response(&cc));
+    CHECK(r.done && r.status == 502);
+    CHECK(body_has(&r, "connect to upstream port"));
+    CHECK(body_has(&r, "refused"));
+    CHECK(body_has(&r, "\"code\":502"));
+    cresp_free(&r);
+    close(fd);
+}
+
+static void test_connect_refused_gives_502(void **state)
+{
+    struct fx *fx = fx_of(state);
+    unsigned port;
+    int lfd = listen_local(1, &port);
+    assert_true(lfd >= 0);
+    close(lfd); /* a port nobody listens on */
+    fx->target_port = port;
+    fx_run(fx, cli_refused, NULL, 1);
+    assert_int_equal(fx->outcome[0], PROXY_UPSTREAM_ERROR);
+}
+
+/* ---- a listener that never completes the handshake: 502 after 5 s ---- */
+
+static void cli_connect_timeout(struct fx *fx)
+{
+    struct cconn cc;
+    struct cresp r = { 0 };
+    int fd = cli_connect(fx, 8000, 0);
+    CHECK(fd >= 0);
+    cc_init(&cc, fd);
+    cc_expect(&cc, &r, false);
+    double t0 = now_s();
+    CHECK(post(fd, "/v1/chat/completions", "{}"));
+    CHECK(cc_read_response(&cc));
+    fx->up_elapsed = now_s() - t0;
+    CHECK(r.done && r.status == 502);
+    CHECK(body_has(&r, "timed out"));
+    cresp_free(&r);
+    close(fd);
+}
+
+static void test_connect_timeout_gives_502(void **state)
+{
+    struct fx *fx = fx_of(state);
+    unsigned port;
+    /* backlog 0 holds one connection; SYNs past it are dropped */
+    fx->spare_fd[0] = listen_local(0, &port);
+    assert_true(fx->spare_fd[0] >= 0);
+    fx->spare_fd[1] = socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
+    struct sockaddr_in sin = { .sin_family = AF_INET, .sin_port = htons((uint16_t)port) };
+    sin.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+    assert_int_equal(connect(fx->spare_fd[1], (struct sockaddr *)&sin, sizeof sin), 0);
+    fx->target_port = port;
+    fx_run_for(fx, cli_connect_timeout, NULL, 1, 15);
+    assert_int_equal(fx->outcome[0], PROXY_UPSTREAM_ERROR);
+    assert_true(fx->up_elapsed > 4.5 && fx->up_elapsed < 6.5);
+}
+
+/* ---- idle pooled connections close before llama-server's 5 s ---- */
+
+static void up_watch_idle(struct fx *fx)
+{
+    int fd = up_accept(fx, IO_TIMEOUT_MS);
+    CHECK(fd >= 0);
+    CHECK(up_read_request(fx, fd) == 0);
+    CHECK(up_send_json(fd, 200, "{}"));
+    double t0 = now_s();
+    bool eof = wait_eof(fd, 6000);
+    fx->up_elapsed = now_s() - t0;
+    close(fd);
+    CHECK(eof);
+}
+
+static void cli_one(struct fx *fx)
+{
+    struct cconn cc;
+    struct cresp r = { 0 };
+    int fd = cli_connect(fx, IO_TIMEOUT_MS, 0);
+    CHECK(fd >= 0);
+    cc_init(&cc, fd);
+    cc_expect(&cc, &r, false);
+    CHECK(post(fd, "/v1/chat/completions", "{}"));
+    CHECK(cc_read_response(&cc));
+    CHECK(r.done && r.status == 200);
+    cresp_free(&r);
+    close(fd);
+}
+
+static void test_idle_connection_closed_before_server_timeout(void **state)
+{
+    struct fx *fx = fx_of(state);
+    fx_run(fx, cli_one, up_watch_idle, 1);
+    assert_int_equal(fx->outcome[0], PROXY_OK);
+    assert_true(fx->up_elapsed > 3.5 && fx->up_elapsed < 4.9);
+}
+
+/* ---- an idle connection the server closes is dropped at once, unused ---- */
+
+static void up_half_close_idle(struct fx *fx)
+{
+    int fd = up_accept(fx, IO_TIMEOUT_MS);
+    CHECK(fd >= 0);
+    CHECK(up_read_request(fx, fd) == 0);
+    CHECK(up_send_json(fd, 200, "{\"n\":0}"));
+    shutdown(fd, SHUT_WR);        /* the server's keep-alive limit, seen from the proxy */
+    bool eof = wait_eof(fd, 1000); /* the proxy closes its end, having sent nothing */
+    close(fd);
+    CHECK(eof);
+    sem_post(&fx->to_cli);
+    fd = up_accept(fx, IO_TIMEOUT_MS);
+    CHECK(fd >= 0);
+    CHECK(up_read_request(fx, fd) == 1);
+    CHECK(up_send_json(fd, 200, "{\"n\":1}"));
+    CHECK(wait_sem(&fx->to_up, 2));
+    close(fd);
+}
+
+static void cli_two_with_pause(struct fx *fx)
+{
+    struct cconn cc;
+    struct cresp r = { 0 };
+    int fd = cli_connect(fx, IO_TIMEOUT_MS, 0);
+    CHECK(fd >= 0);
+    cc_init(&cc, fd);
+    cc_expect(&cc, &r, false);
+    CHECK(post(fd, "/v1/completions", "{}"));
+    CHECK(cc_read_response(&cc));
+    CHECK(r.done && r.status == 200);
+    bool go = wait_sem(&fx->to_cli, 3);
+    cc_expect(&cc, &r, false);
+    CHECK(post(fd, "/v1/completions", "{}"));
+    CHECK(cc_read_response(&cc));
+    sem_post(&fx->to_up);
+    CHECK(go);
+    CHECK(r.done && r.status == 200 && r.body && strcmp(r.body, "{\"n\":1}") == 0);
+    cresp_free(&r);
+    close(fd);
+}
+
+static void test_idle_connection_closed_by_server_is_dropped(void **state)
+{
+    struct fx *fx = fx_of(state);
+    fx_run(fx, cli_two_with_pause, up_half_close_idle, 2);
+    assert_int_equal(fx->outcome[1], PROXY_OK);
+    assert_int_equal(fx->accepts, 2);
+}
+
+/* ---- proxy_forget_port closes that port's idle connections ---- */
+
+static void forget_after_done(struct fx *fx)
+{
+    proxy_forget_port(fx->proxy, fx->target_port);
+}
+
+static void up_expect_close(struct fx *fx)
+{
+    int fd = up_accept(fx, IO_TIMEOUT_MS);
+    CHECK(fd >= 0);
+    CHECK(up_read_request(fx, fd) == 0);
+    CHECK(up_send_json(fd, 200, "{}"));
+    bool eof = wait_eof(fd, 1000);
+    close(fd);
+    CHECK(eof);
+}
+
+static void test_forget_port_closes_idle_connections(void **state)
+{
+    struct fx *fx = fx_of(state);
+    fx->after_done = forget_after_done;
+    fx_run(fx, cli_one, up_expect_close, 1);
+    assert_int_equal(fx->outcome[0], PROXY_OK);
+}
+
+/* ---- proxy_free with a call in flight: upstream closed, DONE not called ---- */
+
+static void free_proxy(struct fx *fx)
+{
+    proxy_free(fx->proxy);
+    fx->proxy = NULL;
+}
+
+static void up_then_free(struct fx *fx)
+{
+    int fd = up_accept(fx, IO_TIMEOUT_MS);
+    CHECK(fd >= 0);
+    CHECK(up_read_request(fx, fd) == 0);
+    fx->act = free_proxy;
+    ev_async_send(fx->loop, &fx->act_w);
+    bool eof = wait_eof(fd, 1000);
+    close(fd);
+    sem_post(&fx->to_cli);
+    CHECK(eof);
+}
+
+static void cli_wait_then_leave(struct fx *fx)
+{
+    int fd = cli_connect(fx, IO_TIMEOUT_MS, 0);
+    CHECK(fd >= 0);
+    CHECK(post(fd, "/v1/chat/completions", "{}"));
+    bool ok = wait_sem(&fx->to_cli, 3);
+    close(fd);
+    CHECK(ok);
+}
+
+static void test_free_with_call_in_flight(void **state)
+{
+    struct fx *fx = fx_of(state);
+    fx_run(fx, cli_wait_then_leave, up_then_free, 0);
+    http_server_free(fx->srv); /* the held request closes: its on_close must be unhooked */
+    fx->srv = NULL;
+    assert_null(fx->proxy);
+    assert_int_equal(fx->ndone, 0);
+}
+
+int main(void)
+{
+    const struct CMUnitTest tests[] = {
+        cmocka_unit_test_setup_teardown(test_json_answer_relayed_byte_identical, setup, teardown),
+        cmocka_unit_test_setup_teardown(test_large_and_chunked_bodies_relayed_intact, setup, teardown),
+        cmocka_unit_test_setup_teardown(test_sse_relayed_event_by_event, setup, teardown),
+        cmocka_unit_test_setup_teardown(test_sse_accel_header_not_duplicated, setup, teardown),
+        cmocka_unit_test_setup_teardown(test_keepalive_connection_reused, setup, teardown),
+        cmocka_unit_test_setup_teardown(test_stale_reused_connection_closed_is_retried, setup, teardown),
+        cmocka_unit_test_setup_teardown(test_stale_reused_connection_reset_is_retried, setup, teardown),
+        cmocka_unit_test_setup_teardown(test_reused_connection_cut_after_first_byte_not_retried, setup, teardown),
+        cmocka_unit_test_setup_teardown(test_upstream_closes_before_answering_gives_502, setup, teardown),
+        cmocka_unit_test_setup_teardown(test_upstream_dies_mid_stream_sends_sse_error, setup, teardown),
+        cmocka_unit_test_setup_teardown(test_upstream_dies_before_first_event_sends_only_the_error, setup, teardown),
+        cmocka_unit_test_setup_teardown(test_upstream_dies_mid_body_cuts_client, setup, teardown),
+        cmocka_unit_test_setup_teardown(test_small_answer_cut_before_relay_gives_502, setup, teardown),
+        cmocka_unit_test_setup_teardown(test_client_disconnect_closes_upstream, setup, teardown),
+        cmocka_unit_test_setup_teardown(test_backpressure_pauses_upstream_reads, setup, teardown),
+        cmocka_unit_test_setup_teardown(test_hop_by_hop_dropped_and_host_rewritten, setup, teardown),
+        cmocka_unit_test_setup_teardown(test_head_answer_has_no_body, setup, teardown),
+        cmocka_unit_test_setup_teardown(test_connect_refused_gives_502, setup, teardown),
+        cmocka_unit_test_setup_teardown(test_connect_timeout_gives_502, setup, teardown),
+        cmocka_unit_test_setup_teardown(test_idle_connection_closed_before_server_timeout, setup, teardown),
+        cmocka_unit_test_setup_teardown(test_idle_connection_closed_by_server_is_dropped, setup, teardown),
+        cmocka_unit_test_setup_teardown(test_forget_port_closes_idle_connections, setup, teardown),
+        cmocka_unit_test_setup_teardown(test_free_with_call_in_flight, setup, teardown),
+    };
+    return cmocka_run_group_tests(tests, NULL, NULL);
+}
