@@ -542,7 +542,7 @@ static void instance_step(struct instance *inst, enum instance_event ev)
             inst->health_failures = 0;
             ev_timer_stop(inst->world->loop, &inst->deadline);
             set_error(inst, NULL);
-            instance_eventf(inst, LOG_INFO, "ready on port %u after %.2f s", inst->port,
+            instance_eventf(inst, LOG_INFO, "ready on port %u after %.3f s", inst->port,
                             inst->ready_at - inst->spawned_at);
             inst->pss = memory_pss(inst->pid);
             fetch_props(inst);

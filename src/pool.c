@@ -20,11 +20,69 @@
 
 /* ---------- model log ---------- */
 
+/* Write the model's buffered log lines: one write per model per loop
+ * iteration, however many lines its children printed meanwhile. */
+static void model_log_flush(struct pool_model *m)
+{
+    if (m->loglen && m->log_fd >= 0) {
+        size_t off = 0;
+        while (off < m->loglen) {
+            ssize_t w = write(m->log_fd, m->logbuf + off, m->loglen - off);
+            if (w < 0 && errno == EINTR)
+                continue;
+            if (w <= 0)
+                break;          /* disk full: the memory tail still has them */
+            off += (size_t)w;
+        }
+    }
+    m->loglen = 0;
+}
+
 static void model_log_close(struct pool_model *m)
 {
+    model_log_flush(m);
     if (m->log_fd >= 0)
         close(m->log_fd);
     m->log_fd = -1;
+}
+
+static void flush_cb(struct ev_loop *loop, ev_prepare *w, int revents)
+{
+    (void)loop; (void)revents;
+    struct pool *p = w->data;
+    while (p->dirty) {
+        struct pool_model *m = p->dirty;
+        p->dirty = m->next_dirty;
+        m->dirty = false;
+        model_log_flush(m);
+    }
+}
+
+static void model_log_append(struct pool_model *m, const char *line, size_t n)
+{
+    if (m->loglen + n > m->logcap) {
+        size_t cap = m->logcap ? m->logcap : 4096;
+        while (cap < m->loglen + n)
+            cap *= 2;
+        if (cap > 256 * 1024) {          /* bounded: write what we have now */
+            model_log_flush(m);
+            cap = m->logcap >= n ? m->logcap : n;
+        }
+        if (cap > m->logcap) {
+            char *b = realloc(m->logbuf, cap);
+            if (!b)
+                return;
+            m->logbuf = b;
+            m->logcap = cap;
+        }
+    }
+    memcpy(m->logbuf + m->loglen, line, n);
+    m->loglen += n;
+    if (!m->dirty) {
+        m->dirty = true;
+        m->next_dirty = m->pool->dirty;
+        m->pool->dirty = m;
+    }
 }
 
 static void model_log_open(struct pool_model *m)
@@ -66,7 +124,7 @@ static void model_log(struct pool_model *m, struct instance *inst, const char *t
     model_log_open(m);
     if (m->log_fd >= 0) {
         line[n] = '\n';
-        if (write(m->log_fd, line, n + 1) < 0) { /* disk full: memory tail still has it */ }
+        model_log_append(m, line, n + 1);
         line[n] = '\0';
     }
     struct pool_event ev = { .kind = POOL_EV_LOG, .model = m, .inst = inst,
@@ -202,6 +260,12 @@ static void model_free(struct pool_model *m)
     free(m->inst);
     logring_free(&m->log);
     model_log_close(m);
+    for (struct pool_model **pp = &m->pool->dirty; *pp; pp = &(*pp)->next_dirty)
+        if (*pp == m) {
+            *pp = m->next_dirty;
+            break;
+        }
+    free(m->logbuf);
     free(m->last_error);
     free(m);
 }
@@ -439,6 +503,10 @@ struct pool *pool_new(struct ev_loop *loop, struct config *cfg)
                                         .cfg = cfg, .ops = &pool_instance_ops, .arg = p };
     ev_timer_init(&p->gc, gc_cb, 0., 0.);
     p->gc.data = p;
+    ev_prepare_init(&p->flush, flush_cb);
+    p->flush.data = p;
+    ev_prepare_start(loop, &p->flush);
+    ev_unref(loop);             /* the flusher alone does not keep the loop running */
     for (size_t i = 0; i < cfg->nmodels; i++) {
         if (!(p->models[i] = model_new(p, &cfg->models[i])))
             goto fail;
@@ -463,8 +531,13 @@ void pool_free(struct pool *p)
         model_free(p->retired[i]);
     free(p->models);
     free(p->retired);
-    if (p->loop)
+    if (p->loop) {
         ev_timer_stop(p->loop, &p->gc);
+        if (ev_is_active(&p->flush)) {
+            ev_ref(p->loop);
+            ev_prepare_stop(p->loop, &p->flush);
+        }
+    }
     health_free(p->health);
     for (size_t i = 0; i < p->nold_cfgs; i++)
         config_free(p->old_cfgs[i]);

@@ -54,6 +54,10 @@ struct pool_model {
     struct crash_log crashes;
     struct logring log;             /* allocated on first line */
     int log_fd;                     /* opened on first line, -1 otherwise */
+    char *logbuf;                   /* lines not yet written to log_fd */
+    size_t loglen, logcap;
+    struct pool_model *next_dirty;  /* on pool->dirty while logbuf holds lines */
+    bool dirty;
     struct pool_observer observers; /* list head */
     bool retired;                   /* removed by reload; freed once stopped */
     size_t slot;                    /* the scheduler's index for it, stable across reloads */
@@ -73,6 +77,8 @@ struct pool {
     struct pool_model **retired;
     size_t nretired;
     ev_timer gc;                    /* frees stopped instances, outside callbacks */
+    ev_prepare flush;               /* writes buffered log lines before the loop sleeps */
+    struct pool_model *dirty;       /* models with buffered log lines */
     bool shutting_down;
     void (*on_stopped)(struct pool *p);   /* shutdown finished */
     /* One listener for every instance change (the router). */
