@@ -100,6 +100,26 @@ static void model_log_open(struct pool_model *m)
     }
 }
 
+/* Tell every observer of M about EV; an observer may unsubscribe itself. */
+static void model_notify(struct pool_model *m, const struct pool_event *ev)
+{
+    for (struct pool_observer *o = m->observers.next, *next; o != &m->observers; o = next) {
+        next = o->next;
+        o->fn(o, ev);
+    }
+}
+
+/* The model is going away: every observer hears it once, unsubscribed first. */
+static void model_notify_gone(struct pool_model *m)
+{
+    struct pool_event ev = { .kind = POOL_EV_GONE, .model = m };
+    while (m->observers.next != &m->observers) {
+        struct pool_observer *o = m->observers.next;
+        pool_unobserve(o);
+        o->fn(o, &ev);
+    }
+}
+
 /* Add a line to the model's log: file, memory tail, followers. */
 static void model_log(struct pool_model *m, struct instance *inst, const char *tag,
                       const char *text, size_t len)
@@ -129,10 +149,7 @@ static void model_log(struct pool_model *m, struct instance *inst, const char *t
     }
     struct pool_event ev = { .kind = POOL_EV_LOG, .model = m, .inst = inst,
                              .line = logring_last(&m->log, 0) };
-    for (struct pool_observer *o = m->observers.next, *next; o != &m->observers; o = next) {
-        next = o->next;
-        o->fn(o, &ev);
-    }
+    model_notify(m, &ev);
 }
 
 /* ---------- instance callbacks ---------- */
@@ -159,10 +176,7 @@ static void inst_changed(struct instance *inst, enum instance_state old, void *a
     struct pool *p = arg;
     struct pool_model *m = inst->owner;
     struct pool_event ev = { .kind = POOL_EV_STATE, .model = m, .inst = inst, .old = old };
-    for (struct pool_observer *o = m->observers.next, *next; o != &m->observers; o = next) {
-        next = o->next;
-        o->fn(o, &ev);
-    }
+    model_notify(m, &ev);
     if (p->hook)
         p->hook(inst, old, p->hook_arg);
     if (inst->state == INSTANCE_STOPPED || m->retired || p->shutting_down)
@@ -249,12 +263,7 @@ static struct pool_model *model_new(struct pool *p, const struct config_model *c
 
 static void model_free(struct pool_model *m)
 {
-    struct pool_event ev = { .kind = POOL_EV_GONE, .model = m };
-    while (m->observers.next != &m->observers) {
-        struct pool_observer *o = m->observers.next;
-        pool_unobserve(o);
-        o->fn(o, &ev);
-    }
+    model_notify_gone(m);
     for (size_t i = 0; i < m->ninst; i++)
         instance_free(m->inst[i]);
     free(m->inst);
@@ -671,12 +680,7 @@ void pool_reload(struct pool *p, struct config *cfg, json_t *summary)
         json_array_append_new(removed, json_string(m->cfg->name));
         m->retired = true;
         p->retired[p->nretired++] = m;
-        struct pool_event ev = { .kind = POOL_EV_GONE, .model = m };
-        while (m->observers.next != &m->observers) {
-            struct pool_observer *o = m->observers.next;
-            pool_unobserve(o);
-            o->fn(o, &ev);
-        }
+        model_notify_gone(m);
         for (size_t i = 0; i < m->ninst; i++)
             instance_stop(m->inst[i]);
     }
