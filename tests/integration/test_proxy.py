@@ -372,3 +372,19 @@ def test_failed_start_answers_every_waiter_with_502(pool):
         assert "model loading error" in msg or "failed to load" in msg   # the child's last line
     if not REAL:
         assert pool.daemon_log().count("started pid") == 1
+
+
+@fake_only("needs slow generation")
+def test_busy_slots_start_another_instance_up_to_max(pool):
+    pool.config({"tiny": {"args": "-c 256 -np 1", "instances": "1-2", "env": {"FAKE_TOKEN_MS": "100"}}})
+    pool.start()
+    wait_for(lambda: len(pool.ready_instances("tiny")) == 1, what="the preloaded instance")
+    results = run_concurrently(3, lambda i: post(pool.listen_port, "/v1/chat/completions",
+                                                 {**CHAT, "model": "tiny", "max_tokens": 5})[0])
+    assert results == [200, 200, 200]
+    # one slot busy and two waiting: a second instance, and no third (max 2)
+    assert sorted(i["id"] for i in pool.instances("tiny")) == ["tiny#1", "tiny#2"]
+    assert pool.daemon_log().count("started on demand") == 1
+    inst = pool.instances("tiny")
+    assert all(i["in_flight"] == 0 for i in inst)
+    assert all(i["last_used_s_ago"] is not None and i["last_used_s_ago"] < 30 for i in inst)
