@@ -3,6 +3,7 @@
 
 #include "config.h"
 #include "log.h"
+#include "metrics.h"
 #include "pool.h"
 #include "router.h"
 
@@ -550,6 +551,16 @@ void api_handle(struct http_request *req, void *arg)
                 route_model_request(req, api);
             return;
         }
+    if (strcmp(path, "/metrics") == 0) {
+        size_t len = 0;
+        char *text = metrics_render(p, &len);
+        if (!text)
+            http_respond_error(req, 500, NULL, "out of memory");
+        else
+            http_respond(req, 200, "text/plain; version=0.0.4; charset=utf-8", NULL, text, len);
+        free(text);
+        return;
+    }
     if (strcmp(path, "/v1/models") == 0 || strcmp(path, "/models") == 0) {
         if (api_key_ok(req, p))
             route_models(req, p);

@@ -176,6 +176,12 @@ static void inst_changed(struct instance *inst, enum instance_state old, void *a
     struct pool *p = arg;
     struct pool_model *m = inst->owner;
     struct pool_event ev = { .kind = POOL_EV_STATE, .model = m, .inst = inst, .old = old };
+    if (inst->state == INSTANCE_STARTING)
+        m->stats.starts++;
+    if (inst->state == INSTANCE_READY && old == INSTANCE_STARTING) {
+        m->stats.loads++;
+        m->stats.load_seconds += inst->ready_at - inst->spawned_at;
+    }
     model_notify(m, &ev);
     if (p->hook)
         p->hook(inst, old, p->hook_arg);
@@ -212,6 +218,7 @@ static bool inst_crashed(struct instance *inst, void *arg)
     double window = (double)p->cfg->restart_window_ms / 1000.0;
     if (p->shutting_down || m->retired)
         return true;            /* no restarts while going away */
+    m->stats.crashes++;
     if (!crash_log_add(&m->crashes, now, window, p->cfg->max_restarts))
         return false;
     char msg[1200];
@@ -689,8 +696,10 @@ void pool_reload(struct pool *p, struct config *cfg, json_t *summary)
         struct pool_model *m = p->models[i];
         if (restart[i])
             for (size_t j = 0; j < m->ninst; j++)
-                if (instance_has_process(m->inst[j]) || m->inst[j]->state == INSTANCE_BACKOFF)
+                if (instance_has_process(m->inst[j]) || m->inst[j]->state == INSTANCE_BACKOFF) {
+                    m->stats.reload_stops++;
                     instance_restart(m->inst[j]);
+                }
         model_trim(m);
     }
     free(restart);

@@ -17,6 +17,7 @@
 #include "config.h"
 #include "instance.h"
 #include "logring.h"
+#include "metrics.h"
 #include "port.h"
 
 struct health;
@@ -61,6 +62,7 @@ struct pool_model {
     struct pool_observer observers; /* list head */
     bool retired;                   /* removed by reload; freed once stopped */
     size_t slot;                    /* the scheduler's index for it, stable across reloads */
+    struct model_stats stats;       /* counters for /metrics */
     unsigned np_hint;               /* -np/--parallel in its args, else 4 */
 };
 
@@ -87,6 +89,7 @@ struct pool {
     /* Requests waiting for model M (all models when M is NULL). */
     size_t (*waiting)(const struct pool_model *m, void *arg);
     double started_at;
+    struct pool_stats stats;        /* request durations for /metrics */
 };
 
 struct pool *pool_new(struct ev_loop *loop, struct config *cfg);

@@ -569,6 +569,7 @@ static void call_end(struct proxy_call *call, enum proxy_outcome outcome)
     struct proxy *p = call->p;
     proxy_done_fn done = call->done;
     void *arg = call->arg;
+    int status = call->head_done ? call->status : 0;
 
     if (call->ended)
         *call->ended = true;
@@ -593,7 +594,7 @@ static void call_end(struct proxy_call *call, enum proxy_outcome outcome)
         free(call->body_buf);
         free(call);
     }
-    done(arg, outcome);
+    done(arg, outcome, status);
 }
 
 /* Gives up the connection: back to the pool if REUSE, else closed. */
@@ -1291,7 +1292,7 @@ struct proxy_call *proxy_forward(struct proxy *p, struct http_request *req, unsi
         req->on_close = NULL;
         req->on_drain = NULL;
         http_respond_error(req, 502, "server_error", "proxy: out of memory");
-        done(arg, PROXY_UPSTREAM_ERROR);
+        done(arg, PROXY_UPSTREAM_ERROR, 0);
         return NULL;
     }
     call->req = req;

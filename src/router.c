@@ -37,6 +37,7 @@ struct rreq {
     struct instance *inst;      /* once dispatched */
     char *target;               /* upstream target, NULL = as received */
     bool dispatched;
+    double t0;                  /* arrival */
 };
 
 static void router_run(struct router *r);
@@ -89,11 +90,15 @@ static double now_of(struct router *r)
 
 /* ---------- performing the scheduler's actions ---------- */
 
-static void call_done(void *arg, enum proxy_outcome outcome)
+static void call_done(void *arg, enum proxy_outcome outcome, int status)
 {
     struct rreq *q = arg;
     struct router *r = q->r;
-    (void)outcome;
+    if (!status)
+        status = outcome == PROXY_CLIENT_GONE ? 499 : 502;
+    if (q->model)
+        metrics_count_status(&q->model->stats, status);
+    metrics_observe_duration(&r->pool->stats, now_of(r) - q->t0);
     if (q->inst)
         q->inst->last_used = now_of(r);
     sched_request_done(r->sched, now_of(r), q->id);
@@ -107,6 +112,10 @@ static void do_dispatch(struct router *r, struct rreq *q, struct instance *inst)
 {
     q->dispatched = true;
     q->inst = inst;
+    if (q->model) {
+        q->model->stats.queue_waits++;
+        q->model->stats.queue_wait_seconds += now_of(r) - q->t0;
+    }
     inst->in_flight = sched_in_flight(r->sched, (sched_inst_t)(uintptr_t)inst);
     inst->last_used = now_of(r);
     q->req->on_close = NULL;     /* the proxy watches the client from here */
@@ -116,6 +125,8 @@ static void do_dispatch(struct router *r, struct rreq *q, struct instance *inst)
 static void do_fail(struct router *r, struct rreq *q, const struct sched_action *a)
 {
     (void)r;
+    if (q->model)
+        metrics_count_status(&q->model->stats, a->status);
     char extra[64] = "";
     if (a->retry_after > 0)
         snprintf(extra, sizeof extra, "Retry-After: %.0f\r\n", a->retry_after);
@@ -281,6 +292,7 @@ void router_forward(struct router *r, struct http_request *req, struct pool_mode
     q->id = ++r->next_id;
     q->req = req;
     q->model = m;
+    q->t0 = now_of(r);
     q->next = r->reqs;
     if (r->reqs)
         r->reqs->prev = q;
@@ -457,6 +469,10 @@ void router_reload(struct router *r)
             live = r->pool->models[j] == m;
         if (m && !live) {
             r->slots[i] = NULL;
+            /* The pool frees a removed model once its instances stop. */
+            for (struct rreq *q = r->reqs; q; q = q->next)
+                if (q->model == m)
+                    q->model = NULL;
             sched_model_failed(r->sched, now_of(r), i, "model removed by a reload");
         }
     }

@@ -1,0 +1,188 @@
+#define _GNU_SOURCE
+#include "metrics.h"
+
+#include "memory.h"
+#include "pool.h"
+
+#include <inttypes.h>
+#include <stdarg.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+const double metrics_bucket_le[METRICS_BUCKETS] = {
+    0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1, 5, 10, 30, 60, 300, 1800,
+};
+
+void metrics_count_status(struct model_stats *s, int code)
+{
+    for (size_t i = 0; i < METRICS_STATUS_SLOTS; i++) {
+        if (s->status[i].code == code || s->status[i].code == 0) {
+            s->status[i].code = code;
+            s->status[i].n++;
+            return;
+        }
+    }
+    /* More distinct codes than slots: lump them into the last one. */
+    s->status[METRICS_STATUS_SLOTS - 1].n++;
+}
+
+void metrics_observe_duration(struct pool_stats *s, double seconds)
+{
+    for (size_t i = 0; i < METRICS_BUCKETS; i++)
+        if (seconds <= metrics_bucket_le[i]) {
+            s->bucket[i]++;
+            break;
+        }
+    s->sum += seconds;
+    s->count++;
+}
+
+/* A growing text buffer; on allocation failure it stops growing and the
+ * render returns NULL. */
+struct out {
+    char *buf;
+    size_t len, cap;
+    bool failed;
+};
+
+static void emit(struct out *o, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
+static void emit(struct out *o, const char *fmt, ...)
+{
+    if (o->failed)
+        return;
+    for (;;) {
+        va_list ap;
+        va_start(ap, fmt);
+        int n = vsnprintf(o->buf + o->len, o->cap - o->len, fmt, ap);
+        va_end(ap);
+        if (n < 0) {
+            o->failed = true;
+            return;
+        }
+        if ((size_t)n < o->cap - o->len) {
+            o->len += (size_t)n;
+            return;
+        }
+        size_t cap = o->cap ? o->cap * 2 : 16384;
+        while (cap - o->len <= (size_t)n)
+            cap *= 2;
+        char *b = realloc(o->buf, cap);
+        if (!b) {
+            o->failed = true;
+            return;
+        }
+        o->buf = b;
+        o->cap = cap;
+    }
+}
+
+static void family(struct out *o, const char *name, const char *type, const char *help)
+{
+    emit(o, "# HELP %s %s\n# TYPE %s %s\n", name, help, name, type);
+}
+
+char *metrics_render(struct pool *p, size_t *len)
+{
+    struct out o = { 0 };
+    static const char *const states[] = { "stopped", "starting", "ready", "stopping", "backoff", "failed" };
+    struct memory_info mi;
+    uint64_t budget = memory_read_info(NULL, &mi) == 0 ? memory_budget(p->cfg, &mi) : 0;
+    uint64_t used = 0;
+
+    family(&o, "llama_pool_instance_state", "gauge", "1 for the state each instance is in");
+    for (size_t i = 0; i < p->nmodels; i++) {
+        struct pool_model *m = p->models[i];
+        for (size_t j = 0; j < m->ninst; j++)
+            for (size_t s = 0; s < sizeof states / sizeof states[0]; s++)
+                emit(&o, "llama_pool_instance_state{model=\"%s\",instance=\"%s\",state=\"%s\"} %d\n",
+                     m->cfg->name, m->inst[j]->id, states[s], (int)m->inst[j]->state == (int)s);
+    }
+    family(&o, "llama_pool_instance_memory_bytes", "gauge", "measured PSS of each instance");
+    for (size_t i = 0; i < p->nmodels; i++)
+        for (size_t j = 0; j < p->models[i]->ninst; j++) {
+            struct instance *in = p->models[i]->inst[j];
+            used += in->pss;
+            emit(&o, "llama_pool_instance_memory_bytes{model=\"%s\",instance=\"%s\"} %" PRIu64 "\n",
+                 p->models[i]->cfg->name, in->id, in->pss);
+        }
+    family(&o, "llama_pool_instance_in_flight", "gauge", "requests being answered by each instance");
+    for (size_t i = 0; i < p->nmodels; i++)
+        for (size_t j = 0; j < p->models[i]->ninst; j++)
+            emit(&o, "llama_pool_instance_in_flight{model=\"%s\",instance=\"%s\"} %u\n",
+                 p->models[i]->cfg->name, p->models[i]->inst[j]->id, p->models[i]->inst[j]->in_flight);
+    family(&o, "llama_pool_instance_slots", "gauge", "slots of each instance (its /props total_slots)");
+    for (size_t i = 0; i < p->nmodels; i++)
+        for (size_t j = 0; j < p->models[i]->ninst; j++)
+            emit(&o, "llama_pool_instance_slots{model=\"%s\",instance=\"%s\"} %u\n",
+                 p->models[i]->cfg->name, p->models[i]->inst[j]->id, p->models[i]->inst[j]->slots);
+
+    family(&o, "llama_pool_memory_budget_bytes", "gauge", "memory the instances may use together");
+    emit(&o, "llama_pool_memory_budget_bytes %" PRIu64 "\n", budget);
+    family(&o, "llama_pool_memory_used_bytes", "gauge", "sum of the instances' measured PSS");
+    emit(&o, "llama_pool_memory_used_bytes %" PRIu64 "\n", used);
+    family(&o, "llama_pool_memory_available_bytes", "gauge", "MemAvailable of the machine");
+    emit(&o, "llama_pool_memory_available_bytes %" PRIu64 "\n", mi.mem_available);
+
+    family(&o, "llama_pool_queue_waiting", "gauge", "requests waiting for a slot, by model");
+    for (size_t i = 0; i < p->nmodels; i++)
+        emit(&o, "llama_pool_queue_waiting{model=\"%s\"} %zu\n", p->models[i]->cfg->name,
+             p->waiting ? p->waiting(p->models[i], p->hook_arg) : 0);
+    family(&o, "llama_pool_queue_max", "gauge", "max_queue");
+    emit(&o, "llama_pool_queue_max %u\n", p->cfg->max_queue);
+
+    family(&o, "llama_pool_starts_total", "counter", "instance spawns, by model");
+    for (size_t i = 0; i < p->nmodels; i++)
+        emit(&o, "llama_pool_starts_total{model=\"%s\"} %" PRIu64 "\n", p->models[i]->cfg->name,
+             p->models[i]->stats.starts);
+    family(&o, "llama_pool_load_seconds", "summary", "time from spawn to ready, by model");
+    for (size_t i = 0; i < p->nmodels; i++) {
+        const struct model_stats *s = &p->models[i]->stats;
+        emit(&o, "llama_pool_load_seconds_sum{model=\"%s\"} %.6f\n", p->models[i]->cfg->name, s->load_seconds);
+        emit(&o, "llama_pool_load_seconds_count{model=\"%s\"} %" PRIu64 "\n", p->models[i]->cfg->name, s->loads);
+    }
+    family(&o, "llama_pool_evictions_total", "counter",
+           "instances that stopped other than by an operator, by model and reason");
+    for (size_t i = 0; i < p->nmodels; i++) {
+        const struct model_stats *s = &p->models[i]->stats;
+        const char *n = p->models[i]->cfg->name;
+        emit(&o, "llama_pool_evictions_total{model=\"%s\",reason=\"lru\"} 0\n", n);
+        emit(&o, "llama_pool_evictions_total{model=\"%s\",reason=\"idle\"} 0\n", n);
+        emit(&o, "llama_pool_evictions_total{model=\"%s\",reason=\"reload\"} %" PRIu64 "\n", n, s->reload_stops);
+        emit(&o, "llama_pool_evictions_total{model=\"%s\",reason=\"crash\"} %" PRIu64 "\n", n, s->crashes);
+    }
+    family(&o, "llama_pool_queue_wait_seconds", "summary", "time from arrival to dispatch, by model");
+    for (size_t i = 0; i < p->nmodels; i++) {
+        const struct model_stats *s = &p->models[i]->stats;
+        emit(&o, "llama_pool_queue_wait_seconds_sum{model=\"%s\"} %.6f\n", p->models[i]->cfg->name,
+             s->queue_wait_seconds);
+        emit(&o, "llama_pool_queue_wait_seconds_count{model=\"%s\"} %" PRIu64 "\n", p->models[i]->cfg->name,
+             s->queue_waits);
+    }
+    family(&o, "llama_pool_requests_total", "counter",
+           "answered requests by model and HTTP status (499: the client left first)");
+    for (size_t i = 0; i < p->nmodels; i++) {
+        const struct model_stats *s = &p->models[i]->stats;
+        for (size_t k = 0; k < METRICS_STATUS_SLOTS && s->status[k].n; k++)
+            emit(&o, "llama_pool_requests_total{model=\"%s\",status=\"%d\"} %" PRIu64 "\n",
+                 p->models[i]->cfg->name, s->status[k].code, s->status[k].n);
+    }
+    family(&o, "llama_pool_request_duration_seconds", "histogram",
+           "time from a request's arrival to the end of its answer, through the proxy");
+    uint64_t cum = 0;
+    for (size_t i = 0; i < METRICS_BUCKETS; i++) {
+        cum += p->stats.bucket[i];
+        emit(&o, "llama_pool_request_duration_seconds_bucket{le=\"%g\"} %" PRIu64 "\n",
+             metrics_bucket_le[i], cum);
+    }
+    emit(&o, "llama_pool_request_duration_seconds_bucket{le=\"+Inf\"} %" PRIu64 "\n", p->stats.count);
+    emit(&o, "llama_pool_request_duration_seconds_sum %.6f\n", p->stats.sum);
+    emit(&o, "llama_pool_request_duration_seconds_count %" PRIu64 "\n", p->stats.count);
+
+    if (o.failed) {
+        free(o.buf);
+        return NULL;
+    }
+    *len = o.len;
+    return o.buf;
+}

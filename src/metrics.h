@@ -1,0 +1,43 @@
+/* metrics — GET /metrics in Prometheus text format (names llama_pool_*).
+ *
+ * Counters are kept where things happen (struct pool_stats in each model
+ * and in the pool; the router counts requests); this module only renders
+ * them, with the gauges read from the pool at scrape time. */
+#ifndef LLAMA_POOL_METRICS_H
+#define LLAMA_POOL_METRICS_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#define METRICS_STATUS_SLOTS 12
+#define METRICS_BUCKETS 13
+
+/* Per model. */
+struct model_stats {
+    uint64_t starts;              /* spawns, on demand, by an operator or after a crash */
+    uint64_t loads;               /* starts that became ready */
+    double load_seconds;          /* sum of spawn → ready */
+    uint64_t crashes;             /* evictions with reason "crash" */
+    uint64_t reload_stops;        /* evictions with reason "reload" */
+    uint64_t queue_waits;         /* requests that were dispatched */
+    double queue_wait_seconds;    /* their time from arrival to dispatch */
+    struct { int code; uint64_t n; } status[METRICS_STATUS_SLOTS];  /* answers by status */
+};
+
+/* Pool-wide: time from a request's arrival to the end of its answer. */
+struct pool_stats {
+    uint64_t bucket[METRICS_BUCKETS];   /* cumulative at render time, raw here */
+    double sum;
+    uint64_t count;
+};
+
+extern const double metrics_bucket_le[METRICS_BUCKETS];
+
+void metrics_count_status(struct model_stats *s, int code);
+void metrics_observe_duration(struct pool_stats *s, double seconds);
+
+struct pool;
+/* Render every metric; returns a malloc'd NUL-terminated text, *len set. */
+char *metrics_render(struct pool *p, size_t *len);
+
+#endif

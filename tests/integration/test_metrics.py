@@ -1,0 +1,61 @@
+"""GET /metrics: Prometheus text with llama_pool_ names, counting what happened."""
+import re
+import urllib.request
+
+from conftest import fake_only
+from test_proxy import CHAT, get, post
+
+
+def scrape(pool):
+    status, headers, body = get(pool.listen_port, "/metrics")
+    assert status == 200
+    assert headers["Content-Type"].startswith("text/plain; version=0.0.4")
+    samples = {}
+    for line in body.decode().splitlines():
+        if line.startswith("#") or not line:
+            continue
+        name, value = line.rsplit(" ", 1)
+        samples[name] = float(value)
+    return samples
+
+
+def test_metrics_count_starts_requests_and_statuses(pool):
+    pool.config({"tiny": {"args": "-c 256 -np 2"}})
+    pool.start()
+    before = scrape(pool)
+    assert before['llama_pool_starts_total{model="tiny"}'] == 0
+    for _ in range(3):
+        assert post(pool.listen_port, "/v1/chat/completions", {**CHAT, "model": "tiny"})[0] == 200
+    assert post(pool.listen_port, "/v1/chat/completions", b'{"model":"tiny","messages":3}')[0] in (400, 500)
+    m = scrape(pool)
+    assert m['llama_pool_starts_total{model="tiny"}'] == 1
+    assert m['llama_pool_load_seconds_count{model="tiny"}'] == 1
+    assert m['llama_pool_requests_total{model="tiny",status="200"}'] == 3
+    assert m['llama_pool_request_duration_seconds_count'] == 4
+    assert m['llama_pool_request_duration_seconds_bucket{le="+Inf"}'] == 4
+    assert m['llama_pool_queue_wait_seconds_count{model="tiny"}'] == 4
+    inst = pool.ready_instances("tiny")[0]["id"]
+    assert m[f'llama_pool_instance_state{{model="tiny",instance="{inst}",state="ready"}}'] == 1
+    assert m[f'llama_pool_instance_state{{model="tiny",instance="{inst}",state="stopped"}}'] == 0
+    assert m[f'llama_pool_instance_slots{{model="tiny",instance="{inst}"}}'] == 2
+    assert m[f'llama_pool_instance_memory_bytes{{model="tiny",instance="{inst}"}}'] > 0
+    assert m["llama_pool_memory_budget_bytes"] > 0
+    assert m['llama_pool_evictions_total{model="tiny",reason="crash"}'] == 0
+
+
+@fake_only("needs slow generation")
+def test_metrics_count_queue_rejections(pool):
+    import threading
+    from conftest import wait_for
+    pool.config({"tiny": {"args": "-c 256 -np 1", "env": {"FAKE_TOKEN_MS": "200"}}},
+                pool_extra="max_queue = 0")
+    pool.start()
+    pool.cli("start", "tiny", check=0)
+    t = threading.Thread(target=post, args=(pool.listen_port, "/v1/chat/completions", {**CHAT, "model": "tiny"}))
+    t.start()
+    wait_for(lambda: pool.instances("tiny")[0]["in_flight"] == 1, what="the slot taken")
+    assert post(pool.listen_port, "/v1/chat/completions", {**CHAT, "model": "tiny"})[0] == 429
+    t.join(30)
+    m = scrape(pool)
+    assert m['llama_pool_requests_total{model="tiny",status="429"}'] == 1
+    assert m['llama_pool_requests_total{model="tiny",status="200"}'] == 1
