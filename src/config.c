@@ -2194,3 +2194,23 @@ bool config_model_same_child(const struct config *a, const struct config_model *
     }
     return true;
 }
+
+static const char *arg_in(char *const *v, size_t n, const char *flag, const char *longflag,
+                          const char *found)
+{
+    size_t ll = longflag ? strlen(longflag) : 0;
+    for (size_t i = 0; i < n; i++) {
+        if ((strcmp(v[i], flag) == 0 || (longflag && strcmp(v[i], longflag) == 0)) && i + 1 < n)
+            found = v[++i];
+        else if (longflag && strncmp(v[i], longflag, ll) == 0 && v[i][ll] == '=')
+            found = v[i] + ll + 1;
+    }
+    return found;
+}
+
+const char *config_child_arg(const struct config *cfg, const struct config_model *m,
+                             const char *flag, const char *longflag)
+{
+    const char *v = arg_in(cfg->default_args, cfg->ndefault_args, flag, longflag, NULL);
+    return arg_in(m->args, m->nargs, flag, longflag, v);
+}

@@ -116,6 +116,12 @@ char **config_child_argv(const struct config *cfg,
                          const struct config_model *m, unsigned port);
 void config_argv_free(char **argv);
 
+/* The value the child will see for FLAG (or LONGFLAG, also as --long=VALUE):
+ * the last one among default_args then the model's args, as llama-server
+ * takes the last. NULL when absent. Points into the config. */
+const char *config_child_arg(const struct config *cfg, const struct config_model *m,
+                             const char *flag, const char *longflag);
+
 /* True when two model definitions would run the same child (path, args,
  * env, and the pool-wide argv parts they inherit are equal). Used by reload
  * to keep unchanged instances running. */

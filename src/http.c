@@ -1778,7 +1778,9 @@ const char *http_error_type(int status)
     case 401: return "authentication_error";
     case 403: return "permission_error";
     case 404: return "not_found_error";
+    case 408: return "timeout_error";
     case 429: return "rate_limit_error";
+    case 504: return "timeout_error";
     case 501: return "not_supported_error";
     case 503: return "unavailable_error";
     default:

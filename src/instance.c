@@ -438,6 +438,9 @@ static void begin_start(struct instance *inst)
     bool fatal;
     if (instance_spawn(inst, &fatal) < 0) {
         instance_eventf(inst, LOG_ERROR, "cannot start: %s", inst->last_error);
+        /* Every attempt is seen as one, even from FAILED to FAILED: the
+         * owner hears "starting → failed" and can answer who waits. */
+        inst->state = INSTANCE_STARTING;
         if (fatal) {
             set_state(inst, INSTANCE_FAILED);
             return;

@@ -373,12 +373,21 @@ int main(int argc, char **argv)
     const char *config = NULL, *sock = NULL;
     bool verbose = false;
 
-    /* "llama-pool -c FILE check": move the command before the option. */
-    if (argc >= 4 && (strcmp(argv[1], "-c") == 0 || strcmp(argv[1], "-s") == 0 ||
-                      strcmp(argv[1], "--config") == 0 || strcmp(argv[1], "--socket") == 0)) {
-        char *command = argv[3];
-        argv[3] = argv[2];
-        argv[2] = argv[1];
+    /* Options for every command may come first ("llama-pool -c FILE -s S
+     * status"): move the command word in front of them. */
+    int first = 1;
+    while (first < argc && argv[first][0] == '-') {
+        const char *o = argv[first];
+        bool takes_value = strcmp(o, "-c") == 0 || strcmp(o, "-s") == 0 ||
+                           strcmp(o, "--config") == 0 || strcmp(o, "--socket") == 0;
+        bool inline_value = strncmp(o, "--config=", 9) == 0 || strncmp(o, "--socket=", 9) == 0;
+        if (!takes_value && !inline_value && strcmp(o, "-v") != 0 && strcmp(o, "--verbose") != 0)
+            break;                          /* -h, -V, or a mistake: handled below */
+        first += takes_value ? 2 : 1;
+    }
+    if (first > 1 && first < argc) {
+        char *command = argv[first];
+        memmove(&argv[2], &argv[1], (size_t)(first - 1) * sizeof *argv);
         argv[1] = command;
     }
     if (argc < 2) {

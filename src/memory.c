@@ -1,11 +1,13 @@
 #include "memory.h"
 
 #include "config.h"
+#include "gguf.h"
 
 #include <inttypes.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/stat.h>
 
 static int read_meminfo(const char *root, struct memory_info *out)
 {
@@ -132,4 +134,57 @@ const char *memory_format(uint64_t bytes, char *buf, unsigned len)
     else
         snprintf(buf, len, v < 10 ? "%.1f %s" : "%.0f %s", v, unit[u]);
     return buf;
+}
+
+#define MIB (UINT64_C(1) << 20)
+
+int memory_estimate_model(const struct config *cfg, const struct config_model *m,
+                          struct memory_estimate *out, char *err, size_t errlen)
+{
+    memset(out, 0, sizeof *out);
+    struct stat st;
+    if (stat(m->path, &st) == 0)
+        out->file_id = ((uint64_t)st.st_dev << 40) ^ (uint64_t)st.st_ino;
+    if (m->memory_kind == CONFIG_MEMORY_SIZE) {
+        out->fixed = true;
+        out->more = m->memory_bytes;
+        return 0;
+    }
+    struct gguf_info g;
+    if (gguf_read(m->path, &g, err, errlen) < 0)
+        return -1;
+
+    /* Weights: a split model's other parts are about as large as this one. */
+    out->weights = g.data_size * (g.split_count > 1 ? g.split_count : 1);
+
+    /* KV cache for the context the child really gets: -c N, or the model's
+     * own context when -c is absent or 0. */
+    const char *c = config_child_arg(cfg, m, "-c", "--ctx-size");
+    uint64_t n_ctx = c ? strtoull(c, NULL, 10) : 0;
+    if (n_ctx == 0)
+        n_ctx = g.n_ctx_train ? g.n_ctx_train : 4096;
+    out->n_ctx = n_ctx;
+    out->kv = gguf_kv_cache_bytes(&g, n_ctx);
+
+    /* Compute buffers and the process's own anonymous memory: llama.cpp
+     * sizes compute buffers for one ubatch (512 tokens): activations grow
+     * with n_embd, attention scores with heads × context. 16 MiB of base,
+     * 8 floats per embedding dimension and one float per head and context
+     * position (up to 4096), per ubatch token. Errs on the high side:
+     * tiny-a (n_embd 64) measures 10-15 MiB anonymous against 19-51 MiB
+     * here; a 7B model's ~300 MiB compute buffer at -c 4096 against 351.
+     * Measured PSS replaces the estimate once an instance runs. */
+    uint64_t ctx_scores = n_ctx < 4096 ? n_ctx : 4096;
+    out->compute = 16 * MIB + (uint64_t)512 * 4 * (8 * (uint64_t)g.n_embd + (uint64_t)g.n_head * ctx_scores);
+
+    /* The host prompt cache is 8192 MiB per process unless -cram says otherwise. */
+    const char *cram = config_child_arg(cfg, m, "-cram", "--cache-ram");
+    long long cram_mib = cram ? strtoll(cram, NULL, 10) : 8192;
+    if (cram_mib < 0)               /* -1: no limit; count the default at least */
+        cram_mib = 8192;
+    out->cram = (uint64_t)cram_mib * MIB;
+
+    out->more = out->kv + out->compute + out->cram;
+    gguf_info_free(&g);
+    return 0;
 }

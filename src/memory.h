@@ -9,10 +9,12 @@
 #ifndef LLAMA_POOL_MEMORY_H
 #define LLAMA_POOL_MEMORY_H
 
+#include <stdbool.h>
 #include <stdint.h>
 #include <sys/types.h>
 
 struct config;
+struct config_model;
 
 struct memory_info {
     uint64_t mem_total;       /* /proc/meminfo MemTotal */
@@ -26,6 +28,24 @@ int memory_read_info(const char *root, struct memory_info *out);
 
 /* The budget in bytes for CFG on a machine described by INFO. */
 uint64_t memory_budget(const struct config *cfg, const struct memory_info *info);
+
+/* What one instance of a model is expected to cost. */
+struct memory_estimate {
+    uint64_t weights;       /* the GGUF's tensor data: mmap'd, shared per file */
+    uint64_t kv;            /* f16 KV cache for the child's context */
+    uint64_t compute;       /* allowance for compute buffers */
+    uint64_t cram;          /* llama-server's host prompt cache (-cram, 8192 MiB default) */
+    uint64_t more;          /* kv + compute + cram: what every instance adds */
+    uint64_t file_id;       /* device and inode of the file: equal ids share weights */
+    uint64_t n_ctx;         /* the context the KV cache was sized for */
+    bool fixed;             /* memory = SIZE in pool.conf: `more` is that size */
+};
+
+/* Estimate an instance of M from its GGUF header and its argv (-c, -np,
+ * -cram, as the child would get them). memory = SIZE overrides. 0, or -1
+ * with ERR filled (unreadable or malformed file). */
+int memory_estimate_model(const struct config *cfg, const struct config_model *m,
+                          struct memory_estimate *out, char *err, size_t errlen);
 
 /* PSS of PID in bytes from /proc/PID/smaps_rollup; 0 when unreadable. */
 uint64_t memory_pss(pid_t pid);

@@ -146,8 +146,8 @@ char *metrics_render(struct pool *p, size_t *len)
     for (size_t i = 0; i < p->nmodels; i++) {
         const struct model_stats *s = &p->models[i]->stats;
         const char *n = p->models[i]->cfg->name;
-        emit(&o, "llama_pool_evictions_total{model=\"%s\",reason=\"lru\"} 0\n", n);
-        emit(&o, "llama_pool_evictions_total{model=\"%s\",reason=\"idle\"} 0\n", n);
+        emit(&o, "llama_pool_evictions_total{model=\"%s\",reason=\"lru\"} %" PRIu64 "\n", n, s->lru_stops);
+        emit(&o, "llama_pool_evictions_total{model=\"%s\",reason=\"idle\"} %" PRIu64 "\n", n, s->idle_stops);
         emit(&o, "llama_pool_evictions_total{model=\"%s\",reason=\"reload\"} %" PRIu64 "\n", n, s->reload_stops);
         emit(&o, "llama_pool_evictions_total{model=\"%s\",reason=\"crash\"} %" PRIu64 "\n", n, s->crashes);
     }

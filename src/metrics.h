@@ -19,6 +19,8 @@ struct model_stats {
     double load_seconds;          /* sum of spawn → ready */
     uint64_t crashes;             /* evictions with reason "crash" */
     uint64_t reload_stops;        /* evictions with reason "reload" */
+    uint64_t lru_stops;           /* evictions with reason "lru" */
+    uint64_t idle_stops;          /* evictions with reason "idle" */
     uint64_t queue_waits;         /* requests that were dispatched */
     double queue_wait_seconds;    /* their time from arrival to dispatch */
     struct { int code; uint64_t n; } status[METRICS_STATUS_SLOTS];  /* answers by status */

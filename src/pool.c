@@ -243,16 +243,13 @@ static const struct instance_ops pool_instance_ops = {
 
 /* ---------- models ---------- */
 
-/* Slots a child of CM will have: its -np/--parallel, else llama-server's
+/* Slots a child of M will have: its -np/--parallel, else llama-server's
  * automatic 4. The real count comes from /props once it is ready. */
-static unsigned np_hint(const struct config_model *cm)
+static unsigned np_hint(const struct config *cfg, const struct config_model *cm)
 {
-    for (size_t i = 0; i + 1 < cm->nargs; i++)
-        if (strcmp(cm->args[i], "-np") == 0 || strcmp(cm->args[i], "--parallel") == 0) {
-            long n = strtol(cm->args[i + 1], NULL, 10);
-            return n > 0 ? (unsigned)n : 4;
-        }
-    return 4;
+    const char *v = config_child_arg(cfg, cm, "-np", "--parallel");
+    long n = v ? strtol(v, NULL, 10) : 0;
+    return n > 0 ? (unsigned)n : 4;
 }
 
 static struct pool_model *model_new(struct pool *p, const struct config_model *cm)
@@ -262,7 +259,7 @@ static struct pool_model *model_new(struct pool *p, const struct config_model *c
         return NULL;
     m->pool = p;
     m->cfg = cm;
-    m->np_hint = np_hint(cm);
+    m->np_hint = np_hint(m->pool->cfg, cm);
     m->log_fd = -1;
     m->observers.next = m->observers.prev = &m->observers;
     return m;
@@ -282,6 +279,7 @@ static void model_free(struct pool_model *m)
             break;
         }
     free(m->logbuf);
+    free(m->est_error);
     free(m->last_error);
     free(m);
 }
@@ -363,9 +361,15 @@ int pool_model_start(struct pool_model *m, unsigned n, char *err, size_t errlen)
     crash_log_clear(&m->crashes);
     /* Failed instances are started again first, then new ones are added. */
     for (size_t i = 0; i < m->ninst && model_active(m) < n; i++) {
-        enum instance_state s = m->inst[i]->state;
-        if (s == INSTANCE_FAILED || s == INSTANCE_STOPPED || s == INSTANCE_STOPPING)
-            instance_start(m->inst[i]);
+        struct instance *inst = m->inst[i];
+        enum instance_state s = inst->state;
+        if (s != INSTANCE_FAILED && s != INSTANCE_STOPPED && s != INSTANCE_STOPPING)
+            continue;
+        instance_start(inst);
+        if (inst->state == INSTANCE_FAILED) {   /* cannot be spawned: adding more would not help */
+            snprintf(err, errlen, "%s: %s", inst->id, inst->last_error ? inst->last_error : "cannot start");
+            return -2;
+        }
     }
     while (model_active(m) < n) {
         struct instance *inst = model_add_instance(m);
@@ -562,6 +566,26 @@ void pool_free(struct pool *p)
     free(p);
 }
 
+const struct memory_estimate *pool_model_estimate(struct pool_model *m)
+{
+    if (!m->est_known) {
+        char err[512];
+        free(m->est_error);
+        m->est_error = NULL;
+        if (memory_estimate_model(m->pool->cfg, m->cfg, &m->est, err, sizeof err) < 0) {
+            /* Unreadable header: charge the file size; measurement corrects it. */
+            struct stat st;
+            m->est_error = strdup(err);
+            memset(&m->est, 0, sizeof m->est);
+            if (stat(m->cfg->path, &st) == 0)
+                m->est.weights = (uint64_t)st.st_size;
+            log_warn("%s: no memory estimate from its header (%s); charging its file size", m->cfg->name, err);
+        }
+        m->est_known = true;
+    }
+    return &m->est;
+}
+
 struct pool_model *pool_find(struct pool *p, const char *name)
 {
     const struct config_model *cm = config_find_model(p->cfg, name);
@@ -601,7 +625,8 @@ void pool_kill_all(struct pool *p)
 static void model_rebind(struct pool_model *m, const struct config_model *cm)
 {
     m->cfg = cm;
-    m->np_hint = np_hint(cm);
+    m->est_known = false;           /* args, path or memory may have changed */
+    m->np_hint = np_hint(m->pool->cfg, cm);
     for (size_t i = 0; i < m->ninst; i++)
         m->inst[i]->model = cm;
 }
@@ -677,6 +702,8 @@ void pool_reload(struct pool *p, struct config *cfg, json_t *summary)
     size_t ngone = p->nmodels;
     p->models = models;
     p->nmodels = k;
+    for (size_t i = 0; i < k; i++)          /* default_args may have changed too */
+        models[i]->np_hint = np_hint(cfg, models[i]->cfg);
     if (cfg->log_dir && *cfg->log_dir && mkdir(cfg->log_dir, 0750) < 0 && errno != EEXIST)
         log_warn("cannot create log_dir %s: %s", cfg->log_dir, strerror(errno));
 
@@ -771,6 +798,8 @@ static json_t *instance_json(struct pool *p, const struct instance *inst)
     json_object_set_new(o, "uptime_s", json_real(inst->pid > 0 ? now - inst->spawned_at : 0));
     json_object_set_new(o, "restarts", json_integer(inst->restarts));
     json_object_set_new(o, "memory", json_integer((json_int_t)inst->pss));
+    if (p->charge)
+        json_object_set_new(o, "charge", json_integer((json_int_t)p->charge(inst, p->hook_arg)));
     json_object_set_new(o, "slots", json_integer(inst->slots));
     json_object_set_new(o, "in_flight", json_integer(inst->in_flight));
     json_object_set_new(o, "last_used_s_ago",
@@ -795,7 +824,7 @@ json_t *pool_model_json(struct pool_model *m)
     json_object_set_new(o, "instances_min", json_integer(m->cfg->instances_min));
     json_object_set_new(o, "instances_max", json_integer(m->cfg->instances_max));
     json_object_set_new(o, "memory_estimate",
-                        json_integer(m->cfg->memory_kind == CONFIG_MEMORY_SIZE ? (json_int_t)m->cfg->memory_bytes : 0));
+                        json_integer(m->est_known ? (json_int_t)(m->est.weights + m->est.more) : 0));
     json_object_set_new(o, "waiting", json_integer(
         m->pool->waiting ? (json_int_t)m->pool->waiting(m, m->pool->hook_arg) : 0));
     const char *err = m->last_error;
@@ -834,7 +863,9 @@ json_t *pool_status_json(struct pool *p, const struct pool_model *only)
     json_t *mem = json_object();
     json_object_set_new(mem, "budget", json_integer((json_int_t)budget));
     json_object_set_new(mem, "reserve", json_integer((json_int_t)p->cfg->memory_reserve));
-    json_object_set_new(mem, "used", json_integer((json_int_t)pool_used(p)));
+    json_object_set_new(mem, "used", json_integer((json_int_t)(p->charge ? p->charge(NULL, p->hook_arg)
+                                                                         : pool_used(p))));
+    json_object_set_new(mem, "measured", json_integer((json_int_t)pool_used(p)));
     json_object_set_new(mem, "available", json_integer((json_int_t)avail));
     json_object_set_new(root, "memory", mem);
     json_t *queue = json_object();

@@ -17,6 +17,7 @@
 #include "config.h"
 #include "instance.h"
 #include "logring.h"
+#include "memory.h"
 #include "metrics.h"
 #include "port.h"
 
@@ -63,6 +64,9 @@ struct pool_model {
     bool retired;                   /* removed by reload; freed once stopped */
     size_t slot;                    /* the scheduler's index for it, stable across reloads */
     struct model_stats stats;       /* counters for /metrics */
+    struct memory_estimate est;     /* valid when est_known */
+    bool est_known;
+    char *est_error;                /* why the estimate failed, or NULL */
     unsigned np_hint;               /* -np/--parallel in its args, else 4 */
 };
 
@@ -88,6 +92,8 @@ struct pool {
     void *hook_arg;
     /* Requests waiting for model M (all models when M is NULL). */
     size_t (*waiting)(const struct pool_model *m, void *arg);
+    /* Bytes charged against the budget for INST (all instances when NULL). */
+    uint64_t (*charge)(const struct instance *inst, void *arg);
     double started_at;
     struct pool_stats stats;        /* request durations for /metrics */
 };
@@ -125,6 +131,10 @@ json_t *pool_status_json(struct pool *p, const struct pool_model *only);
 json_t *pool_model_json(struct pool_model *m);
 /* "3 instances ready, 1.2 GiB of 48 GiB" */
 void pool_summary(struct pool *p, char *buf, size_t len);
+
+/* The memory estimate of one instance of M, read from its GGUF header the
+ * first time it is needed (not at startup: thousands of headers). */
+const struct memory_estimate *pool_model_estimate(struct pool_model *m);
 
 void pool_observe(struct pool_model *m, struct pool_observer *obs);
 void pool_unobserve(struct pool_observer *obs);

@@ -2,6 +2,7 @@
 #include "router.h"
 
 #include "log.h"
+#include "memory.h"
 #include "pool.h"
 #include "proxy.h"
 #include "scheduler.h"
@@ -18,6 +19,7 @@ struct router {
     struct sched *sched;
     struct proxy *proxy;
     ev_timer wake;
+    ev_timer sample;            /* PSS of every instance, MemAvailable */
     uint64_t next_id;
     /* Requests known to the scheduler, by id (an open hash would do for
      * millions; a list is plenty for the connections one box holds). */
@@ -65,6 +67,29 @@ static void rreq_free(struct rreq *q)
     free(q);
 }
 
+/* Tell the scheduler what it needs of M. The memory estimate is read from
+ * the GGUF header the first time a model is used (WITH_ESTIMATE), not for
+ * thousands of models at startup. */
+static void model_info(struct router *r, struct pool_model *m, bool with_estimate)
+{
+    const struct config *cfg = r->pool->cfg;
+    int64_t idle = m->cfg->idle_timeout_ms >= 0 ? m->cfg->idle_timeout_ms : cfg->idle_timeout_ms;
+    struct sched_model_info info = {
+        .instances_min = m->cfg->instances_min,
+        .instances_max = m->cfg->instances_max,
+        .slots_hint = m->np_hint,
+        .pinned = m->cfg->pin,
+        .idle_timeout = (double)idle / 1000.0,
+    };
+    if (with_estimate || m->est_known) {
+        const struct memory_estimate *e = pool_model_estimate(m);
+        info.mem_weights = e->weights;
+        info.mem_more = e->more;
+        info.file_id = e->file_id;
+    }
+    sched_model_set(r->sched, m->slot, m->cfg->name, &info);
+}
+
 static size_t model_slot(struct router *r, struct pool_model *m)
 {
     if (m->slot < r->nslots && r->slots[m->slot] == m)
@@ -76,10 +101,7 @@ static size_t model_slot(struct router *r, struct pool_model *m)
     m->slot = r->nslots;
     r->slots[r->nslots++] = m;
     sched_models_resize(r->sched, r->nslots);
-    struct sched_model_info info = { .instances_min = m->cfg->instances_min,
-                                     .instances_max = m->cfg->instances_max,
-                                     .slots_hint = m->np_hint };
-    sched_model_set(r->sched, m->slot, m->cfg->name, &info);
+    model_info(r, m, false);
     return m->slot;
 }
 
@@ -187,9 +209,21 @@ static void router_run(struct router *r)
         case SCHED_START:
             do_start(r, a.model);
             break;
-        case SCHED_STOP:
-            instance_stop((struct instance *)(uintptr_t)a.inst);
+        case SCHED_STOP: {
+            struct instance *inst = (struct instance *)(uintptr_t)a.inst;
+            struct pool_model *m = inst->owner;
+            char used[32];
+            if (a.reason == SCHED_STOP_IDLE)
+                m->stats.idle_stops++;
+            else
+                m->stats.lru_stops++;
+            log_info("%s: stopping it (%s; %s charged)", inst->id,
+                     a.reason == SCHED_STOP_IDLE ? "idle_timeout passed" : "least recently used, room needed",
+                     memory_format(sched_charge(r->sched, a.inst), used, sizeof used));
+            inst->evicting = true;
+            instance_stop(inst);
             break;
+        }
         case SCHED_WAKE:
             ev_timer_stop(r->loop, &r->wake);
             ev_timer_set(&r->wake, a.at > now_of(r) ? a.at - now_of(r) : 0, 0.);
@@ -247,10 +281,15 @@ static void pool_hook(struct instance *inst, enum instance_state old, void *arg)
         break;
     case INSTANCE_STOPPING:
     case INSTANCE_STOPPED:
-        if (inst->sched_known) {
+        /* An instance the scheduler evicted holds its memory until it has
+         * exited: it stays charged (and gets no requests) until STOPPED.
+         * One stopped by an operator or a reload leaves at once. */
+        if (inst->sched_known && (inst->state == INSTANCE_STOPPED || !inst->evicting)) {
             inst->sched_known = false;
             sched_instance_removed(r->sched, now, id);
         }
+        if (inst->state == INSTANCE_STOPPED)
+            inst->evicting = false;
         proxy_forget_port(r->proxy, inst->port);
         break;
     }
@@ -301,6 +340,8 @@ void router_forward(struct router *r, struct http_request *req, struct pool_mode
     req->arg = q;
     if (m->failed)
         sched_model_failed(r->sched, now_of(r), slot, m->last_error);
+    if (!m->est_known)
+        model_info(r, m, true);
     sched_request(r->sched, now_of(r), q->id, slot);
     router_run(r);
 }
@@ -419,13 +460,52 @@ void router_server(struct router *r, struct http_request *req, struct pool_model
 
 static void router_limits(struct router *r, struct sched_limits *l)
 {
+    struct memory_info mi;
     l->max_queue = r->pool->cfg->max_queue;
     l->queue_timeout = (double)r->pool->cfg->queue_timeout_ms / 1000.0;
+    l->budget = memory_read_info(NULL, &mi) == 0 ? memory_budget(r->pool->cfg, &mi) : 0;
+}
+
+/* Every 2 s: each instance's PSS (its charge from then on) and the
+ * machine's MemAvailable, for the scheduler's start decisions. */
+#define SAMPLE_INTERVAL_S 2.0
+
+static void sample_cb(struct ev_loop *loop, ev_timer *w, int revents)
+{
+    (void)loop; (void)revents;
+    struct router *r = w->data;
+    double now = now_of(r);
+    for (size_t i = 0; i < r->pool->nmodels; i++) {
+        struct pool_model *m = r->pool->models[i];
+        for (size_t j = 0; j < m->ninst; j++) {
+            struct instance *inst = m->inst[j];
+            if (inst->pid <= 0 || !inst->sched_known)
+                continue;
+            uint64_t pss = memory_pss(inst->pid);
+            if (pss) {
+                inst->pss = pss;
+                if (inst->state == INSTANCE_READY)
+                    sched_instance_memory(r->sched, now, (sched_inst_t)(uintptr_t)inst, pss);
+            }
+        }
+    }
+    struct memory_info mi;
+    if (memory_read_info(NULL, &mi) == 0)
+        sched_set_available(r->sched, now, mi.mem_available);
+    router_run(r);
 }
 
 static size_t pool_waiting(const struct pool_model *m, void *arg)
 {
     return m ? router_waiting_model(arg, m) : router_waiting(arg);
+}
+
+static uint64_t pool_charge(const struct instance *inst, void *arg)
+{
+    struct router *r = arg;
+    if (!inst)
+        return sched_used(r->sched);
+    return inst->sched_known ? sched_charge(r->sched, (sched_inst_t)(uintptr_t)inst) : 0;
 }
 
 struct router *router_new(struct ev_loop *loop, struct pool *pool)
@@ -445,9 +525,14 @@ struct router *router_new(struct ev_loop *loop, struct pool *pool)
     }
     ev_timer_init(&r->wake, wake_cb, 0., 0.);
     r->wake.data = r;
+    ev_timer_init(&r->sample, sample_cb, SAMPLE_INTERVAL_S, SAMPLE_INTERVAL_S);
+    r->sample.data = r;
+    ev_timer_start(loop, &r->sample);
+    ev_unref(loop);             /* sampling alone does not keep the loop running */
     pool->hook = pool_hook;
     pool->hook_arg = r;
     pool->waiting = pool_waiting;
+    pool->charge = pool_charge;
     router_reload(r);
     /* Instances preloaded before the router existed. */
     for (size_t i = 0; i < pool->nmodels; i++)
@@ -478,13 +563,9 @@ void router_reload(struct router *r)
     }
     for (size_t j = 0; j < r->pool->nmodels; j++) {
         struct pool_model *m = r->pool->models[j];
-        size_t slot = model_slot(r, m);
-        if (slot == SIZE_MAX)
+        if (model_slot(r, m) == SIZE_MAX)
             continue;
-        struct sched_model_info info = { .instances_min = m->cfg->instances_min,
-                                         .instances_max = m->cfg->instances_max,
-                                         .slots_hint = m->np_hint };
-        sched_model_set(r->sched, slot, m->cfg->name, &info);
+        model_info(r, m, false);
     }
     router_run(r);
 }
@@ -496,8 +577,13 @@ void router_free(struct router *r)
     if (r->pool && r->pool->hook_arg == r) {
         r->pool->hook = NULL;
         r->pool->waiting = NULL;
+        r->pool->charge = NULL;
     }
     ev_timer_stop(r->loop, &r->wake);
+    if (ev_is_active(&r->sample)) {
+        ev_ref(r->loop);
+        ev_timer_stop(r->loop, &r->sample);
+    }
     while (r->reqs) {
         struct rreq *q = r->reqs;
         if (!q->dispatched)

@@ -14,8 +14,46 @@
  *   - actions wait in a ring buffer; a FAIL's message is owned by its entry
  *     and freed on the next sched_next_action(), so it outlives the call
  *     that took it.
+ *   - memory (limits.budget > 0): charges are not kept as running sums but
+ *     added up from the instances when a decision needs them, so that no
+ *     event can leave a stale total behind. mem_plan() runs at the end of
+ *     every event and is the only place that starts instances or evicts
+ *     for memory; with budget 0 it does nothing and consider_starts()
+ *     starts as before.
  * Every operation is O(1) or O(instances of one model), except those that
- * by nature touch every waiter of a model (a failed start, a failed model). */
+ * by nature touch every waiter of a model (a failed start, a failed model),
+ * and, with a budget or an idle_timeout, the end of every event, which looks
+ * at every model and instance (O(models + instances), more while a model
+ * waits for memory): a pool has tens of them, not thousands.
+ *
+ * Choices the header leaves open:
+ *   - Fresh needs no state of its own. An instance that became ready while
+ *     its model had waiters is fresh while any of those still waits; then
+ *     its model has a waiting request, which already rules it out. Once
+ *     they are all dispatched, those on it are in flight (ruled out too)
+ *     until done, and the batch is served. Every event drains waiters
+ *     before mem_plan() looks for instances to evict, so an instance is
+ *     never evicted between becoming ready and taking its batch.
+ *   - Order among models waiting for memory: by their oldest waiting
+ *     request (a global arrival sequence, so equal clocks keep their order).
+ *     Only the first of them that does not fit (the head) may evict; every
+ *     model that does not fit reserves its estimate, and a later model
+ *     starts only if it fits beside all the reservations before it.
+ *   - A model whose estimate exceeds the budget fails its waiters (503)
+ *     only when it has no instance ready or coming; otherwise it just does
+ *     not scale up.
+ *   - Shared weights: an instance of a shared file is charged the weights
+ *     only if no other live instance of that file exists when it is added.
+ *     When an instance goes while another of its file lives, only its
+ *     private part (at most mem_more) is freed: the rest passes to that
+ *     survivor's charge until its next measurement. Eviction never picks
+ *     an instance of the file of the model it makes room for (that would
+ *     only move the weights' charge).
+ *   - A measurement while starting can only raise the charge (the load is
+ *     partial); from ready on, the latest measurement is the charge.
+ *   - Available memory: the reported value is lowered by the estimate of
+ *     every instance added since, raised by what every instance removed or
+ *     failed since frees, until the next report replaces it. */
 #include "scheduler.h"
 
 #include <stdarg.h>
@@ -139,6 +177,7 @@ struct req {
                                  * links the free list */
     uint32_t gprev, gnext;      /* global FIFO by arrival, while waiting */
     double arrival;
+    uint64_t seq;               /* arrival order across all models */
 };
 
 enum inst_state {
@@ -156,6 +195,12 @@ struct inst {
     double last_used;
     uint32_t flight;            /* head of its dispatched requests */
     uint32_t next_free;
+    bool stop_req;              /* a STOP was emitted: not usable, still charged */
+    bool chosen;                /* scratch of make_room(): picked for eviction */
+    double added_at, ready_at;
+    uint64_t estimate;          /* charge until measured */
+    uint64_t measured;          /* 0 = not yet */
+    uint64_t extra;             /* shared weights inherited from a sibling that went */
 };
 
 struct model {
@@ -202,6 +247,15 @@ struct sched {
 
     bool wake_armed;            /* a WAKE at wake_at is the caller's timer */
     double wake_at;
+
+    uint64_t seq;               /* last arrival sequence given */
+    uint64_t avail;             /* machine's available memory, as estimated */
+    bool avail_known;
+    bool idle_any;              /* some model has an idle_timeout */
+    size_t *order;              /* scratch of mem_plan(): models by oldest waiter */
+    size_t caporder;
+    uint32_t *cand;             /* scratch of make_room(): eviction candidates */
+    size_t capcand;
 };
 
 static bool grow(void **p, size_t *cap, size_t need, size_t size)
@@ -325,14 +379,27 @@ static void event_begin(struct sched *s)
     s->nout = 0;
 }
 
-/* The caller's one timer follows the earliest deadline; none when nothing waits. */
+static bool idle_next(const struct sched *s, double *at);
+
+/* The caller's one timer follows the earliest deadline (a queue timeout or
+ * an idle stop); none when there is none. */
 static void wake_update(struct sched *s)
 {
-    if (s->ghead == NIL || s->limits.queue_timeout <= 0) {
+    bool have = false;
+    double at = 0;
+    if (s->ghead != NIL && s->limits.queue_timeout > 0) {
+        at = s->reqs[s->ghead].arrival + s->limits.queue_timeout;
+        have = true;
+    }
+    double idle = 0;
+    if (idle_next(s, &idle) && (!have || idle < at)) {
+        at = idle;
+        have = true;
+    }
+    if (!have) {
         s->wake_armed = false;
         return;
     }
-    double at = s->reqs[s->ghead].arrival + s->limits.queue_timeout;
     if (s->wake_armed && s->wake_at == at)
         return;
     if (push(s, &(struct sched_action){ .kind = SCHED_WAKE, .at = at }, NULL)) {
@@ -376,6 +443,7 @@ static void wait_push(struct sched *s, uint32_t ri, double now)
     struct req *r = &s->reqs[ri];
     struct model *m = &s->models[r->model];
     r->arrival = now;
+    r->seq = ++s->seq;
     r->prev = m->tail;
     r->next = NIL;
     if (m->tail != NIL)
@@ -487,6 +555,8 @@ static uint32_t inst_new(struct sched *s, sched_inst_t id, size_t model)
     return ii;
 }
 
+static void inst_charge_end(struct sched *s, uint32_t ii);
+
 /* Its dispatched requests are the caller's to answer: forget them. */
 static void inst_drop_flight(struct sched *s, uint32_t ii)
 {
@@ -502,6 +572,7 @@ static void inst_forget(struct sched *s, uint32_t ii)
 {
     struct inst *in = &s->insts[ii];
     struct model *m = &s->models[in->model];
+    inst_charge_end(s, ii);
     inst_drop_flight(s, ii);
     for (size_t i = 0; i < m->ninst; i++)
         if (m->inst[i] == ii) {
@@ -522,7 +593,7 @@ static uint32_t pick(const struct sched *s, const struct model *m)
     uint32_t best = NIL;
     for (size_t i = 0; i < m->ninst; i++) {
         const struct inst *in = &s->insts[m->inst[i]];
-        if (in->state == INST_READY && in->in_flight < in->slots &&
+        if (in->state == INST_READY && !in->stop_req && in->in_flight < in->slots &&
             (best == NIL || in->in_flight < s->insts[best].in_flight))
             best = m->inst[i];
     }
@@ -548,18 +619,21 @@ static void drain_waiters(struct sched *s, double now, size_t model)
     }
 }
 
-/* Start instances while the waiters outnumber free and coming slots and
- * the model is below its max. Never for a failed model, never for nobody. */
-static void consider_starts(struct sched *s, size_t model)
+/* How many instances to start: while the waiters outnumber free and coming
+ * slots and the model is below its max. Never for a failed model, never for
+ * nobody. An instance being stopped still counts toward the max (the pool
+ * holds it until it is gone) but gives no slot. */
+static size_t starts_wanted(const struct sched *s, const struct model *m)
 {
-    struct model *m = &s->models[model];
     if (m->failed || !m->waiting)
-        return;
+        return 0;
     unsigned hint = model_hint(m);
-    size_t free_slots = 0, coming = 0, count = 0;
+    size_t free_slots = 0, coming = 0, count = 0, n = 0;
     for (size_t i = 0; i < m->ninst; i++) {
         const struct inst *in = &s->insts[m->inst[i]];
-        if (in->state == INST_READY) {
+        if (in->stop_req) {
+            count += in->state != INST_FAILED;
+        } else if (in->state == INST_READY) {
             free_slots += in->slots > in->in_flight ? in->slots - in->in_flight : 0;
             count++;
         } else if (in->state == INST_STARTING) {
@@ -571,10 +645,21 @@ static void consider_starts(struct sched *s, size_t model)
     coming += pending * hint;
     count += pending;
     while (m->waiting > free_slots + coming && count < m->info.instances_max) {
-        emit_start(s, model);
+        n++;
         coming += hint;
         count++;
     }
+    return n;
+}
+
+/* Without a budget, starts are the model's own affair; with one, mem_plan()
+ * decides them for all models at the end of the event. */
+static void consider_starts(struct sched *s, size_t model)
+{
+    if (s->limits.budget)
+        return;
+    for (size_t n = starts_wanted(s, &s->models[model]); n; n--)
+        emit_start(s, model);
 }
 
 static void settle(struct sched *s, double now, size_t model)
@@ -588,9 +673,478 @@ static bool has_coming_or_ready(const struct sched *s, const struct model *m)
     if (m->start_queued || m->start_out)
         return true;
     for (size_t i = 0; i < m->ninst; i++)
-        if (s->insts[m->inst[i]].state != INST_FAILED)
+        if (s->insts[m->inst[i]].state != INST_FAILED && !s->insts[m->inst[i]].stop_req)
             return true;
     return false;
+}
+
+/* ---------- memory ---------- */
+
+static uint64_t sat_add(uint64_t a, uint64_t b)
+{
+    return a > UINT64_MAX - b ? UINT64_MAX : a + b;
+}
+
+static uint64_t sat_mul(uint64_t a, uint64_t b)
+{
+    return b && a > UINT64_MAX / b ? UINT64_MAX : a * b;
+}
+
+static uint64_t min_u64(uint64_t a, uint64_t b)
+{
+    return a < b ? a : b;
+}
+
+/* Charged: added and not failed (stopping ones still count). */
+static bool inst_counts(const struct inst *in)
+{
+    return in->id && in->state != INST_FAILED;
+}
+
+static uint64_t inst_charge(const struct inst *in)
+{
+    if (!inst_counts(in))
+        return 0;
+    uint64_t base = in->state == INST_READY && in->measured ? in->measured
+                  : in->measured > in->estimate ? in->measured : in->estimate;
+    return sat_add(base, in->extra);
+}
+
+static uint64_t inst_file(const struct sched *s, const struct inst *in)
+{
+    return s->models[in->model].info.file_id;
+}
+
+/* Its part that no sibling shares: at most what every instance adds. */
+static uint64_t inst_private(const struct sched *s, const struct inst *in)
+{
+    return min_u64(inst_charge(in), s->models[in->model].info.mem_more);
+}
+
+/* A charged instance other than SKIP maps FILE (never for file 0). */
+static bool file_live(const struct sched *s, uint64_t file, size_t skip)
+{
+    if (!file)
+        return false;
+    for (size_t i = 0; i < s->ninsts; i++)
+        if (i != skip && inst_counts(&s->insts[i]) && inst_file(s, &s->insts[i]) == file)
+            return true;
+    return false;
+}
+
+static unsigned model_pending(const struct model *m)
+{
+    return m->start_queued + m->start_out;
+}
+
+/* A model before BEFORE with FILE has a START asked and not yet added. */
+static bool file_pending(const struct sched *s, uint64_t file, size_t before)
+{
+    for (size_t j = 0; j < before && j < s->nmodels; j++)
+        if (model_pending(&s->models[j]) && s->models[j].info.file_id == file)
+            return true;
+    return false;
+}
+
+/* What the STARTs asked and not yet added will be charged. */
+static uint64_t pending_charge(const struct sched *s)
+{
+    uint64_t sum = 0;
+    for (size_t i = 0; i < s->nmodels; i++) {
+        const struct model *m = &s->models[i];
+        unsigned p = model_pending(m);
+        if (!p)
+            continue;
+        uint64_t f = m->info.file_id;
+        sum = sat_add(sum, sat_mul(p, m->info.mem_more));
+        if (!f)
+            sum = sat_add(sum, sat_mul(p, m->info.mem_weights));
+        else if (!file_live(s, f, SIZE_MAX) && !file_pending(s, f, i))
+            sum = sat_add(sum, m->info.mem_weights);
+    }
+    return sum;
+}
+
+/* What one more instance of MODEL would be charged, besides those pending. */
+static uint64_t start_estimate(const struct sched *s, size_t model)
+{
+    const struct model *m = &s->models[model];
+    uint64_t f = m->info.file_id;
+    bool shared = f && (file_live(s, f, SIZE_MAX) || file_pending(s, f, s->nmodels));
+    return sat_add(m->info.mem_more, shared ? 0 : m->info.mem_weights);
+}
+
+static uint64_t mem_used(const struct sched *s)
+{
+    uint64_t sum = 0;
+    for (size_t i = 0; i < s->ninsts; i++)
+        sum = sat_add(sum, inst_charge(&s->insts[i]));
+    return sum;
+}
+
+/* The instance starts being charged: its estimate, weights included unless
+ * another live instance maps the same file. */
+static void inst_charge_start(struct sched *s, uint32_t ii)
+{
+    struct inst *in = &s->insts[ii];
+    const struct model *m = &s->models[in->model];
+    in->estimate = sat_add(m->info.mem_more,
+                           file_live(s, m->info.file_id, ii) ? 0 : m->info.mem_weights);
+    in->measured = in->extra = 0;
+    if (s->avail_known)
+        s->avail -= min_u64(s->avail, in->estimate);
+}
+
+/* The instance stops being charged (failed, removed): what it frees goes
+ * back to the available estimate; the shared part of its charge, when a
+ * sibling of its file lives on, passes to that sibling. */
+static void inst_charge_end(struct sched *s, uint32_t ii)
+{
+    struct inst *x = &s->insts[ii];
+    if (!inst_counts(x))
+        return;
+    uint64_t charge = inst_charge(x), freed = charge, f = inst_file(s, x);
+    if (f) {
+        size_t heir = SIZE_MAX;
+        for (size_t i = 0; i < s->ninsts; i++) {
+            const struct inst *y = &s->insts[i];
+            if (i == ii || !inst_counts(y) || inst_file(s, y) != f)
+                continue;
+            if (heir == SIZE_MAX || (s->insts[heir].stop_req && !y->stop_req))
+                heir = i;
+        }
+        if (heir != SIZE_MAX) {
+            freed = inst_private(s, x);
+            s->insts[heir].extra = sat_add(s->insts[heir].extra, charge - freed);
+        }
+    }
+    if (s->avail_known)
+        s->avail = sat_add(s->avail, freed);
+    x->measured = x->extra = 0;
+}
+
+/* A charged sibling of the instance at XI (same file) that is neither
+ * stopping nor chosen: it keeps the shared pages mapped. */
+static bool keeps_sibling(const struct sched *s, size_t xi)
+{
+    uint64_t f = inst_file(s, &s->insts[xi]);
+    if (!f)
+        return false;
+    for (size_t i = 0; i < s->ninsts; i++) {
+        const struct inst *y = &s->insts[i];
+        if (i != xi && inst_counts(y) && !y->stop_req && !y->chosen && inst_file(s, y) == f)
+            return true;
+    }
+    return false;
+}
+
+/* What the instances being stopped (and those chosen) free once removed. */
+static uint64_t freed_by_stops(const struct sched *s)
+{
+    uint64_t freed = 0;
+    for (size_t i = 0; i < s->ninsts; i++) {
+        const struct inst *x = &s->insts[i];
+        if (inst_counts(x) && (x->stop_req || x->chosen))
+            freed = sat_add(freed, keeps_sibling(s, i) ? inst_private(s, x) : inst_charge(x));
+    }
+    return freed;
+}
+
+/* NEED more bytes fit with USED and PENDING charged, once FREED is freed. */
+static bool room_ok(const struct sched *s, uint64_t need, uint64_t used, uint64_t pending,
+                    uint64_t freed)
+{
+    uint64_t after = used - min_u64(used, freed);
+    return sat_add(sat_add(after, pending), need) <= s->limits.budget &&
+           (!s->avail_known || sat_add(pending, need) <= sat_add(s->avail, freed));
+}
+
+static void stop_inst(struct sched *s, uint32_t ii, enum sched_stop_reason reason)
+{
+    struct inst *in = &s->insts[ii];
+    in->stop_req = true;
+    push(s, &(struct sched_action){ .kind = SCHED_STOP, .inst = in->id, .model = in->model,
+                                    .reason = reason }, NULL);
+}
+
+/* Ready or starting, and not on its way out. */
+static size_t alive_count(const struct sched *s, const struct model *m)
+{
+    size_t n = 0;
+    for (size_t i = 0; i < m->ninst; i++) {
+        const struct inst *in = &s->insts[m->inst[i]];
+        n += (in->state == INST_READY || in->state == INST_STARTING) && !in->stop_req &&
+             !in->chosen;
+    }
+    return n;
+}
+
+/* May be stopped to make room for a model with FILE (0 = unique): idle,
+ * nothing waiting for its model (which also covers "fresh", see the top),
+ * not pinned; the instances_min rule is checked as candidates are chosen. */
+static bool evictable(const struct sched *s, const struct inst *in, uint64_t file)
+{
+    if (!in->id || in->state != INST_READY || in->stop_req || in->chosen || in->in_flight)
+        return false;
+    const struct model *m = &s->models[in->model];
+    return !m->waiting && !m->info.pinned &&
+           !(file && m->info.file_id == file);
+}
+
+/* Least recently used first; never used ones by the time they were added. */
+static bool lru_before(const struct inst *a, const struct inst *b)
+{
+    double ka = a->last_used ? a->last_used : a->added_at;
+    double kb = b->last_used ? b->last_used : b->added_at;
+    return ka < kb || (ka == kb && a->added_at < b->added_at);
+}
+
+/* Stop idle instances, least recently used first, until one more instance
+ * of MODEL (charged EST) fits once they are gone; none if even all of them
+ * would not do. Instances already being stopped are counted as freed. */
+static void make_room(struct sched *s, size_t model, uint64_t est, uint64_t used, uint64_t pending)
+{
+    if (room_ok(s, est, used, pending, freed_by_stops(s)))
+        return;                         /* the stops under way are enough: wait */
+    uint64_t file = s->models[model].info.file_id;
+    size_t n = 0;
+    for (size_t i = 0; i < s->ninsts; i++) {
+        if (!evictable(s, &s->insts[i], file))
+            continue;
+        if (!grow((void **)&s->cand, &s->capcand, n + 1, sizeof *s->cand))
+            return;
+        size_t k = n++;                 /* insertion sort: a handful of candidates */
+        while (k && lru_before(&s->insts[i], &s->insts[s->cand[k - 1]])) {
+            s->cand[k] = s->cand[k - 1];
+            k--;
+        }
+        s->cand[k] = (uint32_t)i;
+    }
+    bool ok = false;
+    for (size_t k = 0; k < n && !ok; k++) {
+        struct inst *in = &s->insts[s->cand[k]];
+        const struct model *m = &s->models[in->model];
+        if (alive_count(s, m) <= m->info.instances_min)
+            continue;                   /* its model keeps its minimum */
+        in->chosen = true;
+        ok = room_ok(s, est, used, pending, freed_by_stops(s));
+    }
+    for (size_t k = 0; k < n; k++) {
+        struct inst *in = &s->insts[s->cand[k]];
+        if (!in->chosen)
+            continue;
+        in->chosen = false;
+        if (ok)
+            stop_inst(s, s->cand[k], SCHED_STOP_LRU);
+    }
+}
+
+static void fmt_size(char *buf, size_t len, uint64_t bytes)
+{
+    static const char *const unit[] = { "B", "KiB", "MiB", "GiB", "TiB", "PiB", "EiB" };
+    double v = (double)bytes;
+    int u = 0;
+    while (v >= 1024 && u < 6) {
+        v /= 1024;
+        u++;
+    }
+    snprintf(buf, len, u >= 3 ? "%.1f %s" : "%.0f %s", v, unit[u]);
+}
+
+struct sbuf {
+    char b[768];
+    size_t n;
+};
+
+static void sb_add(struct sbuf *sb, const char *f, ...) __attribute__((format(printf, 2, 3)));
+static void sb_add(struct sbuf *sb, const char *f, ...)
+{
+    if (sb->n >= sizeof sb->b - 1)
+        return;
+    va_list ap;
+    va_start(ap, f);
+    int k = vsnprintf(sb->b + sb->n, sizeof sb->b - sb->n, f, ap);
+    va_end(ap);
+    if (k > 0)
+        sb->n = min_u64(sb->n + (size_t)k, sizeof sb->b - 1);
+}
+
+/* MODEL can never fit: its waiters fail with the numbers and who uses what. */
+static void fail_too_big(struct sched *s, size_t model, uint64_t est, uint64_t used)
+{
+    enum { LIST = 8 };
+    struct sbuf sb = { .n = 0 };
+    char need[32], budget[32], inuse[32], one[32];
+    fmt_size(need, sizeof need, est);
+    fmt_size(budget, sizeof budget, s->limits.budget);
+    fmt_size(inuse, sizeof inuse, used);
+    const char *name = s->models[model].name;
+    sb_add(&sb, "%s needs %s; the budget is %s (in use %s", name ? name : "model", need, budget,
+           inuse);
+    size_t listed = 0;
+    for (size_t j = 0; j < s->nmodels && listed <= LIST; j++) {
+        const struct model *m = &s->models[j];
+        for (size_t i = 0; i < m->ninst && listed <= LIST; i++) {
+            uint64_t c = inst_charge(&s->insts[m->inst[i]]);
+            if (!c)
+                continue;
+            if (listed++ == LIST) {
+                sb_add(&sb, ", …");
+                break;
+            }
+            fmt_size(one, sizeof one, c);
+            sb_add(&sb, "%s%s#%zu %s", listed > 1 ? ", " : ": ", m->name ? m->name : "?", i + 1,
+                   one);
+        }
+    }
+    sb_add(&sb, ")");
+    fail_waiters(s, model, 503, sb.b);
+}
+
+/* With a budget, the one place that starts instances and evicts for memory;
+ * it runs at the end of every event. Models that want a start are taken by
+ * their oldest waiting request: each starts if it fits beside what the
+ * older ones that do not fit have reserved; the oldest that does not fit is
+ * the only one made room for. */
+static void mem_plan(struct sched *s)
+{
+    uint64_t budget = s->limits.budget;
+    if (!budget || !s->waiting)
+        return;
+    for (;;) {
+        size_t n = 0;
+        for (size_t i = 0; i < s->nmodels; i++) {
+            if (!starts_wanted(s, &s->models[i]))
+                continue;
+            if (!grow((void **)&s->order, &s->caporder, n + 1, sizeof *s->order))
+                return;
+            uint64_t seq = s->reqs[s->models[i].head].seq;
+            size_t k = n++;
+            while (k && s->reqs[s->models[s->order[k - 1]].head].seq > seq) {
+                s->order[k] = s->order[k - 1];
+                k--;
+            }
+            s->order[k] = i;
+        }
+        if (!n)
+            return;
+        uint64_t used = mem_used(s), pending = pending_charge(s), reserved = 0;
+        bool acted = false, head = true;
+        for (size_t k = 0; k < n && !acted; k++) {
+            size_t model = s->order[k];
+            uint64_t est = start_estimate(s, model);
+            if (est > budget) {
+                if (!has_coming_or_ready(s, &s->models[model])) {
+                    fail_too_big(s, model, est, used);
+                    acted = true;
+                }
+                continue;               /* else it serves with what it has */
+            }
+            if (room_ok(s, sat_add(reserved, est), used, pending, 0)) {
+                emit_start(s, model);
+                acted = true;           /* the numbers changed: look again */
+            } else {
+                if (head)
+                    make_room(s, model, est, used, pending);
+                head = false;
+                reserved = sat_add(reserved, est);
+            }
+        }
+        if (!acted)
+            return;
+    }
+}
+
+/* ---------- idleness ---------- */
+
+static bool idle_model(const struct model *m)
+{
+    return m->info.idle_timeout > 0 && !m->info.pinned && !m->waiting;
+}
+
+static bool idle_inst(const struct inst *in)
+{
+    return in->state == INST_READY && !in->stop_req && !in->in_flight;
+}
+
+static double idle_deadline(const struct inst *in, double timeout)
+{
+    return (in->last_used > in->ready_at ? in->last_used : in->ready_at) + timeout;
+}
+
+/* The earliest deadline of an instance that sched_tick() would stop then. */
+static bool idle_next(const struct sched *s, double *at)
+{
+    bool have = false;
+    if (!s->idle_any)
+        return false;
+    for (size_t mi = 0; mi < s->nmodels; mi++) {
+        const struct model *m = &s->models[mi];
+        if (!idle_model(m))
+            continue;
+        size_t alive = 0;               /* alive_count() and the deadline in one pass */
+        bool mhave = false;
+        double mat = 0;
+        for (size_t i = 0; i < m->ninst; i++) {
+            const struct inst *in = &s->insts[m->inst[i]];
+            if (in->stop_req || (in->state != INST_READY && in->state != INST_STARTING))
+                continue;
+            alive++;
+            if (in->state != INST_READY || in->in_flight)
+                continue;
+            double d = idle_deadline(in, m->info.idle_timeout);
+            if (!mhave || d < mat)
+                mat = d;
+            mhave = true;
+        }
+        if (mhave && alive > m->info.instances_min && (!have || mat < *at)) {
+            *at = mat;
+            have = true;
+        }
+    }
+    return have;
+}
+
+/* Stop instances idle past their deadline, the longest idle first, while
+ * their model stays above its minimum. */
+static void idle_stops(struct sched *s, double now)
+{
+    if (!s->idle_any)
+        return;
+    for (size_t mi = 0; mi < s->nmodels; mi++) {
+        struct model *m = &s->models[mi];
+        if (!idle_model(m))
+            continue;
+        for (size_t alive = alive_count(s, m); alive > m->info.instances_min; alive--) {
+            uint32_t best = NIL;
+            double best_d = 0;
+            for (size_t i = 0; i < m->ninst; i++) {
+                const struct inst *in = &s->insts[m->inst[i]];
+                double d = idle_deadline(in, m->info.idle_timeout);
+                if (idle_inst(in) && d <= now && (best == NIL || d < best_d)) {
+                    best = m->inst[i];
+                    best_d = d;
+                }
+            }
+            if (best == NIL)
+                break;
+            stop_inst(s, best, SCHED_STOP_IDLE);
+        }
+    }
+}
+
+static void idle_any_update(struct sched *s)
+{
+    s->idle_any = false;
+    for (size_t i = 0; i < s->nmodels; i++)
+        s->idle_any |= s->models[i].info.idle_timeout > 0;
+}
+
+/* Every event ends here: starts and evictions for memory, then the timer. */
+static void event_end(struct sched *s)
+{
+    mem_plan(s);
+    wake_update(s);
 }
 
 /* ---------- lifecycle and configuration ---------- */
@@ -636,13 +1190,19 @@ void sched_free(struct sched *s)
     free(s->q);
     free(s->taken_msg);
     free(s->out);
+    free(s->order);
+    free(s->cand);
     free(s);
 }
 
 void sched_set_limits(struct sched *s, const struct sched_limits *limits)
 {
+    bool had_budget = s->limits.budget > 0;
     s->limits = *limits;
-    wake_update(s);         /* a new queue_timeout moves every deadline */
+    if (had_budget && !s->limits.budget)    /* no longer held back by memory */
+        for (size_t i = 0; i < s->nmodels; i++)
+            consider_starts(s, i);
+    event_end(s);           /* a new queue_timeout moves every deadline */
 }
 
 void sched_models_resize(struct sched *s, size_t n)
@@ -667,7 +1227,8 @@ void sched_models_resize(struct sched *s, size_t n)
             s->models = v;
     }
     s->nmodels = n;
-    wake_update(s);
+    idle_any_update(s);
+    event_end(s);
 }
 
 void sched_model_set(struct sched *s, size_t model, const char *name,
@@ -682,7 +1243,9 @@ void sched_model_set(struct sched *s, size_t model, const char *name,
         m->name = copy;
     }
     m->info = *info;
+    idle_any_update(s);
     consider_starts(s, model);  /* a higher max or a smaller hint may call for more */
+    event_end(s);               /* ... or a smaller estimate; a new idle_timeout */
 }
 
 void sched_model_failed(struct sched *s, double now, size_t model, const char *reason)
@@ -700,7 +1263,7 @@ void sched_model_failed(struct sched *s, double now, size_t model, const char *r
                 m->failed = dup_str("model failed");   /* never "usable" by accident */
         }
     }
-    wake_update(s);
+    event_end(s);
 }
 
 /* ---------- events ---------- */
@@ -734,7 +1297,7 @@ void sched_request(struct sched *s, double now, sched_req_t req, size_t model)
             }
         }
     }
-    wake_update(s);
+    event_end(s);
 }
 
 /* Done or gone: a waiting request leaves the queue without an answer, a
@@ -756,7 +1319,7 @@ static void request_end(struct sched *s, double now, sched_req_t req)
             settle(s, now, s->insts[ii].model);
         }
     }
-    wake_update(s);
+    event_end(s);
 }
 
 void sched_request_done(struct sched *s, double now, sched_req_t req)
@@ -781,10 +1344,15 @@ void sched_instance_added(struct sched *s, double now, sched_inst_t inst, size_t
             settle(s, now, was);
     }
     struct model *m = &s->models[model];
-    if (inst_new(s, inst, model) != NIL && m->start_out)
-        m->start_out--;                 /* the START we asked for */
+    uint32_t ii = inst_new(s, inst, model);
+    if (ii != NIL) {
+        s->insts[ii].added_at = now;
+        inst_charge_start(s, ii);
+        if (m->start_out)
+            m->start_out--;             /* the START we asked for */
+    }
     settle(s, now, model);
-    wake_update(s);
+    event_end(s);
 }
 
 void sched_instance_ready(struct sched *s, double now, sched_inst_t inst, unsigned slots)
@@ -793,14 +1361,24 @@ void sched_instance_ready(struct sched *s, double now, sched_inst_t inst, unsign
     uint32_t ii = idmap_get(&s->inst_map, inst);
     if (ii != NIL) {
         struct inst *in = &s->insts[ii];
+        if (in->state == INST_FAILED) {
+            in->state = INST_READY;
+            inst_charge_start(s, ii);
+        } else if (in->state == INST_STARTING) {
+            /* What was measured while loading was partial: at most a floor. */
+            if (in->measured > in->estimate)
+                in->estimate = in->measured;
+            in->measured = 0;
+        }
         in->state = INST_READY;
+        in->ready_at = now;
         if (slots)
             in->slots = slots;
         else if (!in->slots)
             in->slots = model_hint(&s->models[in->model]);
         settle(s, now, in->model);
     }
-    wake_update(s);
+    event_end(s);
 }
 
 void sched_instance_slots(struct sched *s, double now, sched_inst_t inst, unsigned slots)
@@ -811,7 +1389,7 @@ void sched_instance_slots(struct sched *s, double now, sched_inst_t inst, unsign
         s->insts[ii].slots = slots;
         settle(s, now, s->insts[ii].model);
     }
-    wake_update(s);
+    event_end(s);
 }
 
 void sched_instance_starting(struct sched *s, double now, sched_inst_t inst)
@@ -820,10 +1398,13 @@ void sched_instance_starting(struct sched *s, double now, sched_inst_t inst)
     uint32_t ii = idmap_get(&s->inst_map, inst);
     if (ii != NIL) {
         inst_drop_flight(s, ii);
+        bool was_failed = s->insts[ii].state == INST_FAILED;
         s->insts[ii].state = INST_STARTING;
+        if (was_failed)                 /* coming back: charged again */
+            inst_charge_start(s, ii);
         settle(s, now, s->insts[ii].model);
     }
-    wake_update(s);
+    event_end(s);
 }
 
 void sched_instance_failed(struct sched *s, double now, sched_inst_t inst, const char *error)
@@ -836,6 +1417,7 @@ void sched_instance_failed(struct sched *s, double now, sched_inst_t inst, const
         struct model *m = &s->models[model];
         bool was_starting = in->state == INST_STARTING;
         inst_drop_flight(s, ii);
+        inst_charge_end(s, ii);
         in->state = INST_FAILED;
         if (was_starting && m->waiting && !has_coming_or_ready(s, m)) {
             /* Nothing else will serve them: they share the failed start's fate. */
@@ -847,7 +1429,7 @@ void sched_instance_failed(struct sched *s, double now, sched_inst_t inst, const
             settle(s, now, model);
         }
     }
-    wake_update(s);
+    event_end(s);
 }
 
 void sched_instance_removed(struct sched *s, double now, sched_inst_t inst)
@@ -859,7 +1441,7 @@ void sched_instance_removed(struct sched *s, double now, sched_inst_t inst)
         inst_forget(s, ii);
         settle(s, now, model);
     }
-    wake_update(s);
+    event_end(s);
 }
 
 static void fmt_seconds(char *buf, size_t len, double t)
@@ -886,8 +1468,9 @@ void sched_tick(struct sched *s, double now)
         emit_fail(s, id, model, 504, 0, "waited too long in the queue",
                   fmt("waited %s s in the queue for %s", waited, name ? name : "the model"));
     }
+    idle_stops(s, now);
     s->wake_armed = false;      /* the caller's timer has fired: arm it again */
-    wake_update(s);
+    event_end(s);
 }
 
 /* ---------- status ---------- */
@@ -912,4 +1495,41 @@ double sched_last_used(const struct sched *s, sched_inst_t inst)
 {
     uint32_t ii = idmap_get(&s->inst_map, inst);
     return ii != NIL ? s->insts[ii].last_used : 0;
+}
+
+void sched_instance_memory(struct sched *s, double now, sched_inst_t inst, uint64_t bytes)
+{
+    (void)now;
+    event_begin(s);
+    uint32_t ii = idmap_get(&s->inst_map, inst);
+    if (ii != NIL && inst_counts(&s->insts[ii])) {
+        struct inst *in = &s->insts[ii];
+        if (in->state == INST_READY) {
+            in->measured = bytes;       /* PSS: shared pages already split */
+            in->extra = 0;
+        } else if (bytes > in->measured) {
+            in->measured = bytes;       /* loading: can only raise the charge */
+        }
+    }
+    event_end(s);
+}
+
+void sched_set_available(struct sched *s, double now, uint64_t bytes)
+{
+    (void)now;
+    event_begin(s);
+    s->avail = bytes;
+    s->avail_known = bytes > 0;
+    event_end(s);
+}
+
+uint64_t sched_charge(const struct sched *s, sched_inst_t inst)
+{
+    uint32_t ii = idmap_get(&s->inst_map, inst);
+    return ii != NIL ? inst_charge(&s->insts[ii]) : 0;
+}
+
+uint64_t sched_used(const struct sched *s)
+{
+    return mem_used(s);
 }

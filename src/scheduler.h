@@ -25,7 +25,32 @@
  *     its model, when no other instance of that model is ready or starting,
  *     with 502 and the instance's last error.
  *   - A failed model (crash loop) fails requests at once with 503.
- * The memory issue adds the budget to "may start" and eviction to actions. */
+ *
+ * Memory (when limits.budget > 0):
+ *   - Each instance is charged its estimate while starting, its measured
+ *     memory (sched_instance_memory) once known. A model's estimate comes in
+ *     two parts: `mem_more` for any instance, plus `mem_weights` only when no
+ *     other live instance maps the same file (file_id): mmap'd weights are
+ *     shared between instances of one file.
+ *   - A start is allowed only if used + its estimate <= budget and its
+ *     estimate <= the machine's available memory (sched_set_available).
+ *   - If it does not fit, idle instances are stopped (SCHED_STOP, reason
+ *     LRU) least recently used first until it would: idle = ready, nothing
+ *     in flight, no request waiting for its model, not pinned, not one of the
+ *     model's `instances_min`, and not fresh (an instance started for
+ *     waiting requests first serves the requests that were waiting when it
+ *     became ready). Stopping instances still count until removed; the
+ *     start happens once enough memory is free. Nothing is ever started
+ *     that would pass the budget.
+ *   - If it can never fit (its estimate alone > budget), its requests fail
+ *     at once with 503 and the numbers: needed, budget, in use, by whom.
+ *   - Which waiting model starts next when memory frees: the one whose
+ *     oldest waiting request is oldest (no thrash: A's batch is served, then
+ *     B's, and nobody waits behind more than one swap in a row).
+ *   - Idle: a ready instance with nothing in flight and nothing waiting for
+ *     its model for idle_timeout seconds is stopped (reason IDLE) unless
+ *     pinned or the model would go below instances_min. One WAKE covers
+ *     queue timeouts and idle deadlines: the earliest of them. */
 #ifndef LLAMA_POOL_SCHEDULER_H
 #define LLAMA_POOL_SCHEDULER_H
 
@@ -42,18 +67,29 @@ typedef uint64_t sched_inst_t;
 struct sched_limits {
     unsigned max_queue;          /* waiting requests, all models together */
     double queue_timeout;        /* seconds a request may wait; 0 = forever */
+    uint64_t budget;             /* bytes the instances may use; 0 = no memory limit */
 };
 
 struct sched_model_info {
     unsigned instances_min, instances_max;
     unsigned slots_hint;         /* expected slots of a starting instance (-np, else 4) */
+    uint64_t mem_weights;        /* bytes of the file's weights (shared per file_id) */
+    uint64_t mem_more;           /* bytes every instance adds: KV cache, buffers */
+    uint64_t file_id;            /* instances of models with equal ids share weights; 0 = unique */
+    bool pinned;                 /* never stopped for memory or idleness */
+    double idle_timeout;         /* seconds; 0 = never stopped for idleness */
+};
+
+enum sched_stop_reason {
+    SCHED_STOP_LRU,              /* make room for another start */
+    SCHED_STOP_IDLE,             /* idle_timeout passed */
 };
 
 enum sched_action_kind {
     SCHED_DISPATCH,   /* send req to inst (the slot is now counted in flight) */
     SCHED_START,      /* start one more instance of model; the caller reports
                        * it with sched_instance_added() before the next event */
-    SCHED_STOP,       /* stop inst (memory issue: eviction, idle) */
+    SCHED_STOP,       /* stop inst for `reason`; it counts until sched_instance_removed */
     SCHED_FAIL,       /* answer req with status and message; req is forgotten */
     SCHED_WAKE,       /* call sched_tick() at time `at` (replaces earlier WAKEs) */
 };
@@ -67,6 +103,7 @@ struct sched_action {
     double retry_after;          /* FAIL 429/503: seconds, 0 = none */
     const char *message;         /* FAIL: valid until the next sched_* call */
     double at;                   /* WAKE */
+    enum sched_stop_reason reason;   /* STOP */
 };
 
 struct sched *sched_new(const struct sched_limits *limits);
@@ -104,7 +141,13 @@ void sched_instance_failed(struct sched *s, double now, sched_inst_t inst, const
 /* Stopping or stopped: no longer usable; forget it once removed. */
 void sched_instance_removed(struct sched *s, double now, sched_inst_t inst);
 
-/* Time passed: expire waiting requests past queue_timeout. */
+/* Measured memory of an instance (PSS), replacing its estimate. */
+void sched_instance_memory(struct sched *s, double now, sched_inst_t inst, uint64_t bytes);
+/* The machine's available memory now (MemAvailable); 0 = unknown (no check). */
+void sched_set_available(struct sched *s, double now, uint64_t bytes);
+
+/* Time passed: expire waiting requests past queue_timeout, stop instances
+ * idle past idle_timeout. */
 void sched_tick(struct sched *s, double now);
 
 /* ---- actions ---- */
@@ -117,5 +160,7 @@ size_t sched_waiting(const struct sched *s);                 /* all models */
 size_t sched_waiting_model(const struct sched *s, size_t model);
 unsigned sched_in_flight(const struct sched *s, sched_inst_t inst);
 double sched_last_used(const struct sched *s, sched_inst_t inst);  /* 0 = never */
+uint64_t sched_charge(const struct sched *s, sched_inst_t inst);   /* bytes charged now */
+uint64_t sched_used(const struct sched *s);                         /* all instances */
 
 #endif

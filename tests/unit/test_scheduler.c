@@ -21,7 +21,7 @@
 struct got {
     size_t n;
     struct sched_action a[MAXGOT];
-    char msg[MAXGOT][160];
+    char msg[MAXGOT][320];
 };
 
 static struct got g;
@@ -69,9 +69,12 @@ static struct sched *pool_new(unsigned max_queue, double queue_timeout)
     struct sched *s = sched_new(&l);
     assert_non_null(s);
     sched_models_resize(s, 3);
-    sched_model_set(s, TINY, "tiny", &(struct sched_model_info){ 0, 3, 4 });
-    sched_model_set(s, BIG, "big", &(struct sched_model_info){ 0, 1, 1 });
-    sched_model_set(s, OTHER, "other", &(struct sched_model_info){ 0, 2, 2 });
+    sched_model_set(s, TINY, "tiny",
+                    &(struct sched_model_info){ .instances_max = 3, .slots_hint = 4 });
+    sched_model_set(s, BIG, "big",
+                    &(struct sched_model_info){ .instances_max = 1, .slots_hint = 1 });
+    sched_model_set(s, OTHER, "other",
+                    &(struct sched_model_info){ .instances_max = 2, .slots_hint = 2 });
     drain(s);
     return s;
 }
@@ -293,7 +296,8 @@ static void a_higher_max_after_reload_starts_for_the_waiters(void **state)
     sched_request(s, 1, 1, BIG);
     sched_request(s, 1, 2, BIG);
     assert_int_equal(count(drain(s), SCHED_START), 0);   /* at its max */
-    sched_model_set(s, BIG, "big", &(struct sched_model_info){ 0, 2, 1 });
+    sched_model_set(s, BIG, "big",
+                    &(struct sched_model_info){ .instances_max = 2, .slots_hint = 1 });
     struct got *x = drain(s);
     assert_int_equal(count(x, SCHED_START), 1);
     assert_int_equal(nth(x, SCHED_START, 0)->model, BIG);
@@ -662,6 +666,930 @@ static void done_frees_the_slot_and_updates_last_used(void **state)
     sched_free(s);
 }
 
+/* ---------- memory: budget, eviction, idleness ---------- */
+
+#define MiB (1024ull * 1024)
+#define GiB (1024ull * MiB)
+
+/* A pool of N models (named by the caller) under BUDGET bytes. */
+static struct sched *mem_new(uint64_t budget, double queue_timeout, size_t n)
+{
+    struct sched *s = sched_new(&(struct sched_limits){ .max_queue = 1000,
+                                                        .queue_timeout = queue_timeout,
+                                                        .budget = budget });
+    assert_non_null(s);
+    sched_models_resize(s, n);
+    return s;
+}
+
+/* One instance of at most one, one slot, charged WEIGHTS + MORE. */
+static void mem_model(struct sched *s, size_t model, const char *name, uint64_t weights,
+                      uint64_t more)
+{
+    sched_model_set(s, model, name, &(struct sched_model_info){
+        .instances_max = 1, .slots_hint = 1, .mem_weights = weights, .mem_more = more });
+}
+
+/* An instance used at time USED: ready at READY, one request served. */
+static void used_at(struct sched *s, double ready_t, double used, sched_inst_t inst, size_t model,
+                    sched_req_t req)
+{
+    ready(s, ready_t, inst, model, 1);
+    sched_request(s, used - 1, req, model);
+    sched_request_done(s, used, req);
+}
+
+static bool stopped(const struct got *x, sched_inst_t inst)
+{
+    for (size_t i = 0; i < x->n; i++)
+        if (x->a[i].kind == SCHED_STOP && x->a[i].inst == inst)
+            return true;
+    return false;
+}
+
+static void evictions_stop_the_least_recently_used_first_and_start_once_removed(void **state)
+{
+    (void)state;
+    enum { A, B, C, N, D };
+    struct sched *s = mem_new(10 * GiB, 0, 5);
+    mem_model(s, A, "a", 2 * GiB, 0);
+    mem_model(s, B, "b", 2 * GiB, 0);
+    mem_model(s, C, "c", 2 * GiB, 0);
+    mem_model(s, N, "n", 2 * GiB, 0);
+    mem_model(s, D, "d", 7 * GiB, 0);
+    used_at(s, 0, 10, 1, A, 101);
+    used_at(s, 0, 5, 2, B, 102);
+    used_at(s, 0, 20, 3, C, 103);
+    ready(s, 7, 4, N, 1);               /* never used: its add time, 7, counts */
+    drain(s);
+    assert_true(sched_used(s) == 8 * GiB);
+
+    /* d needs 7 GiB: 8 + 7 - 10 = 5 GiB must go, three of the four. */
+    sched_request(s, 30, 200, D);
+    struct got *x = drain(s);
+    assert_int_equal(count(x, SCHED_START), 0);
+    assert_int_equal(count(x, SCHED_STOP), 3);
+    const sched_inst_t order[] = { 2, 4, 1 };      /* b (5), n (7), a (10); c (20) stays */
+    for (size_t i = 0; i < 3; i++) {
+        assert_int_equal(nth(x, SCHED_STOP, i)->inst, order[i]);
+        assert_int_equal(nth(x, SCHED_STOP, i)->reason, SCHED_STOP_LRU);
+    }
+    assert_true(sched_used(s) == 8 * GiB);          /* stopping ones still count */
+
+    /* More events while they stop: no STOP twice, no START yet. */
+    sched_request(s, 31, 201, D);
+    sched_tick(s, 32);
+    x = drain(s);
+    assert_int_equal(count(x, SCHED_STOP), 0);
+    assert_int_equal(count(x, SCHED_START), 0);
+    sched_instance_removed(s, 33, 2);
+    sched_instance_removed(s, 33, 4);
+    x = drain(s);
+    assert_int_equal(count(x, SCHED_START), 0);     /* 4 + 7 > 10 still */
+    assert_int_equal(count(x, SCHED_STOP), 0);
+    sched_instance_removed(s, 34, 1);
+    x = drain(s);
+    assert_int_equal(count(x, SCHED_START), 1);
+    assert_int_equal(nth(x, SCHED_START, 0)->model, D);
+    assert_int_equal(count(x, SCHED_STOP), 0);
+    sched_instance_added(s, 34, 5, D);
+    assert_true(sched_used(s) == 9 * GiB);
+    sched_free(s);
+}
+
+static void an_instance_being_stopped_is_not_stopped_again(void **state)
+{
+    (void)state;
+    enum { A, C, D };
+    struct sched *s = mem_new(10 * GiB, 0, 3);
+    sched_model_set(s, A, "a", &(struct sched_model_info){
+        .instances_max = 2, .slots_hint = 1, .mem_weights = 2 * GiB });
+    mem_model(s, C, "c", 2 * GiB, 0);
+    mem_model(s, D, "d", 6 * GiB, 0);
+    ready(s, 0, 1, A, 1);
+    ready(s, 0, 2, A, 1);
+    sched_request(s, 0.5, 101, A);      /* a#1 */
+    sched_request(s, 1, 102, A);        /* a#2 */
+    sched_request_done(s, 1, 101);
+    sched_request_done(s, 2, 102);
+    used_at(s, 0, 3, 3, C, 103);
+    drain(s);
+    sched_request(s, 10, 200, D);       /* 6 + 6 - 10: a#1 alone makes room */
+    struct got *x = drain(s);
+    assert_int_equal(count(x, SCHED_STOP), 1);
+    assert_int_equal(nth(x, SCHED_STOP, 0)->inst, 1);
+    /* c turns out bigger: a#1 is not enough any more. a#2 goes too; a#1,
+     * still the least recently used, is not asked to stop twice. */
+    sched_instance_memory(s, 11, 3, 3 * GiB);
+    x = drain(s);
+    assert_int_equal(count(x, SCHED_STOP), 1);
+    assert_int_equal(nth(x, SCHED_STOP, 0)->inst, 2);
+    sched_instance_removed(s, 12, 1);
+    sched_instance_removed(s, 12, 2);
+    x = drain(s);
+    assert_int_equal(count(x, SCHED_STOP), 0);
+    assert_int_equal(count(x, SCHED_START), 1);     /* 3 + 6 <= 10 */
+    sched_free(s);
+}
+
+static void a_pinned_instance_is_never_evicted(void **state)
+{
+    (void)state;
+    enum { P, B, D };
+    struct sched *s = mem_new(10 * GiB, 30, 3);
+    sched_model_set(s, P, "p", &(struct sched_model_info){
+        .instances_max = 1, .slots_hint = 1, .mem_weights = 4 * GiB, .pinned = true });
+    mem_model(s, B, "b", 4 * GiB, 0);
+    mem_model(s, D, "d", 4 * GiB, 0);
+    used_at(s, 0, 1, 1, P, 101);        /* the least recently used */
+    used_at(s, 0, 5, 2, B, 102);
+    drain(s);
+    sched_request(s, 10, 200, D);
+    struct got *x = drain(s);
+    assert_int_equal(count(x, SCHED_STOP), 1);
+    assert_int_equal(nth(x, SCHED_STOP, 0)->inst, 2);
+    sched_instance_removed(s, 11, 2);
+    assert_int_equal(count(drain(s), SCHED_START), 1);
+    sched_instance_added(s, 11, 3, D);
+    sched_instance_ready(s, 12, 3, 1);
+    sched_request_done(s, 13, 200);     /* d served and idle now */
+    drain(s);
+
+    /* b again: d may go, p may not; and with d busy, nothing goes. */
+    sched_request(s, 20, 201, D);       /* d busy */
+    sched_request(s, 21, 202, B);
+    x = drain(s);
+    assert_int_equal(count(x, SCHED_STOP), 0);
+    assert_int_equal(count(x, SCHED_START), 0);
+    sched_tick(s, 51);                  /* b's request times out; p is still there */
+    x = drain(s);
+    assert_int_equal(nth(x, SCHED_FAIL, 0)->status, 504);
+    assert_int_equal(count(x, SCHED_STOP), 0);
+    assert_true(sched_charge(s, 1) == 4 * GiB);
+    sched_free(s);
+}
+
+static void eviction_keeps_each_models_instances_min(void **state)
+{
+    (void)state;
+    enum { K, M, B, E };
+    struct sched *s = mem_new(12 * GiB, 0, 4);
+    sched_model_set(s, K, "k", &(struct sched_model_info){
+        .instances_min = 1, .instances_max = 1, .slots_hint = 1, .mem_more = GiB });
+    sched_model_set(s, M, "m", &(struct sched_model_info){
+        .instances_min = 1, .instances_max = 2, .slots_hint = 1, .mem_more = 3 * GiB });
+    mem_model(s, B, "b", 3 * GiB, 0);
+    mem_model(s, E, "e", 8 * GiB, 0);
+    used_at(s, 0, 1, 5, K, 101);        /* k's only instance: the least recently used */
+    used_at(s, 0, 2, 1, M, 102);        /* m#1 */
+    ready(s, 3, 4, M, 1);               /* m#2, never used: 3 */
+    used_at(s, 0, 5, 2, B, 103);
+    drain(s);
+    assert_true(sched_used(s) == 10 * GiB);
+
+    /* e: 10 + 8 - 12 = 6 GiB to free. By age alone k, m#1, m#2 would go;
+     * k and m each keep one, so m#1 and b go. */
+    sched_request(s, 10, 200, E);
+    struct got *x = drain(s);
+    assert_int_equal(count(x, SCHED_STOP), 2);
+    assert_int_equal(nth(x, SCHED_STOP, 0)->inst, 1);
+    assert_int_equal(nth(x, SCHED_STOP, 1)->inst, 2);
+    assert_false(stopped(x, 5));
+    assert_false(stopped(x, 4));
+    sched_free(s);
+}
+
+static void instances_in_flight_or_waited_for_are_never_evicted(void **state)
+{
+    (void)state;
+    enum { A, B, C, D };
+    struct sched *s = mem_new(10 * GiB, 0, 4);
+    mem_model(s, A, "a", 3 * GiB, 0);
+    mem_model(s, B, "b", 3 * GiB, 0);
+    mem_model(s, C, "c", 3 * GiB, 0);
+    mem_model(s, D, "d", 6 * GiB, 0);
+    ready(s, 0, 1, A, 1);
+    ready(s, 0, 2, B, 1);
+    ready(s, 0, 3, C, 1);
+    sched_request(s, 1, 101, A);        /* a: in flight */
+    sched_request(s, 2, 102, B);        /* b: in flight */
+    sched_request(s, 3, 103, B);        /* ... and waited for */
+    used_at(s, 0, 5, 3, C, 104);        /* c: idle, the most recently used */
+    drain(s);
+
+    /* d needs 9 + 6 - 10 = 5 GiB freed: c alone is not enough, so nothing
+     * stops (a stop that cannot make room would only cost a reload). */
+    sched_request(s, 10, 200, D);
+    struct got *x = drain(s);
+    assert_int_equal(count(x, SCHED_STOP), 0);
+    assert_int_equal(count(x, SCHED_START), 0);
+    /* b's first request ends: b serves its waiter, stays busy. */
+    sched_request_done(s, 11, 102);
+    x = drain(s);
+    assert_int_equal(nth(x, SCHED_DISPATCH, 0)->req, 103);
+    assert_int_equal(count(x, SCHED_STOP), 0);
+    /* a's ends: a and c are enough, least recently used first. */
+    sched_request_done(s, 12, 101);
+    x = drain(s);
+    assert_int_equal(count(x, SCHED_STOP), 2);
+    assert_int_equal(nth(x, SCHED_STOP, 0)->inst, 3);   /* c (5) */
+    assert_int_equal(nth(x, SCHED_STOP, 1)->inst, 1);   /* a (12) */
+    assert_false(stopped(x, 2));
+    sched_free(s);
+}
+
+static void a_model_that_can_never_fit_fails_its_waiters_with_503_and_the_numbers(void **state)
+{
+    (void)state;
+    enum { A, B, TINY_ };
+    struct sched *s = mem_new(8 * GiB, 0, 3);
+    mem_model(s, A, "a", 600 * MiB, 0);
+    mem_model(s, B, "b", 400 * MiB, 100 * MiB);
+    sched_model_set(s, TINY_, "tiny", &(struct sched_model_info){
+        .instances_max = 1, .slots_hint = 4, .mem_weights = 8 * GiB, .mem_more = GiB / 5 * 6 / 5 });
+    ready(s, 0, 1, A, 1);
+    ready(s, 0, 2, B, 1);
+    drain(s);
+    /* 8 GiB + 0.24 GiB: 8.2 GiB is more than the whole budget. */
+    sched_request(s, 1, 10, TINY_);
+    sched_request(s, 1, 11, TINY_);
+    struct got *x = drain(s);
+    assert_int_equal(count(x, SCHED_START), 0);
+    assert_int_equal(count(x, SCHED_STOP), 0);
+    assert_int_equal(count(x, SCHED_FAIL), 2);
+    for (size_t i = 0; i < 2; i++) {
+        assert_int_equal(nth(x, SCHED_FAIL, i)->req, 10 + i);
+        assert_int_equal(nth(x, SCHED_FAIL, i)->status, 503);
+        assert_string_equal(nth(x, SCHED_FAIL, i)->message,
+                            "tiny needs 8.2 GiB; the budget is 8.0 GiB "
+                            "(in use 1.1 GiB: a#1 600 MiB, b#1 500 MiB)");
+    }
+    assert_int_equal(sched_waiting(s), 0);
+    sched_free(s);
+
+    /* Many instances: the message names eight and stops. */
+    s = mem_new(GiB, 0, 11);
+    char name[8];
+    for (size_t m = 0; m < 10; m++) {
+        snprintf(name, sizeof name, "m%zu", m);
+        mem_model(s, m, name, 10 * MiB, 0);
+        ready(s, 0, 100 + m, m, 1);
+    }
+    mem_model(s, 10, "huge", 2 * GiB, 0);
+    drain(s);
+    sched_request(s, 1, 1, 10);
+    x = drain(s);
+    assert_int_equal(count(x, SCHED_FAIL), 1);
+    assert_string_equal(nth(x, SCHED_FAIL, 0)->message,
+                        "huge needs 2.0 GiB; the budget is 1.0 GiB (in use 100 MiB: "
+                        "m0#1 10 MiB, m1#1 10 MiB, m2#1 10 MiB, m3#1 10 MiB, m4#1 10 MiB, "
+                        "m5#1 10 MiB, m6#1 10 MiB, m7#1 10 MiB, …)");
+    sched_free(s);
+}
+
+static void a_second_instance_of_the_same_file_is_charged_without_the_weights(void **state)
+{
+    (void)state;
+    enum { X, Y, U };
+    struct sched *s = mem_new(8 * GiB, 0, 3);
+    struct sched_model_info shared = { .instances_max = 2, .slots_hint = 1,
+                                       .mem_weights = 4 * GiB, .mem_more = GiB, .file_id = 7 };
+    sched_model_set(s, X, "x", &shared);
+    sched_model_set(s, Y, "y", &shared);        /* another name, same file */
+    shared.file_id = 0;
+    sched_model_set(s, U, "u", &shared);        /* same size, never shared */
+    ready(s, 0, 1, X, 1);
+    drain(s);
+    assert_true(sched_charge(s, 1) == 5 * GiB);
+
+    /* y maps the file x has loaded: 1 GiB more fits in 8; u's 5 would not. */
+    sched_request(s, 1, 10, Y);
+    struct got *x = drain(s);
+    assert_int_equal(count(x, SCHED_START), 1);
+    sched_instance_added(s, 1, 2, Y);
+    assert_true(sched_charge(s, 2) == GiB);
+    sched_request(s, 1, 11, X);                 /* served by x#1 */
+    sched_request(s, 1, 12, X);                 /* a second x: 1 GiB too */
+    x = drain(s);
+    assert_int_equal(count(x, SCHED_START), 1);
+    sched_instance_added(s, 1, 3, X);
+    assert_true(sched_charge(s, 3) == GiB);
+    assert_true(sched_used(s) == 7 * GiB);
+    sched_request(s, 2, 13, U);
+    x = drain(s);
+    assert_int_equal(count(x, SCHED_START), 0);  /* 7 + 5 > 8, nothing idle */
+
+    /* x#1 goes: the weights stay mapped by the others, so their charge is
+     * kept (by the first of them) and only x#1's own part is freed. */
+    sched_instance_failed(s, 3, 1, "crashed");
+    assert_true(sched_charge(s, 1) == 0);       /* a failed instance counts no more */
+    assert_true(sched_used(s) == 6 * GiB);
+    assert_true(sched_charge(s, 2) == 5 * GiB);
+    sched_free(s);
+}
+
+static void measured_memory_replaces_the_estimate(void **state)
+{
+    (void)state;
+    enum { A, B };
+    struct sched *s = mem_new(10 * GiB, 0, 2);
+    mem_model(s, A, "a", 6 * GiB, 0);
+    mem_model(s, B, "b", 6 * GiB, 0);
+    sched_request(s, 1, 10, A);
+    assert_int_equal(count(drain(s), SCHED_START), 1);
+    sched_instance_added(s, 1, 1, A);
+    /* Measured while loading: partial, so it may only raise the charge. */
+    sched_instance_memory(s, 2, 1, 2 * GiB);
+    assert_true(sched_charge(s, 1) == 6 * GiB);
+    sched_instance_memory(s, 2, 1, 7 * GiB);
+    assert_true(sched_charge(s, 1) == 7 * GiB);
+    sched_instance_ready(s, 3, 1, 1);           /* 10 dispatched: a busy */
+    sched_request(s, 4, 11, B);
+    struct got *x = drain(s);
+    assert_int_equal(count(x, SCHED_START), 0);
+    assert_int_equal(count(x, SCHED_STOP), 0);
+    /* Ready and measured at 3 GiB: 3 + 6 fits, b starts at once. */
+    sched_instance_memory(s, 5, 1, 3 * GiB);
+    assert_true(sched_charge(s, 1) == 3 * GiB);
+    assert_true(sched_used(s) == 3 * GiB);
+    x = drain(s);
+    assert_int_equal(count(x, SCHED_START), 1);
+    assert_int_equal(nth(x, SCHED_START, 0)->model, B);
+    sched_free(s);
+}
+
+static void available_memory_gates_starts(void **state)
+{
+    (void)state;
+    enum { A, B, C };
+    struct sched *s = mem_new(100 * GiB, 0, 3);
+    mem_model(s, A, "a", 6 * GiB, 0);
+    mem_model(s, B, "b", 2 * GiB, 0);
+    mem_model(s, C, "c", 50 * GiB, 0);
+    sched_set_available(s, 0, 5 * GiB);
+    sched_request(s, 1, 10, A);
+    struct got *x = drain(s);
+    assert_int_equal(count(x, SCHED_START), 0);  /* far under budget, but 6 > 5 */
+    assert_int_equal(count(x, SCHED_FAIL), 0);
+    sched_set_available(s, 2, 7 * GiB);
+    x = drain(s);
+    assert_int_equal(count(x, SCHED_START), 1);
+    sched_instance_added(s, 2, 1, A);
+    /* The 6 GiB a is loading are not in the last report: b waits for the next. */
+    sched_request(s, 3, 11, B);
+    assert_int_equal(count(drain(s), SCHED_START), 0);
+    sched_set_available(s, 4, 2 * GiB);
+    assert_int_equal(count(drain(s), SCHED_START), 1);
+    sched_instance_added(s, 4, 2, B);
+    /* 0 = unknown: only the budget counts. */
+    sched_request(s, 5, 12, C);
+    assert_int_equal(count(drain(s), SCHED_START), 0);
+    sched_set_available(s, 6, 0);
+    assert_int_equal(count(drain(s), SCHED_START), 1);
+    sched_free(s);
+}
+
+static void an_idle_instance_stops_after_idle_timeout_and_the_wake_says_when(void **state)
+{
+    (void)state;
+    struct sched *s = mem_new(0, 0, 1);         /* idleness needs no budget */
+    sched_model_set(s, 0, "a", &(struct sched_model_info){
+        .instances_max = 1, .slots_hint = 1, .idle_timeout = 60 });
+    ready(s, 0, 1, 0, 1);
+    struct got *x = drain(s);
+    assert_true(nth(x, SCHED_WAKE, 0)->at == 60);           /* ready, never used */
+    sched_request(s, 10, 1, 0);
+    x = drain(s);
+    assert_int_equal(count(x, SCHED_WAKE), 0);  /* busy: no idle deadline (60 stays armed) */
+    sched_request_done(s, 20, 1);
+    x = drain(s);
+    assert_int_equal(count(x, SCHED_WAKE), 1);
+    assert_true(nth(x, SCHED_WAKE, 0)->at == 80);
+    sched_tick(s, 60);                          /* the old timer: nothing to do */
+    x = drain(s);
+    assert_int_equal(count(x, SCHED_STOP), 0);
+    assert_true(nth(x, SCHED_WAKE, 0)->at == 80);
+    sched_tick(s, 79.5);
+    x = drain(s);
+    assert_int_equal(count(x, SCHED_STOP), 0);
+    assert_true(nth(x, SCHED_WAKE, 0)->at == 80);
+    sched_tick(s, 80);
+    x = drain(s);
+    assert_int_equal(count(x, SCHED_STOP), 1);
+    assert_int_equal(nth(x, SCHED_STOP, 0)->inst, 1);
+    assert_int_equal(nth(x, SCHED_STOP, 0)->reason, SCHED_STOP_IDLE);
+    assert_int_equal(count(x, SCHED_WAKE), 0);  /* nothing left to wait for */
+    sched_tick(s, 200);
+    assert_int_equal(count(drain(s), SCHED_STOP), 0);       /* not twice */
+    sched_free(s);
+
+    /* The one WAKE is the earliest of a queue timeout and an idle deadline. */
+    s = mem_new(0, 30, 2);
+    sched_model_set(s, 0, "a", &(struct sched_model_info){
+        .instances_max = 1, .slots_hint = 1, .idle_timeout = 60 });
+    sched_model_set(s, 1, "b", &(struct sched_model_info){ .instances_max = 0 });
+    ready(s, 0, 1, 0, 1);
+    drain(s);
+    sched_request(s, 10, 2, 1);                 /* b can never start: waits, 504 at 40 */
+    assert_true(nth(drain(s), SCHED_WAKE, 0)->at == 40);
+    sched_tick(s, 40);
+    x = drain(s);
+    assert_int_equal(nth(x, SCHED_FAIL, 0)->status, 504);
+    assert_true(nth(x, SCHED_WAKE, 0)->at == 60);
+    sched_free(s);
+}
+
+static void idle_stops_keep_instances_min_and_spare_pinned_models(void **state)
+{
+    (void)state;
+    enum { MIN1, PIN, TWO };
+    struct sched *s = mem_new(0, 0, 3);
+    sched_model_set(s, MIN1, "min1", &(struct sched_model_info){
+        .instances_min = 1, .instances_max = 1, .slots_hint = 1, .idle_timeout = 10 });
+    sched_model_set(s, PIN, "pin", &(struct sched_model_info){
+        .instances_max = 1, .slots_hint = 1, .idle_timeout = 10, .pinned = true });
+    sched_model_set(s, TWO, "two", &(struct sched_model_info){
+        .instances_min = 1, .instances_max = 2, .slots_hint = 1, .idle_timeout = 10 });
+    ready(s, 0, 1, MIN1, 1);
+    ready(s, 0, 2, PIN, 1);
+    ready(s, 0, 3, TWO, 1);
+    ready(s, 5, 4, TWO, 1);
+    struct got *x = drain(s);
+    assert_int_equal(count(x, SCHED_WAKE), 1);
+    assert_true(nth(x, SCHED_WAKE, 0)->at == 10);   /* two#1, the only one that may go */
+    sched_tick(s, 100);
+    x = drain(s);
+    assert_int_equal(count(x, SCHED_STOP), 1);      /* two#1 (idle since 0); two#2 is the min */
+    assert_int_equal(nth(x, SCHED_STOP, 0)->inst, 3);
+    assert_int_equal(count(x, SCHED_WAKE), 0);      /* min1, pin, two#2 never idle-stop */
+    sched_tick(s, 1000);
+    assert_int_equal(count(drain(s), SCHED_STOP), 0);
+    sched_free(s);
+}
+
+static void the_oldest_waiting_model_gets_room_first_and_newer_ones_keep_off_it(void **state)
+{
+    (void)state;
+    enum { C, D, B, A };                /* a is older but comes later in the config */
+    struct sched *s = mem_new(10 * GiB, 0, 4);
+    mem_model(s, C, "c", 6 * GiB, 0);
+    mem_model(s, D, "d", 2 * GiB, 0);
+    mem_model(s, A, "a", 6 * GiB, 0);
+    mem_model(s, B, "b", 3 * GiB, 0);
+    used_at(s, 0, 1, 2, D, 100);        /* d idle */
+    ready(s, 0, 1, C, 1);
+    sched_request(s, 2, 101, C);        /* c busy */
+    drain(s);
+    /* a (older) cannot be made room for while c is busy: nothing stops. b
+     * would fit by stopping d (8 - 2 + 3 <= 10), but a comes first: no
+     * eviction for b, and no start of b that takes a's room. */
+    sched_request(s, 3, 200, A);
+    sched_request(s, 4, 300, B);
+    struct got *x = drain(s);
+    assert_int_equal(count(x, SCHED_STOP), 0);
+    assert_int_equal(count(x, SCHED_START), 0);
+    sched_request_done(s, 5, 101);      /* c idle: d (1) and c (5) make room for a */
+    x = drain(s);
+    assert_int_equal(count(x, SCHED_STOP), 2);
+    assert_int_equal(nth(x, SCHED_STOP, 0)->inst, 2);
+    assert_int_equal(nth(x, SCHED_STOP, 1)->inst, 1);
+    assert_int_equal(count(x, SCHED_START), 0);
+    sched_instance_removed(s, 6, 2);    /* d gone: 6 used; b would fit (9), a not */
+    x = drain(s);
+    assert_int_equal(count(x, SCHED_START), 0);
+    sched_instance_removed(s, 7, 1);
+    x = drain(s);
+    assert_int_equal(count(x, SCHED_START), 2);     /* a, then b beside it: 9 <= 10 */
+    assert_int_equal(nth(x, SCHED_START, 0)->model, A);
+    assert_int_equal(nth(x, SCHED_START, 1)->model, B);
+    sched_free(s);
+}
+
+static void a_fresh_instance_serves_its_batch_before_it_is_evicted(void **state)
+{
+    (void)state;
+    enum { A, B };
+    struct sched *s = mem_new(10 * GiB, 0, 2);
+    mem_model(s, A, "a", 6 * GiB, 0);
+    mem_model(s, B, "b", 6 * GiB, 0);
+    sched_request(s, 1, 1, A);
+    assert_int_equal(count(drain(s), SCHED_START), 1);
+    sched_instance_added(s, 1, 1, A);
+    sched_request(s, 2, 2, B);          /* b waits for memory, older than a's batch */
+    sched_request(s, 3, 3, A);
+    sched_request(s, 4, 4, A);
+    drain(s);
+    sched_instance_ready(s, 10, 1, 1);  /* one slot: its batch is 1, 3, 4 */
+    struct got *x = drain(s);
+    assert_int_equal(nth(x, SCHED_DISPATCH, 0)->req, 1);
+    assert_int_equal(count(x, SCHED_STOP), 0);
+    const sched_req_t batch[] = { 1, 3, 4 };
+    for (size_t i = 0; i < 2; i++) {
+        sched_request_done(s, 11 + (double)i, batch[i]);
+        x = drain(s);
+        assert_int_equal(nth(x, SCHED_DISPATCH, 0)->req, batch[i + 1]);
+        assert_int_equal(count(x, SCHED_STOP), 0);
+        assert_int_equal(count(x, SCHED_START), 0);
+    }
+    sched_request_done(s, 13, 4);       /* batch served: now b's turn */
+    x = drain(s);
+    assert_int_equal(count(x, SCHED_STOP), 1);
+    assert_int_equal(nth(x, SCHED_STOP, 0)->inst, 1);
+    sched_free(s);
+}
+
+/* ---------- a fake pool in simulated time ---------- */
+
+/* It performs the scheduler's actions the way the daemon does: a START is
+ * added at once and is ready (or fails) after a load time, a DISPATCH ends
+ * after a service time, a STOP is removed after a stop time, a WAKE arms
+ * the one timer. It checks the memory rules as it goes. */
+
+enum simkind { EV_ARRIVE, EV_READY, EV_FAILSTART, EV_DONE, EV_REMOVED, EV_TICK };
+
+struct simev {
+    double at;
+    uint64_t seq;
+    enum simkind kind;
+    uint64_t id;
+};
+
+struct siminst {
+    size_t model;
+    int state;                  /* 0 gone, 1 starting, 2 ready */
+    bool stopping;
+    unsigned in_flight;
+};
+
+struct simreq {
+    size_t model;
+    int state;                  /* 0 not yet, 1 waiting, 2 dispatched, 3 done, 4 failed */
+    int status;
+    size_t starts_seen;         /* START log length when it arrived */
+    sched_inst_t inst;          /* once dispatched */
+};
+
+struct sim {
+    struct sched *s;
+    uint64_t budget;
+    const struct sched_model_info *info;
+    size_t nmodels;
+    double now, wake_at;
+    uint64_t rng, seq;
+    struct simev *ev;
+    size_t nev, capev;
+    struct siminst *inst;       /* id = index + 1 */
+    size_t ninst, capinst;
+    struct simreq *req;         /* id = index + 1 */
+    size_t nreq;
+    size_t *starts;             /* the model of every START, in order */
+    size_t nstarts, capstarts;
+    double load_lo, load_hi, serve_lo, serve_hi, stop_time, fail_p, measure_lo;
+    size_t last_model, runs, dispatched, failed, f503, f504, stops_lru, stops_idle;
+    size_t max_other_loads;     /* loads of other models a request waited behind */
+};
+
+static double sim_rand(struct sim *x)
+{
+    x->rng ^= x->rng << 13, x->rng ^= x->rng >> 7, x->rng ^= x->rng << 17;
+    return (double)(x->rng >> 11) / 9007199254740992.0;
+}
+
+static double sim_between(struct sim *x, double lo, double hi)
+{
+    return lo + (hi - lo) * sim_rand(x);
+}
+
+static void sim_at(struct sim *x, double at, enum simkind kind, uint64_t id)
+{
+    if (x->nev == x->capev) {
+        x->capev = x->capev ? 2 * x->capev : 256;
+        x->ev = realloc(x->ev, x->capev * sizeof *x->ev);
+        assert_non_null(x->ev);
+    }
+    x->ev[x->nev++] = (struct simev){ .at = at < x->now ? x->now : at, .seq = x->seq++,
+                                      .kind = kind, .id = id };
+}
+
+/* What one more instance of MODEL is charged, by the rules, as the fake
+ * pool sees its instances. */
+static uint64_t sim_estimate(const struct sim *x, size_t model)
+{
+    const struct sched_model_info *mi = &x->info[model];
+    bool shared = false;
+    for (size_t i = 0; i < x->ninst && mi->file_id; i++)
+        shared |= x->inst[i].state && x->info[x->inst[i].model].file_id == mi->file_id;
+    return mi->mem_more + (shared ? 0 : mi->mem_weights);
+}
+
+static size_t sim_alive(const struct sim *x, size_t model)
+{
+    size_t n = 0;
+    for (size_t i = 0; i < x->ninst; i++)
+        n += x->inst[i].state && !x->inst[i].stopping && x->inst[i].model == model;
+    return n;
+}
+
+static size_t sim_instances(const struct sim *x, size_t model)
+{
+    size_t n = 0;
+    for (size_t i = 0; i < x->ninst; i++)
+        n += x->inst[i].state && x->inst[i].model == model;
+    return n;
+}
+
+static void sim_actions(struct sim *x)
+{
+    struct sched_action a;
+    while (sched_next_action(x->s, &a)) {
+        switch (a.kind) {
+        case SCHED_DISPATCH: {
+            struct simreq *r = &x->req[a.req - 1];
+            struct siminst *in = &x->inst[a.inst - 1];
+            assert_int_equal(r->state, 1);
+            assert_int_equal(in->state, 2);
+            assert_false(in->stopping);
+            assert_true(in->in_flight < x->info[in->model].slots_hint);
+            in->in_flight++;
+            r->state = 2;
+            r->inst = a.inst;
+            x->dispatched++;
+            if (r->model != x->last_model || !x->runs)
+                x->runs++;
+            x->last_model = r->model;
+            size_t other = 0;
+            for (size_t i = r->starts_seen; i < x->nstarts; i++)
+                other += x->starts[i] != r->model;
+            if (other > x->max_other_loads)
+                x->max_other_loads = other;
+            sim_at(x, x->now + sim_between(x, x->serve_lo, x->serve_hi), EV_DONE, a.req);
+            break;
+        }
+        case SCHED_START: {
+            uint64_t est = sim_estimate(x, a.model);
+            if (x->budget && sched_used(x->s) + est > x->budget)
+                fail_msg("START of model %zu at %.2f: %llu used + %llu > %llu", a.model, x->now,
+                         (unsigned long long)sched_used(x->s), (unsigned long long)est,
+                         (unsigned long long)x->budget);
+            assert_true(sim_instances(x, a.model) < x->info[a.model].instances_max);
+            if (x->ninst == x->capinst) {
+                x->capinst = x->capinst ? 2 * x->capinst : 64;
+                x->inst = realloc(x->inst, x->capinst * sizeof *x->inst);
+                assert_non_null(x->inst);
+            }
+            x->inst[x->ninst++] = (struct siminst){ .model = a.model, .state = 1 };
+            if (x->nstarts == x->capstarts) {
+                x->capstarts = x->capstarts ? 2 * x->capstarts : 64;
+                x->starts = realloc(x->starts, x->capstarts * sizeof *x->starts);
+                assert_non_null(x->starts);
+            }
+            x->starts[x->nstarts++] = a.model;
+            sched_inst_t id = x->ninst;
+            sched_instance_added(x->s, x->now, id, a.model);
+            assert_true(sched_charge(x->s, id) == est);
+            bool fails = sim_rand(x) < x->fail_p;
+            sim_at(x, x->now + sim_between(x, x->load_lo, x->load_hi),
+                   fails ? EV_FAILSTART : EV_READY, id);
+            break;
+        }
+        case SCHED_STOP: {
+            struct siminst *in = &x->inst[a.inst - 1];
+            const struct sched_model_info *mi = &x->info[in->model];
+            assert_int_equal(in->state, 2);
+            assert_false(in->stopping);                 /* never twice */
+            assert_int_equal(in->in_flight, 0);
+            assert_false(mi->pinned);
+            assert_int_equal(sched_waiting_model(x->s, in->model), 0);
+            assert_true(sim_alive(x, in->model) > mi->instances_min);
+            in->stopping = true;
+            if (a.reason == SCHED_STOP_LRU)
+                x->stops_lru++;
+            else
+                x->stops_idle++;
+            sim_at(x, x->now + x->stop_time, EV_REMOVED, a.inst);
+            break;
+        }
+        case SCHED_FAIL: {
+            struct simreq *r = &x->req[a.req - 1];
+            assert_int_equal(r->state, 1);
+            r->state = 4;
+            r->status = a.status;
+            x->failed++;
+            x->f503 += a.status == 503;
+            x->f504 += a.status == 504;
+            if (a.status == 503)
+                assert_non_null(strstr(a.message, " needs "));
+            break;
+        }
+        case SCHED_WAKE:
+            x->wake_at = a.at;
+            sim_at(x, a.at, EV_TICK, 0);
+            break;
+        }
+    }
+}
+
+/* Run until nothing is left to happen, checking after every event. */
+static void sim_run(struct sim *x)
+{
+    while (x->nev) {
+        size_t b = 0;
+        for (size_t i = 1; i < x->nev; i++)
+            if (x->ev[i].at < x->ev[b].at ||
+                (x->ev[i].at == x->ev[b].at && x->ev[i].seq < x->ev[b].seq))
+                b = i;
+        struct simev e = x->ev[b];
+        x->ev[b] = x->ev[--x->nev];
+        x->now = e.at;
+        switch (e.kind) {
+        case EV_ARRIVE: {
+            struct simreq *r = &x->req[e.id - 1];
+            r->state = 1;
+            r->starts_seen = x->nstarts;
+            sched_request(x->s, x->now, e.id, r->model);
+            break;
+        }
+        case EV_READY: {
+            struct siminst *in = &x->inst[e.id - 1];
+            in->state = 2;
+            sched_instance_ready(x->s, x->now, e.id, x->info[in->model].slots_hint);
+            sim_actions(x);
+            /* The first measurement: at most the estimate, PSS splits shares. */
+            uint64_t c = sched_charge(x->s, e.id);
+            sched_instance_memory(x->s, x->now, e.id,
+                                  (uint64_t)((double)c * sim_between(x, x->measure_lo, 1)) + 1);
+            break;
+        }
+        case EV_FAILSTART:              /* the fake pool drops a failed instance at once */
+            x->inst[e.id - 1].state = 0;
+            sched_instance_failed(x->s, x->now, e.id, "failed to load");
+            sim_actions(x);
+            sched_instance_removed(x->s, x->now, e.id);
+            break;
+        case EV_DONE: {
+            struct simreq *r = &x->req[e.id - 1];
+            r->state = 3;
+            x->inst[r->inst - 1].in_flight--;
+            sched_request_done(x->s, x->now, e.id);
+            break;
+        }
+        case EV_REMOVED:
+            x->inst[e.id - 1].state = 0;
+            x->inst[e.id - 1].stopping = false;
+            sched_instance_removed(x->s, x->now, e.id);
+            break;
+        case EV_TICK:
+            if (e.at != x->wake_at)
+                continue;                               /* replaced by a later WAKE */
+            x->wake_at = -1;
+            sched_tick(x->s, x->now);
+            break;
+        }
+        sim_actions(x);
+        if (x->budget)
+            assert_true(sched_used(x->s) <= x->budget);
+    }
+}
+
+static void sim_free(struct sim *x)
+{
+    sched_free(x->s);
+    free(x->ev);
+    free(x->inst);
+    free(x->req);
+    free(x->starts);
+}
+
+/* Ten models, room for about three, random sizes, sharing, pinning, idle
+ * timeouts, failed starts: at every START the instances charged plus its
+ * estimate stay within the budget, and every request is answered. */
+static void memory_never_exceeds_the_budget_in_a_random_replay(void **state)
+{
+    (void)state;
+    enum { MODELS = 10, REQUESTS = 4000 };
+    size_t lru = 0, idle = 0;
+    for (uint64_t seed = 1; seed <= 5; seed++) {
+        struct sched_model_info info[MODELS];
+        struct sim x = { .budget = 10 * GiB, .info = info, .nmodels = MODELS, .wake_at = -1,
+                         .rng = 0x9e3779b97f4a7c15ULL * seed, .load_lo = 1, .load_hi = 6,
+                         .serve_lo = 0.2, .serve_hi = 4, .stop_time = 0.3, .fail_p = 0.03,
+                         .measure_lo = 0.6 };
+        x.s = mem_new(x.budget, 60, MODELS);
+        for (size_t m = 0; m < MODELS; m++) {
+            info[m] = (struct sched_model_info){
+                .instances_max = m == 2 ? 2 : 1,
+                .slots_hint = 1 + (unsigned)(sim_rand(&x) * 4),
+                .mem_weights = (uint64_t)(sim_between(&x, 1.5, 4) * (double)GiB),
+                .mem_more = (uint64_t)(sim_between(&x, 0.25, 1) * (double)GiB),
+                .pinned = m == 0,
+                .instances_min = m == 1,
+                .idle_timeout = m % 2 ? 0 : 20,
+            };
+        }
+        info[0].mem_weights = info[1].mem_weights = GiB;    /* held for good: small */
+        info[7].mem_weights = 11 * GiB;             /* can never fit */
+        info[8].file_id = info[9].file_id = 42;     /* one file, two names */
+        info[9].mem_weights = info[8].mem_weights;
+        for (size_t m = 0; m < MODELS; m++) {
+            char name[8];
+            snprintf(name, sizeof name, "m%zu", m);
+            sched_model_set(x.s, m, name, &info[m]);
+        }
+        sim_actions(&x);
+        x.req = calloc(REQUESTS, sizeof *x.req);
+        assert_non_null(x.req);
+        double t = 0;
+        for (size_t r = 0; r < REQUESTS; r++) {
+            t += sim_between(&x, 0, 0.8);
+            size_t m = sim_rand(&x) < 0.5 ? (size_t)(sim_rand(&x) * 3)
+                                          : (size_t)(sim_rand(&x) * MODELS);
+            x.req[r].model = m;
+            sim_at(&x, t, EV_ARRIVE, r + 1);
+        }
+        x.nreq = REQUESTS;
+        sim_run(&x);
+        for (size_t r = 0; r < REQUESTS; r++) {
+            if (x.req[r].state != 3 && x.req[r].state != 4)
+                fail_msg("request %zu never answered (state %d)", r + 1, x.req[r].state);
+            if (x.req[r].status == 503)
+                assert_int_equal(x.req[r].model, 7);    /* only the one that never fits */
+            if (x.req[r].model == 7)
+                assert_int_equal(x.req[r].status, 503);
+        }
+        assert_int_equal(sched_waiting(x.s), 0);
+        assert_true(x.dispatched > REQUESTS / 2);
+        print_message("random replay %d: %zu dispatched, %zu failed (%zu 503, %zu 504), "
+                      "%zu starts, %zu LRU stops, %zu idle stops\n", (int)seed, x.dispatched,
+                      x.failed, x.f503, x.f504, x.nstarts, x.stops_lru, x.stops_idle);
+        lru += x.stops_lru;
+        idle += x.stops_idle;
+        sim_free(&x);
+    }
+    assert_true(lru > 0);       /* the replay did exercise both kinds of stop */
+    assert_true(idle > 0);
+}
+
+/* Room for one of two models; requests alternate A, B, A, B. */
+static void sim_two(struct sim *x, struct sched_model_info info[2], double queue_timeout)
+{
+    for (size_t m = 0; m < 2; m++)
+        info[m] = (struct sched_model_info){ .instances_max = 1, .slots_hint = 2,
+                                             .mem_weights = 6 * GiB, .mem_more = GiB / 2 };
+    *x = (struct sim){ .budget = 10 * GiB, .info = info, .nmodels = 2, .wake_at = -1,
+                       .rng = 12345, .load_lo = 5, .load_hi = 5, .serve_lo = 1, .serve_hi = 1,
+                       .stop_time = 0.5, .measure_lo = 1 };
+    x->s = mem_new(x->budget, queue_timeout, 2);
+    sched_model_set(x->s, 0, "A", &info[0]);
+    sched_model_set(x->s, 1, "B", &info[1]);
+    sim_actions(x);
+}
+
+static void alternating_models_are_served_in_batches_without_thrash(void **state)
+{
+    (void)state;
+    /* Bursts: each round sends 10 requests, A B A B ..., 10 ms apart. */
+    enum { ROUNDS = 6, PER = 10 };
+    struct sched_model_info info[2];
+    struct sim x;
+    sim_two(&x, info, 0);
+    x.req = calloc(ROUNDS * PER, sizeof *x.req);
+    assert_non_null(x.req);
+    for (size_t k = 0; k < ROUNDS; k++)
+        for (size_t i = 0; i < PER; i++) {
+            size_t r = k * PER + i;
+            x.req[r].model = (i + k / 2) % 2;   /* rounds start with A, A, B, B, A, A */
+            sim_at(&x, 100.0 * (double)k + 0.01 * (double)i, EV_ARRIVE, r + 1);
+        }
+    x.nreq = ROUNDS * PER;
+    sim_run(&x);
+    assert_int_equal(x.dispatched, ROUNDS * PER);
+    /* Every load serves a whole batch: one run of dispatches per load. */
+    assert_int_equal(x.nstarts, x.runs);
+    assert_true(x.nstarts <= 2 * ROUNDS);
+    assert_true(x.max_other_loads <= 1);
+    size_t bursts_loads = x.nstarts;
+    sim_free(&x);
+
+    /* A steady stream: A, B, A, B every 0.7 s for 200 s. */
+    enum { STREAM = 286 };
+    sim_two(&x, info, 0);
+    x.req = calloc(STREAM, sizeof *x.req);
+    assert_non_null(x.req);
+    for (size_t r = 0; r < STREAM; r++) {
+        x.req[r].model = r % 2;
+        sim_at(&x, 0.7 * (double)r, EV_ARRIVE, r + 1);
+    }
+    x.nreq = STREAM;
+    sim_run(&x);
+    assert_int_equal(x.dispatched, STREAM);
+    assert_int_equal(x.nstarts, x.runs);
+    assert_true(x.max_other_loads <= 1);
+    assert_true(x.nstarts < STREAM / 4);    /* batches, not one load per request */
+    print_message("alternating A/B: bursts %zu loads for %d rounds; stream %zu loads for "
+                  "%d requests\n", bursts_loads, ROUNDS, x.nstarts, STREAM);
+    sim_free(&x);
+}
+
 /* ---------- scale ---------- */
 
 static double mono(void)
@@ -684,7 +1612,8 @@ static void a_million_requests_over_100_models_replay_quickly(void **state)
     for (size_t m = 0; m < MODELS; m++) {
         char name[16];
         snprintf(name, sizeof name, "m%zu", m);
-        sched_model_set(s, m, name, &(struct sched_model_info){ 0, 2, 4 });
+        sched_model_set(s, m, name,
+                        &(struct sched_model_info){ .instances_max = 2, .slots_hint = 4 });
     }
     sched_req_t *flight = malloc(REQUESTS * sizeof *flight);   /* dispatched, FIFO */
     sched_inst_t *coming = malloc(2 * MODELS * sizeof *coming);
@@ -777,6 +1706,21 @@ int main(void)
         cmocka_unit_test(a_client_gone_while_waiting_leaves_the_queue_without_an_answer),
         cmocka_unit_test(a_client_gone_while_dispatched_frees_its_slot),
         cmocka_unit_test(done_frees_the_slot_and_updates_last_used),
+        cmocka_unit_test(evictions_stop_the_least_recently_used_first_and_start_once_removed),
+        cmocka_unit_test(an_instance_being_stopped_is_not_stopped_again),
+        cmocka_unit_test(a_pinned_instance_is_never_evicted),
+        cmocka_unit_test(eviction_keeps_each_models_instances_min),
+        cmocka_unit_test(instances_in_flight_or_waited_for_are_never_evicted),
+        cmocka_unit_test(a_model_that_can_never_fit_fails_its_waiters_with_503_and_the_numbers),
+        cmocka_unit_test(a_second_instance_of_the_same_file_is_charged_without_the_weights),
+        cmocka_unit_test(measured_memory_replaces_the_estimate),
+        cmocka_unit_test(available_memory_gates_starts),
+        cmocka_unit_test(an_idle_instance_stops_after_idle_timeout_and_the_wake_says_when),
+        cmocka_unit_test(idle_stops_keep_instances_min_and_spare_pinned_models),
+        cmocka_unit_test(the_oldest_waiting_model_gets_room_first_and_newer_ones_keep_off_it),
+        cmocka_unit_test(a_fresh_instance_serves_its_batch_before_it_is_evicted),
+        cmocka_unit_test(memory_never_exceeds_the_budget_in_a_random_replay),
+        cmocka_unit_test(alternating_models_are_served_in_batches_without_thrash),
         cmocka_unit_test(a_million_requests_over_100_models_replay_quickly),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
