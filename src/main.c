@@ -321,6 +321,7 @@ static int cmd_serve(const char *given)
         goto fail;
     }
     d.api.router = d.router;
+    pool_preload(d.pool);
 
     ev_signal_init(&d.sigterm, on_stop_signal, SIGTERM);
     ev_signal_init(&d.sigint, on_stop_signal, SIGINT);

@@ -119,8 +119,11 @@ char *metrics_render(struct pool *p, size_t *len)
 
     family(&o, "llama_pool_memory_budget_bytes", "gauge", "memory the instances may use together");
     emit(&o, "llama_pool_memory_budget_bytes %" PRIu64 "\n", budget);
-    family(&o, "llama_pool_memory_used_bytes", "gauge", "sum of the instances' measured PSS");
-    emit(&o, "llama_pool_memory_used_bytes %" PRIu64 "\n", used);
+    family(&o, "llama_pool_memory_used_bytes", "gauge",
+           "what the instances are charged against the budget (estimate while starting, then PSS)");
+    emit(&o, "llama_pool_memory_used_bytes %" PRIu64 "\n", p->charge ? p->charge(NULL, p->hook_arg) : used);
+    family(&o, "llama_pool_memory_measured_bytes", "gauge", "sum of the instances' measured PSS");
+    emit(&o, "llama_pool_memory_measured_bytes %" PRIu64 "\n", used);
     family(&o, "llama_pool_memory_available_bytes", "gauge", "MemAvailable of the machine");
     emit(&o, "llama_pool_memory_available_bytes %" PRIu64 "\n", mi.mem_available);
 

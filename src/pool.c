@@ -356,6 +356,9 @@ int pool_model_start(struct pool_model *m, unsigned n, char *err, size_t errlen)
         snprintf(err, errlen, "llama-pool is shutting down");
         return -1;
     }
+    unsigned more = n > model_active(m) ? n - model_active(m) : 0;
+    if (more && m->pool->admit && m->pool->admit(m, more, err, errlen, m->pool->hook_arg) < 0)
+        return -1;
     /* An operator's start forgets past crashes. */
     m->failed = false;
     crash_log_clear(&m->crashes);
@@ -494,7 +497,7 @@ static void gc_cb(struct ev_loop *loop, ev_timer *w, int revents)
 
 /* ---------- lifecycle ---------- */
 
-static void preload(struct pool *p)
+void pool_preload(struct pool *p)
 {
     for (size_t i = 0; i < p->nmodels; i++) {
         struct pool_model *m = p->models[i];
@@ -534,7 +537,6 @@ struct pool *pool_new(struct ev_loop *loop, struct config *cfg)
     }
     if (cfg->log_dir && *cfg->log_dir && mkdir(cfg->log_dir, 0750) < 0 && errno != EEXIST)
         log_warn("cannot create log_dir %s: %s", cfg->log_dir, strerror(errno));
-    preload(p);
     return p;
 fail:
     pool_free(p);
@@ -732,7 +734,7 @@ void pool_reload(struct pool *p, struct config *cfg, json_t *summary)
     free(restart);
     free(kept);
 
-    preload(p);
+    pool_preload(p);
     gc_soon(p);
     json_object_set_new(summary, "added", added);
     json_object_set_new(summary, "removed", removed);

@@ -94,11 +94,18 @@ struct pool {
     size_t (*waiting)(const struct pool_model *m, void *arg);
     /* Bytes charged against the budget for INST (all instances when NULL). */
     uint64_t (*charge)(const struct instance *inst, void *arg);
+    /* May N more instances of M start within the memory budget? 0, or -1
+     * with ERR filled. Operator starts and preloads ask; on-demand starts are
+     * the scheduler's own decisions. */
+    int (*admit)(struct pool_model *m, unsigned n, char *err, size_t errlen, void *arg);
     double started_at;
     struct pool_stats stats;        /* request durations for /metrics */
 };
 
 struct pool *pool_new(struct ev_loop *loop, struct config *cfg);
+/* Start the instances_min of every model, in config order (at startup,
+ * once the router is listening to the pool; reload does it itself). */
+void pool_preload(struct pool *p);
 void pool_free(struct pool *p);
 
 struct pool_model *pool_find(struct pool *p, const char *name_or_alias);

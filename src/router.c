@@ -245,6 +245,8 @@ static void pool_hook(struct instance *inst, enum instance_state old, void *arg)
     if (slot == SIZE_MAX)
         return;
 
+    if (!inst->sched_known)
+        model_info(r, m, true);         /* the scheduler charges the estimate from the start */
     switch (inst->state) {
     case INSTANCE_STARTING:
         if (!inst->sched_known) {
@@ -500,6 +502,28 @@ static size_t pool_waiting(const struct pool_model *m, void *arg)
     return m ? router_waiting_model(arg, m) : router_waiting(arg);
 }
 
+static int pool_admit(struct pool_model *m, unsigned n, char *err, size_t errlen, void *arg)
+{
+    struct router *r = arg;
+    struct sched_limits l;
+    router_limits(r, &l);
+    if (!l.budget)
+        return 0;
+    const struct memory_estimate *e = pool_model_estimate(m);
+    bool mapped = false;                /* weights already mapped by a live instance */
+    for (size_t i = 0; i < m->ninst; i++)
+        mapped |= instance_has_process(m->inst[i]);
+    uint64_t need = (mapped ? 0 : e->weights) + (uint64_t)n * e->more;
+    uint64_t used = sched_used(r->sched);
+    if (used + need <= l.budget)
+        return 0;
+    char a[32], b[32], c[32];
+    snprintf(err, errlen, "%s needs %s more; %s of the %s budget is in use (stop a model, or raise memory_budget)",
+             m->cfg->name, memory_format(need, a, sizeof a), memory_format(used, b, sizeof b),
+             memory_format(l.budget, c, sizeof c));
+    return -1;
+}
+
 static uint64_t pool_charge(const struct instance *inst, void *arg)
 {
     struct router *r = arg;
@@ -533,11 +557,8 @@ struct router *router_new(struct ev_loop *loop, struct pool *pool)
     pool->hook_arg = r;
     pool->waiting = pool_waiting;
     pool->charge = pool_charge;
+    pool->admit = pool_admit;
     router_reload(r);
-    /* Instances preloaded before the router existed. */
-    for (size_t i = 0; i < pool->nmodels; i++)
-        for (size_t j = 0; j < pool->models[i]->ninst; j++)
-            pool_hook(pool->models[i]->inst[j], INSTANCE_STOPPED, r);
     return r;
 }
 
@@ -578,6 +599,7 @@ void router_free(struct router *r)
         r->pool->hook = NULL;
         r->pool->waiting = NULL;
         r->pool->charge = NULL;
+        r->pool->admit = NULL;
     }
     ev_timer_stop(r->loop, &r->wake);
     if (ev_is_active(&r->sample)) {

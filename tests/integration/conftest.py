@@ -152,6 +152,9 @@ class Pool:
             "log_dir": self.log_dir,
             "stop_timeout": "5s",
             "health_interval": "1s",
+            # As pool.conf.example: no 8 GiB host prompt cache per child
+            # (and none in each child's memory estimate).
+            "default_args": "-cram 0",
         }
         for line in pool_extra.splitlines():   # "key = value" lines override
             if "=" in line:
@@ -165,7 +168,7 @@ class Pool:
             lines.append(f"path = {m.pop('path', None) or self.model_file(name)}")
             args = m.pop("args", "-c 256 -np 2")
             if REAL:
-                args += " -cram 0 -t 1 --no-warmup"
+                args += " -t 1 --no-warmup"
             lines.append(f"args = {args}")
             # The test's dir in every child's environment marks it as ours.
             env = {"FAKE_LOAD_MS": "100", "LLAMA_POOL_TEST_DIR": self.dir, **env}

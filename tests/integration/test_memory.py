@@ -101,3 +101,17 @@ def test_idle_instances_are_stopped_after_idle_timeout(pool):
     wait_for(lambda: not [i for i in pool.instances("a") if i["pid"]], timeout=10, what="a stopped for idleness")
     assert pool.ready_instances("p"), "a pinned model is never stopped for idleness"
     assert "idle_timeout passed" in pool.daemon_log()
+
+
+@fake_only("the stand-in allocates a known amount (FAKE_MEMORY)")
+def test_operator_start_that_would_pass_the_budget_is_refused(pool):
+    # small really uses ~90 MiB (its measured PSS replaces the 100M estimate)
+    pool.config({"small": {"memory": "100M", "env": {"FAKE_MEMORY": "90M"}}, "big": {"memory": "300M"}},
+                pool_extra="memory_budget = 350M")
+    pool.start()
+    pool.cli("start", "small", check=0)
+    r = pool.cli("start", "big")
+    assert r.returncode == 1
+    assert "big needs 300 MiB more" in r.stderr and "350 MiB budget" in r.stderr
+    assert not pool.instances("big")
+    assert pool.status()["memory"]["used"] <= 350 * MIB

@@ -2,7 +2,7 @@
 import re
 import urllib.request
 
-from conftest import fake_only
+from conftest import fake_only, wait_for
 from test_proxy import CHAT, get, post
 
 
@@ -27,6 +27,8 @@ def test_metrics_count_starts_requests_and_statuses(pool):
     for _ in range(3):
         assert post(pool.listen_port, "/v1/chat/completions", {**CHAT, "model": "tiny"})[0] == 200
     assert post(pool.listen_port, "/v1/chat/completions", b'{"model":"tiny","messages":3}')[0] in (400, 500)
+    # The slot count comes from the child's /props, fetched as it becomes ready.
+    wait_for(lambda: pool.ready_instances("tiny")[0]["slots"] == 2, what="slots from /props")
     m = scrape(pool)
     assert m['llama_pool_starts_total{model="tiny"}'] == 1
     assert m['llama_pool_load_seconds_count{model="tiny"}'] == 1
