@@ -457,11 +457,26 @@ static void begin_start(struct instance *inst)
     set_state(inst, INSTANCE_STARTING);
 }
 
+/* The line of the child's last output that best says why it died: the
+ * newest error line among the last few (llama.cpp marks them " E ", and
+ * may print "cleaning up before exit..." after), else the very last. */
+static const char *telling_line(const struct logring *tail)
+{
+    for (size_t i = 0; i < 10; i++) {
+        const char *l = logring_last(tail, i);
+        if (!l)
+            break;
+        if (strstr(l, " E ") || strcasestr(l, "error"))
+            return l;
+    }
+    return logring_last(tail, 0);
+}
+
 /* The child died unasked (or was stopped for failing health). */
 static void on_crash(struct instance *inst, const char *what)
 {
     char msg[1024];
-    const char *last = logring_last(&inst->tail, 0);
+    const char *last = telling_line(&inst->tail);
     double uptime = inst->ready_at > 0 ? now_of(inst) - inst->ready_at : 0;
     snprintf(msg, sizeof msg, "%s%s%s", what, last && *last ? ": " : "", last && *last ? last : "");
     set_error(inst, msg);

@@ -2483,6 +2483,8 @@ int main(int argc, char **argv)
     if (!model_load()) {
         SRV_LOG('E', "load_model", "failed to load model, '%s'", g_cfg.model);
         SRV_LOG('E', "llama_server", "exiting due to model loading error");
+        /* Real llama-server's cleanup may log after the error line. */
+        SRV_LOG('I', "operator()", "operator(): cleaning up before exit...");
         _exit(1);
     }
     SRV_LOG('I', "init", "initializing slots, n_slots = %d", g_cfg.n_slots);
