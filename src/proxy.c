@@ -219,42 +219,43 @@ static bool is_hop_by_hop(const char *n, size_t l)
     }
 }
 
+/* Step through a comma-separated token list: the next token (trimmed) in
+ * *T and *LEN; false at the end. */
+static bool next_token(const char **s, const char *end, const char **t, size_t *len)
+{
+    while (*s < end && (**s == ' ' || **s == '\t' || **s == ','))
+        (*s)++;
+    if (*s >= end)
+        return false;
+    *t = *s;
+    while (*s < end && **s != ',')
+        (*s)++;
+    const char *e = *s;
+    while (e > *t && (e[-1] == ' ' || e[-1] == '\t'))
+        e--;
+    *len = (size_t)(e - *t);
+    return true;
+}
+
 /* Does the comma-separated token LIST name NAME? */
 static bool token_listed(const char *list, size_t list_len, const char *name, size_t len)
 {
-    const char *s = list, *end = list + list_len;
-    while (s < end) {
-        while (s < end && (*s == ' ' || *s == '\t' || *s == ','))
-            s++;
-        const char *t = s;
-        while (s < end && *s != ',')
-            s++;
-        const char *e = s;
-        while (e > t && (e[-1] == ' ' || e[-1] == '\t'))
-            e--;
-        if ((size_t)(e - t) == len && strncasecmp(t, name, len) == 0)
+    const char *s = list, *t;
+    size_t l;
+    while (next_token(&s, list + list_len, &t, &l))
+        if (l == len && strncasecmp(t, name, len) == 0)
             return true;
-    }
     return false;
 }
 
 /* Does a Connection value name anything besides keep-alive and close? */
 static bool conn_names_headers(const char *list, size_t list_len)
 {
-    const char *s = list, *end = list + list_len;
-    while (s < end) {
-        while (s < end && (*s == ' ' || *s == '\t' || *s == ','))
-            s++;
-        const char *t = s;
-        while (s < end && *s != ',')
-            s++;
-        const char *e = s;
-        while (e > t && (e[-1] == ' ' || e[-1] == '\t'))
-            e--;
-        size_t l = (size_t)(e - t);
+    const char *s = list, *t;
+    size_t l;
+    while (next_token(&s, list + list_len, &t, &l))
         if (l && !NAME_IS(t, l, "keep-alive") && !NAME_IS(t, l, "close"))
             return true;
-    }
     return false;
 }
 
