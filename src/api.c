@@ -391,6 +391,15 @@ static void route_reload(struct http_request *req, struct api *api)
     respond_json(req, rc == 0 ? 200 : 400, result);
 }
 
+/* The key a client presents: "Authorization: Bearer K" or "X-Api-Key: K". */
+static const char *presented_key(const struct http_request *req)
+{
+    const char *auth = http_header_get(req, "Authorization");
+    if (auth && strncasecmp(auth, "Bearer ", 7) == 0)
+        return auth + 7;
+    return http_header_get(req, "X-Api-Key");
+}
+
 static bool admin_allowed(struct http_request *req, struct pool *p)
 {
     if (req->is_unix)
@@ -401,10 +410,8 @@ static bool admin_allowed(struct http_request *req, struct pool *p)
                            "the control API is served on the control socket only; set admin_key in pool.conf to allow it over TCP");
         return false;
     }
-    const char *auth = http_header_get(req, "Authorization");
-    const char *xkey = http_header_get(req, "X-Api-Key");
-    if ((auth && strncasecmp(auth, "Bearer ", 7) == 0 && strcmp(auth + 7, key) == 0) ||
-        (xkey && strcmp(xkey, key) == 0))
+    const char *given = presented_key(req);
+    if (given && strcmp(given, key) == 0)
         return true;
     http_respond_error(req, 401, "authentication_error", "Invalid API Key");
     return false;
@@ -423,9 +430,7 @@ static bool api_key_ok(struct http_request *req, struct pool *p)
 {
     if (req->is_unix || p->cfg->napi_keys == 0)
         return true;
-    const char *auth = http_header_get(req, "Authorization");
-    const char *xkey = http_header_get(req, "X-Api-Key");
-    const char *given = auth && strncasecmp(auth, "Bearer ", 7) == 0 ? auth + 7 : xkey;
+    const char *given = presented_key(req);
     for (size_t i = 0; given && i < p->cfg->napi_keys; i++)
         if (strcmp(given, p->cfg->api_keys[i]) == 0)
             return true;

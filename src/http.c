@@ -1213,37 +1213,52 @@ void http_respond(struct http_request *req, int status, const char *content_type
     conn_end_response(c);
 }
 
-void http_respond_error(struct http_request *req, int status, const char *type,
-                        const char *fmt, ...)
+static void respond_error_v(struct http_request *req, int status, const char *type,
+                            const char *extra_headers, const char *fmt, va_list ap)
 {
     struct outbuf body = { 0 };
     char stackmsg[512];
     char *msg = stackmsg;
-    va_list ap;
+    va_list again;
 
     if (!req_conn(req))
         return;
-    va_start(ap, fmt);
+    va_copy(again, ap);
     int n = vsnprintf(stackmsg, sizeof stackmsg, fmt, ap);
-    va_end(ap);
     if (n < 0) {
         stackmsg[0] = '\0';
     } else if ((size_t)n >= sizeof stackmsg) {
         msg = malloc((size_t)n + 1);
-        if (msg) {
-            va_start(ap, fmt);
-            vsnprintf(msg, (size_t)n + 1, fmt, ap);
-            va_end(ap);
-        } else {
+        if (msg)
+            vsnprintf(msg, (size_t)n + 1, fmt, again);
+        else
             msg = stackmsg; /* truncated is better than nothing */
-        }
     }
+    va_end(again);
     if (!error_json(&body, status, type, msg))
         body.len = 0;
-    http_respond(req, status, "application/json", NULL, body.data, body.len);
+    http_respond(req, status, "application/json", extra_headers, body.data, body.len);
     outbuf_release(&body);
     if (msg != stackmsg)
         free(msg);
+}
+
+void http_respond_error(struct http_request *req, int status, const char *type,
+                        const char *fmt, ...)
+{
+    va_list ap;
+    va_start(ap, fmt);
+    respond_error_v(req, status, type, NULL, fmt, ap);
+    va_end(ap);
+}
+
+void http_respond_error_headers(struct http_request *req, int status, const char *type,
+                                const char *extra_headers, const char *fmt, ...)
+{
+    va_list ap;
+    va_start(ap, fmt);
+    respond_error_v(req, status, type, extra_headers, fmt, ap);
+    va_end(ap);
 }
 
 void http_stream_begin(struct http_request *req, int status, const char *content_type,

@@ -94,6 +94,10 @@ void http_respond(struct http_request *req, int status, const char *content_type
  * TYPE NULL picks the usual one for STATUS. */
 void http_respond_error(struct http_request *req, int status, const char *type,
                         const char *fmt, ...) __attribute__((format(printf, 4, 5)));
+/* The same with EXTRA_HEADERS ("Retry-After: 1\r\n"), or NULL. */
+void http_respond_error_headers(struct http_request *req, int status, const char *type,
+                                const char *extra_headers, const char *fmt, ...)
+    __attribute__((format(printf, 5, 6)));
 
 /* Streamed response: chunked on HTTP/1.1, close-delimited on 1.0. */
 void http_stream_begin(struct http_request *req, int status, const char *content_type,

@@ -141,7 +141,6 @@ static void instance_line(struct instance *inst, const char *line, size_t len)
     if (inst->state != INSTANCE_STARTING)
         return;
     /* Output while starting is progress: start_timeout counts from here. */
-    inst->last_progress = now_of(inst);
     arm_deadline(inst, (double)inst->world->cfg->start_timeout_ms / 1000.0);
     if (line_is_progress_hint(logring_last(&inst->tail, 0))) {
         if (inst->probe)
@@ -289,13 +288,12 @@ static int instance_spawn(struct instance *inst, bool *fatal)
 
     inst->pid = pid;
     inst->port = port;
-    inst->spawned_at = inst->last_progress = now_of(inst);
+    inst->spawned_at = now_of(inst);
     inst->ready_at = 0;
     inst->slots = 0;
     inst->pss = 0;
     inst->health_failures = 0;
     inst->answered = false;
-    inst->killed = false;
     inst->unhealthy_stop = false;
     inst->exit_status = -1;
     inst->out_fd = pipefd[0];
@@ -377,7 +375,6 @@ static void probe_cb(void *arg, long status, const char *body, size_t len, const
         /* First answer ("503 Loading model"): the port is bound, loading is
          * under way. That is progress; later 503s are not. */
         inst->answered = true;
-        inst->last_progress = now_of(inst);
         arm_deadline(inst, (double)inst->world->cfg->start_timeout_ms / 1000.0);
     }
     if (inst->state == INSTANCE_READY) {
@@ -632,7 +629,6 @@ static void instance_step(struct instance *inst, enum instance_event ev)
         case IEV_DEADLINE:
             instance_eventf(inst, LOG_WARN, "still running %.0f s after SIGTERM; sending SIGKILL",
                             (double)cfg->stop_timeout_ms / 1000.0);
-            inst->killed = true;
             signal_group(inst, SIGKILL);
             break;
         case IEV_EXIT:
@@ -719,7 +715,6 @@ void instance_restart(struct instance *inst) { instance_step(inst, IEV_RESTART);
 void instance_kill(struct instance *inst)
 {
     if (inst->pid > 0) {
-        inst->killed = true;
         signal_group(inst, SIGKILL);
     }
 }

@@ -79,7 +79,6 @@ struct instance {
     unsigned port;
     double spawned_at;            /* ev_now of the last spawn */
     double ready_at;
-    double last_progress;         /* last log line or health answer while starting */
     double last_used;             /* kept by the proxy; ready_at until then */
     double next_start_at;         /* when BACKOFF ends */
     unsigned restarts;            /* automatic restarts so far (↺) */
@@ -92,7 +91,6 @@ struct instance {
     char *last_error;             /* why it last failed, or NULL */
     bool restart_after_stop;      /* a restart was asked while stopping */
     bool unhealthy_stop;          /* stopping because /health failed */
-    bool killed;                  /* SIGKILL sent */
     bool answered;                /* the child has answered HTTP since spawn */
     struct backoff backoff;
     struct logring tail;          /* last lines of this child's output */

@@ -86,9 +86,9 @@ char *metrics_render(struct pool *p, size_t *len)
 {
     struct out o = { 0 };
     static const char *const states[] = { "stopped", "starting", "ready", "stopping", "backoff", "failed" };
-    struct memory_info mi;
-    uint64_t budget = memory_read_info(NULL, &mi) == 0 ? memory_budget(p->cfg, &mi) : 0;
-    uint64_t used = 0;
+    uint64_t available;
+    uint64_t budget = pool_budget(p, &available);
+    uint64_t measured = pool_measured(p);
 
     family(&o, "llama_pool_instance_state", "gauge", "1 for the state each instance is in");
     for (size_t i = 0; i < p->nmodels; i++) {
@@ -102,7 +102,6 @@ char *metrics_render(struct pool *p, size_t *len)
     for (size_t i = 0; i < p->nmodels; i++)
         for (size_t j = 0; j < p->models[i]->ninst; j++) {
             struct instance *in = p->models[i]->inst[j];
-            used += in->pss;
             emit(&o, "llama_pool_instance_memory_bytes{model=\"%s\",instance=\"%s\"} %" PRIu64 "\n",
                  p->models[i]->cfg->name, in->id, in->pss);
         }
@@ -121,11 +120,11 @@ char *metrics_render(struct pool *p, size_t *len)
     emit(&o, "llama_pool_memory_budget_bytes %" PRIu64 "\n", budget);
     family(&o, "llama_pool_memory_used_bytes", "gauge",
            "what the instances are charged against the budget (estimate while starting, then PSS)");
-    emit(&o, "llama_pool_memory_used_bytes %" PRIu64 "\n", p->charge ? p->charge(NULL, p->hook_arg) : used);
+    emit(&o, "llama_pool_memory_used_bytes %" PRIu64 "\n", p->charge ? p->charge(NULL, p->hook_arg) : measured);
     family(&o, "llama_pool_memory_measured_bytes", "gauge", "sum of the instances' measured PSS");
-    emit(&o, "llama_pool_memory_measured_bytes %" PRIu64 "\n", used);
+    emit(&o, "llama_pool_memory_measured_bytes %" PRIu64 "\n", measured);
     family(&o, "llama_pool_memory_available_bytes", "gauge", "MemAvailable of the machine");
-    emit(&o, "llama_pool_memory_available_bytes %" PRIu64 "\n", mi.mem_available);
+    emit(&o, "llama_pool_memory_available_bytes %" PRIu64 "\n", available);
 
     family(&o, "llama_pool_queue_waiting", "gauge", "requests waiting for a slot, by model");
     for (size_t i = 0; i < p->nmodels; i++)

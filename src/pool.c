@@ -844,7 +844,7 @@ json_t *pool_model_json(struct pool_model *m)
     return o;
 }
 
-static uint64_t pool_used(const struct pool *p)
+uint64_t pool_measured(const struct pool *p)
 {
     uint64_t used = 0;
     for (size_t i = 0; i < p->nmodels; i++)
@@ -853,21 +853,30 @@ static uint64_t pool_used(const struct pool *p)
     return used;
 }
 
-json_t *pool_status_json(struct pool *p, const struct pool_model *only)
+uint64_t pool_budget(const struct pool *p, uint64_t *available)
 {
     struct memory_info mi;
-    uint64_t budget = 0, avail = 0;
-    if (memory_read_info(NULL, &mi) == 0) {
-        budget = memory_budget(p->cfg, &mi);
-        avail = mi.mem_available;
+    if (memory_read_info(NULL, &mi) < 0) {
+        if (available)
+            *available = 0;
+        return 0;
     }
+    if (available)
+        *available = mi.mem_available;
+    return memory_budget(p->cfg, &mi);
+}
+
+json_t *pool_status_json(struct pool *p, const struct pool_model *only)
+{
+    uint64_t avail;
+    uint64_t budget = pool_budget(p, &avail);
     json_t *root = json_object();
     json_t *mem = json_object();
     json_object_set_new(mem, "budget", json_integer((json_int_t)budget));
     json_object_set_new(mem, "reserve", json_integer((json_int_t)p->cfg->memory_reserve));
     json_object_set_new(mem, "used", json_integer((json_int_t)(p->charge ? p->charge(NULL, p->hook_arg)
-                                                                         : pool_used(p))));
-    json_object_set_new(mem, "measured", json_integer((json_int_t)pool_used(p)));
+                                                                         : pool_measured(p))));
+    json_object_set_new(mem, "measured", json_integer((json_int_t)pool_measured(p)));
     json_object_set_new(mem, "available", json_integer((json_int_t)avail));
     json_object_set_new(root, "memory", mem);
     json_t *queue = json_object();
@@ -892,11 +901,9 @@ void pool_summary(struct pool *p, char *buf, size_t len)
         ready += pool_model_count(p->models[i], INSTANCE_READY);
         starting += pool_model_count(p->models[i], INSTANCE_STARTING);
     }
-    struct memory_info mi;
     char used[32], budget[32];
-    uint64_t b = memory_read_info(NULL, &mi) == 0 ? memory_budget(p->cfg, &mi) : 0;
-    memory_format(pool_used(p), used, sizeof used);
-    memory_format(b, budget, sizeof budget);
+    memory_format(pool_measured(p), used, sizeof used);
+    memory_format(pool_budget(p, NULL), budget, sizeof budget);
     snprintf(len ? buf : NULL, len, "%zu instance%s ready, %zu starting, %s of %s",
              ready, ready == 1 ? "" : "s", starting, used, budget);
 }

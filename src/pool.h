@@ -134,6 +134,12 @@ void pool_kill_all(struct pool *p);
 const char *pool_model_state(const struct pool_model *m);
 size_t pool_model_count(const struct pool_model *m, enum instance_state s);
 
+/* The memory budget now (pool.conf and the machine), and MemAvailable into
+ * *AVAILABLE when not NULL; 0 when /proc/meminfo cannot be read. */
+uint64_t pool_budget(const struct pool *p, uint64_t *available);
+/* The instances' measured PSS, summed. */
+uint64_t pool_measured(const struct pool *p);
+
 json_t *pool_status_json(struct pool *p, const struct pool_model *only);
 json_t *pool_model_json(struct pool_model *m);
 /* "3 instances ready, 1.2 GiB of 48 GiB" */

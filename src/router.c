@@ -153,17 +153,8 @@ static void do_fail(struct router *r, struct rreq *q, const struct sched_action 
     if (a->retry_after > 0)
         snprintf(extra, sizeof extra, "Retry-After: %.0f\r\n", a->retry_after);
     q->req->on_close = NULL;
-    const char *type = a->status == 429 ? "rate_limit_error" : NULL;
-    if (extra[0]) {
-        json_t *body = json_pack("{s:{s:s,s:s,s:i}}", "error", "message", a->message ? a->message : "",
-                                 "type", type ? type : http_error_type(a->status), "code", a->status);
-        char *s = json_dumps(body, JSON_COMPACT);
-        json_decref(body);
-        http_respond(q->req, a->status, "application/json", extra, s ? s : "", s ? strlen(s) : 0);
-        free(s);
-    } else {
-        http_respond_error(q->req, a->status, type, "%s", a->message ? a->message : "request failed");
-    }
+    http_respond_error_headers(q->req, a->status, NULL, extra[0] ? extra : NULL, "%s",
+                               a->message ? a->message : "request failed");
     rreq_free(q);
 }
 
@@ -462,10 +453,9 @@ void router_server(struct router *r, struct http_request *req, struct pool_model
 
 static void router_limits(struct router *r, struct sched_limits *l)
 {
-    struct memory_info mi;
     l->max_queue = r->pool->cfg->max_queue;
     l->queue_timeout = (double)r->pool->cfg->queue_timeout_ms / 1000.0;
-    l->budget = memory_read_info(NULL, &mi) == 0 ? memory_budget(r->pool->cfg, &mi) : 0;
+    l->budget = pool_budget(r->pool, NULL);
 }
 
 /* Every 2 s: each instance's PSS (its charge from then on) and the
