@@ -213,6 +213,7 @@ struct model {
     size_t ninst, capinst;
     unsigned start_queued;      /* START actions not yet taken */
     unsigned start_out;         /* taken, awaiting sched_instance_added() */
+    double last_asked;          /* arrival of its latest request; 0 = never */
 };
 
 struct entry {
@@ -891,11 +892,17 @@ static bool evictable(const struct sched *s, const struct inst *in, uint64_t fil
            !(file && m->info.file_id == file);
 }
 
-/* Least recently used first; never used ones by the time they were added. */
-static bool lru_before(const struct inst *a, const struct inst *b)
+/* Least recently used first: by the arrival of its model's latest request
+ * (demand, not the time a slow load let it serve), never asked ones by the
+ * time they were added; within a model, the instance used least lately. */
+static bool lru_before(const struct sched *s, const struct inst *a, const struct inst *b)
 {
-    double ka = a->last_used ? a->last_used : a->added_at;
-    double kb = b->last_used ? b->last_used : b->added_at;
+    double ma = s->models[a->model].last_asked, mb = s->models[b->model].last_asked;
+    double ka = ma ? ma : a->added_at, kb = mb ? mb : b->added_at;
+    if (ka != kb)
+        return ka < kb;
+    ka = a->last_used ? a->last_used : a->added_at;
+    kb = b->last_used ? b->last_used : b->added_at;
     return ka < kb || (ka == kb && a->added_at < b->added_at);
 }
 
@@ -914,7 +921,7 @@ static void make_room(struct sched *s, size_t model, uint64_t est, uint64_t used
         if (!grow((void **)&s->cand, &s->capcand, n + 1, sizeof *s->cand))
             return;
         size_t k = n++;                 /* insertion sort: a handful of candidates */
-        while (k && lru_before(&s->insts[i], &s->insts[s->cand[k - 1]])) {
+        while (k && lru_before(s, &s->insts[i], &s->insts[s->cand[k - 1]])) {
             s->cand[k] = s->cand[k - 1];
             k--;
         }
@@ -1282,6 +1289,7 @@ void sched_request(struct sched *s, double now, sched_req_t req, size_t model)
         emit_fail(s, req, model, 503, 0, "model failed", own);
     } else {
         struct model *m = &s->models[model];
+        m->last_asked = now;
         uint32_t ii = m->head == NIL ? pick(s, m) : NIL;
         if (ii == NIL && s->waiting >= s->limits.max_queue) {
             emit_fail(s, req, model, 429, 1, "queue full", fmt("queue full (%zu waiting)", s->waiting));

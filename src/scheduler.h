@@ -39,7 +39,10 @@
  *     in flight, no request waiting for its model, not pinned, not one of the
  *     model's `instances_min`, and not fresh (an instance started for
  *     waiting requests first serves the requests that were waiting when it
- *     became ready). Stopping instances still count until removed; the
+ *     became ready). Recency is demand: the arrival of the model's latest
+ *     request (a model that waited long for its load is not made young by
+ *     serving late), then, among one model's instances, the one whose last
+ *     request ended first. Stopping instances still count until removed; the
  *     start happens once enough memory is free. Nothing is ever started
  *     that would pass the budget.
  *   - If it can never fit (its estimate alone > budget), its requests fail

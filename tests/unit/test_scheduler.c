@@ -888,13 +888,42 @@ static void instances_in_flight_or_waited_for_are_never_evicted(void **state)
     x = drain(s);
     assert_int_equal(nth(x, SCHED_DISPATCH, 0)->req, 103);
     assert_int_equal(count(x, SCHED_STOP), 0);
-    /* a's ends: a and c are enough, least recently used first. */
+    /* a's ends: a and c are enough, least recently asked for first. */
     sched_request_done(s, 12, 101);
     x = drain(s);
     assert_int_equal(count(x, SCHED_STOP), 2);
-    assert_int_equal(nth(x, SCHED_STOP, 0)->inst, 3);   /* c (5) */
-    assert_int_equal(nth(x, SCHED_STOP, 1)->inst, 1);   /* a (12) */
+    assert_int_equal(nth(x, SCHED_STOP, 0)->inst, 1);   /* a (asked at 1) */
+    assert_int_equal(nth(x, SCHED_STOP, 1)->inst, 3);   /* c (asked at 4) */
     assert_false(stopped(x, 2));
+    sched_free(s);
+}
+
+/* Recency is demand: when the model was last asked for. A cold model that
+ * waited 12 s for its load served later than a hot one, but was asked for
+ * earlier; it is the one to go. */
+static void recency_is_the_latest_request_not_the_end_of_a_slow_load(void **state)
+{
+    (void)state;
+    enum { COLD, HOT, NEW };
+    struct sched *s = mem_new(8 * GiB, 0, 3);
+    mem_model(s, COLD, "cold", 4 * GiB, 0);
+    mem_model(s, HOT, "hot", 4 * GiB, 0);
+    mem_model(s, NEW, "new", 4 * GiB, 0);
+    ready(s, 0, 1, HOT, 1);
+    drain(s);
+    sched_request(s, 1, 100, COLD);     /* asked at 1 ... */
+    struct got *x = drain(s);
+    assert_int_equal(count(x, SCHED_START), 1);
+    sched_instance_added(s, 1, 2, COLD);
+    sched_request(s, 10, 101, HOT);     /* hot asked at 10, done at 11 */
+    sched_request_done(s, 11, 101);
+    sched_instance_ready(s, 13, 2, 1);  /* ... loaded at 13, served until 14 */
+    sched_request_done(s, 14, 100);
+    drain(s);
+    sched_request(s, 15, 102, NEW);
+    x = drain(s);
+    assert_int_equal(count(x, SCHED_STOP), 1);
+    assert_int_equal(nth(x, SCHED_STOP, 0)->inst, 2);   /* cold */
     sched_free(s);
 }
 
@@ -1711,6 +1740,7 @@ int main(void)
         cmocka_unit_test(a_pinned_instance_is_never_evicted),
         cmocka_unit_test(eviction_keeps_each_models_instances_min),
         cmocka_unit_test(instances_in_flight_or_waited_for_are_never_evicted),
+        cmocka_unit_test(recency_is_the_latest_request_not_the_end_of_a_slow_load),
         cmocka_unit_test(a_model_that_can_never_fit_fails_its_waiters_with_503_and_the_numbers),
         cmocka_unit_test(a_second_instance_of_the_same_file_is_charged_without_the_weights),
         cmocka_unit_test(measured_memory_replaces_the_estimate),
