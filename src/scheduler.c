@@ -23,8 +23,8 @@
  * Every operation is O(1) or O(instances of one model), except those that
  * by nature touch every waiter of a model (a failed start, a failed model),
  * and, with a budget or an idle_timeout, the end of every event, which looks
- * at every model and instance (O(models + instances), more while a model
- * waits for memory): a pool has tens of them, not thousands.
+ * at every active model (waiting, running or starting) and every instance:
+ * tens of them, however many models are configured.
  *
  * Choices the header leaves open:
  *   - Fresh needs no state of its own. An instance that became ready while
@@ -214,6 +214,7 @@ struct model {
     unsigned start_queued;      /* START actions not yet taken */
     unsigned start_out;         /* taken, awaiting sched_instance_added() */
     double last_asked;          /* arrival of its latest request; 0 = never */
+    bool active;                /* on the active list (see struct sched) */
 };
 
 struct entry {
@@ -226,6 +227,13 @@ struct sched {
 
     struct model *models;
     size_t nmodels;
+    /* Models with waiting requests, instances or starts asked: the only
+     * ones the per-event passes (memory, idleness) look at, so that a pool
+     * of thousands of models costs what its few dozen live ones cost.
+     * Room for every model is kept, so joining never allocates; a model
+     * leaves in event_end() once it has none of the three. */
+    size_t *active;
+    size_t nactive;
 
     struct req *reqs;
     size_t nreqs, capreqs;
@@ -279,6 +287,33 @@ static unsigned model_hint(const struct model *m)
     return m->info.slots_hint ? m->info.slots_hint : DEFAULT_SLOTS;
 }
 
+static void activate(struct sched *s, size_t model)
+{
+    struct model *m = &s->models[model];
+    if (!m->active) {
+        m->active = true;
+        s->active[s->nactive++] = model;
+    }
+}
+
+static bool model_busy(const struct model *m)
+{
+    return m->waiting || m->ninst || m->start_queued || m->start_out;
+}
+
+static void active_prune(struct sched *s)
+{
+    size_t n = 0;
+    for (size_t k = 0; k < s->nactive; k++) {
+        struct model *m = &s->models[s->active[k]];
+        if (model_busy(m))
+            s->active[n++] = s->active[k];
+        else
+            m->active = false;
+    }
+    s->nactive = n;
+}
+
 /* ---------- actions ---------- */
 
 static bool push(struct sched *s, const struct sched_action *a, char *own)
@@ -311,8 +346,10 @@ static void emit_dispatch(struct sched *s, const struct req *r, const struct ins
 
 static void emit_start(struct sched *s, size_t model)
 {
-    if (push(s, &(struct sched_action){ .kind = SCHED_START, .model = model }, NULL))
+    if (push(s, &(struct sched_action){ .kind = SCHED_START, .model = model }, NULL)) {
         s->models[model].start_queued++;
+        activate(s, model);
+    }
 }
 
 /* MSG is a literal; OWN, when not NULL, an allocated message that wins. */
@@ -445,6 +482,7 @@ static void wait_push(struct sched *s, uint32_t ri, double now)
     struct model *m = &s->models[r->model];
     r->arrival = now;
     r->seq = ++s->seq;
+    activate(s, r->model);
     r->prev = m->tail;
     r->next = NIL;
     if (m->tail != NIL)
@@ -553,6 +591,7 @@ static uint32_t inst_new(struct sched *s, sched_inst_t id, size_t model)
     s->insts[ii] = (struct inst){ .id = id, .model = model, .state = INST_STARTING,
                                   .flight = NIL, .next_free = NIL };
     m->inst[m->ninst++] = ii;
+    activate(s, model);
     return ii;
 }
 
@@ -738,12 +777,15 @@ static unsigned model_pending(const struct model *m)
     return m->start_queued + m->start_out;
 }
 
-/* A model before BEFORE with FILE has a START asked and not yet added. */
+/* One of the first BEFORE active models has FILE and a START asked and not
+ * yet added. */
 static bool file_pending(const struct sched *s, uint64_t file, size_t before)
 {
-    for (size_t j = 0; j < before && j < s->nmodels; j++)
-        if (model_pending(&s->models[j]) && s->models[j].info.file_id == file)
+    for (size_t k = 0; k < before && k < s->nactive; k++) {
+        const struct model *m = &s->models[s->active[k]];
+        if (model_pending(m) && m->info.file_id == file)
             return true;
+    }
     return false;
 }
 
@@ -751,8 +793,8 @@ static bool file_pending(const struct sched *s, uint64_t file, size_t before)
 static uint64_t pending_charge(const struct sched *s)
 {
     uint64_t sum = 0;
-    for (size_t i = 0; i < s->nmodels; i++) {
-        const struct model *m = &s->models[i];
+    for (size_t k = 0; k < s->nactive; k++) {
+        const struct model *m = &s->models[s->active[k]];
         unsigned p = model_pending(m);
         if (!p)
             continue;
@@ -760,7 +802,7 @@ static uint64_t pending_charge(const struct sched *s)
         sum = sat_add(sum, sat_mul(p, m->info.mem_more));
         if (!f)
             sum = sat_add(sum, sat_mul(p, m->info.mem_weights));
-        else if (!file_live(s, f, SIZE_MAX) && !file_pending(s, f, i))
+        else if (!file_live(s, f, SIZE_MAX) && !file_pending(s, f, k))
             sum = sat_add(sum, m->info.mem_weights);
     }
     return sum;
@@ -771,7 +813,7 @@ static uint64_t start_estimate(const struct sched *s, size_t model)
 {
     const struct model *m = &s->models[model];
     uint64_t f = m->info.file_id;
-    bool shared = f && (file_live(s, f, SIZE_MAX) || file_pending(s, f, s->nmodels));
+    bool shared = f && (file_live(s, f, SIZE_MAX) || file_pending(s, f, s->nactive));
     return sat_add(m->info.mem_more, shared ? 0 : m->info.mem_weights);
 }
 
@@ -989,8 +1031,8 @@ static void fail_too_big(struct sched *s, size_t model, uint64_t est, uint64_t u
     sb_add(&sb, "%s needs %s; the budget is %s (in use %s", name ? name : "model", need, budget,
            inuse);
     size_t listed = 0;
-    for (size_t j = 0; j < s->nmodels && listed <= LIST; j++) {
-        const struct model *m = &s->models[j];
+    for (size_t j = 0; j < s->nactive && listed <= LIST; j++) {
+        const struct model *m = &s->models[s->active[j]];
         for (size_t i = 0; i < m->ninst && listed <= LIST; i++) {
             uint64_t c = inst_charge(&s->insts[m->inst[i]]);
             if (!c)
@@ -1020,7 +1062,8 @@ static void mem_plan(struct sched *s)
         return;
     for (;;) {
         size_t n = 0;
-        for (size_t i = 0; i < s->nmodels; i++) {
+        for (size_t j = 0; j < s->nactive; j++) {
+            size_t i = s->active[j];
             if (!starts_wanted(s, &s->models[i]))
                 continue;
             if (!grow((void **)&s->order, &s->caporder, n + 1, sizeof *s->order))
@@ -1085,8 +1128,8 @@ static bool idle_next(const struct sched *s, double *at)
     bool have = false;
     if (!s->idle_any)
         return false;
-    for (size_t mi = 0; mi < s->nmodels; mi++) {
-        const struct model *m = &s->models[mi];
+    for (size_t k = 0; k < s->nactive; k++) {
+        const struct model *m = &s->models[s->active[k]];
         if (!idle_model(m))
             continue;
         size_t alive = 0;               /* alive_count() and the deadline in one pass */
@@ -1118,8 +1161,8 @@ static void idle_stops(struct sched *s, double now)
 {
     if (!s->idle_any)
         return;
-    for (size_t mi = 0; mi < s->nmodels; mi++) {
-        struct model *m = &s->models[mi];
+    for (size_t k = 0; k < s->nactive; k++) {
+        struct model *m = &s->models[s->active[k]];
         if (!idle_model(m))
             continue;
         for (size_t alive = alive_count(s, m); alive > m->info.instances_min; alive--) {
@@ -1150,6 +1193,7 @@ static void idle_any_update(struct sched *s)
 /* Every event ends here: starts and evictions for memory, then the timer. */
 static void event_end(struct sched *s)
 {
+    active_prune(s);
     mem_plan(s);
     wake_update(s);
 }
@@ -1199,6 +1243,7 @@ void sched_free(struct sched *s)
     free(s->out);
     free(s->order);
     free(s->cand);
+    free(s->active);
     free(s);
 }
 
@@ -1223,6 +1268,10 @@ void sched_models_resize(struct sched *s, size_t n)
         if (!v)
             return;
         s->models = v;
+        size_t *a = realloc(s->active, n * sizeof *a);
+        if (!a)
+            return;                     /* the old count stands: still consistent */
+        s->active = a;
         for (size_t i = s->nmodels; i < n; i++)
             v[i] = (struct model){ .head = NIL, .tail = NIL };
     } else if (n == 0) {
@@ -1234,6 +1283,11 @@ void sched_models_resize(struct sched *s, size_t n)
             s->models = v;
     }
     s->nmodels = n;
+    size_t kept = 0;                    /* removed models leave the active list */
+    for (size_t k = 0; k < s->nactive; k++)
+        if (s->active[k] < n)
+            s->active[kept++] = s->active[k];
+    s->nactive = kept;
     idle_any_update(s);
     event_end(s);
 }
