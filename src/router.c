@@ -274,12 +274,13 @@ static void pool_hook(struct instance *inst, enum instance_state old, void *arg)
         break;
     case INSTANCE_STOPPING:
     case INSTANCE_STOPPED:
-        /* An instance the scheduler evicted holds its memory until it has
-         * exited: it stays charged (and gets no requests) until STOPPED.
-         * One stopped by an operator or a reload leaves at once. */
-        if (inst->sched_known && (inst->state == INSTANCE_STOPPED || !inst->evicting)) {
+        /* An instance holds its memory until it has exited: whoever stops
+         * it, it stays charged (and gets no requests) until STOPPED. */
+        if (inst->sched_known && inst->state == INSTANCE_STOPPED) {
             inst->sched_known = false;
             sched_instance_removed(r->sched, now, id);
+        } else if (inst->sched_known && !inst->evicting) {
+            sched_instance_stopping(r->sched, now, id);
         }
         if (inst->state == INSTANCE_STOPPED)
             inst->evicting = false;

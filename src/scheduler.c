@@ -1462,6 +1462,7 @@ void sched_instance_starting(struct sched *s, double now, sched_inst_t inst)
         inst_drop_flight(s, ii);
         bool was_failed = s->insts[ii].state == INST_FAILED;
         s->insts[ii].state = INST_STARTING;
+        s->insts[ii].stop_req = false;  /* a stop that became a restart */
         if (was_failed)                 /* coming back: charged again */
             inst_charge_start(s, ii);
         settle(s, now, s->insts[ii].model);
@@ -1490,6 +1491,17 @@ void sched_instance_failed(struct sched *s, double now, sched_inst_t inst, const
         } else {
             settle(s, now, model);
         }
+    }
+    event_end(s);
+}
+
+void sched_instance_stopping(struct sched *s, double now, sched_inst_t inst)
+{
+    event_begin(s);
+    uint32_t ii = idmap_get(&s->inst_map, inst);
+    if (ii != NIL && !s->insts[ii].stop_req) {
+        s->insts[ii].stop_req = true;
+        settle(s, now, s->insts[ii].model);
     }
     event_end(s);
 }

@@ -141,7 +141,12 @@ void sched_instance_starting(struct sched *s, double now, sched_inst_t inst);
 /* Failed to start or crashed; ERROR is its last error line. In-flight
  * requests on it are the caller's to fail (their connections broke). */
 void sched_instance_failed(struct sched *s, double now, sched_inst_t inst, const char *error);
-/* Stopping or stopped: no longer usable; forget it once removed. */
+/* Being stopped by someone else (an operator, a reload, a failed health
+ * check): no longer usable, but charged until sched_instance_removed(),
+ * since its memory is only free once it has exited. A later
+ * sched_instance_starting() (the stop became a restart) makes it usable. */
+void sched_instance_stopping(struct sched *s, double now, sched_inst_t inst);
+/* Gone (exited): forget it and its charge. */
 void sched_instance_removed(struct sched *s, double now, sched_inst_t inst);
 
 /* Measured memory of an instance (PSS), replacing its estimate. */

@@ -927,6 +927,49 @@ static void recency_is_the_latest_request_not_the_end_of_a_slow_load(void **stat
     sched_free(s);
 }
 
+/* An instance an operator stops holds its memory until it has exited: a
+ * start that needs that memory waits for the exit, and the stopping one
+ * gets no requests. A stop that turns into a restart makes it usable. */
+static void an_operator_stop_keeps_the_charge_until_the_instance_is_gone(void **state)
+{
+    (void)state;
+    enum { A, B };
+    struct sched *s = mem_new(10 * GiB, 0, 2);
+    mem_model(s, A, "a", 6 * GiB, 0);
+    mem_model(s, B, "b", 6 * GiB, 0);
+    ready(s, 0, 1, A, 1);
+    drain(s);
+    sched_instance_stopping(s, 1, 1);
+    assert_true(sched_charge(s, 1) == 6 * GiB);
+    sched_request(s, 2, 100, B);
+    struct got *x = drain(s);
+    assert_int_equal(count(x, SCHED_START), 0);     /* 6 + 6 > 10 until a is gone */
+    assert_int_equal(count(x, SCHED_STOP), 0);      /* nor asked to stop again */
+    sched_request(s, 2, 101, A);                    /* a stopping a is no use */
+    x = drain(s);
+    assert_int_equal(count(x, SCHED_DISPATCH), 0);
+    sched_request_gone(s, 3, 101);
+    sched_instance_removed(s, 3, 1);
+    x = drain(s);
+    assert_int_equal(count(x, SCHED_START), 1);
+    assert_int_equal(nth(x, SCHED_START, 0)->model, B);
+    assert_true(sched_used(s) == 0);
+
+    /* A stop that became a restart: usable again once ready. */
+    sched_instance_added(s, 4, 2, B);
+    sched_instance_ready(s, 5, 2, 1);
+    drain(s);
+    sched_request_done(s, 6, 100);
+    sched_instance_stopping(s, 7, 2);
+    sched_instance_starting(s, 8, 2);
+    sched_instance_ready(s, 9, 2, 1);
+    sched_request(s, 10, 102, B);
+    x = drain(s);
+    assert_int_equal(count(x, SCHED_DISPATCH), 1);
+    assert_int_equal(nth(x, SCHED_DISPATCH, 0)->inst, 2);
+    sched_free(s);
+}
+
 static void a_model_that_can_never_fit_fails_its_waiters_with_503_and_the_numbers(void **state)
 {
     (void)state;
@@ -1741,6 +1784,7 @@ int main(void)
         cmocka_unit_test(eviction_keeps_each_models_instances_min),
         cmocka_unit_test(instances_in_flight_or_waited_for_are_never_evicted),
         cmocka_unit_test(recency_is_the_latest_request_not_the_end_of_a_slow_load),
+        cmocka_unit_test(an_operator_stop_keeps_the_charge_until_the_instance_is_gone),
         cmocka_unit_test(a_model_that_can_never_fit_fails_its_waiters_with_503_and_the_numbers),
         cmocka_unit_test(a_second_instance_of_the_same_file_is_charged_without_the_weights),
         cmocka_unit_test(measured_memory_replaces_the_estimate),
