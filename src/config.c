@@ -2208,6 +2208,25 @@ static const char *arg_in(char *const *v, size_t n, const char *flag, const char
     return found;
 }
 
+static int switch_in(char *const *v, size_t n, const char *on, const char *onlong,
+                     const char *off, const char *offlong, int found)
+{
+    for (size_t i = 0; i < n; i++) {
+        if (!strcmp(v[i], on) || !strcmp(v[i], onlong))
+            found = 1;
+        else if (!strcmp(v[i], off) || !strcmp(v[i], offlong))
+            found = 0;
+    }
+    return found;
+}
+
+int config_child_switch(const struct config *cfg, const struct config_model *m,
+                        const char *on, const char *onlong, const char *off, const char *offlong)
+{
+    int v = switch_in(cfg->default_args, cfg->ndefault_args, on, onlong, off, offlong, -1);
+    return switch_in(m->args, m->nargs, on, onlong, off, offlong, v);
+}
+
 const char *config_child_arg(const struct config *cfg, const struct config_model *m,
                              const char *flag, const char *longflag)
 {

@@ -122,6 +122,12 @@ void config_argv_free(char **argv);
 const char *config_child_arg(const struct config *cfg, const struct config_model *m,
                              const char *flag, const char *longflag);
 
+/* Whether the child will have a boolean switch on: 1 when ON or ONLONG
+ * comes last among default_args then the model's args, 0 when OFF or
+ * OFFLONG does, -1 when none of them is given. */
+int config_child_switch(const struct config *cfg, const struct config_model *m,
+                        const char *on, const char *onlong, const char *off, const char *offlong);
+
 /* True when two model definitions would run the same child (path, args,
  * env, and the pool-wide argv parts they inherit are equal). Used by reload
  * to keep unchanged instances running. */

@@ -138,6 +138,27 @@ const char *memory_format(uint64_t bytes, char *buf, unsigned len)
 
 #define MIB (UINT64_C(1) << 20)
 
+static uint64_t pad256(uint64_t n)
+{
+    return (n + 255) / 256 * 256;
+}
+
+uint64_t memory_kv_cells(uint64_t n_ctx, long n_parallel, int unified)
+{
+    if (n_parallel <= 0) {              /* auto: 4 slots in one unified cache */
+        n_parallel = 4;
+        if (unified < 0)
+            unified = 1;
+    }
+    n_ctx = pad256(n_ctx);
+    if (unified > 0)
+        return n_ctx;
+    uint64_t per_slot = pad256(n_ctx / (uint64_t)n_parallel);
+    if (per_slot == 0)
+        per_slot = 256;
+    return per_slot * (uint64_t)n_parallel;
+}
+
 int memory_estimate_model(const struct config *cfg, const struct config_model *m,
                           struct memory_estimate *out, char *err, size_t errlen)
 {
@@ -158,11 +179,15 @@ int memory_estimate_model(const struct config *cfg, const struct config_model *m
     out->weights = g.data_size * (g.split_count > 1 ? g.split_count : 1);
 
     /* KV cache for the context the child really gets: -c N, or the model's
-     * own context when -c is absent or 0. */
+     * own context when -c is absent or 0, shared by its -np slots. */
     const char *c = config_child_arg(cfg, m, "-c", "--ctx-size");
     uint64_t n_ctx = c ? strtoull(c, NULL, 10) : 0;
     if (n_ctx == 0)
         n_ctx = g.n_ctx_train ? g.n_ctx_train : 4096;
+    const char *np = config_child_arg(cfg, m, "-np", "--parallel");
+    n_ctx = memory_kv_cells(n_ctx, np ? strtol(np, NULL, 10) : -1,
+                            config_child_switch(cfg, m, "-kvu", "--kv-unified",
+                                                "-no-kvu", "--no-kv-unified"));
     out->n_ctx = n_ctx;
     out->kv = gguf_kv_cache_bytes(&g, n_ctx);
 

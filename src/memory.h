@@ -37,9 +37,16 @@ struct memory_estimate {
     uint64_t cram;          /* llama-server's host prompt cache (-cram, 8192 MiB default) */
     uint64_t more;          /* kv + compute + cram: what every instance adds */
     uint64_t file_id;       /* device and inode of the file: equal ids share weights */
-    uint64_t n_ctx;         /* the context the KV cache was sized for */
+    uint64_t n_ctx;         /* KV cells the child allocates (memory_kv_cells) */
     bool fixed;             /* memory = SIZE in pool.conf: `more` is that size */
 };
+
+/* KV cells llama.cpp allocates for context N_CTX and N_PARALLEL slots
+ * (<= 0: auto, 4 slots in a unified cache) with UNIFIED 1 (-kvu), 0
+ * (-no-kvu) or -1 (not given): the context rounded up to 256; without a
+ * unified cache each slot's share is rounded up to 256 too, so -c 256
+ * -np 2 allocates 512. */
+uint64_t memory_kv_cells(uint64_t n_ctx, long n_parallel, int unified);
 
 /* Estimate an instance of M from its GGUF header and its argv (-c, -np,
  * -cram, as the child would get them). memory = SIZE overrides. 0, or -1

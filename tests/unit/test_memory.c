@@ -171,6 +171,28 @@ static void estimate_reads_cram_from_the_childs_arguments(void **state)
     assert_true(e.cram == 512 * MIB);
     config_free(c);
 
+    /* the KV cache covers the cells llama.cpp allocates: -c and -np */
+    static const struct { const char *args; uint64_t cells; } kv[] = {
+        { "", 4096 },                       /* no context in the file: 4096 */
+        { "-c 2048", 2048 },                /* -np auto: 4 slots, unified */
+        { "-c 1000", 1024 },                /* rounded up to 256 */
+        { "-c 256 -np 2", 512 },            /* 128 per slot, rounded to 256 each */
+        { "-c 2048 -np 4", 2048 },
+        { "-c 1000 -np 3", 1536 },          /* as real llama-server logs it */
+        { "-c 256 -np 2 -kvu", 256 },       /* unified: one cache for all slots */
+        { "--ctx-size=3000 --parallel 3", 3072 },
+        { "-c 256 -np 2 -kvu -no-kvu", 512 },   /* the last switch wins */
+    };
+    for (size_t i = 0; i < sizeof kv / sizeof kv[0]; i++) {
+        snprintf(text, sizeof text, "[model a]\npath = %s\nargs = %s\n", model, kv[i].args);
+        c = cfg_of(text);
+        assert_int_equal(memory_estimate_model(c, &c->models[0], &e, err, sizeof err), 0);
+        if (e.n_ctx != kv[i].cells)
+            fail_msg("args '%s': %llu cells, expected %llu", kv[i].args,
+                     (unsigned long long)e.n_ctx, (unsigned long long)kv[i].cells);
+        config_free(c);
+    }
+
     /* memory = SIZE overrides everything */
     snprintf(text, sizeof text, "[model a]\npath = %s\nmemory = 3G\n", model);
     c = cfg_of(text);
