@@ -27,7 +27,7 @@ void metrics_count_status(struct model_stats *s, int code)
     s->status[METRICS_STATUS_SLOTS - 1].n++;
 }
 
-void metrics_observe_duration(struct pool_stats *s, double seconds)
+void metrics_observe(struct metrics_hist *s, double seconds)
 {
     for (size_t i = 0; i < METRICS_BUCKETS; i++)
         if (seconds <= metrics_bucket_le[i]) {
@@ -82,6 +82,19 @@ static void family(struct out *o, const char *name, const char *type, const char
     emit(o, "# HELP %s %s\n# TYPE %s %s\n", name, help, name, type);
 }
 
+static void histogram(struct out *o, const char *name, const char *help, const struct metrics_hist *h)
+{
+    family(o, name, "histogram", help);
+    uint64_t cum = 0;
+    for (size_t i = 0; i < METRICS_BUCKETS; i++) {
+        cum += h->bucket[i];
+        emit(o, "%s_bucket{le=\"%g\"} %" PRIu64 "\n", name, metrics_bucket_le[i], cum);
+    }
+    emit(o, "%s_bucket{le=\"+Inf\"} %" PRIu64 "\n", name, h->count);
+    emit(o, "%s_sum %.6f\n", name, h->sum);
+    emit(o, "%s_count %" PRIu64 "\n", name, h->count);
+}
+
 char *metrics_render(struct pool *p, size_t *len)
 {
     struct out o = { 0 };
@@ -104,6 +117,14 @@ char *metrics_render(struct pool *p, size_t *len)
             struct instance *in = p->models[i]->inst[j];
             emit(&o, "llama_pool_instance_memory_bytes{model=\"%s\",instance=\"%s\"} %" PRIu64 "\n",
                  p->models[i]->cfg->name, in->id, in->pss);
+        }
+    family(&o, "llama_pool_instance_charged_bytes", "gauge",
+           "what each instance is charged against the budget (estimate while starting, then PSS)");
+    for (size_t i = 0; i < p->nmodels; i++)
+        for (size_t j = 0; j < p->models[i]->ninst; j++) {
+            struct instance *in = p->models[i]->inst[j];
+            emit(&o, "llama_pool_instance_charged_bytes{model=\"%s\",instance=\"%s\"} %" PRIu64 "\n",
+                 p->models[i]->cfg->name, in->id, p->charge ? p->charge(in, p->hook_arg) : in->pss);
         }
     family(&o, "llama_pool_instance_in_flight", "gauge", "requests being answered by each instance");
     for (size_t i = 0; i < p->nmodels; i++)
@@ -169,17 +190,13 @@ char *metrics_render(struct pool *p, size_t *len)
             emit(&o, "llama_pool_requests_total{model=\"%s\",status=\"%d\"} %" PRIu64 "\n",
                  p->models[i]->cfg->name, s->status[k].code, s->status[k].n);
     }
-    family(&o, "llama_pool_request_duration_seconds", "histogram",
-           "time from a request's arrival to the end of its answer, through the proxy");
-    uint64_t cum = 0;
-    for (size_t i = 0; i < METRICS_BUCKETS; i++) {
-        cum += p->stats.bucket[i];
-        emit(&o, "llama_pool_request_duration_seconds_bucket{le=\"%g\"} %" PRIu64 "\n",
-             metrics_bucket_le[i], cum);
-    }
-    emit(&o, "llama_pool_request_duration_seconds_bucket{le=\"+Inf\"} %" PRIu64 "\n", p->stats.count);
-    emit(&o, "llama_pool_request_duration_seconds_sum %.6f\n", p->stats.sum);
-    emit(&o, "llama_pool_request_duration_seconds_count %" PRIu64 "\n", p->stats.count);
+    histogram(&o, "llama_pool_request_duration_seconds",
+              "time from a request's arrival to the end of its answer, through the proxy",
+              &p->stats.duration);
+    histogram(&o, "llama_pool_upstream_first_byte_seconds",
+              "time from dispatch to the instance's response head: the proxy's connect and "
+              "send, and the instance's prompt processing",
+              &p->stats.first_byte);
 
     if (o.failed) {
         free(o.buf);

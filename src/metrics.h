@@ -26,17 +26,23 @@ struct model_stats {
     struct { int code; uint64_t n; } status[METRICS_STATUS_SLOTS];  /* answers by status */
 };
 
-/* Pool-wide: time from a request's arrival to the end of its answer. */
-struct pool_stats {
+/* A histogram of seconds on metrics_bucket_le. */
+struct metrics_hist {
     uint64_t bucket[METRICS_BUCKETS];   /* cumulative at render time, raw here */
     double sum;
     uint64_t count;
 };
 
+/* Pool-wide request timings. */
+struct pool_stats {
+    struct metrics_hist duration;       /* arrival → end of the answer */
+    struct metrics_hist first_byte;     /* dispatch → the instance's response head */
+};
+
 extern const double metrics_bucket_le[METRICS_BUCKETS];
 
 void metrics_count_status(struct model_stats *s, int code);
-void metrics_observe_duration(struct pool_stats *s, double seconds);
+void metrics_observe(struct metrics_hist *h, double seconds);
 
 struct pool;
 /* Render every metric; returns a malloc'd NUL-terminated text, *len set. */

@@ -104,6 +104,7 @@ struct proxy_call {
     struct http_request *req;         /* NULL once the response has ended or the client left */
     unsigned port;
     proxy_done_fn done;
+    double sent_at, head_at;          /* ev_now() at proxy_forward, at the upstream's head */
     void *arg;
     struct upconn *uc;
 
@@ -571,6 +572,7 @@ static void call_end(struct proxy_call *call, enum proxy_outcome outcome)
     proxy_done_fn done = call->done;
     void *arg = call->arg;
     int status = call->head_done ? call->status : 0;
+    double first_byte = call->head_done ? call->head_at - call->sent_at : -1;
 
     if (call->ended)
         *call->ended = true;
@@ -595,7 +597,7 @@ static void call_end(struct proxy_call *call, enum proxy_outcome outcome)
         free(call->body_buf);
         free(call);
     }
-    done(arg, outcome, status);
+    done(arg, outcome, status, first_byte);
 }
 
 /* Gives up the connection: back to the pool if REUSE, else closed. */
@@ -927,6 +929,7 @@ static int on_headers_complete(llhttp_t *lp)
         return reject(call, "response header block too large");
     call->hdr[call->hdr_len] = '\0';
     call->head_done = true;
+    call->head_at = ev_now(call->p->loop);
     call->status = status;
     call->body = NULL;
     call->body_len = 0;
@@ -1293,12 +1296,13 @@ struct proxy_call *proxy_forward(struct proxy *p, struct http_request *req, unsi
         req->on_close = NULL;
         req->on_drain = NULL;
         http_respond_error(req, 502, "server_error", "proxy: out of memory");
-        done(arg, PROXY_UPSTREAM_ERROR, 0);
+        done(arg, PROXY_UPSTREAM_ERROR, 0, -1);
         return NULL;
     }
     call->req = req;
     call->port = port;
     call->done = done;
+    call->sent_at = ev_now(p->loop);
     call->arg = arg;
     call->head_req = strcmp(req->method, "HEAD") == 0;
     call->next = p->calls;

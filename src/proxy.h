@@ -30,9 +30,10 @@ enum proxy_outcome {
 };
 
 /* Called once per call, after the client's response has ended (or the
- * client is gone). STATUS is the upstream's HTTP status, 0 if none arrived.
- * The call is freed after it returns. */
-typedef void (*proxy_done_fn)(void *arg, enum proxy_outcome outcome, int status);
+ * client is gone). STATUS is the upstream's HTTP status, 0 if none arrived;
+ * FIRST_BYTE the seconds from proxy_forward() to the upstream's response
+ * head, -1 if none arrived. The call is freed after it returns. */
+typedef void (*proxy_done_fn)(void *arg, enum proxy_outcome outcome, int status, double first_byte);
 
 struct proxy *proxy_new(struct ev_loop *loop);
 void proxy_free(struct proxy *p);

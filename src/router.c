@@ -112,7 +112,7 @@ static double now_of(struct router *r)
 
 /* ---------- performing the scheduler's actions ---------- */
 
-static void call_done(void *arg, enum proxy_outcome outcome, int status)
+static void call_done(void *arg, enum proxy_outcome outcome, int status, double first_byte)
 {
     struct rreq *q = arg;
     struct router *r = q->r;
@@ -120,7 +120,9 @@ static void call_done(void *arg, enum proxy_outcome outcome, int status)
         status = outcome == PROXY_CLIENT_GONE ? 499 : 502;
     if (q->model)
         metrics_count_status(&q->model->stats, status);
-    metrics_observe_duration(&r->pool->stats, now_of(r) - q->t0);
+    metrics_observe(&r->pool->stats.duration, now_of(r) - q->t0);
+    if (first_byte >= 0)
+        metrics_observe(&r->pool->stats.first_byte, first_byte);
     if (q->inst)
         q->inst->last_used = now_of(r);
     sched_request_done(r->sched, now_of(r), q->id);

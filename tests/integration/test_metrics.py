@@ -35,12 +35,16 @@ def test_metrics_count_starts_requests_and_statuses(pool):
     assert m['llama_pool_requests_total{model="tiny",status="200"}'] == 3
     assert m['llama_pool_request_duration_seconds_count'] == 4
     assert m['llama_pool_request_duration_seconds_bucket{le="+Inf"}'] == 4
+    # all four reached the instance and got its answer head
+    assert m['llama_pool_upstream_first_byte_seconds_count'] == 4
+    assert 0 < m['llama_pool_upstream_first_byte_seconds_sum'] <= m['llama_pool_request_duration_seconds_sum']
     assert m['llama_pool_queue_wait_seconds_count{model="tiny"}'] == 4
     inst = pool.ready_instances("tiny")[0]["id"]
     assert m[f'llama_pool_instance_state{{model="tiny",instance="{inst}",state="ready"}}'] == 1
     assert m[f'llama_pool_instance_state{{model="tiny",instance="{inst}",state="stopped"}}'] == 0
     assert m[f'llama_pool_instance_slots{{model="tiny",instance="{inst}"}}'] == 2
     assert m[f'llama_pool_instance_memory_bytes{{model="tiny",instance="{inst}"}}'] > 0
+    assert m[f'llama_pool_instance_charged_bytes{{model="tiny",instance="{inst}"}}'] > 0
     assert m["llama_pool_memory_budget_bytes"] > 0
     assert m['llama_pool_evictions_total{model="tiny",reason="crash"}'] == 0
 

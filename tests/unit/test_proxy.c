@@ -73,6 +73,7 @@ struct fx {
     int nreq, ndone;
     enum proxy_outcome outcome[8];
     int status[8];
+    double first_byte[8];
     struct http_request *live; /* the request being proxied */
     size_t max_buffered;       /* largest client-side backlog seen */
     void (*after_done)(struct fx *);
@@ -131,11 +132,12 @@ static bool wait_sem(sem_t *s, double seconds)
 
 /* ----------------------------------------------------- loop side */
 
-static void on_done(void *arg, enum proxy_outcome outcome, int status)
+static void on_done(void *arg, enum proxy_outcome outcome, int status, double first_byte)
 {
     struct fx *fx = arg;
     fx->outcome[fx->ndone & 7] = outcome;
     fx->status[fx->ndone & 7] = status;
+    fx->first_byte[fx->ndone & 7] = first_byte;
     fx->ndone++;
     fx->live = NULL;
     if (fx->after_done)
@@ -761,6 +763,7 @@ static void test_json_answer_relayed_byte_identical(void **state)
     fx_run(fx, cli_json, up_json, 1);
     assert_int_equal(fx->outcome[0], PROXY_OK);
     assert_int_equal(fx->status[0], 201);      /* up_json answers 201 Created */
+    assert_true(fx->first_byte[0] >= 0 && fx->first_byte[0] < 10);
     assert_int_equal(fx->accepts, 1);
     assert_true(strncmp(fx->up_req[0], "POST /v1/chat/completions HTTP/1.1\r\n", 36) == 0);
     assert_string_equal(up_body(fx->up_req[0]), "{\"messages\":[]}");
@@ -1554,6 +1557,7 @@ static void test_connect_refused_gives_502(void **state)
     fx_run(fx, cli_refused, NULL, 1);
     assert_int_equal(fx->outcome[0], PROXY_UPSTREAM_ERROR);
     assert_int_equal(fx->status[0], 0);       /* no status line ever came */
+    assert_true(fx->first_byte[0] == -1);
 }
 
 /* ---- a listener that never completes the handshake: 502 after 5 s ---- */
