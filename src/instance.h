@@ -72,7 +72,6 @@ struct instance {
     struct instance_world *world;
     void *owner;                  /* the pool's per-model data */
     bool sched_known;             /* the router has told the scheduler of it */
-    bool evicting;                /* stopped by the scheduler: charged until it exits */
 
     enum instance_state state;
     pid_t pid;

@@ -213,7 +213,6 @@ static void router_run(struct router *r)
             log_info("%s: stopping it (%s; %s charged)", inst->id,
                      a.reason == SCHED_STOP_IDLE ? "idle_timeout passed" : "least recently used, room needed",
                      memory_format(sched_charge(r->sched, a.inst), used, sizeof used));
-            inst->evicting = true;
             instance_stop(inst);
             break;
         }
@@ -277,15 +276,14 @@ static void pool_hook(struct instance *inst, enum instance_state old, void *arg)
     case INSTANCE_STOPPING:
     case INSTANCE_STOPPED:
         /* An instance holds its memory until it has exited: whoever stops
-         * it, it stays charged (and gets no requests) until STOPPED. */
+         * it, it stays charged (and gets no requests) until STOPPED. One
+         * the scheduler stopped itself is already stopping there. */
         if (inst->sched_known && inst->state == INSTANCE_STOPPED) {
             inst->sched_known = false;
             sched_instance_removed(r->sched, now, id);
-        } else if (inst->sched_known && !inst->evicting) {
+        } else if (inst->sched_known) {
             sched_instance_stopping(r->sched, now, id);
         }
-        if (inst->state == INSTANCE_STOPPED)
-            inst->evicting = false;
         proxy_forget_port(r->proxy, inst->port);
         break;
     }

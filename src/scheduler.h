@@ -144,7 +144,9 @@ void sched_instance_failed(struct sched *s, double now, sched_inst_t inst, const
 /* Being stopped by someone else (an operator, a reload, a failed health
  * check): no longer usable, but charged until sched_instance_removed(),
  * since its memory is only free once it has exited. A later
- * sched_instance_starting() (the stop became a restart) makes it usable. */
+ * sched_instance_starting() (the stop became a restart) makes it usable.
+ * An instance the scheduler stopped itself (SCHED_STOP) is stopping
+ * already and stays as it is. */
 void sched_instance_stopping(struct sched *s, double now, sched_inst_t inst);
 /* Gone (exited): forget it and its charge. */
 void sched_instance_removed(struct sched *s, double now, sched_inst_t inst);
