@@ -19,6 +19,9 @@
 #define _GNU_SOURCE
 #include "config.h"
 
+#include "log.h"
+#include "util.h"
+
 #include <arpa/inet.h>
 #include <ctype.h>
 #include <dirent.h>
@@ -100,6 +103,19 @@ static char *xasprintf(const char *fmt, ...)
     return s;
 }
 
+/* MSG (malloc'd), with ill-formed UTF-8 from the file replaced: messages
+ * reach JSON (a refused reload) and terminals. */
+static char *utf8_clean(char *msg)
+{
+    if (util_utf8_valid(msg))
+        return msg;
+    char *fixed = util_utf8_lossy(msg, strlen(msg), NULL);
+    if (!fixed)
+        oom();
+    free(msg);
+    return fixed;
+}
+
 /* A growable NULL-terminated vector of strings. */
 struct strvec {
     char **v;
@@ -175,8 +191,11 @@ static const char *show(struct shown *sh, const char *s)
     size_t len = strlen(s), max = sizeof sh->buf - 1;
     if (len <= max)
         return s;
-    memcpy(sh->buf, s, max - 3);
-    memcpy(sh->buf + max - 3, "...", 4);
+    size_t cut = max - 3;
+    while (cut > 0 && ((unsigned char)s[cut] & 0xC0) == 0x80)
+        cut--;                  /* not inside a UTF-8 character */
+    memcpy(sh->buf, s, cut);
+    memcpy(sh->buf + cut, "...", 4);
     return sh->buf;
 }
 
@@ -573,6 +592,7 @@ enum pool_key {
     PK_MAX_RESTARTS, PK_RESTART_WINDOW, PK_LOG_DIR, PK_MODELS_DIR,
     PK_DEFAULT_ARGS, PK_DEFAULT_MODEL, PK_API_KEYS, PK_ADMIN_KEY, PK_MAX_BODY,
     PK_MAX_HEADER, PK_HEADER_TIMEOUT, PK_KEEPALIVE_TIMEOUT, PK_MAX_CONNECTIONS,
+    PK_BODY_TIMEOUT, PK_DRAIN_TIMEOUT, PK_CORS_ORIGINS,
     PK__COUNT
 };
 
@@ -583,6 +603,7 @@ static const char *const pool_keys[PK__COUNT] = {
     "max_restarts", "restart_window", "log_dir", "models_dir",
     "default_args", "default_model", "api_keys", "admin_key", "max_body",
     "max_header", "header_timeout", "keepalive_timeout", "max_connections",
+    "body_timeout", "drain_timeout", "cors_origins",
 };
 
 enum model_key {
@@ -714,11 +735,10 @@ struct parser {
     const char *file;
     char *dir;                 /* absolute directory of the file */
 
-    /* input: a FILE or a string */
-    FILE *fp;
+    /* input: the whole file, read by read_config_file (or a test's string) */
     const char *str;
     size_t str_len, str_off;
-    int read_errno;
+    size_t nul_at;             /* 1 + column of a NUL byte in the line, 0 = none */
 
     /* the current physical line */
     char *raw;
@@ -735,6 +755,8 @@ struct parser {
     char *prev_key;
     enum { CONT_IGNORE, CONT_REFUSE, CONT_POOL, CONT_MODEL } cont;
     int cont_key;
+    int list_open_line;        /* a list's line ended with ',': 0 = none */
+    char *list_open_text;      /* "key: \"value\"" of that line, for the message */
 
     /* sections */
     enum section_kind sec;
@@ -743,7 +765,7 @@ struct parser {
     int pool_key_line[PK__COUNT];
 
     struct config *cfg;
-    struct strvec default_args, api_keys;
+    struct strvec default_args, api_keys, cors_origins;
 
     struct pmodel *models;
     size_t nmodels, models_cap;
@@ -769,7 +791,7 @@ static void error_at(struct parser *p, int line, const char *fmt, ...)
         p->errs = xrealloc(p->errs, p->errs_cap * sizeof *p->errs);
     }
     p->errs[p->nerrs].line = line;
-    p->errs[p->nerrs].msg = xasprintf("%s:%d: %s", p->file, line, msg);
+    p->errs[p->nerrs].msg = utf8_clean(xasprintf("%s:%d: %s", p->file, line, msg));
     p->nerrs++;
     free(msg);
 }
@@ -777,24 +799,18 @@ static void error_at(struct parser *p, int line, const char *fmt, ...)
 /* ------------------------------------------------------------------ */
 /* Reading lines                                                       */
 
-/* Read the next physical line into p->raw. Returns false at the end. */
+/* Read the next physical line into p->raw. Returns false at the end. A NUL
+ * byte would cut the line short in every C string from here on (inih's
+ * included): p->nul_at says where the first one is. */
 static bool next_line(struct parser *p)
 {
-    if (p->fp) {
-        errno = 0;
-        ssize_t n = getline(&p->raw, &p->raw_cap, p->fp);
-        if (n < 0) {
-            if (!feof(p->fp))
-                p->read_errno = errno ? errno : EIO;
-            return false;
-        }
-        return true;
-    }
     if (p->str_off >= p->str_len)
         return false;
     const char *s = p->str + p->str_off;
     const char *nl = memchr(s, '\n', p->str_len - p->str_off);
     size_t n = nl ? (size_t)(nl - s) + 1 : p->str_len - p->str_off;
+    const char *nul = memchr(s, '\0', n);
+    p->nul_at = nul ? (size_t)(nul - s) + 1 : 0;
     if (n + 1 > p->raw_cap) {
         p->raw_cap = n + 1;
         p->raw = xrealloc(p->raw, p->raw_cap);
@@ -832,6 +848,7 @@ static void rstrip(char *s)
 }
 
 static void begin_section(struct parser *p, char *text);
+static void list_close(struct parser *p);
 
 /* Classify the line in p->raw and split it exactly as inih will, so that the
  * handler has the full key and value even when inih saw a placeholder. */
@@ -909,7 +926,16 @@ static char *line_reader(char *str, int num, void *stream)
     if (num < 2 || !next_line(p))
         return NULL;
     p->lineno++;
+    if (p->nul_at) {
+        /* "args = -c 1\0 --evil" must not quietly become "-c 1" */
+        error_at(p, p->lineno, "this line holds a NUL byte (at column %zu), which would cut it short",
+                 p->nul_at);
+        memcpy(p->raw, "\n", 2);              /* the rest of the file is still checked */
+    }
     split_line(p);
+    if (p->list_open_line && p->kind != LK_BLANK
+        && !(p->kind == LK_CONT && (p->cont == CONT_POOL || p->cont == CONT_MODEL)))
+        list_close(p);
 
     size_t len = strlen(p->raw);
     /* inih treats a line that fills its buffer (num - 1 bytes) without a
@@ -934,22 +960,54 @@ static char *line_reader(char *str, int num, void *stream)
 /* ------------------------------------------------------------------ */
 /* Sections                                                            */
 
-/* Why NAME cannot be a model name, or NULL when it can. */
-static const char *bad_model_name(const char *name)
+/* What names and aliases may hold. A name is a URL path segment
+ * (/pool/models/NAME/start, /upstream/NAME/...), a JSON string and a log
+ * file's name; an alias is what clients put in a body's "model" and in
+ * /pool/server?model=, where "org/model" ids are common, so it may hold '/'.
+ * Both rules appear in full in the messages below. */
+#define NAME_RULE "a model name is UTF-8 text without whitespace, control characters, " \
+                  "'/', '?', '#' or '%', and does not start with '.'"
+#define ALIAS_RULE "an alias is UTF-8 text without whitespace, control characters, '?', '#' or '%'"
+
+/* Unicode white space beyond ASCII's (which is_blank covers). */
+static bool is_unicode_space(uint32_t cp)
 {
-    if (!*name)
+    return cp == 0xA0 || cp == 0x1680 || (cp >= 0x2000 && cp <= 0x200A) || cp == 0x2028
+        || cp == 0x2029 || cp == 0x202F || cp == 0x205F || cp == 0x3000 || cp == 0xFEFF;
+}
+
+/* Why S cannot be a model name (or, with IS_ALIAS, an alias), or NULL. */
+static const char *bad_name_text(const char *s, bool is_alias)
+{
+    size_t len = strlen(s);
+    if (!len)
         return "it is empty";
-    if (name[0] == '.')
+    if (util_utf8_check(s, len) != len)
+        return "it is not valid UTF-8";
+    if (!is_alias && s[0] == '.')
         return "it starts with '.'";
-    for (const char *s = name; *s; s++) {
-        if (is_blank(*s))
+    for (size_t i = 0; i < len;) {
+        uint32_t cp;
+        size_t n = util_utf8_decode(s + i, len - i, &cp);
+        if ((cp < 0x80 && is_blank((char)cp)) || is_unicode_space(cp))
             return "it contains whitespace";
-        if (*s == '/')
-            return "it contains '/'";
-        if ((unsigned char)*s < 0x20 || *s == 0x7f)
+        if (cp < 0x20 || (cp >= 0x7F && cp <= 0x9F))
             return "it contains a control character";
+        switch (cp) {
+        case '/': if (!is_alias) return "it contains '/'"; break;
+        case '?': return "it contains '?'";
+        case '#': return "it contains '#'";
+        case '%': return "it contains '%'";
+        default: break;
+        }
+        i += n;
     }
     return NULL;
+}
+
+static const char *bad_model_name(const char *name)
+{
+    return bad_name_text(name, false);
 }
 
 static void begin_section(struct parser *p, char *text)
@@ -998,7 +1056,7 @@ static void begin_section(struct parser *p, char *text)
 
     const char *why = bad_model_name(m->name);
     if (why) {
-        error_at(p, p->lineno, "invalid model name \"%s\": %s", show(&sh, m->name), why);
+        error_at(p, p->lineno, "invalid model name \"%s\": %s (%s)", show(&sh, m->name), why, NAME_RULE);
         m->dropped = true;
         return;
     }
@@ -1184,46 +1242,200 @@ static bool add_words(struct parser *p, int line, const char *key, const char *v
     return true;
 }
 
-/* Comma-separated items, trimmed; empty items are skipped. */
-static void add_list(struct parser *p, int line, const char *key, const char *v,
-                     struct strvec *sv, int **lines, size_t *lines_cap, bool names)
+/* Comma lists (api_keys, aliases, cors_origins): what each item must be. */
+enum list_kind { LIST_KEYS, LIST_ALIASES, LIST_ORIGINS };
+
+static bool is_default_port(const char *scheme, size_t slen, unsigned port)
+{
+    return (slen == 4 && !strncmp(scheme, "http", 4) && port == 80)
+        || (slen == 5 && !strncmp(scheme, "https", 5) && port == 443);
+}
+
+/* An origin as browsers send it in "Origin:": "scheme://host[:port]",
+ * lowercased, or "*". Returns the normalized copy, or NULL with *why set. */
+static char *origin_normalize(const char *item, const char **why)
+{
+    if (!strcmp(item, "*"))
+        return xstrdup("*");
+    const char *sep = strstr(item, "://");
+    size_t slen = sep ? (size_t)(sep - item) : 0;
+    bool scheme_ok = slen > 0 && isalpha((unsigned char)item[0]);
+    for (size_t i = 0; i < slen; i++)
+        if (!isalnum((unsigned char)item[i]) && !strchr("+-.", item[i]))
+            scheme_ok = false;
+    if (!scheme_ok) {
+        *why = "is not an origin: write scheme://host[:port] (https://app.example.com) or *";
+        return NULL;
+    }
+    const char *host = sep + 3, *h = host;
+    if (*h == '[') {                         /* [IPv6] */
+        const char *close = strchr(h, ']');
+        if (!close) {
+            *why = "has '[' without ']' around its IPv6 address";
+            return NULL;
+        }
+        char *addr = xstrndup(h + 1, (size_t)(close - h - 1));
+        struct in6_addr a6;
+        int ok = inet_pton(AF_INET6, addr, &a6);
+        free(addr);
+        if (ok != 1) {
+            *why = "does not hold a valid IPv6 address in its brackets";
+            return NULL;
+        }
+        h = close + 1;
+    } else {
+        while (isalnum((unsigned char)*h) || *h == '-' || *h == '.' || *h == '_')
+            h++;
+    }
+    if (h == host) {
+        *why = "has no host: write scheme://host[:port] (https://app.example.com)";
+        return NULL;
+    }
+    if (*h == ':') {
+        unsigned port;
+        const char *digits = h + 1;
+        size_t nd = strspn(digits, "0123456789");
+        char *num = xstrndup(digits, nd);
+        int rc = parse_uint(num, 65535, &port);
+        free(num);
+        if (rc || port == 0) {
+            *why = "has a port that is not a number from 1 to 65535";
+            return NULL;
+        }
+        if (is_default_port(item, slen, port) && !digits[nd]) {
+            *why = "names its scheme's default port, which browsers leave out of Origin: write it without the port";
+            return NULL;
+        }
+        h = digits + nd;
+    }
+    if (*h == '/' || *h == '?' || *h == '#') {
+        *why = "has a path: an origin is only scheme://host[:port], with no '/' after it";
+        return NULL;
+    }
+    if (*h) {
+        *why = "is not an origin: the host may hold letters, digits, '-', '.' and '_' "
+               "(write an international name in its xn-- form)";
+        return NULL;
+    }
+    char *o = xstrdup(item);
+    for (char *c = o; *c; c++)
+        *c = (char)tolower((unsigned char)*c);
+    return o;
+}
+
+/* Checks one non-empty list item; returns what to keep (malloc'd) or NULL
+ * after reporting why not. */
+static char *list_item(struct parser *p, int line, const char *key, enum list_kind kind,
+                       char *item, const struct strvec *sv)
 {
     struct shown sh;
+    const char *why = NULL;
+    switch (kind) {
+    case LIST_KEYS:
+        for (const char *c = item; *c; c++)
+            if (is_blank(*c) || (unsigned char)*c < 0x20 || *c == 0x7f) {
+                error_at(p, line, "%s: \"%s\" contains whitespace or a control character",
+                         key, show(&sh, item));
+                free(item);
+                return NULL;
+            }
+        return item;
+    case LIST_ALIASES:
+        if ((why = bad_name_text(item, true))) {
+            error_at(p, line, "%s: invalid alias \"%s\": %s (%s)", key, show(&sh, item), why, ALIAS_RULE);
+            free(item);
+            return NULL;
+        }
+        return item;
+    case LIST_ORIGINS: {
+        char *o = origin_normalize(item, &why);
+        if (!o) {
+            error_at(p, line, "%s: \"%s\" %s", key, show(&sh, item), why);
+        } else if ((!strcmp(o, "*") && sv->n) || (sv->n && !strcmp(sv->v[0], "*"))) {
+            error_at(p, line, "%s: \"*\" already allows every origin: list it alone", key);
+            free(o);
+            o = NULL;
+        }
+        free(item);
+        return o;
+    }
+    }
+    free(item);
+    return NULL;
+}
+
+/* A list's value ended with ',' on line LINE: fine when the list goes on
+ * on an indented line, an empty item otherwise. */
+static void list_open(struct parser *p, int line, const char *key, const char *v)
+{
+    p->list_open_line = line;
+    free(p->list_open_text);
+    p->list_open_text = xasprintf("%s: \"%s\"", key, v);
+}
+
+/* The line after an open list was no continuation of it: report the
+ * trailing comma. */
+static void list_close(struct parser *p)
+{
+    if (!p->list_open_line)
+        return;
+    struct shown sh;
+    error_at(p, p->list_open_line, "%s has an empty item after its last ',' "
+             "(a list may end a line with ',' only when it goes on on the next, indented, line)",
+             show(&sh, p->list_open_text));
+    p->list_open_line = 0;
+    free(p->list_open_text);
+    p->list_open_text = NULL;
+}
+
+/* Comma-separated items, trimmed. An empty item is an error (an empty API
+ * key would turn authentication off), except that a line of a list that
+ * takes several lines may end with ',' or, after a line that did not, begin
+ * with one. An empty value is an empty list. */
+static void add_list(struct parser *p, int line, const char *key, const char *v,
+                     struct strvec *sv, int **lines, size_t *lines_cap, enum list_kind kind)
+{
+    struct shown sh;
+    bool cont = p->kind == LK_CONT;
+    bool after_comma = p->list_open_line != 0;
+    p->list_open_line = 0;
+    free(p->list_open_text);
+    p->list_open_text = NULL;
+    if (!*v)
+        return;
+
+    bool empty_inside = false;
     const char *s = v;
-    for (;;) {
+    for (size_t i = 0;; i++) {
         const char *comma = strchr(s, ',');
         size_t len = comma ? (size_t)(comma - s) : strlen(s);
         char *item = trimmed_copy(s, len);
         if (!*item) {
             free(item);
-        } else {
-            bool ok = true;
-            if (names) {
-                for (const char *c = item; *c; c++) {
-                    if (is_blank(*c) || (unsigned char)*c < 0x20 || *c == 0x7f) {
-                        error_at(p, line, "%s: \"%s\" contains whitespace or a control character",
-                                 key, show(&sh, item));
-                        ok = false;
-                        break;
-                    }
+            if (!comma && i > 0)
+                list_open(p, line, key, v);          /* trailing ',' */
+            else if (!(i == 0 && comma && cont && !after_comma))
+                empty_inside = true;                 /* leading ',' is fine on a continuation */
+        } else if ((item = list_item(p, line, key, kind, item, sv))) {
+            if (lines) {
+                if (sv->n + 1 > *lines_cap) {
+                    *lines_cap = *lines_cap ? *lines_cap * 2 : 4;
+                    *lines = xrealloc(*lines, *lines_cap * sizeof **lines);
                 }
+                (*lines)[sv->n] = line;
             }
-            if (!ok) {
-                free(item);
-            } else {
-                if (lines) {
-                    if (sv->n + 1 > *lines_cap) {
-                        *lines_cap = *lines_cap ? *lines_cap * 2 : 4;
-                        *lines = xrealloc(*lines, *lines_cap * sizeof **lines);
-                    }
-                    (*lines)[sv->n] = line;
-                }
-                strvec_push(sv, item);
-            }
+            strvec_push(sv, item);
         }
         if (!comma)
             break;
         s = comma + 1;
+    }
+    if (empty_inside) {
+        p->list_open_line = 0;                       /* one message for the line */
+        free(p->list_open_text);
+        p->list_open_text = NULL;
+        error_at(p, line, "%s: \"%s\" has an empty item (a ',' with nothing before or after it)",
+                 key, show(&sh, v));
     }
 }
 
@@ -1313,6 +1525,19 @@ static bool check_model_file(struct parser *p, int line, const char *model, cons
     return ok;
 }
 
+/* Every value must be UTF-8: names and paths end up in JSON, where
+ * anything else is lost. False after reporting where it goes wrong. */
+static bool value_is_utf8(struct parser *p, int line, const char *key, const char *v)
+{
+    size_t len = strlen(v), bad = util_utf8_check(v, len);
+    if (bad == len)
+        return true;
+    error_at(p, line, "%s: the value is not valid UTF-8 (byte 0x%02X at position %zu of the value)",
+             key, (unsigned char)v[bad], bad + 1);
+    p->list_open_line = 0;          /* the line is refused whole: no list to go on */
+    return false;
+}
+
 /* One value (or continuation) for [pool]. */
 static void pool_value(struct parser *p, int k, const char *v)
 {
@@ -1320,6 +1545,9 @@ static void pool_value(struct parser *p, int k, const char *v)
     int line = p->lineno;
     const char *key = pool_keys[k];
     struct shown sh;
+
+    if (!value_is_utf8(p, line, key, v))
+        return;
 
     switch ((enum pool_key)k) {
     case PK_LISTEN:
@@ -1447,7 +1675,7 @@ static void pool_value(struct parser *p, int k, const char *v)
         c->default_model = *v ? xstrdup(v) : NULL;
         break;
     case PK_API_KEYS:
-        add_list(p, line, key, v, &p->api_keys, NULL, NULL, true);
+        add_list(p, line, key, v, &p->api_keys, NULL, NULL, LIST_KEYS);
         break;
     case PK_ADMIN_KEY:
         free(c->admin_key);
@@ -1468,6 +1696,15 @@ static void pool_value(struct parser *p, int k, const char *v)
     case PK_MAX_CONNECTIONS:
         get_uint(p, line, key, v, 1, 10000000, &c->max_connections);
         break;
+    case PK_BODY_TIMEOUT:
+        get_duration(p, line, key, v, false, &c->body_timeout_ms);
+        break;
+    case PK_DRAIN_TIMEOUT:
+        get_duration(p, line, key, v, false, &c->drain_timeout_ms);
+        break;
+    case PK_CORS_ORIGINS:
+        add_list(p, line, key, v, &p->cors_origins, NULL, NULL, LIST_ORIGINS);
+        break;
     case PK__COUNT:
         break;
     }
@@ -1479,6 +1716,9 @@ static void model_value(struct parser *p, struct pmodel *m, int k, const char *v
     int line = p->lineno;
     const char *key = model_keys[k];
     struct shown sh;
+
+    if (!value_is_utf8(p, line, key, v))
+        return;
 
     switch ((enum model_key)k) {
     case MK_PATH:
@@ -1540,7 +1780,7 @@ static void model_value(struct parser *p, struct pmodel *m, int k, const char *v
         get_duration(p, line, key, v, false, &m->idle_timeout_ms);
         break;
     case MK_ALIASES:
-        add_list(p, line, key, v, &m->aliases, &m->alias_lines, &m->alias_lines_cap, true);
+        add_list(p, line, key, v, &m->aliases, &m->alias_lines, &m->alias_lines_cap, LIST_ALIASES);
         break;
     case MK_ENV:
         add_env(p, line, m, v);
@@ -1731,8 +1971,13 @@ static void scan_models_dir(struct parser *p)
         struct shown sh2;
         const char *why = bad_model_name(f->name);
         if (why) {
-            error_at(p, line, "models_dir: \"%s\" would be a model named \"%s\", but %s: rename the file",
-                     show(&sh, f->fname), show(&sh2, f->name), why);
+            /* One odd file among thousands must not refuse the whole
+             * config (nor a reload): skip it, and say so. */
+            char *fname = utf8_clean(xstrdup(f->fname));
+            log_warn("%s:%d: models_dir: skipping \"%s\": its name is no model name: %s (%s); "
+                     "rename the file, or give it a [model NAME] section with path =",
+                     p->file, line, show(&sh, fname), why, NAME_RULE);
+            free(fname);
             continue;
         }
         bool added;
@@ -1918,6 +2163,8 @@ static void set_defaults(struct config *c)
     c->header_timeout_ms = 10 * 1000;
     c->keepalive_timeout_ms = 60 * 1000;
     c->max_connections = 4096;
+    c->body_timeout_ms = 60 * 1000;
+    c->drain_timeout_ms = -1;           /* unset: stop_timeout, once it is known */
 }
 
 static void parser_free(struct parser *p)
@@ -1926,8 +2173,10 @@ static void parser_free(struct parser *p)
     free(p->raw);
     free(p->work);
     free(p->prev_key);
+    free(p->list_open_text);
     strvec_free(&p->default_args);
     strvec_free(&p->api_keys);
+    strvec_free(&p->cors_origins);
     for (size_t i = 0; i < p->nmodels; i++) {
         struct pmodel *m = &p->models[i];
         free(m->name);
@@ -2002,6 +2251,7 @@ static void give_errors(struct parser *p, struct config_errors *errs)
 
 static void single_error(struct config_errors *errs, char *msg)
 {
+    msg = utf8_clean(msg);
     if (!errs) {
         free(msg);
         return;
@@ -2011,28 +2261,23 @@ static void single_error(struct config_errors *errs, char *msg)
     errs->n = 1;
 }
 
-static struct config *load(const char *name, FILE *fp, const char *text,
+/* TEXT holds LEN bytes (NUL bytes among them, maybe), at most
+ * CONFIG_MAX_BYTES. */
+static struct config *load(const char *name, const char *text, size_t len,
                            struct config_errors *errs)
 {
     struct parser p = { 0 };
     p.file = name;
     p.dir = file_dir(name);
-    p.fp = fp;
     p.str = text;
-    p.str_len = text ? strlen(text) : 0;
+    p.str_len = len;
     p.cfg = xcalloc(1, sizeof *p.cfg);
     p.cfg->file = xstrdup(name);
     set_defaults(p.cfg);
 
     int rc = ini_parse_stream(line_reader, &p, on_value, &p);
+    list_close(&p);                /* a list's last line ended with ',' */
 
-    if (p.read_errno || (fp && ferror(fp))) {
-        int e = p.read_errno ? p.read_errno : EIO;
-        single_error(errs, xasprintf("%s: cannot read: %s", name, strerror(e)));
-        parser_free(&p);
-        config_free(p.cfg);
-        return NULL;
-    }
     if (rc != 0 && p.nerrs == 0)   /* inih found something we did not */
         error_at(&p, rc > 0 ? rc : 1, "syntax error");
     finish(&p);
@@ -2046,6 +2291,9 @@ static struct config *load(const char *name, FILE *fp, const char *text,
     struct config *c = p.cfg;
     c->default_args = strvec_take(&p.default_args, &c->ndefault_args);
     c->api_keys = strvec_take(&p.api_keys, &c->napi_keys);
+    c->cors_origins = strvec_take(&p.cors_origins, &c->ncors_origins);
+    if (c->drain_timeout_ms < 0)
+        c->drain_timeout_ms = c->stop_timeout_ms;
     build_models(&p);
     parser_free(&p);
     return c;
@@ -2054,19 +2302,103 @@ static struct config *load(const char *name, FILE *fp, const char *text,
 /* ------------------------------------------------------------------ */
 /* Public API                                                          */
 
+static const char *file_kind(mode_t mode)
+{
+    if (S_ISDIR(mode))
+        return "a directory";
+    if (S_ISFIFO(mode))
+        return "a FIFO";
+    if (S_ISCHR(mode))
+        return "a character device";
+    if (S_ISBLK(mode))
+        return "a block device";
+    if (S_ISSOCK(mode))
+        return "a socket";
+    return "not a plain file";
+}
+
+static char *too_large(const char *name)
+{
+    return xasprintf("%s: larger than %d bytes (%d MiB): too large for a pool.conf",
+                     name, CONFIG_MAX_BYTES, CONFIG_MAX_BYTES >> 20);
+}
+
+/* The whole of PATH, a regular file of at most CONFIG_MAX_BYTES, in *OUT
+ * (malloc'd, NUL-terminated, *LEN bytes before that NUL). NULL on success,
+ * else the message. O_NONBLOCK: opening a FIFO must not wait for a writer. */
+static char *read_config_file(const char *path, char **out, size_t *len)
+{
+    int fd = open(path, O_RDONLY | O_CLOEXEC | O_NONBLOCK | O_NOCTTY);
+    if (fd < 0)
+        return xasprintf("%s: cannot read: %s", path, strerror(errno));
+    struct stat st;
+    if (fstat(fd, &st) < 0) {
+        int e = errno;
+        close(fd);
+        return xasprintf("%s: cannot read: %s", path, strerror(e));
+    }
+    if (S_ISDIR(st.st_mode)) {
+        close(fd);
+        return xasprintf("%s: cannot read: %s", path, strerror(EISDIR));
+    }
+    if (!S_ISREG(st.st_mode)) {
+        close(fd);
+        return xasprintf("%s: cannot read: it is %s, not a regular file", path, file_kind(st.st_mode));
+    }
+    if (st.st_size > CONFIG_MAX_BYTES) {
+        close(fd);
+        return too_large(path);
+    }
+    /* The size may change while we read (or be 0, as in /proc): read
+     * until the end, but never past the limit. */
+    size_t cap = (size_t)st.st_size + 1, n = 0;
+    char *buf = xrealloc(NULL, cap + 1);
+    for (;;) {
+        if (n == cap) {
+            if (cap > CONFIG_MAX_BYTES)
+                break;
+            cap = cap * 2 > (size_t)CONFIG_MAX_BYTES + 1 ? (size_t)CONFIG_MAX_BYTES + 1 : cap * 2;
+            buf = xrealloc(buf, cap + 1);
+        }
+        ssize_t r = read(fd, buf + n, cap - n);
+        if (r < 0 && errno == EINTR)
+            continue;
+        if (r < 0) {
+            int e = errno;
+            close(fd);
+            free(buf);
+            return xasprintf("%s: cannot read: %s", path, strerror(e));
+        }
+        if (r == 0)
+            break;
+        n += (size_t)r;
+    }
+    close(fd);
+    if (n > CONFIG_MAX_BYTES) {
+        free(buf);
+        return too_large(path);
+    }
+    buf[n] = '\0';
+    *out = buf;
+    *len = n;
+    return NULL;
+}
+
 struct config *config_load(const char *path, struct config_errors *errs)
 {
     if (errs) {
         errs->msgs = NULL;
         errs->n = 0;
     }
-    FILE *fp = fopen(path, "re");
-    if (!fp) {
-        single_error(errs, xasprintf("%s: cannot read: %s", path, strerror(errno)));
+    char *text = NULL;
+    size_t len = 0;
+    char *err = read_config_file(path, &text, &len);
+    if (err) {
+        single_error(errs, err);
         return NULL;
     }
-    struct config *c = load(path, fp, NULL, errs);
-    fclose(fp);
+    struct config *c = load(path, text, len, errs);
+    free(text);
     return c;
 }
 
@@ -2077,7 +2409,12 @@ struct config *config_load_string(const char *name, const char *text,
         errs->msgs = NULL;
         errs->n = 0;
     }
-    return load(name, NULL, text ? text : "", errs);
+    size_t len = text ? strlen(text) : 0;
+    if (len > CONFIG_MAX_BYTES) {
+        single_error(errs, too_large(name));
+        return NULL;
+    }
+    return load(name, text ? text : "", len, errs);
 }
 
 void config_free(struct config *cfg)
@@ -2093,6 +2430,7 @@ void config_free(struct config *cfg)
     config_argv_free(cfg->default_args);
     free(cfg->default_model);
     config_argv_free(cfg->api_keys);
+    config_argv_free(cfg->cors_origins);
     free(cfg->admin_key);
     for (size_t i = 0; i < cfg->nmodels; i++) {
         struct config_model *m = &cfg->models[i];

@@ -12,6 +12,10 @@
 
 #define CONFIG_DEFAULT_PATH "/etc/llama-pool/pool.conf"
 
+/* A pool.conf larger than this is refused, not read ("check -c /dev/zero"
+ * must end). Only regular files are read: a FIFO or a device is refused. */
+#define CONFIG_MAX_BYTES (16 * 1024 * 1024)
+
 /* One environment assignment for a model's children. */
 struct config_env {
     char *name;
@@ -83,6 +87,12 @@ struct config {
     int64_t header_timeout_ms;
     int64_t keepalive_timeout_ms;
     unsigned max_connections;
+    int64_t body_timeout_ms;    /* whole body within this after the headers; 0 = none */
+    int64_t drain_timeout_ms;   /* a stopping instance's in-flight grace; never -1
+                                 * after a load: unset takes stop_timeout */
+    char **cors_origins;        /* NULL-terminated, possibly empty: "*" alone, or
+                                 * "scheme://host[:port]" each (lowercase) */
+    size_t ncors_origins;
 
     struct config_model *models;
     size_t nmodels;

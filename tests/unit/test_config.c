@@ -18,6 +18,11 @@
 
 #include "config.h"
 
+/* The rules the messages end with (config.c's NAME_RULE and ALIAS_RULE). */
+#define NAME_RULE "a model name is UTF-8 text without whitespace, control characters, " \
+                  "'/', '?', '#' or '%', and does not start with '.'"
+#define ALIAS_RULE "an alias is UTF-8 text without whitespace, control characters, '?', '#' or '%'"
+
 /* ------------------------------------------------------------------ */
 /* Fixture: a temporary directory holding pool.conf's would-be home and  */
 /* an (empty) model file m.gguf.                                         */
@@ -200,6 +205,11 @@ static void test_pool_defaults(void **state)
     assert_int_equal(c->header_timeout_ms, 10000);
     assert_int_equal(c->keepalive_timeout_ms, 60000);
     assert_int_equal(c->max_connections, 4096);
+    assert_int_equal(c->body_timeout_ms, 60000);
+    assert_int_equal(c->drain_timeout_ms, 10000);      /* unset: stop_timeout */
+    assert_non_null(c->cors_origins);
+    assert_int_equal(c->ncors_origins, 0);
+    assert_null(c->cors_origins[0]);
     assert_int_equal(c->nmodels, 0);
     config_free(c);
 
@@ -264,13 +274,16 @@ static void test_every_pool_key(void **state)
              "models_dir = models\n"
              "default_args = -cram 0 --no-webui\n"
              "default_model = tiny-alias\n"
-             "api_keys = k1, k2 ,,k3\n"
+             "api_keys = k1, k2 ,k3\n"
              "admin_key = s3cret\n"
              "max_body = 1.5MiB\n"
              "max_header = 8kb\n"
              "header_timeout = 3s\n"
              "keepalive_timeout = 0\n"
              "max_connections = 10\n"
+             "body_timeout = 2m\n"
+             "drain_timeout = 30s\n"
+             "cors_origins = https://App.Example.com, http://localhost:3000\n"
              "[model tiny]\npath = m.gguf\naliases = tiny-alias\n");
     struct config *c = load_ok(f, text);
     assert_string_equal(c->listen, "[::1]:9090");
@@ -308,6 +321,12 @@ static void test_every_pool_key(void **state)
     assert_int_equal(c->header_timeout_ms, 3000);
     assert_int_equal(c->keepalive_timeout_ms, 0);
     assert_int_equal(c->max_connections, 10);
+    assert_int_equal(c->body_timeout_ms, 120000);
+    assert_int_equal(c->drain_timeout_ms, 30000);
+    assert_int_equal(c->ncors_origins, 2);
+    assert_string_equal(c->cors_origins[0], "https://app.example.com");   /* as browsers send it */
+    assert_string_equal(c->cors_origins[1], "http://localhost:3000");
+    assert_null(c->cors_origins[2]);
     config_free(c);
 
     /* a relative llama_server without '/' is left for PATH lookup; with one
@@ -317,13 +336,15 @@ static void test_every_pool_key(void **state)
     config_free(c);
 
     /* empty values that mean "off" */
-    c = load_ok(f, "[pool]\nlisten =\nmodels_dir =\ndefault_model =\nadmin_key =\napi_keys =\ndefault_args =\n");
+    c = load_ok(f, "[pool]\nlisten =\nmodels_dir =\ndefault_model =\nadmin_key =\napi_keys =\ndefault_args =\n"
+                   "cors_origins =\n");
     assert_null(c->listen);
     assert_null(c->models_dir);
     assert_null(c->default_model);
     assert_null(c->admin_key);
     assert_int_equal(c->napi_keys, 0);
     assert_int_equal(c->ndefault_args, 0);
+    assert_int_equal(c->ncors_origins, 0);
     config_free(c);
 
     c = load_ok(f, "[pool]\nmemory_budget = 48G\n");
@@ -594,7 +615,7 @@ static void test_bad_model_values(void **state)
     expect_exact(f, "[model a]\npath = m.gguf\nidle_timeout = -1\n",
                  "3: idle_timeout: \"-1\" is not a duration (a number with ms, s, m or h: 250ms, 10s, 30m, 2h)", NULL);
     expect_exact(f, "[model a]\npath = m.gguf\naliases = ok, not ok\n",
-                 "3: aliases: \"not ok\" contains whitespace or a control character", NULL);
+                 "3: aliases: invalid alias \"not ok\": it contains whitespace (" ALIAS_RULE ")", NULL);
     expect_exact(f, "[model a]\npath = m.gguf\nargs = --alias \"x\n",
                  "3: args: unterminated double quote", NULL);
     expect_exact(f, "[model a]\npath = m.gguf\nargs = --chat-template \"a ; b\"\n",
@@ -712,10 +733,12 @@ static void test_sections_and_syntax(void **state)
                  "1: unknown section [global]: sections are [pool] and [model NAME]", NULL);
     expect_exact(f, "[model]\npath = m.gguf\n", "1: [model] needs a name: [model NAME]", NULL);
     expect_exact(f, "[model   ]\n", "1: [model] needs a name: [model NAME]", NULL);
-    expect_exact(f, "[model a/b]\npath = m.gguf\n", "1: invalid model name \"a/b\": it contains '/'", NULL);
+    expect_exact(f, "[model a/b]\npath = m.gguf\n",
+                 "1: invalid model name \"a/b\": it contains '/' (" NAME_RULE ")", NULL);
     expect_exact(f, "[model .hidden]\npath = m.gguf\n",
-                 "1: invalid model name \".hidden\": it starts with '.'", NULL);
-    expect_exact(f, "[model a b]\npath = m.gguf\n", "1: invalid model name \"a b\": it contains whitespace", NULL);
+                 "1: invalid model name \".hidden\": it starts with '.' (" NAME_RULE ")", NULL);
+    expect_exact(f, "[model a b]\npath = m.gguf\n",
+                 "1: invalid model name \"a b\": it contains whitespace (" NAME_RULE ")", NULL);
     expect_exact(f, "listen = 1.2.3.4:80\n[pool]\n",
                  "1: key \"listen\" is outside any section: put it under [pool] or [model NAME]", NULL);
     expect_exact(f, "[pool\nlisten = 1.2.3.4:80\n", "1: section header without ']'", NULL);
@@ -1130,15 +1153,11 @@ static void test_models_dir(void **state)
     assert_string_equal(c->default_model, "big");
     config_free(c);
 
-    /* two files giving one name; a file name that is no model name */
+    /* two files giving one name */
     snprintf(p, sizeof p, "%s/a-00001-of-00002.gguf", d);
     touch(p);
-    snprintf(p, sizeof p, "%s/my model.gguf", d);
-    touch(p);
     expect_exact(f, "[pool]\nmodels_dir = models\n",
-                 "2: models_dir: \"a-00001-of-00002.gguf\" and \"a.gguf\" both give the model name \"a\"",
-                 "2: models_dir: \"my model.gguf\" would be a model named \"my model\", but it contains whitespace: "
-                 "rename the file", NULL);
+                 "2: models_dir: \"a-00001-of-00002.gguf\" and \"a.gguf\" both give the model name \"a\"", NULL);
 
     snprintf(want, sizeof want, "2: models_dir: cannot open \"%s/nowhere\": No such file or directory", f->dir);
     expect_exact(f, "[pool]\nmodels_dir = nowhere\n", want, NULL);
@@ -1176,6 +1195,362 @@ static void test_models_dir_10000_files(void **state)
     assert_string_equal(c->models[9999].path, p);
     assert_true(c->models[9999].from_models_dir);
     config_free(c);
+}
+
+/* ------------------------------------------------------------------ */
+/* Strict input: what used to pass quietly and then did harm           */
+
+/* Write LEN bytes of DATA as DIR/pool.conf and load that file. */
+static struct config *load_bytes(struct fx *f, const void *data, size_t len, struct config_errors *e)
+{
+    int fd = open(f->conf, O_WRONLY | O_CREAT | O_TRUNC, 0644);
+    assert_true(fd >= 0);
+    assert_int_equal(write(fd, data, len), (ssize_t)len);
+    close(fd);
+    return config_load(f->conf, e);
+}
+
+static void test_empty_list_items_are_errors(void **state)
+{
+    struct fx *f = *state;
+    /* "api_keys = ," used to mean no keys at all: authentication off */
+    expect_exact(f, "[pool]\napi_keys = ,\n",
+                 "2: api_keys: \",\" has an empty item (a ',' with nothing before or after it)", NULL);
+    expect_exact(f, "[pool]\napi_keys = a,,b\n",
+                 "2: api_keys: \"a,,b\" has an empty item (a ',' with nothing before or after it)", NULL);
+    expect_exact(f, "[pool]\napi_keys = a, ,b\n",
+                 "2: api_keys: \"a, ,b\" has an empty item (a ',' with nothing before or after it)", NULL);
+    expect_exact(f, "[pool]\napi_keys = ,a\n",
+                 "2: api_keys: \",a\" has an empty item (a ',' with nothing before or after it)", NULL);
+    /* a trailing ',' with nothing after it, at the end of the file or
+     * before the next key, section, or a blank line and a key */
+    static const char *const trailing[] = {
+        "[pool]\napi_keys = a, \n",
+        "[pool]\napi_keys = a,\nmax_queue = 3\n",
+        "[pool]\napi_keys = a, ; a comment\n[model x]\npath = m.gguf\n",
+        "[pool]\napi_keys = a,\n\n; comment\nmax_queue = 3\n",
+    };
+    for (size_t i = 0; i < sizeof trailing / sizeof *trailing; i++)
+        expect_error(f, trailing[i], 2, "api_keys: \"a,\" has an empty item after its last ','",
+                     "only when it goes on on the next, indented, line", NULL);
+    expect_error(f, "[model x]\npath = m.gguf\naliases = a,b,\n", 3,
+                 "aliases: \"a,b,\" has an empty item after its last ','", NULL);
+    expect_exact(f, "[model x]\npath = m.gguf\naliases = a,,b\n",
+                 "3: aliases: \"a,,b\" has an empty item (a ',' with nothing before or after it)", NULL);
+    expect_exact(f, "[pool]\ncors_origins = https://a.example,\n",
+                 "2: cors_origins: \"https://a.example,\" has an empty item after its last ',' "
+                 "(a list may end a line with ',' only when it goes on on the next, indented, line)", NULL);
+    /* two commas across a line break are an empty item too */
+    expect_exact(f, "[pool]\napi_keys = a,\n  ,b\n",
+                 "3: api_keys: \",b\" has an empty item (a ',' with nothing before or after it)", NULL);
+
+    /* lists over several lines: a ',' may end a line, or begin the next */
+    struct config *c = load_ok(f, "[pool]\napi_keys = a,\n  b ,\n\n  ; note\n  c\n    , d\n");
+    assert_int_equal(c->napi_keys, 4);
+    assert_string_equal(c->api_keys[0], "a");
+    assert_string_equal(c->api_keys[3], "d");
+    config_free(c);
+    /* an empty value is an empty list */
+    c = load_ok(f, "[pool]\napi_keys =\n[model x]\npath = m.gguf\naliases =\n");
+    assert_int_equal(c->napi_keys, 0);
+    assert_int_equal(c->models[0].naliases, 0);
+    config_free(c);
+}
+
+static void test_nul_byte_is_an_error_naming_its_line(void **state)
+{
+    struct fx *f = *state;
+    static const char text[] = "[pool]\nmax_queue = 3\n[model m]\npath = m.gguf\nargs = -c 1\0 --evil\npin = x\n";
+    struct config_errors e;
+    struct config *c = load_bytes(f, text, sizeof text - 1, &e);
+    if (c)
+        print_message("loaded with args \"%s\"\n", c->models[0].args_text);
+    assert_null(c);
+    char want[512];
+    snprintf(want, sizeof want, "%s:5: this line holds a NUL byte (at column 12), which would cut it short", f->conf);
+    print_errors(&e);
+    assert_int_equal(e.n, 2);
+    assert_string_equal(e.msgs[0], want);
+    /* the lines after it are still read, with their own numbers */
+    snprintf(want, sizeof want, "%s:6: pin: \"x\" is not yes or no (yes/no, true/false, on/off, 1/0)", f->conf);
+    assert_string_equal(e.msgs[1], want);
+    config_errors_free(&e);
+
+    /* a NUL in a comment, or at the very end, is refused as well */
+    static const char end[] = "[pool]\n; note\0\n";
+    assert_null(load_bytes(f, end, sizeof end - 1, &e));
+    assert_int_equal(e.n, 1);
+    assert_non_null(strstr(e.msgs[0], ":2: this line holds a NUL byte (at column 7)"));
+    config_errors_free(&e);
+}
+
+/* Every message must be valid UTF-8 itself: a refused reload sends them as JSON. */
+static void expect_utf8_messages(struct fx *f, const char *text)
+{
+    struct config_errors e;
+    assert_null(config_load_string(f->conf, text, &e));
+    assert_true(e.n > 0);
+    for (size_t i = 0; i < e.n; i++) {
+        size_t len = strlen(e.msgs[i]);
+        if (memchr(e.msgs[i], 0xFF, len) || memchr(e.msgs[i], 0xFE, len))
+            print_message("raw byte in %s\n", e.msgs[i]);
+        assert_int_equal(memchr(e.msgs[i], 0xFF, len), NULL);
+        assert_int_equal(memchr(e.msgs[i], 0xFE, len), NULL);
+    }
+    config_errors_free(&e);
+}
+
+static void test_invalid_utf8_is_refused_naming_the_key(void **state)
+{
+    struct fx *f = *state;
+    expect_exact(f, "[model caf\xE9]\npath = m.gguf\n",
+                 "1: invalid model name \"caf\xEF\xBF\xBD\": it is not valid UTF-8 (" NAME_RULE ")", NULL);
+    expect_exact(f, "[model m]\npath = m.gguf\naliases = ok, gpt\xFF\n",
+                 "3: aliases: the value is not valid UTF-8 (byte 0xFF at position 8 of the value)", NULL);
+    expect_exact(f, "[model m]\npath = m.gguf\nargs = -c 1 --alias \xC0\xAF\n",
+                 "3: args: the value is not valid UTF-8 (byte 0xC0 at position 14 of the value)", NULL);
+    expect_exact(f, "[model m]\npath = m.gguf\nenv = A=1\n  B=\xED\xA0\x80\n",
+                 "4: env: the value is not valid UTF-8 (byte 0xED at position 3 of the value)", NULL);
+    expect_exact(f, "[pool]\nadmin_key = secret\xFE\n",
+                 "2: admin_key: the value is not valid UTF-8 (byte 0xFE at position 7 of the value)", NULL);
+    expect_exact(f, "[pool]\ndefault_model = x\xFF\n",
+                 "2: default_model: the value is not valid UTF-8 (byte 0xFF at position 2 of the value)", NULL);
+    /* a path with a bad byte is reported once, not again as "no path" */
+    expect_exact(f, "[model m]\npath = m\xFF.gguf\n",
+                 "2: path: the value is not valid UTF-8 (byte 0xFF at position 2 of the value)", NULL);
+    /* messages stay UTF-8 whatever the file holds */
+    expect_utf8_messages(f, "[model a\xFF]\npath = m.gguf\n");
+    expect_utf8_messages(f, "[pool]\nmax_queue\xFE = 1\n");
+    expect_utf8_messages(f, "[sect\xFF]\n");
+    /* UTF-8 itself is welcome, in names, aliases and values */
+    struct config *c = load_ok(f, "[model \xD0\xBC\xD0\xBE\xD0\xB4\xD0\xB5\xD0\xBB\xD1\x8C]\npath = m.gguf\n"
+                                  "aliases = caf\xC3\xA9, \xF0\x9F\xA6\x99\nargs = --alias \"\xE2\x82\xAC\"\n");
+    assert_string_equal(c->models[0].name, "\xD0\xBC\xD0\xBE\xD0\xB4\xD0\xB5\xD0\xBB\xD1\x8C");
+    assert_string_equal(c->models[0].aliases[1], "\xF0\x9F\xA6\x99");
+    config_free(c);
+}
+
+static void test_names_and_aliases_fit_in_urls(void **state)
+{
+    struct fx *f = *state;
+    static const struct { const char *name, *why; } bad[] = {
+        { "a?b", "it contains '?'" }, { "a#b", "it contains '#'" }, { "50%", "it contains '%'" },
+        { "a/b", "it contains '/'" }, { "a\tb", "it contains whitespace" },
+        { "a\xC2\xA0" "b", "it contains whitespace" },          /* no-break space */
+        { "a\x01" "b", "it contains a control character" },
+        { "a\x7F" "b", "it contains a control character" },
+        { "a\xC2\x85" "b", "it contains a control character" }, /* C1 NEL */
+    };
+    for (size_t i = 0; i < sizeof bad / sizeof *bad; i++) {
+        char text[256], want[512];
+        snprintf(text, sizeof text, "[model %s]\npath = m.gguf\n", bad[i].name);
+        snprintf(want, sizeof want, "1: invalid model name \"%s\": %s (%s)", bad[i].name, bad[i].why, NAME_RULE);
+        expect_exact(f, text, want, NULL);
+        if (!strcmp(bad[i].name, "a/b"))
+            continue;                                            /* an alias may hold '/' */
+        snprintf(text, sizeof text, "[model m]\npath = m.gguf\naliases = ok,%s\n", bad[i].name);
+        snprintf(want, sizeof want, "3: aliases: invalid alias \"%s\": %s (%s)", bad[i].name, bad[i].why, ALIAS_RULE);
+        expect_exact(f, text, want, NULL);
+    }
+    /* "org/model" ids are what OpenAI clients send: fine as aliases, and
+     * the model's own name still addresses it in URLs */
+    struct config *c = load_ok(f, "[model qwen-7b]\npath = m.gguf\naliases = Qwen/Qwen2.5-7B-Instruct, .dot\n"
+                                  "[model a+b@c:d~e!]\npath = m.gguf\n");
+    assert_ptr_equal(config_find_model(c, "Qwen/Qwen2.5-7B-Instruct"), &c->models[0]);
+    assert_string_equal(c->models[1].name, "a+b@c:d~e!");
+    config_free(c);
+}
+
+/* Run a config_load with stderr captured; returns what was written there. */
+static char *load_capturing_stderr(struct fx *f, const char *text, struct config **out)
+{
+    char path[256];
+    snprintf(path, sizeof path, "%s/stderr.txt", f->dir);
+    int fd = open(path, O_RDWR | O_CREAT | O_TRUNC, 0644);
+    assert_true(fd >= 0);
+    fflush(stderr);
+    int saved = dup(2);
+    assert_true(saved >= 0);
+    dup2(fd, 2);
+    write_file(f->conf, text);
+    struct config_errors e;
+    *out = config_load(f->conf, &e);
+    fflush(stderr);
+    dup2(saved, 2);
+    close(saved);
+    print_errors(&e);
+    config_errors_free(&e);
+    char *buf = calloc(1, 65536);
+    assert_true(pread(fd, buf, 65535, 0) >= 0);
+    close(fd);
+    return buf;
+}
+
+static void test_models_dir_skips_files_that_are_no_names(void **state)
+{
+    struct fx *f = *state;
+    char d[200], p[300];
+    snprintf(d, sizeof d, "%s/models", f->dir);
+    assert_int_equal(mkdir(d, 0755), 0);
+    static const char *const files[] = {
+        "good.gguf", "my model.gguf", "what?.gguf", "100%.gguf", "bad\xFF.gguf", "caf\xC3\xA9.gguf",
+    };
+    for (size_t i = 0; i < sizeof files / sizeof *files; i++) {
+        snprintf(p, sizeof p, "%s/%s", d, files[i]);
+        touch(p);
+    }
+    struct config *c;
+    char *err = load_capturing_stderr(f, "[pool]\nmodels_dir = models\n", &c);
+    print_message("%s", err);
+    assert_non_null(c);
+    assert_int_equal(c->nmodels, 2);
+    assert_string_equal(c->models[0].name, "caf\xC3\xA9");
+    assert_string_equal(c->models[1].name, "good");
+    config_free(c);
+    /* one warning per skipped file, saying why and what to do */
+    char want[512];
+    snprintf(want, sizeof want, "%s:2: models_dir: skipping \"my model.gguf\": its name is no model name: "
+             "it contains whitespace (%s); rename the file, or give it a [model NAME] section "
+             "with path =", f->conf, NAME_RULE);
+    assert_non_null(strstr(err, want));
+    assert_non_null(strstr(err, "skipping \"what?.gguf\": its name is no model name: it contains '?'"));
+    assert_non_null(strstr(err, "skipping \"100%.gguf\": its name is no model name: it contains '%'"));
+    assert_non_null(strstr(err, "skipping \"bad\xEF\xBF\xBD.gguf\": its name is no model name: "
+                                "it is not valid UTF-8"));
+    free(err);
+
+    /* such a file can still be served, through a section of its own */
+    c = load_ok(f, "[pool]\nmodels_dir = models\n[model mine]\npath = models/my model.gguf\n");
+    assert_int_equal(c->nmodels, 3);
+    assert_string_equal(c->models[0].name, "mine");
+    config_free(c);
+}
+
+static void test_config_file_size_and_kind(void **state)
+{
+    struct fx *f = *state;
+    struct config_errors e;
+    char want[512];
+
+    /* "check -c /dev/zero" used to read until memory ran out */
+    alarm(10);                       /* a hang fails the test instead of the run */
+    assert_null(config_load("/dev/zero", &e));
+    assert_int_equal(e.n, 1);
+    assert_string_equal(e.msgs[0], "/dev/zero: cannot read: it is a character device, not a regular file");
+    config_errors_free(&e);
+
+    /* a FIFO with no writer must not block */
+    char fifo[256];
+    snprintf(fifo, sizeof fifo, "%s/fifo.conf", f->dir);
+    assert_int_equal(mkfifo(fifo, 0600), 0);
+    assert_null(config_load(fifo, &e));
+    assert_int_equal(e.n, 1);
+    snprintf(want, sizeof want, "%s: cannot read: it is a FIFO, not a regular file", fifo);
+    assert_string_equal(e.msgs[0], want);
+    config_errors_free(&e);
+    alarm(0);
+
+    /* a regular file over the cap is refused before it is read */
+    int fd = open(f->conf, O_WRONLY | O_CREAT | O_TRUNC, 0644);
+    assert_true(fd >= 0);
+    assert_int_equal(ftruncate(fd, CONFIG_MAX_BYTES + 1), 0);
+    close(fd);
+    assert_null(config_load(f->conf, &e));
+    assert_int_equal(e.n, 1);
+    snprintf(want, sizeof want, "%s: larger than 16777216 bytes (16 MiB): too large for a pool.conf", f->conf);
+    assert_string_equal(e.msgs[0], want);
+    config_errors_free(&e);
+
+    /* up to the cap is fine: a 16 MiB file of comments */
+    char *big = malloc(CONFIG_MAX_BYTES + 2);
+    assert_non_null(big);
+    for (size_t i = 0; i < CONFIG_MAX_BYTES; i += 64) {
+        memset(big + i, 'x', 63);
+        big[i] = ';';
+        big[i + 63] = '\n';
+    }
+    memcpy(big, "[pool]\nmax_queue = 9\n;", 22);    /* the first 64-byte line, cut in three */
+    struct config *c = load_bytes(f, big, CONFIG_MAX_BYTES, &e);
+    print_errors(&e);
+    assert_non_null(c);
+    assert_int_equal(c->max_queue, 9);
+    config_free(c);
+    /* and the same text as a string: the cap holds there too */
+    big[CONFIG_MAX_BYTES] = ';';
+    big[CONFIG_MAX_BYTES + 1] = '\0';
+    assert_null(config_load_string(f->conf, big, &e));
+    assert_int_equal(e.n, 1);
+    assert_string_equal(e.msgs[0], want);
+    config_errors_free(&e);
+    free(big);
+}
+
+static void test_body_and_drain_timeouts(void **state)
+{
+    struct fx *f = *state;
+    struct config *c = load_ok(f, "[pool]\nbody_timeout = 0\nstop_timeout = 3s\n");
+    assert_int_equal(c->body_timeout_ms, 0);            /* 0 = no limit */
+    assert_int_equal(c->drain_timeout_ms, 3000);        /* follows stop_timeout when unset */
+    config_free(c);
+    c = load_ok(f, "[pool]\ndrain_timeout = 0\nstop_timeout = 3s\n");
+    assert_int_equal(c->drain_timeout_ms, 0);           /* set: kept, even 0 */
+    assert_int_equal(c->stop_timeout_ms, 3000);
+    config_free(c);
+    c = load_ok(f, "[pool]\ndrain_timeout = 2m\n");
+    assert_int_equal(c->drain_timeout_ms, 120000);
+    assert_int_equal(c->stop_timeout_ms, 10000);
+    config_free(c);
+    expect_exact(f, "[pool]\nbody_timeout = soon\n",
+                 "2: body_timeout: \"soon\" is not a duration (a number with ms, s, m or h: 250ms, 10s, 30m, 2h)", NULL);
+    expect_exact(f, "[pool]\ndrain_timeout = -1\n",
+                 "2: drain_timeout: \"-1\" is not a duration (a number with ms, s, m or h: 250ms, 10s, 30m, 2h)", NULL);
+}
+
+static void test_cors_origins(void **state)
+{
+    struct fx *f = *state;
+    struct config *c = load_ok(f, "[pool]\ncors_origins = *\n");
+    assert_int_equal(c->ncors_origins, 1);
+    assert_string_equal(c->cors_origins[0], "*");
+    config_free(c);
+    c = load_ok(f, "[pool]\ncors_origins = http://[::1]:8080, chrome-extension://abcdef, HTTPS://X.Example:8443\n");
+    assert_int_equal(c->ncors_origins, 3);
+    assert_string_equal(c->cors_origins[0], "http://[::1]:8080");
+    assert_string_equal(c->cors_origins[1], "chrome-extension://abcdef");
+    assert_string_equal(c->cors_origins[2], "https://x.example:8443");
+    config_free(c);
+
+    static const struct { const char *v, *msg; } bad[] = {
+        { "https://app.example.com/", "has a path: an origin is only scheme://host[:port], with no '/' after it" },
+        { "https://app.example.com/chat", "has a path: an origin is only scheme://host[:port], with no '/' after it" },
+        { "app.example.com", "is not an origin: write scheme://host[:port] (https://app.example.com) or *" },
+        { "null", "is not an origin: write scheme://host[:port] (https://app.example.com) or *" },
+        { "://x", "is not an origin: write scheme://host[:port] (https://app.example.com) or *" },
+        { "https://", "has no host: write scheme://host[:port] (https://app.example.com)" },
+        { "https://a.example:0", "has a port that is not a number from 1 to 65535" },
+        { "https://a.example:99999", "has a port that is not a number from 1 to 65535" },
+        { "https://a.example:", "has a port that is not a number from 1 to 65535" },
+        { "https://a.example:443", "names its scheme's default port, which browsers leave out of Origin: "
+                                   "write it without the port" },
+        { "http://a.example:80", "names its scheme's default port, which browsers leave out of Origin: "
+                                 "write it without the port" },
+        { "https://user@a.example", "is not an origin: the host may hold letters, digits, '-', '.' and '_' "
+                                    "(write an international name in its xn-- form)" },
+        { "http://[nope]", "does not hold a valid IPv6 address in its brackets" },
+    };
+    for (size_t i = 0; i < sizeof bad / sizeof *bad; i++) {
+        char text[256], want[512];
+        snprintf(text, sizeof text, "[pool]\ncors_origins = %s\n", bad[i].v);
+        snprintf(want, sizeof want, "2: cors_origins: \"%s\" %s", bad[i].v, bad[i].msg);
+        expect_exact(f, text, want, NULL);
+    }
+    expect_exact(f, "[pool]\ncors_origins = *, https://a.example\n",
+                 "2: cors_origins: \"*\" already allows every origin: list it alone", NULL);
+    expect_exact(f, "[pool]\ncors_origins = https://a.example, *\n",
+                 "2: cors_origins: \"*\" already allows every origin: list it alone", NULL);
+    /* one line only, like the other single-valued keys */
+    expect_error(f, "[pool]\ncors_origins = https://a.example\n  https://b.example\n", 3,
+                 "\"cors_origins\" takes one line", NULL);
 }
 
 /* ------------------------------------------------------------------ */
@@ -1469,6 +1844,14 @@ int main(void)
         T(test_long_lines),
         T(test_models_dir),
         T(test_models_dir_10000_files),
+        T(test_empty_list_items_are_errors),
+        T(test_nul_byte_is_an_error_naming_its_line),
+        T(test_invalid_utf8_is_refused_naming_the_key),
+        T(test_names_and_aliases_fit_in_urls),
+        T(test_models_dir_skips_files_that_are_no_names),
+        T(test_config_file_size_and_kind),
+        T(test_body_and_drain_timeouts),
+        T(test_cors_origins),
         T(test_split_words),
         T(test_child_argv),
         T(test_same_child),

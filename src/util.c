@@ -1,0 +1,208 @@
+/* util — small text helpers: UTF-8 checks, lossy UTF-8 copies, JSON escaping. */
+#include "util.h"
+
+#include <stdlib.h>
+#include <string.h>
+
+/* U+FFFD REPLACEMENT CHARACTER, in UTF-8. */
+static const char utf8_replacement[] = "\xEF\xBF\xBD";
+#define UTF8_REPLACEMENT_LEN 3
+
+/* One step of a UTF-8 decoder over U[0..LEN), LEN > 0. Returns the length of
+ * the well-formed sequence at U (its code point in *CP), or minus the length
+ * of the maximal ill-formed subpart there (at least 1): the bytes that could
+ * still have begun a well-formed sequence, all replaced by one U+FFFD. */
+static long utf8_step(const unsigned char *u, size_t len, uint32_t *cp)
+{
+    unsigned char b = u[0];
+    unsigned char lo = 0x80, hi = 0xBF;   /* allowed range of the second byte */
+    size_t need;
+    uint32_t c;
+
+    if (b < 0x80) {
+        *cp = b;
+        return 1;
+    }
+    if (b >= 0xC2 && b <= 0xDF) {
+        need = 2;
+        c = b & 0x1F;
+    } else if (b >= 0xE0 && b <= 0xEF) {
+        need = 3;
+        c = b & 0x0F;
+        if (b == 0xE0)
+            lo = 0xA0;                    /* no overlong forms */
+        else if (b == 0xED)
+            hi = 0x9F;                    /* no surrogates */
+    } else if (b >= 0xF0 && b <= 0xF4) {
+        need = 4;
+        c = b & 0x07;
+        if (b == 0xF0)
+            lo = 0x90;                    /* no overlong forms */
+        else if (b == 0xF4)
+            hi = 0x8F;                    /* nothing past U+10FFFF */
+    } else {
+        return -1;                        /* 80..C1, F5..FF never start one */
+    }
+    for (size_t i = 1; i < need; i++) {
+        unsigned char min = i == 1 ? lo : 0x80, max = i == 1 ? hi : 0xBF;
+        if (i >= len || u[i] < min || u[i] > max)
+            return -(long)i;
+        c = (c << 6) | (u[i] & 0x3F);
+    }
+    *cp = c;
+    return (long)need;
+}
+
+size_t util_utf8_decode(const char *s, size_t len, uint32_t *cp)
+{
+    uint32_t c;
+    if (!s || !len)
+        return 0;
+    long n = utf8_step((const unsigned char *)s, len, &c);
+    if (n <= 0)
+        return 0;
+    if (cp)
+        *cp = c;
+    return (size_t)n;
+}
+
+size_t util_utf8_check(const char *s, size_t len)
+{
+    const unsigned char *u = (const unsigned char *)s;
+    size_t i = 0;
+    while (i < len) {
+        if (u[i] < 0x80) {                /* the common case, without a call */
+            i++;
+            continue;
+        }
+        uint32_t cp;
+        long n = utf8_step(u + i, len - i, &cp);
+        if (n <= 0)
+            return i;
+        i += (size_t)n;
+    }
+    return len;
+}
+
+bool util_utf8_valid(const char *s)
+{
+    if (!s)
+        return false;
+    size_t len = strlen(s);
+    return util_utf8_check(s, len) == len;
+}
+
+char *util_utf8_lossy(const char *s, size_t len, size_t *out_len)
+{
+    const unsigned char *u = (const unsigned char *)s;
+    size_t need = 0;
+    uint32_t cp;
+
+    for (size_t i = 0; i < len;) {
+        long n = utf8_step(u + i, len - i, &cp);
+        need += n > 0 ? (size_t)n : UTF8_REPLACEMENT_LEN;
+        i += (size_t)(n > 0 ? n : -n);
+    }
+    char *out = malloc(need + 1);
+    if (!out)
+        return NULL;
+    size_t o = 0;
+    for (size_t i = 0; i < len;) {
+        long n = utf8_step(u + i, len - i, &cp);
+        if (n > 0) {
+            memcpy(out + o, s + i, (size_t)n);
+            o += (size_t)n;
+            i += (size_t)n;
+        } else {
+            memcpy(out + o, utf8_replacement, UTF8_REPLACEMENT_LEN);
+            o += UTF8_REPLACEMENT_LEN;
+            i += (size_t)-n;
+        }
+    }
+    out[o] = '\0';
+    if (out_len)
+        *out_len = o;
+    return out;
+}
+
+/* The JSON form of the character at U (LEN bytes left) in BUF (at least 6
+ * bytes); its length in *OUT; returns how many input bytes it took. */
+static size_t json_escape_one(const unsigned char *u, size_t len, char *buf, size_t *out)
+{
+    static const char hex[] = "0123456789abcdef";
+    unsigned char ch = u[0];
+    const char *shortesc = NULL;
+
+    switch (ch) {
+    case '"':  shortesc = "\\\""; break;
+    case '\\': shortesc = "\\\\"; break;
+    case '\b': shortesc = "\\b"; break;
+    case '\f': shortesc = "\\f"; break;
+    case '\n': shortesc = "\\n"; break;
+    case '\r': shortesc = "\\r"; break;
+    case '\t': shortesc = "\\t"; break;
+    default: break;
+    }
+    if (shortesc) {
+        memcpy(buf, shortesc, 2);
+        *out = 2;
+        return 1;
+    }
+    if (ch < 0x20 || ch == 0x7f) {
+        memcpy(buf, "\\u00", 4);
+        buf[4] = hex[ch >> 4];
+        buf[5] = hex[ch & 15];
+        *out = 6;
+        return 1;
+    }
+    uint32_t cp;
+    long n = utf8_step(u, len, &cp);
+    if (n > 0) {
+        memcpy(buf, u, (size_t)n);
+        *out = (size_t)n;
+        return (size_t)n;
+    }
+    memcpy(buf, utf8_replacement, UTF8_REPLACEMENT_LEN);
+    *out = UTF8_REPLACEMENT_LEN;
+    return (size_t)-n;
+}
+
+size_t util_json_escape(char *dst, size_t cap, const char *s)
+{
+    const unsigned char *u = (const unsigned char *)s;
+    size_t len = s ? strlen(s) : 0;
+    size_t need = 0;          /* the whole escaped length */
+    size_t written = 0;       /* what fitted in DST */
+    bool cut = false;
+
+    for (size_t i = 0; i < len;) {
+        char buf[6];
+        size_t n;
+        i += json_escape_one(u + i, len - i, buf, &n);
+        if (!cut && cap && written + n <= cap - 1) {
+            memcpy(dst + written, buf, n);
+            written += n;
+        } else {
+            cut = true;       /* nothing after a character that did not fit */
+        }
+        need += n;
+    }
+    if (cap)
+        dst[written] = '\0';
+    return need;
+}
+
+json_t *util_json_string(const char *s)
+{
+    if (!s)
+        return json_null();
+    size_t len = strlen(s);
+    if (util_utf8_check(s, len) == len)
+        return json_string_nocheck(s);
+    char *fixed = util_utf8_lossy(s, len, NULL);
+    if (!fixed)
+        return NULL;
+    json_t *j = json_string_nocheck(fixed);
+    free(fixed);
+    return j;
+}
