@@ -4,11 +4,13 @@
 #include <errno.h>
 #include <fcntl.h>
 #include <limits.h>
+#include <stdbool.h>
 #include <signal.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/prctl.h>
+#include <sys/random.h>
 #include <sys/resource.h>
 #include <sys/stat.h>
 #include <sys/syscall.h>
@@ -165,13 +167,18 @@ int spawn_env_allowed(const char *entry)
         "LC_", "CUDA_", "HIP_", "ROCR_", "HSA_", "GGML_", "ONEAPI_", "ZE_",
         "VK_", "OMP_", "OPENBLAS_", NULL,
     };
+    /* Names that would change what a child is, whatever lists above say:
+     * a router child, or a key not of the pool's choosing. */
+    static const char *const never[] = {
+        "LLAMA_SERVER_ROUTER_PORT", "LLAMA_API_KEY", "LLAMA_ARG_API_KEY_FILE", NULL,
+    };
     const char *eq = strchr(entry, '=');
     if (!eq)
         return 0;
     size_t len = (size_t)(eq - entry);
-    if (len == strlen("LLAMA_SERVER_ROUTER_PORT") &&
-        memcmp(entry, "LLAMA_SERVER_ROUTER_PORT", len) == 0)
-        return 0;
+    for (size_t i = 0; never[i]; i++)
+        if (strlen(never[i]) == len && memcmp(entry, never[i], len) == 0)
+            return 0;
     for (size_t i = 0; exact[i]; i++)
         if (strlen(exact[i]) == len && memcmp(entry, exact[i], len) == 0)
             return 1;
@@ -229,4 +236,89 @@ void spawn_env_free(char **env)
     for (char **e = env; *e; e++)
         free(*e);
     free(env);
+}
+
+/* ---------- the child's API key ---------- */
+
+int spawn_random_key(char *out, size_t outlen)
+{
+    static const char hex[] = "0123456789abcdef";
+    unsigned char raw[SPAWN_KEY_BYTES];
+    size_t got = 0;
+
+    if (outlen < SPAWN_KEY_LEN + 1) {
+        errno = EINVAL;
+        return -1;
+    }
+    while (got < sizeof raw) {
+        ssize_t r = getrandom(raw + got, sizeof raw - got, 0);
+        if (r < 0) {
+            if (errno == EINTR)
+                continue;
+            return -1;
+        }
+        got += (size_t)r;
+    }
+    for (size_t i = 0; i < sizeof raw; i++) {
+        out[2 * i] = hex[raw[i] >> 4];
+        out[2 * i + 1] = hex[raw[i] & 0xf];
+    }
+    out[SPAWN_KEY_LEN] = '\0';
+    return 0;
+}
+
+/* Bytes a key may hold to travel as "Authorization: Bearer KEY". */
+static bool key_sendable(const char *k)
+{
+    if (!*k)
+        return false;
+    for (; *k; k++)
+        if ((unsigned char)*k <= 0x20 || *k == 0x7f)
+            return false;
+    return true;
+}
+
+/* Next field of a list as llama.cpp's parse_csv_row splits it: a '"' that
+ * opens a field quotes it (commas inside are kept, "" is one quote); a
+ * '"' elsewhere is literal. The field goes to FIELD (room for strlen of
+ * the rest); returns where the next field starts, or NULL at the end. */
+static const char *csv_field(const char *s, char *field)
+{
+    bool quoted = false;
+    size_t n = 0;
+    for (; *s; s++) {
+        if (*s == '"' && !quoted && n == 0) {
+            quoted = true;
+        } else if (*s == '"' && quoted) {
+            if (s[1] == '"')
+                field[n++] = *++s;
+            else
+                quoted = false;
+        } else if (*s == ',' && !quoted) {
+            field[n] = '\0';
+            return s + 1;
+        } else {
+            field[n++] = *s;
+        }
+    }
+    field[n] = '\0';
+    return NULL;
+}
+
+char *spawn_first_key(const char *list)
+{
+    char *field = malloc(strlen(list) + 1);
+    if (!field)
+        return NULL;
+    for (const char *s = list; s; ) {
+        s = csv_field(s, field);
+        if (key_sendable(field)) {
+            char *key = strdup(field);
+            free(field);
+            return key;
+        }
+    }
+    free(field);
+    errno = EINVAL;
+    return NULL;
 }

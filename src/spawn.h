@@ -27,12 +27,34 @@ char *spawn_resolve(const char *name);
 /* A clean environment for a child: from ours only PATH, HOME, USER, LOGNAME,
  * LANG, LANGUAGE, LC_*, TZ, TMPDIR, LD_LIBRARY_PATH and the accelerator
  * selectors (CUDA_*, HIP_*, ROCR_*, GGML_*, …); never
- * LLAMA_SERVER_ROUTER_PORT; then EXTRA ("NAME=VALUE" strings, NULL-terminated
- * or n entries), which override. Malloc'd, free with spawn_env_free. */
+ * LLAMA_SERVER_ROUTER_PORT, and never our own LLAMA_API_KEY (a child's key
+ * is the pool's choice, in EXTRA); then EXTRA ("NAME=VALUE" strings,
+ * NULL-terminated or n entries), which override. Malloc'd, free with
+ * spawn_env_free. */
 char **spawn_clean_env(char *const extra[], size_t nextra);
 void spawn_env_free(char **env);
 
 /* True if NAME=… from our environment may pass to a child. */
 int spawn_env_allowed(const char *entry);
+
+/* ---- the child's API key ----
+ * Each child requires a key (llama-server's --api-key, which it also reads
+ * from LLAMA_API_KEY) so that only the pool can talk to it. The key goes
+ * through the environment, never argv: /proc/PID/cmdline is world-readable,
+ * /proc/PID/environ only to the child's owner. */
+
+#define SPAWN_KEY_BYTES 32                      /* from getrandom(2) */
+#define SPAWN_KEY_LEN   (2 * SPAWN_KEY_BYTES)   /* hex digits */
+
+/* Fill OUT (at least SPAWN_KEY_LEN + 1 bytes) with a fresh random key in
+ * lowercase hex. Returns 0, or -1 with errno set (getrandom failed). */
+int spawn_random_key(char *out, size_t outlen);
+
+/* The first key of a llama.cpp key list ("k1,k2", as --api-key and
+ * LLAMA_API_KEY take it: comma-separated, "double quotes" protect commas,
+ * empty entries skipped) that can be sent in an HTTP header: no spaces or
+ * control characters. Malloc'd, or NULL when there is none (errno EINVAL)
+ * or on ENOMEM. */
+char *spawn_first_key(const char *list);
 
 #endif
