@@ -1,8 +1,10 @@
+#define _GNU_SOURCE
 #include "health.h"
 
 #include "log.h"
 
 #include <curl/curl.h>
+#include <errno.h>
 #include <fcntl.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -24,6 +26,7 @@ struct health_probe {
     void *arg;
     char *body;
     size_t len;
+    struct curl_slist *headers; /* Authorization, or NULL */
     char err[CURL_ERROR_SIZE];
 };
 
@@ -33,6 +36,13 @@ struct health_sock {
     struct health *h;
     curl_socket_t fd;
 };
+
+static void probe_free(struct health_probe *p)
+{
+    curl_slist_free_all(p->headers);
+    free(p->body);
+    free(p);
+}
 
 static void health_check_done(struct health *h)
 {
@@ -52,8 +62,7 @@ static void health_check_done(struct health *h)
         curl_easy_cleanup(p->easy);
         p->easy = NULL;
         p->cb(p->arg, status, p->body ? p->body : "", p->len, status ? NULL : p->err);
-        free(p->body);
-        free(p);
+        probe_free(p);
     }
 }
 
@@ -179,8 +188,27 @@ void health_free(struct health *h)
     free(h);
 }
 
-struct health_probe *health_get(struct health *h, const char *url, long timeout_ms,
-                                health_cb cb, void *arg)
+/* "Authorization: Bearer KEY" as a curl header list; NULL with errno set. */
+static struct curl_slist *bearer_header(const char *key)
+{
+    if (strpbrk(key, "\r\n")) {
+        errno = EINVAL;
+        return NULL;
+    }
+    char *line;
+    if (asprintf(&line, "Authorization: Bearer %s", key) < 0) {
+        errno = ENOMEM;
+        return NULL;
+    }
+    struct curl_slist *list = curl_slist_append(NULL, line);   /* copies LINE */
+    free(line);
+    if (!list)
+        errno = ENOMEM;
+    return list;
+}
+
+struct health_probe *health_get_key(struct health *h, const char *url, long timeout_ms,
+                                    const char *key, health_cb cb, void *arg)
 {
     struct health_probe *p = calloc(1, sizeof *p);
     if (!p)
@@ -188,9 +216,13 @@ struct health_probe *health_get(struct health *h, const char *url, long timeout_
     p->h = h;
     p->cb = cb;
     p->arg = arg;
+    if (key && !(p->headers = bearer_header(key))) {
+        free(p);
+        return NULL;
+    }
     p->easy = curl_easy_init();
     if (!p->easy) {
-        free(p);
+        probe_free(p);
         return NULL;
     }
     curl_easy_setopt(p->easy, CURLOPT_URL, url);
@@ -205,12 +237,20 @@ struct health_probe *health_get(struct health *h, const char *url, long timeout_
     curl_easy_setopt(p->easy, CURLOPT_PROXY, "");        /* never an http_proxy */
     curl_easy_setopt(p->easy, CURLOPT_TCP_NODELAY, 1L);
     curl_easy_setopt(p->easy, CURLOPT_USERAGENT, "llama-pool");
+    if (p->headers)
+        curl_easy_setopt(p->easy, CURLOPT_HTTPHEADER, p->headers);
     if (curl_multi_add_handle(h->multi, p->easy) != CURLM_OK) {
         curl_easy_cleanup(p->easy);
-        free(p);
+        probe_free(p);
         return NULL;
     }
     return p;
+}
+
+struct health_probe *health_get(struct health *h, const char *url, long timeout_ms,
+                                health_cb cb, void *arg)
+{
+    return health_get_key(h, url, timeout_ms, NULL, cb, arg);
 }
 
 void health_cancel(struct health_probe *p)
@@ -219,6 +259,5 @@ void health_cancel(struct health_probe *p)
         return;
     curl_multi_remove_handle(p->h->multi, p->easy);
     curl_easy_cleanup(p->easy);
-    free(p->body);
-    free(p);
+    probe_free(p);
 }
