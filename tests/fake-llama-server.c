@@ -19,7 +19,9 @@
  *   -np, --parallel N    slots; -1 (default) = 4 slots sharing the whole context,
  *                        N > 0 = N slots of n_ctx / N each
  *   -a, --alias A[,B]    the API model id is the first alias, else -m as given
- *   --api-key K[,K2]     Bearer K or X-Api-Key K; /health, /models stay public
+ *   --api-key K[,K2]     Bearer K or X-Api-Key K; /health, /models stay public.
+ *                        Keys also come from LLAMA_API_KEY (read first, as
+ *                        llama.cpp reads env before argv): all of them count
  *   --metrics            enable /metrics (else 501)
  *   --slots, --no-slots  /slots on (default) or 501
  *   --no-mmap, --load-mode none|dio   read the model into anonymous memory
@@ -53,6 +55,8 @@
  *   FAKE_KEEPALIVE_MS=5000   idle keep-alive timeout (cpp-httplib's 5 s)
  *   FAKE_N_CTX_TRAIN=4096    the model's training context
  *   FAKE_VERBOSE=1           same as -v
+ *   FAKE_LOG_AUTH=1          log the Authorization and X-Api-Key headers of
+ *                            every request (to check what a proxy forwards)
  *
  * Signals: SIGTERM/SIGINT while loading kill at once (default action). After
  * ready the first stops accepting connections and exits 0 once every
@@ -106,7 +110,8 @@ struct config {
     const char *model;
     const char *host;
     const char *aliases;      /* "a,b" or NULL */
-    const char *api_keys;     /* "k1,k2" or NULL */
+    char **api_keys;          /* LLAMA_API_KEY's, then each --api-key's */
+    size_t n_api_keys;        /* 0: no key needed */
     long port, n_ctx, n_parallel, timeout_s;
     bool port_given, metrics, slots, use_mmap, verbose;
     /* environment */
@@ -114,7 +119,7 @@ struct config {
     long bind_delay_ms;
     long exit_after_ms, keepalive_ms, n_ctx_train;
     unsigned long long memory;
-    bool crash_at_load, deterministic, ignore_sigterm;
+    bool crash_at_load, deterministic, ignore_sigterm, log_auth;
     /* derived */
     int n_slots;
     long slot_n_ctx;
@@ -1869,26 +1874,22 @@ static void handle_options(struct conn *c, struct request *rq)
 
 /* ---------------------------------------------------------------- routing */
 
-/* key matches one of the comma-separated --api-key values */
+/* key is one of the keys from LLAMA_API_KEY and --api-key */
 static bool key_listed(const char *key)
 {
-    size_t kl = strlen(key);
-    for (const char *s = g_cfg.api_keys; *s;) {
-        const char *e = strchr(s, ',');
-        size_t n = e ? (size_t)(e - s) : strlen(s);
-        if (n == kl && memcmp(s, key, n) == 0)
+    for (size_t i = 0; i < g_cfg.n_api_keys; i++)
+        if (streq(g_cfg.api_keys[i], key))
             return true;
-        if (!e)
-            break;
-        s = e + 1;
-    }
     return false;
 }
 
+/* As llama-server's middleware: no keys, or a public path, or the key in
+ * Authorization (with or without "Bearer "), or in X-Api-Key when there is
+ * no Authorization at all. */
 static bool api_key_ok(const struct request *rq)
 {
     static const char *const public_paths[] = { "/health", "/v1/health", "/models", "/v1/models", "/" };
-    if (!g_cfg.api_keys)
+    if (!g_cfg.n_api_keys)
         return true;
     for (size_t i = 0; i < sizeof public_paths / sizeof public_paths[0]; i++)
         if (streq(rq->path, public_paths[i]))
@@ -1917,6 +1918,9 @@ static void route(struct conn *c, struct request *rq)
     bool get = rq->head || streq(rq->method, "GET");
     bool post = streq(rq->method, "POST");
 
+    if (g_cfg.log_auth)
+        SRV_LOG('I', "log_auth", "%s %s authorization=\"%s\" x-api-key=\"%s\"",
+                rq->method, rq->path, rq->authorization, rq->x_api_key);
     if (streq(rq->method, "OPTIONS"))
         return handle_options(c, rq);
     if (!atomic_load(&g_ready))
@@ -2325,6 +2329,46 @@ static unsigned long long env_size(const char *name)
     return (unsigned long long)(v * mult);
 }
 
+/* Append the keys of LIST as llama.cpp's parse_csv_row splits it: commas
+ * separate; a '"' that opens a field quotes it (commas inside kept, ""
+ * is one quote); a '"' elsewhere is literal. Empty keys are skipped. */
+static void add_api_keys(const char *list)
+{
+    char *field = malloc(strlen(list) + 1);
+    if (!field)
+        fatal("out of memory");
+    const char *s = list;
+    for (bool more = true; more; ) {
+        bool quoted = false;
+        size_t n = 0;
+        more = false;
+        for (; *s; s++) {
+            if (*s == '"' && !quoted && n == 0) {
+                quoted = true;
+            } else if (*s == '"' && quoted) {
+                if (s[1] == '"')
+                    field[n++] = *++s;
+                else
+                    quoted = false;
+            } else if (*s == ',' && !quoted) {
+                s++;
+                more = true;
+                break;
+            } else {
+                field[n++] = *s;
+            }
+        }
+        if (n == 0)
+            continue;
+        char **v = realloc(g_cfg.api_keys, (g_cfg.n_api_keys + 1) * sizeof *v);
+        if (!v || !(v[g_cfg.n_api_keys] = strndup(field, n)))
+            fatal("out of memory");
+        g_cfg.api_keys = v;
+        g_cfg.n_api_keys++;
+    }
+    free(field);
+}
+
 static void read_environment(void)
 {
     g_cfg.load_ms = env_long("FAKE_LOAD_MS", 100, 0);
@@ -2342,6 +2386,10 @@ static void read_environment(void)
     g_cfg.keepalive_ms = env_long("FAKE_KEEPALIVE_MS", 5000, 1);
     g_cfg.n_ctx_train = env_long("FAKE_N_CTX_TRAIN", 4096, 1);
     g_cfg.verbose = env_flag("FAKE_VERBOSE");
+    g_cfg.log_auth = env_flag("FAKE_LOG_AUTH");
+    const char *keys = getenv("LLAMA_API_KEY");
+    if (keys)
+        add_api_keys(keys);
 }
 
 static bool arg_is(const char *a, const char *short_name, const char *long_name)
@@ -2373,8 +2421,12 @@ static void parse_args(int argc, char **argv)
             g_cfg.n_parallel = parse_long(a, arg_value(argc, argv, &i), -1, 4096);
         else if (arg_is(a, "-a", "--alias"))
             g_cfg.aliases = arg_value(argc, argv, &i);
-        else if (arg_is(a, NULL, "--api-key"))
-            g_cfg.api_keys = arg_value(argc, argv, &i);
+        else if (arg_is(a, NULL, "--api-key")) {
+            if (getenv("LLAMA_API_KEY"))   /* llama.cpp's words; the keys add up all the same */
+                fprintf(stderr, "warn: LLAMA_API_KEY environment variable is set, but will be "
+                        "overwritten by command line argument --api-key\n");
+            add_api_keys(arg_value(argc, argv, &i));
+        }
         else if (arg_is(a, "-to", "--timeout"))
             g_cfg.timeout_s = parse_long(a, arg_value(argc, argv, &i), 1, INT_MAX);
         else if (arg_is(a, NULL, "--metrics"))
