@@ -961,12 +961,15 @@ static char *line_reader(char *str, int num, void *stream)
 /* Sections                                                            */
 
 /* What names and aliases may hold. A name is a URL path segment
- * (/pool/models/NAME/start, /upstream/NAME/...), a JSON string and a log
- * file's name; an alias is what clients put in a body's "model" and in
- * /pool/server?model=, where "org/model" ids are common, so it may hold '/'.
- * Both rules appear in full in the messages below. */
-#define NAME_RULE "a model name is UTF-8 text without whitespace, control characters, " \
-                  "'/', '?', '#' or '%', and does not start with '.'"
+ * (/pool/models/NAME/start, /upstream/NAME/...) taken as sent, a JSON
+ * string and a log file's name: besides '/', '?', '#' and '%', it holds
+ * none of the characters that browsers and URL libraries percent-encode in
+ * a path or read as '/' ('"', '<', '>', '`', '{', '}', '\\'). An alias is
+ * what clients put in a body's "model" (and /pool/server?model=), where
+ * "org/model" ids are common: it may hold '/' and those. Both rules appear
+ * in full in the messages. */
+#define NAME_RULE "a model name is UTF-8 text without whitespace, control characters or any of " \
+                  "/ \\ ? # % \" < > ` { }, and does not start with '.'"
 #define ALIAS_RULE "an alias is UTF-8 text without whitespace, control characters, '?', '#' or '%'"
 
 /* Unicode white space beyond ASCII's (which is_blank covers). */
@@ -994,10 +997,17 @@ static const char *bad_name_text(const char *s, bool is_alias)
         if (cp < 0x20 || (cp >= 0x7F && cp <= 0x9F))
             return "it contains a control character";
         switch (cp) {
-        case '/': if (!is_alias) return "it contains '/'"; break;
         case '?': return "it contains '?'";
         case '#': return "it contains '#'";
         case '%': return "it contains '%'";
+        case '/': if (!is_alias) return "it contains '/'"; break;
+        case '\\': if (!is_alias) return "it contains '\\'"; break;
+        case '"': if (!is_alias) return "it contains '\"'"; break;
+        case '<': if (!is_alias) return "it contains '<'"; break;
+        case '>': if (!is_alias) return "it contains '>'"; break;
+        case '`': if (!is_alias) return "it contains '`'"; break;
+        case '{': if (!is_alias) return "it contains '{'"; break;
+        case '}': if (!is_alias) return "it contains '}'"; break;
         default: break;
         }
         i += n;
@@ -1700,7 +1710,10 @@ static void pool_value(struct parser *p, int k, const char *v)
         get_duration(p, line, key, v, false, &c->body_timeout_ms);
         break;
     case PK_DRAIN_TIMEOUT:
-        get_duration(p, line, key, v, false, &c->drain_timeout_ms);
+        if (!*v)
+            c->drain_timeout_ms = -1;   /* empty: follow stop_timeout, as when unset */
+        else
+            get_duration(p, line, key, v, false, &c->drain_timeout_ms);
         break;
     case PK_CORS_ORIGINS:
         add_list(p, line, key, v, &p->cors_origins, NULL, NULL, LIST_ORIGINS);

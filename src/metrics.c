@@ -3,6 +3,7 @@
 
 #include "memory.h"
 #include "pool.h"
+#include "util.h"
 
 #include <inttypes.h>
 #include <stdarg.h>
@@ -39,11 +40,14 @@ void metrics_observe(struct metrics_hist *s, double seconds)
 }
 
 /* A growing text buffer; on allocation failure it stops growing and the
- * render returns NULL. */
+ * render returns NULL. It also keeps the label values it had to escape
+ * (see label), freed with it. */
 struct out {
     char *buf;
     size_t len, cap;
     bool failed;
+    char **escaped;
+    size_t nescaped, escaped_cap;
 };
 
 static void emit(struct out *o, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
@@ -77,6 +81,44 @@ static void emit(struct out *o, const char *fmt, ...)
     }
 }
 
+/* S as a label value (between the quotes). Names in pool.conf are checked
+ * there, but a scrape must never be what breaks: anything else is escaped
+ * into a copy that O keeps until the render ends. S itself when it needs
+ * nothing. */
+static const char *label(struct out *o, const char *s)
+{
+    size_t len = strlen(s);
+    if (util_utf8_check(s, len) == len && !strpbrk(s, "\\\"\n"))
+        return s;
+    char *esc = o->failed ? NULL : util_prom_label_escape(s);
+    if (esc && o->nescaped == o->escaped_cap) {
+        size_t cap = o->escaped_cap ? o->escaped_cap * 2 : 8;
+        char **v = realloc(o->escaped, cap * sizeof *v);
+        if (v) {
+            o->escaped = v;
+            o->escaped_cap = cap;
+        } else {
+            free(esc);
+            esc = NULL;
+        }
+    }
+    if (!esc) {
+        o->failed = true;
+        return "";
+    }
+    o->escaped[o->nescaped++] = esc;
+    return esc;
+}
+
+static void out_release_escaped(struct out *o)
+{
+    for (size_t i = 0; i < o->nescaped; i++)
+        free(o->escaped[i]);
+    free(o->escaped);
+    o->escaped = NULL;
+    o->nescaped = o->escaped_cap = 0;
+}
+
 static void family(struct out *o, const char *name, const char *type, const char *help)
 {
     emit(o, "# HELP %s %s\n# TYPE %s %s\n", name, help, name, type);
@@ -106,36 +148,49 @@ char *metrics_render(struct pool *p, size_t *len)
     family(&o, "llama_pool_instance_state", "gauge", "1 for the state each instance is in");
     for (size_t i = 0; i < p->nmodels; i++) {
         struct pool_model *m = p->models[i];
+        const char *mn = label(&o, m->cfg->name);
         for (size_t j = 0; j < m->ninst; j++)
             for (size_t s = 0; s < sizeof states / sizeof states[0]; s++)
                 emit(&o, "llama_pool_instance_state{model=\"%s\",instance=\"%s\",state=\"%s\"} %d\n",
-                     m->cfg->name, m->inst[j]->id, states[s], (int)m->inst[j]->state == (int)s);
+                     mn, label(&o, m->inst[j]->id), states[s], (int)m->inst[j]->state == (int)s);
     }
     family(&o, "llama_pool_instance_memory_bytes", "gauge", "measured PSS of each instance");
-    for (size_t i = 0; i < p->nmodels; i++)
+    for (size_t i = 0; i < p->nmodels; i++) {
+        const char *mn = label(&o, p->models[i]->cfg->name);
         for (size_t j = 0; j < p->models[i]->ninst; j++) {
             struct instance *in = p->models[i]->inst[j];
             emit(&o, "llama_pool_instance_memory_bytes{model=\"%s\",instance=\"%s\"} %" PRIu64 "\n",
-                 p->models[i]->cfg->name, in->id, in->pss);
+                 mn, label(&o, in->id), in->pss);
         }
+    }
     family(&o, "llama_pool_instance_charged_bytes", "gauge",
            "what each instance is charged against the budget (estimate while starting, then PSS)");
-    for (size_t i = 0; i < p->nmodels; i++)
+    for (size_t i = 0; i < p->nmodels; i++) {
+        const char *mn = label(&o, p->models[i]->cfg->name);
         for (size_t j = 0; j < p->models[i]->ninst; j++) {
             struct instance *in = p->models[i]->inst[j];
             emit(&o, "llama_pool_instance_charged_bytes{model=\"%s\",instance=\"%s\"} %" PRIu64 "\n",
-                 p->models[i]->cfg->name, in->id, p->charge ? p->charge(in, p->hook_arg) : in->pss);
+                 mn, label(&o, in->id), p->charge ? p->charge(in, p->hook_arg) : in->pss);
         }
+    }
     family(&o, "llama_pool_instance_in_flight", "gauge", "requests being answered by each instance");
-    for (size_t i = 0; i < p->nmodels; i++)
-        for (size_t j = 0; j < p->models[i]->ninst; j++)
+    for (size_t i = 0; i < p->nmodels; i++) {
+        const char *mn = label(&o, p->models[i]->cfg->name);
+        for (size_t j = 0; j < p->models[i]->ninst; j++) {
+            struct instance *in = p->models[i]->inst[j];
             emit(&o, "llama_pool_instance_in_flight{model=\"%s\",instance=\"%s\"} %u\n",
-                 p->models[i]->cfg->name, p->models[i]->inst[j]->id, p->models[i]->inst[j]->in_flight);
+                 mn, label(&o, in->id), in->in_flight);
+        }
+    }
     family(&o, "llama_pool_instance_slots", "gauge", "slots of each instance (its /props total_slots)");
-    for (size_t i = 0; i < p->nmodels; i++)
-        for (size_t j = 0; j < p->models[i]->ninst; j++)
+    for (size_t i = 0; i < p->nmodels; i++) {
+        const char *mn = label(&o, p->models[i]->cfg->name);
+        for (size_t j = 0; j < p->models[i]->ninst; j++) {
+            struct instance *in = p->models[i]->inst[j];
             emit(&o, "llama_pool_instance_slots{model=\"%s\",instance=\"%s\"} %u\n",
-                 p->models[i]->cfg->name, p->models[i]->inst[j]->id, p->models[i]->inst[j]->slots);
+                 mn, label(&o, in->id), in->slots);
+        }
+    }
 
     family(&o, "llama_pool_memory_budget_bytes", "gauge", "memory the instances may use together");
     emit(&o, "llama_pool_memory_budget_bytes %" PRIu64 "\n", budget);
@@ -149,26 +204,27 @@ char *metrics_render(struct pool *p, size_t *len)
 
     family(&o, "llama_pool_queue_waiting", "gauge", "requests waiting for a slot, by model");
     for (size_t i = 0; i < p->nmodels; i++)
-        emit(&o, "llama_pool_queue_waiting{model=\"%s\"} %zu\n", p->models[i]->cfg->name,
+        emit(&o, "llama_pool_queue_waiting{model=\"%s\"} %zu\n", label(&o, p->models[i]->cfg->name),
              p->waiting ? p->waiting(p->models[i], p->hook_arg) : 0);
     family(&o, "llama_pool_queue_max", "gauge", "max_queue");
     emit(&o, "llama_pool_queue_max %u\n", p->cfg->max_queue);
 
     family(&o, "llama_pool_starts_total", "counter", "instance spawns, by model");
     for (size_t i = 0; i < p->nmodels; i++)
-        emit(&o, "llama_pool_starts_total{model=\"%s\"} %" PRIu64 "\n", p->models[i]->cfg->name,
+        emit(&o, "llama_pool_starts_total{model=\"%s\"} %" PRIu64 "\n", label(&o, p->models[i]->cfg->name),
              p->models[i]->stats.starts);
     family(&o, "llama_pool_load_seconds", "summary", "time from spawn to ready, by model");
     for (size_t i = 0; i < p->nmodels; i++) {
         const struct model_stats *s = &p->models[i]->stats;
-        emit(&o, "llama_pool_load_seconds_sum{model=\"%s\"} %.6f\n", p->models[i]->cfg->name, s->load_seconds);
-        emit(&o, "llama_pool_load_seconds_count{model=\"%s\"} %" PRIu64 "\n", p->models[i]->cfg->name, s->loads);
+        const char *n = label(&o, p->models[i]->cfg->name);
+        emit(&o, "llama_pool_load_seconds_sum{model=\"%s\"} %.6f\n", n, s->load_seconds);
+        emit(&o, "llama_pool_load_seconds_count{model=\"%s\"} %" PRIu64 "\n", n, s->loads);
     }
     family(&o, "llama_pool_evictions_total", "counter",
            "instances that stopped other than by an operator, by model and reason");
     for (size_t i = 0; i < p->nmodels; i++) {
         const struct model_stats *s = &p->models[i]->stats;
-        const char *n = p->models[i]->cfg->name;
+        const char *n = label(&o, p->models[i]->cfg->name);
         emit(&o, "llama_pool_evictions_total{model=\"%s\",reason=\"lru\"} %" PRIu64 "\n", n, s->lru_stops);
         emit(&o, "llama_pool_evictions_total{model=\"%s\",reason=\"idle\"} %" PRIu64 "\n", n, s->idle_stops);
         emit(&o, "llama_pool_evictions_total{model=\"%s\",reason=\"reload\"} %" PRIu64 "\n", n, s->reload_stops);
@@ -177,10 +233,9 @@ char *metrics_render(struct pool *p, size_t *len)
     family(&o, "llama_pool_queue_wait_seconds", "summary", "time from arrival to dispatch, by model");
     for (size_t i = 0; i < p->nmodels; i++) {
         const struct model_stats *s = &p->models[i]->stats;
-        emit(&o, "llama_pool_queue_wait_seconds_sum{model=\"%s\"} %.6f\n", p->models[i]->cfg->name,
-             s->queue_wait_seconds);
-        emit(&o, "llama_pool_queue_wait_seconds_count{model=\"%s\"} %" PRIu64 "\n", p->models[i]->cfg->name,
-             s->queue_waits);
+        const char *n = label(&o, p->models[i]->cfg->name);
+        emit(&o, "llama_pool_queue_wait_seconds_sum{model=\"%s\"} %.6f\n", n, s->queue_wait_seconds);
+        emit(&o, "llama_pool_queue_wait_seconds_count{model=\"%s\"} %" PRIu64 "\n", n, s->queue_waits);
     }
     family(&o, "llama_pool_requests_total", "counter",
            "answered requests by model and HTTP status (499: the client left first)");
@@ -188,7 +243,7 @@ char *metrics_render(struct pool *p, size_t *len)
         const struct model_stats *s = &p->models[i]->stats;
         for (size_t k = 0; k < METRICS_STATUS_SLOTS && s->status[k].n; k++)
             emit(&o, "llama_pool_requests_total{model=\"%s\",status=\"%d\"} %" PRIu64 "\n",
-                 p->models[i]->cfg->name, s->status[k].code, s->status[k].n);
+                 label(&o, p->models[i]->cfg->name), s->status[k].code, s->status[k].n);
     }
     histogram(&o, "llama_pool_request_duration_seconds",
               "time from a request's arrival to the end of its answer, through the proxy",
@@ -198,6 +253,7 @@ char *metrics_render(struct pool *p, size_t *len)
               "send, and the instance's prompt processing",
               &p->stats.first_byte);
 
+    out_release_escaped(&o);
     if (o.failed) {
         free(o.buf);
         return NULL;

@@ -206,3 +206,23 @@ json_t *util_json_string(const char *s)
     free(fixed);
     return j;
 }
+
+char *util_prom_label_escape(const char *s)
+{
+    size_t len;
+    char *text = util_utf8_lossy(s, strlen(s), &len);
+    char *esc = text ? malloc(2 * len + 1) : NULL;
+    if (!esc) {
+        free(text);
+        return NULL;
+    }
+    char *e = esc;
+    for (const char *c = text; *c; c++) {
+        if (*c == '\\' || *c == '"' || *c == '\n')
+            *e++ = '\\';
+        *e++ = *c == '\n' ? 'n' : *c;
+    }
+    *e = '\0';
+    free(text);
+    return esc;
+}

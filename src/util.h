@@ -48,4 +48,9 @@ size_t util_json_escape(char *dst, size_t cap, const char *s);
  * memory, as for json_string(). */
 json_t *util_json_string(const char *s);
 
+/* A malloc'd copy of S fit for a Prometheus label value (between its
+ * quotes): '\\', '"' and newline escaped as the text format wants, and
+ * ill-formed UTF-8 replaced with U+FFFD. NULL when out of memory. */
+char *util_prom_label_escape(const char *s);
+
 #endif

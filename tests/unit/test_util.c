@@ -204,6 +204,30 @@ static void test_json_string_keeps_what_json_string_drops(void **state)
     json_decref(o);
 }
 
+/* ------------------------------------------------------------------ */
+/* Prometheus                                                          */
+
+static void expect_label(const char *in, const char *want)
+{
+    char *out = util_prom_label_escape(in);
+    assert_non_null(out);
+    assert_string_equal(out, want);
+    free(out);
+}
+
+static void test_prom_label_escape(void **state)
+{
+    (void)state;
+    expect_label("tiny", "tiny");
+    expect_label("tiny#1", "tiny#1");
+    expect_label("a\"b", "a\\\"b");
+    expect_label("c:\\m", "c:\\\\m");
+    expect_label("two\nlines", "two\\nlines");
+    expect_label("caf\xC3\xA9", "caf\xC3\xA9");
+    expect_label("bad\xFF", "bad" FFFD);
+    expect_label("", "");
+}
+
 int main(void)
 {
     const struct CMUnitTest tests[] = {
@@ -213,6 +237,7 @@ int main(void)
         cmocka_unit_test(test_json_escape_makes_valid_json),
         cmocka_unit_test(test_json_escape_cuts_only_between_characters),
         cmocka_unit_test(test_json_string_keeps_what_json_string_drops),
+        cmocka_unit_test(test_prom_label_escape),
     };
     return cmocka_run_group_tests_name("util", tests, NULL, NULL);
 }
