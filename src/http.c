@@ -17,8 +17,10 @@
 #include "http.h"
 
 #include "log.h"
+#include "util.h"
 
 #include <arpa/inet.h>
+#include <ctype.h>
 #include <errno.h>
 #include <llhttp.h>
 #include <netdb.h>
@@ -125,6 +127,9 @@ struct http_conn {
     bool resp_chunked;
     bool resp_close;           /* close after this response */
     bool want_drain;           /* http_stream_write returned false */
+    bool trusted;              /* a request on it showed a valid key */
+    const char *exec_data;     /* what llhttp_execute is parsing now */
+    char last_fed;             /* the last byte fed to llhttp before it */
     char peer[64];
 };
 
@@ -132,6 +137,7 @@ struct http_server {
     struct ev_loop *loop;
     struct http_limits limits;
     http_handler_fn handler;
+    http_admit_fn admit;       /* NULL: every request is admitted, trusted */
     void *arg;
     llhttp_settings_t settings;
     int fd;                    /* listener; -1 after shutdown */
@@ -141,6 +147,8 @@ struct http_server {
     bool accept_error_logged;  /* one log line per run of accept errors */
     bool shutting_down;
     bool is_unix;
+    unsigned long evicted;     /* keyless connections closed since the last log line */
+    double evict_logged;       /* ev_now() of that line */
     char *unix_path;           /* unlinked at free if it is still our socket */
     dev_t unix_dev;
     ino_t unix_ino;
@@ -215,28 +223,22 @@ static void conn_mark_dead(struct http_conn *c)
     conn_schedule(c);
 }
 
-/* Appends a JSON string body (without quotes) for S to B. */
+/* Appends a JSON string body (without quotes) for S to B: util's escaper,
+ * so that control characters and ill-formed UTF-8 (a request's bytes echoed
+ * in a message) never make invalid JSON. */
 static bool json_escape_append(struct outbuf *b, const char *s)
 {
-    static const char hex[] = "0123456789abcdef";
-    for (; *s; s++) {
-        unsigned char ch = (unsigned char)*s;
-        char esc[6];
-        size_t n;
-        if (ch == '"' || ch == '\\') {
-            esc[0] = '\\'; esc[1] = (char)ch; n = 2;
-        } else if (ch == '\n' || ch == '\r' || ch == '\t') {
-            esc[0] = '\\'; esc[1] = ch == '\n' ? 'n' : ch == '\r' ? 'r' : 't'; n = 2;
-        } else if (ch < 0x20 || ch == 0x7f) {
-            esc[0] = '\\'; esc[1] = 'u'; esc[2] = '0'; esc[3] = '0';
-            esc[4] = hex[ch >> 4]; esc[5] = hex[ch & 15]; n = 6;
-        } else {
-            esc[0] = (char)ch; n = 1;
-        }
-        if (!outbuf_append(b, esc, n))
-            return false;
-    }
-    return true;
+    char stackbuf[512];
+    size_t n = util_json_escape(stackbuf, sizeof stackbuf, s);
+    if (n < sizeof stackbuf)
+        return outbuf_append(b, stackbuf, n);
+    char *esc = malloc(n + 1);
+    if (!esc)
+        return false;
+    util_json_escape(esc, n + 1, s);
+    bool ok = outbuf_append(b, esc, n);
+    free(esc);
+    return ok;
 }
 
 /* {"error":{"message":MSG,"type":TYPE,"code":STATUS}} into B. */
@@ -284,6 +286,17 @@ static const char *srv_date(struct http_server *srv)
         srv->date_sec = now;
     }
     return srv->date;
+}
+
+/* "Access-Control-Allow-Origin: ORIGIN\r\nVary: Origin\r\n" when the
+ * admission hook allowed REQ's Origin, else "". */
+static void cors_header(const struct http_request *req, char *out, size_t len)
+{
+    const char *origin = req && req->cors ? http_header_get(req, "Origin") : NULL;
+    int n = origin ? snprintf(out, len, "Access-Control-Allow-Origin: %s\r\nVary: Origin\r\n", origin)
+                   : -1;
+    if (n < 0 || (size_t)n >= len)
+        out[0] = '\0';
 }
 
 static bool status_has_no_body(int status)
@@ -435,11 +448,48 @@ static int on_url(llhttp_t *p, const char *at, size_t n)
     return arena_append(c->req, at, n) ? 0 : parse_reject(p, 500, "out of memory");
 }
 
+/* Length of the "scheme://authority" that starts an absolute-form target
+ * ("http://host:8080/v1/models?x"), or 0 for any other form. */
+static size_t absolute_form_prefix(const char *t, size_t n)
+{
+    size_t i = 0;
+    if (n == 0 || !isalpha((unsigned char)t[0]))
+        return 0;
+    while (i < n && (isalnum((unsigned char)t[i]) || t[i] == '+' || t[i] == '-' || t[i] == '.'))
+        i++;
+    if (n - i < 3 || memcmp(t + i, "://", 3) != 0)
+        return 0;
+    for (i += 3; i < n && t[i] != '/' && t[i] != '?' && t[i] != '#'; i++)
+        ;
+    return i;
+}
+
+/* RFC 9112 3.2.2: a server accepts a target in absolute form, and the
+ * request is then the one its origin form names ("/v1/models?x"): keep
+ * only that, so routing and forwarding see one form. */
+static bool req_origin_form(struct req *r)
+{
+    size_t skip = absolute_form_prefix(r->arena, r->alen);
+    if (!skip)
+        return true;
+    size_t rest = r->alen - skip;
+    bool slash = rest > 0 && r->arena[skip] == '/';
+    if (!slash && !arena_reserve(r, 1))
+        return false;
+    memmove(r->arena + !slash, r->arena + skip, rest);
+    if (!slash)
+        r->arena[0] = '/';
+    r->alen = rest + !slash;
+    return true;
+}
+
 /* The target is complete: store "target\0path\0query\0". */
 static int on_url_complete(llhttp_t *p)
 {
     struct http_conn *c = p->data;
     struct req *r = c->req;
+    if (!req_origin_form(r))
+        return parse_reject(p, 500, "out of memory");
     size_t tlen = r->alen;
     /* room for target\0 + path\0 + query\0 = 2 * tlen + 3 at most */
     if (!arena_append(r, "", 1) || !arena_reserve(r, tlen + 2))
@@ -501,6 +551,13 @@ static int on_header_value(llhttp_t *p, const char *at, size_t n)
 {
     struct http_conn *c = p->data;
     struct req *r = c->req;
+    /* llhttp joins an obs-fold line (CRLF then SP or HT) to the value; a
+     * value's bytes that follow a line feed are one. RFC 9112 5.2 lets a
+     * server reject it, and proxies that read it differently make it a
+     * smuggling risk. */
+    char prev = at > c->exec_data ? at[-1] : c->last_fed;
+    if (prev == '\n')
+        return parse_reject(p, 400, "obsolete line folding in a header field is not accepted");
     if (c->headers_done)
         return count_trailer(p, n);
     if (r->value_off == SIZE_MAX)
@@ -525,6 +582,25 @@ static int on_header_value_complete(llhttp_t *p)
     return 0;
 }
 
+/* The admission hook, before the body: 0, or the llhttp error that makes
+ * conn_parse_error answer the hook's status and close. */
+static int conn_admit(struct http_conn *c)
+{
+    struct http_request *req = &c->req->pub;
+    const char *msg = NULL;
+    bool trusted = false;
+    if (!c->srv->admit) {
+        c->trusted = true;
+        return 0;
+    }
+    int status = c->srv->admit(req, c->srv->arg, &trusted, &msg);
+    if (trusted)
+        c->trusted = true;
+    if (status == 0)
+        return 0;
+    return parse_reject(&c->parser, status, msg ? msg : http_status_text(status));
+}
+
 static bool expects_continue(const struct http_request *req)
 {
     const char *e = http_header_get(req, "Expect");
@@ -545,6 +621,9 @@ static int on_headers_complete(llhttp_t *p)
     c->headers_done = true;
     if (p->http_major != 1)
         return parse_reject(p, 505, "only HTTP/1.0 and HTTP/1.1 are supported");
+    int denied = conn_admit(c);
+    if (denied)
+        return denied;
     bool has_length = (p->flags & F_CONTENT_LENGTH) != 0;
     if (has_length && max_body && p->content_length > max_body) {
         snprintf(msg, sizeof msg, "request body exceeds %llu bytes", (unsigned long long)max_body);
@@ -563,7 +642,10 @@ static int on_headers_complete(llhttp_t *p)
         struct iovec iov = { (void *)cont, sizeof cont - 1 };
         conn_send(c, &iov, 1);
     }
-    conn_arm(c, ms_to_s(c->srv->limits.header_timeout_ms)); /* now the body's stall limit */
+    /* Now the body's limit: all of it within body_timeout, or without
+     * one, no stall longer than header_timeout (conn_read re-arms). */
+    int64_t body_ms = c->srv->limits.body_timeout_ms;
+    conn_arm(c, ms_to_s(body_ms > 0 ? body_ms : c->srv->limits.header_timeout_ms));
     return 0;
 }
 
@@ -715,10 +797,14 @@ static bool conn_execute(struct http_conn *c)
 
     if (in_head && max && n > max - c->hdr_bytes)
         n = (size_t)(max - c->hdr_bytes);
+    c->exec_data = data;
     llhttp_errno_t err = llhttp_execute(&c->parser, data, n);
+    c->exec_data = NULL;
     size_t used = n;
     if (err == HPE_PAUSED)
         used = (size_t)(llhttp_get_error_pos(&c->parser) - data);
+    if (used > 0)
+        c->last_fed = data[used - 1];
     c->in_off += used;
     if (in_head)
         c->hdr_bytes += used;
@@ -763,9 +849,10 @@ static void conn_parse(struct http_conn *c)
 static void conn_fail(struct http_conn *c, int status, const char *msg)
 {
     struct outbuf body = { 0 };
-    char head[512];
+    char head[1536], cors[1024];
 
     log_info("http: %s: %d %s", c->peer, status, msg);
+    cors_header(c->req ? &c->req->pub : NULL, cors, sizeof cors);
     req_free(c->req);
     c->req = NULL;
     c->resp_close = true;
@@ -774,8 +861,10 @@ static void conn_fail(struct http_conn *c, int status, const char *msg)
     int n = snprintf(head, sizeof head,
                      "HTTP/1.1 %d %s\r\nServer: llama-pool\r\n%s"
                      "Content-Type: application/json\r\nContent-Length: %zu\r\n"
-                     "Connection: close\r\n\r\n",
-                     status, http_status_text(status), srv_date(c->srv), body.len);
+                     "%sConnection: close\r\n\r\n",
+                     status, http_status_text(status), srv_date(c->srv), body.len, cors);
+    if (n < 0 || (size_t)n >= sizeof head)
+        n = 0;
     struct iovec iov[2] = { { head, (size_t)n }, { body.data, body.len } };
     conn_send(c, iov, body.len ? 2 : 1);
     outbuf_release(&body);
@@ -811,7 +900,7 @@ static void conn_read(struct http_conn *c)
     while (n < 0 && errno == EINTR);
     if (n > 0) {
         c->in_len += (size_t)n;
-        if (c->state == CONN_READING && c->headers_done)
+        if (c->state == CONN_READING && c->headers_done && c->srv->limits.body_timeout_ms <= 0)
             conn_arm(c, ms_to_s(c->srv->limits.header_timeout_ms)); /* body progress */
         return;
     }
@@ -1166,9 +1255,10 @@ static void conn_send_head(struct http_conn *c, int status, const char *ctype,
                            const char *extra, const char *framing,
                            const char *body, size_t len)
 {
-    char stackbuf[1024];
+    char stackbuf[1024], cors[1024];
     const char *date = srv_date(c->srv);
-    size_t need = 200 + strlen(date) + strlen(framing) +
+    cors_header(c->req ? &c->req->pub : NULL, cors, sizeof cors);
+    size_t need = 200 + strlen(date) + strlen(framing) + strlen(cors) +
                   (ctype ? strlen(ctype) : 0) + (extra ? strlen(extra) : 0);
     char *head = need <= sizeof stackbuf ? stackbuf : malloc(need);
     if (!head) {
@@ -1177,10 +1267,10 @@ static void conn_send_head(struct http_conn *c, int status, const char *ctype,
         return;
     }
     int n = snprintf(head, need,
-                     "HTTP/1.1 %d %s\r\nServer: llama-pool\r\n%s%s%s%s%sConnection: %s\r\n%s\r\n",
+                     "HTTP/1.1 %d %s\r\nServer: llama-pool\r\n%s%s%s%s%s%sConnection: %s\r\n%s\r\n",
                      status, http_status_text(status), date,
                      ctype ? "Content-Type: " : "", ctype ? ctype : "", ctype ? "\r\n" : "",
-                     framing, c->resp_close ? "close" : "keep-alive", extra ? extra : "");
+                     framing, cors, c->resp_close ? "close" : "keep-alive", extra ? extra : "");
     if (n < 0 || (size_t)n >= need) {
         log_warn("http: %s: response headers too long", c->peer);
         conn_mark_dead(c);
@@ -1342,11 +1432,41 @@ void http_stream_abort(struct http_request *req)
 
 /* ------------------------------------------------- listening, accepting */
 
+/* With an admission hook, the oldest connection that has shown no valid
+ * key and holds no request being handled; NULL when there is none. Such
+ * a connection is at most reading a header block (header_timeout bounds
+ * it), between requests, or closing: at max_connections it makes room, so
+ * clients without a key cannot keep out clients with one. */
+static struct http_conn *srv_evictable(struct http_server *srv)
+{
+    struct http_conn *oldest = NULL;
+    if (!srv->admit)
+        return NULL;
+    for (struct http_conn *c = srv->conns; c; c = c->next) /* newest first */
+        if (!c->trusted && !c->dead && c->state != CONN_HANDLING)
+            oldest = c;
+    return oldest;
+}
+
+static void srv_evict(struct http_server *srv, struct http_conn *victim)
+{
+    double now = ev_now(srv->loop);
+    srv->evicted++;
+    if (now - srv->evict_logged >= 10.0) {
+        log_warn("http: max_connections (%u) reached: closed %lu connection(s) that showed no key "
+                 "to make room (the latest from %s)",
+                 srv->limits.max_connections, srv->evicted, victim->peer);
+        srv->evict_logged = now;
+        srv->evicted = 0;
+    }
+    conn_close(victim);
+}
+
 static void srv_update_accept(struct http_server *srv)
 {
     unsigned max = srv->limits.max_connections;
     bool want = srv->fd >= 0 && !srv->shutting_down && !srv->accept_paused &&
-                (max == 0 || srv->nconns < max);
+                (max == 0 || srv->nconns < max || srv_evictable(srv));
     if (want)
         ev_io_start(srv->loop, &srv->accept_w);
     else
@@ -1395,7 +1515,7 @@ static void srv_accept_cb(struct ev_loop *loop, ev_io *w, int revents)
     (void)loop;
     (void)revents;
     for (int i = 0; i < ACCEPT_BATCH; i++) {
-        if (max && srv->nconns >= max)
+        if (max && srv->nconns >= max && !srv_evictable(srv))
             break;
         struct sockaddr_storage ss;
         socklen_t sl = sizeof ss;
@@ -1409,6 +1529,8 @@ static void srv_accept_cb(struct ev_loop *loop, ev_io *w, int revents)
         if (srv->is_unix || sl == 0)
             ss.ss_family = AF_UNIX;
         conn_new(srv, fd, (struct sockaddr *)&ss);
+        if (max && srv->nconns > max)
+            srv_evict(srv, srv_evictable(srv)); /* one existed before the accept */
     }
     srv_update_accept(srv);
 }
@@ -1616,6 +1738,11 @@ struct http_server *http_server_listen(struct ev_loop *loop, const char *addr,
     return srv;
 }
 
+void http_server_set_admit(struct http_server *srv, http_admit_fn admit)
+{
+    srv->admit = admit;
+}
+
 void http_server_set_limits(struct http_server *srv, const struct http_limits *limits)
 {
     srv->limits = *limits;
@@ -1692,14 +1819,15 @@ static int hexval(char ch)
 }
 
 /* Percent-decodes S[0..N) ('+' is a space; a bad escape stays literal). */
-static char *pct_decode(const char *s, size_t n)
+/* %XX decoded; '+' is a space in a query (PLUS_SPACE), itself in a path. */
+static char *pct_decode(const char *s, size_t n, bool plus_space)
 {
     char *out = malloc(n + 1), *o = out;
     if (!out)
         return NULL;
     for (size_t i = 0; i < n; i++) {
         int hi, lo;
-        if (s[i] == '+') {
+        if (s[i] == '+' && plus_space) {
             *o++ = ' ';
         } else if (s[i] == '%' && i + 2 < n &&
                    (hi = hexval(s[i + 1])) >= 0 && (lo = hexval(s[i + 2])) >= 0) {
@@ -1713,6 +1841,11 @@ static char *pct_decode(const char *s, size_t n)
     return out;
 }
 
+char *http_path_decode(const char *s, size_t n)
+{
+    return pct_decode(s, n, false);
+}
+
 char *http_query_get(const struct http_request *req, const char *name)
 {
     const char *q = req->query;
@@ -1722,13 +1855,13 @@ char *http_query_get(const struct http_request *req, const char *name)
         size_t len = strcspn(q, "&");
         const char *eq = memchr(q, '=', len);
         size_t klen = eq ? (size_t)(eq - q) : len;
-        char *key = pct_decode(q, klen);
+        char *key = pct_decode(q, klen, true);
         if (!key)
             return NULL;
         bool match = strcmp(key, name) == 0;
         free(key);
         if (match)
-            return eq ? pct_decode(eq + 1, len - klen - 1) : pct_decode("", 0);
+            return eq ? pct_decode(eq + 1, len - klen - 1, true) : pct_decode("", 0, true);
         q += len;
         if (*q == '&')
             q++;

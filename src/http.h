@@ -28,8 +28,11 @@ struct http_limits {
     uint64_t max_header;          /* bytes of request line + headers; 431 past it */
     uint64_t max_body;            /* bytes of body; 413 past it */
     int64_t header_timeout_ms;    /* time to receive a full header block; 408 */
+    int64_t body_timeout_ms;      /* time to receive the whole body after the headers;
+                                   * 408 (0: only a stall of header_timeout_ms is one) */
     int64_t keepalive_timeout_ms; /* idle time between requests before close */
-    unsigned max_connections;     /* further accepts wait (listener paused) */
+    unsigned max_connections;     /* past it, the oldest connection that has shown no
+                                   * key makes room; with none, accepts wait */
 };
 
 struct http_header {
@@ -50,6 +53,7 @@ struct http_request {
     int http_minor;           /* 1.0 or 1.1 */
     bool keep_alive;          /* client wants the connection kept */
     bool is_unix;             /* arrived over the UNIX control socket */
+    bool cors;                /* echo its Origin header in Access-Control-Allow-Origin */
     char peer[64];            /* "127.0.0.1:54321" or "unix" */
     double started;           /* ev_now() when the request line arrived */
 
@@ -64,6 +68,16 @@ struct http_request {
 
 typedef void (*http_handler_fn)(struct http_request *req, void *arg);
 
+/* Admission, called once a request's header block is in and before any
+ * byte of its body is read (the body is not there yet: body is NULL).
+ * Return 0 to read the body and hand the request to the handler, or an
+ * HTTP status to answer at once with MSG (a static string) and close the
+ * connection without reading the body. Set *TRUSTED when the request
+ * showed a valid key: from then on its connection is never the one closed
+ * to make room at max_connections. The hook may set req->cors. */
+typedef int (*http_admit_fn)(struct http_request *req, void *arg, bool *trusted,
+                             const char **msg);
+
 /* Listen on ADDR: "host:port" (IPv4 or [IPv6]) or an absolute path for a
  * UNIX socket (an existing stale socket file is replaced; the socket is
  * created 0660). Returns NULL and fills ERR on failure. */
@@ -71,6 +85,8 @@ struct http_server *http_server_listen(struct ev_loop *loop, const char *addr,
                                        const struct http_limits *limits,
                                        http_handler_fn handler, void *arg,
                                        char *err, size_t errlen);
+/* Install an admission hook (same ARG as the handler); NULL: admit all, trusted. */
+void http_server_set_admit(struct http_server *srv, http_admit_fn admit);
 /* Apply new limits (after a reload); open connections keep their timers. */
 void http_server_set_limits(struct http_server *srv, const struct http_limits *limits);
 /* Stop accepting, close idle connections; busy ones finish their response. */
@@ -83,6 +99,8 @@ unsigned http_server_port(const struct http_server *srv);
 
 /* ---- reading a request ---- */
 const char *http_header_get(const struct http_request *req, const char *name); /* case-insensitive */
+/* N bytes of a path segment, %XX-decoded ('+' stays '+'), malloc'd; NULL if out of memory. */
+char *http_path_decode(const char *s, size_t n);
 /* Value of query parameter NAME, percent-decoded into a malloc'd string; NULL if absent. */
 char *http_query_get(const struct http_request *req, const char *name);
 

@@ -1451,6 +1451,231 @@ static void test_max_connections_defers_accept(void **state)
     assert_int_equal(fx->max_conns, 1);
 }
 
+/* Admission before the body (keys), and what it protects ---------------- */
+
+/* Admits requests carrying "X-Key: good" (trusted) and any GET /public;
+ * refuses the rest with 401 before their body. Allows CORS for
+ * Origin: https://ok.example. */
+static int admit_key(struct http_request *req, void *arg, bool *trusted, const char **msg)
+{
+    struct fx *fx = arg;
+    const char *key = http_header_get(req, "X-Key");
+    const char *origin = http_header_get(req, "Origin");
+    fx->flag[7] = req->body == NULL && req->body_len == 0;   /* nothing of the body yet */
+    req->cors = origin && strcmp(origin, "https://ok.example") == 0;
+    *trusted = key && strcmp(key, "good") == 0;
+    if (*trusted || strcmp(req->path, "/public") == 0)
+        return 0;
+    *msg = "Invalid API Key";
+    return 401;
+}
+
+static void client_refused_before_body(struct fx *fx)
+{
+    struct cconn cc;
+    struct cresp r;
+    /* Announces 30 MB and sends none of it: the answer comes anyway. */
+    CHECK(one_shot(fx, "POST /v1/x HTTP/1.1\r\nHost: a\r\nOrigin: https://ok.example\r\n"
+                       "Content-Length: 30000000\r\n\r\n", &cc, &r));
+    fx->status[0] = r.status;
+    snprintf(fx->body[0], sizeof fx->body[0], "%s", r.body ? r.body : "");
+    const char *h = cresp_header(&r, "Connection");
+    fx->flag[0] = h && strcasecmp(h, "close") == 0;
+    h = cresp_header(&r, "Access-Control-Allow-Origin");
+    fx->flag[1] = h && strcmp(h, "https://ok.example") == 0;
+    cresp_free(&r);
+    CHECK(cc_expect_eof(&cc));
+    close(cc.fd);
+    /* The same with the key: read, handled, answered, kept open. */
+    CHECK(one_shot(fx, "POST /v1/x HTTP/1.1\r\nHost: a\r\nX-Key: good\r\nContent-Length: 3\r\n\r\nabc",
+                   &cc, &r));
+    fx->status[1] = r.status;
+    snprintf(fx->body[1], sizeof fx->body[1], "%s", r.body ? r.body : "");
+    fx->flag[2] = cresp_header(&r, "Access-Control-Allow-Origin") == NULL;
+    cresp_free(&r);
+    close(cc.fd);
+}
+
+static void test_admission_refuses_before_the_body(void **state)
+{
+    struct fx *fx = fx_of(state);
+    fx_listen(fx, "127.0.0.1:0");
+    http_server_set_admit(fx->srv, admit_key);
+    fx_run(fx, client_refused_before_body);
+    assert_int_equal(fx->status[0], 401);
+    assert_non_null(strstr(fx->body[0], "\"message\":\"Invalid API Key\""));
+    assert_non_null(strstr(fx->body[0], "\"type\":\"authentication_error\""));
+    assert_true(fx->flag[0]);
+    assert_true(fx->flag[1]);
+    assert_int_equal(fx->status[1], 200);
+    assert_string_equal(fx->body[1], "POST /v1/x||abc");
+    assert_true(fx->flag[2]);
+    assert_true(fx->flag[7]);
+    assert_int_equal(fx->nreq, 1);          /* the refused one never reached the handler */
+}
+
+static void client_keyless_make_room(struct fx *fx)
+{
+    int hogs[3];
+    struct cconn cc;
+    struct cresp r;
+    /* A keyed keep-alive connection first. */
+    CHECK(one_shot(fx, "GET /k HTTP/1.1\r\nHost: a\r\nX-Key: good\r\n\r\n", &cc, &r));
+    fx->status[0] = r.status;
+    cresp_free(&r);
+    /* Then keyless ones that never finish their headers, more than fit. */
+    for (int i = 0; i < 3; i++) {
+        hogs[i] = cli_tcp(fx);
+        CHECK(hogs[i] >= 0);
+        CHECK(cli_send(hogs[i], "GET /public HTTP/1.1\r\n"));
+    }
+    /* A new keyed client gets in at once: an old keyless one makes room. */
+    struct cconn nc;
+    CHECK(one_shot(fx, "GET /n HTTP/1.1\r\nHost: a\r\nX-Key: good\r\n\r\n", &nc, &r));
+    fx->status[1] = r.status;
+    cresp_free(&r);
+    close(nc.fd);
+    /* The first keyed connection is still there. */
+    CHECK(cli_send(cc.fd, "GET /k2 HTTP/1.1\r\nHost: a\r\nX-Key: good\r\n\r\n"));
+    CHECK(cc_read(&cc, &r, false));
+    fx->status[2] = r.status;
+    cresp_free(&r);
+    close(cc.fd);
+    /* The oldest keyless connection was closed. */
+    struct cconn h0;
+    cc_init(&h0, hogs[0]);
+    fx->flag[0] = cc_expect_eof(&h0);
+    for (int i = 0; i < 3; i++)
+        close(hogs[i]);
+}
+
+static void test_keyless_connections_make_room_at_max_connections(void **state)
+{
+    struct fx *fx = fx_of(state);
+    fx->lim.max_connections = 3;
+    fx->lim.header_timeout_ms = 60000;
+    fx_listen(fx, "127.0.0.1:0");
+    http_server_set_admit(fx->srv, admit_key);
+    fx_run(fx, client_keyless_make_room);
+    assert_int_equal(fx->status[0], 200);
+    assert_int_equal(fx->status[1], 200);
+    assert_int_equal(fx->status[2], 200);
+    assert_true(fx->flag[0]);
+}
+
+static void client_slow_body(struct fx *fx)
+{
+    int fd = cli_tcp(fx);
+    CHECK(fd >= 0);
+    struct cconn cc;
+    struct cresp r;
+    cc_init(&cc, fd);
+    double t0 = now_s();
+    CHECK(cli_send(fd, "POST /b HTTP/1.1\r\nHost: a\r\nContent-Length: 100\r\n\r\n"));
+    /* A byte every 50 ms: each would restart a stall timer. */
+    for (int i = 0; i < 12; i++) {
+        if (!cli_send(fd, "x"))
+            break;
+        usleep(50 * 1000);
+    }
+    CHECK(cc_read(&cc, &r, false));
+    fx->status[0] = r.status;
+    snprintf(fx->body[0], sizeof fx->body[0], "%s", r.body ? r.body : "");
+    fx->elapsed[0] = now_s() - t0;
+    cresp_free(&r);
+    close(fd);
+}
+
+static void test_body_timeout_is_for_the_whole_body(void **state)
+{
+    struct fx *fx = fx_of(state);
+    fx->lim.header_timeout_ms = 5000;
+    fx->lim.body_timeout_ms = 300;
+    fx_listen(fx, "127.0.0.1:0");
+    fx_run(fx, client_slow_body);
+    assert_int_equal(fx->status[0], 408);
+    assert_non_null(strstr(fx->body[0], "request body"));
+    assert_true(fx->elapsed[0] < 2.0);
+    assert_int_equal(fx->nreq, 0);
+}
+
+/* Request-target forms and header folding ----------------------------- */
+
+static void client_absolute_form(struct fx *fx)
+{
+    static const char *reqs[] = {
+        "GET http://example.com:8080/v1/models?x=1 HTTP/1.1\r\nHost: example.com\r\n\r\n",
+        "GET https://example.com HTTP/1.1\r\nHost: example.com\r\n\r\n",
+        "GET HTTP://h?q=2 HTTP/1.1\r\nHost: h\r\n\r\n",
+    };
+    for (int i = 0; i < 3; i++) {
+        struct cconn cc;
+        struct cresp r;
+        CHECK(one_shot(fx, reqs[i], &cc, &r));
+        fx->status[i] = r.status;
+        snprintf(fx->body[i], sizeof fx->body[i], "%s", r.body ? r.body : "");
+        cresp_free(&r);
+        close(cc.fd);
+    }
+}
+
+static void test_absolute_form_target_becomes_origin_form(void **state)
+{
+    struct fx *fx = fx_of(state);
+    fx_listen(fx, "127.0.0.1:0");
+    fx_run(fx, client_absolute_form);
+    assert_int_equal(fx->status[0], 200);
+    assert_string_equal(fx->body[0], "GET /v1/models|x=1|");
+    assert_string_equal(fx->seen[0], "GET /v1/models?x=1");
+    assert_string_equal(fx->body[1], "GET /||");
+    assert_string_equal(fx->body[2], "GET /|q=2|");
+}
+
+static void client_obs_fold(struct fx *fx)
+{
+    struct cconn cc;
+    struct cresp r;
+    CHECK(one_shot(fx, "GET /f HTTP/1.1\r\nHost: a\r\nX-A: one\r\n two\r\n\r\n", &cc, &r));
+    fx->status[0] = r.status;
+    snprintf(fx->body[0], sizeof fx->body[0], "%s", r.body ? r.body : "");
+    cresp_free(&r);
+    close(cc.fd);
+    /* Split across writes: the fold is seen across reads too. */
+    int fd = cli_tcp(fx);
+    CHECK(fd >= 0);
+    cc_init(&cc, fd);
+    CHECK(cli_send(fd, "GET /f HTTP/1.1\r\nHost: a\r\nX-A: one\r\n"));
+    usleep(50 * 1000);
+    CHECK(cli_send(fd, "\ttwo\r\n\r\n"));
+    CHECK(cc_read(&cc, &r, false));
+    fx->status[1] = r.status;
+    cresp_free(&r);
+    close(fd);
+    /* A value split across writes without a fold is fine. */
+    fd = cli_tcp(fx);
+    CHECK(fd >= 0);
+    cc_init(&cc, fd);
+    CHECK(cli_send(fd, "GET /f HTTP/1.1\r\nHost: a\r\nX-A: one"));
+    usleep(50 * 1000);
+    CHECK(cli_send(fd, " two\r\n\r\n"));
+    CHECK(cc_read(&cc, &r, false));
+    fx->status[2] = r.status;
+    cresp_free(&r);
+    close(fd);
+}
+
+static void test_obs_fold_is_rejected(void **state)
+{
+    struct fx *fx = fx_of(state);
+    fx_listen(fx, "127.0.0.1:0");
+    fx_run(fx, client_obs_fold);
+    assert_int_equal(fx->status[0], 400);
+    assert_non_null(strstr(fx->body[0], "folding"));
+    assert_int_equal(fx->status[1], 400);
+    assert_int_equal(fx->status[2], 200);
+    assert_int_equal(fx->nreq, 1);
+}
+
 /* Shutdown and free ------------------------------------------------- */
 
 static void act_shutdown(struct fx *fx)
@@ -1717,6 +1942,11 @@ int main(void)
         cmocka_unit_test_setup_teardown(test_emfile_pauses_accepting_without_spinning, setup, teardown),
         cmocka_unit_test_setup_teardown(test_backpressure_then_on_drain, setup, teardown),
         cmocka_unit_test_setup_teardown(test_max_connections_defers_accept, setup, teardown),
+        cmocka_unit_test_setup_teardown(test_admission_refuses_before_the_body, setup, teardown),
+        cmocka_unit_test_setup_teardown(test_keyless_connections_make_room_at_max_connections, setup, teardown),
+        cmocka_unit_test_setup_teardown(test_body_timeout_is_for_the_whole_body, setup, teardown),
+        cmocka_unit_test_setup_teardown(test_absolute_form_target_becomes_origin_form, setup, teardown),
+        cmocka_unit_test_setup_teardown(test_obs_fold_is_rejected, setup, teardown),
         cmocka_unit_test_setup_teardown(test_shutdown_closes_idle_and_finishes_busy, setup, teardown),
         cmocka_unit_test_setup_teardown(test_server_free_calls_on_close, setup, teardown),
         cmocka_unit_test_setup_teardown(test_unix_socket_listen_and_request, setup, teardown),
