@@ -6,6 +6,7 @@
 #include "metrics.h"
 #include "pool.h"
 #include "router.h"
+#include "util.h"
 
 #include <jansson.h>
 #include <stdlib.h>
@@ -133,7 +134,7 @@ static json_t *event_json(const char *event, struct pool_model *m)
 {
     json_t *o = json_object();
     json_object_set_new(o, "event", json_string(event));
-    json_object_set_new(o, "model", json_string(m->cfg->name));
+    json_object_set_new(o, "model", util_json_string(m->cfg->name));
     return o;
 }
 
@@ -145,7 +146,7 @@ static json_t *tail_json(const struct instance *inst, size_t n)
     if (n > have)
         n = have;
     for (size_t i = n; i-- > 0; )
-        json_array_append_new(a, json_string(logring_last(&inst->tail, i)));
+        json_array_append_new(a, util_json_string(logring_last(&inst->tail, i)));
     return a;
 }
 
@@ -159,8 +160,8 @@ static void waiter_check(struct waiter *w, const struct pool_event *ev)
             (ev->inst->state == INSTANCE_BACKOFF || ev->inst->state == INSTANCE_FAILED ||
              (ev->inst->state == INSTANCE_STOPPED && !ev->inst->restart_after_stop))) {
             json_t *o = event_json("failed", m);
-            json_object_set_new(o, "instance", json_string(ev->inst->id));
-            json_object_set_new(o, "error", json_string(ev->inst->last_error ? ev->inst->last_error
+            json_object_set_new(o, "instance", util_json_string(ev->inst->id));
+            json_object_set_new(o, "error", util_json_string(ev->inst->last_error ? ev->inst->last_error
                                                                              : "stopped while starting"));
             json_object_set_new(o, "log", tail_json(ev->inst, 20));
             stream_json(w->req, o);
@@ -213,15 +214,15 @@ static void waiter_event(struct pool_observer *obs, const struct pool_event *ev)
             }
         } else if (w->goal == WAIT_READY && ev->inst) {
             json_t *o = event_json("log", ev->model);
-            json_object_set_new(o, "instance", json_string(ev->inst->id));
-            json_object_set_new(o, "line", json_string(ev->line));
+            json_object_set_new(o, "instance", util_json_string(ev->inst->id));
+            json_object_set_new(o, "line", util_json_string(ev->line));
             stream_json(w->req, o);
         }
         return;
     }
     if (w->goal != WAIT_FOLLOW) {
         json_t *o = event_json("state", ev->model);
-        json_object_set_new(o, "instance", json_string(ev->inst->id));
+        json_object_set_new(o, "instance", util_json_string(ev->inst->id));
         json_object_set_new(o, "state", json_string(instance_state_name(ev->inst->state)));
         if (ev->inst->pid > 0)
             json_object_set_new(o, "pid", json_integer(ev->inst->pid));
@@ -286,7 +287,7 @@ static void model_op(struct http_request *req, struct pool_model *m, enum model_
     w->finished = NULL;
     if (rc < 0) {
         json_t *o = event_json("failed", m);
-        json_object_set_new(o, "error", json_string(err));
+        json_object_set_new(o, "error", util_json_string(err));
         stream_json(req, o);
         waiter_finish(w);
         return;
@@ -400,25 +401,6 @@ static const char *presented_key(const struct http_request *req)
     return http_header_get(req, "X-Api-Key");
 }
 
-static bool admin_allowed(struct http_request *req, struct pool *p)
-{
-    if (req->is_unix)
-        return true;
-    const char *key = p->cfg->admin_key;
-    if (!key || !*key) {
-        http_respond_error(req, 403, "permission_error",
-                           "the control API is served on the control socket only; set admin_key in pool.conf to allow it over TCP");
-        return false;
-    }
-    const char *given = presented_key(req);
-    if (given && strcmp(given, key) == 0)
-        return true;
-    http_respond_error(req, 401, "authentication_error", "Invalid API Key");
-    return false;
-}
-
-/* ---------- the OpenAI side ---------- */
-
 /* POST paths routed by the body's "model". */
 static const char *const model_paths[] = {
     "/v1/chat/completions", "/v1/completions", "/v1/embeddings", "/v1/rerank",
@@ -426,17 +408,110 @@ static const char *const model_paths[] = {
     NULL,
 };
 
-static bool api_key_ok(struct http_request *req, struct pool *p)
+/* ---------- who may ask what: keys and origins, before the body ---------- */
+
+/* Equal strings, in time that depends on GIVEN's length only: how much of
+ * a guess matches a key is not measurable. */
+static bool key_equal(const char *given, const char *key)
 {
-    if (req->is_unix || p->cfg->napi_keys == 0)
-        return true;
-    const char *given = presented_key(req);
-    for (size_t i = 0; given && i < p->cfg->napi_keys; i++)
-        if (strcmp(given, p->cfg->api_keys[i]) == 0)
+    size_t glen = strlen(given), klen = strlen(key);
+    unsigned char diff = glen != klen;
+    if (klen == 0)
+        return false;
+    for (size_t i = 0; i < glen; i++)
+        diff |= (unsigned char)(given[i] ^ key[i % klen]);
+    return diff == 0;
+}
+
+/* Any of KEYS, each compared in full. */
+static bool key_in(const char *given, char *const *keys, size_t n)
+{
+    bool found = false;
+    for (size_t i = 0; given && i < n; i++)
+        found |= key_equal(given, keys[i]);
+    return found;
+}
+
+static bool origin_allowed(const struct config *cfg, const char *origin)
+{
+    if (!origin || !*origin)
+        return false;
+    for (size_t i = 0; i < cfg->ncors_origins; i++)
+        if (strcmp(cfg->cors_origins[i], "*") == 0 || strcasecmp(cfg->cors_origins[i], origin) == 0)
             return true;
-    http_respond_error(req, 401, "authentication_error", "Invalid API Key");
     return false;
 }
+
+enum access { ACCESS_PUBLIC, ACCESS_API, ACCESS_ADMIN };
+
+/* What a path needs: the model routes and /upstream an api key, /pool/ the
+ * admin key over TCP; /health, /metrics and unknown paths nothing. */
+static enum access path_access(const char *path)
+{
+    for (size_t i = 0; model_paths[i]; i++)
+        if (strcmp(path, model_paths[i]) == 0)
+            return ACCESS_API;
+    if (strcmp(path, "/v1/models") == 0 || strcmp(path, "/models") == 0 ||
+        (strncmp(path, "/upstream/", 10) == 0 && path[10]))
+        return ACCESS_API;
+    if (strncmp(path, "/pool/", 6) == 0)
+        return ACCESS_ADMIN;
+    return ACCESS_PUBLIC;
+}
+
+int api_admit(struct http_request *req, void *arg, bool *trusted, const char **msg)
+{
+    struct api *api = arg;
+    const struct config *cfg = api->pool->cfg;
+    if (req->is_unix) {  /* the control socket: whoever may open it */
+        *trusted = true;
+        return 0;
+    }
+    req->cors = origin_allowed(cfg, http_header_get(req, "Origin"));
+    const char *given = presented_key(req);
+    bool admin_set = cfg->admin_key && *cfg->admin_key;
+    bool api_ok = cfg->napi_keys == 0 || key_in(given, cfg->api_keys, cfg->napi_keys);
+    bool admin_ok = admin_set && given && key_equal(given, cfg->admin_key);
+    *trusted = api_ok || admin_ok;
+    if (strcmp(req->method, "OPTIONS") == 0)  /* a CORS preflight carries no key */
+        return 0;
+    switch (path_access(req->path)) {
+    case ACCESS_API:
+        if (api_ok)
+            return 0;
+        *msg = "Invalid API Key";
+        return 401;
+    case ACCESS_ADMIN:
+        if (!admin_set) {
+            *msg = "the control API is served on the control socket only; set admin_key in pool.conf to allow it over TCP";
+            return 403;
+        }
+        if (admin_ok)
+            return 0;
+        *msg = "Invalid API Key";
+        return 401;
+    case ACCESS_PUBLIC:
+        break;
+    }
+    return 0;
+}
+
+/* OPTIONS: a CORS preflight gets the methods and headers a browser client
+ * may use when its Origin is in cors_origins (api_admit set req->cors, and
+ * http adds Access-Control-Allow-Origin); any other OPTIONS only Allow. */
+static void respond_preflight(struct http_request *req)
+{
+    static const char allow[] = "Allow: GET, POST, OPTIONS\r\n";
+    static const char cors[] =
+        "Allow: GET, POST, OPTIONS\r\n"
+        "Access-Control-Allow-Methods: GET, POST, OPTIONS\r\n"
+        "Access-Control-Allow-Headers: Authorization, Content-Type, X-Api-Key\r\n"
+        "Access-Control-Max-Age: 86400\r\n";
+    http_respond(req, 204, NULL, req->cors ? cors : allow, NULL, 0);
+}
+
+/* ---------- the OpenAI side ---------- */
+
 
 static void route_model_request(struct http_request *req, struct api *api)
 {
@@ -488,7 +563,7 @@ static void route_upstream(struct http_request *req, struct api *api)
 {
     const char *rest = req->target + strlen("/upstream/");
     size_t len = strcspn(rest, "/?");
-    char *name = strndup(rest, len);
+    char *name = http_path_decode(rest, len);
     struct pool_model *m = name ? pool_find(api->pool, name) : NULL;
     if (!m) {
         respond_unknown_model(req, api->pool, name ? name : "");
@@ -515,7 +590,7 @@ static void route_models(struct http_request *req, struct pool *p)
                            : strcmp(st, "failed") == 0 ? "failed" : "unloaded";
         json_t *aliases = json_array();
         for (size_t j = 0; j < m->cfg->naliases; j++)
-            json_array_append_new(aliases, json_string(m->cfg->aliases[j]));
+            json_array_append_new(aliases, util_json_string(m->cfg->aliases[j]));
         json_array_append_new(data, json_pack("{s:s,s:s,s:I,s:s,s:s,s:o}", "id", m->cfg->name,
                                               "object", "model", "created", (json_int_t)p->started_at,
                                               "owned_by", "llama-pool", "status", status,
@@ -546,14 +621,17 @@ void api_handle(struct http_request *req, void *arg)
     struct pool *p = api->pool;
     const char *path = req->path;
 
+    if (strcmp(req->method, "OPTIONS") == 0) {
+        respond_preflight(req);
+        return;
+    }
     if (strcmp(path, "/health") == 0) {
         respond_json(req, 200, json_pack("{s:s}", "status", "ok"));
         return;
     }
     for (size_t i = 0; model_paths[i]; i++)
         if (strcmp(path, model_paths[i]) == 0) {
-            if (api_key_ok(req, p))
-                route_model_request(req, api);
+            route_model_request(req, api);
             return;
         }
     if (strcmp(path, "/metrics") == 0) {
@@ -567,21 +645,17 @@ void api_handle(struct http_request *req, void *arg)
         return;
     }
     if (strcmp(path, "/v1/models") == 0 || strcmp(path, "/models") == 0) {
-        if (api_key_ok(req, p))
-            route_models(req, p);
+        route_models(req, p);
         return;
     }
     if (strncmp(path, "/upstream/", 10) == 0 && path[10]) {
-        if (api_key_ok(req, p))
-            route_upstream(req, api);
+        route_upstream(req, api);
         return;
     }
     if (strncmp(path, "/pool/", 6) != 0) {
         http_respond_error(req, 404, "not_found_error", "File Not Found: %s", path);
         return;
     }
-    if (!admin_allowed(req, p))
-        return;
     if (strcmp(path, "/pool/server") == 0) {
         route_server(req, api);
         return;
@@ -598,7 +672,7 @@ void api_handle(struct http_request *req, void *arg)
         const char *name = path + 13;
         const char *slash = strchr(name, '/');
         if (slash && slash != name && slash[1] && !strchr(slash + 1, '/')) {
-            char *model = strndup(name, (size_t)(slash - name));
+            char *model = http_path_decode(name, (size_t)(slash - name));
             struct pool_model *m = model ? pool_find(p, model) : NULL;
             if (!m)
                 respond_unknown_model(req, p, model ? model : "");
