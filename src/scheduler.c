@@ -196,6 +196,8 @@ struct inst {
     uint32_t flight;            /* head of its dispatched requests */
     uint32_t next_free;
     bool stop_req;              /* a STOP was emitted: not usable, still charged */
+    bool suspect;               /* dropped a request unanswered: not usable
+                                 * until its next ready/slots/state event */
     bool chosen;                /* scratch of make_room(): picked for eviction */
     double added_at, ready_at;
     uint64_t estimate;          /* charge until measured */
@@ -633,7 +635,7 @@ static uint32_t pick(const struct sched *s, const struct model *m)
     uint32_t best = NIL;
     for (size_t i = 0; i < m->ninst; i++) {
         const struct inst *in = &s->insts[m->inst[i]];
-        if (in->state == INST_READY && !in->stop_req && in->in_flight < in->slots &&
+        if (in->state == INST_READY && !in->stop_req && !in->suspect && in->in_flight < in->slots &&
             (best == NIL || in->in_flight < s->insts[best].in_flight))
             best = m->inst[i];
     }
@@ -673,6 +675,9 @@ static size_t starts_wanted(const struct sched *s, const struct model *m)
         const struct inst *in = &s->insts[m->inst[i]];
         if (in->stop_req) {
             count += in->state != INST_FAILED;
+        } else if (in->state == INST_READY && in->suspect) {
+            coming += in->slots;        /* it answers again, or its crash shows */
+            count++;
         } else if (in->state == INST_READY) {
             free_slots += in->slots > in->in_flight ? in->slots - in->in_flight : 0;
             count++;
@@ -1434,6 +1439,7 @@ void sched_instance_ready(struct sched *s, double now, sched_inst_t inst, unsign
         }
         in->state = INST_READY;
         in->ready_at = now;
+        in->suspect = false;
         if (slots)
             in->slots = slots;
         else if (!in->slots)
@@ -1447,8 +1453,21 @@ void sched_instance_slots(struct sched *s, double now, sched_inst_t inst, unsign
 {
     event_begin(s);
     uint32_t ii = idmap_get(&s->inst_map, inst);
-    if (ii != NIL && slots) {
-        s->insts[ii].slots = slots;
+    if (ii != NIL && (slots || s->insts[ii].suspect)) {
+        if (slots)
+            s->insts[ii].slots = slots;
+        s->insts[ii].suspect = false;   /* it answered again */
+        settle(s, now, s->insts[ii].model);
+    }
+    event_end(s);
+}
+
+void sched_instance_suspect(struct sched *s, double now, sched_inst_t inst)
+{
+    event_begin(s);
+    uint32_t ii = idmap_get(&s->inst_map, inst);
+    if (ii != NIL && s->insts[ii].state == INST_READY) {
+        s->insts[ii].suspect = true;
         settle(s, now, s->insts[ii].model);
     }
     event_end(s);
@@ -1463,6 +1482,7 @@ void sched_instance_starting(struct sched *s, double now, sched_inst_t inst)
         bool was_failed = s->insts[ii].state == INST_FAILED;
         s->insts[ii].state = INST_STARTING;
         s->insts[ii].stop_req = false;  /* a stop that became a restart */
+        s->insts[ii].suspect = false;
         if (was_failed)                 /* coming back: charged again */
             inst_charge_start(s, ii);
         settle(s, now, s->insts[ii].model);
@@ -1482,6 +1502,7 @@ void sched_instance_failed(struct sched *s, double now, sched_inst_t inst, const
         inst_drop_flight(s, ii);
         inst_charge_end(s, ii);
         in->state = INST_FAILED;
+        in->suspect = false;
         if (was_starting && m->waiting && !has_coming_or_ready(s, m)) {
             /* Nothing else will serve them: they share the failed start's fate. */
             char *msg = fmt("%s: failed to start: %s", m->name ? m->name : "model",

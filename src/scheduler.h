@@ -136,6 +136,11 @@ void sched_instance_added(struct sched *s, double now, sched_inst_t inst, size_t
 void sched_instance_ready(struct sched *s, double now, sched_inst_t inst, unsigned slots);
 /* Slot count learnt after ready (from /props). */
 void sched_instance_slots(struct sched *s, double now, sched_inst_t inst, unsigned slots);
+/* It closed or reset a dispatched request's connection before answering
+ * (dead, or dying, and not yet known to be): not usable until the next
+ * sched_instance_ready/slots/starting/failed about it, so that the
+ * request, sent again, goes elsewhere. */
+void sched_instance_suspect(struct sched *s, double now, sched_inst_t inst);
 /* Starting again after a crash (backoff): not usable, but coming. */
 void sched_instance_starting(struct sched *s, double now, sched_inst_t inst);
 /* Failed to start or crashed; ERROR is its last error line. In-flight

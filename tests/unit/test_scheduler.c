@@ -1751,6 +1751,57 @@ static void a_million_requests_over_100_models_replay_quickly(void **state)
     sched_free(s);
 }
 
+/* ---------- a request an instance dropped unanswered ---------- */
+
+static void a_suspect_instance_gets_nothing_until_it_answers_again(void **state)
+{
+    (void)state;
+    struct sched *s = pool_new(100, 0);
+    ready(s, 1, 50, TINY, 1);
+    ready(s, 1, 51, TINY, 1);
+    drain(s);
+    sched_request(s, 2, 10, TINY);
+    assert_int_equal(nth(drain(s), SCHED_DISPATCH, 0)->inst, 50);
+
+    /* 50 reset the connection: it is suspect, the request comes back as a
+     * new one and goes to 51, not to 50's free slot. */
+    sched_instance_suspect(s, 3, 50);
+    sched_request_done(s, 3, 10);
+    sched_request(s, 3, 11, TINY);
+    struct got *x = drain(s);
+    assert_int_equal(nth(x, SCHED_DISPATCH, 0)->inst, 51);
+    assert_int_equal(count(x, SCHED_START), 0);
+
+    /* The next one waits, and starts nothing: 50 is as good as coming. */
+    sched_request(s, 4, 12, TINY);
+    x = drain(s);
+    assert_int_equal(count(x, SCHED_DISPATCH), 0);
+    assert_int_equal(count(x, SCHED_START), 0);
+
+    /* It answered /health: usable again, the waiter goes there. */
+    sched_instance_slots(s, 5, 50, 0);
+    x = drain(s);
+    assert_int_equal(nth(x, SCHED_DISPATCH, 0)->req, 12);
+    assert_int_equal(nth(x, SCHED_DISPATCH, 0)->inst, 50);
+    sched_free(s);
+}
+
+static void a_suspect_instance_that_crashed_is_failed_as_usual(void **state)
+{
+    (void)state;
+    struct sched *s = pool_new(100, 0);
+    ready(s, 1, 50, BIG, 1);
+    drain(s);
+    sched_instance_suspect(s, 2, 50);
+    sched_request(s, 2, 10, BIG);
+    assert_int_equal(count(drain(s), SCHED_DISPATCH), 0);
+    sched_instance_failed(s, 3, 50, "killed by signal 9");
+    sched_instance_starting(s, 3, 50);      /* backoff: coming back */
+    sched_instance_ready(s, 4, 50, 1);
+    assert_int_equal(nth(drain(s), SCHED_DISPATCH, 0)->req, 10);
+    sched_free(s);
+}
+
 int main(void)
 {
     const struct CMUnitTest tests[] = {
@@ -1796,6 +1847,8 @@ int main(void)
         cmocka_unit_test(memory_never_exceeds_the_budget_in_a_random_replay),
         cmocka_unit_test(alternating_models_are_served_in_batches_without_thrash),
         cmocka_unit_test(a_million_requests_over_100_models_replay_quickly),
+        cmocka_unit_test(a_suspect_instance_gets_nothing_until_it_answers_again),
+        cmocka_unit_test(a_suspect_instance_that_crashed_is_failed_as_usual),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }
