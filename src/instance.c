@@ -222,19 +222,65 @@ static void child_cb(struct ev_loop *loop, ev_child *w, int revents)
     instance_step(inst, IEV_EXIT);
 }
 
-static char **model_env_strings(const struct config_model *m)
+/* The model's env as "NAME=VALUE" strings, *N of them; with OUR_KEY, its
+ * LLAMA_API_KEY (the pool's key for the child) in place of the model's. */
+static char **model_env_strings(const struct config_model *m, const char *our_key, size_t *n)
 {
-    char **env = calloc(m->nenv + 1, sizeof *env);
+    char **env = calloc(m->nenv + 2, sizeof *env);
+    size_t k = 0;
     if (!env)
         return NULL;
     for (size_t i = 0; i < m->nenv; i++) {
-        if (asprintf(&env[i], "%s=%s", m->env[i].name, m->env[i].value) < 0) {
-            env[i] = NULL;
-            spawn_env_free(env);
-            return NULL;
-        }
+        if (our_key && strcmp(m->env[i].name, "LLAMA_API_KEY") == 0)
+            continue;
+        if (asprintf(&env[k], "%s=%s", m->env[i].name, m->env[i].value) < 0)
+            goto fail;
+        k++;
     }
+    if (our_key) {
+        if (asprintf(&env[k], "LLAMA_API_KEY=%s", our_key) < 0)
+            goto fail;
+        k++;
+    }
+    *n = k;
     return env;
+fail:
+    env[k] = NULL;
+    spawn_env_free(env);
+    return NULL;
+}
+
+static const char *model_env_value(const struct config_model *m, const char *name)
+{
+    const char *v = NULL;
+    for (size_t i = 0; i < m->nenv; i++)
+        if (strcmp(m->env[i].name, name) == 0)
+            v = m->env[i].value;
+    return v;
+}
+
+/* The key the child will require. The operator's when args (or
+ * default_args) give --api-key or the model's env gives LLAMA_API_KEY
+ * (the first usable key of the list); else a fresh random one, *OURS set,
+ * which the child gets through LLAMA_API_KEY. NULL when out of memory or
+ * out of randomness (errno set). */
+static char *child_api_key(const struct config *cfg, const struct config_model *m, bool *ours)
+{
+    const char *lists[] = {
+        config_child_arg(cfg, m, "--api-key", "--api-key"),
+        model_env_value(m, "LLAMA_API_KEY"),
+    };
+    *ours = false;
+    for (size_t i = 0; i < sizeof lists / sizeof *lists; i++) {
+        char *key = lists[i] ? spawn_first_key(lists[i]) : NULL;
+        if (key || (lists[i] && errno == ENOMEM))
+            return key;
+    }
+    char buf[SPAWN_KEY_LEN + 1];
+    if (spawn_random_key(buf, sizeof buf) < 0)
+        return NULL;
+    *ours = true;
+    return strdup(buf);
 }
 
 /* Fork and exec a child on a fresh port. Returns 0, or -1 with
@@ -251,14 +297,20 @@ static int instance_spawn(struct instance *inst, bool *fatal)
         set_error(inst, err);
         return -1;
     }
+    bool our_key = false;
+    size_t nextra = 0;
+    char *key = child_api_key(cfg, inst->model, &our_key);
+    int key_errno = errno;
     char **argv = config_child_argv(cfg, inst->model, port);
-    char **extra = model_env_strings(inst->model);
-    char **env = extra ? spawn_clean_env(extra, inst->model->nenv) : NULL;
+    char **extra = key ? model_env_strings(inst->model, our_key ? key : NULL, &nextra) : NULL;
+    char **env = extra ? spawn_clean_env(extra, nextra) : NULL;
     char *path = argv ? spawn_resolve(argv[0]) : NULL;
     int pipefd[2] = { -1, -1 };
     pid_t pid = -1;
 
-    if (!argv || !extra || !env) {
+    if (!key) {
+        snprintf(err, sizeof err, "cannot make the child's API key: %s", strerror(key_errno));
+    } else if (!argv || !extra || !env) {
         snprintf(err, sizeof err, "out of memory preparing the child");
     } else if (!path) {
         snprintf(err, sizeof err, "cannot run %s: %s (set llama_server in pool.conf)",
@@ -283,9 +335,12 @@ static int instance_spawn(struct instance *inst, bool *fatal)
             close(pipefd[0]);
         port_release(inst->world->ports, port);
         set_error(inst, err);
+        free(key);
         return -1;
     }
 
+    free(inst->api_key);
+    inst->api_key = key;
     inst->pid = pid;
     inst->port = port;
     inst->spawned_at = now_of(inst);
@@ -411,7 +466,8 @@ static void fetch_props(struct instance *inst)
     char url[64];
     snprintf(url, sizeof url, "http://127.0.0.1:%u/props", inst->port);
     health_cancel(inst->props_probe);
-    inst->props_probe = health_get(inst->world->health, url, 5000, props_cb, inst);
+    inst->props_probe = health_get_key(inst->world->health, url, 5000, inst->api_key,
+                                       props_cb, inst);
 }
 
 /* ---------- the state machine ---------- */
@@ -422,11 +478,37 @@ static void deadline_cb(struct ev_loop *loop, ev_timer *w, int revents)
     instance_step(w->data, IEV_DEADLINE);
 }
 
+static void send_sigterm(struct instance *inst)
+{
+    inst->draining = false;
+    signal_group(inst, SIGTERM);
+    arm_deadline(inst, (double)inst->world->cfg->stop_timeout_ms / 1000.0);
+}
+
+/* SIGTERM now (a child that is loading, broken or idle). */
 static void begin_stop(struct instance *inst)
 {
     cancel_probes(inst);
-    signal_group(inst, SIGTERM);
-    arm_deadline(inst, (double)inst->world->cfg->stop_timeout_ms / 1000.0);
+    send_sigterm(inst);
+    set_state(inst, INSTANCE_STOPPING);
+}
+
+/* A ready child with requests in flight finishes them first: STOPPING
+ * (it takes no new ones), SIGTERM once the last ends (instance_drained)
+ * or drain_timeout passes. llama-server has no drain of its own: a
+ * SIGTERM ends its open streams. */
+static void begin_drain(struct instance *inst)
+{
+    double limit = (double)inst->world->cfg->drain_timeout_ms / 1000.0;
+    if (inst->in_flight == 0 || limit <= 0) {
+        begin_stop(inst);
+        return;
+    }
+    cancel_probes(inst);
+    inst->draining = true;
+    arm_deadline(inst, limit);
+    instance_eventf(inst, LOG_INFO, "draining: %u request%s in flight, at most %.0f s before SIGTERM",
+                    inst->in_flight, inst->in_flight == 1 ? "" : "s", limit);
     set_state(inst, INSTANCE_STOPPING);
 }
 
@@ -597,6 +679,10 @@ static void instance_step(struct instance *inst, enum instance_event ev)
             if (!inst->slots && !inst->props_probe)
                 fetch_props(inst);
             arm_poll(inst, (double)cfg->health_interval_ms / 1000.0);
+            if (inst->recheck) {
+                inst->recheck = false;
+                inst->world->ops->updated(inst, inst->world->arg);
+            }
             break;
         case IEV_HEALTH_FAIL:
             if (++inst->health_failures >= LIVENESS_FAILURES) {
@@ -612,11 +698,11 @@ static void instance_step(struct instance *inst, enum instance_event ev)
             on_crash(inst, st);
             break;
         case IEV_STOP:
-            begin_stop(inst);
+            begin_drain(inst);
             break;
         case IEV_RESTART:
             inst->restart_after_stop = true;
-            begin_stop(inst);
+            begin_drain(inst);
             break;
         case IEV_START:
         case IEV_DEADLINE:
@@ -627,12 +713,19 @@ static void instance_step(struct instance *inst, enum instance_event ev)
     case INSTANCE_STOPPING:
         switch (ev) {
         case IEV_DEADLINE:
+            if (inst->draining) {
+                instance_eventf(inst, LOG_WARN, "drain_timeout passed with %u request%s in flight; "
+                                "sending SIGTERM", inst->in_flight, inst->in_flight == 1 ? "" : "s");
+                send_sigterm(inst);
+                break;
+            }
             instance_eventf(inst, LOG_WARN, "still running %.0f s after SIGTERM; sending SIGKILL",
                             (double)cfg->stop_timeout_ms / 1000.0);
             signal_group(inst, SIGKILL);
             break;
         case IEV_EXIT:
             ev_timer_stop(inst->world->loop, &inst->deadline);
+            inst->draining = false;
             instance_describe_status(inst->exit_status, st, sizeof st);
             if (inst->unhealthy_stop) {
                 inst->unhealthy_stop = false;
@@ -705,12 +798,29 @@ void instance_free(struct instance *inst)
     ev_timer_stop(inst->world->loop, &inst->deadline);
     logring_free(&inst->tail);
     free(inst->last_error);
+    free(inst->api_key);
     free(inst);
 }
 
 void instance_start(struct instance *inst)   { instance_step(inst, IEV_START); }
 void instance_stop(struct instance *inst)    { instance_step(inst, IEV_STOP); }
 void instance_restart(struct instance *inst) { instance_step(inst, IEV_RESTART); }
+
+void instance_check(struct instance *inst)
+{
+    if (inst->state != INSTANCE_READY)
+        return;
+    inst->recheck = true;
+    arm_poll(inst, 0);      /* poll_cb waits for a probe already out */
+}
+
+void instance_drained(struct instance *inst)
+{
+    if (inst->state == INSTANCE_STOPPING && inst->draining && inst->in_flight == 0) {
+        instance_eventf(inst, LOG_INFO, "drained; sending SIGTERM");
+        send_sigterm(inst);
+    }
+}
 
 void instance_kill(struct instance *inst)
 {

@@ -8,6 +8,8 @@
  *   READY    --exit, or /health failing 3 times--> BACKOFF (or FAILED)
  *   BACKOFF  --timer (1 s doubling to 60 s)--> STARTING
  *   STARTING/READY --stop--> STOPPING --exit--> STOPPED
+ *   READY with requests in flight --stop--> STOPPING, draining: SIGTERM
+ *     when the last ends (instance_drained) or at drain_timeout
  *   STOPPING --stop_timeout--> SIGKILL to the group, still STOPPING
  *
  * The owner (the pool) supplies the configuration and is told about every
@@ -84,12 +86,18 @@ struct instance {
     unsigned port_retries;        /* consecutive "port taken" respawns */
     unsigned health_failures;     /* consecutive liveness failures */
     unsigned slots;               /* /props total_slots; 0 until known */
+    char *api_key;                /* the child's API key (ours, or the operator's
+                                   * --api-key / LLAMA_API_KEY); kept from its
+                                   * spawn until the next one. Sent by the proxy
+                                   * and with /props; never in argv or logs */
     unsigned in_flight;           /* kept by the proxy */
     uint64_t pss;                 /* bytes, measured */
     int exit_status;              /* last wait status, -1 if none */
     char *last_error;             /* why it last failed, or NULL */
     bool restart_after_stop;      /* a restart was asked while stopping */
     bool unhealthy_stop;          /* stopping because /health failed */
+    bool draining;                /* STOPPING, no SIGTERM yet: in-flight requests end first */
+    bool recheck;                 /* instance_check(): report the next /health 200 */
     bool answered;                /* the child has answered HTTP since spawn */
     struct backoff backoff;
     struct logring tail;          /* last lines of this child's output */
@@ -113,8 +121,17 @@ struct instance *instance_new(struct instance_world *w, const struct config_mode
 void instance_free(struct instance *inst);
 
 void instance_start(struct instance *inst);   /* operator or on-demand start */
-void instance_stop(struct instance *inst);    /* graceful: SIGTERM, then SIGKILL */
+/* Graceful: a ready instance drains its in-flight requests (drain_timeout
+ * at most), then SIGTERM, then SIGKILL after stop_timeout. */
+void instance_stop(struct instance *inst);
 void instance_restart(struct instance *inst);
+/* A request's connection to it broke before any answer: probe /health
+ * now; a 200 is reported through ops->updated, a failure takes the usual
+ * way (restart after LIVENESS_FAILURES, or the exit is seen). */
+void instance_check(struct instance *inst);
+/* Its in-flight count (inst->in_flight) reached 0: a draining instance
+ * gets its SIGTERM now. */
+void instance_drained(struct instance *inst);
 /* SIGKILL the group now (supervisor shutting down after stop_timeout). */
 void instance_kill(struct instance *inst);
 

@@ -110,6 +110,8 @@ struct daemon {
     char *config_file;
     ev_signal sigterm, sigint, sighup;
     ev_timer kill_timer;
+    ev_timer flush_timer;
+    double flush_until;
     int signals;
 };
 
@@ -119,6 +121,7 @@ static struct http_limits limits_of(const struct config *cfg)
         .max_header = cfg->max_header,
         .max_body = cfg->max_body,
         .header_timeout_ms = cfg->header_timeout_ms,
+        .body_timeout_ms = cfg->body_timeout_ms,
         .keepalive_timeout_ms = cfg->keepalive_timeout_ms,
         .max_connections = cfg->max_connections,
     };
@@ -185,10 +188,39 @@ static int daemon_reload(struct api *api, json_t **result)
     return 0;
 }
 
+#define FLUSH_LIMIT_S 5.0   /* after the last child: answers still being written */
+#define FLUSH_POLL_S  0.02
+
+static size_t open_connections(const struct daemon *d)
+{
+    return (d->public ? http_server_connections(d->public) : 0) +
+           (d->control ? http_server_connections(d->control) : 0);
+}
+
+/* Every child is gone: exit once the last answers have left (their
+ * connections close after a response while shutting down), FLUSH_LIMIT_S
+ * at most. */
+static void flush_cb(struct ev_loop *loop, ev_timer *w, int revents)
+{
+    (void)revents;
+    struct daemon *d = w->data;
+    if (open_connections(d) > 0 && ev_now(loop) < d->flush_until)
+        return;
+    if (open_connections(d) > 0)
+        log_warn("%zu client connection%s still open after %.0f s; closing them",
+                 open_connections(d), open_connections(d) == 1 ? "" : "s", FLUSH_LIMIT_S);
+    ev_timer_stop(loop, w);
+    ev_break(loop, EVBREAK_ALL);
+}
+
 static void on_pool_stopped(struct pool *p)
 {
+    struct daemon *d = p->stopped_arg;
     log_info("every instance has stopped; exiting");
-    ev_break(p->loop, EVBREAK_ALL);
+    d->flush_until = ev_now(p->loop) + FLUSH_LIMIT_S;
+    ev_timer_init(&d->flush_timer, flush_cb, 0., FLUSH_POLL_S);
+    d->flush_timer.data = d;
+    ev_timer_start(p->loop, &d->flush_timer);
 }
 
 static void kill_timer_cb(struct ev_loop *loop, ev_timer *w, int revents)
@@ -199,6 +231,8 @@ static void kill_timer_cb(struct ev_loop *loop, ev_timer *w, int revents)
     pool_kill_all(d->pool);
 }
 
+#define SHUTDOWN_RETRY_AFTER_S 5   /* what queued requests are told at shutdown */
+
 static void on_stop_signal(struct ev_loop *loop, ev_signal *w, int revents)
 {
     (void)revents;
@@ -208,17 +242,22 @@ static void on_stop_signal(struct ev_loop *loop, ev_signal *w, int revents)
         pool_kill_all(d->pool);
         return;
     }
-    log_info("%s: stopping every instance", strsignal(w->signum));
+    const struct config *cfg = d->pool->cfg;
+    log_info("%s: stopping every instance (in-flight requests get drain_timeout %.0f s)",
+             strsignal(w->signum), (double)cfg->drain_timeout_ms / 1000.0);
     notify_stopping();
     if (d->public)
         http_server_shutdown(d->public);
     if (d->control)
         http_server_shutdown(d->control);
-    /* Children get stop_timeout each (in parallel); SIGKILL a little after. */
+    router_shutdown(d->router, SHUTDOWN_RETRY_AFTER_S);
+    /* Children drain, then get stop_timeout each (in parallel); SIGKILL a
+     * little after. */
     ev_timer_init(&d->kill_timer, kill_timer_cb,
-                  (double)d->pool->cfg->stop_timeout_ms / 1000.0 + 1.0, 0.);
+                  (double)(cfg->drain_timeout_ms + cfg->stop_timeout_ms) / 1000.0 + 1.0, 0.);
     d->kill_timer.data = d;
     ev_timer_start(loop, &d->kill_timer);
+    d->pool->stopped_arg = d;
     pool_shutdown(d->pool, on_pool_stopped);
 }
 
@@ -296,12 +335,14 @@ static int cmd_serve(const char *given)
         log_error("control socket %s: %s", cfg->control_socket, err);
         goto fail;
     }
+    http_server_set_admit(d.control, api_admit);
     if (cfg->listen && *cfg->listen) {
         d.public = http_server_listen(d.loop, cfg->listen, &lim, api_handle, &d.api, err, sizeof err);
         if (!d.public) {
             log_error("listen %s: %s", cfg->listen, err);
             goto fail;
         }
+        http_server_set_admit(d.public, api_admit);
     }
     log_info("llama-pool %s: %zu model%s from %s; control socket %s%s%s", LLAMA_POOL_VERSION,
              cfg->nmodels, cfg->nmodels == 1 ? "" : "s", d.config_file, cfg->control_socket,

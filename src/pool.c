@@ -5,6 +5,7 @@
 #include "log.h"
 #include "memory.h"
 #include "notify.h"
+#include "util.h"
 
 #include <errno.h>
 #include <fcntl.h>
@@ -680,7 +681,7 @@ void pool_reload(struct pool *p, struct config *cfg, json_t *summary)
         if (m) {
             restart[k] = !config_model_same_child(old, m->cfg, cfg, cm);
             if (restart[k])
-                json_array_append_new(changed, json_string(cm->name));
+                json_array_append_new(changed, util_json_string(cm->name));
             else
                 unchanged++;
             model_rebind(m, cm);
@@ -688,7 +689,7 @@ void pool_reload(struct pool *p, struct config *cfg, json_t *summary)
             crash_log_clear(&m->crashes);
             model_log_close(m);             /* log_dir may have moved */
         } else if ((m = model_new(p, cm))) {
-            json_array_append_new(added, json_string(cm->name));
+            json_array_append_new(added, util_json_string(cm->name));
         } else {
             goto oom;
         }
@@ -713,7 +714,7 @@ void pool_reload(struct pool *p, struct config *cfg, json_t *summary)
         if (kept[j])
             continue;
         struct pool_model *m = gone[j];
-        json_array_append_new(removed, json_string(m->cfg->name));
+        json_array_append_new(removed, util_json_string(m->cfg->name));
         m->retired = true;
         p->retired[p->nretired++] = m;
         model_notify_gone(m);
@@ -793,7 +794,7 @@ static json_t *instance_json(struct pool *p, const struct instance *inst)
 {
     double now = ev_now(p->loop);
     json_t *o = json_object();
-    json_object_set_new(o, "id", json_string(inst->id));
+    json_object_set_new(o, "id", util_json_string(inst->id));
     json_object_set_new(o, "state", json_string(instance_state_name(inst->state)));
     json_object_set_new(o, "pid", inst->pid > 0 ? json_integer(inst->pid) : json_null());
     json_object_set_new(o, "port", inst->port ? json_integer(inst->port) : json_null());
@@ -806,7 +807,7 @@ static json_t *instance_json(struct pool *p, const struct instance *inst)
     json_object_set_new(o, "in_flight", json_integer(inst->in_flight));
     json_object_set_new(o, "last_used_s_ago",
                         inst->last_used > 0 ? json_real(now - inst->last_used) : json_null());
-    json_object_set_new(o, "last_error", inst->last_error ? json_string(inst->last_error) : json_null());
+    json_object_set_new(o, "last_error", inst->last_error ? util_json_string(inst->last_error) : json_null());
     if (inst->state == INSTANCE_BACKOFF)
         json_object_set_new(o, "next_start_s", json_real(inst->next_start_at > now ? inst->next_start_at - now : 0));
     return o;
@@ -817,12 +818,12 @@ json_t *pool_model_json(struct pool_model *m)
     json_t *o = json_object();
     json_t *aliases = json_array();
     for (size_t i = 0; i < m->cfg->naliases; i++)
-        json_array_append_new(aliases, json_string(m->cfg->aliases[i]));
-    json_object_set_new(o, "name", json_string(m->cfg->name));
+        json_array_append_new(aliases, util_json_string(m->cfg->aliases[i]));
+    json_object_set_new(o, "name", util_json_string(m->cfg->name));
     json_object_set_new(o, "aliases", aliases);
     json_object_set_new(o, "state", json_string(pool_model_state(m)));
     json_object_set_new(o, "pinned", json_boolean(m->cfg->pin));
-    json_object_set_new(o, "path", json_string(m->cfg->path));
+    json_object_set_new(o, "path", util_json_string(m->cfg->path));
     json_object_set_new(o, "instances_min", json_integer(m->cfg->instances_min));
     json_object_set_new(o, "instances_max", json_integer(m->cfg->instances_max));
     json_object_set_new(o, "memory_estimate",
@@ -836,7 +837,7 @@ json_t *pool_model_json(struct pool_model *m)
             if (m->inst[i]->state == INSTANCE_FAILED)
                 err = m->inst[i]->last_error;
     }
-    json_object_set_new(o, "last_error", err ? json_string(err) : json_null());
+    json_object_set_new(o, "last_error", err ? util_json_string(err) : json_null());
     json_t *insts = json_array();
     for (size_t i = 0; i < m->ninst; i++)
         json_array_append_new(insts, instance_json(m->pool, m->inst[i]));
@@ -885,7 +886,7 @@ json_t *pool_status_json(struct pool *p, const struct pool_model *only)
     json_object_set_new(queue, "max", json_integer(p->cfg->max_queue));
     json_object_set_new(root, "queue", queue);
     json_object_set_new(root, "uptime_s", json_real(ev_now(p->loop) - p->started_at));
-    json_object_set_new(root, "config", json_string(p->cfg->file ? p->cfg->file : ""));
+    json_object_set_new(root, "config", util_json_string(p->cfg->file ? p->cfg->file : ""));
     json_t *models = json_array();
     for (size_t i = 0; i < p->nmodels; i++)
         if (!only || p->models[i] == only)

@@ -87,6 +87,7 @@ struct pool {
     struct pool_model *dirty;       /* models with buffered log lines */
     bool shutting_down;
     void (*on_stopped)(struct pool *p);   /* shutdown finished */
+    void *stopped_arg;                    /* for on_stopped: the caller's */
     /* One listener for every instance change (the router). */
     void (*hook)(struct instance *inst, enum instance_state old, void *arg);
     void *hook_arg;

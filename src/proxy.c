@@ -38,6 +38,7 @@
 #include "proxy.h"
 
 #include "log.h"
+#include "util.h"
 
 #include <arpa/inet.h>
 #include <errno.h>
@@ -159,6 +160,7 @@ struct proxy {
     struct proxy_call *calls;         /* active */
     struct proxy_call *free_calls;
     size_t nfree;
+    bool hand_back_unanswered;        /* see proxy_hand_back_unanswered() */
     char rbuf[READ_BUF_SIZE];
 };
 
@@ -206,6 +208,14 @@ static bool valid_value(const char *s)
 }
 
 /* Hop-by-hop in both directions (RFC 9110 7.6.1 and the usual extras). */
+/* Access-Control-*: the pool's cors_origins decide (http.c adds its own),
+ * not llama-server, which echoes any Origin. */
+static bool is_cors(const char *n, size_t l)
+{
+    static const char prefix[] = "Access-Control-";
+    return l >= sizeof prefix - 1 && strncasecmp(n, prefix, sizeof prefix - 1) == 0;
+}
+
 static bool is_hop_by_hop(const char *n, size_t l)
 {
     switch (l) {
@@ -478,14 +488,25 @@ static bool valid_target(const char *t)
     return true;
 }
 
-/* Request line and headers for upstream, in call->out. */
-static bool call_build_head(struct proxy_call *call, const char *target)
+/* Credentials the client brought for the pool: with a child key they are
+ * replaced by the pool's own for that child, never passed on. */
+static bool is_client_credential(const char *n, size_t l)
+{
+    return NAME_IS(n, l, "Authorization") || NAME_IS(n, l, "X-Api-Key");
+}
+
+/* Request line and headers for upstream, in call->out. KEY: the child's
+ * API key, sent as "Authorization: Bearer KEY" in place of the client's
+ * Authorization and X-Api-Key; NULL: those go as they came. */
+static bool call_build_head(struct proxy_call *call, const char *target, const char *key)
 {
     const struct http_request *req = call->req;
     const char *conn_lists[8];
     size_t nconn = 0;
     bool conn_extra = false, framed = false;
-    size_t need = strlen(req->method) + strlen(target) + 128;
+    if (key && !valid_value(key))
+        key = NULL;   /* cannot be sent; the child will answer 401 */
+    size_t need = strlen(req->method) + strlen(target) + 128 + (key ? strlen(key) + 32 : 0);
     size_t xff_need = 0;
 
     for (size_t i = 0; i < req->nheaders; i++) {
@@ -521,7 +542,8 @@ static bool call_build_head(struct proxy_call *call, const char *target)
         size_t nl = strlen(n);
         if (!valid_name(n, nl) || !valid_value(v) || is_hop_by_hop(n, nl) ||
             NAME_IS(n, nl, "Host") || NAME_IS(n, nl, "Content-Length") ||
-            NAME_IS(n, nl, "X-Forwarded-For") || NAME_IS(n, nl, "Expect"))
+            NAME_IS(n, nl, "X-Forwarded-For") || NAME_IS(n, nl, "Expect") ||
+            (key && is_client_credential(n, nl)))
             continue;
         if (conn_extra) {
             bool listed = false;
@@ -552,6 +574,11 @@ static bool call_build_head(struct proxy_call *call, const char *target)
     }
     if (xff_any)
         o = PUT_LIT(o, "\r\n");
+    if (key) {
+        o = PUT_LIT(o, "Authorization: Bearer ");
+        o = put(o, key, strlen(key));
+        o = PUT_LIT(o, "\r\n");
+    }
     if (req->body_len > 0 || framed) {
         o = PUT_LIT(o, "Content-Length: ");
         o = put_uint(o, req->body_len);
@@ -629,24 +656,6 @@ static void call_ok(struct proxy_call *call, bool reuse)
     call_end(call, PROXY_OK);
 }
 
-/* Quotes S into a JSON string body (no surrounding quotes) of at most CAP. */
-static void json_escape(char *dst, size_t cap, const char *s)
-{
-    size_t o = 0;
-    for (; *s && o + 7 < cap; s++) {
-        unsigned char ch = (unsigned char)*s;
-        if (ch == '"' || ch == '\\') {
-            dst[o++] = '\\';
-            dst[o++] = (char)ch;
-        } else if (ch < 0x20 || ch == 0x7f) {
-            o += (size_t)snprintf(dst + o, cap - o, "\\u%04x", ch);
-        } else {
-            dst[o++] = (char)ch;
-        }
-    }
-    dst[o] = '\0';
-}
-
 /* The upstream broke: 502 JSON if nothing was sent to the client yet; an
  * SSE error event and a clean end for event streams; otherwise the client
  * connection is cut so the truncation shows. */
@@ -666,6 +675,10 @@ static void call_upstream_failed(struct proxy_call *call, const char *fmt, ...)
     call->req = NULL;
     req->on_close = NULL;
     req->on_drain = NULL;
+    if (!call->started && !call->got_bytes && call->p->hand_back_unanswered) {
+        call_end(call, PROXY_UPSTREAM_UNANSWERED);
+        return;
+    }
     if (!call->started) {
         http_respond_error(req, 502, "server_error", "%s", msg);
         call_end(call, PROXY_UPSTREAM_ERROR);
@@ -673,7 +686,7 @@ static void call_upstream_failed(struct proxy_call *call, const char *fmt, ...)
     }
     if (call->is_sse) {
         char esc[300], ev[400];
-        json_escape(esc, sizeof esc, msg);
+        util_json_escape(esc, sizeof esc, msg);
         /* end a partly relayed event first, so the error stands alone */
         const char *sep = !call->relayed ? ""
                           : call->tail[1] == '\n' ? (call->tail[0] == '\n' ? "" : "\n")
@@ -803,7 +816,7 @@ static int on_header_field_complete(llhttp_t *lp)
     else if (NAME_IS(n, l, "Content-Type"))
         call->action = HDR_CTYPE;
     else if (is_hop_by_hop(n, l) || NAME_IS(n, l, "Content-Length") ||
-             NAME_IS(n, l, "Server") || NAME_IS(n, l, "Date"))
+             NAME_IS(n, l, "Server") || NAME_IS(n, l, "Date") || is_cors(n, l))
         call->action = HDR_DROP;
     else
         call->action = HDR_KEEP;
@@ -1289,6 +1302,13 @@ static struct proxy_call *call_alloc(struct proxy *p)
 struct proxy_call *proxy_forward(struct proxy *p, struct http_request *req, unsigned port,
                                  const char *target, proxy_done_fn done, void *arg)
 {
+    return proxy_forward_key(p, req, port, NULL, target, done, arg);
+}
+
+struct proxy_call *proxy_forward_key(struct proxy *p, struct http_request *req, unsigned port,
+                                     const char *key, const char *target,
+                                     proxy_done_fn done, void *arg)
+{
     if (!target)
         target = req->target;
     struct proxy_call *call = call_alloc(p);
@@ -1322,7 +1342,7 @@ struct proxy_call *proxy_forward(struct proxy *p, struct http_request *req, unsi
         call_end(call, PROXY_UPSTREAM_ERROR);
         return NULL;
     }
-    if (!call_build_head(call, target)) {
+    if (!call_build_head(call, target, key)) {
         call_upstream_failed(call, "proxy: out of memory for the request to port %u", port);
         return NULL;
     }
@@ -1333,6 +1353,11 @@ struct proxy_call *proxy_forward(struct proxy *p, struct http_request *req, unsi
         return NULL;
     call->ended = NULL;
     return call;
+}
+
+void proxy_hand_back_unanswered(struct proxy *p, bool on)
+{
+    p->hand_back_unanswered = on;
 }
 
 void proxy_forget_port(struct proxy *p, unsigned port)

@@ -27,6 +27,10 @@ enum proxy_outcome {
     PROXY_UPSTREAM_CUT,   /* upstream broke mid-response: the client got an
                            * SSE error event (streams) or a cut response */
     PROXY_CLIENT_GONE,    /* the client left; upstream closed */
+    PROXY_UPSTREAM_UNANSWERED, /* with proxy_hand_back_unanswered() only: connect
+                           * failed, or upstream closed or reset before any
+                           * response byte; the client got NOTHING and its
+                           * request is the caller's again (to retry or answer) */
 };
 
 /* Called once per call, after the client's response has ended (or the
@@ -44,6 +48,18 @@ void proxy_free(struct proxy *p);
  * connection error answers 502 and calls DONE (possibly before returning). */
 struct proxy_call *proxy_forward(struct proxy *p, struct http_request *req, unsigned port,
                                  const char *target, proxy_done_fn done, void *arg);
+/* The same for a child that requires API key KEY (NULL: as proxy_forward):
+ * the upstream request carries "Authorization: Bearer KEY", and the
+ * client's own Authorization and X-Api-Key (the pool's key) are dropped. */
+struct proxy_call *proxy_forward_key(struct proxy *p, struct http_request *req, unsigned port,
+                                     const char *key, const char *target,
+                                     proxy_done_fn done, void *arg);
+
+/* ON: a call whose upstream fails before sending a byte of its answer
+ * (the child was stopping or died as the request went out) does not answer
+ * 502 but ends with PROXY_UPSTREAM_UNANSWERED, so that the caller can send
+ * the request to another instance. Off by default. */
+void proxy_hand_back_unanswered(struct proxy *p, bool on);
 
 /* Close idle connections to PORT (the instance is going away). */
 void proxy_forget_port(struct proxy *p, unsigned port);

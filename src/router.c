@@ -27,6 +27,8 @@ struct router {
     /* Scheduler slot → model; slots are never reused while a model lives. */
     struct pool_model **slots;
     size_t nslots;
+    bool closing;               /* shutting down: nothing new is queued */
+    double retry_after;         /* for 503s while closing: seconds */
 };
 
 /* One proxied request, from arrival to its response's end. */
@@ -39,6 +41,7 @@ struct rreq {
     struct instance *inst;      /* once dispatched */
     char *target;               /* upstream target, NULL = as received */
     bool dispatched;
+    bool resent;                /* sent again after an instance dropped it unanswered */
     double t0;                  /* arrival */
 };
 
@@ -112,22 +115,75 @@ static double now_of(struct router *r)
 
 /* ---------- performing the scheduler's actions ---------- */
 
+static void rreq_gone(struct http_request *req, void *arg);
+static void refuse_closing(struct router *r, struct http_request *req, struct pool_model *m);
+
+/* The request's slot on its instance is free again; a draining instance
+ * whose last request this was may now be stopped. */
+static void release_slot(struct router *r, struct rreq *q)
+{
+    sched_request_done(r->sched, now_of(r), q->id);
+    if (!q->inst)
+        return;
+    q->inst->last_used = now_of(r);
+    q->inst->in_flight = sched_in_flight(r->sched, (sched_inst_t)(uintptr_t)q->inst);
+    if (q->inst->in_flight == 0)
+        instance_drained(q->inst);
+}
+
+/* The instance closed or reset the connection before a byte of its answer
+ * (it was being stopped, or died, as the request went out): the client has
+ * seen nothing, so the request goes back to the scheduler once, as a new
+ * arrival, and reaches another instance. A second time it is a 502. */
+static bool resend(struct router *r, struct rreq *q)
+{
+    if (q->resent || !q->model || r->closing || q->model->slot >= r->nslots ||
+        r->slots[q->model->slot] != q->model)
+        return false;
+    log_info("%s: %s %s: the instance dropped it unanswered; sending it again",
+             q->inst ? q->inst->id : q->model->cfg->name, q->req->method, q->req->path);
+    q->resent = true;
+    q->dispatched = false;
+    q->inst = NULL;
+    q->id = ++r->next_id;
+    q->req->on_close = rreq_gone;
+    q->req->arg = q;
+    sched_request(r->sched, now_of(r), q->id, q->model->slot);
+    return true;
+}
+
 static void call_done(void *arg, enum proxy_outcome outcome, int status, double first_byte)
 {
     struct rreq *q = arg;
     struct router *r = q->r;
-    if (!status)
-        status = outcome == PROXY_CLIENT_GONE ? 499 : 502;
+    if (outcome == PROXY_UPSTREAM_UNANSWERED && q->inst && q->inst->state == INSTANCE_READY) {
+        /* Dead, or dying, and not known to be yet: none of its slots is
+         * used until it answers /health again (or its exit shows). */
+        sched_instance_suspect(r->sched, now_of(r), (sched_inst_t)(uintptr_t)q->inst);
+        instance_check(q->inst);
+    }
+    release_slot(r, q);
+    if (outcome == PROXY_UPSTREAM_UNANSWERED) {
+        if (resend(r, q)) {
+            router_run(r);
+            return;
+        }
+        http_respond_error(q->req, 502, "server_error",
+                           "%s: the instance closed the connection before answering%s",
+                           q->model ? q->model->cfg->name : "model",
+                           q->resent ? ", twice" : "");
+        status = 502;
+    }
+    /* A client that left is a 499 whatever the upstream had begun to send. */
+    if (outcome == PROXY_CLIENT_GONE)
+        status = 499;
+    else if (!status)
+        status = 502;
     if (q->model)
         metrics_count_status(&q->model->stats, status);
     metrics_observe(&r->pool->stats.duration, now_of(r) - q->t0);
     if (first_byte >= 0)
         metrics_observe(&r->pool->stats.first_byte, first_byte);
-    if (q->inst)
-        q->inst->last_used = now_of(r);
-    sched_request_done(r->sched, now_of(r), q->id);
-    if (q->inst)
-        q->inst->in_flight = sched_in_flight(r->sched, (sched_inst_t)(uintptr_t)q->inst);
     rreq_free(q);
     router_run(r);
 }
@@ -143,7 +199,7 @@ static void do_dispatch(struct router *r, struct rreq *q, struct instance *inst)
     inst->in_flight = sched_in_flight(r->sched, (sched_inst_t)(uintptr_t)inst);
     inst->last_used = now_of(r);
     q->req->on_close = NULL;     /* the proxy watches the client from here */
-    proxy_forward(r->proxy, q->req, inst->port, q->target, call_done, q);
+    proxy_forward_key(r->proxy, q->req, inst->port, inst->api_key, q->target, call_done, q);
 }
 
 static void do_fail(struct router *r, struct rreq *q, const struct sched_action *a)
@@ -306,6 +362,8 @@ static void rreq_gone(struct http_request *req, void *arg)
     (void)req;
     struct rreq *q = arg;
     struct router *r = q->r;
+    if (q->model)                 /* left while queued */
+        metrics_count_status(&q->model->stats, 499);
     sched_request_gone(r->sched, now_of(r), q->id);
     rreq_free(q);
     router_run(r);
@@ -314,6 +372,10 @@ static void rreq_gone(struct http_request *req, void *arg)
 void router_forward(struct router *r, struct http_request *req, struct pool_model *m,
                     const char *target)
 {
+    if (r->closing) {
+        refuse_closing(r, req, m);
+        return;
+    }
     size_t slot = model_slot(r, m);
     struct rreq *q = calloc(1, sizeof *q);
     if (!q || slot == SIZE_MAX || (target && !(q->target = strdup(target)))) {
@@ -340,6 +402,36 @@ void router_forward(struct router *r, struct http_request *req, struct pool_mode
     router_run(r);
 }
 
+static void refuse_closing(struct router *r, struct http_request *req, struct pool_model *m)
+{
+    char extra[64];
+    snprintf(extra, sizeof extra, "Retry-After: %.0f\r\n", r->retry_after);
+    if (m)
+        metrics_count_status(&m->stats, 503);
+    http_respond_error_headers(req, 503, "unavailable_error", extra,
+                               "llama-pool is shutting down; try again shortly");
+}
+
+void router_shutdown(struct router *r, double retry_after)
+{
+    r->closing = true;
+    r->retry_after = retry_after > 1 ? retry_after : 1;
+    size_t n = 0;
+    for (struct rreq *q = r->reqs, *next; q; q = next) {
+        next = q->next;
+        if (q->dispatched)
+            continue;
+        sched_request_gone(r->sched, now_of(r), q->id);
+        q->req->on_close = NULL;
+        refuse_closing(r, q->req, q->model);
+        rreq_free(q);
+        n++;
+    }
+    if (n)
+        log_info("shutting down: answered %zu queued request%s 503", n, n == 1 ? "" : "s");
+    router_run(r);
+}
+
 /* ---------- /pool/server ---------- */
 
 struct server_wait {
@@ -360,24 +452,76 @@ static struct instance *least_busy_ready(struct pool_model *m)
     return best;
 }
 
-static void answer_server(struct http_request *req, struct pool_model *m, struct instance *inst)
+/* A Host header fit to be put in a URL: a name or address and a port. */
+static bool host_usable(const char *h)
 {
-    char url[64];
-    snprintf(url, sizeof url, "http://127.0.0.1:%u", inst->port);
-    json_t *o = json_pack("{s:s,s:i,s:s,s:s}", "model", m->cfg->name, "port", (int)inst->port,
-                          "url", url, "instance", inst->id);
-    char *s = json_dumps(o, JSON_COMPACT);
+    size_t n = strlen(h);
+    if (n == 0 || n > 255)
+        return false;
+    return strspn(h, "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789.-_:[]") == n;
+}
+
+/* How the pool itself is reached: the Host the request came with over
+ * TCP, else the configured listen address, a wildcard made loopback
+ * (0.0.0.0 → 127.0.0.1, [::] → [::1]). NULL when there is no TCP
+ * listener at all. Malloc'd. */
+static char *pool_address(const struct http_request *req, const struct config *cfg)
+{
+    const char *host = req->is_unix ? NULL : http_header_get(req, "Host");
+    if (host && host_usable(host))
+        return strdup(host);
+    const char *listen = cfg->listen;
+    if (!listen || !*listen)
+        return NULL;
+    char *addr = NULL;
+    if (strncmp(listen, "0.0.0.0:", 8) == 0) {
+        if (asprintf(&addr, "127.0.0.1:%s", listen + 8) < 0)
+            addr = NULL;
+    } else if (strncmp(listen, "[::]:", 5) == 0) {
+        if (asprintf(&addr, "[::1]:%s", listen + 5) < 0)
+            addr = NULL;
+    } else {
+        addr = strdup(listen);
+    }
+    return addr;
+}
+
+/* {"model","port","api_key","url","instance"}: the child's port and the key
+ * it requires (the caller is an admin: admin_key over TCP, or the control
+ * socket), and a URL through the pool (/upstream/M, with the pool's keys
+ * and queue) that old code can use as the child's base URL. */
+static void answer_server(struct router *r, struct http_request *req, struct pool_model *m,
+                          struct instance *inst)
+{
+    char *addr = pool_address(req, r->pool->cfg);
+    char *url = NULL;
+    if (addr && asprintf(&url, "http://%s/upstream/%s", addr, m->cfg->name) < 0)
+        url = NULL;
+    free(addr);
+    json_t *o = json_pack("{s:s,s:i,s:s?,s:o,s:s}", "model", m->cfg->name, "port", (int)inst->port,
+                          "api_key", inst->api_key,
+                          "url", url ? json_string(url) : json_null(), "instance", inst->id);
+    free(url);
+    char *s = o ? json_dumps(o, JSON_COMPACT) : NULL;
     json_decref(o);
-    http_respond(req, 200, "application/json", NULL, s ? s : "{}", s ? strlen(s) : 2);
+    if (!s) {
+        http_respond_error(req, 500, NULL, "out of memory");
+        return;
+    }
+    http_respond(req, 200, "application/json", NULL, s, strlen(s));
     free(s);
 }
 
-static void server_wait_end(struct server_wait *w)
+/* Stop waiting: off the pool's observers, the timer and the request.
+ * Returns the request, to be answered after: an answer frees it. */
+static struct http_request *server_wait_end(struct server_wait *w)
 {
+    struct http_request *req = w->req;
     pool_unobserve(&w->obs);
     ev_timer_stop(w->r->loop, &w->timeout);
-    w->req->on_close = NULL;
+    req->on_close = NULL;
     free(w);
+    return req;
 }
 
 static void server_wait_event(struct pool_observer *obs, const struct pool_event *ev)
@@ -385,20 +529,19 @@ static void server_wait_event(struct pool_observer *obs, const struct pool_event
     struct server_wait *w = (struct server_wait *)obs;
     if (ev->kind == POOL_EV_GONE) {
         w->obs.next = w->obs.prev = NULL;
-        http_respond_error(w->req, 404, "not_found_error", "model removed by a reload");
-        server_wait_end(w);
+        http_respond_error(server_wait_end(w), 404, "not_found_error", "model removed by a reload");
         return;
     }
     if (ev->kind != POOL_EV_STATE)
         return;
     struct instance *inst = least_busy_ready(ev->model);
     if (inst) {
-        answer_server(w->req, ev->model, inst);
-        server_wait_end(w);
+        struct router *r = w->r;
+        answer_server(r, server_wait_end(w), ev->model, inst);
     } else if (ev->inst->state == INSTANCE_BACKOFF || ev->inst->state == INSTANCE_FAILED) {
-        http_respond_error(w->req, 502, "server_error", "%s: failed to start: %s", ev->model->cfg->name,
+        http_respond_error(server_wait_end(w), 502, "server_error", "%s: failed to start: %s",
+                           ev->model->cfg->name,
                            ev->inst->last_error ? ev->inst->last_error : "unknown error");
-        server_wait_end(w);
     }
 }
 
@@ -406,22 +549,22 @@ static void server_wait_timeout(struct ev_loop *loop, ev_timer *t, int revents)
 {
     (void)loop; (void)revents;
     struct server_wait *w = t->data;
-    http_respond_error(w->req, 504, "timeout_error", "%s: not ready within queue_timeout",
-                       w->obs.model ? w->obs.model->cfg->name : "model");
-    server_wait_end(w);
+    const char *name = w->obs.model ? w->obs.model->cfg->name : "model";
+    http_respond_error(server_wait_end(w), 504, "timeout_error", "%s: not ready within queue_timeout",
+                       name);
 }
 
 static void server_wait_gone(struct http_request *req, void *arg)
 {
     (void)req;
-    server_wait_end(arg);
+    (void)server_wait_end(arg);
 }
 
 void router_server(struct router *r, struct http_request *req, struct pool_model *m)
 {
     struct instance *inst = least_busy_ready(m);
     if (inst) {
-        answer_server(req, m, inst);
+        answer_server(r, req, m, inst);
         return;
     }
     if (m->failed) {
@@ -538,6 +681,7 @@ struct router *router_new(struct ev_loop *loop, struct pool *pool)
         router_free(r);
         return NULL;
     }
+    proxy_hand_back_unanswered(r->proxy, true);   /* resend() */
     ev_timer_init(&r->wake, wake_cb, 0., 0.);
     r->wake.data = r;
     ev_timer_init(&r->sample, sample_cb, SAMPLE_INTERVAL_S, SAMPLE_INTERVAL_S);

@@ -29,6 +29,11 @@ void router_forward(struct router *r, struct http_request *req, struct pool_mode
 /* GET /pool/server?model=M: make sure M runs, answer {"model","port","url"}. */
 void router_server(struct router *r, struct http_request *req, struct pool_model *m);
 
+/* The daemon is stopping: queued requests, and any that arrive from now
+ * on, are answered 503 with Retry-After (seconds); dispatched ones finish
+ * while their instances drain. */
+void router_shutdown(struct router *r, double retry_after);
+
 size_t router_waiting(const struct router *r);
 size_t router_waiting_model(const struct router *r, const struct pool_model *m);
 

@@ -56,6 +56,14 @@ def raw(port, data, timeout=10):
         s.close()
 
 
+def child_auth(pool, model="tiny"):
+    """The header a test needs to talk to a child directly: children take
+    requests only with their key (/pool/server hands it out)."""
+    code, body = pool.get(f"/pool/server?model={model}")
+    assert code == 200, body
+    return {"Authorization": f"Bearer {json.loads(body)['api_key']}"}
+
+
 def sse_events(body):
     return [e for e in body.decode().split("\n\n") if e.strip()]
 
@@ -74,7 +82,7 @@ def test_chat_through_the_pool_matches_direct(started):
     status, _, body = post(pool.listen_port, "/v1/chat/completions", {**CHAT, "model": "tiny"})
     assert status == 200, body
     port = pool.ready_instances("tiny")[0]["port"]
-    _, _, direct = post(port, "/v1/chat/completions", {**CHAT, "model": "tiny"})
+    _, _, direct = post(port, "/v1/chat/completions", {**CHAT, "model": "tiny"}, child_auth(pool))
     if REAL:   # random weights: compare the shape, not the text
         assert json.loads(body).keys() == json.loads(direct).keys()
     else:
@@ -89,7 +97,7 @@ def test_streaming_chat_matches_direct_event_by_event(started):
     assert headers["Content-Type"].startswith("text/event-stream")
     assert headers.get("X-Accel-Buffering") == "no"
     port = pool.ready_instances("tiny")[0]["port"]
-    _, _, direct = post(port, "/v1/chat/completions", req)
+    _, _, direct = post(port, "/v1/chat/completions", req, child_auth(pool))
     events = sse_events(body)
     assert events[-1] == "data: [DONE]"
     assert len(events) == len(sse_events(direct))
@@ -180,8 +188,9 @@ def test_pool_server_answers_a_port_like_the_pm2_manager(pool):
     status, _, body = get(pool.listen_port, "/pool/server?model=tiny", {"Authorization": "Bearer k"})
     assert status == 200, body
     info = json.loads(body)
-    assert info["model"] == "tiny" and info["url"] == f"http://127.0.0.1:{info['port']}"
+    assert info["model"] == "tiny" and info["url"] == f"http://127.0.0.1:{pool.listen_port}/upstream/tiny"
     assert get(info["port"], "/health")[0] == 200
+    assert get(info["port"], "/props", {"Authorization": f"Bearer {info['api_key']}"})[0] == 200
 
 
 def test_api_keys_guard_v1(pool):
@@ -271,8 +280,8 @@ def test_queue_timeout_is_504(pool):
     t.join(30)
 
 
-def slots_busy(port):
-    _, _, body = get(port, "/slots")
+def slots_busy(port, auth):
+    _, _, body = get(port, "/slots", auth)
     return sum(1 for s in json.loads(body) if s["is_processing"])
 
 
@@ -291,9 +300,10 @@ def test_disconnect_mid_stream_frees_the_upstream_slot(pool):
         chunk = s.recv(65536)
         assert chunk, "the stream ended early"
         got += chunk
-    assert slots_busy(port) == 1
+    auth = child_auth(pool)
+    assert slots_busy(port, auth) == 1
     s.close()
-    wait_for(lambda: slots_busy(port) == 0, timeout=2, what="the slot freed within 2 s")
+    wait_for(lambda: slots_busy(port, auth) == 0, timeout=2, what="the slot freed within 2 s")
     wait_for(lambda: pool.instances("tiny")[0]["in_flight"] == 0, what="in_flight back to 0")
 
 
