@@ -2499,6 +2499,12 @@ char **config_child_argv(const struct config *cfg,
     strvec_push(&v, xstrdup("127.0.0.1"));
     strvec_push(&v, xstrdup("--port"));
     strvec_push(&v, xasprintf("%u", port));
+    /* Answers name the model as configured, not its GGUF path (the child's
+     * id is its first alias, else the -m string), unless args give one. */
+    if (!config_child_arg(cfg, m, "-a", "--alias")) {
+        strvec_push(&v, xstrdup("-a"));
+        strvec_push(&v, xstrdup(m->name));
+    }
     for (size_t i = 0; i < cfg->ndefault_args; i++)
         strvec_push(&v, xstrdup(cfg->default_args[i]));
     for (size_t i = 0; i < m->nargs; i++)

@@ -120,7 +120,8 @@ const struct config_model *config_find_model(const struct config *cfg,
                                              const char *name_or_alias);
 
 /* The full argv for one child of MODEL on PORT: llama_server, -m PATH,
- * --host 127.0.0.1, --port P, default_args, then the model's args.
+ * --host 127.0.0.1, --port P, -a NAME (unless the args give -a/--alias),
+ * default_args, then the model's args.
  * NULL-terminated, malloc'd (free with config_argv_free). */
 char **config_child_argv(const struct config *cfg,
                          const struct config_model *m, unsigned port);

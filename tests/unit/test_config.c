@@ -1648,11 +1648,14 @@ static void test_child_argv(void **state)
     assert_null(argv[13]);
     config_argv_free(argv);
 
+    /* Without an alias in args, the child is named after the model. */
     argv = config_child_argv(c, &c->models[1], 65535);
     assert_string_equal(argv[6], "65535");
-    assert_string_equal(argv[7], "-cram");
-    assert_string_equal(argv[8], "0");
-    assert_null(argv[9]);
+    assert_string_equal(argv[7], "-a");
+    assert_string_equal(argv[8], "bare");
+    assert_string_equal(argv[9], "-cram");
+    assert_string_equal(argv[10], "0");
+    assert_null(argv[11]);
     config_argv_free(argv);
     config_free(c);
 }
