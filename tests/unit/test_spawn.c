@@ -74,16 +74,33 @@ static void child_gets_only_std_fds(void **state)
     assert_int_equal(n, 4);
 }
 
+/* Fields of /proc/PID/stat after the command name (which may hold spaces
+ * and parentheses, so parse from the last ')'): state, ppid, pgrp, session. */
+static void stat_ids(const char *stat, int *pid, int *pgrp, int *sid)
+{
+    char state;
+    int ppid;
+    assert_int_equal(sscanf(stat, "%d", pid), 1);
+    const char *rest = strrchr(stat, ')');
+    assert_non_null(rest);
+    assert_int_equal(sscanf(rest + 1, " %c %d %d %d", &state, &ppid, pgrp, sid), 4);
+}
+
 static void child_leads_its_own_session(void **state)
 {
     (void)state;
-    char *argv[] = { "/bin/sh", "-c", "echo $$ $(ps -o sid= -p $$)", NULL };
+    /* The child itself (cat, exec'd by spawn_child) reads its own stat. */
+    char *argv[] = { "/bin/cat", "/proc/self/stat", NULL };
     char *envp[] = { "PATH=/bin:/usr/bin", NULL };
     int status;
     char *out = run(argv, envp, &status);
-    int pid = 0, sid = -1;
-    assert_int_equal(sscanf(out, "%d %d", &pid, &sid), 2);
-    assert_int_equal(pid, sid);
+    assert_true(WIFEXITED(status) && WEXITSTATUS(status) == 0);
+    int pid = 0, pgrp = -1, sid = -1;
+    stat_ids(out, &pid, &pgrp, &sid);
+    assert_true(pid > 0);
+    assert_int_equal(sid, pid);
+    assert_int_equal(pgrp, pid);
+    assert_int_not_equal(sid, getsid(0));
 }
 
 static void clean_env_drops_router_port_and_strangers(void **state)
