@@ -59,9 +59,10 @@
  *                            every request (to check what a proxy forwards)
  *
  * Signals: SIGTERM/SIGINT while loading kill at once (default action). After
- * ready the first stops accepting connections and exits 0 once every
- * completion in flight (queued or generating) has finished; a second exits 1
- * at once.
+ * ready the first stops accepting connections and generating, as
+ * llama-server's stops its task loop: completions in flight (queued or
+ * generating) get no further byte, and it exits 0 once their clients have
+ * gone; a second exits 1 at once.
  *
  * Only libc and pthreads; Linux (POLLRDHUP, accept4, prctl). */
 #define _GNU_SOURCE
@@ -587,6 +588,14 @@ static bool client_gone(int fd, int wait_ms)
 }
 
 /* Sleeps ms milliseconds, watching the client. True if it went away. */
+/* The server is stopping: a task gets nothing more, and its HTTP thread
+ * holds on until the client leaves (as llama-server's do). */
+static void hang_until_gone(int fd)
+{
+    while (!client_gone(fd, CANCEL_POLL_MS))
+        ;
+}
+
 static bool sleep_or_gone(int fd, long ms)
 {
     if (ms <= 0)
@@ -817,6 +826,12 @@ static int slots_acquire(int fd, int task)
         cond_wait_ms(&g_pool.handoff, &g_pool.mu, CANCEL_POLL_MS);
         if (w.slot >= 0)
             break;
+        if (atomic_load(&g_stopping)) {
+            pool_unqueue(&w);
+            mu_unlock(&g_pool.mu);
+            hang_until_gone(fd);
+            return -1;
+        }
         mu_unlock(&g_pool.mu);
         bool gone = client_gone(fd, 0);
         mu_lock(&g_pool.mu);
@@ -1672,6 +1687,10 @@ static bool generate(struct conn *c, struct request *rq, struct gen *g, bool cra
             crash_now(g);
         if (sleep_or_gone(c->fd, g_cfg.token_ms))
             return false;
+        if (atomic_load(&g_stopping)) {
+            hang_until_gone(c->fd);
+            return false;
+        }
         g->n_done++;
         atomic_fetch_add(&g_stats.tokens_predicted, 1);
         atomic_fetch_add(&g_stats.n_decode, 1);
@@ -2245,23 +2264,24 @@ static int wait_for_stop(void)
     }
 }
 
-/* Stops accepting, lets every completion in flight finish, exits 0. */
+/* Stops accepting and generating, exits 0 once every client of a
+ * completion in flight has gone. */
 __attribute__((noreturn))
 static void shut_down(pthread_t acceptor, int sig)
 {
     mu_lock(&g_pool.mu);
     int active = g_pool.n_active;
     mu_unlock(&g_pool.mu);
-    SRV_LOG('I', "llama_server", "received signal %d: no longer accepting connections, "
-            "waiting for %d request(s) in flight", sig, active);
+    SRV_LOG('I', "llama_server", "received signal %d: no longer accepting connections; "
+            "%d request(s) in flight get nothing more", sig, active);
     atomic_store(&g_stopping, true);
+    SRV_LOG('I', "operator()", "operator(): cleaning up before exit...");
     int e = pthread_join(acceptor, NULL);
     if (e)
         log_msg('W', "pthread_join: %s", strerror(e));
     if (close(g_listen_fd) < 0)
         log_msg('W', "close listening socket: %s", strerror(errno));
     wait_until_idle();
-    SRV_LOG('I', "operator()", "operator(): cleaning up before exit...");
     _exit(0);
 }
 
