@@ -26,7 +26,9 @@ void router_reload(struct router *r);
  * TARGET: the upstream request target, NULL for req->target. */
 void router_forward(struct router *r, struct http_request *req, struct pool_model *m,
                     const char *target);
-/* GET /pool/server?model=M: make sure M runs, answer {"model","port","url"}. */
+/* GET /pool/server?model=M: make sure M runs, answer {"model","port","url",
+ * "api_key","instance"}: url goes through the pool (/upstream/M), api_key
+ * is the child's own, for code that talks to the port directly. */
 void router_server(struct router *r, struct http_request *req, struct pool_model *m);
 
 /* The daemon is stopping: queued requests, and any that arrive from now
