@@ -67,6 +67,21 @@ def pid_alive(pid):
         return False
 
 
+def _root_id(pid="self"):
+    st = os.stat(f"/proc/{pid}/root")
+    return st.st_dev, st.st_ino
+
+
+def same_root(pid):
+    """Whether PID sees the same / as we do. A run in a chroot (scripts/
+    check-fresh) and one outside can have the same temp dir names; neither
+    may take the other's processes for its own."""
+    try:
+        return _root_id(pid) == _root_id()
+    except OSError:
+        return False
+
+
 def pids_with_arg(needle):
     """PIDs whose command line contains NEEDLE (the test's temp dir)."""
     found = []
@@ -78,16 +93,36 @@ def pids_with_arg(needle):
                 cmd = f.read()
         except OSError:
             continue
-        if needle.encode() in cmd and pid_alive(int(d)):
+        if needle.encode() in cmd and pid_alive(int(d)) and same_root(int(d)):
             found.append(int(d))
     return found
 
 
-def free_port_block(n):
+def port_span():
+    """Where tests pick ports: below the kernel's ephemeral range, where
+    connect() takes client ports (one could take a port checked free before
+    the daemon binds it), or above it, else 20000-60000."""
+    try:
+        with open("/proc/sys/net/ipv4/ip_local_port_range") as f:
+            lo, hi = (int(x) for x in f.read().split())
+    except (OSError, ValueError):
+        return 20000, 60000
+    if lo - 20000 >= 4000:
+        return 20000, lo
+    if 65536 - (hi + 1) >= 4000:
+        return hi + 1, 65536
+    return 20000, 60000
+
+
+def free_port_block(n, avoid=()):
     """A base port with N consecutive free ports, picked at random so that
-    tests (and leftovers of other runs) do not collide."""
+    tests (and leftovers of other runs) do not collide, and sharing no port
+    with the [start, end) ranges in AVOID."""
+    span_lo, span_hi = port_span()
     for _ in range(200):
-        base = random.randrange(20000, 60000 - n)
+        base = random.randrange(span_lo, span_hi - n)
+        if any(base < end and start < base + n for start, end in avoid):
+            continue
         ok = True
         for p in range(base, base + n):
             s = socket.socket()
@@ -134,7 +169,9 @@ class Pool:
         self.stderr_path = os.path.join(self.dir, "daemon.log")
         self.proc = None
         self.port_base = free_port_block(20)
-        self.listen_port = free_port_block(1)
+        # Outside the children's ports: the daemon refuses a listen port
+        # inside port_range (exit 1 at start).
+        self.listen_port = free_port_block(1, avoid=[(self.port_base, self.port_base + 20)])
 
     # ---- config ----
     def model_file(self, name="m"):
@@ -259,7 +296,8 @@ class Pool:
                     env = f.read()
             except OSError:
                 continue
-            if f"LLAMA_POOL_TEST_DIR={self.dir}".encode() in env.split(b"\0") and pid_alive(int(d)):
+            if (f"LLAMA_POOL_TEST_DIR={self.dir}".encode() in env.split(b"\0") and pid_alive(int(d))
+                    and same_root(int(d))):
                 found.append(int(d))
         return found
 
