@@ -321,6 +321,11 @@ static void pool_hook(struct instance *inst, enum instance_state old, void *arg)
         if (!inst->sched_known) {
             inst->sched_known = true;
             sched_instance_added(r->sched, now, id, slot);
+        } else if (old == INSTANCE_STARTING) {
+            /* A start of an instance the scheduler saw fail before (a spawn
+             * that cannot work fails at once, from FAILED to FAILED): this
+             * start failed, and its waiters must hear it, not ask again. */
+            sched_instance_starting(r->sched, now, id);
         }
         sched_instance_failed(r->sched, now, id, inst->last_error ? inst->last_error : "failed");
         /* In backoff it comes back by itself: capacity on its way. */
@@ -643,6 +648,8 @@ static int pool_admit(struct pool_model *m, unsigned n, char *err, size_t errlen
     router_limits(r, &l);
     if (!l.budget)
         return 0;
+    if (!m->est_known && model_slot(r, m) != SIZE_MAX)
+        model_info(r, m, true);     /* the scheduler plans with it from now on too */
     const struct memory_estimate *e = pool_model_estimate(m);
     bool mapped = false;                /* weights already mapped by a live instance */
     for (size_t i = 0; i < m->ninst; i++)

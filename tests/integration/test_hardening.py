@@ -466,3 +466,28 @@ def test_model_names_are_percent_decoded_in_paths(pool):
     assert status == 200, body
     status, _, body = get(pool.listen_port, "/upstream/a+b/health")
     assert status == 200, body
+
+
+# ------------------------------------------- found by the HTTP fuzzer
+
+def test_a_server_that_cannot_run_answers_502_every_time(pool):
+    # Each request's start fails at once (no such binary): it must fail
+    # that request, not ask for the same start again and again.
+    pool.config({"tiny": {}}, pool_extra="llama_server = /nonexistent/llama-server")
+    pool.start()
+    for _ in range(3):
+        status, _, body = post(pool.listen_port, "/v1/chat/completions", {**CHAT, "model": "tiny"})
+        assert status == 502, body
+        assert "cannot" in json.loads(body)["error"]["message"] or "No such file" in body.decode()
+    assert pool.proc.poll() is None
+    assert pool.get("/health")[0] == 200
+
+
+def test_a_refused_operator_start_keeps_the_budget(pool):
+    pool.config({"tiny": {"memory": "1G"}}, pool_extra="memory_budget = 1M\nmemory_reserve = 0")
+    pool.start()
+    r = pool.cli("start", "tiny")
+    assert r.returncode != 0 and "budget" in (r.stdout + r.stderr)
+    status, _, body = post(pool.listen_port, "/v1/chat/completions", {**CHAT, "model": "tiny"})
+    assert status == 503, body
+    assert pool.instances("tiny") == [] or all(i["state"] == "stopped" for i in pool.instances("tiny"))
