@@ -29,6 +29,7 @@
  *     handler aborted a stream or the client half-closed;
  *   - our handler's requests all get a response unless we half-closed;
  *   - the server closes its side within a few seconds of the client's close;
+ *   - no model is ever started (none fits the budget);
  *   - every complete application/json body parses (jansson also rejects
  *     invalid UTF-8); FUZZ_HTTP_JSON=0 turns this check off.
  * Set FUZZ_HTTP_VERBOSE=1 for the daemon's log lines and the answers on
@@ -752,6 +753,19 @@ static void check_responses(const struct client *cl, bool half_closed)
     }
 }
 
+/* No model fits the budget: a spawn means the scheduler or an operator
+ * path let one start past it. */
+static void check_no_start(void)
+{
+    for (size_t i = 0; i < F.pool->nmodels; i++) {
+        const struct pool_model *m = F.pool->models[i];
+        if (m->stats.starts)
+            fprintf(stderr, "fuzz_http: model %s was started %llu times past its memory budget\n",
+                    m->cfg->name, (unsigned long long)m->stats.starts);
+        CHECK(m->stats.starts == 0);
+    }
+}
+
 /* ------------------------------------------------------------------- main */
 
 int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
@@ -794,6 +808,7 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
         fprintf(stderr, "fuzz_http: %zu bytes back:\n%.*s\n", cl.len, (int)(cl.len < 4096 ? cl.len : 4096),
                 cl.resp ? cl.resp : "");
     check_responses(&cl, half_close);
+    check_no_start();
     free(cl.resp);
 
     if (F.reloaded) {             /* the next input starts from config A again */

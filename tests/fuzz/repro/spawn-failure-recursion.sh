@@ -10,7 +10,7 @@ build=${LLAMA_POOL_BUILD:-build}
 bin=$(cd "$(dirname "$0")/../../.." && pwd)/$build/llama-pool
 tmp=$(mktemp -d)
 pid=
-trap '[ -n "$pid" ] && kill -9 "$pid" 2>/dev/null; rm -rf "$tmp"' EXIT
+trap '[ -n "$pid" ] && kill "$pid" 2>/dev/null; sleep 0.3; rm -rf "$tmp"' EXIT
 printf 'GGUF\003\0\0\0' > "$tmp/m.gguf"
 port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
 cat > "$tmp/pool.conf" <<CONF
