@@ -58,7 +58,8 @@ static void emit(struct out *o, const char *fmt, ...)
     for (;;) {
         va_list ap;
         va_start(ap, fmt);
-        int n = vsnprintf(o->buf + o->len, o->cap - o->len, fmt, ap);
+        /* No pointer arithmetic on the NULL of an empty buffer. */
+        int n = vsnprintf(o->buf ? o->buf + o->len : NULL, o->cap - o->len, fmt, ap);
         va_end(ap);
         if (n < 0) {
             o->failed = true;
