@@ -281,6 +281,11 @@ def test_logs_tail_and_follow(pool):
                               stdout=subprocess.PIPE, text=True)
     try:
         pool.cli("restart", "tiny", check=0)
+        # A bounded wait for the first followed line, not a readline that
+        # hangs the suite if it never comes.
+        import select
+        ready, _, _ = select.select([follow.stdout], [], [], 10 * SLOW)
+        assert ready, "no followed log line within the bound"
         line = follow.stdout.readline()
         assert "tiny#1" in line
     finally:
