@@ -491,3 +491,16 @@ def test_a_refused_operator_start_keeps_the_budget(pool):
     status, _, body = post(pool.listen_port, "/v1/chat/completions", {**CHAT, "model": "tiny"})
     assert status == 503, body
     assert pool.instances("tiny") == [] or all(i["state"] == "stopped" for i in pool.instances("tiny"))
+
+
+def test_an_alias_with_a_slash_is_addressed_as_percent_2f(pool):
+    # Hugging Face style ids are aliases clients put in "model"; in a URL
+    # path their '/' is written %2F.
+    pool.config({"tiny": {"aliases": "Org/tiny-1b"}})
+    pool.start()
+    status, _, body = post(pool.listen_port, "/v1/chat/completions", {**CHAT, "model": "Org/tiny-1b"})
+    assert status == 200 or (REAL and status == 500), body
+    status, _, body = get(pool.listen_port, "/upstream/Org%2Ftiny-1b/health")
+    assert status == 200, body
+    code, body = pool.request("POST", "/pool/models/Org%2Ftiny-1b/stop?wait=1")
+    assert code == 200, body
