@@ -1515,7 +1515,8 @@ static void srv_accept_cb(struct ev_loop *loop, ev_io *w, int revents)
     (void)loop;
     (void)revents;
     for (int i = 0; i < ACCEPT_BATCH; i++) {
-        if (max && srv->nconns >= max && !srv_evictable(srv))
+        struct http_conn *victim = NULL;   /* makes room at max_connections */
+        if (max && srv->nconns >= max && !(victim = srv_evictable(srv)))
             break;
         struct sockaddr_storage ss;
         socklen_t sl = sizeof ss;
@@ -1529,8 +1530,8 @@ static void srv_accept_cb(struct ev_loop *loop, ev_io *w, int revents)
         if (srv->is_unix || sl == 0)
             ss.ss_family = AF_UNIX;
         conn_new(srv, fd, (struct sockaddr *)&ss);
-        if (max && srv->nconns > max)
-            srv_evict(srv, srv_evictable(srv)); /* one existed before the accept */
+        if (victim && srv->nconns > max)
+            srv_evict(srv, victim);
     }
     srv_update_accept(srv);
 }

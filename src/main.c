@@ -204,11 +204,12 @@ static void flush_cb(struct ev_loop *loop, ev_timer *w, int revents)
 {
     (void)revents;
     struct daemon *d = w->data;
-    if (open_connections(d) > 0 && ev_now(loop) < d->flush_until)
+    size_t open = open_connections(d);
+    if (open > 0 && ev_now(loop) < d->flush_until)
         return;
-    if (open_connections(d) > 0)
+    if (open > 0)
         log_warn("%zu client connection%s still open after %.0f s; closing them",
-                 open_connections(d), open_connections(d) == 1 ? "" : "s", FLUSH_LIMIT_S);
+                 open, open == 1 ? "" : "s", FLUSH_LIMIT_S);
     ev_timer_stop(loop, w);
     ev_break(loop, EVBREAK_ALL);
 }

@@ -208,14 +208,6 @@ static bool valid_value(const char *s)
 }
 
 /* Hop-by-hop in both directions (RFC 9110 7.6.1 and the usual extras). */
-/* Access-Control-*: the pool's cors_origins decide (http.c adds its own),
- * not llama-server, which echoes any Origin. */
-static bool is_cors(const char *n, size_t l)
-{
-    static const char prefix[] = "Access-Control-";
-    return l >= sizeof prefix - 1 && strncasecmp(n, prefix, sizeof prefix - 1) == 0;
-}
-
 static bool is_hop_by_hop(const char *n, size_t l)
 {
     switch (l) {
@@ -228,6 +220,14 @@ static bool is_hop_by_hop(const char *n, size_t l)
     case 19: return NAME_IS(n, l, "Proxy-Authorization");
     default: return false;
     }
+}
+
+/* Access-Control-*: the pool's cors_origins decide (http.c adds its own),
+ * not llama-server, which echoes any Origin. */
+static bool is_cors(const char *n, size_t l)
+{
+    static const char prefix[] = "Access-Control-";
+    return l >= sizeof prefix - 1 && strncasecmp(n, prefix, sizeof prefix - 1) == 0;
 }
 
 /* Step through a comma-separated token list: the next token (trimmed) in
