@@ -3,6 +3,7 @@
 
 #include "config.h"
 #include "memory.h"
+#include "util.h"
 
 #include <curl/curl.h>
 #include <getopt.h>
@@ -267,7 +268,7 @@ static void status_rows(struct table *t, json_t *model)
         snprintf(rs, sizeof rs, "%lld", (long long)json_integer_value(json_object_get(in, "restarts")));
         json_int_t m = json_integer_value(json_object_get(in, "memory"));
         if (m > 0)
-            memory_format((uint64_t)m, mem, sizeof mem);
+            util_format_bytes((uint64_t)m, mem, sizeof mem);
         json_int_t total = json_integer_value(json_object_get(in, "slots"));
         if (total > 0)
             snprintf(slots, sizeof slots, "%lld/%lld",
@@ -333,8 +334,8 @@ static int cmd_status(struct client *c, int argc, char **argv)
     json_t *mem = json_object_get(j, "memory");
     char used[32], budget[32];
     printf("\nmemory %s used of %s budget · queue %lld/%lld\n",
-           memory_format((uint64_t)json_integer_value(json_object_get(mem, "used")), used, sizeof used),
-           memory_format((uint64_t)json_integer_value(json_object_get(mem, "budget")), budget, sizeof budget),
+           util_format_bytes((uint64_t)json_integer_value(json_object_get(mem, "used")), used, sizeof used),
+           util_format_bytes((uint64_t)json_integer_value(json_object_get(mem, "budget")), budget, sizeof budget),
            (long long)json_integer_value(json_object_get(json_object_get(j, "queue"), "waiting")),
            (long long)json_integer_value(json_object_get(json_object_get(j, "queue"), "max")));
     json_array_foreach(json_object_get(j, "models"), i, model) {

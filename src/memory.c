@@ -120,22 +120,6 @@ uint64_t memory_pss(pid_t pid)
     return pss;
 }
 
-const char *memory_format(uint64_t bytes, char *buf, unsigned len)
-{
-    static const char *const unit[] = { "B", "KiB", "MiB", "GiB", "TiB" };
-    double v = (double)bytes;
-    unsigned u = 0;
-    while (v >= 1024 && u < 4) {
-        v /= 1024;
-        u++;
-    }
-    if (u == 0)
-        snprintf(buf, len, "%" PRIu64 " B", bytes);
-    else
-        snprintf(buf, len, v < 10 ? "%.1f %s" : "%.0f %s", v, unit[u]);
-    return buf;
-}
-
 #define MIB (UINT64_C(1) << 20)
 
 static uint64_t pad256(uint64_t n)

@@ -57,7 +57,4 @@ int memory_estimate_model(const struct config *cfg, const struct config_model *m
 /* PSS of PID in bytes from /proc/PID/smaps_rollup; 0 when unreadable. */
 uint64_t memory_pss(pid_t pid);
 
-/* "1.2 GiB", "640 MiB", … into BUF. */
-const char *memory_format(uint64_t bytes, char *buf, unsigned len);
-
 #endif

@@ -903,8 +903,8 @@ void pool_summary(struct pool *p, char *buf, size_t len)
         starting += pool_model_count(p->models[i], INSTANCE_STARTING);
     }
     char used[32], budget[32];
-    memory_format(pool_measured(p), used, sizeof used);
-    memory_format(pool_budget(p, NULL), budget, sizeof budget);
+    util_format_bytes(pool_measured(p), used, sizeof used);
+    util_format_bytes(pool_budget(p, NULL), budget, sizeof budget);
     snprintf(len ? buf : NULL, len, "%zu instance%s ready, %zu starting, %s of %s",
              ready, ready == 1 ? "" : "s", starting, used, budget);
 }

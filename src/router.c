@@ -6,6 +6,7 @@
 #include "pool.h"
 #include "proxy.h"
 #include "scheduler.h"
+#include "util.h"
 
 #include <jansson.h>
 #include <stdint.h>
@@ -268,7 +269,7 @@ static void router_run(struct router *r)
                 m->stats.lru_stops++;
             log_info("%s: stopping it (%s; %s charged)", inst->id,
                      a.reason == SCHED_STOP_IDLE ? "idle_timeout passed" : "least recently used, room needed",
-                     memory_format(sched_charge(r->sched, a.inst), used, sizeof used));
+                     util_format_bytes(sched_charge(r->sched, a.inst), used, sizeof used));
             instance_stop(inst);
             break;
         }
@@ -660,8 +661,8 @@ static int pool_admit(struct pool_model *m, unsigned n, char *err, size_t errlen
         return 0;
     char a[32], b[32], c[32];
     snprintf(err, errlen, "%s needs %s more; %s of the %s budget is in use (stop a model, or raise memory_budget)",
-             m->cfg->name, memory_format(need, a, sizeof a), memory_format(used, b, sizeof b),
-             memory_format(l.budget, c, sizeof c));
+             m->cfg->name, util_format_bytes(need, a, sizeof a), util_format_bytes(used, b, sizeof b),
+             util_format_bytes(l.budget, c, sizeof c));
     return -1;
 }
 

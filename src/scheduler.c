@@ -55,6 +55,7 @@
  *     every instance added since, raised by what every instance removed or
  *     failed since frees, until the next report replaces it. */
 #include "scheduler.h"
+#include "util.h"
 
 #include <stdarg.h>
 #include <stdio.h>
@@ -269,21 +270,6 @@ struct sched {
     size_t capcand;
 };
 
-static bool grow(void **p, size_t *cap, size_t need, size_t size)
-{
-    if (need <= *cap)
-        return true;
-    size_t n = *cap ? *cap : 16;
-    while (n < need)
-        n *= 2;
-    void *v = realloc(*p, n * size);
-    if (!v)
-        return false;
-    *p = v;
-    *cap = n;
-    return true;
-}
-
 static unsigned model_hint(const struct model *m)
 {
     return m->info.slots_hint ? m->info.slots_hint : DEFAULT_SLOTS;
@@ -402,7 +388,7 @@ bool sched_next_action(struct sched *s, struct sched_action *out)
         if (m->start_queued)
             m->start_queued--;
         /* The caller now owes sched_instance_added() before its next event. */
-        if (!m->start_out++ && grow((void **)&s->out, &s->capout, s->nout + 1, sizeof *s->out))
+        if (!m->start_out++ && util_grow(&s->out, &s->capout, s->nout + 1, sizeof *s->out))
             s->out[s->nout++] = out->model;
     }
     return true;
@@ -456,7 +442,7 @@ static uint32_t req_new(struct sched *s, sched_req_t id, size_t model)
     if (ri != NIL) {
         s->req_free = s->reqs[ri].next;
     } else {
-        if (s->nreqs >= NIL || !grow((void **)&s->reqs, &s->capreqs, s->nreqs + 1, sizeof *s->reqs))
+        if (s->nreqs >= NIL || !util_grow(&s->reqs, &s->capreqs, s->nreqs + 1, sizeof *s->reqs))
             return NIL;
         ri = (uint32_t)s->nreqs++;
     }
@@ -575,13 +561,13 @@ static void fail_waiters(struct sched *s, size_t model, int status, const char *
 static uint32_t inst_new(struct sched *s, sched_inst_t id, size_t model)
 {
     struct model *m = &s->models[model];
-    if (!grow((void **)&m->inst, &m->capinst, m->ninst + 1, sizeof *m->inst))
+    if (!util_grow(&m->inst, &m->capinst, m->ninst + 1, sizeof *m->inst))
         return NIL;
     uint32_t ii = s->inst_free;
     if (ii != NIL) {
         s->inst_free = s->insts[ii].next_free;
     } else {
-        if (s->ninsts >= NIL || !grow((void **)&s->insts, &s->capinsts, s->ninsts + 1, sizeof *s->insts))
+        if (s->ninsts >= NIL || !util_grow(&s->insts, &s->capinsts, s->ninsts + 1, sizeof *s->insts))
             return NIL;
         ii = (uint32_t)s->ninsts++;
     }
@@ -965,7 +951,7 @@ static void make_room(struct sched *s, size_t model, uint64_t est, uint64_t used
     for (size_t i = 0; i < s->ninsts; i++) {
         if (!evictable(s, &s->insts[i], file))
             continue;
-        if (!grow((void **)&s->cand, &s->capcand, n + 1, sizeof *s->cand))
+        if (!util_grow(&s->cand, &s->capcand, n + 1, sizeof *s->cand))
             return;
         size_t k = n++;                 /* insertion sort: a handful of candidates */
         while (k && lru_before(s, &s->insts[i], &s->insts[s->cand[k - 1]])) {
@@ -993,18 +979,6 @@ static void make_room(struct sched *s, size_t model, uint64_t est, uint64_t used
     }
 }
 
-static void fmt_size(char *buf, size_t len, uint64_t bytes)
-{
-    static const char *const unit[] = { "B", "KiB", "MiB", "GiB", "TiB", "PiB", "EiB" };
-    double v = (double)bytes;
-    int u = 0;
-    while (v >= 1024 && u < 6) {
-        v /= 1024;
-        u++;
-    }
-    snprintf(buf, len, u >= 3 ? "%.1f %s" : "%.0f %s", v, unit[u]);
-}
-
 struct sbuf {
     char b[768];
     size_t n;
@@ -1029,9 +1003,9 @@ static void fail_too_big(struct sched *s, size_t model, uint64_t est, uint64_t u
     enum { LIST = 8 };
     struct sbuf sb = { .n = 0 };
     char need[32], budget[32], inuse[32], one[32];
-    fmt_size(need, sizeof need, est);
-    fmt_size(budget, sizeof budget, s->limits.budget);
-    fmt_size(inuse, sizeof inuse, used);
+    util_format_bytes(est, need, sizeof need);
+    util_format_bytes(s->limits.budget, budget, sizeof budget);
+    util_format_bytes(used, inuse, sizeof inuse);
     const char *name = s->models[model].name;
     sb_add(&sb, "%s needs %s; the budget is %s (in use %s", name ? name : "model", need, budget,
            inuse);
@@ -1046,7 +1020,7 @@ static void fail_too_big(struct sched *s, size_t model, uint64_t est, uint64_t u
                 sb_add(&sb, ", …");
                 break;
             }
-            fmt_size(one, sizeof one, c);
+            util_format_bytes(c, one, sizeof one);
             sb_add(&sb, "%s%s#%zu %s", listed > 1 ? ", " : ": ", m->name ? m->name : "?", i + 1,
                    one);
         }
@@ -1071,7 +1045,7 @@ static void mem_plan(struct sched *s)
             size_t i = s->active[j];
             if (!starts_wanted(s, &s->models[i]))
                 continue;
-            if (!grow((void **)&s->order, &s->caporder, n + 1, sizeof *s->order))
+            if (!util_grow(&s->order, &s->caporder, n + 1, sizeof *s->order))
                 return;
             uint64_t seq = s->reqs[s->models[i].head].seq;
             size_t k = n++;

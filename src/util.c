@@ -1,8 +1,131 @@
-/* util — small text helpers: UTF-8 checks, lossy UTF-8 copies, JSON escaping. */
+/* util — small helpers: growable buffers and arrays, byte sizes, UTF-8
+ * checks, lossy UTF-8 copies, JSON escaping. */
 #include "util.h"
 
+#include <inttypes.h>
+#include <stdarg.h>
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+
+/* ---------- growing memory ---------- */
+
+bool buf_reserve_min(struct buf *b, size_t n, size_t min)
+{
+    if (b->cap - b->len > n)
+        return true;
+    if (n > SIZE_MAX / 2 - b->len)
+        return false;
+    size_t cap = b->cap ? b->cap : (min ? min : 256);
+    while (cap - b->len <= n)
+        cap *= 2;
+    char *d = realloc(b->data, cap);
+    if (!d)
+        return false;
+    b->data = d;
+    b->cap = cap;
+    return true;
+}
+
+bool buf_reserve(struct buf *b, size_t n)
+{
+    return buf_reserve_min(b, n, 0);
+}
+
+bool buf_append(struct buf *b, const void *data, size_t n)
+{
+    if (!buf_reserve(b, n))
+        return false;
+    if (n)
+        memcpy(b->data + b->len, data, n);
+    b->len += n;
+    b->data[b->len] = '\0';
+    return true;
+}
+
+bool buf_puts(struct buf *b, const char *s)
+{
+    return buf_append(b, s, strlen(s));
+}
+
+bool buf_printf(struct buf *b, const char *fmt, ...)
+{
+    va_list ap;
+    va_start(ap, fmt);
+    int n = vsnprintf(NULL, 0, fmt, ap);
+    va_end(ap);
+    if (n < 0 || !buf_reserve(b, (size_t)n))
+        return false;
+    va_start(ap, fmt);
+    vsnprintf(b->data + b->len, b->cap - b->len, fmt, ap);
+    va_end(ap);
+    b->len += (size_t)n;
+    return true;
+}
+
+void buf_consume(struct buf *b, size_t n)
+{
+    if (n >= b->len) {
+        b->len = 0;
+    } else {
+        memmove(b->data, b->data + n, b->len - n);
+        b->len -= n;
+    }
+    if (b->data)
+        b->data[b->len] = '\0';
+}
+
+void buf_free(struct buf *b)
+{
+    free(b->data);
+    b->data = NULL;
+    b->len = b->cap = 0;
+}
+
+char *buf_take(struct buf *b)
+{
+    char *d = b->data;
+    b->data = NULL;
+    b->len = b->cap = 0;
+    return d;
+}
+
+bool util_grow(void *array, size_t *cap, size_t need, size_t size)
+{
+    if (need <= *cap)
+        return true;
+    size_t n = *cap ? *cap : 16;
+    while (n < need)
+        n *= 2;
+    if (n > SIZE_MAX / size)
+        return false;
+    void *p;
+    memcpy(&p, array, sizeof p);
+    void *v = realloc(p, n * size);
+    if (!v)
+        return false;
+    memcpy(array, &v, sizeof v);
+    *cap = n;
+    return true;
+}
+
+/* ---------- text ---------- */
+
+const char *util_format_bytes(uint64_t bytes, char *buf, size_t len)
+{
+    static const char *const unit[] = { "B", "KiB", "MiB", "GiB", "TiB", "PiB", "EiB" };
+    double v = (double)bytes;
+    unsigned u = 0;
+    while (v >= 1024 && u < 6) {
+        v /= 1024;
+        u++;
+    }
+    if (u == 0)
+        snprintf(buf, len, "%" PRIu64 " B", bytes);
+    else
+        snprintf(buf, len, v < 10 ? "%.1f %s" : "%.0f %s", v, unit[u]);
+    return buf;
+}
 
 /* U+FFFD REPLACEMENT CHARACTER, in UTF-8. */
 static const char utf8_replacement[] = "\xEF\xBF\xBD";

@@ -1,5 +1,6 @@
-/* util — small text helpers shared by the modules: UTF-8 checks, a lossy
- * UTF-8 copy, and JSON string escaping.
+/* util — small helpers shared by the modules: a growable byte buffer and
+ * array, byte sizes for people, UTF-8 checks, a lossy UTF-8 copy, and JSON
+ * string escaping.
  *
  * Everything the daemon writes as JSON must be valid UTF-8, but much of what
  * it writes comes from outside: request targets and bodies, a child's log
@@ -14,6 +15,44 @@
 #include <stdbool.h>
 #include <stddef.h>
 #include <stdint.h>
+
+/* ---- growing memory ----
+ * Out of memory is the caller's to report: these return false and leave
+ * what was there untouched. */
+
+/* A growable byte buffer, kept NUL-terminated once anything was added (so
+ * DATA is a C string for text). Zero-initialised is empty. */
+struct buf {
+    char *data;
+    size_t len, cap;
+};
+
+/* Room for N more bytes and a NUL; the first allocation is at least
+ * 256 bytes (or MIN given with buf_reserve_min), then it doubles. */
+bool buf_reserve(struct buf *b, size_t n);
+bool buf_reserve_min(struct buf *b, size_t n, size_t min);
+bool buf_append(struct buf *b, const void *data, size_t n);
+bool buf_puts(struct buf *b, const char *s);
+bool buf_printf(struct buf *b, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
+/* Drops the first N bytes (N <= len), keeping the rest at the front. */
+void buf_consume(struct buf *b, size_t n);
+/* Frees the memory; the buffer is empty and usable again. */
+void buf_free(struct buf *b);
+/* Hands the bytes to the caller (malloc'd, NUL-terminated; NULL when the
+ * buffer never held any) and leaves the buffer empty. */
+char *buf_take(struct buf *b);
+
+/* Makes the array *ARRAY (elements of SIZE bytes; ARRAY is the address of
+ * the caller's pointer, any pointer type) hold at least NEED elements,
+ * doubling *CAP from 16. */
+bool util_grow(void *array, size_t *cap, size_t need, size_t size);
+
+/* ---- text ---- */
+
+/* BYTES for a person: "512 B", "1.2 GiB", "48 GiB" (binary units; one
+ * decimal below 10). Writes to BUF and returns it. The one formatter of
+ * sizes in messages, logs and the CLI. */
+const char *util_format_bytes(uint64_t bytes, char *buf, size_t len);
 
 /* The length (1 to 4) of the well-formed UTF-8 sequence at S (LEN bytes
  * available), with its code point in *CP when CP is not NULL; 0 when S does

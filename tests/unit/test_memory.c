@@ -15,6 +15,7 @@
 
 #include "config.h"
 #include "memory.h"
+#include "util.h"
 
 #define GIB (UINT64_C(1) << 30)
 #define MIB (UINT64_C(1) << 20)
@@ -219,13 +220,13 @@ static void estimate_of_a_broken_file_is_an_error(void **state)
     config_free(c);
 }
 
-static void memory_format_is_human(void **state)
+static void format_bytes_is_human(void **state)
 {
     (void)state;
     char b[32];
-    assert_string_equal(memory_format(512, b, sizeof b), "512 B");
-    assert_string_equal(memory_format(1536 * MIB, b, sizeof b), "1.5 GiB");
-    assert_string_equal(memory_format(48 * GIB, b, sizeof b), "48 GiB");
+    assert_string_equal(util_format_bytes(512, b, sizeof b), "512 B");
+    assert_string_equal(util_format_bytes(1536 * MIB, b, sizeof b), "1.5 GiB");
+    assert_string_equal(util_format_bytes(48 * GIB, b, sizeof b), "48 GiB");
 }
 
 int main(void)
@@ -238,7 +239,7 @@ int main(void)
         cmocka_unit_test(missing_meminfo_is_an_error),
         cmocka_unit_test(estimate_reads_cram_from_the_childs_arguments),
         cmocka_unit_test(estimate_of_a_broken_file_is_an_error),
-        cmocka_unit_test(memory_format_is_human),
+        cmocka_unit_test(format_bytes_is_human),
     };
     return cmocka_run_group_tests_name("memory", tests, setup, teardown);
 }
