@@ -154,15 +154,6 @@ static void strvec_free(struct strvec *sv)
     sv->n = sv->cap = 0;
 }
 
-void config_argv_free(char **argv)
-{
-    if (!argv)
-        return;
-    for (char **a = argv; *a; a++)
-        free(*a);
-    free(argv);
-}
-
 static bool is_blank(char c)
 {
     return isspace((unsigned char)c);
@@ -1499,7 +1490,7 @@ static void add_env(struct parser *p, int line, struct pmodel *m, const char *v)
         m->env.v[m->env.n].value = xstrdup(eq + 1);
         m->env.n++;
     }
-    config_argv_free(words);
+    util_strv_free(words);
 }
 
 static void append_text(char **text, const char *v)
@@ -2440,18 +2431,18 @@ void config_free(struct config *cfg)
     free(cfg->llama_server);
     free(cfg->log_dir);
     free(cfg->models_dir);
-    config_argv_free(cfg->default_args);
+    util_strv_free(cfg->default_args);
     free(cfg->default_model);
-    config_argv_free(cfg->api_keys);
-    config_argv_free(cfg->cors_origins);
+    util_strv_free(cfg->api_keys);
+    util_strv_free(cfg->cors_origins);
     free(cfg->admin_key);
     for (size_t i = 0; i < cfg->nmodels; i++) {
         struct config_model *m = &cfg->models[i];
         free(m->name);
         free(m->path);
-        config_argv_free(m->args);
+        util_strv_free(m->args);
         free(m->args_text);
-        config_argv_free(m->aliases);
+        util_strv_free(m->aliases);
         for (size_t j = 0; j < m->nenv; j++) {
             free(m->env[j].name);
             free(m->env[j].value);

@@ -122,10 +122,9 @@ const struct config_model *config_find_model(const struct config *cfg,
 /* The full argv for one child of MODEL on PORT: llama_server, -m PATH,
  * --host 127.0.0.1, --port P, -a NAME (unless the args give -a/--alias),
  * default_args, then the model's args.
- * NULL-terminated, malloc'd (free with config_argv_free). */
+ * NULL-terminated, malloc'd (free with util_strv_free). */
 char **config_child_argv(const struct config *cfg,
                          const struct config_model *m, unsigned port);
-void config_argv_free(char **argv);
 
 /* The value the child will see for FLAG (or LONGFLAG, also as --long=VALUE):
  * the last one among default_args then the model's args, as llama-server
@@ -156,7 +155,7 @@ int config_parse_bool(const char *s, bool *out);
 
 /* Split S like a POSIX shell splits words (single and double quotes,
  * backslash escapes; no expansion of any kind). On success returns 0 and a
- * NULL-terminated malloc'd vector in *out (free with config_argv_free).
+ * NULL-terminated malloc'd vector in *out (free with util_strv_free).
  * On error returns -1 and points *err at a static message. */
 int config_split_words(const char *s, char ***out, size_t *n, const char **err);
 

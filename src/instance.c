@@ -7,6 +7,7 @@
 #include "memory.h"
 #include "port.h"
 #include "spawn.h"
+#include "util.h"
 
 #include <errno.h>
 #include <fcntl.h>
@@ -246,7 +247,7 @@ static char **model_env_strings(const struct config_model *m, const char *our_ke
     return env;
 fail:
     env[k] = NULL;
-    spawn_env_free(env);
+    util_strv_free(env);
     return NULL;
 }
 
@@ -326,9 +327,9 @@ static int instance_spawn(struct instance *inst, bool *fatal)
     if (pipefd[1] >= 0)
         close(pipefd[1]);
     free(path);
-    config_argv_free(argv);
-    spawn_env_free(extra);
-    spawn_env_free(env);
+    util_strv_free(argv);
+    util_strv_free(extra);
+    util_strv_free(env);
 
     if (pid < 0) {
         if (pipefd[0] >= 0)

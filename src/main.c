@@ -9,6 +9,7 @@
 #include "notify.h"
 #include "pool.h"
 #include "router.h"
+#include "util.h"
 
 #include <curl/curl.h>
 #include <errno.h>
@@ -92,7 +93,7 @@ static int cmd_check(const char *path)
             printf(plain ? " %s" : " '%s'", *a);
         }
         printf("\n");
-        config_argv_free(argv);
+        util_strv_free(argv);
     }
     config_free(cfg);
     return CLI_OK;

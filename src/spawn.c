@@ -1,5 +1,6 @@
 #define _GNU_SOURCE
 #include "spawn.h"
+#include "util.h"
 
 #include <errno.h>
 #include <fcntl.h>
@@ -225,17 +226,8 @@ char **spawn_clean_env(char *const extra[], size_t nextra)
     env[k] = NULL;
     return env;
 fail:
-    spawn_env_free(env);
+    util_strv_free(env);
     return NULL;
-}
-
-void spawn_env_free(char **env)
-{
-    if (!env)
-        return;
-    for (char **e = env; *e; e++)
-        free(*e);
-    free(env);
 }
 
 /* ---------- the child's API key ---------- */

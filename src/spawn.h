@@ -30,9 +30,8 @@ char *spawn_resolve(const char *name);
  * LLAMA_SERVER_ROUTER_PORT, and never our own LLAMA_API_KEY (a child's key
  * is the pool's choice, in EXTRA); then EXTRA ("NAME=VALUE" strings,
  * NULL-terminated or n entries), which override. Malloc'd, free with
- * spawn_env_free. */
+ * util_strv_free. */
 char **spawn_clean_env(char *const extra[], size_t nextra);
-void spawn_env_free(char **env);
 
 /* True if NAME=… from our environment may pass to a child. */
 int spawn_env_allowed(const char *entry);

@@ -109,6 +109,15 @@ bool util_grow(void *array, size_t *cap, size_t need, size_t size)
     return true;
 }
 
+void util_strv_free(char **v)
+{
+    if (!v)
+        return;
+    for (char **p = v; *p; p++)
+        free(*p);
+    free(v);
+}
+
 /* ---------- text ---------- */
 
 const char *util_format_bytes(uint64_t bytes, char *buf, size_t len)

@@ -47,6 +47,10 @@ char *buf_take(struct buf *b);
  * doubling *CAP from 16. */
 bool util_grow(void *array, size_t *cap, size_t need, size_t size);
 
+/* Frees a NULL-terminated vector of malloc'd strings and the vector (an
+ * argv, an environment, a list from pool.conf); NULL is allowed. */
+void util_strv_free(char **v);
+
 /* ---- text ---- */
 
 /* BYTES for a person: "512 B", "1.2 GiB", "48 GiB" (binary units; one

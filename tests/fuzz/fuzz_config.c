@@ -18,6 +18,7 @@
 #include <unistd.h>
 
 #include "config.h"
+#include "util.h"
 
 #define CHECK(cond)                                                          \
     do {                                                                     \
@@ -88,7 +89,7 @@ static void walk_model(const struct config *cfg, const struct config_model *m, u
     while (argv[n])
         n++;
     CHECK(n >= 3);                /* llama_server -m PATH … */
-    config_argv_free(argv);
+    util_strv_free(argv);
     (void)config_child_arg(cfg, m, "-c", "--ctx-size");
     (void)config_child_arg(cfg, m, "-np", "--parallel");
     (void)config_child_arg(cfg, m, "-a", "--alias");

@@ -17,6 +17,7 @@
 #include <unistd.h>
 
 #include "config.h"
+#include "util.h"
 
 /* The rules the messages end with (config.c's NAME_RULE and ALIAS_RULE). */
 #define NAME_RULE "a model name is UTF-8 text without whitespace, control characters or any of " \
@@ -1585,7 +1586,7 @@ static void expect_words(const char *s, ...)
     va_end(ap);
     assert_int_equal(n, i);
     assert_null(w[n]);
-    config_argv_free(w);
+    util_strv_free(w);
 }
 
 static void test_split_words(void **state)
@@ -1646,7 +1647,7 @@ static void test_child_argv(void **state)
         assert_string_equal(argv[i], want[i]);
     }
     assert_null(argv[13]);
-    config_argv_free(argv);
+    util_strv_free(argv);
 
     /* Without an alias in args, the child is named after the model. */
     argv = config_child_argv(c, &c->models[1], 65535);
@@ -1656,7 +1657,7 @@ static void test_child_argv(void **state)
     assert_string_equal(argv[9], "-cram");
     assert_string_equal(argv[10], "0");
     assert_null(argv[11]);
-    config_argv_free(argv);
+    util_strv_free(argv);
     config_free(c);
 }
 
@@ -1715,7 +1716,7 @@ static void test_errors_free_and_null(void **state)
     config_errors_free(&e);
     config_errors_free(NULL);
     config_free(NULL);
-    config_argv_free(NULL);
+    util_strv_free(NULL);
     /* errs may be NULL: the result alone says it failed */
     assert_null(config_load_string("x.conf", "[nope]\n", NULL));
     assert_null(config_load("/nonexistent/x.conf", NULL));

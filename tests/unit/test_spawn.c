@@ -17,6 +17,7 @@
 #include <unistd.h>
 
 #include "spawn.h"
+#include "util.h"
 
 /* Run ARGV with a pipe for output; return what it printed. */
 static char *run(char *const argv[], char *const envp[], int *status)
@@ -123,7 +124,7 @@ static void clean_env_drops_router_port_and_strangers(void **state)
         lang_fr |= strcmp(*e, "LANG=fr_FR.UTF-8") == 0;
     }
     assert_true(cuda && omp && lang_fr);
-    spawn_env_free(env);
+    util_strv_free(env);
 }
 
 static void resolve_finds_programs_in_path(void **state)
