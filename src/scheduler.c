@@ -1084,6 +1084,51 @@ static void mem_plan(struct sched *s)
     }
 }
 
+/* ---------- starts asked by others ---------- */
+
+int sched_admit(const struct sched *s, size_t model, unsigned n, char *err, size_t errlen)
+{
+    uint64_t budget = s->limits.budget;
+    if (!budget || !n || model >= s->nmodels)
+        return 0;
+    /* The first pays for the weights unless they are mapped already (or
+     * about to be); the others share them. */
+    const struct model *m = &s->models[model];
+    uint64_t need = sat_add(start_estimate(s, model), sat_mul(n - 1, m->info.mem_more));
+    uint64_t used = mem_used(s), pending = pending_charge(s);
+    if (room_ok(s, need, used, pending, 0))
+        return 0;
+    char a[32], b[32], c[32];
+    util_format_bytes(need, a, sizeof a);
+    util_format_bytes(sat_add(used, pending), b, sizeof b);
+    util_format_bytes(budget, c, sizeof c);
+    if (sat_add(sat_add(used, pending), need) <= budget) {
+        char d[32];
+        snprintf(err, errlen, "%s needs %s more; the machine has only %s available (MemAvailable)",
+                 m->name ? m->name : "model", a, util_format_bytes(s->avail, d, sizeof d));
+        return -1;
+    }
+    snprintf(err, errlen, "%s needs %s more; %s of the %s budget is in use (stop a model, or raise memory_budget)",
+             m->name ? m->name : "model", a, b, c);
+    return -1;
+}
+
+sched_inst_t sched_pick_ready(const struct sched *s, size_t model)
+{
+    if (model >= s->nmodels)
+        return 0;
+    const struct model *m = &s->models[model];
+    uint32_t best = pick(s, m);         /* a free slot, fewest in flight */
+    if (best == NIL)                    /* every slot busy: the least busy (it queues) */
+        for (size_t i = 0; i < m->ninst; i++) {
+            const struct inst *in = &s->insts[m->inst[i]];
+            if (in->state == INST_READY && !in->stop_req && !in->suspect &&
+                (best == NIL || in->in_flight < s->insts[best].in_flight))
+                best = m->inst[i];
+        }
+    return best != NIL ? s->insts[best].id : 0;
+}
+
 /* ---------- idleness ---------- */
 
 static bool idle_model(const struct model *m)
@@ -1552,6 +1597,11 @@ size_t sched_waiting(const struct sched *s)
 size_t sched_waiting_model(const struct sched *s, size_t model)
 {
     return model < s->nmodels ? s->models[model].waiting : 0;
+}
+
+bool sched_instance_known(const struct sched *s, sched_inst_t inst)
+{
+    return idmap_get(&s->inst_map, inst) != NIL;
 }
 
 unsigned sched_in_flight(const struct sched *s, sched_inst_t inst)

@@ -9,7 +9,7 @@
  * so every policy is unit-tested with a fake clock and replayed in
  * benchmarks without processes.
  *
- * Policy (proxy issue):
+ * Policy:
  *   - A request goes to a ready instance of its model with a free slot
  *     (in_flight < slots), fewest in flight first, the earliest added on ties.
  *   - Otherwise it waits, first come first served per model, in one bounded
@@ -170,7 +170,21 @@ void sched_tick(struct sched *s, double now);
  * order the policy decided them. */
 bool sched_next_action(struct sched *s, struct sched_action *out);
 
+/* ---- starts asked by others (an operator, preloads, /pool/server) ---- */
+/* Would N more instances of MODEL fit in the budget now, counted as the
+ * scheduler counts its own starts (weights shared per file, starts under
+ * way, the machine's available memory)? 0, or -1 with ERR saying why (the
+ * numbers, in util_format_bytes units). Nothing is stopped to make room:
+ * which model goes for an operator's start is the operator's call. */
+int sched_admit(const struct sched *s, size_t model, unsigned n, char *err, size_t errlen);
+/* The ready instance of MODEL that a caller who talks to it directly
+ * should use: one with a free slot, fewest in flight (as dispatch picks);
+ * else the least busy ready one. 0 when none is ready. */
+sched_inst_t sched_pick_ready(const struct sched *s, size_t model);
+
 /* ---- for status and metrics ---- */
+/* Whether INST was added and not yet removed. */
+bool sched_instance_known(const struct sched *s, sched_inst_t inst);
 size_t sched_waiting(const struct sched *s);                 /* all models */
 size_t sched_waiting_model(const struct sched *s, size_t model);
 unsigned sched_in_flight(const struct sched *s, sched_inst_t inst);

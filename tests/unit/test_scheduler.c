@@ -1802,6 +1802,87 @@ static void a_suspect_instance_that_crashed_is_failed_as_usual(void **state)
     sched_free(s);
 }
 
+/* ---------- starts asked by others ---------- */
+
+static void an_operator_start_is_admitted_as_the_scheduler_counts_memory(void **state)
+{
+    (void)state;
+    enum { X, Y, U };
+    char err[256];
+    struct sched *s = mem_new(8 * GiB, 0, 3);
+    struct sched_model_info shared = { .instances_max = 3, .slots_hint = 1,
+                                       .mem_weights = 4 * GiB, .mem_more = GiB, .file_id = 7 };
+    sched_model_set(s, X, "x", &shared);
+    sched_model_set(s, Y, "y", &shared);        /* another name, same file */
+    shared.file_id = 0;
+    sched_model_set(s, U, "u", &shared);
+    /* Nothing runs: 4 + 1 fits, 4 + 2 + 2 (two more share the weights) too. */
+    assert_int_equal(sched_admit(s, X, 1, err, sizeof err), 0);
+    assert_int_equal(sched_admit(s, X, 4, err, sizeof err), 0);
+    assert_int_equal(sched_admit(s, X, 5, err, sizeof err), -1);
+    ready(s, 0, 1, X, 1);
+    drain(s);
+    /* y maps x's file: only 1 GiB each (3 more fit in 8 - 5), u pays its weights. */
+    assert_int_equal(sched_admit(s, Y, 3, err, sizeof err), 0);
+    assert_int_equal(sched_admit(s, Y, 4, err, sizeof err), -1);
+    assert_int_equal(sched_admit(s, U, 1, err, sizeof err), -1);
+    assert_string_equal(err, "u needs 5.0 GiB more; 5.0 GiB of the 8.0 GiB budget is in use "
+                             "(stop a model, or raise memory_budget)");
+    /* A start asked and not yet added counts as in use. */
+    sched_request(s, 1, 10, Y);
+    assert_int_equal(count(drain(s), SCHED_START), 1);
+    assert_int_equal(sched_admit(s, Y, 3, err, sizeof err), -1);
+    assert_int_equal(sched_admit(s, Y, 2, err, sizeof err), 0);
+    /* The machine's available memory gates it as it gates the scheduler's starts. */
+    sched_set_available(s, 2, GiB / 2);
+    assert_int_equal(sched_admit(s, Y, 1, err, sizeof err), -1);
+    assert_non_null(strstr(err, "available"));
+    /* No budget: anything goes. */
+    sched_set_limits(s, &(struct sched_limits){ .max_queue = 10 });
+    assert_int_equal(sched_admit(s, U, 3, err, sizeof err), 0);
+    sched_free(s);
+}
+
+static void the_instance_named_to_a_direct_caller_is_the_one_dispatch_would_pick(void **state)
+{
+    (void)state;
+    struct sched *s = pool_new(100, 0);
+    assert_true(sched_pick_ready(s, TINY) == 0);   /* nothing ready */
+    sched_instance_added(s, 0, 50, TINY);          /* starting only */
+    assert_true(sched_pick_ready(s, TINY) == 0);
+    sched_instance_ready(s, 1, 50, 1);
+    ready(s, 1, 51, TINY, 2);
+    drain(s);
+    assert_true(sched_pick_ready(s, TINY) == 50);  /* earliest added on ties */
+    sched_request(s, 2, 10, TINY);                 /* to 50: its one slot is busy */
+    assert_true(drain(s)->a[0].inst == 50);
+    assert_true(sched_pick_ready(s, TINY) == 51);  /* a free slot */
+    sched_request(s, 2, 11, TINY);
+    sched_request(s, 2, 12, TINY);                 /* 51 full too */
+    drain(s);
+    assert_true(sched_pick_ready(s, TINY) == 50);  /* all busy: the least busy */
+    sched_instance_suspect(s, 3, 50);              /* 50 dropped one: not named */
+    assert_true(sched_pick_ready(s, TINY) == 51);
+    sched_instance_stopping(s, 3, 51);
+    assert_true(sched_pick_ready(s, TINY) == 0);
+    assert_true(sched_pick_ready(s, 99) == 0);     /* no such model */
+    sched_free(s);
+}
+
+static void an_instance_is_known_from_added_to_removed(void **state)
+{
+    (void)state;
+    struct sched *s = pool_new(100, 0);
+    assert_false(sched_instance_known(s, 50));
+    sched_instance_added(s, 0, 50, TINY);
+    assert_true(sched_instance_known(s, 50));
+    sched_instance_failed(s, 1, 50, "crashed");
+    assert_true(sched_instance_known(s, 50));      /* failed is still known */
+    sched_instance_removed(s, 2, 50);
+    assert_false(sched_instance_known(s, 50));
+    sched_free(s);
+}
+
 int main(void)
 {
     const struct CMUnitTest tests[] = {
@@ -1849,6 +1930,9 @@ int main(void)
         cmocka_unit_test(a_million_requests_over_100_models_replay_quickly),
         cmocka_unit_test(a_suspect_instance_gets_nothing_until_it_answers_again),
         cmocka_unit_test(a_suspect_instance_that_crashed_is_failed_as_usual),
+        cmocka_unit_test(an_operator_start_is_admitted_as_the_scheduler_counts_memory),
+        cmocka_unit_test(the_instance_named_to_a_direct_caller_is_the_one_dispatch_would_pick),
+        cmocka_unit_test(an_instance_is_known_from_added_to_removed),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }
