@@ -98,12 +98,91 @@ static long query_long(struct http_request *req, const char *name, long dflt, bo
     return n;
 }
 
+/* ---------- status JSON: the pool's state and the scheduler's view ---------- */
+
+static json_t *instance_json(const struct api *api, const struct instance *inst)
+{
+    double now = ev_now(api->pool->loop);
+    struct router_inst_view v;
+    router_instance_view(api->router, inst, &v);
+    json_t *o = json_object();
+    json_object_set_new(o, "id", util_json_string(inst->id));
+    json_object_set_new(o, "state", json_string(instance_state_name(inst->state)));
+    json_object_set_new(o, "pid", inst->pid > 0 ? json_integer(inst->pid) : json_null());
+    json_object_set_new(o, "port", inst->port ? json_integer(inst->port) : json_null());
+    json_object_set_new(o, "uptime_s", json_real(inst->pid > 0 ? now - inst->spawned_at : 0));
+    json_object_set_new(o, "restarts", json_integer(inst->restarts));
+    json_object_set_new(o, "memory", json_integer((json_int_t)inst->pss));
+    json_object_set_new(o, "charge", json_integer((json_int_t)v.charge));
+    json_object_set_new(o, "slots", json_integer(inst->slots));
+    json_object_set_new(o, "in_flight", json_integer(v.in_flight));
+    json_object_set_new(o, "last_used_s_ago", v.last_used > 0 ? json_real(now - v.last_used) : json_null());
+    json_object_set_new(o, "last_error", inst->last_error ? util_json_string(inst->last_error) : json_null());
+    if (inst->state == INSTANCE_BACKOFF)
+        json_object_set_new(o, "next_start_s", json_real(inst->next_start_at > now ? inst->next_start_at - now : 0));
+    return o;
+}
+
+static json_t *model_json(const struct api *api, const struct pool_model *m)
+{
+    json_t *o = json_object();
+    json_t *aliases = json_array();
+    for (size_t i = 0; i < m->cfg->naliases; i++)
+        json_array_append_new(aliases, util_json_string(m->cfg->aliases[i]));
+    json_object_set_new(o, "name", util_json_string(m->cfg->name));
+    json_object_set_new(o, "aliases", aliases);
+    json_object_set_new(o, "state", json_string(pool_model_state(m)));
+    json_object_set_new(o, "pinned", json_boolean(m->cfg->pin));
+    json_object_set_new(o, "path", util_json_string(m->cfg->path));
+    json_object_set_new(o, "instances_min", json_integer(m->cfg->instances_min));
+    json_object_set_new(o, "instances_max", json_integer(m->cfg->instances_max));
+    json_object_set_new(o, "memory_estimate",
+                        json_integer(m->est_known ? (json_int_t)(m->est.weights + m->est.more) : 0));
+    json_object_set_new(o, "waiting", json_integer((json_int_t)router_waiting_model(api->router, m)));
+    const char *err = pool_model_error(m);
+    json_object_set_new(o, "last_error", err ? util_json_string(err) : json_null());
+    json_t *insts = json_array();
+    for (size_t i = 0; i < m->ninst; i++)
+        json_array_append_new(insts, instance_json(api, m->inst[i]));
+    json_object_set_new(o, "instances", insts);
+    return o;
+}
+
+/* GET /pool/status: every model, or ONLY. */
+static json_t *status_json(const struct api *api, const struct pool_model *only)
+{
+    const struct pool *p = api->pool;
+    uint64_t avail;
+    uint64_t budget = pool_budget(p, &avail);
+    json_t *root = json_object();
+    json_t *mem = json_object();
+    json_object_set_new(mem, "budget", json_integer((json_int_t)budget));
+    json_object_set_new(mem, "reserve", json_integer((json_int_t)p->cfg->memory_reserve));
+    json_object_set_new(mem, "used", json_integer((json_int_t)router_used(api->router)));
+    json_object_set_new(mem, "measured", json_integer((json_int_t)pool_measured(p)));
+    json_object_set_new(mem, "available", json_integer((json_int_t)avail));
+    json_object_set_new(root, "memory", mem);
+    json_t *queue = json_object();
+    json_object_set_new(queue, "waiting", json_integer((json_int_t)router_waiting(api->router)));
+    json_object_set_new(queue, "max", json_integer(p->cfg->max_queue));
+    json_object_set_new(root, "queue", queue);
+    json_object_set_new(root, "uptime_s", json_real(ev_now(p->loop) - p->started_at));
+    json_object_set_new(root, "config", util_json_string(p->cfg->file ? p->cfg->file : ""));
+    json_t *models = json_array();
+    for (size_t i = 0; i < p->nmodels; i++)
+        if (!only || p->models[i] == only)
+            json_array_append_new(models, model_json(api, p->models[i]));
+    json_object_set_new(root, "models", models);
+    return root;
+}
+
 /* ---------- waiting for a model: start?wait=1, stop?wait=1, logs?follow=1 ---------- */
 
 enum wait_goal { WAIT_READY, WAIT_STOPPED, WAIT_FOLLOW };
 
 struct waiter {
     struct pool_observer obs;
+    const struct api *api;
     struct http_request *req;
     enum wait_goal goal;
     unsigned target;            /* WAIT_READY: instances that must be ready */
@@ -170,7 +249,7 @@ static void waiter_check(struct waiter *w, const struct pool_event *ev)
         }
         if (pool_model_count(m, INSTANCE_READY) >= w->target) {
             json_t *o = event_json("ready", m);
-            json_object_set_new(o, "status", pool_model_json(m));
+            json_object_set_new(o, "status", model_json(w->api, m));
             stream_json(w->req, o);
             waiter_finish(w);
         }
@@ -244,8 +323,8 @@ enum model_op { OP_START, OP_STOP, OP_RESTART };
 /* Perform OP on M; with WAIT, stream its progress as NDJSON until GOAL.
  * The stream begins and the waiter subscribes before the operation, so the
  * first events (the spawn itself) are seen too. */
-static void model_op(struct http_request *req, struct pool_model *m, enum model_op op,
-                     unsigned n, bool wait)
+static void model_op(struct http_request *req, const struct api *api, struct pool_model *m,
+                     enum model_op op, unsigned n, bool wait)
 {
     static const char *const names[] = { "start", "stop", "restart" };
     char err[512] = "";
@@ -259,6 +338,7 @@ static void model_op(struct http_request *req, struct pool_model *m, enum model_
             http_respond_error(req, 500, NULL, "out of memory");
             return;
         }
+        w->api = api;
         w->req = req;
         w->goal = op == OP_STOP ? WAIT_STOPPED : WAIT_READY;
         w->target = op == OP_START && n ? n : 1;
@@ -279,7 +359,7 @@ static void model_op(struct http_request *req, struct pool_model *m, enum model_
         if (rc < 0)
             http_respond_error(req, 502, "server_error", "%s: failed to start: %s", m->cfg->name, err);
         else
-            respond_json(req, 202, pool_model_json(m));
+            respond_json(req, 202, model_json(api, m));
         return;
     }
     if (finished)               /* the events already told the whole story */
@@ -297,8 +377,9 @@ static void model_op(struct http_request *req, struct pool_model *m, enum model_
 
 /* ---------- routes ---------- */
 
-static void route_status(struct http_request *req, struct pool *p)
+static void route_status(struct http_request *req, const struct api *api)
 {
+    struct pool *p = api->pool;
     char *name = http_query_get(req, "model");
     struct pool_model *only = NULL;
     if (name && *name && !(only = pool_find(p, name))) {
@@ -307,11 +388,11 @@ static void route_status(struct http_request *req, struct pool *p)
         return;
     }
     free(name);
-    respond_json(req, 200, pool_status_json(p, only));
+    respond_json(req, 200, status_json(api, only));
 }
 
-static void route_model_action(struct http_request *req, struct pool_model *m,
-                               const char *action)
+static void route_model_action(struct http_request *req, const struct api *api,
+                               struct pool_model *m, const char *action)
 {
     bool bad = false;
     bool wait = query_flag(req, "wait");
@@ -345,6 +426,7 @@ static void route_model_action(struct http_request *req, struct pool_model *m,
             http_stream_end(req);
             return;
         }
+        w->api = api;
         w->req = req;
         w->goal = WAIT_FOLLOW;
         w->obs.fn = waiter_event;
@@ -371,11 +453,11 @@ static void route_model_action(struct http_request *req, struct pool_model *m,
                                m->cfg->instances_min, m->cfg->instances_max);
             return;
         }
-        model_op(req, m, OP_START, (unsigned)n, wait);
+        model_op(req, api, m, OP_START, (unsigned)n, wait);
     } else if (strcmp(action, "stop") == 0) {
-        model_op(req, m, OP_STOP, 0, wait);
+        model_op(req, api, m, OP_STOP, 0, wait);
     } else if (strcmp(action, "restart") == 0) {
-        model_op(req, m, OP_RESTART, 0, wait);
+        model_op(req, api, m, OP_RESTART, 0, wait);
     } else {
         http_respond_error(req, 404, "not_found_error", "unknown action \"%s\"", action);
     }
@@ -636,7 +718,7 @@ void api_handle(struct http_request *req, void *arg)
         }
     if (strcmp(path, "/metrics") == 0) {
         size_t len = 0;
-        char *text = metrics_render(p, &len);
+        char *text = metrics_render(p, api->router, &len);
         if (!text)
             http_respond_error(req, 500, NULL, "out of memory");
         else
@@ -661,7 +743,7 @@ void api_handle(struct http_request *req, void *arg)
         return;
     }
     if (strcmp(path, "/pool/status") == 0) {
-        route_status(req, p);
+        route_status(req, api);
         return;
     }
     if (strcmp(path, "/pool/reload") == 0) {
@@ -677,7 +759,7 @@ void api_handle(struct http_request *req, void *arg)
             if (!m)
                 respond_unknown_model(req, p, model ? model : "");
             else
-                route_model_action(req, m, slash + 1);
+                route_model_action(req, api, m, slash + 1);
             free(model);
             return;
         }

@@ -66,6 +66,12 @@ static void set_state(struct instance *inst, enum instance_state s)
     inst->world->ops->changed(inst, old, inst->world->arg);
 }
 
+/* Requests in flight on it, as the owner's router counts them. */
+static unsigned in_flight(const struct instance *inst)
+{
+    return inst->world->ops->in_flight(inst, inst->world->arg);
+}
+
 static void set_error(struct instance *inst, const char *msg)
 {
     free(inst->last_error);
@@ -350,7 +356,7 @@ static int instance_spawn(struct instance *inst, bool *fatal)
     inst->pss = 0;
     inst->health_failures = 0;
     inst->answered = false;
-    inst->unhealthy_stop = false;
+    inst->stop_reason = INSTANCE_STOP_ASKED;
     inst->exit_status = -1;
     inst->out_fd = pipefd[0];
     (void)fcntl(inst->out_fd, F_SETFL, fcntl(inst->out_fd, F_GETFL) | O_NONBLOCK);
@@ -383,7 +389,6 @@ static void reap_cleanup(struct instance *inst)
     inst->port = 0;
     inst->slots = 0;
     inst->pss = 0;
-    inst->in_flight = 0;
 }
 
 /* ---------- health ---------- */
@@ -501,7 +506,8 @@ static void begin_stop(struct instance *inst)
 static void begin_drain(struct instance *inst)
 {
     double limit = (double)inst->world->cfg->drain_timeout_ms / 1000.0;
-    if (inst->in_flight == 0 || limit <= 0) {
+    unsigned n = in_flight(inst);
+    if (n == 0 || limit <= 0) {
         begin_stop(inst);
         return;
     }
@@ -509,7 +515,7 @@ static void begin_drain(struct instance *inst)
     inst->draining = true;
     arm_deadline(inst, limit);
     instance_eventf(inst, LOG_INFO, "draining: %u request%s in flight, at most %.0f s before SIGTERM",
-                    inst->in_flight, inst->in_flight == 1 ? "" : "s", limit);
+                    n, n == 1 ? "" : "s", limit);
     set_state(inst, INSTANCE_STOPPING);
 }
 
@@ -519,8 +525,9 @@ static void begin_start(struct instance *inst)
     if (instance_spawn(inst, &fatal) < 0) {
         instance_eventf(inst, LOG_ERROR, "cannot start: %s", inst->last_error);
         /* Every attempt is seen as one, even from FAILED to FAILED: the
-         * owner hears "starting → failed" and can answer who waits. */
-        inst->state = INSTANCE_STARTING;
+         * owner hears "starting → failed" (with no pid: nothing was
+         * spawned) and can answer who waits. */
+        set_state(inst, INSTANCE_STARTING);
         if (fatal) {
             set_state(inst, INSTANCE_FAILED);
             return;
@@ -635,7 +642,7 @@ static void instance_step(struct instance *inst, enum instance_event ev)
     case INSTANCE_STARTING:
         switch (ev) {
         case IEV_HEALTH_OK:
-            inst->ready_at = inst->last_used = now_of(inst);
+            inst->ready_at = now_of(inst);
             inst->port_retries = 0;
             inst->health_failures = 0;
             ev_timer_stop(inst->world->loop, &inst->deadline);
@@ -653,7 +660,7 @@ static void instance_step(struct instance *inst, enum instance_event ev)
         case IEV_DEADLINE:
             instance_eventf(inst, LOG_WARN, "no progress for %.0f s while loading; stopping it",
                             (double)cfg->start_timeout_ms / 1000.0);
-            inst->unhealthy_stop = true;
+            inst->stop_reason = INSTANCE_STOP_START_TIMEOUT;
             begin_stop(inst);
             set_error(inst, "start_timeout: no progress while loading");
             break;
@@ -688,7 +695,7 @@ static void instance_step(struct instance *inst, enum instance_event ev)
         case IEV_HEALTH_FAIL:
             if (++inst->health_failures >= LIVENESS_FAILURES) {
                 instance_eventf(inst, LOG_WARN, "not answering /health; restarting it");
-                inst->unhealthy_stop = true;
+                inst->stop_reason = INSTANCE_STOP_UNHEALTHY;
                 begin_stop(inst);
             } else {
                 arm_poll(inst, (double)cfg->health_interval_ms / 1000.0);
@@ -715,8 +722,9 @@ static void instance_step(struct instance *inst, enum instance_event ev)
         switch (ev) {
         case IEV_DEADLINE:
             if (inst->draining) {
+                unsigned n = in_flight(inst);
                 instance_eventf(inst, LOG_WARN, "drain_timeout passed with %u request%s in flight; "
-                                "sending SIGTERM", inst->in_flight, inst->in_flight == 1 ? "" : "s");
+                                "sending SIGTERM", n, n == 1 ? "" : "s");
                 send_sigterm(inst);
                 break;
             }
@@ -728,9 +736,10 @@ static void instance_step(struct instance *inst, enum instance_event ev)
             ev_timer_stop(inst->world->loop, &inst->deadline);
             inst->draining = false;
             instance_describe_status(inst->exit_status, st, sizeof st);
-            if (inst->unhealthy_stop) {
-                inst->unhealthy_stop = false;
-                on_crash(inst, inst->last_error && strstr(inst->last_error, "start_timeout")
+            if (inst->stop_reason != INSTANCE_STOP_ASKED) {
+                enum instance_stop_reason why = inst->stop_reason;
+                inst->stop_reason = INSTANCE_STOP_ASKED;
+                on_crash(inst, why == INSTANCE_STOP_START_TIMEOUT
                                    ? "start_timeout: no progress while loading"
                                    : "restarted after failing /health");
                 break;
@@ -749,7 +758,7 @@ static void instance_step(struct instance *inst, enum instance_event ev)
             break;
         case IEV_STOP:
             inst->restart_after_stop = false;
-            inst->unhealthy_stop = false;
+            inst->stop_reason = INSTANCE_STOP_ASKED;
             break;
         case IEV_HEALTH_OK:
         case IEV_HEALTH_FAIL:
@@ -817,10 +826,25 @@ void instance_check(struct instance *inst)
 
 void instance_drained(struct instance *inst)
 {
-    if (inst->state == INSTANCE_STOPPING && inst->draining && inst->in_flight == 0) {
+    if (inst->state == INSTANCE_STOPPING && inst->draining && in_flight(inst) == 0) {
         instance_eventf(inst, LOG_INFO, "drained; sending SIGTERM");
         send_sigterm(inst);
     }
+}
+
+uint64_t instance_measure(struct instance *inst)
+{
+    if (inst->pid > 0) {
+        uint64_t pss = memory_pss(inst->pid);
+        if (pss)
+            inst->pss = pss;
+    }
+    return inst->pid > 0 ? inst->pss : 0;
+}
+
+void instance_rebind(struct instance *inst, const struct config_model *m)
+{
+    inst->model = m;
 }
 
 void instance_kill(struct instance *inst)

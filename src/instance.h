@@ -13,7 +13,8 @@
  *   STOPPING --stop_timeout--> SIGKILL to the group, still STOPPING
  *
  * The owner (the pool) supplies the configuration and is told about every
- * state change, log line and crash through struct instance_ops. */
+ * state change, log line and crash through struct instance_ops. Every
+ * field below is written by instance.c alone; the others read them. */
 #ifndef LLAMA_POOL_INSTANCE_H
 #define LLAMA_POOL_INSTANCE_H
 
@@ -55,6 +56,17 @@ struct instance_ops {
     bool (*crashed)(struct instance *inst, void *arg);
     /* Something other than the state changed (slots learnt from /props). */
     void (*updated)(struct instance *inst, void *arg);
+    /* Requests in flight on it now (a stop drains them first); the
+     * instance does not count them, the owner's router does. */
+    unsigned (*in_flight)(const struct instance *inst, void *arg);
+};
+
+/* Why a STOPPING instance is stopping: asked to, or stopped by the state
+ * machine itself (its exit is then a crash, with this as the reason). */
+enum instance_stop_reason {
+    INSTANCE_STOP_ASKED,          /* stop, restart, eviction, shutdown */
+    INSTANCE_STOP_START_TIMEOUT,  /* no progress within start_timeout */
+    INSTANCE_STOP_UNHEALTHY,      /* /health failed LIVENESS_FAILURES times */
 };
 
 /* What an instance needs from the daemon; shared by all instances. */
@@ -70,17 +82,15 @@ struct instance_world {
 struct instance {
     char id[160];                 /* "tinyllama#1" */
     unsigned no;                  /* the 1 of #1 */
-    const struct config_model *model;  /* updated by the pool on reload */
+    const struct config_model *model;  /* instance_rebind() on reload */
     struct instance_world *world;
     void *owner;                  /* the pool's per-model data */
-    bool sched_known;             /* the router has told the scheduler of it */
 
     enum instance_state state;
     pid_t pid;
     unsigned port;
     double spawned_at;            /* ev_now of the last spawn */
     double ready_at;
-    double last_used;             /* kept by the proxy; ready_at until then */
     double next_start_at;         /* when BACKOFF ends */
     unsigned restarts;            /* automatic restarts so far (↺) */
     unsigned port_retries;        /* consecutive "port taken" respawns */
@@ -90,12 +100,11 @@ struct instance {
                                    * --api-key / LLAMA_API_KEY); kept from its
                                    * spawn until the next one. Sent by the proxy
                                    * and with /props; never in argv or logs */
-    unsigned in_flight;           /* kept by the proxy */
     uint64_t pss;                 /* bytes, measured */
     int exit_status;              /* last wait status, -1 if none */
     char *last_error;             /* why it last failed, or NULL */
     bool restart_after_stop;      /* a restart was asked while stopping */
-    bool unhealthy_stop;          /* stopping because /health failed */
+    enum instance_stop_reason stop_reason;  /* while STOPPING */
     bool draining;                /* STOPPING, no SIGTERM yet: in-flight requests end first */
     bool recheck;                 /* instance_check(): report the next /health 200 */
     bool answered;                /* the child has answered HTTP since spawn */
@@ -129,9 +138,14 @@ void instance_restart(struct instance *inst);
  * now; a 200 is reported through ops->updated, a failure takes the usual
  * way (restart after LIVENESS_FAILURES, or the exit is seen). */
 void instance_check(struct instance *inst);
-/* Its in-flight count (inst->in_flight) reached 0: a draining instance
+/* Its in-flight count (ops->in_flight) reached 0: a draining instance
  * gets its SIGTERM now. */
 void instance_drained(struct instance *inst);
+/* Measure its PSS now (/proc/PID/smaps_rollup) into inst->pss; returns
+ * it, 0 without a process. A failed read keeps the last value. */
+uint64_t instance_measure(struct instance *inst);
+/* Its model's config after a reload that kept it running (same child). */
+void instance_rebind(struct instance *inst, const struct config_model *m);
 /* SIGKILL the group now (supervisor shutting down after stop_timeout). */
 void instance_kill(struct instance *inst);
 

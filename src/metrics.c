@@ -3,6 +3,7 @@
 
 #include "memory.h"
 #include "pool.h"
+#include "router.h"
 #include "util.h"
 
 #include <inttypes.h>
@@ -26,6 +27,33 @@ void metrics_count_status(struct model_stats *s, int code)
     }
     /* More distinct codes than slots: lump them into the last one. */
     s->status[METRICS_STATUS_SLOTS - 1].n++;
+}
+
+void metrics_count_start(struct model_stats *s)
+{
+    s->starts++;
+}
+
+void metrics_count_load(struct model_stats *s, double seconds)
+{
+    s->loads++;
+    s->load_seconds += seconds;
+}
+
+void metrics_count_eviction(struct model_stats *s, enum metrics_eviction why)
+{
+    switch (why) {
+    case METRICS_EVICT_LRU:    s->lru_stops++; break;
+    case METRICS_EVICT_IDLE:   s->idle_stops++; break;
+    case METRICS_EVICT_RELOAD: s->reload_stops++; break;
+    case METRICS_EVICT_CRASH:  s->crashes++; break;
+    }
+}
+
+void metrics_count_queue_wait(struct model_stats *s, double seconds)
+{
+    s->queue_waits++;
+    s->queue_wait_seconds += seconds;
 }
 
 void metrics_observe(struct metrics_hist *s, double seconds)
@@ -138,7 +166,7 @@ static void histogram(struct out *o, const char *name, const char *help, const s
     emit(o, "%s_count %" PRIu64 "\n", name, h->count);
 }
 
-char *metrics_render(struct pool *p, size_t *len)
+char *metrics_render(struct pool *p, const struct router *r, size_t *len)
 {
     struct out o = { 0 };
     static const char *const states[] = { "stopped", "starting", "ready", "stopping", "backoff", "failed" };
@@ -170,8 +198,10 @@ char *metrics_render(struct pool *p, size_t *len)
         const char *mn = label(&o, p->models[i]->cfg->name);
         for (size_t j = 0; j < p->models[i]->ninst; j++) {
             struct instance *in = p->models[i]->inst[j];
+            struct router_inst_view v;
+            router_instance_view(r, in, &v);
             emit(&o, "llama_pool_instance_charged_bytes{model=\"%s\",instance=\"%s\"} %" PRIu64 "\n",
-                 mn, label(&o, in->id), p->charge ? p->charge(in, p->hook_arg) : in->pss);
+                 mn, label(&o, in->id), v.charge);
         }
     }
     family(&o, "llama_pool_instance_in_flight", "gauge", "requests being answered by each instance");
@@ -179,8 +209,10 @@ char *metrics_render(struct pool *p, size_t *len)
         const char *mn = label(&o, p->models[i]->cfg->name);
         for (size_t j = 0; j < p->models[i]->ninst; j++) {
             struct instance *in = p->models[i]->inst[j];
+            struct router_inst_view v;
+            router_instance_view(r, in, &v);
             emit(&o, "llama_pool_instance_in_flight{model=\"%s\",instance=\"%s\"} %u\n",
-                 mn, label(&o, in->id), in->in_flight);
+                 mn, label(&o, in->id), v.in_flight);
         }
     }
     family(&o, "llama_pool_instance_slots", "gauge", "slots of each instance (its /props total_slots)");
@@ -197,7 +229,7 @@ char *metrics_render(struct pool *p, size_t *len)
     emit(&o, "llama_pool_memory_budget_bytes %" PRIu64 "\n", budget);
     family(&o, "llama_pool_memory_used_bytes", "gauge",
            "what the instances are charged against the budget (estimate while starting, then PSS)");
-    emit(&o, "llama_pool_memory_used_bytes %" PRIu64 "\n", p->charge ? p->charge(NULL, p->hook_arg) : measured);
+    emit(&o, "llama_pool_memory_used_bytes %" PRIu64 "\n", router_used(r));
     family(&o, "llama_pool_memory_measured_bytes", "gauge", "sum of the instances' measured PSS");
     emit(&o, "llama_pool_memory_measured_bytes %" PRIu64 "\n", measured);
     family(&o, "llama_pool_memory_available_bytes", "gauge", "MemAvailable of the machine");
@@ -206,7 +238,7 @@ char *metrics_render(struct pool *p, size_t *len)
     family(&o, "llama_pool_queue_waiting", "gauge", "requests waiting for a slot, by model");
     for (size_t i = 0; i < p->nmodels; i++)
         emit(&o, "llama_pool_queue_waiting{model=\"%s\"} %zu\n", label(&o, p->models[i]->cfg->name),
-             p->waiting ? p->waiting(p->models[i], p->hook_arg) : 0);
+             router_waiting_model(r, p->models[i]));
     family(&o, "llama_pool_queue_max", "gauge", "max_queue");
     emit(&o, "llama_pool_queue_max %u\n", p->cfg->max_queue);
 

@@ -1,8 +1,11 @@
 /* metrics — GET /metrics in Prometheus text format (names llama_pool_*).
  *
- * Counters are kept where things happen (struct pool_stats in each model
- * and in the pool; the router counts requests); this module only renders
- * them, with the gauges read from the pool at scrape time. */
+ * The counters live where their subject lives (struct model_stats in each
+ * pool model, struct pool_stats in the pool) and are written only through
+ * the metrics_count_*() and metrics_observe() functions below, by whoever
+ * sees the event (the pool: starts, loads, crashes, reloads; the router:
+ * requests, queue waits, evictions). metrics_render() reads them, and the
+ * gauges from the pool and the router, at scrape time. */
 #ifndef LLAMA_POOL_METRICS_H
 #define LLAMA_POOL_METRICS_H
 
@@ -41,11 +44,24 @@ struct pool_stats {
 
 extern const double metrics_bucket_le[METRICS_BUCKETS];
 
+/* Why an instance stopped other than by an operator (evictions_total). */
+enum metrics_eviction {
+    METRICS_EVICT_LRU,
+    METRICS_EVICT_IDLE,
+    METRICS_EVICT_RELOAD,
+    METRICS_EVICT_CRASH,
+};
+
 void metrics_count_status(struct model_stats *s, int code);
+void metrics_count_start(struct model_stats *s);
+void metrics_count_load(struct model_stats *s, double seconds);
+void metrics_count_eviction(struct model_stats *s, enum metrics_eviction why);
+void metrics_count_queue_wait(struct model_stats *s, double seconds);
 void metrics_observe(struct metrics_hist *h, double seconds);
 
 struct pool;
+struct router;
 /* Render every metric; returns a malloc'd NUL-terminated text, *len set. */
-char *metrics_render(struct pool *p, size_t *len);
+char *metrics_render(struct pool *p, const struct router *r, size_t *len);
 
 #endif

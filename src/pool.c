@@ -177,15 +177,15 @@ static void inst_changed(struct instance *inst, enum instance_state old, void *a
     struct pool *p = arg;
     struct pool_model *m = inst->owner;
     struct pool_event ev = { .kind = POOL_EV_STATE, .model = m, .inst = inst, .old = old };
-    if (inst->state == INSTANCE_STARTING)
-        m->stats.starts++;
-    if (inst->state == INSTANCE_READY && old == INSTANCE_STARTING) {
-        m->stats.loads++;
-        m->stats.load_seconds += inst->ready_at - inst->spawned_at;
-    }
+    if (inst->state == INSTANCE_STARTING && inst->pid > 0)  /* not a spawn that failed */
+        metrics_count_start(&m->stats);
+    if (inst->state == INSTANCE_READY && old == INSTANCE_STARTING)
+        metrics_count_load(&m->stats, inst->ready_at - inst->spawned_at);
+    /* The listener first: observers (a /pool/server wait) ask it what
+     * the change means, e.g. which ready instance to name. */
+    if (p->listener)
+        p->listener->changed(inst, old, p->listener_arg);
     model_notify(m, &ev);
-    if (p->hook)
-        p->hook(inst, old, p->hook_arg);
     if (inst->state == INSTANCE_STOPPED || m->retired || p->shutting_down)
         gc_soon(p);
     update_systemd_status(p);
@@ -194,8 +194,14 @@ static void inst_changed(struct instance *inst, enum instance_state old, void *a
 static void inst_updated(struct instance *inst, void *arg)
 {
     struct pool *p = arg;
-    if (p->hook)
-        p->hook(inst, inst->state, p->hook_arg);
+    if (p->listener)
+        p->listener->changed(inst, inst->state, p->listener_arg);
+}
+
+static unsigned inst_in_flight(const struct instance *inst, void *arg)
+{
+    struct pool *p = arg;
+    return p->listener ? p->listener->in_flight(inst, p->listener_arg) : 0;
 }
 
 static void inst_output(struct instance *inst, const char *line, size_t len, void *arg)
@@ -219,7 +225,7 @@ static bool inst_crashed(struct instance *inst, void *arg)
     double window = (double)p->cfg->restart_window_ms / 1000.0;
     if (p->shutting_down || m->retired)
         return true;            /* no restarts while going away */
-    m->stats.crashes++;
+    metrics_count_eviction(&m->stats, METRICS_EVICT_CRASH);
     if (!crash_log_add(&m->crashes, now, window, p->cfg->max_restarts))
         return false;
     char msg[1200];
@@ -240,6 +246,7 @@ static const struct instance_ops pool_instance_ops = {
     .event = inst_event,
     .crashed = inst_crashed,
     .updated = inst_updated,
+    .in_flight = inst_in_flight,
 };
 
 /* ---------- models ---------- */
@@ -259,6 +266,7 @@ static struct pool_model *model_new(struct pool *p, const struct config_model *c
     if (!m)
         return NULL;
     m->pool = p;
+    m->index = p->models_made++;
     m->cfg = cm;
     m->np_hint = np_hint(m->pool->cfg, cm);
     m->log_fd = -1;
@@ -358,7 +366,8 @@ int pool_model_start(struct pool_model *m, unsigned n, char *err, size_t errlen)
         return -1;
     }
     unsigned more = n > model_active(m) ? n - model_active(m) : 0;
-    if (more && m->pool->admit && m->pool->admit(m, more, err, errlen, m->pool->hook_arg) < 0)
+    struct pool *p = m->pool;
+    if (more && p->listener && p->listener->admit(m, more, err, errlen, p->listener_arg) < 0)
         return -1;
     /* An operator's start forgets past crashes. */
     m->failed = false;
@@ -498,6 +507,12 @@ static void gc_cb(struct ev_loop *loop, ev_timer *w, int revents)
 
 /* ---------- lifecycle ---------- */
 
+void pool_listen(struct pool *p, const struct pool_listener *l, void *arg)
+{
+    p->listener = l;
+    p->listener_arg = l ? arg : NULL;
+}
+
 void pool_preload(struct pool *p)
 {
     for (size_t i = 0; i < p->nmodels; i++) {
@@ -631,7 +646,7 @@ static void model_rebind(struct pool_model *m, const struct config_model *cm)
     m->est_known = false;           /* args, path or memory may have changed */
     m->np_hint = np_hint(m->pool->cfg, cm);
     for (size_t i = 0; i < m->ninst; i++)
-        m->inst[i]->model = cm;
+        instance_rebind(m->inst[i], cm);
 }
 
 /* Stop the highest-numbered instances beyond the model's max. */
@@ -727,7 +742,7 @@ void pool_reload(struct pool *p, struct config *cfg, json_t *summary)
         if (restart[i])
             for (size_t j = 0; j < m->ninst; j++)
                 if (instance_has_process(m->inst[j]) || m->inst[j]->state == INSTANCE_BACKOFF) {
-                    m->stats.reload_stops++;
+                    metrics_count_eviction(&m->stats, METRICS_EVICT_RELOAD);
                     instance_restart(m->inst[j]);
                 }
         model_trim(m);
@@ -790,59 +805,14 @@ void pool_unobserve(struct pool_observer *obs)
 
 /* ---------- status ---------- */
 
-static json_t *instance_json(struct pool *p, const struct instance *inst)
+const char *pool_model_error(const struct pool_model *m)
 {
-    double now = ev_now(p->loop);
-    json_t *o = json_object();
-    json_object_set_new(o, "id", util_json_string(inst->id));
-    json_object_set_new(o, "state", json_string(instance_state_name(inst->state)));
-    json_object_set_new(o, "pid", inst->pid > 0 ? json_integer(inst->pid) : json_null());
-    json_object_set_new(o, "port", inst->port ? json_integer(inst->port) : json_null());
-    json_object_set_new(o, "uptime_s", json_real(inst->pid > 0 ? now - inst->spawned_at : 0));
-    json_object_set_new(o, "restarts", json_integer(inst->restarts));
-    json_object_set_new(o, "memory", json_integer((json_int_t)inst->pss));
-    if (p->charge)
-        json_object_set_new(o, "charge", json_integer((json_int_t)p->charge(inst, p->hook_arg)));
-    json_object_set_new(o, "slots", json_integer(inst->slots));
-    json_object_set_new(o, "in_flight", json_integer(inst->in_flight));
-    json_object_set_new(o, "last_used_s_ago",
-                        inst->last_used > 0 ? json_real(now - inst->last_used) : json_null());
-    json_object_set_new(o, "last_error", inst->last_error ? util_json_string(inst->last_error) : json_null());
-    if (inst->state == INSTANCE_BACKOFF)
-        json_object_set_new(o, "next_start_s", json_real(inst->next_start_at > now ? inst->next_start_at - now : 0));
-    return o;
-}
-
-json_t *pool_model_json(struct pool_model *m)
-{
-    json_t *o = json_object();
-    json_t *aliases = json_array();
-    for (size_t i = 0; i < m->cfg->naliases; i++)
-        json_array_append_new(aliases, util_json_string(m->cfg->aliases[i]));
-    json_object_set_new(o, "name", util_json_string(m->cfg->name));
-    json_object_set_new(o, "aliases", aliases);
-    json_object_set_new(o, "state", json_string(pool_model_state(m)));
-    json_object_set_new(o, "pinned", json_boolean(m->cfg->pin));
-    json_object_set_new(o, "path", util_json_string(m->cfg->path));
-    json_object_set_new(o, "instances_min", json_integer(m->cfg->instances_min));
-    json_object_set_new(o, "instances_max", json_integer(m->cfg->instances_max));
-    json_object_set_new(o, "memory_estimate",
-                        json_integer(m->est_known ? (json_int_t)(m->est.weights + m->est.more) : 0));
-    json_object_set_new(o, "waiting", json_integer(
-        m->pool->waiting ? (json_int_t)m->pool->waiting(m, m->pool->hook_arg) : 0));
-    const char *err = m->last_error;
-    if (!m->failed) {
-        err = NULL;
-        for (size_t i = 0; i < m->ninst && !err; i++)
-            if (m->inst[i]->state == INSTANCE_FAILED)
-                err = m->inst[i]->last_error;
-    }
-    json_object_set_new(o, "last_error", err ? util_json_string(err) : json_null());
-    json_t *insts = json_array();
+    if (m->failed)
+        return m->last_error;
     for (size_t i = 0; i < m->ninst; i++)
-        json_array_append_new(insts, instance_json(m->pool, m->inst[i]));
-    json_object_set_new(o, "instances", insts);
-    return o;
+        if (m->inst[i]->state == INSTANCE_FAILED)
+            return m->inst[i]->last_error;
+    return NULL;
 }
 
 uint64_t pool_measured(const struct pool *p)
@@ -865,34 +835,6 @@ uint64_t pool_budget(const struct pool *p, uint64_t *available)
     if (available)
         *available = mi.mem_available;
     return memory_budget(p->cfg, &mi);
-}
-
-json_t *pool_status_json(struct pool *p, const struct pool_model *only)
-{
-    uint64_t avail;
-    uint64_t budget = pool_budget(p, &avail);
-    json_t *root = json_object();
-    json_t *mem = json_object();
-    json_object_set_new(mem, "budget", json_integer((json_int_t)budget));
-    json_object_set_new(mem, "reserve", json_integer((json_int_t)p->cfg->memory_reserve));
-    json_object_set_new(mem, "used", json_integer((json_int_t)(p->charge ? p->charge(NULL, p->hook_arg)
-                                                                         : pool_measured(p))));
-    json_object_set_new(mem, "measured", json_integer((json_int_t)pool_measured(p)));
-    json_object_set_new(mem, "available", json_integer((json_int_t)avail));
-    json_object_set_new(root, "memory", mem);
-    json_t *queue = json_object();
-    json_object_set_new(queue, "waiting", json_integer(
-        p->waiting ? (json_int_t)p->waiting(NULL, p->hook_arg) : 0));
-    json_object_set_new(queue, "max", json_integer(p->cfg->max_queue));
-    json_object_set_new(root, "queue", queue);
-    json_object_set_new(root, "uptime_s", json_real(ev_now(p->loop) - p->started_at));
-    json_object_set_new(root, "config", util_json_string(p->cfg->file ? p->cfg->file : ""));
-    json_t *models = json_array();
-    for (size_t i = 0; i < p->nmodels; i++)
-        if (!only || p->models[i] == only)
-            json_array_append_new(models, pool_model_json(p->models[i]));
-    json_object_set_new(root, "models", models);
-    return root;
 }
 
 void pool_summary(struct pool *p, char *buf, size_t len)

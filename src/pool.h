@@ -4,8 +4,15 @@
  * writes each model's log (file in log_dir + an in-memory tail), counts
  * crashes per model to spot crash loops, applies reloads (keeping instances
  * whose model did not change), preloads models with a minimum, and shuts
- * everything down in parallel. Interested parties (a CLI waiting for a
- * start, a `logs -f`) subscribe to a model's events as observers. */
+ * everything down in parallel. One listener (the router) hears of every
+ * instance change first and answers the questions only it can (may these
+ * start? how many requests are in flight?); interested parties (a CLI
+ * waiting for a start, a `logs -f`, a /pool/server wait) subscribe to a
+ * model's events as observers and hear them after it.
+ *
+ * The pool writes the fields of its own structs; the instances' fields are
+ * instance.c's (the pool reads them), the counters in `stats` are written
+ * through metrics_count_*(). */
 #ifndef LLAMA_POOL_POOL_H
 #define LLAMA_POOL_POOL_H
 
@@ -39,6 +46,18 @@ struct pool_event {
     const char *line;               /* LOG: formatted line, no newline */
 };
 
+/* The one listener (see the top). */
+struct pool_listener {
+    /* An instance changed state (from OLD), or learnt something else (OLD
+     * is then its state: slots from /props, /health answering again). */
+    void (*changed)(struct instance *inst, enum instance_state old, void *arg);
+    /* May N more instances of M start (an operator's start, a preload)? 0,
+     * or -1 with ERR filled. On-demand starts are the listener's own. */
+    int (*admit)(struct pool_model *m, unsigned n, char *err, size_t errlen, void *arg);
+    /* Requests in flight on INST now (a stop drains them first). */
+    unsigned (*in_flight)(const struct instance *inst, void *arg);
+};
+
 struct pool_observer {
     struct pool_observer *prev, *next;
     void (*fn)(struct pool_observer *obs, const struct pool_event *ev);
@@ -62,7 +81,8 @@ struct pool_model {
     bool dirty;
     struct pool_observer observers; /* list head */
     bool retired;                   /* removed by reload; freed once stopped */
-    size_t slot;                    /* the scheduler's index for it, stable across reloads */
+    size_t index;                   /* the n-th model made since start, never reused:
+                                     * a key for it that outlives reloads */
     struct model_stats stats;       /* counters for /metrics */
     struct memory_estimate est;     /* valid when est_known */
     bool est_known;
@@ -88,22 +108,16 @@ struct pool {
     bool shutting_down;
     void (*on_stopped)(struct pool *p);   /* shutdown finished */
     void *stopped_arg;                    /* for on_stopped: the caller's */
-    /* One listener for every instance change (the router). */
-    void (*hook)(struct instance *inst, enum instance_state old, void *arg);
-    void *hook_arg;
-    /* Requests waiting for model M (all models when M is NULL). */
-    size_t (*waiting)(const struct pool_model *m, void *arg);
-    /* Bytes charged against the budget for INST (all instances when NULL). */
-    uint64_t (*charge)(const struct instance *inst, void *arg);
-    /* May N more instances of M start within the memory budget? 0, or -1
-     * with ERR filled. Operator starts and preloads ask; on-demand starts are
-     * the scheduler's own decisions. */
-    int (*admit)(struct pool_model *m, unsigned n, char *err, size_t errlen, void *arg);
+    const struct pool_listener *listener;   /* pool_listen() */
+    void *listener_arg;
+    size_t models_made;             /* the next pool_model's index */
     double started_at;
     struct pool_stats stats;        /* request durations for /metrics */
 };
 
 struct pool *pool_new(struct ev_loop *loop, struct config *cfg);
+/* Set (or, with NULL, clear) the one listener. */
+void pool_listen(struct pool *p, const struct pool_listener *l, void *arg);
 /* Start the instances_min of every model, in config order (at startup,
  * once the router is listening to the pool; reload does it itself). */
 void pool_preload(struct pool *p);
@@ -141,8 +155,9 @@ uint64_t pool_budget(const struct pool *p, uint64_t *available);
 /* The instances' measured PSS, summed. */
 uint64_t pool_measured(const struct pool *p);
 
-json_t *pool_status_json(struct pool *p, const struct pool_model *only);
-json_t *pool_model_json(struct pool_model *m);
+/* The error that best says why M is not running: its crash-loop reason
+ * when failed, else a failed instance's last error; NULL when none. */
+const char *pool_model_error(const struct pool_model *m);
 /* "3 instances ready, 1.2 GiB of 48 GiB" */
 void pool_summary(struct pool *p, char *buf, size_t len);
 

@@ -21,11 +21,11 @@ struct router {
     struct proxy *proxy;
     ev_timer wake;
     ev_timer sample;            /* PSS of every instance, MemAvailable */
-    uint64_t next_id;
-    /* Requests known to the scheduler, by id (an open hash would do for
-     * millions; a list is plenty for the connections one box holds). */
+    /* Every request from arrival to its end (walked at shutdown and when an
+     * instance goes; found by its address, the scheduler's id for it). */
     struct rreq *reqs;
-    /* Scheduler slot → model; slots are never reused while a model lives. */
+    /* The scheduler's model index → model: a pool model's index, which
+     * the pool never reuses (a model removed by a reload leaves NULL). */
     struct pool_model **slots;
     size_t nslots;
     bool closing;               /* shutting down: nothing new is queued */
@@ -36,7 +36,6 @@ struct router {
 struct rreq {
     struct rreq *prev, *next;
     struct router *r;
-    uint64_t id;
     struct http_request *req;
     struct pool_model *model;
     struct instance *inst;      /* once dispatched */
@@ -50,12 +49,28 @@ static void router_run(struct router *r);
 
 /* ---------- bookkeeping ---------- */
 
-static struct rreq *rreq_find(struct router *r, uint64_t id)
+/* The scheduler's ids are our objects' addresses: a request's while it
+ * lives (the scheduler forgets it before it is freed), an instance's while
+ * the pool keeps it (it is removed from the scheduler once stopped, before
+ * the pool frees it). */
+static sched_req_t req_id(const struct rreq *q)
 {
-    for (struct rreq *q = r->reqs; q; q = q->next)
-        if (q->id == id)
-            return q;
-    return NULL;
+    return (sched_req_t)(uintptr_t)q;
+}
+
+static struct rreq *req_of(sched_req_t id)
+{
+    return (struct rreq *)(uintptr_t)id;
+}
+
+static sched_inst_t inst_id(const struct instance *inst)
+{
+    return (sched_inst_t)(uintptr_t)inst;
+}
+
+static struct instance *inst_of(sched_inst_t id)
+{
+    return (struct instance *)(uintptr_t)id;
 }
 
 static void rreq_free(struct rreq *q)
@@ -91,22 +106,34 @@ static void model_info(struct router *r, struct pool_model *m, bool with_estimat
         info.mem_more = e->more;
         info.file_id = e->file_id;
     }
-    sched_model_set(r->sched, m->slot, m->cfg->name, &info);
+    sched_model_set(r->sched, m->index, m->cfg->name, &info);
 }
 
+/* Whether M has its index in the scheduler (a live model of the pool). */
+static bool model_known(const struct router *r, const struct pool_model *m)
+{
+    return m->index < r->nslots && r->slots[m->index] == m;
+}
+
+/* M's index in the scheduler, made known there the first time; SIZE_MAX
+ * when out of memory. */
 static size_t model_slot(struct router *r, struct pool_model *m)
 {
-    if (m->slot < r->nslots && r->slots[m->slot] == m)
-        return m->slot;
-    struct pool_model **v = realloc(r->slots, (r->nslots + 1) * sizeof *v);
-    if (!v)
-        return SIZE_MAX;
-    r->slots = v;
-    m->slot = r->nslots;
-    r->slots[r->nslots++] = m;
-    sched_models_resize(r->sched, r->nslots);
+    if (model_known(r, m))
+        return m->index;
+    if (m->index >= r->nslots) {
+        size_t n = m->index + 1;
+        struct pool_model **v = realloc(r->slots, n * sizeof *v);
+        if (!v)
+            return SIZE_MAX;
+        memset(v + r->nslots, 0, (n - r->nslots) * sizeof *v);
+        r->slots = v;
+        r->nslots = n;
+        sched_models_resize(r->sched, n);
+    }
+    r->slots[m->index] = m;
     model_info(r, m, false);
-    return m->slot;
+    return m->index;
 }
 
 static double now_of(struct router *r)
@@ -123,12 +150,8 @@ static void refuse_closing(struct router *r, struct http_request *req, struct po
  * whose last request this was may now be stopped. */
 static void release_slot(struct router *r, struct rreq *q)
 {
-    sched_request_done(r->sched, now_of(r), q->id);
-    if (!q->inst)
-        return;
-    q->inst->last_used = now_of(r);
-    q->inst->in_flight = sched_in_flight(r->sched, (sched_inst_t)(uintptr_t)q->inst);
-    if (q->inst->in_flight == 0)
+    sched_request_done(r->sched, now_of(r), req_id(q));
+    if (q->inst && sched_in_flight(r->sched, inst_id(q->inst)) == 0)
         instance_drained(q->inst);
 }
 
@@ -138,18 +161,16 @@ static void release_slot(struct router *r, struct rreq *q)
  * arrival, and reaches another instance. A second time it is a 502. */
 static bool resend(struct router *r, struct rreq *q)
 {
-    if (q->resent || !q->model || r->closing || q->model->slot >= r->nslots ||
-        r->slots[q->model->slot] != q->model)
+    if (q->resent || !q->model || r->closing || !model_known(r, q->model))
         return false;
     log_info("%s: %s %s: the instance dropped it unanswered; sending it again",
              q->inst ? q->inst->id : q->model->cfg->name, q->req->method, q->req->path);
     q->resent = true;
     q->dispatched = false;
     q->inst = NULL;
-    q->id = ++r->next_id;
     q->req->on_close = rreq_gone;
     q->req->arg = q;
-    sched_request(r->sched, now_of(r), q->id, q->model->slot);
+    sched_request(r->sched, now_of(r), req_id(q), q->model->index);
     return true;
 }
 
@@ -160,7 +181,7 @@ static void call_done(void *arg, enum proxy_outcome outcome, int status, double 
     if (outcome == PROXY_UPSTREAM_UNANSWERED && q->inst && q->inst->state == INSTANCE_READY) {
         /* Dead, or dying, and not known to be yet: none of its slots is
          * used until it answers /health again (or its exit shows). */
-        sched_instance_suspect(r->sched, now_of(r), (sched_inst_t)(uintptr_t)q->inst);
+        sched_instance_suspect(r->sched, now_of(r), inst_id(q->inst));
         instance_check(q->inst);
     }
     release_slot(r, q);
@@ -193,12 +214,8 @@ static void do_dispatch(struct router *r, struct rreq *q, struct instance *inst)
 {
     q->dispatched = true;
     q->inst = inst;
-    if (q->model) {
-        q->model->stats.queue_waits++;
-        q->model->stats.queue_wait_seconds += now_of(r) - q->t0;
-    }
-    inst->in_flight = sched_in_flight(r->sched, (sched_inst_t)(uintptr_t)inst);
-    inst->last_used = now_of(r);
+    if (q->model)
+        metrics_count_queue_wait(&q->model->stats, now_of(r) - q->t0);
     q->req->on_close = NULL;     /* the proxy watches the client from here */
     proxy_forward_key(r->proxy, q->req, inst->port, inst->api_key, q->target, call_done, q);
 }
@@ -246,11 +263,11 @@ static void router_run(struct router *r)
 {
     struct sched_action a;
     while (sched_next_action(r->sched, &a)) {
-        struct rreq *q = a.req ? rreq_find(r, a.req) : NULL;
+        struct rreq *q = a.req ? req_of(a.req) : NULL;
         switch (a.kind) {
         case SCHED_DISPATCH:
             if (q)
-                do_dispatch(r, q, (struct instance *)(uintptr_t)a.inst);
+                do_dispatch(r, q, inst_of(a.inst));
             break;
         case SCHED_FAIL:
             if (q)
@@ -260,13 +277,11 @@ static void router_run(struct router *r)
             do_start(r, a.model);
             break;
         case SCHED_STOP: {
-            struct instance *inst = (struct instance *)(uintptr_t)a.inst;
+            struct instance *inst = inst_of(a.inst);
             struct pool_model *m = inst->owner;
             char used[32];
-            if (a.reason == SCHED_STOP_IDLE)
-                m->stats.idle_stops++;
-            else
-                m->stats.lru_stops++;
+            metrics_count_eviction(&m->stats, a.reason == SCHED_STOP_IDLE ? METRICS_EVICT_IDLE
+                                                                          : METRICS_EVICT_LRU);
             log_info("%s: stopping it (%s; %s charged)", inst->id,
                      a.reason == SCHED_STOP_IDLE ? "idle_timeout passed" : "least recently used, room needed",
                      util_format_bytes(sched_charge(r->sched, a.inst), used, sizeof used));
@@ -284,32 +299,29 @@ static void router_run(struct router *r)
 
 /* ---------- events from the pool ---------- */
 
-static void pool_hook(struct instance *inst, enum instance_state old, void *arg)
+static void pool_changed(struct instance *inst, enum instance_state old, void *arg)
 {
     struct router *r = arg;
     struct pool_model *m = inst->owner;
-    sched_inst_t id = (sched_inst_t)(uintptr_t)inst;
+    sched_inst_t id = inst_id(inst);
     double now = now_of(r);
     size_t slot = model_slot(r, m);
     if (slot == SIZE_MAX)
         return;
 
-    if (!inst->sched_known)
+    bool known = sched_instance_known(r->sched, id);
+    if (!known)
         model_info(r, m, true);         /* the scheduler charges the estimate from the start */
     switch (inst->state) {
     case INSTANCE_STARTING:
-        if (!inst->sched_known) {
-            inst->sched_known = true;
+        if (!known)
             sched_instance_added(r->sched, now, id, slot);
-        } else if (old != INSTANCE_STARTING) {
+        else if (old != INSTANCE_STARTING)
             sched_instance_starting(r->sched, now, id);
-        }
         break;
     case INSTANCE_READY:
-        if (!inst->sched_known) {
-            inst->sched_known = true;
+        if (!known)
             sched_instance_added(r->sched, now, id, slot);
-        }
         if (old != INSTANCE_READY)
             sched_instance_ready(r->sched, now, id, inst->slots);
         else
@@ -317,17 +329,10 @@ static void pool_hook(struct instance *inst, enum instance_state old, void *arg)
         break;
     case INSTANCE_BACKOFF:
     case INSTANCE_FAILED:
-        /* A spawn can fail before the instance was ever starting: it still
-         * has to be reported, so that its waiters hear of the failure. */
-        if (!inst->sched_known) {
-            inst->sched_known = true;
+        /* Every start attempt is reported as STARTING first, even one whose
+         * spawn failed: its waiters hear of this failure, not an older one. */
+        if (!known)
             sched_instance_added(r->sched, now, id, slot);
-        } else if (old == INSTANCE_STARTING) {
-            /* A start of an instance the scheduler saw fail before (a spawn
-             * that cannot work fails at once, from FAILED to FAILED): this
-             * start failed, and its waiters must hear it, not ask again. */
-            sched_instance_starting(r->sched, now, id);
-        }
         sched_instance_failed(r->sched, now, id, inst->last_error ? inst->last_error : "failed");
         /* In backoff it comes back by itself: capacity on its way. */
         if (inst->state == INSTANCE_BACKOFF && !m->failed)
@@ -340,12 +345,10 @@ static void pool_hook(struct instance *inst, enum instance_state old, void *arg)
         /* An instance holds its memory until it has exited: whoever stops
          * it, it stays charged (and gets no requests) until STOPPED. One
          * the scheduler stopped itself is already stopping there. */
-        if (inst->sched_known && inst->state == INSTANCE_STOPPED) {
-            inst->sched_known = false;
+        if (known && inst->state == INSTANCE_STOPPED)
             sched_instance_removed(r->sched, now, id);
-        } else if (inst->sched_known) {
+        else if (known)
             sched_instance_stopping(r->sched, now, id);
-        }
         proxy_forget_port(r->proxy, inst->port);
         break;
     }
@@ -361,6 +364,12 @@ static void pool_hook(struct instance *inst, enum instance_state old, void *arg)
     router_run(r);
 }
 
+static unsigned pool_in_flight(const struct instance *inst, void *arg)
+{
+    const struct router *r = arg;
+    return sched_in_flight(r->sched, inst_id(inst));
+}
+
 /* ---------- requests ---------- */
 
 static void rreq_gone(struct http_request *req, void *arg)
@@ -370,7 +379,7 @@ static void rreq_gone(struct http_request *req, void *arg)
     struct router *r = q->r;
     if (q->model)                 /* left while queued */
         metrics_count_status(&q->model->stats, 499);
-    sched_request_gone(r->sched, now_of(r), q->id);
+    sched_request_gone(r->sched, now_of(r), req_id(q));
     rreq_free(q);
     router_run(r);
 }
@@ -390,7 +399,6 @@ void router_forward(struct router *r, struct http_request *req, struct pool_mode
         return;
     }
     q->r = r;
-    q->id = ++r->next_id;
     q->req = req;
     q->model = m;
     q->t0 = now_of(r);
@@ -404,7 +412,7 @@ void router_forward(struct router *r, struct http_request *req, struct pool_mode
         sched_model_failed(r->sched, now_of(r), slot, m->last_error);
     if (!m->est_known)
         model_info(r, m, true);
-    sched_request(r->sched, now_of(r), q->id, slot);
+    sched_request(r->sched, now_of(r), req_id(q), slot);
     router_run(r);
 }
 
@@ -427,7 +435,7 @@ void router_shutdown(struct router *r, double retry_after)
         next = q->next;
         if (q->dispatched)
             continue;
-        sched_request_gone(r->sched, now_of(r), q->id);
+        sched_request_gone(r->sched, now_of(r), req_id(q));
         q->req->on_close = NULL;
         refuse_closing(r, q->req, q->model);
         rreq_free(q);
@@ -447,15 +455,14 @@ struct server_wait {
     ev_timer timeout;
 };
 
-static struct instance *least_busy_ready(struct pool_model *m)
+/* The ready instance of M to name to a caller who talks to it directly:
+ * the one the scheduler would dispatch to (or the least busy). */
+static struct instance *server_pick(struct router *r, const struct pool_model *m)
 {
-    struct instance *best = NULL;
-    for (size_t i = 0; i < m->ninst; i++) {
-        struct instance *in = m->inst[i];
-        if (in->state == INSTANCE_READY && (!best || in->in_flight < best->in_flight))
-            best = in;
-    }
-    return best;
+    if (!model_known(r, m))
+        return NULL;
+    sched_inst_t id = sched_pick_ready(r->sched, m->index);
+    return id ? inst_of(id) : NULL;
 }
 
 /* A Host header fit to be put in a URL: a name or address and a port. */
@@ -540,9 +547,9 @@ static void server_wait_event(struct pool_observer *obs, const struct pool_event
     }
     if (ev->kind != POOL_EV_STATE)
         return;
-    struct instance *inst = least_busy_ready(ev->model);
+    struct router *r = w->r;
+    struct instance *inst = server_pick(r, ev->model);
     if (inst) {
-        struct router *r = w->r;
         answer_server(r, server_wait_end(w), ev->model, inst);
     } else if (ev->inst->state == INSTANCE_BACKOFF || ev->inst->state == INSTANCE_FAILED) {
         http_respond_error(server_wait_end(w), 502, "server_error", "%s: failed to start: %s",
@@ -568,7 +575,7 @@ static void server_wait_gone(struct http_request *req, void *arg)
 
 void router_server(struct router *r, struct http_request *req, struct pool_model *m)
 {
-    struct instance *inst = least_busy_ready(m);
+    struct instance *inst = server_pick(r, m);
     if (inst) {
         answer_server(r, req, m, inst);
         return;
@@ -621,14 +628,11 @@ static void sample_cb(struct ev_loop *loop, ev_timer *w, int revents)
         struct pool_model *m = r->pool->models[i];
         for (size_t j = 0; j < m->ninst; j++) {
             struct instance *inst = m->inst[j];
-            if (inst->pid <= 0 || !inst->sched_known)
+            if (inst->pid <= 0 || !sched_instance_known(r->sched, inst_id(inst)))
                 continue;
-            uint64_t pss = memory_pss(inst->pid);
-            if (pss) {
-                inst->pss = pss;
-                if (inst->state == INSTANCE_READY)
-                    sched_instance_memory(r->sched, now, (sched_inst_t)(uintptr_t)inst, pss);
-            }
+            uint64_t pss = instance_measure(inst);
+            if (pss && inst->state == INSTANCE_READY)
+                sched_instance_memory(r->sched, now, inst_id(inst), pss);
         }
     }
     struct memory_info mi;
@@ -637,42 +641,23 @@ static void sample_cb(struct ev_loop *loop, ev_timer *w, int revents)
     router_run(r);
 }
 
-static size_t pool_waiting(const struct pool_model *m, void *arg)
-{
-    return m ? router_waiting_model(arg, m) : router_waiting(arg);
-}
-
+/* An operator's start or a preload: the scheduler's memory rules. */
 static int pool_admit(struct pool_model *m, unsigned n, char *err, size_t errlen, void *arg)
 {
     struct router *r = arg;
-    struct sched_limits l;
-    router_limits(r, &l);
-    if (!l.budget)
+    size_t slot = model_slot(r, m);
+    if (slot == SIZE_MAX)
         return 0;
-    if (!m->est_known && model_slot(r, m) != SIZE_MAX)
+    if (!m->est_known)
         model_info(r, m, true);     /* the scheduler plans with it from now on too */
-    const struct memory_estimate *e = pool_model_estimate(m);
-    bool mapped = false;                /* weights already mapped by a live instance */
-    for (size_t i = 0; i < m->ninst; i++)
-        mapped |= instance_has_process(m->inst[i]);
-    uint64_t need = (mapped ? 0 : e->weights) + (uint64_t)n * e->more;
-    uint64_t used = sched_used(r->sched);
-    if (used + need <= l.budget)
-        return 0;
-    char a[32], b[32], c[32];
-    snprintf(err, errlen, "%s needs %s more; %s of the %s budget is in use (stop a model, or raise memory_budget)",
-             m->cfg->name, util_format_bytes(need, a, sizeof a), util_format_bytes(used, b, sizeof b),
-             util_format_bytes(l.budget, c, sizeof c));
-    return -1;
+    return sched_admit(r->sched, slot, n, err, errlen);
 }
 
-static uint64_t pool_charge(const struct instance *inst, void *arg)
-{
-    struct router *r = arg;
-    if (!inst)
-        return sched_used(r->sched);
-    return inst->sched_known ? sched_charge(r->sched, (sched_inst_t)(uintptr_t)inst) : 0;
-}
+static const struct pool_listener router_listener = {
+    .changed = pool_changed,
+    .admit = pool_admit,
+    .in_flight = pool_in_flight,
+};
 
 struct router *router_new(struct ev_loop *loop, struct pool *pool)
 {
@@ -696,11 +681,7 @@ struct router *router_new(struct ev_loop *loop, struct pool *pool)
     r->sample.data = r;
     ev_timer_start(loop, &r->sample);
     ev_unref(loop);             /* sampling alone does not keep the loop running */
-    pool->hook = pool_hook;
-    pool->hook_arg = r;
-    pool->waiting = pool_waiting;
-    pool->charge = pool_charge;
-    pool->admit = pool_admit;
+    pool_listen(pool, &router_listener, r);
     router_reload(r);
     return r;
 }
@@ -738,12 +719,8 @@ void router_free(struct router *r)
 {
     if (!r)
         return;
-    if (r->pool && r->pool->hook_arg == r) {
-        r->pool->hook = NULL;
-        r->pool->waiting = NULL;
-        r->pool->charge = NULL;
-        r->pool->admit = NULL;
-    }
+    if (r->pool && r->pool->listener_arg == r)
+        pool_listen(r->pool, NULL, NULL);
     ev_timer_stop(r->loop, &r->wake);
     if (ev_is_active(&r->sample)) {
         ev_ref(r->loop);
@@ -768,7 +745,21 @@ size_t router_waiting(const struct router *r)
 
 size_t router_waiting_model(const struct router *r, const struct pool_model *m)
 {
-    if (m->slot < r->nslots && r->slots[m->slot] == m)
-        return sched_waiting_model(r->sched, m->slot);
-    return 0;
+    return model_known(r, m) ? sched_waiting_model(r->sched, m->index) : 0;
+}
+
+void router_instance_view(const struct router *r, const struct instance *inst,
+                          struct router_inst_view *v)
+{
+    sched_inst_t id = inst_id(inst);
+    v->charge = sched_charge(r->sched, id);
+    v->in_flight = sched_in_flight(r->sched, id);
+    v->last_used = sched_last_used(r->sched, id);
+    if (!v->last_used)
+        v->last_used = inst->ready_at;      /* not used since it became ready */
+}
+
+uint64_t router_used(const struct router *r)
+{
+    return sched_used(r->sched);
 }

@@ -10,6 +10,7 @@
 
 #include <ev.h>
 #include <stddef.h>
+#include <stdint.h>
 
 #include "http.h"
 
@@ -36,7 +37,19 @@ void router_server(struct router *r, struct http_request *req, struct pool_model
  * while their instances drain. */
 void router_shutdown(struct router *r, double retry_after);
 
+/* ---- for status and metrics: what the scheduler knows ---- */
 size_t router_waiting(const struct router *r);
 size_t router_waiting_model(const struct router *r, const struct pool_model *m);
+
+struct instance;
+struct router_inst_view {
+    uint64_t charge;        /* bytes charged against the budget now */
+    unsigned in_flight;     /* requests being answered by it */
+    double last_used;       /* ev_now of its last dispatch or request end, else
+                             * of its ready; 0 when neither */
+};
+void router_instance_view(const struct router *r, const struct instance *inst,
+                          struct router_inst_view *v);
+uint64_t router_used(const struct router *r);     /* bytes charged, all instances */
 
 #endif
