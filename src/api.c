@@ -44,37 +44,20 @@ static bool stream_json(struct http_request *req, json_t *obj)
 
 static void respond_unknown_model(struct http_request *req, struct pool *p, const char *name)
 {
-    /* List the known names so the caller can see a typo. */
-    size_t cap = 256, len = 0;
-    char *list = malloc(cap);
-    if (!list) {
-        http_respond_error(req, 404, "not_found_error", "model \"%s\" not found", name);
-        return;
-    }
-    list[0] = '\0';
-    for (size_t i = 0; i < p->nmodels; i++) {
-        const char *n = p->models[i]->cfg->name;
-        size_t need = len + strlen(n) + 3;
+    /* List the known names so the caller can see a typo; out of memory
+     * cuts the list, never the answer. */
+    struct buf list = { 0 };
+    bool ok = true;
+    for (size_t i = 0; i < p->nmodels && ok; i++) {
         if (i == 50) {                      /* thousands of models: cut */
-            char more[64];
-            int k = snprintf(more, sizeof more, ", … (%zu more)", p->nmodels - 50);
-            need = len + (size_t)k + 1;
-            if (need > cap && !(list = realloc(list, cap = need)))
-                break;
-            memcpy(list + len, more, (size_t)k + 1);
+            ok = buf_printf(&list, ", … (%zu more)", p->nmodels - 50);
             break;
         }
-        if (need > cap) {
-            char *l = realloc(list, cap = need * 2);
-            if (!l)
-                break;
-            list = l;
-        }
-        len += (size_t)sprintf(list + len, "%s%s", i ? ", " : "", n);
+        ok = buf_printf(&list, "%s%s", i ? ", " : "", p->models[i]->cfg->name);
     }
     http_respond_error(req, 404, "not_found_error", "model \"%s\" not found; known models: %s",
-                       name, list && *list ? list : "(none)");
-    free(list);
+                       name, list.len ? list.data : "(none)");
+    buf_free(&list);
 }
 
 static bool query_flag(struct http_request *req, const char *name)
@@ -276,7 +259,6 @@ static void waiter_event(struct pool_observer *obs, const struct pool_event *ev)
             json_object_set_new(o, "error", json_string("the model was removed by a reload"));
             stream_json(w->req, o);
         }
-        w->obs.next = w->obs.prev = NULL;    /* already unlinked by the pool */
         waiter_finish(w);
         return;
     }

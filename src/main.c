@@ -215,9 +215,9 @@ static void flush_cb(struct ev_loop *loop, ev_timer *w, int revents)
     ev_break(loop, EVBREAK_ALL);
 }
 
-static void on_pool_stopped(struct pool *p)
+static void on_pool_stopped(struct pool *p, void *arg)
 {
-    struct daemon *d = p->stopped_arg;
+    struct daemon *d = arg;
     log_info("every instance has stopped; exiting");
     d->flush_until = ev_now(p->loop) + FLUSH_LIMIT_S;
     ev_timer_init(&d->flush_timer, flush_cb, 0., FLUSH_POLL_S);
@@ -259,8 +259,7 @@ static void on_stop_signal(struct ev_loop *loop, ev_signal *w, int revents)
                   (double)(cfg->drain_timeout_ms + cfg->stop_timeout_ms) / 1000.0 + 1.0, 0.);
     d->kill_timer.data = d;
     ev_timer_start(loop, &d->kill_timer);
-    d->pool->stopped_arg = d;
-    pool_shutdown(d->pool, on_pool_stopped);
+    pool_shutdown(d->pool, on_pool_stopped, d);
 }
 
 static void on_sighup(struct ev_loop *loop, ev_signal *w, int revents)

@@ -67,12 +67,11 @@ void metrics_observe(struct metrics_hist *s, double seconds)
     s->count++;
 }
 
-/* A growing text buffer; on allocation failure it stops growing and the
- * render returns NULL. It also keeps the label values it had to escape
- * (see label), freed with it. */
+/* The text being rendered; on allocation failure it stops growing and
+ * the render returns NULL. It also keeps the label values it had to
+ * escape (see label), freed with it. */
 struct out {
-    char *buf;
-    size_t len, cap;
+    struct buf text;
     bool failed;
     char **escaped;
     size_t nescaped, escaped_cap;
@@ -83,31 +82,10 @@ static void emit(struct out *o, const char *fmt, ...)
 {
     if (o->failed)
         return;
-    for (;;) {
-        va_list ap;
-        va_start(ap, fmt);
-        /* No pointer arithmetic on the NULL of an empty buffer. */
-        int n = vsnprintf(o->buf ? o->buf + o->len : NULL, o->cap - o->len, fmt, ap);
-        va_end(ap);
-        if (n < 0) {
-            o->failed = true;
-            return;
-        }
-        if ((size_t)n < o->cap - o->len) {
-            o->len += (size_t)n;
-            return;
-        }
-        size_t cap = o->cap ? o->cap * 2 : 16384;
-        while (cap - o->len <= (size_t)n)
-            cap *= 2;
-        char *b = realloc(o->buf, cap);
-        if (!b) {
-            o->failed = true;
-            return;
-        }
-        o->buf = b;
-        o->cap = cap;
-    }
+    va_list ap;
+    va_start(ap, fmt);
+    o->failed = !buf_vprintf(&o->text, fmt, ap);
+    va_end(ap);
 }
 
 /* S as a label value (between the quotes). Names in pool.conf are checked
@@ -120,16 +98,9 @@ static const char *label(struct out *o, const char *s)
     if (util_utf8_check(s, len) == len && !strpbrk(s, "\\\"\n"))
         return s;
     char *esc = o->failed ? NULL : util_prom_label_escape(s);
-    if (esc && o->nescaped == o->escaped_cap) {
-        size_t cap = o->escaped_cap ? o->escaped_cap * 2 : 8;
-        char **v = realloc(o->escaped, cap * sizeof *v);
-        if (v) {
-            o->escaped = v;
-            o->escaped_cap = cap;
-        } else {
-            free(esc);
-            esc = NULL;
-        }
+    if (esc && !util_grow(&o->escaped, &o->escaped_cap, o->nescaped + 1, sizeof *o->escaped)) {
+        free(esc);
+        esc = NULL;
     }
     if (!esc) {
         o->failed = true;
@@ -169,6 +140,7 @@ static void histogram(struct out *o, const char *name, const char *help, const s
 char *metrics_render(struct pool *p, const struct router *r, size_t *len)
 {
     struct out o = { 0 };
+    o.failed = !buf_reserve_min(&o.text, 0, 16384);
     static const char *const states[] = { "stopped", "starting", "ready", "stopping", "backoff", "failed" };
     uint64_t available;
     uint64_t budget = pool_budget(p, &available);
@@ -288,9 +260,9 @@ char *metrics_render(struct pool *p, const struct router *r, size_t *len)
 
     out_release_escaped(&o);
     if (o.failed) {
-        free(o.buf);
+        buf_free(&o.text);
         return NULL;
     }
-    *len = o.len;
-    return o.buf;
+    *len = o.text.len;
+    return buf_take(&o.text);
 }

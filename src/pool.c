@@ -18,6 +18,7 @@
 #include <unistd.h>
 
 #define MODEL_LOG_LINES 1000
+#define MODEL_LOGBUF_MAX (256 * 1024)   /* buffered log bytes before an early write */
 
 /* ---------- model log ---------- */
 
@@ -25,10 +26,10 @@
  * iteration, however many lines its children printed meanwhile. */
 static void model_log_flush(struct pool_model *m)
 {
-    if (m->loglen && m->log_fd >= 0) {
+    if (m->logbuf.len && m->log_fd >= 0) {
         size_t off = 0;
-        while (off < m->loglen) {
-            ssize_t w = write(m->log_fd, m->logbuf + off, m->loglen - off);
+        while (off < m->logbuf.len) {
+            ssize_t w = write(m->log_fd, m->logbuf.data + off, m->logbuf.len - off);
             if (w < 0 && errno == EINTR)
                 continue;
             if (w <= 0)
@@ -36,7 +37,7 @@ static void model_log_flush(struct pool_model *m)
             off += (size_t)w;
         }
     }
-    m->loglen = 0;
+    m->logbuf.len = 0;
 }
 
 static void model_log_close(struct pool_model *m)
@@ -61,24 +62,10 @@ static void flush_cb(struct ev_loop *loop, ev_prepare *w, int revents)
 
 static void model_log_append(struct pool_model *m, const char *line, size_t n)
 {
-    if (m->loglen + n > m->logcap) {
-        size_t cap = m->logcap ? m->logcap : 4096;
-        while (cap < m->loglen + n)
-            cap *= 2;
-        if (cap > 256 * 1024) {          /* bounded: write what we have now */
-            model_log_flush(m);
-            cap = m->logcap >= n ? m->logcap : n;
-        }
-        if (cap > m->logcap) {
-            char *b = realloc(m->logbuf, cap);
-            if (!b)
-                return;
-            m->logbuf = b;
-            m->logcap = cap;
-        }
-    }
-    memcpy(m->logbuf + m->loglen, line, n);
-    m->loglen += n;
+    if (m->logbuf.len + n > MODEL_LOGBUF_MAX)  /* bounded: write what we have now */
+        model_log_flush(m);
+    if (!buf_reserve_min(&m->logbuf, n, 4096) || !buf_append(&m->logbuf, line, n))
+        return;                         /* the memory tail still has it */
     if (!m->dirty) {
         m->dirty = true;
         m->next_dirty = m->pool->dirty;
@@ -287,7 +274,7 @@ static void model_free(struct pool_model *m)
             *pp = m->next_dirty;
             break;
         }
-    free(m->logbuf);
+    buf_free(&m->logbuf);
     free(m->est_error);
     free(m->last_error);
     free(m);
@@ -499,9 +486,9 @@ static void gc_cb(struct ev_loop *loop, ev_timer *w, int revents)
         p->nold_cfgs = 0;
     }
     if (p->shutting_down && !pool_has_processes(p) && p->on_stopped) {
-        void (*done)(struct pool *) = p->on_stopped;
+        void (*done)(struct pool *, void *) = p->on_stopped;
         p->on_stopped = NULL;
-        done(p);
+        done(p, p->stopped_arg);
     }
 }
 
@@ -615,10 +602,11 @@ struct pool_model *pool_find(struct pool *p, const char *name)
     return NULL;
 }
 
-void pool_shutdown(struct pool *p, void (*on_stopped)(struct pool *p))
+void pool_shutdown(struct pool *p, void (*on_stopped)(struct pool *p, void *arg), void *arg)
 {
     p->shutting_down = true;
     p->on_stopped = on_stopped;
+    p->stopped_arg = arg;
     for (size_t i = 0; i < p->nmodels; i++)
         for (size_t j = 0; j < p->models[i]->ninst; j++)
             instance_stop(p->models[i]->inst[j]);

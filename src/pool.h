@@ -27,6 +27,7 @@
 #include "memory.h"
 #include "metrics.h"
 #include "port.h"
+#include "util.h"
 
 struct health;
 struct pool;
@@ -58,6 +59,9 @@ struct pool_listener {
     unsigned (*in_flight)(const struct instance *inst, void *arg);
 };
 
+/* Embedded in the observer's own struct: FN and ARG are the observer's to
+ * set before pool_observe(); the rest is the pool's. An observer is
+ * unlinked before it hears POOL_EV_GONE. */
 struct pool_observer {
     struct pool_observer *prev, *next;
     void (*fn)(struct pool_observer *obs, const struct pool_event *ev);
@@ -75,8 +79,7 @@ struct pool_model {
     struct crash_log crashes;
     struct logring log;             /* allocated on first line */
     int log_fd;                     /* opened on first line, -1 otherwise */
-    char *logbuf;                   /* lines not yet written to log_fd */
-    size_t loglen, logcap;
+    struct buf logbuf;              /* lines not yet written to log_fd */
     struct pool_model *next_dirty;  /* on pool->dirty while logbuf holds lines */
     bool dirty;
     struct pool_observer observers; /* list head */
@@ -106,8 +109,8 @@ struct pool {
     ev_prepare flush;               /* writes buffered log lines before the loop sleeps */
     struct pool_model *dirty;       /* models with buffered log lines */
     bool shutting_down;
-    void (*on_stopped)(struct pool *p);   /* shutdown finished */
-    void *stopped_arg;                    /* for on_stopped: the caller's */
+    void (*on_stopped)(struct pool *p, void *arg);   /* shutdown finished */
+    void *stopped_arg;
     const struct pool_listener *listener;   /* pool_listen() */
     void *listener_arg;
     size_t models_made;             /* the next pool_model's index */
@@ -139,8 +142,8 @@ void pool_model_restart(struct pool_model *m);
  * Takes ownership of CFG. */
 void pool_reload(struct pool *p, struct config *cfg, json_t *summary);
 
-/* Stop every instance in parallel; calls on_stopped when none is left. */
-void pool_shutdown(struct pool *p, void (*on_stopped)(struct pool *p));
+/* Stop every instance in parallel; calls ON_STOPPED(P, ARG) when none is left. */
+void pool_shutdown(struct pool *p, void (*on_stopped)(struct pool *p, void *arg), void *arg);
 bool pool_has_processes(const struct pool *p);
 /* SIGKILL every child now. */
 void pool_kill_all(struct pool *p);

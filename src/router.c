@@ -541,7 +541,6 @@ static void server_wait_event(struct pool_observer *obs, const struct pool_event
 {
     struct server_wait *w = (struct server_wait *)obs;
     if (ev->kind == POOL_EV_GONE) {
-        w->obs.next = w->obs.prev = NULL;
         http_respond_error(server_wait_end(w), 404, "not_found_error", "model removed by a reload");
         return;
     }

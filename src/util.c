@@ -52,15 +52,30 @@ bool buf_printf(struct buf *b, const char *fmt, ...)
 {
     va_list ap;
     va_start(ap, fmt);
-    int n = vsnprintf(NULL, 0, fmt, ap);
+    bool ok = buf_vprintf(b, fmt, ap);
     va_end(ap);
-    if (n < 0 || !buf_reserve(b, (size_t)n))
-        return false;
-    va_start(ap, fmt);
-    vsnprintf(b->data + b->len, b->cap - b->len, fmt, ap);
-    va_end(ap);
-    b->len += (size_t)n;
-    return true;
+    return ok;
+}
+
+bool buf_vprintf(struct buf *b, const char *fmt, va_list ap)
+{
+    /* Formatted once where it fits (the common case), twice otherwise. */
+    for (int pass = 0; pass < 2; pass++) {
+        size_t room = b->cap - b->len;
+        va_list aq;
+        va_copy(aq, ap);
+        int n = vsnprintf(room ? b->data + b->len : NULL, room, fmt, aq);
+        va_end(aq);
+        if (n < 0)
+            return false;
+        if ((size_t)n < room) {
+            b->len += (size_t)n;
+            return true;
+        }
+        if (!buf_reserve(b, (size_t)n))
+            return false;
+    }
+    return false;
 }
 
 void buf_consume(struct buf *b, size_t n)

@@ -12,6 +12,7 @@
 #define LLAMA_POOL_UTIL_H
 
 #include <jansson.h>
+#include <stdarg.h>
 #include <stdbool.h>
 #include <stddef.h>
 #include <stdint.h>
@@ -34,6 +35,7 @@ bool buf_reserve_min(struct buf *b, size_t n, size_t min);
 bool buf_append(struct buf *b, const void *data, size_t n);
 bool buf_puts(struct buf *b, const char *s);
 bool buf_printf(struct buf *b, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
+bool buf_vprintf(struct buf *b, const char *fmt, va_list ap) __attribute__((format(printf, 2, 0)));
 /* Drops the first N bytes (N <= len), keeping the rest at the front. */
 void buf_consume(struct buf *b, size_t n);
 /* Frees the memory; the buffer is empty and usable again. */

@@ -228,6 +228,81 @@ static void test_prom_label_escape(void **state)
     expect_label("", "");
 }
 
+static void test_buf_grows_and_stays_a_c_string(void **state)
+{
+    (void)state;
+    struct buf b = { 0 };
+    assert_true(buf_puts(&b, "abc"));
+    assert_int_equal(b.len, 3);
+    assert_string_equal(b.data, "abc");
+    assert_true(b.cap >= 256);                  /* the first allocation */
+    char big[1000];
+    memset(big, 'x', sizeof big);
+    assert_true(buf_append(&b, big, sizeof big));
+    assert_int_equal(b.len, 1003);
+    assert_true(b.cap > b.len);                 /* room for the NUL */
+    assert_int_equal(b.data[b.len], '\0');
+    /* printf that does not fit where it is formatted first. */
+    size_t before = b.cap - b.len;
+    assert_true(buf_printf(&b, "%0*d", (int)before + 10, 7));
+    assert_int_equal(b.len, 1003 + before + 10);
+    assert_int_equal(b.data[b.len - 1], '7');
+    buf_consume(&b, 1003);
+    assert_int_equal(b.len, before + 10);
+    assert_int_equal(b.data[0], '0');
+    char *t = buf_take(&b);
+    assert_null(b.data);
+    assert_int_equal(b.len, 0);
+    free(t);
+    assert_true(buf_reserve_min(&b, 1, 4096));
+    assert_int_equal(b.cap, 4096);
+    buf_free(&b);
+    assert_null(b.data);
+}
+
+static void test_grow_doubles_and_keeps_the_elements(void **state)
+{
+    (void)state;
+    int *v = NULL;
+    size_t cap = 0;
+    assert_true(util_grow(&v, &cap, 1, sizeof *v));
+    assert_int_equal(cap, 16);
+    for (int i = 0; i < 16; i++)
+        v[i] = i;
+    assert_true(util_grow(&v, &cap, 17, sizeof *v));
+    assert_int_equal(cap, 32);
+    assert_int_equal(v[15], 15);
+    assert_true(util_grow(&v, &cap, 5, sizeof *v));   /* enough already */
+    assert_int_equal(cap, 32);
+    assert_false(util_grow(&v, &cap, SIZE_MAX / 2, sizeof *v));  /* too large: kept */
+    assert_int_equal(cap, 32);
+    assert_int_equal(v[15], 15);
+    free(v);
+}
+
+static void test_format_bytes_is_the_one_for_people(void **state)
+{
+    (void)state;
+    char b[32];
+    assert_string_equal(util_format_bytes(0, b, sizeof b), "0 B");
+    assert_string_equal(util_format_bytes(1023, b, sizeof b), "1023 B");
+    assert_string_equal(util_format_bytes(1536, b, sizeof b), "1.5 KiB");
+    assert_string_equal(util_format_bytes(12ull << 30, b, sizeof b), "12 GiB");
+    assert_string_equal(util_format_bytes((12ull << 30) / 10, b, sizeof b), "1.2 GiB");
+    assert_string_equal(util_format_bytes(3ull << 50, b, sizeof b), "3.0 PiB");
+}
+
+static void test_strv_free_takes_null_and_vectors(void **state)
+{
+    (void)state;
+    util_strv_free(NULL);
+    char **v = calloc(3, sizeof *v);
+    assert_non_null(v);
+    v[0] = strdup("a");
+    v[1] = strdup("b");
+    util_strv_free(v);                          /* ASan: nothing leaks */
+}
+
 int main(void)
 {
     const struct CMUnitTest tests[] = {
@@ -238,6 +313,10 @@ int main(void)
         cmocka_unit_test(test_json_escape_cuts_only_between_characters),
         cmocka_unit_test(test_json_string_keeps_what_json_string_drops),
         cmocka_unit_test(test_prom_label_escape),
+        cmocka_unit_test(test_buf_grows_and_stays_a_c_string),
+        cmocka_unit_test(test_grow_doubles_and_keeps_the_elements),
+        cmocka_unit_test(test_format_bytes_is_the_one_for_people),
+        cmocka_unit_test(test_strv_free_takes_null_and_vectors),
     };
     return cmocka_run_group_tests_name("util", tests, NULL, NULL);
 }
