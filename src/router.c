@@ -246,7 +246,7 @@ static void do_start(struct router *r, size_t slot)
         log_debug("%s: no further instance can be added now", m->cfg->name);
         return;
     }
-    /* The pool's hook has told the scheduler (sched_instance_added). */
+    /* pool_changed() has told the scheduler (sched_instance_added). */
     log_info("%s: started on demand (%zu waiting)", inst->id,
              sched_waiting_model(r->sched, slot));
 }
