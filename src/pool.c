@@ -451,17 +451,30 @@ static void model_collect(struct pool_model *m)
         model_log_close(m);     /* thousands of idle models hold no fds */
 }
 
-bool pool_has_processes(const struct pool *p)
+/* Every model with instances: the configured ones, then those a reload
+ * retired that are still stopping. FN returns true to stop early; so does
+ * each_instance. */
+static bool each_instance(const struct pool *p, bool (*fn)(struct instance *inst))
 {
     for (size_t i = 0; i < p->nmodels; i++)
         for (size_t j = 0; j < p->models[i]->ninst; j++)
-            if (instance_has_process(p->models[i]->inst[j]))
+            if (fn(p->models[i]->inst[j]))
                 return true;
     for (size_t i = 0; i < p->nretired; i++)
         for (size_t j = 0; j < p->retired[i]->ninst; j++)
-            if (instance_has_process(p->retired[i]->inst[j]))
+            if (fn(p->retired[i]->inst[j]))
                 return true;
     return false;
+}
+
+static bool has_process(struct instance *inst)
+{
+    return instance_has_process(inst);
+}
+
+bool pool_has_processes(const struct pool *p)
+{
+    return each_instance(p, has_process);
 }
 
 static void gc_cb(struct ev_loop *loop, ev_timer *w, int revents)
@@ -602,28 +615,30 @@ struct pool_model *pool_find(struct pool *p, const char *name)
     return NULL;
 }
 
+static bool stop_one(struct instance *inst)
+{
+    instance_stop(inst);
+    return false;
+}
+
 void pool_shutdown(struct pool *p, void (*on_stopped)(struct pool *p, void *arg), void *arg)
 {
     p->shutting_down = true;
     p->on_stopped = on_stopped;
     p->stopped_arg = arg;
-    for (size_t i = 0; i < p->nmodels; i++)
-        for (size_t j = 0; j < p->models[i]->ninst; j++)
-            instance_stop(p->models[i]->inst[j]);
-    for (size_t i = 0; i < p->nretired; i++)
-        for (size_t j = 0; j < p->retired[i]->ninst; j++)
-            instance_stop(p->retired[i]->inst[j]);
+    each_instance(p, stop_one);
     gc_soon(p);
+}
+
+static bool kill_one(struct instance *inst)
+{
+    instance_kill(inst);
+    return false;
 }
 
 void pool_kill_all(struct pool *p)
 {
-    for (size_t i = 0; i < p->nmodels; i++)
-        for (size_t j = 0; j < p->models[i]->ninst; j++)
-            instance_kill(p->models[i]->inst[j]);
-    for (size_t i = 0; i < p->nretired; i++)
-        for (size_t j = 0; j < p->retired[i]->ninst; j++)
-            instance_kill(p->retired[i]->inst[j]);
+    each_instance(p, kill_one);
 }
 
 /* ---------- reload ---------- */
