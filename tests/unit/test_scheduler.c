@@ -86,6 +86,17 @@ static void ready(struct sched *s, double now, sched_inst_t inst, size_t model, 
     sched_instance_ready(s, now, inst, slots);
 }
 
+/* big#1 (one slot) serving request 10 since t=1, request 11 waiting. */
+static struct sched *big_busy_and_one_waiting(void)
+{
+    struct sched *s = pool_new(100, 0);
+    ready(s, 0, 1, BIG, 1);
+    sched_request(s, 1, 10, BIG);
+    sched_request(s, 1, 11, BIG);
+    drain(s);
+    return s;
+}
+
 /* ---------- choosing an instance ---------- */
 
 static void a_request_goes_to_a_ready_instance_with_a_free_slot(void **state)
@@ -372,11 +383,7 @@ static void a_failed_start_keeps_waiters_when_another_instance_is_starting(void 
 static void a_crash_of_a_ready_instance_forgets_its_requests_and_waits_for_the_restart(void **state)
 {
     (void)state;
-    struct sched *s = pool_new(100, 0);
-    ready(s, 0, 1, BIG, 1);
-    sched_request(s, 1, 10, BIG);
-    sched_request(s, 1, 11, BIG);
-    drain(s);
+    struct sched *s = big_busy_and_one_waiting();
     assert_int_equal(sched_in_flight(s, 1), 1);
     sched_instance_failed(s, 2, 1, "segfault");
     struct got *x = drain(s);
@@ -631,11 +638,7 @@ static void a_client_gone_while_waiting_leaves_the_queue_without_an_answer(void 
 static void a_client_gone_while_dispatched_frees_its_slot(void **state)
 {
     (void)state;
-    struct sched *s = pool_new(100, 0);
-    ready(s, 0, 1, BIG, 1);
-    sched_request(s, 1, 10, BIG);
-    sched_request(s, 1, 11, BIG);
-    drain(s);
+    struct sched *s = big_busy_and_one_waiting();
     sched_request_gone(s, 7, 10);
     struct got *x = drain(s);
     assert_int_equal(x->n, 1);
