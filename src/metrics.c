@@ -8,6 +8,7 @@
 
 #include <inttypes.h>
 #include <stdarg.h>
+#include <stddef.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -137,6 +138,46 @@ static void histogram(struct out *o, const char *name, const char *help, const s
     emit(o, "%s_count %" PRIu64 "\n", name, h->count);
 }
 
+/* The per-instance gauges, one family each. */
+enum inst_gauge { GAUGE_MEMORY, GAUGE_CHARGED, GAUGE_IN_FLIGHT, GAUGE_SLOTS };
+static const struct { const char *name, *help; } inst_gauges[] = {
+    [GAUGE_MEMORY] = { "llama_pool_instance_memory_bytes", "measured PSS of each instance" },
+    [GAUGE_CHARGED] = { "llama_pool_instance_charged_bytes",
+                        "what each instance is charged against the budget (estimate while starting, then PSS)" },
+    [GAUGE_IN_FLIGHT] = { "llama_pool_instance_in_flight", "requests being answered by each instance" },
+    [GAUGE_SLOTS] = { "llama_pool_instance_slots", "slots of each instance (its /props total_slots)" },
+};
+
+static uint64_t inst_gauge_value(const struct router *r, const struct instance *in, enum inst_gauge g)
+{
+    struct router_inst_view v;
+    switch (g) {
+    case GAUGE_MEMORY:    return in->pss;
+    case GAUGE_SLOTS:     return in->slots;
+    case GAUGE_CHARGED:   router_instance_view(r, in, &v); return v.charge;
+    case GAUGE_IN_FLIGHT: router_instance_view(r, in, &v); return v.in_flight;
+    }
+    return 0;
+}
+
+/* A summary by model from the double at SUM_OFF and the count at
+ * COUNT_OFF of each model's stats. */
+static void model_summary(struct out *o, const struct pool *p, const char *name, const char *help,
+                          size_t sum_off, size_t count_off)
+{
+    family(o, name, "summary", help);
+    for (size_t i = 0; i < p->nmodels; i++) {
+        const char *s = (const char *)&p->models[i]->stats;
+        double sum;
+        uint64_t count;
+        memcpy(&sum, s + sum_off, sizeof sum);
+        memcpy(&count, s + count_off, sizeof count);
+        const char *n = label(o, p->models[i]->cfg->name);
+        emit(o, "%s_sum{model=\"%s\"} %.6f\n", name, n, sum);
+        emit(o, "%s_count{model=\"%s\"} %" PRIu64 "\n", name, n, count);
+    }
+}
+
 char *metrics_render(struct pool *p, const struct router *r, size_t *len)
 {
     struct out o = { 0 };
@@ -155,45 +196,15 @@ char *metrics_render(struct pool *p, const struct router *r, size_t *len)
                 emit(&o, "llama_pool_instance_state{model=\"%s\",instance=\"%s\",state=\"%s\"} %d\n",
                      mn, label(&o, m->inst[j]->id), states[s], (int)m->inst[j]->state == (int)s);
     }
-    family(&o, "llama_pool_instance_memory_bytes", "gauge", "measured PSS of each instance");
-    for (size_t i = 0; i < p->nmodels; i++) {
-        const char *mn = label(&o, p->models[i]->cfg->name);
-        for (size_t j = 0; j < p->models[i]->ninst; j++) {
-            struct instance *in = p->models[i]->inst[j];
-            emit(&o, "llama_pool_instance_memory_bytes{model=\"%s\",instance=\"%s\"} %" PRIu64 "\n",
-                 mn, label(&o, in->id), in->pss);
-        }
-    }
-    family(&o, "llama_pool_instance_charged_bytes", "gauge",
-           "what each instance is charged against the budget (estimate while starting, then PSS)");
-    for (size_t i = 0; i < p->nmodels; i++) {
-        const char *mn = label(&o, p->models[i]->cfg->name);
-        for (size_t j = 0; j < p->models[i]->ninst; j++) {
-            struct instance *in = p->models[i]->inst[j];
-            struct router_inst_view v;
-            router_instance_view(r, in, &v);
-            emit(&o, "llama_pool_instance_charged_bytes{model=\"%s\",instance=\"%s\"} %" PRIu64 "\n",
-                 mn, label(&o, in->id), v.charge);
-        }
-    }
-    family(&o, "llama_pool_instance_in_flight", "gauge", "requests being answered by each instance");
-    for (size_t i = 0; i < p->nmodels; i++) {
-        const char *mn = label(&o, p->models[i]->cfg->name);
-        for (size_t j = 0; j < p->models[i]->ninst; j++) {
-            struct instance *in = p->models[i]->inst[j];
-            struct router_inst_view v;
-            router_instance_view(r, in, &v);
-            emit(&o, "llama_pool_instance_in_flight{model=\"%s\",instance=\"%s\"} %u\n",
-                 mn, label(&o, in->id), v.in_flight);
-        }
-    }
-    family(&o, "llama_pool_instance_slots", "gauge", "slots of each instance (its /props total_slots)");
-    for (size_t i = 0; i < p->nmodels; i++) {
-        const char *mn = label(&o, p->models[i]->cfg->name);
-        for (size_t j = 0; j < p->models[i]->ninst; j++) {
-            struct instance *in = p->models[i]->inst[j];
-            emit(&o, "llama_pool_instance_slots{model=\"%s\",instance=\"%s\"} %u\n",
-                 mn, label(&o, in->id), in->slots);
+    for (size_t g = 0; g < sizeof inst_gauges / sizeof inst_gauges[0]; g++) {
+        family(&o, inst_gauges[g].name, "gauge", inst_gauges[g].help);
+        for (size_t i = 0; i < p->nmodels; i++) {
+            const char *mn = label(&o, p->models[i]->cfg->name);
+            for (size_t j = 0; j < p->models[i]->ninst; j++) {
+                const struct instance *in = p->models[i]->inst[j];
+                emit(&o, "%s{model=\"%s\",instance=\"%s\"} %" PRIu64 "\n", inst_gauges[g].name,
+                     mn, label(&o, in->id), inst_gauge_value(r, in, (enum inst_gauge)g));
+            }
         }
     }
 
@@ -218,13 +229,8 @@ char *metrics_render(struct pool *p, const struct router *r, size_t *len)
     for (size_t i = 0; i < p->nmodels; i++)
         emit(&o, "llama_pool_starts_total{model=\"%s\"} %" PRIu64 "\n", label(&o, p->models[i]->cfg->name),
              p->models[i]->stats.starts);
-    family(&o, "llama_pool_load_seconds", "summary", "time from spawn to ready, by model");
-    for (size_t i = 0; i < p->nmodels; i++) {
-        const struct model_stats *s = &p->models[i]->stats;
-        const char *n = label(&o, p->models[i]->cfg->name);
-        emit(&o, "llama_pool_load_seconds_sum{model=\"%s\"} %.6f\n", n, s->load_seconds);
-        emit(&o, "llama_pool_load_seconds_count{model=\"%s\"} %" PRIu64 "\n", n, s->loads);
-    }
+    model_summary(&o, p, "llama_pool_load_seconds", "time from spawn to ready, by model",
+                  offsetof(struct model_stats, load_seconds), offsetof(struct model_stats, loads));
     family(&o, "llama_pool_evictions_total", "counter",
            "instances that stopped other than by an operator, by model and reason");
     for (size_t i = 0; i < p->nmodels; i++) {
@@ -235,13 +241,9 @@ char *metrics_render(struct pool *p, const struct router *r, size_t *len)
         emit(&o, "llama_pool_evictions_total{model=\"%s\",reason=\"reload\"} %" PRIu64 "\n", n, s->reload_stops);
         emit(&o, "llama_pool_evictions_total{model=\"%s\",reason=\"crash\"} %" PRIu64 "\n", n, s->crashes);
     }
-    family(&o, "llama_pool_queue_wait_seconds", "summary", "time from arrival to dispatch, by model");
-    for (size_t i = 0; i < p->nmodels; i++) {
-        const struct model_stats *s = &p->models[i]->stats;
-        const char *n = label(&o, p->models[i]->cfg->name);
-        emit(&o, "llama_pool_queue_wait_seconds_sum{model=\"%s\"} %.6f\n", n, s->queue_wait_seconds);
-        emit(&o, "llama_pool_queue_wait_seconds_count{model=\"%s\"} %" PRIu64 "\n", n, s->queue_waits);
-    }
+    model_summary(&o, p, "llama_pool_queue_wait_seconds", "time from arrival to dispatch, by model",
+                  offsetof(struct model_stats, queue_wait_seconds),
+                  offsetof(struct model_stats, queue_waits));
     family(&o, "llama_pool_requests_total", "counter",
            "answered requests by model and HTTP status (499: the client left first)");
     for (size_t i = 0; i < p->nmodels; i++) {
