@@ -7,9 +7,9 @@
  * reused, a stream cut mid-event) is exact; the client is a raw socket in a
  * third thread. Every wait is bounded (poll, SO_RCVTIMEO, sem_timedwait);
  * the threads record the first failed check and the test thread asserts
- * after joining them (cmocka is not thread-safe). Upstream and client
- * synchronise through semaphores when order matters ("the first event
- * reached the client before the second was sent"). */
+ * after joining them (cmocka is not thread-safe; testlib.h). Upstream and
+ * client synchronise through semaphores when order matters ("the first
+ * event reached the client before the second was sent"). */
 #define _GNU_SOURCE
 #include <setjmp.h>
 #include <stdarg.h>
@@ -18,35 +18,29 @@
 
 #include <arpa/inet.h>
 #include <errno.h>
-#include <llhttp.h>
 #include <netinet/in.h>
-#include <netinet/tcp.h>
 #include <poll.h>
 #include <pthread.h>
 #include <semaphore.h>
-#include <stdatomic.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <strings.h>
 #include <sys/socket.h>
-#include <time.h>
 #include <unistd.h>
 
 #include "http.h"
 #include "log.h"
 #include "proxy.h"
+#include "testlib.h"
 
 #define IO_TIMEOUT_MS 2000
 #define RUN_TIMEOUT_S 10.0
 
 /* ------------------------------------------------------------ fixture */
 
-struct fx;
-typedef void (*party_fn)(struct fx *);
-
 struct fx {
-    struct ev_loop *loop;
+    struct tl_loop tl;
     struct http_server *srv;
     struct proxy *proxy;
     unsigned srv_port;
@@ -54,20 +48,8 @@ struct fx {
     unsigned up_port;
     unsigned target_port;      /* where requests go: up_port unless a test says */
     int spare_fd[2];           /* sockets a test keeps open until teardown */
-
-    /* loop control */
-    ev_async wake_w;           /* a thread finished */
-    ev_async act_w;            /* a thread asks the loop to run fx->act */
-    void (*act)(struct fx *);
-    ev_timer guard_w;
-    ev_prepare cond_w;
     ev_check sample_w;
-    bool guard_fired;
-    atomic_int threads_done;
-    int nthreads;
     int expect_done;
-    party_fn client, upstream;
-    pthread_t cth, uth;
 
     /* loop side: what the handler and DONE saw */
     int nreq, ndone;
@@ -80,8 +62,6 @@ struct fx {
 
     /* between the threads */
     sem_t to_up, to_cli;
-    pthread_mutex_t mu;
-    char fail[512];
 
     /* upstream's observations */
     int accepts;
@@ -92,43 +72,6 @@ struct fx {
 };
 
 static struct fx *fx_of(void **state) { return *state; }
-
-static double now_s(void)
-{
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (double)ts.tv_sec + (double)ts.tv_nsec / 1e9;
-}
-
-static void thr_fail(struct fx *fx, int line, const char *what)
-{
-    pthread_mutex_lock(&fx->mu);
-    if (!fx->fail[0])
-        snprintf(fx->fail, sizeof fx->fail, "check failed at line %d: %s", line, what);
-    pthread_mutex_unlock(&fx->mu);
-}
-
-/* Thread-side check: record and leave the script. */
-#define CHECK(cond)                                  \
-    do {                                             \
-        if (!(cond)) {                               \
-            thr_fail(fx, __LINE__, #cond);           \
-            return;                                  \
-        }                                            \
-    } while (0)
-
-static bool wait_sem(sem_t *s, double seconds)
-{
-    struct timespec ts;
-    clock_gettime(CLOCK_REALTIME, &ts);
-    long ns = ts.tv_nsec + (long)((seconds - (long)seconds) * 1e9);
-    ts.tv_sec += (time_t)seconds + ns / 1000000000L;
-    ts.tv_nsec = ns % 1000000000L;
-    while (sem_timedwait(s, &ts) < 0)
-        if (errno != EINTR)
-            return false;
-    return true;
-}
 
 /* ----------------------------------------------------- loop side */
 
@@ -152,37 +95,7 @@ static void handler(struct http_request *req, void *arg)
     proxy_forward(fx->proxy, req, fx->target_port, NULL, on_done, fx);
 }
 
-static void wake_cb(struct ev_loop *loop, ev_async *w, int revents)
-{
-    (void)loop;
-    (void)w;
-    (void)revents;
-}
-
-static void act_cb(struct ev_loop *loop, ev_async *w, int revents)
-{
-    struct fx *fx = w->data;
-    (void)loop;
-    (void)revents;
-    if (fx->act)
-        fx->act(fx);
-}
-
-static void guard_cb(struct ev_loop *loop, ev_timer *w, int revents)
-{
-    struct fx *fx = w->data;
-    (void)revents;
-    fx->guard_fired = true;
-    ev_break(loop, EVBREAK_ALL);
-}
-
-static void cond_cb(struct ev_loop *loop, ev_prepare *w, int revents)
-{
-    struct fx *fx = w->data;
-    (void)revents;
-    if (atomic_load(&fx->threads_done) >= fx->nthreads && fx->ndone >= fx->expect_done)
-        ev_break(loop, EVBREAK_ALL);
-}
+static bool calls_done(struct fx *fx) { return fx->ndone >= fx->expect_done; }
 
 static void sample_cb(struct ev_loop *loop, ev_check *w, int revents)
 {
@@ -221,22 +134,17 @@ static int setup(void **state)
     if (!fx)
         return -1;
     log_init(LOG_ERROR);
-    fx->loop = ev_loop_new(EVFLAG_AUTO);
-    struct http_limits lim = {
-        .max_header = 64 * 1024,
-        .max_body = 1024 * 1024,
-        .header_timeout_ms = 5000,
-        .keepalive_timeout_ms = 5000,
-        .max_connections = 64,
-    };
+    if (tl_init(&fx->tl, fx) < 0)
+        return -1;
+    struct http_limits lim = tl_limits();
     char err[256] = "";
-    fx->srv = http_server_listen(fx->loop, "127.0.0.1:0", &lim, handler, fx, err, sizeof err);
+    fx->srv = http_server_listen(fx->tl.loop, "127.0.0.1:0", &lim, handler, fx, err, sizeof err);
     if (!fx->srv) {
         fprintf(stderr, "listen: %s\n", err);
         return -1;
     }
     fx->srv_port = http_server_port(fx->srv);
-    fx->proxy = proxy_new(fx->loop);
+    fx->proxy = proxy_new(fx->tl.loop);
     fx->up_lfd = listen_local(16, &fx->up_port);
     if (!fx->proxy || fx->up_lfd < 0)
         return -1;
@@ -244,19 +152,9 @@ static int setup(void **state)
     fx->spare_fd[0] = fx->spare_fd[1] = -1;
     sem_init(&fx->to_up, 0, 0);
     sem_init(&fx->to_cli, 0, 0);
-    pthread_mutex_init(&fx->mu, NULL);
-    ev_async_init(&fx->wake_w, wake_cb);
-    ev_async_init(&fx->act_w, act_cb);
-    fx->act_w.data = fx;
-    ev_async_start(fx->loop, &fx->wake_w);
-    ev_async_start(fx->loop, &fx->act_w);
-    ev_init(&fx->guard_w, guard_cb);
-    fx->guard_w.data = fx;
-    ev_prepare_init(&fx->cond_w, cond_cb);
-    fx->cond_w.data = fx;
     ev_check_init(&fx->sample_w, sample_cb);
     fx->sample_w.data = fx;
-    ev_check_start(fx->loop, &fx->sample_w);
+    ev_check_start(fx->tl.loop, &fx->sample_w);
     *state = fx;
     return 0;
 }
@@ -270,95 +168,31 @@ static int teardown(void **state)
     for (int i = 0; i < 2; i++)
         if (fx->spare_fd[i] >= 0)
             close(fx->spare_fd[i]);
-    ev_check_stop(fx->loop, &fx->sample_w);
-    ev_async_stop(fx->loop, &fx->wake_w);
-    ev_async_stop(fx->loop, &fx->act_w);
-    ev_loop_destroy(fx->loop);
+    ev_check_stop(fx->tl.loop, &fx->sample_w);
+    tl_destroy(&fx->tl);
     sem_destroy(&fx->to_up);
     sem_destroy(&fx->to_cli);
-    pthread_mutex_destroy(&fx->mu);
     free(fx);
     return 0;
 }
 
-static void *client_main(void *arg)
-{
-    struct fx *fx = arg;
-    fx->client(fx);
-    atomic_fetch_add(&fx->threads_done, 1);
-    ev_async_send(fx->loop, &fx->wake_w);
-    return NULL;
-}
-
-static void *upstream_main(void *arg)
-{
-    struct fx *fx = arg;
-    fx->upstream(fx);
-    atomic_fetch_add(&fx->threads_done, 1);
-    ev_async_send(fx->loop, &fx->wake_w);
-    return NULL;
-}
-
 /* Runs the loop until both scripts have finished and DONE has been called
  * EXPECT_DONE times (bounded), then joins the threads and asserts. */
-static void fx_run_for(struct fx *fx, party_fn client, party_fn upstream, int expect_done,
+static void fx_run_for(struct fx *fx, tl_party_fn client, tl_party_fn upstream, int expect_done,
                        double seconds)
 {
-    fx->client = client;
-    fx->upstream = upstream;
-    fx->nthreads = 1 + (upstream != NULL);
     fx->expect_done = expect_done;
-    atomic_store(&fx->threads_done, 0);
-    fx->guard_fired = false;
-    ev_timer_set(&fx->guard_w, seconds, 0.);
-    ev_timer_start(fx->loop, &fx->guard_w);
-    ev_prepare_start(fx->loop, &fx->cond_w);
-    assert_int_equal(pthread_create(&fx->cth, NULL, client_main, fx), 0);
-    if (upstream)
-        assert_int_equal(pthread_create(&fx->uth, NULL, upstream_main, fx), 0);
-    ev_run(fx->loop, 0);
-    ev_prepare_stop(fx->loop, &fx->cond_w);
-    ev_timer_stop(fx->loop, &fx->guard_w);
-    pthread_join(fx->cth, NULL);
-    if (upstream)
-        pthread_join(fx->uth, NULL);
-    if (fx->fail[0])
-        fail_msg("%s", fx->fail);
-    if (fx->guard_fired)
+    if (!tl_run(&fx->tl, client, upstream, calls_done, seconds))
         fail_msg("scenario did not finish within %.0f s (done %d of %d)", seconds, fx->ndone,
                  expect_done);
 }
 
-static void fx_run(struct fx *fx, party_fn client, party_fn upstream, int expect_done)
+static void fx_run(struct fx *fx, tl_party_fn client, tl_party_fn upstream, int expect_done)
 {
     fx_run_for(fx, client, upstream, expect_done, RUN_TIMEOUT_S);
 }
 
 /* ------------------------------------------------------ socket helpers */
-
-static void set_timeouts(int fd, int ms)
-{
-    struct timeval tv = { ms / 1000, (ms % 1000) * 1000 };
-    setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof tv);
-    setsockopt(fd, SOL_SOCKET, SO_SNDTIMEO, &tv, sizeof tv);
-}
-
-static bool send_all(int fd, const void *data, size_t n)
-{
-    const char *s = data;
-    while (n) {
-        ssize_t w = send(fd, s, n, MSG_NOSIGNAL);
-        if (w < 0 && errno == EINTR)
-            continue;
-        if (w <= 0)
-            return false;
-        s += w;
-        n -= (size_t)w;
-    }
-    return true;
-}
-
-static bool send_str(int fd, const char *s) { return send_all(fd, s, strlen(s)); }
 
 /* One HTTP/1.1 chunk. */
 static bool send_chunk(int fd, const char *s)
@@ -470,213 +304,9 @@ static const char *up_body(const char *req)
 
 /* ------------------------------------------------------------- client */
 
-struct cresp {
-    int status;
-    int nh;
-    char hn[32][64];
-    char hv[32][256];
-    char *body;                /* unless counting */
-    size_t body_len, body_cap;
-    bool counting;             /* check the pattern instead of keeping bytes */
-    size_t pattern_errors;
-    bool done;                 /* message complete */
-};
-
-struct cconn {
-    int fd;
-    llhttp_t p;
-    llhttp_settings_t s;
-    char buf[65536];
-    size_t off, len;
-    struct cresp *r;
-    bool head;                 /* the request was HEAD */
-    bool eof;
-};
-
-static char pattern_byte(size_t i) { return (char)('a' + i % 26); }
-
-static void strncat_piece(char *dst, size_t cap, const char *at, size_t n)
-{
-    size_t l = strlen(dst);
-    if (l + n >= cap)
-        n = cap - l - 1;
-    memcpy(dst + l, at, n);
-    dst[l + n] = '\0';
-}
-
-static int c_on_header_field(llhttp_t *p, const char *at, size_t n)
-{
-    struct cconn *cc = p->data;
-    if (cc->r->nh < 32)
-        strncat_piece(cc->r->hn[cc->r->nh], sizeof cc->r->hn[0], at, n);
-    return 0;
-}
-
-static int c_on_header_value(llhttp_t *p, const char *at, size_t n)
-{
-    struct cconn *cc = p->data;
-    if (cc->r->nh < 32)
-        strncat_piece(cc->r->hv[cc->r->nh], sizeof cc->r->hv[0], at, n);
-    return 0;
-}
-
-static int c_on_header_value_complete(llhttp_t *p)
-{
-    struct cconn *cc = p->data;
-    if (cc->r->nh < 32)
-        cc->r->nh++;
-    return 0;
-}
-
-static int c_on_headers_complete(llhttp_t *p)
-{
-    struct cconn *cc = p->data;
-    cc->r->status = p->status_code;
-    return cc->head ? 1 : 0;
-}
-
-static int c_on_body(llhttp_t *p, const char *at, size_t n)
-{
-    struct cconn *cc = p->data;
-    struct cresp *r = cc->r;
-    if (r->counting) {
-        for (size_t i = 0; i < n; i++)
-            if (at[i] != pattern_byte(r->body_len + i))
-                r->pattern_errors++;
-        r->body_len += n;
-        return 0;
-    }
-    if (r->body_cap - r->body_len < n + 1) {
-        size_t c = r->body_cap ? r->body_cap : 1024;
-        while (c - r->body_len < n + 1)
-            c *= 2;
-        char *b = realloc(r->body, c);
-        if (!b)
-            return -1;
-        r->body = b;
-        r->body_cap = c;
-    }
-    memcpy(r->body + r->body_len, at, n);
-    r->body_len += n;
-    r->body[r->body_len] = '\0';
-    return 0;
-}
-
-static int c_on_message_complete(llhttp_t *p)
-{
-    struct cconn *cc = p->data;
-    cc->r->done = true;
-    return HPE_PAUSED;
-}
-
 static int cli_connect(struct fx *fx, int timeout_ms, int rcvbuf)
 {
-    int fd = socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
-    if (fd < 0)
-        return -1;
-    set_timeouts(fd, timeout_ms);
-    if (rcvbuf)
-        setsockopt(fd, SOL_SOCKET, SO_RCVBUF, &rcvbuf, sizeof rcvbuf);
-    struct sockaddr_in sin = { .sin_family = AF_INET, .sin_port = htons((uint16_t)fx->srv_port) };
-    sin.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
-    if (connect(fd, (struct sockaddr *)&sin, sizeof sin) < 0) {
-        close(fd);
-        return -1;
-    }
-    return fd;
-}
-
-static void cc_init(struct cconn *cc, int fd)
-{
-    memset(cc, 0, sizeof *cc);
-    cc->fd = fd;
-    llhttp_settings_init(&cc->s);
-    cc->s.on_header_field = c_on_header_field;
-    cc->s.on_header_value = c_on_header_value;
-    cc->s.on_header_value_complete = c_on_header_value_complete;
-    cc->s.on_headers_complete = c_on_headers_complete;
-    cc->s.on_body = c_on_body;
-    cc->s.on_message_complete = c_on_message_complete;
-    llhttp_init(&cc->p, HTTP_RESPONSE, &cc->s);
-    cc->p.data = cc;
-}
-
-static void cresp_free(struct cresp *r)
-{
-    free(r->body);
-    memset(r, 0, sizeof *r);
-}
-
-/* Starts reading a new response into R (the previous one is complete). */
-static void cc_expect(struct cconn *cc, struct cresp *r, bool head)
-{
-    cresp_free(r);
-    cc->r = r;
-    cc->head = head;
-    llhttp_resume(&cc->p);
-}
-
-/* Reads until STOP(r, arg) holds, the response completes, EOF or timeout.
- * Returns false on a parse error. */
-static bool cc_read_until(struct cconn *cc, bool (*stop)(struct cresp *, const void *),
-                          const void *arg)
-{
-    struct cresp *r = cc->r;
-    for (;;) {
-        while (cc->off < cc->len && !r->done) {
-            llhttp_errno_t e = llhttp_execute(&cc->p, cc->buf + cc->off, cc->len - cc->off);
-            if (e == HPE_PAUSED) {
-                cc->off = (size_t)(llhttp_get_error_pos(&cc->p) - cc->buf);
-                break;
-            }
-            if (e != HPE_OK)
-                return false;
-            cc->off = cc->len;
-        }
-        if (cc->off == cc->len)
-            cc->off = cc->len = 0;
-        if (r->done || cc->eof || (stop && stop(r, arg)))
-            return true;
-        ssize_t n = recv(cc->fd, cc->buf + cc->len, sizeof cc->buf - cc->len, 0);
-        if (n < 0 && errno == EINTR)
-            continue;
-        if (n <= 0) {
-            cc->eof = true;
-            if (n == 0 && llhttp_finish(&cc->p) == HPE_PAUSED)
-                r->done = true;
-            return true;
-        }
-        cc->len += (size_t)n;
-    }
-}
-
-static bool body_has(struct cresp *r, const void *needle)
-{
-    return r->body && strstr(r->body, needle) != NULL;
-}
-
-static bool got_status(struct cresp *r, const void *arg)
-{
-    (void)arg;
-    return r->status != 0;
-}
-
-static bool cc_read_response(struct cconn *cc) { return cc_read_until(cc, NULL, NULL); }
-
-static int header_count(const struct cresp *r, const char *name)
-{
-    int n = 0;
-    for (int i = 0; i < r->nh; i++)
-        n += strcasecmp(r->hn[i], name) == 0;
-    return n;
-}
-
-static const char *header_get(const struct cresp *r, const char *name)
-{
-    for (int i = 0; i < r->nh; i++)
-        if (strcasecmp(r->hn[i], name) == 0)
-            return r->hv[i];
-    return NULL;
+    return tl_connect(fx->srv_port, timeout_ms, rcvbuf);
 }
 
 static bool post(int fd, const char *path, const char *body)
@@ -744,13 +374,13 @@ static void cli_json(struct fx *fx)
     CHECK(r.done);
     CHECK(r.status == 201);
     CHECK(r.body_len == sizeof JSON_BODY - 1 && memcmp(r.body, JSON_BODY, r.body_len) == 0);
-    CHECK(header_get(&r, "Content-Type") &&
-          strcmp(header_get(&r, "Content-Type"), "application/json; charset=utf-8") == 0);
-    CHECK(header_get(&r, "X-Custom") && strcmp(header_get(&r, "X-Custom"), "a  b") == 0);
+    CHECK(cresp_header(&r, "Content-Type") &&
+          strcmp(cresp_header(&r, "Content-Type"), "application/json; charset=utf-8") == 0);
+    CHECK(cresp_header(&r, "X-Custom") && strcmp(cresp_header(&r, "X-Custom"), "a  b") == 0);
     /* llama-server's own CORS answer is dropped: cors_origins decides. */
     CHECK(header_count(&r, "Access-Control-Allow-Origin") == 0);
-    CHECK(header_count(&r, "Server") == 1 && strcmp(header_get(&r, "Server"), "llama-pool") == 0);
-    CHECK(header_count(&r, "Content-Length") == 1 && atoi(header_get(&r, "Content-Length")) ==
+    CHECK(header_count(&r, "Server") == 1 && strcmp(cresp_header(&r, "Server"), "llama-pool") == 0);
+    CHECK(header_count(&r, "Content-Length") == 1 && atoi(cresp_header(&r, "Content-Length")) ==
                                                          (int)sizeof JSON_BODY - 1);
     CHECK(header_count(&r, "Keep-Alive") == 0);
     cresp_free(&r);
@@ -818,7 +448,7 @@ static void cli_big_and_chunked(struct fx *fx)
     sem_post(&fx->to_up);
     CHECK(r.done && r.status == 200);
     CHECK(r.body && strcmp(r.body, "[1,2,3]") == 0);
-    CHECK(header_get(&r, "Content-Type") && strcmp(header_get(&r, "Content-Type"), "application/json") == 0);
+    CHECK(cresp_header(&r, "Content-Type") && strcmp(cresp_header(&r, "Content-Type"), "application/json") == 0);
     cresp_free(&r);
     close(fd);
 }
@@ -876,9 +506,9 @@ static void cli_sse_lockstep(struct fx *fx)
     char all[512];
     snprintf(all, sizeof all, "%s%s%s", EVENTS[0], EVENTS[1], EVENTS[2]);
     CHECK(strcmp(r.body, all) == 0);
-    CHECK(header_get(&r, "Content-Type") && strcmp(header_get(&r, "Content-Type"), "text/event-stream") == 0);
-    CHECK(header_count(&r, "X-Accel-Buffering") == 1 && strcmp(header_get(&r, "X-Accel-Buffering"), "no") == 0);
-    CHECK(header_get(&r, "Transfer-Encoding") && strcmp(header_get(&r, "Transfer-Encoding"), "chunked") == 0);
+    CHECK(cresp_header(&r, "Content-Type") && strcmp(cresp_header(&r, "Content-Type"), "text/event-stream") == 0);
+    CHECK(header_count(&r, "X-Accel-Buffering") == 1 && strcmp(cresp_header(&r, "X-Accel-Buffering"), "no") == 0);
+    CHECK(cresp_header(&r, "Transfer-Encoding") && strcmp(cresp_header(&r, "Transfer-Encoding"), "chunked") == 0);
     cresp_free(&r);
     close(fd);
 }
@@ -1102,7 +732,7 @@ static void cli_expect_502(struct fx *fx)
     CHECK(cc_read_response(&cc));
     sem_post(&fx->to_up);
     CHECK(r.done && r.status == 502);
-    CHECK(header_get(&r, "Content-Type") && strcmp(header_get(&r, "Content-Type"), "application/json") == 0);
+    CHECK(cresp_header(&r, "Content-Type") && strcmp(cresp_header(&r, "Content-Type"), "application/json") == 0);
     CHECK(body_has(&r, "{\"error\":{\"message\":\"upstream "));
     CHECK(body_has(&r, " closed the connection before answering\""));
     CHECK(body_has(&r, "\"type\":\"server_error\",\"code\":502}}"));
@@ -1434,11 +1064,11 @@ static void cli_hop_headers(struct fx *fx)
     CHECK(header_count(&r, "Upgrade") == 0);
     CHECK(header_count(&r, "Proxy-Authenticate") == 0);
     CHECK(header_count(&r, "Bad Name") == 0);
-    CHECK(header_count(&r, "Server") == 1 && strcmp(header_get(&r, "Server"), "llama-pool") == 0);
-    CHECK(header_count(&r, "Date") == 1 && !strstr(header_get(&r, "Date"), "1970"));
-    CHECK(header_count(&r, "Connection") == 1 && strcmp(header_get(&r, "Connection"), "keep-alive") == 0);
-    CHECK(header_count(&r, "Content-Type") == 1 && strcmp(header_get(&r, "Content-Type"), "text/plain") == 0);
-    CHECK(header_get(&r, "X-Kept") && strcmp(header_get(&r, "X-Kept"), "yes") == 0);
+    CHECK(header_count(&r, "Server") == 1 && strcmp(cresp_header(&r, "Server"), "llama-pool") == 0);
+    CHECK(header_count(&r, "Date") == 1 && !strstr(cresp_header(&r, "Date"), "1970"));
+    CHECK(header_count(&r, "Connection") == 1 && strcmp(cresp_header(&r, "Connection"), "keep-alive") == 0);
+    CHECK(header_count(&r, "Content-Type") == 1 && strcmp(cresp_header(&r, "Content-Type"), "text/plain") == 0);
+    CHECK(cresp_header(&r, "X-Kept") && strcmp(cresp_header(&r, "X-Kept"), "yes") == 0);
     cresp_free(&r);
     close(fd);
 }
@@ -1739,8 +1369,8 @@ static void up_then_free(struct fx *fx)
     int fd = up_accept(fx, IO_TIMEOUT_MS);
     CHECK(fd >= 0);
     CHECK(up_read_request(fx, fd) == 0);
-    fx->act = free_proxy;
-    ev_async_send(fx->loop, &fx->act_w);
+    fx->tl.act = free_proxy;
+    tl_ask(&fx->tl);
     bool eof = wait_eof(fd, 1000);
     close(fd);
     sem_post(&fx->to_cli);
