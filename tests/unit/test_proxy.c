@@ -39,6 +39,18 @@
 
 /* ------------------------------------------------------------ fixture */
 
+/* What cli_ask, the one-request client, sends and expects back. */
+struct ask {
+    const char *path, *body;   /* POSTed; default /v1/chat/completions, {} */
+    int timeout_ms;            /* default IO_TIMEOUT_MS */
+    int status;
+    bool cut;                  /* the answer ends with the connection, incomplete */
+    const char *body_is;       /* the whole body, unless NULL */
+    const char *body_has[3];
+    const char *content_type;
+    const char *once;          /* a header that must come exactly once */
+};
+
 struct fx {
     struct tl_loop tl;
     struct http_server *srv;
@@ -62,6 +74,11 @@ struct fx {
 
     /* between the threads */
     sem_t to_up, to_cli;
+    struct ask ask;
+    char want[512];            /* a body_is made up at run time */
+
+    /* the client's observations */
+    double cli_elapsed;        /* cli_ask: from sending to the whole answer */
 
     /* upstream's observations */
     int accepts;
@@ -296,6 +313,29 @@ static int up_read_request(struct fx *fx, int fd)
     return fx->up_nreq++;
 }
 
+/* Accepts the first connection and reads the first request from it: the
+ * connection, or -1. */
+static int up_first(struct fx *fx)
+{
+    int fd = up_accept(fx, IO_TIMEOUT_MS);
+    if (fd >= 0 && up_read_request(fx, fd) != 0) {
+        close(fd);
+        return -1;
+    }
+    return fd;
+}
+
+/* Waits up to MS for the proxy to close FD (timed in fx->up_elapsed),
+ * then closes it; whether the proxy did. */
+static bool up_await_close(struct fx *fx, int fd, int ms)
+{
+    double t0 = now_s();
+    bool eof = wait_eof(fd, ms);
+    fx->up_elapsed = now_s() - t0;
+    close(fd);
+    return eof;
+}
+
 static const char *up_body(const char *req)
 {
     const char *b = strstr(req, "\r\n\r\n");
@@ -304,9 +344,19 @@ static const char *up_body(const char *req)
 
 /* ------------------------------------------------------------- client */
 
-static int cli_connect(struct fx *fx, int timeout_ms, int rcvbuf)
+/* A client connection to the server under test, ready for cc_expect. */
+static bool cli_open(struct fx *fx, struct cconn *cc, int timeout_ms, int rcvbuf)
 {
-    return tl_connect(fx->srv_port, timeout_ms, rcvbuf);
+    int fd = tl_connect(fx->srv_port, timeout_ms, rcvbuf);
+    if (fd >= 0)
+        cc_init(cc, fd);
+    return fd >= 0;
+}
+
+static void cli_close(struct cconn *cc, struct cresp *r)
+{
+    cresp_free(r);
+    close(cc->fd);
 }
 
 static bool post(int fd, const char *path, const char *body)
@@ -317,6 +367,59 @@ static bool post(int fd, const char *path, const char *body)
              "Content-Length: %zu\r\n\r\n",
              path, strlen(body));
     return send_str(fd, head) && send_str(fd, body);
+}
+
+/* POSTs BODY to PATH; its answer is to be read into R. */
+static bool cli_post_start(struct cconn *cc, struct cresp *r, const char *path, const char *body)
+{
+    cc_expect(cc, r, false);
+    return post(cc->fd, path, body);
+}
+
+/* POSTs BODY to PATH and reads the answer into R: whole, or as much as
+ * came before the server closed. */
+static bool cli_post(struct cconn *cc, struct cresp *r, const char *path, const char *body)
+{
+    return cli_post_start(cc, r, path, body) && cc_read_response(cc);
+}
+
+/* R is complete, with STATUS and, unless NULL, exactly BODY. */
+static bool answered(const struct cresp *r, int status, const char *body)
+{
+    return r->done && r->status == status && (!body || (r->body && strcmp(r->body, body) == 0));
+}
+
+/* One request, its answer checked against fx->ask; the upstream learns
+ * through to_up that the client has it. */
+static void cli_ask(struct fx *fx)
+{
+    const struct ask *a = &fx->ask;
+    struct cconn cc;
+    struct cresp r = { 0 };
+    CHECK(cli_open(fx, &cc, a->timeout_ms ? a->timeout_ms : IO_TIMEOUT_MS, 0));
+    double t0 = now_s();
+    bool ok = cli_post(&cc, &r, a->path ? a->path : "/v1/chat/completions", a->body ? a->body : "{}");
+    fx->cli_elapsed = now_s() - t0;
+    sem_post(&fx->to_up);
+    CHECK(ok);
+    CHECK(a->cut ? cc.eof && !r.done : r.done);
+    CHECK(r.status == a->status);
+    CHECK(!a->body_is || (r.body && strcmp(r.body, a->body_is) == 0));
+    for (int i = 0; i < 3 && a->body_has[i]; i++)
+        CHECK(body_has(&r, a->body_has[i]));
+    CHECK(!a->content_type || header_is(&r, "Content-Type", a->content_type));
+    CHECK(!a->once || header_count(&r, a->once) == 1);
+    cli_close(&cc, &r);
+}
+
+/* The event the proxy ends a cut stream with, after BEFORE, in fx->want. */
+static const char *sse_error_after(struct fx *fx, const char *before)
+{
+    snprintf(fx->want, sizeof fx->want,
+             "%sdata: {\"error\":{\"code\":502,\"message\":\"upstream %u closed the "
+             "connection mid-response\",\"type\":\"server_error\"}}\n\n",
+             before, fx->up_port);
+    return fx->want;
 }
 
 /* Headers of a JSON answer with a Content-Length. */
@@ -345,9 +448,8 @@ static const char JSON_BODY[] =
 
 static void up_json(struct fx *fx)
 {
-    int fd = up_accept(fx, IO_TIMEOUT_MS);
+    int fd = up_first(fx);
     CHECK(fd >= 0);
-    CHECK(up_read_request(fx, fd) == 0);
     char head[512];
     snprintf(head, sizeof head,
              "HTTP/1.1 201 Created\r\nServer: llama.cpp\r\nAccess-Control-Allow-Origin: \r\n"
@@ -364,27 +466,21 @@ static void cli_json(struct fx *fx)
 {
     struct cconn cc;
     struct cresp r = { 0 };
-    int fd = cli_connect(fx, IO_TIMEOUT_MS, 0);
-    CHECK(fd >= 0);
-    cc_init(&cc, fd);
-    cc_expect(&cc, &r, false);
-    CHECK(post(fd, "/v1/chat/completions", "{\"messages\":[]}"));
-    CHECK(cc_read_response(&cc));
+    CHECK(cli_open(fx, &cc, IO_TIMEOUT_MS, 0));
+    CHECK(cli_post(&cc, &r, "/v1/chat/completions", "{\"messages\":[]}"));
     sem_post(&fx->to_up);
     CHECK(r.done);
     CHECK(r.status == 201);
     CHECK(r.body_len == sizeof JSON_BODY - 1 && memcmp(r.body, JSON_BODY, r.body_len) == 0);
-    CHECK(cresp_header(&r, "Content-Type") &&
-          strcmp(cresp_header(&r, "Content-Type"), "application/json; charset=utf-8") == 0);
-    CHECK(cresp_header(&r, "X-Custom") && strcmp(cresp_header(&r, "X-Custom"), "a  b") == 0);
+    CHECK(header_is(&r, "Content-Type", "application/json; charset=utf-8"));
+    CHECK(header_is(&r, "X-Custom", "a  b"));
     /* llama-server's own CORS answer is dropped: cors_origins decides. */
     CHECK(header_count(&r, "Access-Control-Allow-Origin") == 0);
-    CHECK(header_count(&r, "Server") == 1 && strcmp(cresp_header(&r, "Server"), "llama-pool") == 0);
+    CHECK(header_count(&r, "Server") == 1 && header_is(&r, "Server", "llama-pool"));
     CHECK(header_count(&r, "Content-Length") == 1 && atoi(cresp_header(&r, "Content-Length")) ==
                                                          (int)sizeof JSON_BODY - 1);
     CHECK(header_count(&r, "Keep-Alive") == 0);
-    cresp_free(&r);
-    close(fd);
+    cli_close(&cc, &r);
 }
 
 
@@ -406,9 +502,8 @@ static void test_json_answer_relayed_byte_identical(void **state)
 
 static void up_big_and_chunked(struct fx *fx)
 {
-    int fd = up_accept(fx, IO_TIMEOUT_MS);
+    int fd = up_first(fx);
     CHECK(fd >= 0);
-    CHECK(up_read_request(fx, fd) == 0);
     char *big = malloc(BIG_LEN);
     CHECK(big);
     for (size_t i = 0; i < BIG_LEN; i++)
@@ -433,24 +528,17 @@ static void cli_big_and_chunked(struct fx *fx)
 {
     struct cconn cc;
     struct cresp r = { 0 };
-    int fd = cli_connect(fx, IO_TIMEOUT_MS, 0);
-    CHECK(fd >= 0);
-    cc_init(&cc, fd);
-    cc_expect(&cc, &r, false);
-    r.counting = true;
-    CHECK(post(fd, "/completion", "{}"));
+    CHECK(cli_open(fx, &cc, IO_TIMEOUT_MS, 0));
+    CHECK(cli_post_start(&cc, &r, "/completion", "{}"));
+    r.counting = true; /* before any byte of the body is read */
     CHECK(cc_read_response(&cc));
     CHECK(r.done && r.status == 200);
     CHECK(r.body_len == BIG_LEN && r.pattern_errors == 0);
-    cc_expect(&cc, &r, false);
-    CHECK(post(fd, "/completion", "{}"));
-    CHECK(cc_read_response(&cc));
+    CHECK(cli_post(&cc, &r, "/completion", "{}"));
     sem_post(&fx->to_up);
-    CHECK(r.done && r.status == 200);
-    CHECK(r.body && strcmp(r.body, "[1,2,3]") == 0);
-    CHECK(cresp_header(&r, "Content-Type") && strcmp(cresp_header(&r, "Content-Type"), "application/json") == 0);
-    cresp_free(&r);
-    close(fd);
+    CHECK(answered(&r, 200, "[1,2,3]"));
+    CHECK(header_is(&r, "Content-Type", "application/json"));
+    cli_close(&cc, &r);
 }
 
 static void test_large_and_chunked_bodies_relayed_intact(void **state)
@@ -472,9 +560,8 @@ static const char *const EVENTS[3] = {
 
 static void up_sse_lockstep(struct fx *fx)
 {
-    int fd = up_accept(fx, IO_TIMEOUT_MS);
+    int fd = up_first(fx);
     CHECK(fd >= 0);
-    CHECK(up_read_request(fx, fd) == 0);
     CHECK(send_str(fd, SSE_HEAD));
     for (int i = 0; i < 3; i++) {
         CHECK(send_chunk(fd, EVENTS[i]));
@@ -489,11 +576,8 @@ static void cli_sse_lockstep(struct fx *fx)
 {
     struct cconn cc;
     struct cresp r = { 0 };
-    int fd = cli_connect(fx, IO_TIMEOUT_MS, 0);
-    CHECK(fd >= 0);
-    cc_init(&cc, fd);
-    cc_expect(&cc, &r, false);
-    CHECK(post(fd, "/v1/chat/completions", "{\"stream\":true}"));
+    CHECK(cli_open(fx, &cc, IO_TIMEOUT_MS, 0));
+    CHECK(cli_post_start(&cc, &r, "/v1/chat/completions", "{\"stream\":true}"));
     for (int i = 0; i < 3; i++) {
         CHECK(cc_read_until(&cc, body_has, EVENTS[i]));
         CHECK(body_has(&r, EVENTS[i]));
@@ -502,15 +586,13 @@ static void cli_sse_lockstep(struct fx *fx)
     }
     CHECK(cc_read_response(&cc));
     sem_post(&fx->to_up);
-    CHECK(r.done && r.status == 200);
     char all[512];
     snprintf(all, sizeof all, "%s%s%s", EVENTS[0], EVENTS[1], EVENTS[2]);
-    CHECK(strcmp(r.body, all) == 0);
-    CHECK(cresp_header(&r, "Content-Type") && strcmp(cresp_header(&r, "Content-Type"), "text/event-stream") == 0);
-    CHECK(header_count(&r, "X-Accel-Buffering") == 1 && strcmp(cresp_header(&r, "X-Accel-Buffering"), "no") == 0);
-    CHECK(cresp_header(&r, "Transfer-Encoding") && strcmp(cresp_header(&r, "Transfer-Encoding"), "chunked") == 0);
-    cresp_free(&r);
-    close(fd);
+    CHECK(answered(&r, 200, all));
+    CHECK(header_is(&r, "Content-Type", "text/event-stream"));
+    CHECK(header_count(&r, "X-Accel-Buffering") == 1 && header_is(&r, "X-Accel-Buffering", "no"));
+    CHECK(header_is(&r, "Transfer-Encoding", "chunked"));
+    cli_close(&cc, &r);
 }
 
 static void test_sse_relayed_event_by_event(void **state)
@@ -522,9 +604,8 @@ static void test_sse_relayed_event_by_event(void **state)
 
 static void up_sse_with_accel(struct fx *fx)
 {
-    int fd = up_accept(fx, IO_TIMEOUT_MS);
+    int fd = up_first(fx);
     CHECK(fd >= 0);
-    CHECK(up_read_request(fx, fd) == 0);
     CHECK(send_str(fd, "HTTP/1.1 200 OK\r\nServer: llama.cpp\r\nContent-Type: text/event-stream\r\n"
                        "X-Accel-Buffering: no\r\nTransfer-Encoding: chunked\r\n\r\n"));
     CHECK(send_chunk(fd, EVENTS[2]) && send_str(fd, "0\r\n\r\n"));
@@ -532,27 +613,12 @@ static void up_sse_with_accel(struct fx *fx)
     close(fd);
 }
 
-static void cli_sse_with_accel(struct fx *fx)
-{
-    struct cconn cc;
-    struct cresp r = { 0 };
-    int fd = cli_connect(fx, IO_TIMEOUT_MS, 0);
-    CHECK(fd >= 0);
-    cc_init(&cc, fd);
-    cc_expect(&cc, &r, false);
-    CHECK(post(fd, "/v1/chat/completions", "{\"stream\":true}"));
-    CHECK(cc_read_response(&cc));
-    sem_post(&fx->to_up);
-    CHECK(r.done && r.status == 200 && r.body && strcmp(r.body, EVENTS[2]) == 0);
-    CHECK(header_count(&r, "X-Accel-Buffering") == 1);
-    cresp_free(&r);
-    close(fd);
-}
-
 static void test_sse_accel_header_not_duplicated(void **state)
 {
     struct fx *fx = fx_of(state);
-    fx_run(fx, cli_sse_with_accel, up_sse_with_accel, 1);
+    fx->ask = (struct ask){ .body = "{\"stream\":true}", .status = 200, .body_is = EVENTS[2],
+                            .once = "X-Accel-Buffering" };
+    fx_run(fx, cli_ask, up_sse_with_accel, 1);
     assert_int_equal(fx->outcome[0], PROXY_OK);
 }
 
@@ -560,9 +626,8 @@ static void test_sse_accel_header_not_duplicated(void **state)
 
 static void up_two_on_one(struct fx *fx)
 {
-    int fd = up_accept(fx, IO_TIMEOUT_MS);
+    int fd = up_first(fx);
     CHECK(fd >= 0);
-    CHECK(up_read_request(fx, fd) == 0);
     CHECK(up_send_json(fd, 200, "{\"n\":0}"));
     CHECK(up_read_request(fx, fd) == 1); /* times out if the proxy opened another */
     CHECK(up_send_json(fd, 200, "{\"n\":1}"));
@@ -577,16 +642,11 @@ static void cli_two_clients(struct fx *fx)
         struct cconn cc;
         struct cresp r = { 0 };
         char want[16];
-        int fd = cli_connect(fx, IO_TIMEOUT_MS, 0);
-        CHECK(fd >= 0);
-        cc_init(&cc, fd);
-        cc_expect(&cc, &r, false);
-        CHECK(post(fd, "/v1/completions", "{}"));
-        CHECK(cc_read_response(&cc));
+        CHECK(cli_open(fx, &cc, IO_TIMEOUT_MS, 0));
+        CHECK(cli_post(&cc, &r, "/v1/completions", "{}"));
         snprintf(want, sizeof want, "{\"n\":%d}", i);
-        CHECK(r.done && r.status == 200 && r.body && strcmp(r.body, want) == 0);
-        cresp_free(&r);
-        close(fd);
+        CHECK(answered(&r, 200, want));
+        cli_close(&cc, &r);
     }
     sem_post(&fx->to_up);
 }
@@ -606,9 +666,8 @@ static bool stale_reset;
 
 static void up_stale(struct fx *fx)
 {
-    int fd = up_accept(fx, IO_TIMEOUT_MS);
+    int fd = up_first(fx);
     CHECK(fd >= 0);
-    CHECK(up_read_request(fx, fd) == 0);
     CHECK(up_send_json(fd, 200, "{\"n\":0}"));
     CHECK(up_read_request(fx, fd) == 1); /* arrives on the kept connection ... */
     if (stale_reset)
@@ -628,21 +687,16 @@ static void cli_two_requests(struct fx *fx)
 {
     struct cconn cc;
     struct cresp r = { 0 };
-    int fd = cli_connect(fx, IO_TIMEOUT_MS, 0);
-    CHECK(fd >= 0);
-    cc_init(&cc, fd);
+    CHECK(cli_open(fx, &cc, IO_TIMEOUT_MS, 0));
     for (int i = 0; i < 2; i++) {
         char body[32], want[32];
         snprintf(body, sizeof body, "{\"a\":%d}", i);
         snprintf(want, sizeof want, "{\"n\":%d}", i);
-        cc_expect(&cc, &r, false);
-        CHECK(post(fd, "/v1/chat/completions", body));
-        CHECK(cc_read_response(&cc));
-        CHECK(r.done && r.status == 200 && r.body && strcmp(r.body, want) == 0);
+        CHECK(cli_post(&cc, &r, "/v1/chat/completions", body));
+        CHECK(answered(&r, 200, want));
     }
     sem_post(&fx->to_up);
-    cresp_free(&r);
-    close(fd);
+    cli_close(&cc, &r);
 }
 
 static void test_stale_reused_connection_closed_is_retried(void **state)
@@ -668,9 +722,8 @@ static void test_stale_reused_connection_reset_is_retried(void **state)
 
 static void up_reused_then_partial(struct fx *fx)
 {
-    int fd = up_accept(fx, IO_TIMEOUT_MS);
+    int fd = up_first(fx);
     CHECK(fd >= 0);
-    CHECK(up_read_request(fx, fd) == 0);
     CHECK(up_send_json(fd, 200, "{\"n\":0}"));
     CHECK(up_read_request(fx, fd) == 1);
     CHECK(send_str(fd, "HTTP/1.1 200 OK\r\nContent-"));
@@ -683,21 +736,14 @@ static void cli_ok_then_502(struct fx *fx)
 {
     struct cconn cc;
     struct cresp r = { 0 };
-    int fd = cli_connect(fx, IO_TIMEOUT_MS, 0);
-    CHECK(fd >= 0);
-    cc_init(&cc, fd);
-    cc_expect(&cc, &r, false);
-    CHECK(post(fd, "/v1/completions", "{}"));
-    CHECK(cc_read_response(&cc));
+    CHECK(cli_open(fx, &cc, IO_TIMEOUT_MS, 0));
+    CHECK(cli_post(&cc, &r, "/v1/completions", "{}"));
     CHECK(r.done && r.status == 200);
-    cc_expect(&cc, &r, false);
-    CHECK(post(fd, "/v1/completions", "{}"));
-    CHECK(cc_read_response(&cc));
+    CHECK(cli_post(&cc, &r, "/v1/completions", "{}"));
     sem_post(&fx->to_up);
     CHECK(r.done && r.status == 502);
     CHECK(body_has(&r, "in the response headers"));
-    cresp_free(&r);
-    close(fd);
+    cli_close(&cc, &r);
 }
 
 static void test_reused_connection_cut_after_first_byte_not_retried(void **state)
@@ -712,38 +758,21 @@ static void test_reused_connection_cut_after_first_byte_not_retried(void **state
 
 static void up_close_unanswered(struct fx *fx)
 {
-    int fd = up_accept(fx, IO_TIMEOUT_MS);
+    int fd = up_first(fx);
     CHECK(fd >= 0);
-    CHECK(up_read_request(fx, fd) == 0);
     close(fd);
     CHECK(wait_sem(&fx->to_up, 2));
     CHECK(!up_pending(fx)); /* a fresh connection is never retried */
 }
 
-static void cli_expect_502(struct fx *fx)
-{
-    struct cconn cc;
-    struct cresp r = { 0 };
-    int fd = cli_connect(fx, IO_TIMEOUT_MS, 0);
-    CHECK(fd >= 0);
-    cc_init(&cc, fd);
-    cc_expect(&cc, &r, false);
-    CHECK(post(fd, "/v1/chat/completions", "{}"));
-    CHECK(cc_read_response(&cc));
-    sem_post(&fx->to_up);
-    CHECK(r.done && r.status == 502);
-    CHECK(cresp_header(&r, "Content-Type") && strcmp(cresp_header(&r, "Content-Type"), "application/json") == 0);
-    CHECK(body_has(&r, "{\"error\":{\"message\":\"upstream "));
-    CHECK(body_has(&r, " closed the connection before answering\""));
-    CHECK(body_has(&r, "\"type\":\"server_error\",\"code\":502}}"));
-    cresp_free(&r);
-    close(fd);
-}
-
 static void test_upstream_closes_before_answering_gives_502(void **state)
 {
     struct fx *fx = fx_of(state);
-    fx_run(fx, cli_expect_502, up_close_unanswered, 1);
+    fx->ask = (struct ask){ .status = 502, .content_type = "application/json",
+                            .body_has = { "{\"error\":{\"message\":\"upstream ",
+                                          " closed the connection before answering\"",
+                                          "\"type\":\"server_error\",\"code\":502}}" } };
+    fx_run(fx, cli_ask, up_close_unanswered, 1);
     assert_int_equal(fx->outcome[0], PROXY_UPSTREAM_ERROR);
     assert_int_equal(fx->accepts, 1);
 }
@@ -754,77 +783,40 @@ static const char PARTIAL[] = "data: {\"i\":1,\"delta\":";
 
 static void up_sse_dies(struct fx *fx)
 {
-    int fd = up_accept(fx, IO_TIMEOUT_MS);
+    int fd = up_first(fx);
     CHECK(fd >= 0);
-    CHECK(up_read_request(fx, fd) == 0);
     CHECK(send_str(fd, SSE_HEAD));
     CHECK(send_chunk(fd, EVENTS[0]));
     CHECK(send_chunk(fd, PARTIAL));
     close(fd);
 }
 
-static void cli_sse_cut(struct fx *fx)
-{
-    struct cconn cc;
-    struct cresp r = { 0 };
-    char want[512];
-    int fd = cli_connect(fx, IO_TIMEOUT_MS, 0);
-    CHECK(fd >= 0);
-    cc_init(&cc, fd);
-    cc_expect(&cc, &r, false);
-    CHECK(post(fd, "/v1/chat/completions", "{\"stream\":true}"));
-    CHECK(cc_read_response(&cc));
-    CHECK(r.done && r.status == 200); /* the stream ended properly ... */
-    snprintf(want, sizeof want,
-             "%s%s\n\ndata: {\"error\":{\"code\":502,\"message\":\"upstream %u closed the "
-             "connection mid-response\",\"type\":\"server_error\"}}\n\n",
-             EVENTS[0], PARTIAL, fx->up_port);
-    CHECK(r.body && strcmp(r.body, want) == 0); /* ... with the error as its last event */
-    cresp_free(&r);
-    close(fd);
-}
-
 static void test_upstream_dies_mid_stream_sends_sse_error(void **state)
 {
     struct fx *fx = fx_of(state);
-    fx_run(fx, cli_sse_cut, up_sse_dies, 1);
+    char before[256];
+    snprintf(before, sizeof before, "%s%s\n\n", EVENTS[0], PARTIAL);
+    /* the stream ends properly, with the error as its last event */
+    fx->ask = (struct ask){ .body = "{\"stream\":true}", .status = 200,
+                            .body_is = sse_error_after(fx, before) };
+    fx_run(fx, cli_ask, up_sse_dies, 1);
     assert_int_equal(fx->outcome[0], PROXY_UPSTREAM_CUT);
 }
 
 static void up_sse_dies_at_once(struct fx *fx)
 {
-    int fd = up_accept(fx, IO_TIMEOUT_MS);
+    int fd = up_first(fx);
     CHECK(fd >= 0);
-    CHECK(up_read_request(fx, fd) == 0);
     CHECK(send_str(fd, SSE_HEAD));
-    close(fd);
-}
-
-static void cli_sse_only_error(struct fx *fx)
-{
-    struct cconn cc;
-    struct cresp r = { 0 };
-    char want[512];
-    int fd = cli_connect(fx, IO_TIMEOUT_MS, 0);
-    CHECK(fd >= 0);
-    cc_init(&cc, fd);
-    cc_expect(&cc, &r, false);
-    CHECK(post(fd, "/v1/chat/completions", "{\"stream\":true}"));
-    CHECK(cc_read_response(&cc));
-    CHECK(r.done && r.status == 200);
-    snprintf(want, sizeof want,
-             "data: {\"error\":{\"code\":502,\"message\":\"upstream %u closed the "
-             "connection mid-response\",\"type\":\"server_error\"}}\n\n",
-             fx->up_port);
-    CHECK(r.body && strcmp(r.body, want) == 0);
-    cresp_free(&r);
     close(fd);
 }
 
 static void test_upstream_dies_before_first_event_sends_only_the_error(void **state)
 {
     struct fx *fx = fx_of(state);
-    fx_run(fx, cli_sse_only_error, up_sse_dies_at_once, 1);
+    fx->ask = (struct ask){ .body = "{\"stream\":true}", .status = 200,
+                            .body_is = sse_error_after(fx, "") };
+    fx_run(fx, cli_ask, up_sse_dies_at_once, 1);
     assert_int_equal(fx->outcome[0], PROXY_UPSTREAM_CUT);
 }
 
@@ -832,69 +824,38 @@ static void test_upstream_dies_before_first_event_sends_only_the_error(void **st
 
 static void up_json_dies(struct fx *fx)
 {
-    int fd = up_accept(fx, IO_TIMEOUT_MS);
+    int fd = up_first(fx);
     CHECK(fd >= 0);
-    CHECK(up_read_request(fx, fd) == 0);
     CHECK(send_str(fd, "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n"
                        "Transfer-Encoding: chunked\r\n\r\n"));
     CHECK(send_chunk(fd, "{\"a\":"));
     close(fd);
 }
 
-static void cli_json_cut(struct fx *fx)
-{
-    struct cconn cc;
-    struct cresp r = { 0 };
-    int fd = cli_connect(fx, IO_TIMEOUT_MS, 0);
-    CHECK(fd >= 0);
-    cc_init(&cc, fd);
-    cc_expect(&cc, &r, false);
-    CHECK(post(fd, "/v1/embeddings", "{}"));
-    CHECK(cc_read_response(&cc));
-    CHECK(r.status == 200 && r.body && strcmp(r.body, "{\"a\":") == 0);
-    CHECK(cc.eof && !r.done); /* closed without the last chunk */
-    cresp_free(&r);
-    close(fd);
-}
-
 static void test_upstream_dies_mid_body_cuts_client(void **state)
 {
     struct fx *fx = fx_of(state);
-    fx_run(fx, cli_json_cut, up_json_dies, 1);
+    /* closed without the last chunk */
+    fx->ask = (struct ask){ .path = "/v1/embeddings", .status = 200, .cut = true, .body_is = "{\"a\":" };
+    fx_run(fx, cli_ask, up_json_dies, 1);
     assert_int_equal(fx->outcome[0], PROXY_UPSTREAM_CUT);
 }
 
 static void up_whole_dies(struct fx *fx)
 {
-    int fd = up_accept(fx, IO_TIMEOUT_MS);
+    int fd = up_first(fx);
     CHECK(fd >= 0);
-    CHECK(up_read_request(fx, fd) == 0);
     CHECK(send_str(fd, "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n"
                        "Content-Length: 100\r\n\r\n{\"a\":"));
     close(fd);
     CHECK(wait_sem(&fx->to_up, 2));
 }
 
-static void cli_whole_cut(struct fx *fx)
-{
-    struct cconn cc;
-    struct cresp r = { 0 };
-    int fd = cli_connect(fx, IO_TIMEOUT_MS, 0);
-    CHECK(fd >= 0);
-    cc_init(&cc, fd);
-    cc_expect(&cc, &r, false);
-    CHECK(post(fd, "/v1/embeddings", "{}"));
-    CHECK(cc_read_response(&cc));
-    sem_post(&fx->to_up);
-    CHECK(r.done && r.status == 502 && body_has(&r, "mid-response"));
-    cresp_free(&r);
-    close(fd);
-}
-
 static void test_small_answer_cut_before_relay_gives_502(void **state)
 {
     struct fx *fx = fx_of(state);
-    fx_run(fx, cli_whole_cut, up_whole_dies, 1);
+    fx->ask = (struct ask){ .path = "/v1/embeddings", .status = 502, .body_has = { "mid-response" } };
+    fx_run(fx, cli_ask, up_whole_dies, 1);
     assert_int_equal(fx->outcome[0], PROXY_UPSTREAM_ERROR);
 }
 
@@ -902,30 +863,22 @@ static void test_small_answer_cut_before_relay_gives_502(void **state)
 
 static void up_sse_watch_eof(struct fx *fx)
 {
-    int fd = up_accept(fx, IO_TIMEOUT_MS);
+    int fd = up_first(fx);
     CHECK(fd >= 0);
-    CHECK(up_read_request(fx, fd) == 0);
     CHECK(send_str(fd, SSE_HEAD));
     CHECK(send_chunk(fd, EVENTS[0]));
-    double t0 = now_s();
-    bool eof = wait_eof(fd, 1000);
-    fx->up_elapsed = now_s() - t0;
-    close(fd);
-    CHECK(eof);
+    CHECK(up_await_close(fx, fd, 1000));
 }
 
 static void cli_leave_mid_stream(struct fx *fx)
 {
     struct cconn cc;
     struct cresp r = { 0 };
-    int fd = cli_connect(fx, IO_TIMEOUT_MS, 0);
-    CHECK(fd >= 0);
-    cc_init(&cc, fd);
-    cc_expect(&cc, &r, false);
-    CHECK(post(fd, "/v1/chat/completions", "{\"stream\":true}"));
+    CHECK(cli_open(fx, &cc, IO_TIMEOUT_MS, 0));
+    CHECK(cli_post_start(&cc, &r, "/v1/chat/completions", "{\"stream\":true}"));
     CHECK(cc_read_until(&cc, body_has, EVENTS[0]));
     CHECK(body_has(&r, EVENTS[0]));
-    close(fd);
+    close(cc.fd);
     cresp_free(&r);
 }
 
@@ -944,9 +897,8 @@ static void test_client_disconnect_closes_upstream(void **state)
 
 static void up_flood(struct fx *fx)
 {
-    int fd = up_accept(fx, IO_TIMEOUT_MS);
+    int fd = up_first(fx);
     CHECK(fd >= 0);
-    CHECK(up_read_request(fx, fd) == 0);
     int sndbuf = 64 * 1024;
     setsockopt(fd, SOL_SOCKET, SO_SNDBUF, &sndbuf, sizeof sndbuf);
     char head[256], *buf = malloc(BP_CHUNK);
@@ -997,18 +949,15 @@ static void cli_slow_reader(struct fx *fx)
 {
     struct cconn cc;
     struct cresp r = { 0 };
-    int fd = cli_connect(fx, 5000, 16 * 1024);
-    CHECK(fd >= 0);
-    cc_init(&cc, fd);
-    cc_expect(&cc, &r, false);
-    r.counting = true;
-    CHECK(post(fd, "/completion", "{}"));
+    CHECK(cli_open(fx, &cc, 5000, 16 * 1024));
+    CHECK(cli_post_start(&cc, &r, "/completion", "{}"));
+    r.counting = true; /* before any byte of the body is read */
     CHECK(cc_read_until(&cc, got_status, NULL));
     CHECK(r.status == 200);
     bool stalled = wait_sem(&fx->to_cli, 10); /* not reading until the upstream is stuck */
     CHECK(cc_read_response(&cc));
     sem_post(&fx->to_up);
-    close(fd);
+    close(cc.fd);
     CHECK(stalled);
     CHECK(r.done && r.body_len == BP_TOTAL && r.pattern_errors == 0);
 }
@@ -1028,9 +977,8 @@ static void test_backpressure_pauses_upstream_reads(void **state)
 
 static void up_check_headers(struct fx *fx)
 {
-    int fd = up_accept(fx, IO_TIMEOUT_MS);
+    int fd = up_first(fx);
     CHECK(fd >= 0);
-    CHECK(up_read_request(fx, fd) == 0);
     CHECK(send_str(fd, "HTTP/1.1 200 OK\r\nConnection: keep-alive, X-Resp-Hop\r\nX-Resp-Hop: 1\r\n"
                        "Keep-Alive: timeout=5\r\nServer: llama.cpp\r\nDate: Thu, 01 Jan 1970 00:00:00 GMT\r\n"
                        "Trailer: X-T\r\nUpgrade: foo\r\nProxy-Authenticate: Basic\r\n"
@@ -1044,11 +992,9 @@ static void cli_hop_headers(struct fx *fx)
 {
     struct cconn cc;
     struct cresp r = { 0 };
-    int fd = cli_connect(fx, IO_TIMEOUT_MS, 0);
-    CHECK(fd >= 0);
-    cc_init(&cc, fd);
+    CHECK(cli_open(fx, &cc, IO_TIMEOUT_MS, 0));
     cc_expect(&cc, &r, false);
-    CHECK(send_str(fd, "POST /v1/x?y=1 HTTP/1.1\r\nHost: example.com\r\n"
+    CHECK(send_str(cc.fd, "POST /v1/x?y=1 HTTP/1.1\r\nHost: example.com\r\n"
                        "Connection: keep-alive, X-Hop\r\nX-Hop: secret\r\nKeep-Alive: timeout=5\r\n"
                        "Proxy-Connection: keep-alive\r\nProxy-Authorization: Basic eA==\r\n"
                        "TE: trailers\r\nUpgrade: h2c\r\nBad Name: x\r\n"
@@ -1057,20 +1003,19 @@ static void cli_hop_headers(struct fx *fx)
                        "3\r\nhel\r\n2\r\nlo\r\n0\r\n\r\n"));
     CHECK(cc_read_response(&cc));
     sem_post(&fx->to_up);
-    CHECK(r.done && r.status == 200 && r.body && strcmp(r.body, "ok") == 0);
+    CHECK(answered(&r, 200, "ok"));
     CHECK(header_count(&r, "X-Resp-Hop") == 0);
     CHECK(header_count(&r, "Keep-Alive") == 0);
     CHECK(header_count(&r, "Trailer") == 0);
     CHECK(header_count(&r, "Upgrade") == 0);
     CHECK(header_count(&r, "Proxy-Authenticate") == 0);
     CHECK(header_count(&r, "Bad Name") == 0);
-    CHECK(header_count(&r, "Server") == 1 && strcmp(cresp_header(&r, "Server"), "llama-pool") == 0);
+    CHECK(header_count(&r, "Server") == 1 && header_is(&r, "Server", "llama-pool"));
     CHECK(header_count(&r, "Date") == 1 && !strstr(cresp_header(&r, "Date"), "1970"));
-    CHECK(header_count(&r, "Connection") == 1 && strcmp(cresp_header(&r, "Connection"), "keep-alive") == 0);
-    CHECK(header_count(&r, "Content-Type") == 1 && strcmp(cresp_header(&r, "Content-Type"), "text/plain") == 0);
-    CHECK(cresp_header(&r, "X-Kept") && strcmp(cresp_header(&r, "X-Kept"), "yes") == 0);
-    cresp_free(&r);
-    close(fd);
+    CHECK(header_count(&r, "Connection") == 1 && header_is(&r, "Connection", "keep-alive"));
+    CHECK(header_count(&r, "Content-Type") == 1 && header_is(&r, "Content-Type", "text/plain"));
+    CHECK(header_is(&r, "X-Kept", "yes"));
+    cli_close(&cc, &r);
 }
 
 static bool has_line(const char *head, const char *line)
@@ -1117,9 +1062,8 @@ static void test_hop_by_hop_dropped_and_host_rewritten(void **state)
 
 static void up_head_then_get(struct fx *fx)
 {
-    int fd = up_accept(fx, IO_TIMEOUT_MS);
+    int fd = up_first(fx);
     CHECK(fd >= 0);
-    CHECK(up_read_request(fx, fd) == 0);
     CHECK(strncmp(fx->up_req[0], "HEAD /health HTTP/1.1\r\n", 23) == 0);
     CHECK(send_str(fd, "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 15\r\n\r\n"));
     CHECK(up_read_request(fx, fd) == 1);
@@ -1132,20 +1076,17 @@ static void cli_head_then_get(struct fx *fx)
 {
     struct cconn cc;
     struct cresp r = { 0 };
-    int fd = cli_connect(fx, IO_TIMEOUT_MS, 0);
-    CHECK(fd >= 0);
-    cc_init(&cc, fd);
+    CHECK(cli_open(fx, &cc, IO_TIMEOUT_MS, 0));
     cc_expect(&cc, &r, true);
-    CHECK(send_str(fd, "HEAD /health HTTP/1.1\r\nHost: x\r\n\r\n"));
+    CHECK(send_str(cc.fd, "HEAD /health HTTP/1.1\r\nHost: x\r\n\r\n"));
     CHECK(cc_read_response(&cc));
     CHECK(r.done && r.status == 200 && r.body_len == 0);
     cc_expect(&cc, &r, false);
-    CHECK(send_str(fd, "GET /health HTTP/1.1\r\nHost: x\r\n\r\n"));
+    CHECK(send_str(cc.fd, "GET /health HTTP/1.1\r\nHost: x\r\n\r\n"));
     CHECK(cc_read_response(&cc));
     sem_post(&fx->to_up);
-    CHECK(r.done && r.status == 200 && r.body && strcmp(r.body, "{\"status\":\"ok\"}") == 0);
-    cresp_free(&r);
-    close(fd);
+    CHECK(answered(&r, 200, "{\"status\":\"ok\"}"));
+    cli_close(&cc, &r);
 }
 
 static void test_head_answer_has_no_body(void **state)
@@ -1159,24 +1100,6 @@ static void test_head_answer_has_no_body(void **state)
 
 /* ---- nobody listening: 502 at once ---- */
 
-static void cli_refused(struct fx *fx)
-{
-    struct cconn cc;
-    struct cresp r = { 0 };
-    int fd = cli_connect(fx, IO_TIMEOUT_MS, 0);
-    CHECK(fd >= 0);
-    cc_init(&cc, fd);
-    cc_expect(&cc, &r, false);
-    CHECK(post(fd, "/v1/chat/completions", "{}"));
-    CHECK(cc_read_response(&cc));
-    CHECK(r.done && r.status == 502);
-    CHECK(body_has(&r, "connect to upstream port"));
-    CHECK(body_has(&r, "refused"));
-    CHECK(body_has(&r, "\"code\":502"));
-    cresp_free(&r);
-    close(fd);
-}
-
 static void test_connect_refused_gives_502(void **state)
 {
     struct fx *fx = fx_of(state);
@@ -1185,31 +1108,15 @@ static void test_connect_refused_gives_502(void **state)
     assert_true(lfd >= 0);
     close(lfd); /* a port nobody listens on */
     fx->target_port = port;
-    fx_run(fx, cli_refused, NULL, 1);
+    fx->ask = (struct ask){ .status = 502,
+                            .body_has = { "connect to upstream port", "refused", "\"code\":502" } };
+    fx_run(fx, cli_ask, NULL, 1);
     assert_int_equal(fx->outcome[0], PROXY_UPSTREAM_ERROR);
     assert_int_equal(fx->status[0], 0);       /* no status line ever came */
     assert_true(fx->first_byte[0] == -1);
 }
 
 /* ---- a listener that never completes the handshake: 502 after 5 s ---- */
-
-static void cli_connect_timeout(struct fx *fx)
-{
-    struct cconn cc;
-    struct cresp r = { 0 };
-    int fd = cli_connect(fx, 8000, 0);
-    CHECK(fd >= 0);
-    cc_init(&cc, fd);
-    cc_expect(&cc, &r, false);
-    double t0 = now_s();
-    CHECK(post(fd, "/v1/chat/completions", "{}"));
-    CHECK(cc_read_response(&cc));
-    fx->up_elapsed = now_s() - t0;
-    CHECK(r.done && r.status == 502);
-    CHECK(body_has(&r, "timed out"));
-    cresp_free(&r);
-    close(fd);
-}
 
 static void test_connect_timeout_gives_502(void **state)
 {
@@ -1218,50 +1125,30 @@ static void test_connect_timeout_gives_502(void **state)
     /* backlog 0 holds one connection; SYNs past it are dropped */
     fx->spare_fd[0] = listen_local(0, &port);
     assert_true(fx->spare_fd[0] >= 0);
-    fx->spare_fd[1] = socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
-    struct sockaddr_in sin = { .sin_family = AF_INET, .sin_port = htons((uint16_t)port) };
-    sin.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
-    assert_int_equal(connect(fx->spare_fd[1], (struct sockaddr *)&sin, sizeof sin), 0);
+    fx->spare_fd[1] = tl_connect(port, IO_TIMEOUT_MS, 0);
+    assert_true(fx->spare_fd[1] >= 0);
     fx->target_port = port;
-    fx_run_for(fx, cli_connect_timeout, NULL, 1, 15);
+    fx->ask = (struct ask){ .timeout_ms = 8000, .status = 502, .body_has = { "timed out" } };
+    fx_run_for(fx, cli_ask, NULL, 1, 15);
     assert_int_equal(fx->outcome[0], PROXY_UPSTREAM_ERROR);
-    assert_true(fx->up_elapsed > 4.5 && fx->up_elapsed < 6.5);
+    assert_true(fx->cli_elapsed > 4.5 && fx->cli_elapsed < 6.5);
 }
 
 /* ---- idle pooled connections close before llama-server's 5 s ---- */
 
 static void up_watch_idle(struct fx *fx)
 {
-    int fd = up_accept(fx, IO_TIMEOUT_MS);
+    int fd = up_first(fx);
     CHECK(fd >= 0);
-    CHECK(up_read_request(fx, fd) == 0);
     CHECK(up_send_json(fd, 200, "{}"));
-    double t0 = now_s();
-    bool eof = wait_eof(fd, 6000);
-    fx->up_elapsed = now_s() - t0;
-    close(fd);
-    CHECK(eof);
-}
-
-static void cli_one(struct fx *fx)
-{
-    struct cconn cc;
-    struct cresp r = { 0 };
-    int fd = cli_connect(fx, IO_TIMEOUT_MS, 0);
-    CHECK(fd >= 0);
-    cc_init(&cc, fd);
-    cc_expect(&cc, &r, false);
-    CHECK(post(fd, "/v1/chat/completions", "{}"));
-    CHECK(cc_read_response(&cc));
-    CHECK(r.done && r.status == 200);
-    cresp_free(&r);
-    close(fd);
+    CHECK(up_await_close(fx, fd, 6000));
 }
 
 static void test_idle_connection_closed_before_server_timeout(void **state)
 {
     struct fx *fx = fx_of(state);
-    fx_run(fx, cli_one, up_watch_idle, 1);
+    fx->ask = (struct ask){ .status = 200 };
+    fx_run(fx, cli_ask, up_watch_idle, 1);
     assert_int_equal(fx->outcome[0], PROXY_OK);
     assert_true(fx->up_elapsed > 3.5 && fx->up_elapsed < 4.9);
 }
@@ -1270,14 +1157,11 @@ static void test_idle_connection_closed_before_server_timeout(void **state)
 
 static void up_half_close_idle(struct fx *fx)
 {
-    int fd = up_accept(fx, IO_TIMEOUT_MS);
+    int fd = up_first(fx);
     CHECK(fd >= 0);
-    CHECK(up_read_request(fx, fd) == 0);
     CHECK(up_send_json(fd, 200, "{\"n\":0}"));
-    shutdown(fd, SHUT_WR);        /* the server's keep-alive limit, seen from the proxy */
-    bool eof = wait_eof(fd, 1000); /* the proxy closes its end, having sent nothing */
-    close(fd);
-    CHECK(eof);
+    shutdown(fd, SHUT_WR); /* the server's keep-alive limit, seen from the proxy */
+    CHECK(up_await_close(fx, fd, 1000)); /* the proxy closes its end, having sent nothing */
     sem_post(&fx->to_cli);
     fd = up_accept(fx, IO_TIMEOUT_MS);
     CHECK(fd >= 0);
@@ -1291,22 +1175,15 @@ static void cli_two_with_pause(struct fx *fx)
 {
     struct cconn cc;
     struct cresp r = { 0 };
-    int fd = cli_connect(fx, IO_TIMEOUT_MS, 0);
-    CHECK(fd >= 0);
-    cc_init(&cc, fd);
-    cc_expect(&cc, &r, false);
-    CHECK(post(fd, "/v1/completions", "{}"));
-    CHECK(cc_read_response(&cc));
+    CHECK(cli_open(fx, &cc, IO_TIMEOUT_MS, 0));
+    CHECK(cli_post(&cc, &r, "/v1/completions", "{}"));
     CHECK(r.done && r.status == 200);
     bool go = wait_sem(&fx->to_cli, 3);
-    cc_expect(&cc, &r, false);
-    CHECK(post(fd, "/v1/completions", "{}"));
-    CHECK(cc_read_response(&cc));
+    CHECK(cli_post(&cc, &r, "/v1/completions", "{}"));
     sem_post(&fx->to_up);
     CHECK(go);
-    CHECK(r.done && r.status == 200 && r.body && strcmp(r.body, "{\"n\":1}") == 0);
-    cresp_free(&r);
-    close(fd);
+    CHECK(answered(&r, 200, "{\"n\":1}"));
+    cli_close(&cc, &r);
 }
 
 static void test_idle_connection_closed_by_server_is_dropped(void **state)
@@ -1326,20 +1203,18 @@ static void forget_after_done(struct fx *fx)
 
 static void up_expect_close(struct fx *fx)
 {
-    int fd = up_accept(fx, IO_TIMEOUT_MS);
+    int fd = up_first(fx);
     CHECK(fd >= 0);
-    CHECK(up_read_request(fx, fd) == 0);
     CHECK(up_send_json(fd, 200, "{}"));
-    bool eof = wait_eof(fd, 1000);
-    close(fd);
-    CHECK(eof);
+    CHECK(up_await_close(fx, fd, 1000));
 }
 
 static void test_forget_port_closes_idle_connections(void **state)
 {
     struct fx *fx = fx_of(state);
     fx->after_done = forget_after_done;
-    fx_run(fx, cli_one, up_expect_close, 1);
+    fx->ask = (struct ask){ .status = 200 };
+    fx_run(fx, cli_ask, up_expect_close, 1);
     assert_int_equal(fx->outcome[0], PROXY_OK);
 }
 
@@ -1366,20 +1241,18 @@ static void free_proxy(struct fx *fx)
 
 static void up_then_free(struct fx *fx)
 {
-    int fd = up_accept(fx, IO_TIMEOUT_MS);
+    int fd = up_first(fx);
     CHECK(fd >= 0);
-    CHECK(up_read_request(fx, fd) == 0);
     fx->tl.act = free_proxy;
     tl_ask(&fx->tl);
-    bool eof = wait_eof(fd, 1000);
-    close(fd);
+    bool closed = up_await_close(fx, fd, 1000);
     sem_post(&fx->to_cli);
-    CHECK(eof);
+    CHECK(closed);
 }
 
 static void cli_wait_then_leave(struct fx *fx)
 {
-    int fd = cli_connect(fx, IO_TIMEOUT_MS, 0);
+    int fd = tl_connect(fx->srv_port, IO_TIMEOUT_MS, 0);
     CHECK(fd >= 0);
     CHECK(post(fd, "/v1/chat/completions", "{}"));
     bool ok = wait_sem(&fx->to_cli, 3);
