@@ -250,13 +250,73 @@ static int cli_unix(const char *path)
 }
 
 /* Sends REQ on a fresh connection and reads one response. */
-static bool one_shot(struct fx *fx, const char *req, struct cconn *cc, struct cresp *r)
+/* A TCP connection to the server under test, ready to read. */
+static bool cli_open(struct fx *fx, struct cconn *cc)
 {
     int fd = cli_tcp(fx);
-    if (fd < 0)
+    if (fd >= 0)
+        cc_init(cc, fd);
+    return fd >= 0;
+}
+
+/* Sends REQ (unless NULL: it was sent) on CC and reads one whole response
+ * into R. */
+static bool ask(struct cconn *cc, const char *req, struct cresp *r)
+{
+    return (!req || send_str(cc->fd, req)) && cc_read(cc, r, false);
+}
+
+/* Sends REQ on a fresh connection and reads one response. */
+static bool one_shot(struct fx *fx, const char *req, struct cconn *cc, struct cresp *r)
+{
+    return cli_open(fx, cc) && ask(cc, req, r);
+}
+
+/* Keeps R's status and body in slot I, then frees R. */
+static void keep(struct fx *fx, int i, struct cresp *r)
+{
+    fx->status[i] = r->status;
+    snprintf(fx->body[i], sizeof fx->body[i], "%s", r->body ? r->body : "");
+    cresp_free(r);
+}
+
+/* ask(), its answer kept in slot I. */
+static bool ask_keep(struct fx *fx, struct cconn *cc, int i, const char *req)
+{
+    struct cresp r = { 0 };
+    bool ok = ask(cc, req, &r);
+    if (ok)
+        keep(fx, i, &r);
+    cresp_free(&r);
+    return ok;
+}
+
+/* REQ on a fresh connection, closed after; its answer kept in slot I. */
+static bool fresh_keep(struct fx *fx, int i, const char *req)
+{
+    struct cconn cc;
+    if (!cli_open(fx, &cc))
         return false;
-    cc_init(cc, fd);
-    return send_str(fd, req) && cc_read(cc, r, false);
+    bool ok = ask_keep(fx, &cc, i, req);
+    close(cc.fd);
+    return ok;
+}
+
+/* REQ on a fresh connection: its status in slot I; flag[F]: the answer
+ * says Connection: close; flag[F + 1]: the server then closes. */
+static bool answered_then_closed(struct fx *fx, const char *req, int i, int f)
+{
+    struct cconn cc;
+    struct cresp r = { 0 };
+    if (!one_shot(fx, req, &cc, &r)) {
+        cresp_free(&r);
+        return false;
+    }
+    fx->flag[f] = header_is_ci(&r, "Connection", "close");
+    fx->flag[f + 1] = cc_expect_eof(&cc);
+    keep(fx, i, &r);
+    close(cc.fd);
+    return true;
 }
 
 /* ------------------------------------------------------------- tests */
@@ -268,17 +328,15 @@ static void client_simple_get(struct fx *fx)
     struct cconn cc;
     struct cresp r = { 0 };
     CHECK(one_shot(fx, "GET /hello?x=1&y=2 HTTP/1.1\r\nHost: example\r\nUser-Agent: t\r\n\r\n", &cc, &r));
-    fx->status[0] = r.status;
-    snprintf(fx->body[0], sizeof fx->body[0], "%s", r.body ? r.body : "");
     const char *h;
     fx->flag[0] = (h = cresp_header(&r, "Content-Length")) && atoi(h) == (int)r.body_len;
-    fx->flag[1] = (h = cresp_header(&r, "Content-Type")) && strcmp(h, "text/plain") == 0;
-    fx->flag[2] = (h = cresp_header(&r, "Connection")) && strcasecmp(h, "keep-alive") == 0;
-    fx->flag[3] = (h = cresp_header(&r, "Server")) && strcmp(h, "llama-pool") == 0;
+    fx->flag[1] = header_is(&r, "Content-Type", "text/plain");
+    fx->flag[2] = header_is_ci(&r, "Connection", "keep-alive");
+    fx->flag[3] = header_is(&r, "Server", "llama-pool");
     fx->flag[4] = (h = cresp_header(&r, "Date")) && strstr(h, " GMT") != NULL;
     fx->flag[5] = strncmp(r.raw, "HTTP/1.1 200 OK\r\n", 17) == 0;
     fx->flag[6] = cresp_header(&r, "Transfer-Encoding") == NULL;
-    cresp_free(&r);
+    keep(fx, 0, &r);
     close(cc.fd);
 }
 
@@ -309,16 +367,9 @@ static void test_get_200_with_headers(void **state)
 static void client_keepalive(struct fx *fx)
 {
     struct cconn cc;
-    struct cresp r = { 0 };
-    CHECK(one_shot(fx, "GET /one HTTP/1.1\r\nHost: a\r\n\r\n", &cc, &r));
-    fx->status[0] = r.status;
-    snprintf(fx->body[0], sizeof fx->body[0], "%s", r.body);
-    cresp_free(&r);
-    CHECK(send_str(cc.fd, "GET /two HTTP/1.1\r\nHost: a\r\n\r\n"));
-    CHECK(cc_read(&cc, &r, false));
-    fx->status[1] = r.status;
-    snprintf(fx->body[1], sizeof fx->body[1], "%s", r.body);
-    cresp_free(&r);
+    CHECK(cli_open(fx, &cc));
+    CHECK(ask_keep(fx, &cc, 0, "GET /one HTTP/1.1\r\nHost: a\r\n\r\n"));
+    CHECK(ask_keep(fx, &cc, 1, "GET /two HTTP/1.1\r\nHost: a\r\n\r\n"));
     close(cc.fd);
 }
 
@@ -349,20 +400,13 @@ static void on_req_some_later(struct fx *fx, struct http_request *req)
 static void client_pipelined(struct fx *fx)
 {
     struct cconn cc;
-    int fd = cli_tcp(fx);
-    CHECK(fd >= 0);
-    cc_init(&cc, fd);
-    CHECK(send_str(fd, "GET /slow1 HTTP/1.1\r\nHost: a\r\n\r\n"
-                       "POST /fast2 HTTP/1.1\r\nHost: a\r\nContent-Length: 3\r\n\r\nabc"
-                       "GET /slow3 HTTP/1.1\r\nHost: a\r\n\r\n"));
-    for (int i = 0; i < 3; i++) {
-        struct cresp r = { 0 };
-        CHECK(cc_read(&cc, &r, false));
-        fx->status[i] = r.status;
-        snprintf(fx->body[i], sizeof fx->body[i], "%s", r.body);
-        cresp_free(&r);
-    }
-    close(fd);
+    CHECK(cli_open(fx, &cc));
+    CHECK(send_str(cc.fd, "GET /slow1 HTTP/1.1\r\nHost: a\r\n\r\n"
+                          "POST /fast2 HTTP/1.1\r\nHost: a\r\nContent-Length: 3\r\n\r\nabc"
+                          "GET /slow3 HTTP/1.1\r\nHost: a\r\n\r\n"));
+    for (int i = 0; i < 3; i++)
+        CHECK(ask_keep(fx, &cc, i, NULL));
+    close(cc.fd);
 }
 
 static void test_pipelined_requests_answered_in_order(void **state)
@@ -389,21 +433,14 @@ static void act_answer_held_soon(struct fx *fx)
 static void client_next_request_while_held(struct fx *fx)
 {
     struct cconn cc;
-    int fd = cli_tcp(fx);
-    CHECK(fd >= 0);
-    cc_init(&cc, fd);
-    CHECK(send_str(fd, "GET /first HTTP/1.1\r\nHost: a\r\n\r\n"));
+    CHECK(cli_open(fx, &cc));
+    CHECK(send_str(cc.fd, "GET /first HTTP/1.1\r\nHost: a\r\n\r\n"));
     CHECK(wait_sem(&fx->got_req, 2.0));
-    CHECK(send_str(fd, "GET /second HTTP/1.1\r\nHost: a\r\n\r\n"));
+    CHECK(send_str(cc.fd, "GET /second HTTP/1.1\r\nHost: a\r\n\r\n"));
     tl_ask(&fx->tl);
-    for (int i = 0; i < 2; i++) {
-        struct cresp r = { 0 };
-        CHECK(cc_read(&cc, &r, false));
-        fx->status[i] = r.status;
-        snprintf(fx->body[i], sizeof fx->body[i], "%s", r.body);
-        cresp_free(&r);
-    }
-    close(fd);
+    for (int i = 0; i < 2; i++)
+        CHECK(ask_keep(fx, &cc, i, NULL));
+    close(cc.fd);
 }
 
 static void on_req_hold_first(struct fx *fx, struct http_request *req)
@@ -431,27 +468,16 @@ static void test_next_request_while_held_is_not_a_disconnect(void **state)
 static void client_bodies(struct fx *fx)
 {
     struct cconn cc;
-    struct cresp r = { 0 };
-    int fd = cli_tcp(fx);
-    CHECK(fd >= 0);
-    cc_init(&cc, fd);
+    CHECK(cli_open(fx, &cc));
     /* Content-Length, sent in pieces that split a header name and the body */
-    CHECK(send_str(fd, "POST /cl HTTP/1.1\r\nHost: a\r\nCont"));
-    CHECK(send_str(fd, "ent-Length: 11\r\n\r\nhello"));
-    CHECK(send_str(fd, " world"));
-    CHECK(cc_read(&cc, &r, false));
-    fx->status[0] = r.status;
-    snprintf(fx->body[0], sizeof fx->body[0], "%s", r.body);
-    cresp_free(&r);
+    CHECK(send_str(cc.fd, "POST /cl HTTP/1.1\r\nHost: a\r\nCont"));
+    CHECK(send_str(cc.fd, "ent-Length: 11\r\n\r\nhello"));
+    CHECK(ask_keep(fx, &cc, 0, " world"));
     /* chunked, with a chunk extension and a trailer */
-    CHECK(send_str(fd, "POST /chunked HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n"
-                       "5;ext=1\r\nhello\r\n6\r\n world\r\n"));
-    CHECK(send_str(fd, "0\r\nX-Trailer: t\r\n\r\n"));
-    CHECK(cc_read(&cc, &r, false));
-    fx->status[1] = r.status;
-    snprintf(fx->body[1], sizeof fx->body[1], "%s", r.body);
-    cresp_free(&r);
-    close(fd);
+    CHECK(send_str(cc.fd, "POST /chunked HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n"
+                          "5;ext=1\r\nhello\r\n6\r\n world\r\n"));
+    CHECK(ask_keep(fx, &cc, 1, "0\r\nX-Trailer: t\r\n\r\n"));
+    close(cc.fd);
 }
 
 static void test_content_length_and_chunked_bodies(void **state)
@@ -468,20 +494,12 @@ static void test_content_length_and_chunked_bodies(void **state)
 static void client_expect_continue(struct fx *fx)
 {
     struct cconn cc;
-    struct cresp r = { 0 };
-    int fd = cli_tcp(fx);
-    CHECK(fd >= 0);
-    cc_init(&cc, fd);
-    CHECK(send_str(fd, "POST /up HTTP/1.1\r\nHost: a\r\nExpect: 100-continue\r\nContent-Length: 4\r\n\r\n"));
-    CHECK(cc_read(&cc, &r, false)); /* the interim response, before any body is sent */
-    fx->status[0] = r.status;
-    cresp_free(&r);
-    CHECK(send_str(fd, "data"));
-    CHECK(cc_read(&cc, &r, false));
-    fx->status[1] = r.status;
-    snprintf(fx->body[1], sizeof fx->body[1], "%s", r.body);
-    cresp_free(&r);
-    close(fd);
+    CHECK(cli_open(fx, &cc));
+    /* the interim response, before any body is sent */
+    CHECK(ask_keep(fx, &cc, 0,
+                   "POST /up HTTP/1.1\r\nHost: a\r\nExpect: 100-continue\r\nContent-Length: 4\r\n\r\n"));
+    CHECK(ask_keep(fx, &cc, 1, "data"));
+    close(cc.fd);
 }
 
 static void test_expect_100_continue(void **state)
@@ -498,16 +516,8 @@ static void test_expect_100_continue(void **state)
  * connection closes instead of switching protocols. */
 static void client_upgrade(struct fx *fx)
 {
-    struct cconn cc;
-    struct cresp r = { 0 };
-    const char *h;
-    CHECK(one_shot(fx, "GET /ws HTTP/1.1\r\nHost: a\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\r\n",
-                   &cc, &r));
-    fx->status[0] = r.status;
-    fx->flag[0] = (h = cresp_header(&r, "Connection")) && strcasecmp(h, "close") == 0;
-    fx->flag[1] = cc_expect_eof(&cc);
-    cresp_free(&r);
-    close(cc.fd);
+    CHECK(answered_then_closed(
+        fx, "GET /ws HTTP/1.1\r\nHost: a\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\r\n", 0, 0));
 }
 
 static void test_upgrade_request_answered_then_closed(void **state)
@@ -526,32 +536,17 @@ static void client_http10(struct fx *fx)
 {
     struct cconn cc;
     struct cresp r = { 0 };
-    const char *h;
     /* plain 1.0: answered, then closed */
-    CHECK(one_shot(fx, "GET /old HTTP/1.0\r\n\r\n", &cc, &r));
-    fx->status[0] = r.status;
-    fx->flag[0] = (h = cresp_header(&r, "Connection")) && strcasecmp(h, "close") == 0;
-    fx->flag[1] = cc_expect_eof(&cc);
-    cresp_free(&r);
-    close(cc.fd);
+    CHECK(answered_then_closed(fx, "GET /old HTTP/1.0\r\n\r\n", 0, 0));
     /* 1.0 asking for keep-alive: kept */
     CHECK(one_shot(fx, "GET /ka HTTP/1.0\r\nConnection: keep-alive\r\n\r\n", &cc, &r));
-    fx->status[1] = r.status;
-    fx->flag[2] = (h = cresp_header(&r, "Connection")) && strcasecmp(h, "keep-alive") == 0;
-    cresp_free(&r);
-    CHECK(send_str(cc.fd, "GET /ka2 HTTP/1.0\r\n\r\n"));
-    CHECK(cc_read(&cc, &r, false));
-    fx->status[2] = r.status;
+    fx->flag[2] = header_is_ci(&r, "Connection", "keep-alive");
+    keep(fx, 1, &r);
+    CHECK(ask_keep(fx, &cc, 2, "GET /ka2 HTTP/1.0\r\n\r\n"));
     fx->flag[3] = cc_expect_eof(&cc);
-    cresp_free(&r);
     close(cc.fd);
     /* 1.1 with Connection: close */
-    CHECK(one_shot(fx, "GET /bye HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n", &cc, &r));
-    fx->status[3] = r.status;
-    fx->flag[4] = (h = cresp_header(&r, "Connection")) && strcasecmp(h, "close") == 0;
-    fx->flag[5] = cc_expect_eof(&cc);
-    cresp_free(&r);
-    close(cc.fd);
+    CHECK(answered_then_closed(fx, "GET /bye HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n", 3, 4));
 }
 
 static void test_http10_closes_after_response(void **state)
@@ -574,20 +569,14 @@ static void client_head(struct fx *fx)
     struct cconn cc;
     struct cresp r = { 0 };
     const char *h;
-    int fd = cli_tcp(fx);
-    CHECK(fd >= 0);
-    cc_init(&cc, fd);
-    CHECK(send_str(fd, "HEAD /h HTTP/1.1\r\nHost: a\r\n\r\nGET /g HTTP/1.1\r\nHost: a\r\n\r\n"));
+    CHECK(cli_open(fx, &cc));
+    CHECK(send_str(cc.fd, "HEAD /h HTTP/1.1\r\nHost: a\r\n\r\nGET /g HTTP/1.1\r\nHost: a\r\n\r\n"));
     CHECK(cc_read(&cc, &r, true));
-    fx->status[0] = r.status;
     fx->flag[0] = (h = cresp_header(&r, "Content-Length")) && atoi(h) == (int)strlen("HEAD /h||");
     fx->flag[1] = r.body_len == 0;
-    cresp_free(&r);
-    CHECK(cc_read(&cc, &r, false)); /* would misparse if HEAD had sent a body */
-    fx->status[1] = r.status;
-    snprintf(fx->body[1], sizeof fx->body[1], "%s", r.body);
-    cresp_free(&r);
-    close(fd);
+    keep(fx, 0, &r);
+    CHECK(ask_keep(fx, &cc, 1, NULL)); /* would misparse if HEAD had sent a body */
+    close(cc.fd);
 }
 
 static void test_head_has_length_but_no_body(void **state)
@@ -610,19 +599,12 @@ static void error_case(struct fx *fx, int i, const char *req)
 {
     struct cconn cc;
     struct cresp r = { 0 };
-    const char *h;
-    int fd = cli_tcp(fx);
-    CHECK(fd >= 0);
-    cc_init(&cc, fd);
-    CHECK(send_str(fd, req));
-    CHECK(cc_read(&cc, &r, false));
-    fx->status[i] = r.status;
-    snprintf(fx->body[i], sizeof fx->body[i], "%s", r.body ? r.body : "");
-    h = cresp_header(&r, "Content-Type");
+    CHECK(one_shot(fx, req, &cc, &r));
+    const char *h = cresp_header(&r, "Content-Type");
     snprintf(fx->note[i], sizeof fx->note[i], "%s", h ? h : "");
     fx->flag[i] = cc_expect_eof(&cc);
-    cresp_free(&r);
-    close(fd);
+    keep(fx, i, &r);
+    close(cc.fd);
 }
 
 static void client_malformed(struct fx *fx)
@@ -672,12 +654,7 @@ static char *g_exact, *g_over;
 
 static void client_header_limit(struct fx *fx)
 {
-    struct cconn cc;
-    struct cresp r = { 0 };
-    CHECK(one_shot(fx, g_exact, &cc, &r));
-    fx->status[0] = r.status;
-    cresp_free(&r);
-    close(cc.fd);
+    CHECK(fresh_keep(fx, 0, g_exact));
     error_case(fx, 1, g_over);
 }
 
@@ -701,12 +678,7 @@ static void test_oversized_header_gets_431(void **state)
 
 static void client_body_limit(struct fx *fx)
 {
-    struct cconn cc;
-    struct cresp r = { 0 };
-    CHECK(one_shot(fx, "POST /ok HTTP/1.1\r\nHost: a\r\nContent-Length: 16\r\n\r\n0123456789abcdef", &cc, &r));
-    fx->status[0] = r.status;
-    cresp_free(&r);
-    close(cc.fd);
+    CHECK(fresh_keep(fx, 0, "POST /ok HTTP/1.1\r\nHost: a\r\nContent-Length: 16\r\n\r\n0123456789abcdef"));
     /* refused from the length alone: no body sent */
     error_case(fx, 1, "POST /big HTTP/1.1\r\nHost: a\r\nContent-Length: 17\r\n\r\n");
     /* chunked: 10 + 7 bytes */
@@ -759,8 +731,7 @@ static void client_idle(struct fx *fx)
     struct cconn cc;
     struct cresp r = { 0 };
     CHECK(one_shot(fx, "GET / HTTP/1.1\r\nHost: a\r\n\r\n", &cc, &r));
-    fx->status[0] = r.status;
-    cresp_free(&r);
+    keep(fx, 0, &r);
     double t0 = now_s();
     fx->flag[0] = cc_expect_eof(&cc); /* silently: no bytes before EOF */
     fx->elapsed[0] = now_s() - t0;
@@ -801,25 +772,21 @@ static void client_stream(struct fx *fx)
 {
     struct cconn cc;
     struct cresp r = { 0 };
-    const char *h;
     CHECK(one_shot(fx, "GET /events HTTP/1.1\r\nHost: a\r\n\r\n", &cc, &r));
     fx->status[0] = r.status;
     snprintf(fx->body[0], sizeof fx->body[0], "%s", after_head(r.raw)); /* raw framing */
-    fx->flag[0] = (h = cresp_header(&r, "Transfer-Encoding")) && strcmp(h, "chunked") == 0;
+    fx->flag[0] = header_is(&r, "Transfer-Encoding", "chunked");
     fx->flag[1] = cresp_header(&r, "Content-Length") == NULL;
-    fx->flag[2] = (h = cresp_header(&r, "Cache-Control")) && strcmp(h, "no-cache") == 0;
+    fx->flag[2] = header_is(&r, "Cache-Control", "no-cache");
     cresp_free(&r);
     /* still usable afterwards */
-    CHECK(send_str(cc.fd, "GET /again HTTP/1.1\r\nHost: a\r\n\r\n"));
-    CHECK(cc_read(&cc, &r, false));
-    fx->status[1] = r.status;
-    cresp_free(&r);
+    CHECK(ask_keep(fx, &cc, 1, "GET /again HTTP/1.1\r\nHost: a\r\n\r\n"));
     close(cc.fd);
     /* HTTP/1.0: raw bytes, closed at the end */
     CHECK(one_shot(fx, "GET /events HTTP/1.0\r\n\r\n", &cc, &r));
     fx->status[2] = r.status;
     snprintf(fx->body[2], sizeof fx->body[2], "%s", after_head(r.raw));
-    fx->flag[3] = (h = cresp_header(&r, "Connection")) && strcasecmp(h, "close") == 0;
+    fx->flag[3] = header_is_ci(&r, "Connection", "close");
     fx->flag[4] = cc.eof;
     cresp_free(&r);
     close(cc.fd);
@@ -1046,14 +1013,13 @@ static void client_slow_reader(struct fx *fx)
     cc_init(&cc, fd);
     CHECK(send_str(fd, "GET /flood HTTP/1.1\r\nHost: a\r\n\r\n"));
     CHECK(wait_sem(&fx->blocked, 5.0)); /* writer saw back-pressure before we read */
-    CHECK(cc_read(&cc, &r, false));
-    fx->status[0] = r.status;
+    CHECK(ask(&cc, NULL, &r));
     fx->recv_len = r.body_len;
     bool all_x = r.body_len >= 3 && memcmp(r.body + r.body_len - 3, "end", 3) == 0;
     for (size_t i = 0; all_x && i + 3 < r.body_len; i++)
         all_x = r.body[i] == 'x';
     fx->flag[0] = all_x;
-    cresp_free(&r);
+    keep(fx, 0, &r);
     close(fd);
 }
 
@@ -1081,23 +1047,17 @@ static void client_max_connections(struct fx *fx)
     struct cconn a, b;
     struct cresp r = { 0 };
     CHECK(one_shot(fx, "GET /a HTTP/1.1\r\nHost: a\r\n\r\n", &a, &r));
-    fx->status[0] = r.status;
-    cresp_free(&r);
-    int fd = cli_tcp(fx); /* completes in the kernel's backlog */
-    CHECK(fd >= 0);
-    cc_init(&b, fd);
-    CHECK(send_str(fd, "GET /b HTTP/1.1\r\nHost: a\r\n\r\n"));
-    set_timeouts(fd, 300);
+    keep(fx, 0, &r);
+    CHECK(cli_open(fx, &b)); /* completes in the kernel's backlog */
+    CHECK(send_str(b.fd, "GET /b HTTP/1.1\r\nHost: a\r\n\r\n"));
+    set_timeouts(b.fd, 300);
     char c;
-    ssize_t n = recv(fd, &c, 1, MSG_PEEK);
+    ssize_t n = recv(b.fd, &c, 1, MSG_PEEK);
     fx->flag[0] = n < 0 && (errno == EAGAIN || errno == EWOULDBLOCK); /* not served yet */
-    set_timeouts(fd, CLIENT_TIMEOUT_MS);
+    set_timeouts(b.fd, CLIENT_TIMEOUT_MS);
     close(a.fd); /* frees the slot */
-    CHECK(cc_read(&b, &r, false));
-    fx->status[1] = r.status;
-    snprintf(fx->body[1], sizeof fx->body[1], "%s", r.body);
-    cresp_free(&r);
-    close(fd);
+    CHECK(ask_keep(fx, &b, 1, NULL));
+    close(b.fd);
 }
 
 static void test_max_connections_defers_accept(void **state)
@@ -1139,22 +1099,16 @@ static void client_refused_before_body(struct fx *fx)
     /* Announces 30 MB and sends none of it: the answer comes anyway. */
     CHECK(one_shot(fx, "POST /v1/x HTTP/1.1\r\nHost: a\r\nOrigin: https://ok.example\r\n"
                        "Content-Length: 30000000\r\n\r\n", &cc, &r));
-    fx->status[0] = r.status;
-    snprintf(fx->body[0], sizeof fx->body[0], "%s", r.body ? r.body : "");
-    const char *h = cresp_header(&r, "Connection");
-    fx->flag[0] = h && strcasecmp(h, "close") == 0;
-    h = cresp_header(&r, "Access-Control-Allow-Origin");
-    fx->flag[1] = h && strcmp(h, "https://ok.example") == 0;
-    cresp_free(&r);
+    fx->flag[0] = header_is_ci(&r, "Connection", "close");
+    fx->flag[1] = header_is(&r, "Access-Control-Allow-Origin", "https://ok.example");
+    keep(fx, 0, &r);
     CHECK(cc_expect_eof(&cc));
     close(cc.fd);
     /* The same with the key: read, handled, answered, kept open. */
     CHECK(one_shot(fx, "POST /v1/x HTTP/1.1\r\nHost: a\r\nX-Key: good\r\nContent-Length: 3\r\n\r\nabc",
                    &cc, &r));
-    fx->status[1] = r.status;
-    snprintf(fx->body[1], sizeof fx->body[1], "%s", r.body ? r.body : "");
     fx->flag[2] = cresp_header(&r, "Access-Control-Allow-Origin") == NULL;
-    cresp_free(&r);
+    keep(fx, 1, &r);
     close(cc.fd);
 }
 
@@ -1180,11 +1134,9 @@ static void client_keyless_make_room(struct fx *fx)
 {
     int hogs[3];
     struct cconn cc;
-    struct cresp r = { 0 };
     /* A keyed keep-alive connection first. */
-    CHECK(one_shot(fx, "GET /k HTTP/1.1\r\nHost: a\r\nX-Key: good\r\n\r\n", &cc, &r));
-    fx->status[0] = r.status;
-    cresp_free(&r);
+    CHECK(cli_open(fx, &cc));
+    CHECK(ask_keep(fx, &cc, 0, "GET /k HTTP/1.1\r\nHost: a\r\nX-Key: good\r\n\r\n"));
     /* Then keyless ones that never finish their headers, more than fit. */
     for (int i = 0; i < 3; i++) {
         hogs[i] = cli_tcp(fx);
@@ -1192,16 +1144,9 @@ static void client_keyless_make_room(struct fx *fx)
         CHECK(send_str(hogs[i], "GET /public HTTP/1.1\r\n"));
     }
     /* A new keyed client gets in at once: an old keyless one makes room. */
-    struct cconn nc;
-    CHECK(one_shot(fx, "GET /n HTTP/1.1\r\nHost: a\r\nX-Key: good\r\n\r\n", &nc, &r));
-    fx->status[1] = r.status;
-    cresp_free(&r);
-    close(nc.fd);
+    CHECK(fresh_keep(fx, 1, "GET /n HTTP/1.1\r\nHost: a\r\nX-Key: good\r\n\r\n"));
     /* The first keyed connection is still there. */
-    CHECK(send_str(cc.fd, "GET /k2 HTTP/1.1\r\nHost: a\r\nX-Key: good\r\n\r\n"));
-    CHECK(cc_read(&cc, &r, false));
-    fx->status[2] = r.status;
-    cresp_free(&r);
+    CHECK(ask_keep(fx, &cc, 2, "GET /k2 HTTP/1.1\r\nHost: a\r\nX-Key: good\r\n\r\n"));
     close(cc.fd);
     /* The oldest keyless connection was closed. */
     struct cconn h0;
@@ -1227,25 +1172,19 @@ static void test_keyless_connections_make_room_at_max_connections(void **state)
 
 static void client_slow_body(struct fx *fx)
 {
-    int fd = cli_tcp(fx);
-    CHECK(fd >= 0);
     struct cconn cc;
-    struct cresp r = { 0 };
-    cc_init(&cc, fd);
+    CHECK(cli_open(fx, &cc));
     double t0 = now_s();
-    CHECK(send_str(fd, "POST /b HTTP/1.1\r\nHost: a\r\nContent-Length: 100\r\n\r\n"));
+    CHECK(send_str(cc.fd, "POST /b HTTP/1.1\r\nHost: a\r\nContent-Length: 100\r\n\r\n"));
     /* A byte every 50 ms: each would restart a stall timer. */
     for (int i = 0; i < 12; i++) {
-        if (!send_str(fd, "x"))
+        if (!send_str(cc.fd, "x"))
             break;
         usleep(50 * 1000);
     }
-    CHECK(cc_read(&cc, &r, false));
-    fx->status[0] = r.status;
-    snprintf(fx->body[0], sizeof fx->body[0], "%s", r.body ? r.body : "");
+    CHECK(ask_keep(fx, &cc, 0, NULL));
     fx->elapsed[0] = now_s() - t0;
-    cresp_free(&r);
-    close(fd);
+    close(cc.fd);
 }
 
 static void test_body_timeout_is_for_the_whole_body(void **state)
@@ -1270,15 +1209,8 @@ static void client_absolute_form(struct fx *fx)
         "GET https://example.com HTTP/1.1\r\nHost: example.com\r\n\r\n",
         "GET HTTP://h?q=2 HTTP/1.1\r\nHost: h\r\n\r\n",
     };
-    for (int i = 0; i < 3; i++) {
-        struct cconn cc;
-        struct cresp r = { 0 };
-        CHECK(one_shot(fx, reqs[i], &cc, &r));
-        fx->status[i] = r.status;
-        snprintf(fx->body[i], sizeof fx->body[i], "%s", r.body ? r.body : "");
-        cresp_free(&r);
-        close(cc.fd);
-    }
+    for (int i = 0; i < 3; i++)
+        CHECK(fresh_keep(fx, i, reqs[i]));
 }
 
 static void test_absolute_form_target_becomes_origin_form(void **state)
@@ -1293,37 +1225,26 @@ static void test_absolute_form_target_becomes_origin_form(void **state)
     assert_string_equal(fx->body[2], "GET /|q=2|");
 }
 
-static void client_obs_fold(struct fx *fx)
+/* A fresh connection: FIRST, 50 ms later SECOND, the answer kept in slot I. */
+static bool split_keep(struct fx *fx, int i, const char *first, const char *second)
 {
     struct cconn cc;
-    struct cresp r = { 0 };
-    CHECK(one_shot(fx, "GET /f HTTP/1.1\r\nHost: a\r\nX-A: one\r\n two\r\n\r\n", &cc, &r));
-    fx->status[0] = r.status;
-    snprintf(fx->body[0], sizeof fx->body[0], "%s", r.body ? r.body : "");
-    cresp_free(&r);
+    if (!cli_open(fx, &cc))
+        return false;
+    bool ok = send_str(cc.fd, first);
+    usleep(50 * 1000);
+    ok = ok && ask_keep(fx, &cc, i, second);
     close(cc.fd);
+    return ok;
+}
+
+static void client_obs_fold(struct fx *fx)
+{
+    CHECK(fresh_keep(fx, 0, "GET /f HTTP/1.1\r\nHost: a\r\nX-A: one\r\n two\r\n\r\n"));
     /* Split across writes: the fold is seen across reads too. */
-    int fd = cli_tcp(fx);
-    CHECK(fd >= 0);
-    cc_init(&cc, fd);
-    CHECK(send_str(fd, "GET /f HTTP/1.1\r\nHost: a\r\nX-A: one\r\n"));
-    usleep(50 * 1000);
-    CHECK(send_str(fd, "\ttwo\r\n\r\n"));
-    CHECK(cc_read(&cc, &r, false));
-    fx->status[1] = r.status;
-    cresp_free(&r);
-    close(fd);
+    CHECK(split_keep(fx, 1, "GET /f HTTP/1.1\r\nHost: a\r\nX-A: one\r\n", "\ttwo\r\n\r\n"));
     /* A value split across writes without a fold is fine. */
-    fd = cli_tcp(fx);
-    CHECK(fd >= 0);
-    cc_init(&cc, fd);
-    CHECK(send_str(fd, "GET /f HTTP/1.1\r\nHost: a\r\nX-A: one"));
-    usleep(50 * 1000);
-    CHECK(send_str(fd, " two\r\n\r\n"));
-    CHECK(cc_read(&cc, &r, false));
-    fx->status[2] = r.status;
-    cresp_free(&r);
-    close(fd);
+    CHECK(split_keep(fx, 2, "GET /f HTTP/1.1\r\nHost: a\r\nX-A: one", " two\r\n\r\n"));
 }
 
 static void test_obs_fold_is_rejected(void **state)
@@ -1351,24 +1272,20 @@ static void client_shutdown(struct fx *fx)
 {
     struct cconn idle, busy;
     struct cresp r = { 0 };
-    const char *h;
     CHECK(one_shot(fx, "GET /idle HTTP/1.1\r\nHost: a\r\n\r\n", &idle, &r));
     cresp_free(&r);
-    int fd = cli_tcp(fx);
-    CHECK(fd >= 0);
-    cc_init(&busy, fd);
-    CHECK(send_str(fd, "GET /first HTTP/1.1\r\nHost: a\r\n\r\n"));
+    CHECK(cli_open(fx, &busy));
+    CHECK(send_str(busy.fd, "GET /first HTTP/1.1\r\nHost: a\r\n\r\n"));
     CHECK(wait_sem(&fx->got_req, 2.0));
     tl_ask(&fx->tl);
     fx->flag[0] = cc_expect_eof(&idle);          /* idle: closed */
-    CHECK(cc_read(&busy, &r, false));            /* busy: finishes */
-    fx->status[1] = r.status;
-    fx->flag[1] = (h = cresp_header(&r, "Connection")) && strcasecmp(h, "close") == 0;
+    CHECK(ask(&busy, NULL, &r));                 /* busy: finishes */
+    fx->flag[1] = header_is_ci(&r, "Connection", "close");
     fx->flag[2] = cc_expect_eof(&busy);
-    cresp_free(&r);
+    keep(fx, 1, &r);
     fx->flag[3] = cli_tcp(fx) < 0;               /* no longer accepting */
     close(idle.fd);
-    close(fd);
+    close(busy.fd);
 }
 
 static void test_shutdown_closes_idle_and_finishes_busy(void **state)
@@ -1415,15 +1332,10 @@ static char g_sock[100];
 static void client_unix(struct fx *fx)
 {
     struct cconn cc;
-    struct cresp r = { 0 };
     int fd = cli_unix(g_sock);
     CHECK(fd >= 0);
     cc_init(&cc, fd);
-    CHECK(send_str(fd, "GET /pool/status HTTP/1.1\r\nHost: localhost\r\n\r\n"));
-    CHECK(cc_read(&cc, &r, false));
-    fx->status[0] = r.status;
-    snprintf(fx->body[0], sizeof fx->body[0], "%s", r.body);
-    cresp_free(&r);
+    CHECK(ask_keep(fx, &cc, 0, "GET /pool/status HTTP/1.1\r\nHost: localhost\r\n\r\n"));
     close(fd);
 }
 
@@ -1532,12 +1444,9 @@ static void client_error_json(struct fx *fx)
 {
     struct cconn cc;
     struct cresp r = { 0 };
-    const char *h;
     CHECK(one_shot(fx, "GET /x HTTP/1.1\r\nHost: a\r\n\r\n", &cc, &r));
-    fx->status[0] = r.status;
-    snprintf(fx->body[0], sizeof fx->body[0], "%s", r.body);
-    fx->flag[0] = (h = cresp_header(&r, "Content-Type")) && strcmp(h, "application/json") == 0;
-    cresp_free(&r);
+    fx->flag[0] = header_is(&r, "Content-Type", "application/json");
+    keep(fx, 0, &r);
     close(cc.fd);
 }
 
