@@ -209,6 +209,37 @@ static void note_dispatch(struct result *r, double wait, bool hit)
     r->hits += hit;
 }
 
+/* ---------- the replay loop, common to the three policies ---------- */
+
+/* Before the first event: room for every wait, the first arrival queued.
+ * Returns the wall clock the replay is timed from. */
+static double replay_begin(const struct trace *t, struct result *res, struct heap *h)
+{
+    res->waits = malloc(t->nreq * sizeof *res->waits);
+    double w0 = now_wall();
+    if (t->nreq)
+        heap_push(h, t->at[0], EV_ARRIVE, 0, 0);
+    return w0;
+}
+
+/* An EV_ARRIVE: the index of the request that arrived (*NEXT counts
+ * them), the one after it queued. Arrivals are queued one at a time so
+ * that the heap holds only what is pending. */
+static size_t replay_arrive(const struct trace *t, struct heap *h, size_t *next)
+{
+    size_t r = (*next)++;
+    if (*next < t->nreq)
+        heap_push(h, t->at[*next], EV_ARRIVE, 0, 0);
+    return r;
+}
+
+/* After the last event: the wall time taken and the wait statistics. */
+static void replay_end(struct result *res, double w0)
+{
+    res->wall = now_wall() - w0;
+    result_finish(res);
+}
+
 /* ---------- (a) llama-pool's scheduler ---------- */
 
 enum { I_NONE, I_STARTING, I_READY, I_STOPPING };
@@ -302,20 +333,15 @@ static void run_pool(const struct trace *t, struct result *res, uint64_t budget,
     }
     p.ready_at_arrival = calloc(t->nreq, 1);
     p.model_ready = calloc(t->nmodels, sizeof *p.model_ready);
-    res->waits = malloc(t->nreq * sizeof *res->waits);
-    double w0 = now_wall();
+    double w0 = replay_begin(t, res, &p.h);
     size_t next = 0;
     struct ev e;
-    if (t->nreq)
-        heap_push(&p.h, t->at[0], EV_ARRIVE, 0, 0);
     while (heap_pop(&p.h, &e)) {
         double now = e.t;
         note_loaded(res, now, p.live);
         switch (e.kind) {
         case EV_ARRIVE: {
-            size_t r = next++;
-            if (next < t->nreq)
-                heap_push(&p.h, t->at[next], EV_ARRIVE, 0, 0);
+            size_t r = replay_arrive(t, &p.h, &next);
             p.ready_at_arrival[r] = p.model_ready[t->model[r]] > 0;
             sched_request(p.s, now, r + 1, t->model[r]);
             break;
@@ -344,9 +370,8 @@ static void run_pool(const struct trace *t, struct result *res, uint64_t budget,
         pool_actions(&p, now);
         res->sim_end = now;
     }
-    res->wall = now_wall() - w0;
     res->max_loaded = p.max_live;
-    result_finish(res);
+    replay_end(res, w0);
     sched_free(p.s);
     free(p.h.v);
     free(p.ready_at_arrival);
@@ -378,12 +403,9 @@ static void run_lru(const struct trace *t, struct result *res, size_t K, double 
     int64_t *nx = malloc(t->nreq * sizeof *nx);
     uint8_t *rs = calloc(t->nreq, 1), *hit = calloc(t->nreq, 1);
     uint32_t *rgen = malloc(t->nreq * sizeof *rgen);
-    res->waits = malloc(t->nreq * sizeof *res->waits);
     struct heap h = { 0 };
     size_t loaded = 0, next = 0, killed_flight = 0;
-    double w0 = now_wall();
-    if (t->nreq)
-        heap_push(&h, t->at[0], EV_ARRIVE, 0, 0);
+    double w0 = replay_begin(t, res, &h);
     struct ev e;
     while (heap_pop(&h, &e)) {
         double now = e.t;
@@ -394,9 +416,7 @@ static void run_lru(const struct trace *t, struct result *res, size_t K, double 
         mprev = now;
         switch (e.kind) {
         case EV_ARRIVE: {
-            size_t r = next++;
-            if (next < t->nreq)
-                heap_push(&h, t->at[next], EV_ARRIVE, 0, 0);
+            size_t r = replay_arrive(t, &h, &next);
             m = t->model[r];
             last[m] = now;
             hit[r] = state[m] == 2;
@@ -478,10 +498,9 @@ static void run_lru(const struct trace *t, struct result *res, size_t K, double 
         }
         res->sim_end = now;
     }
-    res->wall = now_wall() - w0;
     /* A request killed in flight was counted as served when dispatched. */
     res->served -= killed_flight;
-    result_finish(res);
+    replay_end(res, w0);
     free(state); free(last); free(gen); free(flight); free(q); free(nx); free(rs); free(hit);
     free(rgen); free(h.v);
 }
@@ -493,20 +512,15 @@ static void run_swap(const struct trace *t, struct result *res)
     enum { S_NONE, S_LOADING, S_READY, S_DRAINING, S_UNLOADING } st = S_NONE;
     size_t cur = 0, flight = 0, head = 0, arrived = 0;
     uint8_t *rs = calloc(t->nreq, 1), *hit = calloc(t->nreq, 1);
-    res->waits = malloc(t->nreq * sizeof *res->waits);
     res->max_loaded = 1;
     struct heap h = { 0 };
-    double w0 = now_wall();
-    if (t->nreq)
-        heap_push(&h, t->at[0], EV_ARRIVE, 0, 0);
+    double w0 = replay_begin(t, res, &h);
     struct ev e;
     while (heap_pop(&h, &e)) {
         double now = e.t;
         switch (e.kind) {
         case EV_ARRIVE: {
-            size_t r = arrived++;
-            if (arrived < t->nreq)
-                heap_push(&h, t->at[arrived], EV_ARRIVE, 0, 0);
+            size_t r = replay_arrive(t, &h, &arrived);
             hit[r] = st == S_READY && cur == t->model[r];
             rs[r] = R_QUEUED;
             heap_push(&h, now + CLIENT_TIMEOUT, EV_TIMEOUT, r, 0);
@@ -559,8 +573,7 @@ static void run_swap(const struct trace *t, struct result *res)
         }
         res->sim_end = now;
     }
-    res->wall = now_wall() - w0;
-    result_finish(res);
+    replay_end(res, w0);
     free(rs); free(hit); free(h.v);
 }
 

@@ -77,14 +77,19 @@
 
 enum { SRV_RAW_UNIX, SRV_RAW_TCP, SRV_API_UNIX, SRV_API_TCP, SRV_COUNT };
 
-/* The pool's configs: A at start, B and an invalid one for /pool/reload. */
-static const char conf_a[] =
-    "[pool]\n"
-    "llama_server = %s\n"
-    "memory_budget = 1M\n"
-    "memory_reserve = 0\n"
-    "log_dir = %s/logs\n"
+/* The pool's configs: A at start, B and an invalid one for /pool/reload.
+ * A and B start alike: a budget no model fits, in the fuzz directory
+ * (conf_fill fills in llama_server and the directory). */
+#define CONF_POOL_HEAD                      \
+    "[pool]\n"                              \
+    "llama_server = %s\n"                   \
+    "memory_budget = 1M\n"                  \
+    "memory_reserve = 0\n"                  \
+    "log_dir = %s/logs\n"                   \
     "control_socket = %s/control.sock\n"
+
+static const char conf_a[] =
+    CONF_POOL_HEAD
     "api_keys = key-one, key-two\n"
     "admin_key = admin-key\n"
     "default_model = tiny\n"
@@ -103,12 +108,7 @@ static const char conf_a[] =
     "args = -c 512\n";
 
 static const char conf_b[] =
-    "[pool]\n"
-    "llama_server = %s\n"
-    "memory_budget = 1M\n"
-    "memory_reserve = 0\n"
-    "log_dir = %s/logs\n"
-    "control_socket = %s/control.sock\n"
+    CONF_POOL_HEAD
     "api_keys = key-one\n"
     "\n"
     "[model tiny]\n"

@@ -3,7 +3,7 @@ import re
 import urllib.request
 
 from conftest import fake_only, wait_for
-from test_proxy import CHAT, get, post
+from test_proxy import CHAT, get, one_slow_slot, post, take_the_slot
 
 
 def scrape(pool):
@@ -51,15 +51,8 @@ def test_metrics_count_starts_requests_and_statuses(pool):
 
 @fake_only("needs slow generation")
 def test_metrics_count_queue_rejections(pool):
-    import threading
-    from conftest import wait_for
-    pool.config({"tiny": {"args": "-c 256 -np 1", "env": {"FAKE_TOKEN_MS": "200"}}},
-                pool_extra="max_queue = 0")
-    pool.start()
-    pool.cli("start", "tiny", check=0)
-    t = threading.Thread(target=post, args=(pool.listen_port, "/v1/chat/completions", {**CHAT, "model": "tiny"}))
-    t.start()
-    wait_for(lambda: pool.instances("tiny")[0]["in_flight"] == 1, what="the slot taken")
+    one_slow_slot(pool, 200, pool_extra="max_queue = 0")
+    t = take_the_slot(pool)
     assert post(pool.listen_port, "/v1/chat/completions", {**CHAT, "model": "tiny"})[0] == 429
     t.join(30)
     m = scrape(pool)

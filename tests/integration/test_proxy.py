@@ -68,6 +68,45 @@ def sse_events(body):
     return [e for e in body.decode().split("\n\n") if e.strip()]
 
 
+def one_slow_slot(pool, token_ms, pool_extra=""):
+    """Model tiny with one slot that takes TOKEN_MS per token, started."""
+    pool.config({"tiny": {"args": "-c 256 -np 1", "env": {"FAKE_TOKEN_MS": str(token_ms)}}},
+                pool_extra=pool_extra)
+    pool.start()
+    pool.cli("start", "tiny", check=0)
+
+
+def take_the_slot(pool, **chat):
+    """A chat request for tiny in a thread; once this returns it holds
+    tiny's only slot. The thread, to join."""
+    t = threading.Thread(target=post, args=(pool.listen_port, "/v1/chat/completions",
+                                            {**CHAT, "model": "tiny", **chat}))
+    t.start()
+    wait_for(lambda: pool.instances("tiny")[0]["in_flight"] == 1, what="the slot taken")
+    return t
+
+
+def send_chat(pool, headers=b"", **chat):
+    """A chat request for tiny written on a raw socket, HEADERS (raw lines)
+    added; the socket, left open for the test to read or drop."""
+    s = socket.create_connection(("127.0.0.1", pool.listen_port), timeout=10)
+    body = json.dumps({**CHAT, "model": "tiny", **chat}).encode()
+    s.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\n" + headers
+              + b"Content-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body)
+    return s
+
+
+def read_events(s, n=1):
+    """Reads from S until N SSE events have begun (the head may come
+    first); what came. Fails if the stream ends before."""
+    got = b""
+    while got.count(b"data:") < n:
+        chunk = s.recv(65536)
+        assert chunk, "the stream ended early"
+        got += chunk
+    return got
+
+
 @pytest.fixture
 def started(pool):
     """A pool with model tiny (alias t, the default), deterministic stand-in."""
@@ -249,10 +288,7 @@ def test_100_clients_over_2_instances_of_2_slots(pool):
 
 @fake_only("needs slow generation")
 def test_queue_full_is_429_with_retry_after(pool):
-    pool.config({"tiny": {"args": "-c 256 -np 1", "env": {"FAKE_TOKEN_MS": "200"}}},
-                pool_extra="max_queue = 1")
-    pool.start()
-    pool.cli("start", "tiny", check=0)
+    one_slow_slot(pool, 200, pool_extra="max_queue = 1")
     threads = [threading.Thread(target=post, args=(pool.listen_port, "/v1/chat/completions",
                                                    {**CHAT, "model": "tiny"})) for _ in range(2)]
     for t in threads:
@@ -268,13 +304,8 @@ def test_queue_full_is_429_with_retry_after(pool):
 
 @fake_only("needs slow generation")
 def test_queue_timeout_is_504(pool):
-    pool.config({"tiny": {"args": "-c 256 -np 1", "env": {"FAKE_TOKEN_MS": "500"}}},
-                pool_extra="queue_timeout = 300ms")
-    pool.start()
-    pool.cli("start", "tiny", check=0)
-    t = threading.Thread(target=post, args=(pool.listen_port, "/v1/chat/completions", {**CHAT, "model": "tiny"}))
-    t.start()
-    wait_for(lambda: pool.instances("tiny")[0]["in_flight"] == 1, what="the slot taken")
+    one_slow_slot(pool, 500, pool_extra="queue_timeout = 300ms")
+    t = take_the_slot(pool)
     status, _, body = post(pool.listen_port, "/v1/chat/completions", {**CHAT, "model": "tiny"})
     assert status == 504, body
     t.join(30)
@@ -287,19 +318,10 @@ def slots_busy(port, auth):
 
 @fake_only("needs slow generation")
 def test_disconnect_mid_stream_frees_the_upstream_slot(pool):
-    pool.config({"tiny": {"args": "-c 256 -np 1", "env": {"FAKE_TOKEN_MS": "50"}}})
-    pool.start()
-    pool.cli("start", "tiny", check=0)
+    one_slow_slot(pool, 50)
     port = pool.ready_instances("tiny")[0]["port"]
-    s = socket.create_connection(("127.0.0.1", pool.listen_port), timeout=10)
-    body = json.dumps({**CHAT, "model": "tiny", "stream": True, "max_tokens": 1000}).encode()
-    s.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
-              b"Content-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body)
-    got = b""
-    while b"data:" not in got:              # headers may come before the first event
-        chunk = s.recv(65536)
-        assert chunk, "the stream ended early"
-        got += chunk
+    s = send_chat(pool, b"Content-Type: application/json\r\n", stream=True, max_tokens=1000)
+    read_events(s)
     auth = child_auth(pool)
     assert slots_busy(port, auth) == 1
     s.close()
@@ -309,17 +331,9 @@ def test_disconnect_mid_stream_frees_the_upstream_slot(pool):
 
 @fake_only("needs slow generation")
 def test_disconnect_while_queued_leaves_the_queue(pool):
-    pool.config({"tiny": {"args": "-c 256 -np 1", "env": {"FAKE_TOKEN_MS": "100"}}})
-    pool.start()
-    pool.cli("start", "tiny", check=0)
-    t = threading.Thread(target=post, args=(pool.listen_port, "/v1/chat/completions",
-                                            {**CHAT, "model": "tiny", "max_tokens": 20}))
-    t.start()
-    wait_for(lambda: pool.instances("tiny")[0]["in_flight"] == 1, what="the slot taken")
-    s = socket.create_connection(("127.0.0.1", pool.listen_port), timeout=10)
-    body = json.dumps({**CHAT, "model": "tiny"}).encode()
-    s.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Length: "
-              + str(len(body)).encode() + b"\r\n\r\n" + body)
+    one_slow_slot(pool, 100)
+    t = take_the_slot(pool, max_tokens=20)
+    s = send_chat(pool)
     wait_for(lambda: pool.status()["queue"]["waiting"] == 1, what="one waiting")
     s.close()
     wait_for(lambda: pool.status()["queue"]["waiting"] == 0, timeout=2, what="the queue empty again")
@@ -328,17 +342,10 @@ def test_disconnect_while_queued_leaves_the_queue(pool):
 
 @fake_only("needs slow generation")
 def test_child_killed_mid_stream_gets_an_error_event_then_a_restart(pool):
-    pool.config({"tiny": {"args": "-c 256 -np 1", "env": {"FAKE_TOKEN_MS": "50"}}})
-    pool.start()
-    pool.cli("start", "tiny", check=0)
+    one_slow_slot(pool, 50)
     pid = pool.ready_instances("tiny")[0]["pid"]
-    s = socket.create_connection(("127.0.0.1", pool.listen_port), timeout=10)
-    body = json.dumps({**CHAT, "model": "tiny", "stream": True, "max_tokens": 1000}).encode()
-    s.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nConnection: close\r\n"
-              b"Content-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body)
-    got = b""
-    while got.count(b"data:") < 2:          # the stream is flowing
-        got += s.recv(65536)
+    s = send_chat(pool, b"Connection: close\r\n", stream=True, max_tokens=1000)
+    got = read_events(s, 2)                 # the stream is flowing
     os.kill(pid, signal.SIGKILL)
     while True:
         chunk = s.recv(65536)

@@ -4,9 +4,9 @@
  * client runs in a second thread with blocking sockets whose every wait is
  * bounded (SO_RCVTIMEO), and reports back through the fixture. The client
  * never calls cmocka (not thread-safe): it records the first failed check
- * in fx->fail, and the test thread asserts after joining it. Responses are
- * parsed on the client side with llhttp in response mode, and their raw
- * bytes are kept for exact framing checks. */
+ * (CHECK, testlib.h), and the test thread asserts after joining it.
+ * Responses are parsed on the client side with llhttp in response mode,
+ * and their raw bytes are kept for exact framing checks. */
 #define _GNU_SOURCE
 #include <setjmp.h>
 #include <stdarg.h>
@@ -14,7 +14,6 @@
 #include <cmocka.h>
 
 #include <errno.h>
-#include <llhttp.h>
 #include <netinet/in.h>
 #include <arpa/inet.h>
 #include <pthread.h>
@@ -32,6 +31,7 @@
 
 #include "http.h"
 #include "log.h"
+#include "testlib.h"
 
 #define CLIENT_TIMEOUT_MS 2000
 #define RUN_TIMEOUT_S     10.0
@@ -39,26 +39,14 @@
 /* ------------------------------------------------------------ fixture */
 
 struct fx;
-typedef void (*client_fn)(struct fx *);
 typedef void (*on_req_fn)(struct fx *, struct http_request *);
 
 struct fx {
-    struct ev_loop *loop;
+    struct tl_loop tl;
     struct http_server *srv;
     struct http_limits lim;
     char addr[256];
     char dir[64];              /* temp dir for UNIX sockets */
-
-    /* loop control */
-    ev_async done_w;           /* client thread finished */
-    ev_async act_w;            /* client asks the loop to do fx->act */
-    void (*act)(struct fx *);
-    ev_timer guard_w;
-    ev_prepare cond_w;
-    bool (*cond)(struct fx *);
-    bool guard_fired;
-    client_fn client;
-    pthread_t th;
 
     /* server side: what the handler saw and did */
     on_req_fn on_req;
@@ -79,7 +67,6 @@ struct fx {
     int keep_fd;               /* client socket left open past the client thread */
 
     /* client side results */
-    char fail[512];
     int status[8];
     char body[8][512];
     char note[8][512];
@@ -89,41 +76,6 @@ struct fx {
 };
 
 static struct fx *fx_of(void **state) { return *state; }
-
-static double now_s(void)
-{
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (double)ts.tv_sec + (double)ts.tv_nsec / 1e9;
-}
-
-static void cli_fail(struct fx *fx, int line, const char *what)
-{
-    if (!fx->fail[0])
-        snprintf(fx->fail, sizeof fx->fail, "client check failed at line %d: %s", line, what);
-}
-
-/* Client-thread check: record and leave the scenario. */
-#define CHECK(cond)                                  \
-    do {                                             \
-        if (!(cond)) {                               \
-            cli_fail(fx, __LINE__, #cond);           \
-            return;                                  \
-        }                                            \
-    } while (0)
-
-static bool wait_sem(sem_t *s, double seconds)
-{
-    struct timespec ts;
-    clock_gettime(CLOCK_REALTIME, &ts);
-    long ns = ts.tv_nsec + (long)((seconds - (long)seconds) * 1e9);
-    ts.tv_sec += (time_t)seconds + ns / 1000000000L;
-    ts.tv_nsec = ns % 1000000000L;
-    while (sem_timedwait(s, &ts) < 0)
-        if (errno != EINTR)
-            return false;
-    return true;
-}
 
 /* ---------------------------------------------------------- the handler */
 
@@ -200,69 +152,23 @@ static void answer_later(struct fx *fx, struct http_request *req, double seconds
 {
     fx->held = req;
     ev_timer_set(&fx->later_w, seconds, 0.);
-    ev_timer_start(fx->loop, &fx->later_w);
+    ev_timer_start(fx->tl.loop, &fx->later_w);
 }
 
 /* ------------------------------------------------------------ running */
-
-static void done_cb(struct ev_loop *loop, ev_async *w, int revents)
-{
-    (void)w;
-    (void)revents;
-    ev_break(loop, EVBREAK_ALL);
-}
-
-static void act_cb(struct ev_loop *loop, ev_async *w, int revents)
-{
-    struct fx *fx = w->data;
-    (void)loop;
-    (void)revents;
-    if (fx->act)
-        fx->act(fx);
-}
-
-static void guard_cb(struct ev_loop *loop, ev_timer *w, int revents)
-{
-    struct fx *fx = w->data;
-    (void)revents;
-    fx->guard_fired = true;
-    ev_break(loop, EVBREAK_ALL);
-}
-
-static void cond_cb(struct ev_loop *loop, ev_prepare *w, int revents)
-{
-    struct fx *fx = w->data;
-    (void)revents;
-    if (fx->cond(fx))
-        ev_break(loop, EVBREAK_ALL);
-}
 
 static int setup(void **state)
 {
     struct fx *fx = calloc(1, sizeof *fx);
     if (!fx)
         return -1;
-    fx->loop = ev_loop_new(EVFLAG_AUTO);
-    fx->lim = (struct http_limits){
-        .max_header = 64 * 1024,
-        .max_body = 1024 * 1024,
-        .header_timeout_ms = 5000,
-        .keepalive_timeout_ms = 5000,
-        .max_connections = 64,
-    };
+    if (tl_init(&fx->tl, fx) < 0)
+        return -1;
+    fx->lim = tl_limits();
     sem_init(&fx->got_req, 0, 0);
     sem_init(&fx->blocked, 0, 0);
-    ev_async_init(&fx->done_w, done_cb);
-    ev_async_init(&fx->act_w, act_cb);
-    fx->act_w.data = fx;
-    ev_async_start(fx->loop, &fx->done_w);
-    ev_async_start(fx->loop, &fx->act_w);
     ev_init(&fx->later_w, later_cb);
     fx->later_w.data = fx;
-    ev_init(&fx->guard_w, guard_cb);
-    fx->guard_w.data = fx;
-    ev_prepare_init(&fx->cond_w, cond_cb);
-    fx->cond_w.data = fx;
     fx->keep_fd = -1;
     *state = fx;
     return 0;
@@ -274,10 +180,8 @@ static int teardown(void **state)
     http_server_free(fx->srv);
     if (fx->keep_fd >= 0)
         close(fx->keep_fd);
-    ev_timer_stop(fx->loop, &fx->later_w);
-    ev_async_stop(fx->loop, &fx->done_w);
-    ev_async_stop(fx->loop, &fx->act_w);
-    ev_loop_destroy(fx->loop);
+    ev_timer_stop(fx->tl.loop, &fx->later_w);
+    tl_destroy(&fx->tl);
     sem_destroy(&fx->got_req);
     sem_destroy(&fx->blocked);
     if (fx->dir[0]) {
@@ -295,7 +199,7 @@ static int teardown(void **state)
 static void fx_listen(struct fx *fx, const char *addr)
 {
     char err[256] = "";
-    fx->srv = http_server_listen(fx->loop, addr, &fx->lim, handler, fx, err, sizeof err);
+    fx->srv = http_server_listen(fx->tl.loop, addr, &fx->lim, handler, fx, err, sizeof err);
     if (!fx->srv)
         fail_msg("listen %s: %s", addr, err);
     if (addr[0] == '/')
@@ -304,71 +208,24 @@ static void fx_listen(struct fx *fx, const char *addr)
         snprintf(fx->addr, sizeof fx->addr, "%u", http_server_port(fx->srv));
 }
 
-static void *client_main(void *arg)
-{
-    struct fx *fx = arg;
-    fx->client(fx);
-    ev_async_send(fx->loop, &fx->done_w);
-    return NULL;
-}
-
 /* Runs the loop until the client thread is done (bounded), then joins it. */
-static void fx_run(struct fx *fx, client_fn fn)
+static void fx_run(struct fx *fx, tl_party_fn client)
 {
-    fx->client = fn;
-    fx->guard_fired = false;
-    ev_timer_set(&fx->guard_w, RUN_TIMEOUT_S, 0.);
-    ev_timer_start(fx->loop, &fx->guard_w);
-    assert_int_equal(pthread_create(&fx->th, NULL, client_main, fx), 0);
-    ev_run(fx->loop, 0);
-    ev_timer_stop(fx->loop, &fx->guard_w);
-    pthread_join(fx->th, NULL);
-    if (fx->guard_fired)
+    if (!tl_run(&fx->tl, client, NULL, NULL, RUN_TIMEOUT_S))
         fail_msg("scenario did not finish within %.0f s", RUN_TIMEOUT_S);
-    if (fx->fail[0])
-        fail_msg("%s", fx->fail);
 }
 
 /* Runs the loop until COND holds; false if it did not within SECONDS. */
-static bool fx_wait(struct fx *fx, bool (*cond)(struct fx *), double seconds)
+static bool fx_wait(struct fx *fx, tl_cond_fn cond, double seconds)
 {
-    if (cond(fx))
-        return true;
-    fx->cond = cond;
-    fx->guard_fired = false;
-    ev_timer_set(&fx->guard_w, seconds, 0.);
-    ev_timer_start(fx->loop, &fx->guard_w);
-    ev_prepare_start(fx->loop, &fx->cond_w);
-    ev_run(fx->loop, 0);
-    ev_prepare_stop(fx->loop, &fx->cond_w);
-    ev_timer_stop(fx->loop, &fx->guard_w);
-    return cond(fx);
+    return tl_wait(&fx->tl, cond, seconds);
 }
 
 /* ------------------------------------------------------------- client */
 
-static void set_timeout(int fd, int ms)
-{
-    struct timeval tv = { ms / 1000, (ms % 1000) * 1000 };
-    setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof tv);
-    setsockopt(fd, SOL_SOCKET, SO_SNDTIMEO, &tv, sizeof tv);
-}
-
 static int cli_tcp_opts(struct fx *fx, int rcvbuf)
 {
-    int fd = socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
-    if (fd < 0)
-        return -1;
-    set_timeout(fd, CLIENT_TIMEOUT_MS);
-    if (rcvbuf)
-        setsockopt(fd, SOL_SOCKET, SO_RCVBUF, &rcvbuf, sizeof rcvbuf);
-    struct sockaddr_in sin = { .sin_family = AF_INET, .sin_port = htons((uint16_t)atoi(fx->addr)) };
-    sin.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
-    if (connect(fd, (struct sockaddr *)&sin, sizeof sin) < 0) {
-        close(fd);
-        return -1;
-    }
-    return fd;
+    return tl_connect((unsigned)atoi(fx->addr), CLIENT_TIMEOUT_MS, rcvbuf);
 }
 
 static int cli_tcp(struct fx *fx) { return cli_tcp_opts(fx, 0); }
@@ -379,7 +236,7 @@ static int cli_unix(const char *path)
     struct sockaddr_un sun = { .sun_family = AF_UNIX };
     if (fd < 0)
         return -1;
-    set_timeout(fd, CLIENT_TIMEOUT_MS);
+    set_timeouts(fd, CLIENT_TIMEOUT_MS);
     if (strlen(path) >= sizeof sun.sun_path) {
         close(fd);
         return -1;
@@ -392,209 +249,74 @@ static int cli_unix(const char *path)
     return fd;
 }
 
-static bool cli_send_n(int fd, const char *s, size_t n)
+/* Sends REQ on a fresh connection and reads one response. */
+/* A TCP connection to the server under test, ready to read. */
+static bool cli_open(struct fx *fx, struct cconn *cc)
 {
-    while (n) {
-        ssize_t w = send(fd, s, n, MSG_NOSIGNAL);
-        if (w < 0 && errno == EINTR)
-            continue;
-        if (w <= 0)
-            return false;
-        s += w;
-        n -= (size_t)w;
-    }
-    return true;
+    int fd = cli_tcp(fx);
+    if (fd >= 0)
+        cc_init(cc, fd);
+    return fd >= 0;
 }
 
-static bool cli_send(int fd, const char *s) { return cli_send_n(fd, s, strlen(s)); }
-
-/* One parsed response. */
-struct cresp {
-    int status;
-    int nh;
-    char hn[32][64];
-    char hv[32][256];
-    char *body;
-    size_t body_len, body_cap;
-    char *raw;                 /* the response's bytes as received */
-    size_t raw_len, raw_cap;
-    bool done;
-};
-
-/* A client connection: leftover bytes carry over to the next response. */
-struct cconn {
-    int fd;
-    llhttp_t p;
-    llhttp_settings_t s;
-    char buf[65536];
-    size_t off, len;
-    struct cresp *r;
-    bool head;
-    bool eof;
-};
-
-static void grow_append(char **buf, size_t *len, size_t *cap, const char *at, size_t n)
+/* Sends REQ (unless NULL: it was sent) on CC and reads one whole response
+ * into R. */
+static bool ask(struct cconn *cc, const char *req, struct cresp *r)
 {
-    if (*cap - *len < n + 1) {
-        size_t c = *cap ? *cap : 1024;
-        while (c - *len < n + 1)
-            c *= 2;
-        *buf = realloc(*buf, c);
-        assert_non_null(*buf); /* test thread only uses this via the client: abort is fine */
-        *cap = c;
-    }
-    memcpy(*buf + *len, at, n);
-    *len += n;
-    (*buf)[*len] = '\0';
-}
-
-static void cresp_free(struct cresp *r)
-{
-    free(r->body);
-    free(r->raw);
-    memset(r, 0, sizeof *r);
-}
-
-static const char *cresp_header(const struct cresp *r, const char *name)
-{
-    for (int i = 0; i < r->nh; i++)
-        if (strcasecmp(r->hn[i], name) == 0)
-            return r->hv[i];
-    return NULL;
-}
-
-static void strncat_piece(char *dst, size_t cap, const char *at, size_t n)
-{
-    size_t l = strlen(dst);
-    if (l + n >= cap)
-        n = cap - l - 1;
-    memcpy(dst + l, at, n);
-    dst[l + n] = '\0';
-}
-
-static int c_on_header_field(llhttp_t *p, const char *at, size_t n)
-{
-    struct cconn *cc = p->data;
-    if (cc->r->nh < 32)
-        strncat_piece(cc->r->hn[cc->r->nh], sizeof cc->r->hn[0], at, n);
-    return 0;
-}
-
-static int c_on_header_value(llhttp_t *p, const char *at, size_t n)
-{
-    struct cconn *cc = p->data;
-    if (cc->r->nh < 32)
-        strncat_piece(cc->r->hv[cc->r->nh], sizeof cc->r->hv[0], at, n);
-    return 0;
-}
-
-static int c_on_header_value_complete(llhttp_t *p)
-{
-    struct cconn *cc = p->data;
-    if (cc->r->nh < 32)
-        cc->r->nh++;
-    return 0;
-}
-
-static int c_on_headers_complete(llhttp_t *p)
-{
-    struct cconn *cc = p->data;
-    cc->r->status = p->status_code;
-    return cc->head ? 1 : 0;
-}
-
-static int c_on_body(llhttp_t *p, const char *at, size_t n)
-{
-    struct cconn *cc = p->data;
-    grow_append(&cc->r->body, &cc->r->body_len, &cc->r->body_cap, at, n);
-    return 0;
-}
-
-static int c_on_message_complete(llhttp_t *p)
-{
-    struct cconn *cc = p->data;
-    cc->r->done = true;
-    return HPE_PAUSED;
-}
-
-static void cc_init(struct cconn *cc, int fd)
-{
-    memset(cc, 0, sizeof *cc);
-    cc->fd = fd;
-    llhttp_settings_init(&cc->s);
-    cc->s.on_header_field = c_on_header_field;
-    cc->s.on_header_value = c_on_header_value;
-    cc->s.on_header_value_complete = c_on_header_value_complete;
-    cc->s.on_headers_complete = c_on_headers_complete;
-    cc->s.on_body = c_on_body;
-    cc->s.on_message_complete = c_on_message_complete;
-}
-
-/* Reads one response (HEAD: no body). False on timeout, EOF too early, or
- * a framing error. */
-static bool cc_read(struct cconn *cc, struct cresp *r, bool head)
-{
-    memset(r, 0, sizeof *r);
-    cc->r = r;
-    cc->head = head;
-    llhttp_init(&cc->p, HTTP_RESPONSE, &cc->s);
-    cc->p.data = cc;
-    for (;;) {
-        if (cc->len > cc->off) {
-            const char *data = cc->buf + cc->off;
-            size_t n = cc->len - cc->off;
-            llhttp_errno_t e = llhttp_execute(&cc->p, data, n);
-            size_t used = n;
-            if (e == HPE_PAUSED)
-                used = (size_t)(llhttp_get_error_pos(&cc->p) - data);
-            else if (e != HPE_OK)
-                return false;
-            grow_append(&r->raw, &r->raw_len, &r->raw_cap, data, used);
-            cc->off += used;
-            if (r->done)
-                return true;
-        }
-        ssize_t n = recv(cc->fd, cc->buf, sizeof cc->buf, 0);
-        if (n > 0) {
-            cc->off = 0;
-            cc->len = (size_t)n;
-            continue;
-        }
-        if (n == 0) {
-            cc->eof = true;
-            llhttp_finish(&cc->p);
-            return r->done;
-        }
-        if (errno != EINTR)
-            return false;
-    }
-}
-
-/* True if the server closes the connection (EOF) with no further bytes. */
-static bool cc_expect_eof(struct cconn *cc)
-{
-    if (cc->eof)
-        return cc->len == cc->off;
-    if (cc->len > cc->off)
-        return false;
-    char b[256];
-    ssize_t n;
-    do
-        n = recv(cc->fd, b, sizeof b, 0);
-    while (n < 0 && errno == EINTR);
-    if (n == 0)
-        cc->eof = true;
-    return n == 0 || (n < 0 && errno == ECONNRESET);
+    return (!req || send_str(cc->fd, req)) && cc_read(cc, r, false);
 }
 
 /* Sends REQ on a fresh connection and reads one response. */
 static bool one_shot(struct fx *fx, const char *req, struct cconn *cc, struct cresp *r)
 {
-    int fd = cli_tcp(fx);
-    if (fd < 0)
+    return cli_open(fx, cc) && ask(cc, req, r);
+}
+
+/* Keeps R's status and body in slot I, then frees R. */
+static void keep(struct fx *fx, int i, struct cresp *r)
+{
+    fx->status[i] = r->status;
+    snprintf(fx->body[i], sizeof fx->body[i], "%s", r->body ? r->body : "");
+    cresp_free(r);
+}
+
+/* ask(), its answer kept in slot I. */
+static bool ask_keep(struct fx *fx, struct cconn *cc, int i, const char *req)
+{
+    struct cresp r = { 0 };
+    bool ok = ask(cc, req, &r);
+    if (ok)
+        keep(fx, i, &r);
+    cresp_free(&r);
+    return ok;
+}
+
+/* REQ on a fresh connection, closed after; its answer kept in slot I. */
+static bool fresh_keep(struct fx *fx, int i, const char *req)
+{
+    struct cconn cc;
+    if (!cli_open(fx, &cc))
         return false;
-    cc_init(cc, fd);
-    return cli_send(fd, req) && cc_read(cc, r, false);
+    bool ok = ask_keep(fx, &cc, i, req);
+    close(cc.fd);
+    return ok;
+}
+
+/* REQ on a fresh connection: its status in slot I; flag[F]: the answer
+ * says Connection: close; flag[F + 1]: the server then closes. */
+static bool answered_then_closed(struct fx *fx, const char *req, int i, int f)
+{
+    struct cconn cc;
+    struct cresp r = { 0 };
+    if (!one_shot(fx, req, &cc, &r)) {
+        cresp_free(&r);
+        return false;
+    }
+    fx->flag[f] = header_is_ci(&r, "Connection", "close");
+    fx->flag[f + 1] = cc_expect_eof(&cc);
+    keep(fx, i, &r);
+    close(cc.fd);
+    return true;
 }
 
 /* ------------------------------------------------------------- tests */
@@ -604,19 +326,17 @@ static bool one_shot(struct fx *fx, const char *req, struct cconn *cc, struct cr
 static void client_simple_get(struct fx *fx)
 {
     struct cconn cc;
-    struct cresp r;
+    struct cresp r = { 0 };
     CHECK(one_shot(fx, "GET /hello?x=1&y=2 HTTP/1.1\r\nHost: example\r\nUser-Agent: t\r\n\r\n", &cc, &r));
-    fx->status[0] = r.status;
-    snprintf(fx->body[0], sizeof fx->body[0], "%s", r.body ? r.body : "");
     const char *h;
     fx->flag[0] = (h = cresp_header(&r, "Content-Length")) && atoi(h) == (int)r.body_len;
-    fx->flag[1] = (h = cresp_header(&r, "Content-Type")) && strcmp(h, "text/plain") == 0;
-    fx->flag[2] = (h = cresp_header(&r, "Connection")) && strcasecmp(h, "keep-alive") == 0;
-    fx->flag[3] = (h = cresp_header(&r, "Server")) && strcmp(h, "llama-pool") == 0;
+    fx->flag[1] = header_is(&r, "Content-Type", "text/plain");
+    fx->flag[2] = header_is_ci(&r, "Connection", "keep-alive");
+    fx->flag[3] = header_is(&r, "Server", "llama-pool");
     fx->flag[4] = (h = cresp_header(&r, "Date")) && strstr(h, " GMT") != NULL;
     fx->flag[5] = strncmp(r.raw, "HTTP/1.1 200 OK\r\n", 17) == 0;
     fx->flag[6] = cresp_header(&r, "Transfer-Encoding") == NULL;
-    cresp_free(&r);
+    keep(fx, 0, &r);
     close(cc.fd);
 }
 
@@ -647,16 +367,9 @@ static void test_get_200_with_headers(void **state)
 static void client_keepalive(struct fx *fx)
 {
     struct cconn cc;
-    struct cresp r;
-    CHECK(one_shot(fx, "GET /one HTTP/1.1\r\nHost: a\r\n\r\n", &cc, &r));
-    fx->status[0] = r.status;
-    snprintf(fx->body[0], sizeof fx->body[0], "%s", r.body);
-    cresp_free(&r);
-    CHECK(cli_send(cc.fd, "GET /two HTTP/1.1\r\nHost: a\r\n\r\n"));
-    CHECK(cc_read(&cc, &r, false));
-    fx->status[1] = r.status;
-    snprintf(fx->body[1], sizeof fx->body[1], "%s", r.body);
-    cresp_free(&r);
+    CHECK(cli_open(fx, &cc));
+    CHECK(ask_keep(fx, &cc, 0, "GET /one HTTP/1.1\r\nHost: a\r\n\r\n"));
+    CHECK(ask_keep(fx, &cc, 1, "GET /two HTTP/1.1\r\nHost: a\r\n\r\n"));
     close(cc.fd);
 }
 
@@ -687,20 +400,13 @@ static void on_req_some_later(struct fx *fx, struct http_request *req)
 static void client_pipelined(struct fx *fx)
 {
     struct cconn cc;
-    int fd = cli_tcp(fx);
-    CHECK(fd >= 0);
-    cc_init(&cc, fd);
-    CHECK(cli_send(fd, "GET /slow1 HTTP/1.1\r\nHost: a\r\n\r\n"
-                       "POST /fast2 HTTP/1.1\r\nHost: a\r\nContent-Length: 3\r\n\r\nabc"
-                       "GET /slow3 HTTP/1.1\r\nHost: a\r\n\r\n"));
-    for (int i = 0; i < 3; i++) {
-        struct cresp r;
-        CHECK(cc_read(&cc, &r, false));
-        fx->status[i] = r.status;
-        snprintf(fx->body[i], sizeof fx->body[i], "%s", r.body);
-        cresp_free(&r);
-    }
-    close(fd);
+    CHECK(cli_open(fx, &cc));
+    CHECK(send_str(cc.fd, "GET /slow1 HTTP/1.1\r\nHost: a\r\n\r\n"
+                          "POST /fast2 HTTP/1.1\r\nHost: a\r\nContent-Length: 3\r\n\r\nabc"
+                          "GET /slow3 HTTP/1.1\r\nHost: a\r\n\r\n"));
+    for (int i = 0; i < 3; i++)
+        CHECK(ask_keep(fx, &cc, i, NULL));
+    close(cc.fd);
 }
 
 static void test_pipelined_requests_answered_in_order(void **state)
@@ -727,21 +433,14 @@ static void act_answer_held_soon(struct fx *fx)
 static void client_next_request_while_held(struct fx *fx)
 {
     struct cconn cc;
-    int fd = cli_tcp(fx);
-    CHECK(fd >= 0);
-    cc_init(&cc, fd);
-    CHECK(cli_send(fd, "GET /first HTTP/1.1\r\nHost: a\r\n\r\n"));
+    CHECK(cli_open(fx, &cc));
+    CHECK(send_str(cc.fd, "GET /first HTTP/1.1\r\nHost: a\r\n\r\n"));
     CHECK(wait_sem(&fx->got_req, 2.0));
-    CHECK(cli_send(fd, "GET /second HTTP/1.1\r\nHost: a\r\n\r\n"));
-    ev_async_send(fx->loop, &fx->act_w);
-    for (int i = 0; i < 2; i++) {
-        struct cresp r;
-        CHECK(cc_read(&cc, &r, false));
-        fx->status[i] = r.status;
-        snprintf(fx->body[i], sizeof fx->body[i], "%s", r.body);
-        cresp_free(&r);
-    }
-    close(fd);
+    CHECK(send_str(cc.fd, "GET /second HTTP/1.1\r\nHost: a\r\n\r\n"));
+    tl_ask(&fx->tl);
+    for (int i = 0; i < 2; i++)
+        CHECK(ask_keep(fx, &cc, i, NULL));
+    close(cc.fd);
 }
 
 static void on_req_hold_first(struct fx *fx, struct http_request *req)
@@ -756,7 +455,7 @@ static void test_next_request_while_held_is_not_a_disconnect(void **state)
 {
     struct fx *fx = fx_of(state);
     fx->on_req = on_req_hold_first;
-    fx->act = act_answer_held_soon;
+    fx->tl.act = act_answer_held_soon;
     fx_listen(fx, "127.0.0.1:0");
     fx_run(fx, client_next_request_while_held);
     assert_int_equal(fx->closes, 0);
@@ -769,27 +468,16 @@ static void test_next_request_while_held_is_not_a_disconnect(void **state)
 static void client_bodies(struct fx *fx)
 {
     struct cconn cc;
-    struct cresp r;
-    int fd = cli_tcp(fx);
-    CHECK(fd >= 0);
-    cc_init(&cc, fd);
+    CHECK(cli_open(fx, &cc));
     /* Content-Length, sent in pieces that split a header name and the body */
-    CHECK(cli_send(fd, "POST /cl HTTP/1.1\r\nHost: a\r\nCont"));
-    CHECK(cli_send(fd, "ent-Length: 11\r\n\r\nhello"));
-    CHECK(cli_send(fd, " world"));
-    CHECK(cc_read(&cc, &r, false));
-    fx->status[0] = r.status;
-    snprintf(fx->body[0], sizeof fx->body[0], "%s", r.body);
-    cresp_free(&r);
+    CHECK(send_str(cc.fd, "POST /cl HTTP/1.1\r\nHost: a\r\nCont"));
+    CHECK(send_str(cc.fd, "ent-Length: 11\r\n\r\nhello"));
+    CHECK(ask_keep(fx, &cc, 0, " world"));
     /* chunked, with a chunk extension and a trailer */
-    CHECK(cli_send(fd, "POST /chunked HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n"
-                       "5;ext=1\r\nhello\r\n6\r\n world\r\n"));
-    CHECK(cli_send(fd, "0\r\nX-Trailer: t\r\n\r\n"));
-    CHECK(cc_read(&cc, &r, false));
-    fx->status[1] = r.status;
-    snprintf(fx->body[1], sizeof fx->body[1], "%s", r.body);
-    cresp_free(&r);
-    close(fd);
+    CHECK(send_str(cc.fd, "POST /chunked HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n"
+                          "5;ext=1\r\nhello\r\n6\r\n world\r\n"));
+    CHECK(ask_keep(fx, &cc, 1, "0\r\nX-Trailer: t\r\n\r\n"));
+    close(cc.fd);
 }
 
 static void test_content_length_and_chunked_bodies(void **state)
@@ -806,20 +494,12 @@ static void test_content_length_and_chunked_bodies(void **state)
 static void client_expect_continue(struct fx *fx)
 {
     struct cconn cc;
-    struct cresp r;
-    int fd = cli_tcp(fx);
-    CHECK(fd >= 0);
-    cc_init(&cc, fd);
-    CHECK(cli_send(fd, "POST /up HTTP/1.1\r\nHost: a\r\nExpect: 100-continue\r\nContent-Length: 4\r\n\r\n"));
-    CHECK(cc_read(&cc, &r, false)); /* the interim response, before any body is sent */
-    fx->status[0] = r.status;
-    cresp_free(&r);
-    CHECK(cli_send(fd, "data"));
-    CHECK(cc_read(&cc, &r, false));
-    fx->status[1] = r.status;
-    snprintf(fx->body[1], sizeof fx->body[1], "%s", r.body);
-    cresp_free(&r);
-    close(fd);
+    CHECK(cli_open(fx, &cc));
+    /* the interim response, before any body is sent */
+    CHECK(ask_keep(fx, &cc, 0,
+                   "POST /up HTTP/1.1\r\nHost: a\r\nExpect: 100-continue\r\nContent-Length: 4\r\n\r\n"));
+    CHECK(ask_keep(fx, &cc, 1, "data"));
+    close(cc.fd);
 }
 
 static void test_expect_100_continue(void **state)
@@ -836,16 +516,8 @@ static void test_expect_100_continue(void **state)
  * connection closes instead of switching protocols. */
 static void client_upgrade(struct fx *fx)
 {
-    struct cconn cc;
-    struct cresp r;
-    const char *h;
-    CHECK(one_shot(fx, "GET /ws HTTP/1.1\r\nHost: a\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\r\n",
-                   &cc, &r));
-    fx->status[0] = r.status;
-    fx->flag[0] = (h = cresp_header(&r, "Connection")) && strcasecmp(h, "close") == 0;
-    fx->flag[1] = cc_expect_eof(&cc);
-    cresp_free(&r);
-    close(cc.fd);
+    CHECK(answered_then_closed(
+        fx, "GET /ws HTTP/1.1\r\nHost: a\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\r\n", 0, 0));
 }
 
 static void test_upgrade_request_answered_then_closed(void **state)
@@ -863,33 +535,18 @@ static void test_upgrade_request_answered_then_closed(void **state)
 static void client_http10(struct fx *fx)
 {
     struct cconn cc;
-    struct cresp r;
-    const char *h;
+    struct cresp r = { 0 };
     /* plain 1.0: answered, then closed */
-    CHECK(one_shot(fx, "GET /old HTTP/1.0\r\n\r\n", &cc, &r));
-    fx->status[0] = r.status;
-    fx->flag[0] = (h = cresp_header(&r, "Connection")) && strcasecmp(h, "close") == 0;
-    fx->flag[1] = cc_expect_eof(&cc);
-    cresp_free(&r);
-    close(cc.fd);
+    CHECK(answered_then_closed(fx, "GET /old HTTP/1.0\r\n\r\n", 0, 0));
     /* 1.0 asking for keep-alive: kept */
     CHECK(one_shot(fx, "GET /ka HTTP/1.0\r\nConnection: keep-alive\r\n\r\n", &cc, &r));
-    fx->status[1] = r.status;
-    fx->flag[2] = (h = cresp_header(&r, "Connection")) && strcasecmp(h, "keep-alive") == 0;
-    cresp_free(&r);
-    CHECK(cli_send(cc.fd, "GET /ka2 HTTP/1.0\r\n\r\n"));
-    CHECK(cc_read(&cc, &r, false));
-    fx->status[2] = r.status;
+    fx->flag[2] = header_is_ci(&r, "Connection", "keep-alive");
+    keep(fx, 1, &r);
+    CHECK(ask_keep(fx, &cc, 2, "GET /ka2 HTTP/1.0\r\n\r\n"));
     fx->flag[3] = cc_expect_eof(&cc);
-    cresp_free(&r);
     close(cc.fd);
     /* 1.1 with Connection: close */
-    CHECK(one_shot(fx, "GET /bye HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n", &cc, &r));
-    fx->status[3] = r.status;
-    fx->flag[4] = (h = cresp_header(&r, "Connection")) && strcasecmp(h, "close") == 0;
-    fx->flag[5] = cc_expect_eof(&cc);
-    cresp_free(&r);
-    close(cc.fd);
+    CHECK(answered_then_closed(fx, "GET /bye HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n", 3, 4));
 }
 
 static void test_http10_closes_after_response(void **state)
@@ -910,22 +567,16 @@ static void test_http10_closes_after_response(void **state)
 static void client_head(struct fx *fx)
 {
     struct cconn cc;
-    struct cresp r;
+    struct cresp r = { 0 };
     const char *h;
-    int fd = cli_tcp(fx);
-    CHECK(fd >= 0);
-    cc_init(&cc, fd);
-    CHECK(cli_send(fd, "HEAD /h HTTP/1.1\r\nHost: a\r\n\r\nGET /g HTTP/1.1\r\nHost: a\r\n\r\n"));
+    CHECK(cli_open(fx, &cc));
+    CHECK(send_str(cc.fd, "HEAD /h HTTP/1.1\r\nHost: a\r\n\r\nGET /g HTTP/1.1\r\nHost: a\r\n\r\n"));
     CHECK(cc_read(&cc, &r, true));
-    fx->status[0] = r.status;
     fx->flag[0] = (h = cresp_header(&r, "Content-Length")) && atoi(h) == (int)strlen("HEAD /h||");
     fx->flag[1] = r.body_len == 0;
-    cresp_free(&r);
-    CHECK(cc_read(&cc, &r, false)); /* would misparse if HEAD had sent a body */
-    fx->status[1] = r.status;
-    snprintf(fx->body[1], sizeof fx->body[1], "%s", r.body);
-    cresp_free(&r);
-    close(fd);
+    keep(fx, 0, &r);
+    CHECK(ask_keep(fx, &cc, 1, NULL)); /* would misparse if HEAD had sent a body */
+    close(cc.fd);
 }
 
 static void test_head_has_length_but_no_body(void **state)
@@ -947,20 +598,13 @@ static void test_head_has_length_but_no_body(void **state)
 static void error_case(struct fx *fx, int i, const char *req)
 {
     struct cconn cc;
-    struct cresp r;
-    const char *h;
-    int fd = cli_tcp(fx);
-    CHECK(fd >= 0);
-    cc_init(&cc, fd);
-    CHECK(cli_send(fd, req));
-    CHECK(cc_read(&cc, &r, false));
-    fx->status[i] = r.status;
-    snprintf(fx->body[i], sizeof fx->body[i], "%s", r.body ? r.body : "");
-    h = cresp_header(&r, "Content-Type");
+    struct cresp r = { 0 };
+    CHECK(one_shot(fx, req, &cc, &r));
+    const char *h = cresp_header(&r, "Content-Type");
     snprintf(fx->note[i], sizeof fx->note[i], "%s", h ? h : "");
     fx->flag[i] = cc_expect_eof(&cc);
-    cresp_free(&r);
-    close(fd);
+    keep(fx, i, &r);
+    close(cc.fd);
 }
 
 static void client_malformed(struct fx *fx)
@@ -1010,12 +654,7 @@ static char *g_exact, *g_over;
 
 static void client_header_limit(struct fx *fx)
 {
-    struct cconn cc;
-    struct cresp r;
-    CHECK(one_shot(fx, g_exact, &cc, &r));
-    fx->status[0] = r.status;
-    cresp_free(&r);
-    close(cc.fd);
+    CHECK(fresh_keep(fx, 0, g_exact));
     error_case(fx, 1, g_over);
 }
 
@@ -1039,12 +678,7 @@ static void test_oversized_header_gets_431(void **state)
 
 static void client_body_limit(struct fx *fx)
 {
-    struct cconn cc;
-    struct cresp r;
-    CHECK(one_shot(fx, "POST /ok HTTP/1.1\r\nHost: a\r\nContent-Length: 16\r\n\r\n0123456789abcdef", &cc, &r));
-    fx->status[0] = r.status;
-    cresp_free(&r);
-    close(cc.fd);
+    CHECK(fresh_keep(fx, 0, "POST /ok HTTP/1.1\r\nHost: a\r\nContent-Length: 16\r\n\r\n0123456789abcdef"));
     /* refused from the length alone: no body sent */
     error_case(fx, 1, "POST /big HTTP/1.1\r\nHost: a\r\nContent-Length: 17\r\n\r\n");
     /* chunked: 10 + 7 bytes */
@@ -1095,10 +729,9 @@ static void test_slow_headers_get_408(void **state)
 static void client_idle(struct fx *fx)
 {
     struct cconn cc;
-    struct cresp r;
+    struct cresp r = { 0 };
     CHECK(one_shot(fx, "GET / HTTP/1.1\r\nHost: a\r\n\r\n", &cc, &r));
-    fx->status[0] = r.status;
-    cresp_free(&r);
+    keep(fx, 0, &r);
     double t0 = now_s();
     fx->flag[0] = cc_expect_eof(&cc); /* silently: no bytes before EOF */
     fx->elapsed[0] = now_s() - t0;
@@ -1138,26 +771,22 @@ static const char *after_head(const char *raw)
 static void client_stream(struct fx *fx)
 {
     struct cconn cc;
-    struct cresp r;
-    const char *h;
+    struct cresp r = { 0 };
     CHECK(one_shot(fx, "GET /events HTTP/1.1\r\nHost: a\r\n\r\n", &cc, &r));
     fx->status[0] = r.status;
     snprintf(fx->body[0], sizeof fx->body[0], "%s", after_head(r.raw)); /* raw framing */
-    fx->flag[0] = (h = cresp_header(&r, "Transfer-Encoding")) && strcmp(h, "chunked") == 0;
+    fx->flag[0] = header_is(&r, "Transfer-Encoding", "chunked");
     fx->flag[1] = cresp_header(&r, "Content-Length") == NULL;
-    fx->flag[2] = (h = cresp_header(&r, "Cache-Control")) && strcmp(h, "no-cache") == 0;
+    fx->flag[2] = header_is(&r, "Cache-Control", "no-cache");
     cresp_free(&r);
     /* still usable afterwards */
-    CHECK(cli_send(cc.fd, "GET /again HTTP/1.1\r\nHost: a\r\n\r\n"));
-    CHECK(cc_read(&cc, &r, false));
-    fx->status[1] = r.status;
-    cresp_free(&r);
+    CHECK(ask_keep(fx, &cc, 1, "GET /again HTTP/1.1\r\nHost: a\r\n\r\n"));
     close(cc.fd);
     /* HTTP/1.0: raw bytes, closed at the end */
     CHECK(one_shot(fx, "GET /events HTTP/1.0\r\n\r\n", &cc, &r));
     fx->status[2] = r.status;
     snprintf(fx->body[2], sizeof fx->body[2], "%s", after_head(r.raw));
-    fx->flag[3] = (h = cresp_header(&r, "Connection")) && strcasecmp(h, "close") == 0;
+    fx->flag[3] = header_is_ci(&r, "Connection", "close");
     fx->flag[4] = cc.eof;
     cresp_free(&r);
     close(cc.fd);
@@ -1197,7 +826,7 @@ static void client_disconnect_while_held(struct fx *fx)
 {
     int fd = cli_tcp(fx);
     CHECK(fd >= 0);
-    CHECK(cli_send(fd, "GET /wait HTTP/1.1\r\nHost: a\r\n\r\n"));
+    CHECK(send_str(fd, "GET /wait HTTP/1.1\r\nHost: a\r\n\r\n"));
     CHECK(wait_sem(&fx->got_req, 2.0));
     close(fd);
 }
@@ -1229,7 +858,7 @@ static void client_disconnect_while_streaming(struct fx *fx)
     size_t got = 0;
     int fd = cli_tcp(fx);
     CHECK(fd >= 0);
-    CHECK(cli_send(fd, "POST /v1/chat/completions HTTP/1.1\r\nHost: a\r\nContent-Length: 2\r\n\r\n{}"));
+    CHECK(send_str(fd, "POST /v1/chat/completions HTTP/1.1\r\nHost: a\r\nContent-Length: 2\r\n\r\n{}"));
     CHECK(wait_sem(&fx->got_req, 2.0));
     while (!memmem(buf, got, "data: 1", 7)) { /* the first event arrives */
         ssize_t n = recv(fd, buf + got, sizeof buf - got - 1, 0);
@@ -1258,12 +887,12 @@ static void client_flood_then_hang_up(struct fx *fx)
     static char junk[96 * 1024]; /* more than the server buffers, less than the kernel holds */
     int fd = cli_tcp(fx);
     CHECK(fd >= 0);
-    CHECK(cli_send(fd, "GET /wait HTTP/1.1\r\nHost: a\r\n\r\n"));
+    CHECK(send_str(fd, "GET /wait HTTP/1.1\r\nHost: a\r\n\r\n"));
     CHECK(wait_sem(&fx->got_req, 2.0));
     static const char one[] = "GET /xyzw HTTP/1.1\r\nHost: ab\r\n\r\n"; /* 32 bytes */
     for (size_t i = 0; i + sizeof one - 1 <= sizeof junk; i += sizeof one - 1)
         memcpy(junk + i, one, sizeof one - 1);
-    CHECK(cli_send_n(fd, junk, sizeof junk - sizeof junk % 32));
+    CHECK(send_all(fd, junk, sizeof junk - sizeof junk % 32));
     close(fd);
 }
 
@@ -1300,7 +929,7 @@ static void test_emfile_pauses_accepting_without_spinning(void **state)
     fx_listen(fx, "127.0.0.1:0");
     int c = cli_tcp(fx); /* waits in the backlog */
     assert_true(c >= 0);
-    assert_true(cli_send(c, "GET /late HTTP/1.1\r\nHost: a\r\n\r\n"));
+    assert_true(send_str(c, "GET /late HTTP/1.1\r\nHost: a\r\n\r\n"));
 
     /* use up every descriptor */
     assert_int_equal(getrlimit(RLIMIT_NOFILE, &old), 0);
@@ -1378,20 +1007,19 @@ static void on_req_flood(struct fx *fx, struct http_request *req)
 static void client_slow_reader(struct fx *fx)
 {
     struct cconn cc;
-    struct cresp r;
+    struct cresp r = { 0 };
     int fd = cli_tcp_opts(fx, 8192);
     CHECK(fd >= 0);
     cc_init(&cc, fd);
-    CHECK(cli_send(fd, "GET /flood HTTP/1.1\r\nHost: a\r\n\r\n"));
+    CHECK(send_str(fd, "GET /flood HTTP/1.1\r\nHost: a\r\n\r\n"));
     CHECK(wait_sem(&fx->blocked, 5.0)); /* writer saw back-pressure before we read */
-    CHECK(cc_read(&cc, &r, false));
-    fx->status[0] = r.status;
+    CHECK(ask(&cc, NULL, &r));
     fx->recv_len = r.body_len;
     bool all_x = r.body_len >= 3 && memcmp(r.body + r.body_len - 3, "end", 3) == 0;
     for (size_t i = 0; all_x && i + 3 < r.body_len; i++)
         all_x = r.body[i] == 'x';
     fx->flag[0] = all_x;
-    cresp_free(&r);
+    keep(fx, 0, &r);
     close(fd);
 }
 
@@ -1417,25 +1045,19 @@ static void test_backpressure_then_on_drain(void **state)
 static void client_max_connections(struct fx *fx)
 {
     struct cconn a, b;
-    struct cresp r;
+    struct cresp r = { 0 };
     CHECK(one_shot(fx, "GET /a HTTP/1.1\r\nHost: a\r\n\r\n", &a, &r));
-    fx->status[0] = r.status;
-    cresp_free(&r);
-    int fd = cli_tcp(fx); /* completes in the kernel's backlog */
-    CHECK(fd >= 0);
-    cc_init(&b, fd);
-    CHECK(cli_send(fd, "GET /b HTTP/1.1\r\nHost: a\r\n\r\n"));
-    set_timeout(fd, 300);
+    keep(fx, 0, &r);
+    CHECK(cli_open(fx, &b)); /* completes in the kernel's backlog */
+    CHECK(send_str(b.fd, "GET /b HTTP/1.1\r\nHost: a\r\n\r\n"));
+    set_timeouts(b.fd, 300);
     char c;
-    ssize_t n = recv(fd, &c, 1, MSG_PEEK);
+    ssize_t n = recv(b.fd, &c, 1, MSG_PEEK);
     fx->flag[0] = n < 0 && (errno == EAGAIN || errno == EWOULDBLOCK); /* not served yet */
-    set_timeout(fd, CLIENT_TIMEOUT_MS);
+    set_timeouts(b.fd, CLIENT_TIMEOUT_MS);
     close(a.fd); /* frees the slot */
-    CHECK(cc_read(&b, &r, false));
-    fx->status[1] = r.status;
-    snprintf(fx->body[1], sizeof fx->body[1], "%s", r.body);
-    cresp_free(&r);
-    close(fd);
+    CHECK(ask_keep(fx, &b, 1, NULL));
+    close(b.fd);
 }
 
 static void test_max_connections_defers_accept(void **state)
@@ -1473,26 +1095,20 @@ static int admit_key(struct http_request *req, void *arg, bool *trusted, const c
 static void client_refused_before_body(struct fx *fx)
 {
     struct cconn cc;
-    struct cresp r;
+    struct cresp r = { 0 };
     /* Announces 30 MB and sends none of it: the answer comes anyway. */
     CHECK(one_shot(fx, "POST /v1/x HTTP/1.1\r\nHost: a\r\nOrigin: https://ok.example\r\n"
                        "Content-Length: 30000000\r\n\r\n", &cc, &r));
-    fx->status[0] = r.status;
-    snprintf(fx->body[0], sizeof fx->body[0], "%s", r.body ? r.body : "");
-    const char *h = cresp_header(&r, "Connection");
-    fx->flag[0] = h && strcasecmp(h, "close") == 0;
-    h = cresp_header(&r, "Access-Control-Allow-Origin");
-    fx->flag[1] = h && strcmp(h, "https://ok.example") == 0;
-    cresp_free(&r);
+    fx->flag[0] = header_is_ci(&r, "Connection", "close");
+    fx->flag[1] = header_is(&r, "Access-Control-Allow-Origin", "https://ok.example");
+    keep(fx, 0, &r);
     CHECK(cc_expect_eof(&cc));
     close(cc.fd);
     /* The same with the key: read, handled, answered, kept open. */
     CHECK(one_shot(fx, "POST /v1/x HTTP/1.1\r\nHost: a\r\nX-Key: good\r\nContent-Length: 3\r\n\r\nabc",
                    &cc, &r));
-    fx->status[1] = r.status;
-    snprintf(fx->body[1], sizeof fx->body[1], "%s", r.body ? r.body : "");
     fx->flag[2] = cresp_header(&r, "Access-Control-Allow-Origin") == NULL;
-    cresp_free(&r);
+    keep(fx, 1, &r);
     close(cc.fd);
 }
 
@@ -1518,28 +1134,19 @@ static void client_keyless_make_room(struct fx *fx)
 {
     int hogs[3];
     struct cconn cc;
-    struct cresp r;
     /* A keyed keep-alive connection first. */
-    CHECK(one_shot(fx, "GET /k HTTP/1.1\r\nHost: a\r\nX-Key: good\r\n\r\n", &cc, &r));
-    fx->status[0] = r.status;
-    cresp_free(&r);
+    CHECK(cli_open(fx, &cc));
+    CHECK(ask_keep(fx, &cc, 0, "GET /k HTTP/1.1\r\nHost: a\r\nX-Key: good\r\n\r\n"));
     /* Then keyless ones that never finish their headers, more than fit. */
     for (int i = 0; i < 3; i++) {
         hogs[i] = cli_tcp(fx);
         CHECK(hogs[i] >= 0);
-        CHECK(cli_send(hogs[i], "GET /public HTTP/1.1\r\n"));
+        CHECK(send_str(hogs[i], "GET /public HTTP/1.1\r\n"));
     }
     /* A new keyed client gets in at once: an old keyless one makes room. */
-    struct cconn nc;
-    CHECK(one_shot(fx, "GET /n HTTP/1.1\r\nHost: a\r\nX-Key: good\r\n\r\n", &nc, &r));
-    fx->status[1] = r.status;
-    cresp_free(&r);
-    close(nc.fd);
+    CHECK(fresh_keep(fx, 1, "GET /n HTTP/1.1\r\nHost: a\r\nX-Key: good\r\n\r\n"));
     /* The first keyed connection is still there. */
-    CHECK(cli_send(cc.fd, "GET /k2 HTTP/1.1\r\nHost: a\r\nX-Key: good\r\n\r\n"));
-    CHECK(cc_read(&cc, &r, false));
-    fx->status[2] = r.status;
-    cresp_free(&r);
+    CHECK(ask_keep(fx, &cc, 2, "GET /k2 HTTP/1.1\r\nHost: a\r\nX-Key: good\r\n\r\n"));
     close(cc.fd);
     /* The oldest keyless connection was closed. */
     struct cconn h0;
@@ -1565,25 +1172,19 @@ static void test_keyless_connections_make_room_at_max_connections(void **state)
 
 static void client_slow_body(struct fx *fx)
 {
-    int fd = cli_tcp(fx);
-    CHECK(fd >= 0);
     struct cconn cc;
-    struct cresp r;
-    cc_init(&cc, fd);
+    CHECK(cli_open(fx, &cc));
     double t0 = now_s();
-    CHECK(cli_send(fd, "POST /b HTTP/1.1\r\nHost: a\r\nContent-Length: 100\r\n\r\n"));
+    CHECK(send_str(cc.fd, "POST /b HTTP/1.1\r\nHost: a\r\nContent-Length: 100\r\n\r\n"));
     /* A byte every 50 ms: each would restart a stall timer. */
     for (int i = 0; i < 12; i++) {
-        if (!cli_send(fd, "x"))
+        if (!send_str(cc.fd, "x"))
             break;
         usleep(50 * 1000);
     }
-    CHECK(cc_read(&cc, &r, false));
-    fx->status[0] = r.status;
-    snprintf(fx->body[0], sizeof fx->body[0], "%s", r.body ? r.body : "");
+    CHECK(ask_keep(fx, &cc, 0, NULL));
     fx->elapsed[0] = now_s() - t0;
-    cresp_free(&r);
-    close(fd);
+    close(cc.fd);
 }
 
 static void test_body_timeout_is_for_the_whole_body(void **state)
@@ -1608,15 +1209,8 @@ static void client_absolute_form(struct fx *fx)
         "GET https://example.com HTTP/1.1\r\nHost: example.com\r\n\r\n",
         "GET HTTP://h?q=2 HTTP/1.1\r\nHost: h\r\n\r\n",
     };
-    for (int i = 0; i < 3; i++) {
-        struct cconn cc;
-        struct cresp r;
-        CHECK(one_shot(fx, reqs[i], &cc, &r));
-        fx->status[i] = r.status;
-        snprintf(fx->body[i], sizeof fx->body[i], "%s", r.body ? r.body : "");
-        cresp_free(&r);
-        close(cc.fd);
-    }
+    for (int i = 0; i < 3; i++)
+        CHECK(fresh_keep(fx, i, reqs[i]));
 }
 
 static void test_absolute_form_target_becomes_origin_form(void **state)
@@ -1631,37 +1225,26 @@ static void test_absolute_form_target_becomes_origin_form(void **state)
     assert_string_equal(fx->body[2], "GET /|q=2|");
 }
 
-static void client_obs_fold(struct fx *fx)
+/* A fresh connection: FIRST, 50 ms later SECOND, the answer kept in slot I. */
+static bool split_keep(struct fx *fx, int i, const char *first, const char *second)
 {
     struct cconn cc;
-    struct cresp r;
-    CHECK(one_shot(fx, "GET /f HTTP/1.1\r\nHost: a\r\nX-A: one\r\n two\r\n\r\n", &cc, &r));
-    fx->status[0] = r.status;
-    snprintf(fx->body[0], sizeof fx->body[0], "%s", r.body ? r.body : "");
-    cresp_free(&r);
+    if (!cli_open(fx, &cc))
+        return false;
+    bool ok = send_str(cc.fd, first);
+    usleep(50 * 1000);
+    ok = ok && ask_keep(fx, &cc, i, second);
     close(cc.fd);
+    return ok;
+}
+
+static void client_obs_fold(struct fx *fx)
+{
+    CHECK(fresh_keep(fx, 0, "GET /f HTTP/1.1\r\nHost: a\r\nX-A: one\r\n two\r\n\r\n"));
     /* Split across writes: the fold is seen across reads too. */
-    int fd = cli_tcp(fx);
-    CHECK(fd >= 0);
-    cc_init(&cc, fd);
-    CHECK(cli_send(fd, "GET /f HTTP/1.1\r\nHost: a\r\nX-A: one\r\n"));
-    usleep(50 * 1000);
-    CHECK(cli_send(fd, "\ttwo\r\n\r\n"));
-    CHECK(cc_read(&cc, &r, false));
-    fx->status[1] = r.status;
-    cresp_free(&r);
-    close(fd);
+    CHECK(split_keep(fx, 1, "GET /f HTTP/1.1\r\nHost: a\r\nX-A: one\r\n", "\ttwo\r\n\r\n"));
     /* A value split across writes without a fold is fine. */
-    fd = cli_tcp(fx);
-    CHECK(fd >= 0);
-    cc_init(&cc, fd);
-    CHECK(cli_send(fd, "GET /f HTTP/1.1\r\nHost: a\r\nX-A: one"));
-    usleep(50 * 1000);
-    CHECK(cli_send(fd, " two\r\n\r\n"));
-    CHECK(cc_read(&cc, &r, false));
-    fx->status[2] = r.status;
-    cresp_free(&r);
-    close(fd);
+    CHECK(split_keep(fx, 2, "GET /f HTTP/1.1\r\nHost: a\r\nX-A: one", " two\r\n\r\n"));
 }
 
 static void test_obs_fold_is_rejected(void **state)
@@ -1688,32 +1271,28 @@ static void act_shutdown(struct fx *fx)
 static void client_shutdown(struct fx *fx)
 {
     struct cconn idle, busy;
-    struct cresp r;
-    const char *h;
+    struct cresp r = { 0 };
     CHECK(one_shot(fx, "GET /idle HTTP/1.1\r\nHost: a\r\n\r\n", &idle, &r));
     cresp_free(&r);
-    int fd = cli_tcp(fx);
-    CHECK(fd >= 0);
-    cc_init(&busy, fd);
-    CHECK(cli_send(fd, "GET /first HTTP/1.1\r\nHost: a\r\n\r\n"));
+    CHECK(cli_open(fx, &busy));
+    CHECK(send_str(busy.fd, "GET /first HTTP/1.1\r\nHost: a\r\n\r\n"));
     CHECK(wait_sem(&fx->got_req, 2.0));
-    ev_async_send(fx->loop, &fx->act_w);
+    tl_ask(&fx->tl);
     fx->flag[0] = cc_expect_eof(&idle);          /* idle: closed */
-    CHECK(cc_read(&busy, &r, false));            /* busy: finishes */
-    fx->status[1] = r.status;
-    fx->flag[1] = (h = cresp_header(&r, "Connection")) && strcasecmp(h, "close") == 0;
+    CHECK(ask(&busy, NULL, &r));                 /* busy: finishes */
+    fx->flag[1] = header_is_ci(&r, "Connection", "close");
     fx->flag[2] = cc_expect_eof(&busy);
-    cresp_free(&r);
+    keep(fx, 1, &r);
     fx->flag[3] = cli_tcp(fx) < 0;               /* no longer accepting */
     close(idle.fd);
-    close(fd);
+    close(busy.fd);
 }
 
 static void test_shutdown_closes_idle_and_finishes_busy(void **state)
 {
     struct fx *fx = fx_of(state);
     fx->on_req = on_req_hold_first;
-    fx->act = act_shutdown;
+    fx->tl.act = act_shutdown;
     fx_listen(fx, "127.0.0.1:0");
     fx_run(fx, client_shutdown);
     assert_true(fx->flag[0]);
@@ -1729,7 +1308,7 @@ static void client_hold_and_stay(struct fx *fx)
     int fd = cli_tcp(fx);
     CHECK(fd >= 0);
     fx->keep_fd = fd; /* stays open: on_close must come from http_server_free */
-    CHECK(cli_send(fd, "GET /wait HTTP/1.1\r\nHost: a\r\n\r\n"));
+    CHECK(send_str(fd, "GET /wait HTTP/1.1\r\nHost: a\r\n\r\n"));
     CHECK(wait_sem(&fx->got_req, 2.0));
 }
 
@@ -1753,15 +1332,10 @@ static char g_sock[100];
 static void client_unix(struct fx *fx)
 {
     struct cconn cc;
-    struct cresp r;
     int fd = cli_unix(g_sock);
     CHECK(fd >= 0);
     cc_init(&cc, fd);
-    CHECK(cli_send(fd, "GET /pool/status HTTP/1.1\r\nHost: localhost\r\n\r\n"));
-    CHECK(cc_read(&cc, &r, false));
-    fx->status[0] = r.status;
-    snprintf(fx->body[0], sizeof fx->body[0], "%s", r.body);
-    cresp_free(&r);
+    CHECK(ask_keep(fx, &cc, 0, "GET /pool/status HTTP/1.1\r\nHost: localhost\r\n\r\n"));
     close(fd);
 }
 
@@ -1789,7 +1363,7 @@ static void test_unix_socket_listen_and_request(void **state)
     assert_int_equal(st.st_mode & 0777, 0660);
 
     /* a second server on the live socket is refused */
-    assert_null(http_server_listen(fx->loop, g_sock, &fx->lim, handler, fx, err, sizeof err));
+    assert_null(http_server_listen(fx->tl.loop, g_sock, &fx->lim, handler, fx, err, sizeof err));
     assert_non_null(strstr(err, "another process"));
     /* a regular file is never replaced */
     char file[128];
@@ -1797,7 +1371,7 @@ static void test_unix_socket_listen_and_request(void **state)
     FILE *f = fopen(file, "w");
     assert_non_null(f);
     fclose(f);
-    assert_null(http_server_listen(fx->loop, file, &fx->lim, handler, fx, err, sizeof err));
+    assert_null(http_server_listen(fx->tl.loop, file, &fx->lim, handler, fx, err, sizeof err));
     assert_non_null(strstr(err, "not a socket"));
 
     fx_run(fx, client_unix);
@@ -1869,13 +1443,10 @@ static void on_req_error(struct fx *fx, struct http_request *req)
 static void client_error_json(struct fx *fx)
 {
     struct cconn cc;
-    struct cresp r;
-    const char *h;
+    struct cresp r = { 0 };
     CHECK(one_shot(fx, "GET /x HTTP/1.1\r\nHost: a\r\n\r\n", &cc, &r));
-    fx->status[0] = r.status;
-    snprintf(fx->body[0], sizeof fx->body[0], "%s", r.body);
-    fx->flag[0] = (h = cresp_header(&r, "Content-Type")) && strcmp(h, "application/json") == 0;
-    cresp_free(&r);
+    fx->flag[0] = header_is(&r, "Content-Type", "application/json");
+    keep(fx, 0, &r);
     close(cc.fd);
 }
 
@@ -1900,11 +1471,11 @@ static void test_listen_rejects_bad_addresses(void **state)
                           "relative/path" };
     for (size_t i = 0; i < sizeof bad / sizeof bad[0]; i++) {
         err[0] = '\0';
-        assert_null(http_server_listen(fx->loop, bad[i], &fx->lim, handler, fx, err, sizeof err));
+        assert_null(http_server_listen(fx->tl.loop, bad[i], &fx->lim, handler, fx, err, sizeof err));
         assert_non_null(strstr(err, bad[i]));
     }
     /* IPv6 loopback, if this host has it */
-    struct http_server *s6 = http_server_listen(fx->loop, "[::1]:0", &fx->lim, handler, fx, err, sizeof err);
+    struct http_server *s6 = http_server_listen(fx->tl.loop, "[::1]:0", &fx->lim, handler, fx, err, sizeof err);
     if (s6) {
         assert_int_not_equal(http_server_port(s6), 0);
         http_server_free(s6);
@@ -1913,7 +1484,7 @@ static void test_listen_rejects_bad_addresses(void **state)
     fx_listen(fx, "127.0.0.1:0");
     char addr[64];
     snprintf(addr, sizeof addr, "127.0.0.1:%u", http_server_port(fx->srv));
-    assert_null(http_server_listen(fx->loop, addr, &fx->lim, handler, fx, err, sizeof err));
+    assert_null(http_server_listen(fx->tl.loop, addr, &fx->lim, handler, fx, err, sizeof err));
     assert_non_null(strstr(err, "bind"));
 }
 

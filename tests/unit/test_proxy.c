@@ -7,9 +7,9 @@
  * reused, a stream cut mid-event) is exact; the client is a raw socket in a
  * third thread. Every wait is bounded (poll, SO_RCVTIMEO, sem_timedwait);
  * the threads record the first failed check and the test thread asserts
- * after joining them (cmocka is not thread-safe). Upstream and client
- * synchronise through semaphores when order matters ("the first event
- * reached the client before the second was sent"). */
+ * after joining them (cmocka is not thread-safe; testlib.h). Upstream and
+ * client synchronise through semaphores when order matters ("the first
+ * event reached the client before the second was sent"). */
 #define _GNU_SOURCE
 #include <setjmp.h>
 #include <stdarg.h>
@@ -18,35 +18,41 @@
 
 #include <arpa/inet.h>
 #include <errno.h>
-#include <llhttp.h>
 #include <netinet/in.h>
-#include <netinet/tcp.h>
 #include <poll.h>
 #include <pthread.h>
 #include <semaphore.h>
-#include <stdatomic.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <strings.h>
 #include <sys/socket.h>
-#include <time.h>
 #include <unistd.h>
 
 #include "http.h"
 #include "log.h"
 #include "proxy.h"
+#include "testlib.h"
 
 #define IO_TIMEOUT_MS 2000
 #define RUN_TIMEOUT_S 10.0
 
 /* ------------------------------------------------------------ fixture */
 
-struct fx;
-typedef void (*party_fn)(struct fx *);
+/* What cli_ask, the one-request client, sends and expects back. */
+struct ask {
+    const char *path, *body;   /* POSTed; default /v1/chat/completions, {} */
+    int timeout_ms;            /* default IO_TIMEOUT_MS */
+    int status;
+    bool cut;                  /* the answer ends with the connection, incomplete */
+    const char *body_is;       /* the whole body, unless NULL */
+    const char *body_has[3];
+    const char *content_type;
+    const char *once;          /* a header that must come exactly once */
+};
 
 struct fx {
-    struct ev_loop *loop;
+    struct tl_loop tl;
     struct http_server *srv;
     struct proxy *proxy;
     unsigned srv_port;
@@ -54,20 +60,8 @@ struct fx {
     unsigned up_port;
     unsigned target_port;      /* where requests go: up_port unless a test says */
     int spare_fd[2];           /* sockets a test keeps open until teardown */
-
-    /* loop control */
-    ev_async wake_w;           /* a thread finished */
-    ev_async act_w;            /* a thread asks the loop to run fx->act */
-    void (*act)(struct fx *);
-    ev_timer guard_w;
-    ev_prepare cond_w;
     ev_check sample_w;
-    bool guard_fired;
-    atomic_int threads_done;
-    int nthreads;
     int expect_done;
-    party_fn client, upstream;
-    pthread_t cth, uth;
 
     /* loop side: what the handler and DONE saw */
     int nreq, ndone;
@@ -80,8 +74,11 @@ struct fx {
 
     /* between the threads */
     sem_t to_up, to_cli;
-    pthread_mutex_t mu;
-    char fail[512];
+    struct ask ask;
+    char want[512];            /* a body_is made up at run time */
+
+    /* the client's observations */
+    double cli_elapsed;        /* cli_ask: from sending to the whole answer */
 
     /* upstream's observations */
     int accepts;
@@ -92,43 +89,6 @@ struct fx {
 };
 
 static struct fx *fx_of(void **state) { return *state; }
-
-static double now_s(void)
-{
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (double)ts.tv_sec + (double)ts.tv_nsec / 1e9;
-}
-
-static void thr_fail(struct fx *fx, int line, const char *what)
-{
-    pthread_mutex_lock(&fx->mu);
-    if (!fx->fail[0])
-        snprintf(fx->fail, sizeof fx->fail, "check failed at line %d: %s", line, what);
-    pthread_mutex_unlock(&fx->mu);
-}
-
-/* Thread-side check: record and leave the script. */
-#define CHECK(cond)                                  \
-    do {                                             \
-        if (!(cond)) {                               \
-            thr_fail(fx, __LINE__, #cond);           \
-            return;                                  \
-        }                                            \
-    } while (0)
-
-static bool wait_sem(sem_t *s, double seconds)
-{
-    struct timespec ts;
-    clock_gettime(CLOCK_REALTIME, &ts);
-    long ns = ts.tv_nsec + (long)((seconds - (long)seconds) * 1e9);
-    ts.tv_sec += (time_t)seconds + ns / 1000000000L;
-    ts.tv_nsec = ns % 1000000000L;
-    while (sem_timedwait(s, &ts) < 0)
-        if (errno != EINTR)
-            return false;
-    return true;
-}
 
 /* ----------------------------------------------------- loop side */
 
@@ -152,37 +112,7 @@ static void handler(struct http_request *req, void *arg)
     proxy_forward(fx->proxy, req, fx->target_port, NULL, on_done, fx);
 }
 
-static void wake_cb(struct ev_loop *loop, ev_async *w, int revents)
-{
-    (void)loop;
-    (void)w;
-    (void)revents;
-}
-
-static void act_cb(struct ev_loop *loop, ev_async *w, int revents)
-{
-    struct fx *fx = w->data;
-    (void)loop;
-    (void)revents;
-    if (fx->act)
-        fx->act(fx);
-}
-
-static void guard_cb(struct ev_loop *loop, ev_timer *w, int revents)
-{
-    struct fx *fx = w->data;
-    (void)revents;
-    fx->guard_fired = true;
-    ev_break(loop, EVBREAK_ALL);
-}
-
-static void cond_cb(struct ev_loop *loop, ev_prepare *w, int revents)
-{
-    struct fx *fx = w->data;
-    (void)revents;
-    if (atomic_load(&fx->threads_done) >= fx->nthreads && fx->ndone >= fx->expect_done)
-        ev_break(loop, EVBREAK_ALL);
-}
+static bool calls_done(struct fx *fx) { return fx->ndone >= fx->expect_done; }
 
 static void sample_cb(struct ev_loop *loop, ev_check *w, int revents)
 {
@@ -221,22 +151,17 @@ static int setup(void **state)
     if (!fx)
         return -1;
     log_init(LOG_ERROR);
-    fx->loop = ev_loop_new(EVFLAG_AUTO);
-    struct http_limits lim = {
-        .max_header = 64 * 1024,
-        .max_body = 1024 * 1024,
-        .header_timeout_ms = 5000,
-        .keepalive_timeout_ms = 5000,
-        .max_connections = 64,
-    };
+    if (tl_init(&fx->tl, fx) < 0)
+        return -1;
+    struct http_limits lim = tl_limits();
     char err[256] = "";
-    fx->srv = http_server_listen(fx->loop, "127.0.0.1:0", &lim, handler, fx, err, sizeof err);
+    fx->srv = http_server_listen(fx->tl.loop, "127.0.0.1:0", &lim, handler, fx, err, sizeof err);
     if (!fx->srv) {
         fprintf(stderr, "listen: %s\n", err);
         return -1;
     }
     fx->srv_port = http_server_port(fx->srv);
-    fx->proxy = proxy_new(fx->loop);
+    fx->proxy = proxy_new(fx->tl.loop);
     fx->up_lfd = listen_local(16, &fx->up_port);
     if (!fx->proxy || fx->up_lfd < 0)
         return -1;
@@ -244,19 +169,9 @@ static int setup(void **state)
     fx->spare_fd[0] = fx->spare_fd[1] = -1;
     sem_init(&fx->to_up, 0, 0);
     sem_init(&fx->to_cli, 0, 0);
-    pthread_mutex_init(&fx->mu, NULL);
-    ev_async_init(&fx->wake_w, wake_cb);
-    ev_async_init(&fx->act_w, act_cb);
-    fx->act_w.data = fx;
-    ev_async_start(fx->loop, &fx->wake_w);
-    ev_async_start(fx->loop, &fx->act_w);
-    ev_init(&fx->guard_w, guard_cb);
-    fx->guard_w.data = fx;
-    ev_prepare_init(&fx->cond_w, cond_cb);
-    fx->cond_w.data = fx;
     ev_check_init(&fx->sample_w, sample_cb);
     fx->sample_w.data = fx;
-    ev_check_start(fx->loop, &fx->sample_w);
+    ev_check_start(fx->tl.loop, &fx->sample_w);
     *state = fx;
     return 0;
 }
@@ -270,95 +185,31 @@ static int teardown(void **state)
     for (int i = 0; i < 2; i++)
         if (fx->spare_fd[i] >= 0)
             close(fx->spare_fd[i]);
-    ev_check_stop(fx->loop, &fx->sample_w);
-    ev_async_stop(fx->loop, &fx->wake_w);
-    ev_async_stop(fx->loop, &fx->act_w);
-    ev_loop_destroy(fx->loop);
+    ev_check_stop(fx->tl.loop, &fx->sample_w);
+    tl_destroy(&fx->tl);
     sem_destroy(&fx->to_up);
     sem_destroy(&fx->to_cli);
-    pthread_mutex_destroy(&fx->mu);
     free(fx);
     return 0;
 }
 
-static void *client_main(void *arg)
-{
-    struct fx *fx = arg;
-    fx->client(fx);
-    atomic_fetch_add(&fx->threads_done, 1);
-    ev_async_send(fx->loop, &fx->wake_w);
-    return NULL;
-}
-
-static void *upstream_main(void *arg)
-{
-    struct fx *fx = arg;
-    fx->upstream(fx);
-    atomic_fetch_add(&fx->threads_done, 1);
-    ev_async_send(fx->loop, &fx->wake_w);
-    return NULL;
-}
-
 /* Runs the loop until both scripts have finished and DONE has been called
  * EXPECT_DONE times (bounded), then joins the threads and asserts. */
-static void fx_run_for(struct fx *fx, party_fn client, party_fn upstream, int expect_done,
+static void fx_run_for(struct fx *fx, tl_party_fn client, tl_party_fn upstream, int expect_done,
                        double seconds)
 {
-    fx->client = client;
-    fx->upstream = upstream;
-    fx->nthreads = 1 + (upstream != NULL);
     fx->expect_done = expect_done;
-    atomic_store(&fx->threads_done, 0);
-    fx->guard_fired = false;
-    ev_timer_set(&fx->guard_w, seconds, 0.);
-    ev_timer_start(fx->loop, &fx->guard_w);
-    ev_prepare_start(fx->loop, &fx->cond_w);
-    assert_int_equal(pthread_create(&fx->cth, NULL, client_main, fx), 0);
-    if (upstream)
-        assert_int_equal(pthread_create(&fx->uth, NULL, upstream_main, fx), 0);
-    ev_run(fx->loop, 0);
-    ev_prepare_stop(fx->loop, &fx->cond_w);
-    ev_timer_stop(fx->loop, &fx->guard_w);
-    pthread_join(fx->cth, NULL);
-    if (upstream)
-        pthread_join(fx->uth, NULL);
-    if (fx->fail[0])
-        fail_msg("%s", fx->fail);
-    if (fx->guard_fired)
+    if (!tl_run(&fx->tl, client, upstream, calls_done, seconds))
         fail_msg("scenario did not finish within %.0f s (done %d of %d)", seconds, fx->ndone,
                  expect_done);
 }
 
-static void fx_run(struct fx *fx, party_fn client, party_fn upstream, int expect_done)
+static void fx_run(struct fx *fx, tl_party_fn client, tl_party_fn upstream, int expect_done)
 {
     fx_run_for(fx, client, upstream, expect_done, RUN_TIMEOUT_S);
 }
 
 /* ------------------------------------------------------ socket helpers */
-
-static void set_timeouts(int fd, int ms)
-{
-    struct timeval tv = { ms / 1000, (ms % 1000) * 1000 };
-    setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof tv);
-    setsockopt(fd, SOL_SOCKET, SO_SNDTIMEO, &tv, sizeof tv);
-}
-
-static bool send_all(int fd, const void *data, size_t n)
-{
-    const char *s = data;
-    while (n) {
-        ssize_t w = send(fd, s, n, MSG_NOSIGNAL);
-        if (w < 0 && errno == EINTR)
-            continue;
-        if (w <= 0)
-            return false;
-        s += w;
-        n -= (size_t)w;
-    }
-    return true;
-}
-
-static bool send_str(int fd, const char *s) { return send_all(fd, s, strlen(s)); }
 
 /* One HTTP/1.1 chunk. */
 static bool send_chunk(int fd, const char *s)
@@ -462,6 +313,29 @@ static int up_read_request(struct fx *fx, int fd)
     return fx->up_nreq++;
 }
 
+/* Accepts the first connection and reads the first request from it: the
+ * connection, or -1. */
+static int up_first(struct fx *fx)
+{
+    int fd = up_accept(fx, IO_TIMEOUT_MS);
+    if (fd >= 0 && up_read_request(fx, fd) != 0) {
+        close(fd);
+        return -1;
+    }
+    return fd;
+}
+
+/* Waits up to MS for the proxy to close FD (timed in fx->up_elapsed),
+ * then closes it; whether the proxy did. */
+static bool up_await_close(struct fx *fx, int fd, int ms)
+{
+    double t0 = now_s();
+    bool eof = wait_eof(fd, ms);
+    fx->up_elapsed = now_s() - t0;
+    close(fd);
+    return eof;
+}
+
 static const char *up_body(const char *req)
 {
     const char *b = strstr(req, "\r\n\r\n");
@@ -470,213 +344,19 @@ static const char *up_body(const char *req)
 
 /* ------------------------------------------------------------- client */
 
-struct cresp {
-    int status;
-    int nh;
-    char hn[32][64];
-    char hv[32][256];
-    char *body;                /* unless counting */
-    size_t body_len, body_cap;
-    bool counting;             /* check the pattern instead of keeping bytes */
-    size_t pattern_errors;
-    bool done;                 /* message complete */
-};
-
-struct cconn {
-    int fd;
-    llhttp_t p;
-    llhttp_settings_t s;
-    char buf[65536];
-    size_t off, len;
-    struct cresp *r;
-    bool head;                 /* the request was HEAD */
-    bool eof;
-};
-
-static char pattern_byte(size_t i) { return (char)('a' + i % 26); }
-
-static void strncat_piece(char *dst, size_t cap, const char *at, size_t n)
+/* A client connection to the server under test, ready for cc_expect. */
+static bool cli_open(struct fx *fx, struct cconn *cc, int timeout_ms, int rcvbuf)
 {
-    size_t l = strlen(dst);
-    if (l + n >= cap)
-        n = cap - l - 1;
-    memcpy(dst + l, at, n);
-    dst[l + n] = '\0';
+    int fd = tl_connect(fx->srv_port, timeout_ms, rcvbuf);
+    if (fd >= 0)
+        cc_init(cc, fd);
+    return fd >= 0;
 }
 
-static int c_on_header_field(llhttp_t *p, const char *at, size_t n)
-{
-    struct cconn *cc = p->data;
-    if (cc->r->nh < 32)
-        strncat_piece(cc->r->hn[cc->r->nh], sizeof cc->r->hn[0], at, n);
-    return 0;
-}
-
-static int c_on_header_value(llhttp_t *p, const char *at, size_t n)
-{
-    struct cconn *cc = p->data;
-    if (cc->r->nh < 32)
-        strncat_piece(cc->r->hv[cc->r->nh], sizeof cc->r->hv[0], at, n);
-    return 0;
-}
-
-static int c_on_header_value_complete(llhttp_t *p)
-{
-    struct cconn *cc = p->data;
-    if (cc->r->nh < 32)
-        cc->r->nh++;
-    return 0;
-}
-
-static int c_on_headers_complete(llhttp_t *p)
-{
-    struct cconn *cc = p->data;
-    cc->r->status = p->status_code;
-    return cc->head ? 1 : 0;
-}
-
-static int c_on_body(llhttp_t *p, const char *at, size_t n)
-{
-    struct cconn *cc = p->data;
-    struct cresp *r = cc->r;
-    if (r->counting) {
-        for (size_t i = 0; i < n; i++)
-            if (at[i] != pattern_byte(r->body_len + i))
-                r->pattern_errors++;
-        r->body_len += n;
-        return 0;
-    }
-    if (r->body_cap - r->body_len < n + 1) {
-        size_t c = r->body_cap ? r->body_cap : 1024;
-        while (c - r->body_len < n + 1)
-            c *= 2;
-        char *b = realloc(r->body, c);
-        if (!b)
-            return -1;
-        r->body = b;
-        r->body_cap = c;
-    }
-    memcpy(r->body + r->body_len, at, n);
-    r->body_len += n;
-    r->body[r->body_len] = '\0';
-    return 0;
-}
-
-static int c_on_message_complete(llhttp_t *p)
-{
-    struct cconn *cc = p->data;
-    cc->r->done = true;
-    return HPE_PAUSED;
-}
-
-static int cli_connect(struct fx *fx, int timeout_ms, int rcvbuf)
-{
-    int fd = socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
-    if (fd < 0)
-        return -1;
-    set_timeouts(fd, timeout_ms);
-    if (rcvbuf)
-        setsockopt(fd, SOL_SOCKET, SO_RCVBUF, &rcvbuf, sizeof rcvbuf);
-    struct sockaddr_in sin = { .sin_family = AF_INET, .sin_port = htons((uint16_t)fx->srv_port) };
-    sin.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
-    if (connect(fd, (struct sockaddr *)&sin, sizeof sin) < 0) {
-        close(fd);
-        return -1;
-    }
-    return fd;
-}
-
-static void cc_init(struct cconn *cc, int fd)
-{
-    memset(cc, 0, sizeof *cc);
-    cc->fd = fd;
-    llhttp_settings_init(&cc->s);
-    cc->s.on_header_field = c_on_header_field;
-    cc->s.on_header_value = c_on_header_value;
-    cc->s.on_header_value_complete = c_on_header_value_complete;
-    cc->s.on_headers_complete = c_on_headers_complete;
-    cc->s.on_body = c_on_body;
-    cc->s.on_message_complete = c_on_message_complete;
-    llhttp_init(&cc->p, HTTP_RESPONSE, &cc->s);
-    cc->p.data = cc;
-}
-
-static void cresp_free(struct cresp *r)
-{
-    free(r->body);
-    memset(r, 0, sizeof *r);
-}
-
-/* Starts reading a new response into R (the previous one is complete). */
-static void cc_expect(struct cconn *cc, struct cresp *r, bool head)
+static void cli_close(struct cconn *cc, struct cresp *r)
 {
     cresp_free(r);
-    cc->r = r;
-    cc->head = head;
-    llhttp_resume(&cc->p);
-}
-
-/* Reads until STOP(r, arg) holds, the response completes, EOF or timeout.
- * Returns false on a parse error. */
-static bool cc_read_until(struct cconn *cc, bool (*stop)(struct cresp *, const void *),
-                          const void *arg)
-{
-    struct cresp *r = cc->r;
-    for (;;) {
-        while (cc->off < cc->len && !r->done) {
-            llhttp_errno_t e = llhttp_execute(&cc->p, cc->buf + cc->off, cc->len - cc->off);
-            if (e == HPE_PAUSED) {
-                cc->off = (size_t)(llhttp_get_error_pos(&cc->p) - cc->buf);
-                break;
-            }
-            if (e != HPE_OK)
-                return false;
-            cc->off = cc->len;
-        }
-        if (cc->off == cc->len)
-            cc->off = cc->len = 0;
-        if (r->done || cc->eof || (stop && stop(r, arg)))
-            return true;
-        ssize_t n = recv(cc->fd, cc->buf + cc->len, sizeof cc->buf - cc->len, 0);
-        if (n < 0 && errno == EINTR)
-            continue;
-        if (n <= 0) {
-            cc->eof = true;
-            if (n == 0 && llhttp_finish(&cc->p) == HPE_PAUSED)
-                r->done = true;
-            return true;
-        }
-        cc->len += (size_t)n;
-    }
-}
-
-static bool body_has(struct cresp *r, const void *needle)
-{
-    return r->body && strstr(r->body, needle) != NULL;
-}
-
-static bool got_status(struct cresp *r, const void *arg)
-{
-    (void)arg;
-    return r->status != 0;
-}
-
-static bool cc_read_response(struct cconn *cc) { return cc_read_until(cc, NULL, NULL); }
-
-static int header_count(const struct cresp *r, const char *name)
-{
-    int n = 0;
-    for (int i = 0; i < r->nh; i++)
-        n += strcasecmp(r->hn[i], name) == 0;
-    return n;
-}
-
-static const char *header_get(const struct cresp *r, const char *name)
-{
-    for (int i = 0; i < r->nh; i++)
-        if (strcasecmp(r->hn[i], name) == 0)
-            return r->hv[i];
-    return NULL;
+    close(cc->fd);
 }
 
 static bool post(int fd, const char *path, const char *body)
@@ -687,6 +367,59 @@ static bool post(int fd, const char *path, const char *body)
              "Content-Length: %zu\r\n\r\n",
              path, strlen(body));
     return send_str(fd, head) && send_str(fd, body);
+}
+
+/* POSTs BODY to PATH; its answer is to be read into R. */
+static bool cli_post_start(struct cconn *cc, struct cresp *r, const char *path, const char *body)
+{
+    cc_expect(cc, r, false);
+    return post(cc->fd, path, body);
+}
+
+/* POSTs BODY to PATH and reads the answer into R: whole, or as much as
+ * came before the server closed. */
+static bool cli_post(struct cconn *cc, struct cresp *r, const char *path, const char *body)
+{
+    return cli_post_start(cc, r, path, body) && cc_read_response(cc);
+}
+
+/* R is complete, with STATUS and, unless NULL, exactly BODY. */
+static bool answered(const struct cresp *r, int status, const char *body)
+{
+    return r->done && r->status == status && (!body || (r->body && strcmp(r->body, body) == 0));
+}
+
+/* One request, its answer checked against fx->ask; the upstream learns
+ * through to_up that the client has it. */
+static void cli_ask(struct fx *fx)
+{
+    const struct ask *a = &fx->ask;
+    struct cconn cc;
+    struct cresp r = { 0 };
+    CHECK(cli_open(fx, &cc, a->timeout_ms ? a->timeout_ms : IO_TIMEOUT_MS, 0));
+    double t0 = now_s();
+    bool ok = cli_post(&cc, &r, a->path ? a->path : "/v1/chat/completions", a->body ? a->body : "{}");
+    fx->cli_elapsed = now_s() - t0;
+    sem_post(&fx->to_up);
+    CHECK(ok);
+    CHECK(a->cut ? cc.eof && !r.done : r.done);
+    CHECK(r.status == a->status);
+    CHECK(!a->body_is || (r.body && strcmp(r.body, a->body_is) == 0));
+    for (int i = 0; i < 3 && a->body_has[i]; i++)
+        CHECK(body_has(&r, a->body_has[i]));
+    CHECK(!a->content_type || header_is(&r, "Content-Type", a->content_type));
+    CHECK(!a->once || header_count(&r, a->once) == 1);
+    cli_close(&cc, &r);
+}
+
+/* The event the proxy ends a cut stream with, after BEFORE, in fx->want. */
+static const char *sse_error_after(struct fx *fx, const char *before)
+{
+    snprintf(fx->want, sizeof fx->want,
+             "%sdata: {\"error\":{\"code\":502,\"message\":\"upstream %u closed the "
+             "connection mid-response\",\"type\":\"server_error\"}}\n\n",
+             before, fx->up_port);
+    return fx->want;
 }
 
 /* Headers of a JSON answer with a Content-Length. */
@@ -715,9 +448,8 @@ static const char JSON_BODY[] =
 
 static void up_json(struct fx *fx)
 {
-    int fd = up_accept(fx, IO_TIMEOUT_MS);
+    int fd = up_first(fx);
     CHECK(fd >= 0);
-    CHECK(up_read_request(fx, fd) == 0);
     char head[512];
     snprintf(head, sizeof head,
              "HTTP/1.1 201 Created\r\nServer: llama.cpp\r\nAccess-Control-Allow-Origin: \r\n"
@@ -734,27 +466,21 @@ static void cli_json(struct fx *fx)
 {
     struct cconn cc;
     struct cresp r = { 0 };
-    int fd = cli_connect(fx, IO_TIMEOUT_MS, 0);
-    CHECK(fd >= 0);
-    cc_init(&cc, fd);
-    cc_expect(&cc, &r, false);
-    CHECK(post(fd, "/v1/chat/completions", "{\"messages\":[]}"));
-    CHECK(cc_read_response(&cc));
+    CHECK(cli_open(fx, &cc, IO_TIMEOUT_MS, 0));
+    CHECK(cli_post(&cc, &r, "/v1/chat/completions", "{\"messages\":[]}"));
     sem_post(&fx->to_up);
     CHECK(r.done);
     CHECK(r.status == 201);
     CHECK(r.body_len == sizeof JSON_BODY - 1 && memcmp(r.body, JSON_BODY, r.body_len) == 0);
-    CHECK(header_get(&r, "Content-Type") &&
-          strcmp(header_get(&r, "Content-Type"), "application/json; charset=utf-8") == 0);
-    CHECK(header_get(&r, "X-Custom") && strcmp(header_get(&r, "X-Custom"), "a  b") == 0);
+    CHECK(header_is(&r, "Content-Type", "application/json; charset=utf-8"));
+    CHECK(header_is(&r, "X-Custom", "a  b"));
     /* llama-server's own CORS answer is dropped: cors_origins decides. */
     CHECK(header_count(&r, "Access-Control-Allow-Origin") == 0);
-    CHECK(header_count(&r, "Server") == 1 && strcmp(header_get(&r, "Server"), "llama-pool") == 0);
-    CHECK(header_count(&r, "Content-Length") == 1 && atoi(header_get(&r, "Content-Length")) ==
+    CHECK(header_count(&r, "Server") == 1 && header_is(&r, "Server", "llama-pool"));
+    CHECK(header_count(&r, "Content-Length") == 1 && atoi(cresp_header(&r, "Content-Length")) ==
                                                          (int)sizeof JSON_BODY - 1);
     CHECK(header_count(&r, "Keep-Alive") == 0);
-    cresp_free(&r);
-    close(fd);
+    cli_close(&cc, &r);
 }
 
 
@@ -776,9 +502,8 @@ static void test_json_answer_relayed_byte_identical(void **state)
 
 static void up_big_and_chunked(struct fx *fx)
 {
-    int fd = up_accept(fx, IO_TIMEOUT_MS);
+    int fd = up_first(fx);
     CHECK(fd >= 0);
-    CHECK(up_read_request(fx, fd) == 0);
     char *big = malloc(BIG_LEN);
     CHECK(big);
     for (size_t i = 0; i < BIG_LEN; i++)
@@ -803,24 +528,17 @@ static void cli_big_and_chunked(struct fx *fx)
 {
     struct cconn cc;
     struct cresp r = { 0 };
-    int fd = cli_connect(fx, IO_TIMEOUT_MS, 0);
-    CHECK(fd >= 0);
-    cc_init(&cc, fd);
-    cc_expect(&cc, &r, false);
-    r.counting = true;
-    CHECK(post(fd, "/completion", "{}"));
+    CHECK(cli_open(fx, &cc, IO_TIMEOUT_MS, 0));
+    CHECK(cli_post_start(&cc, &r, "/completion", "{}"));
+    r.counting = true; /* before any byte of the body is read */
     CHECK(cc_read_response(&cc));
     CHECK(r.done && r.status == 200);
     CHECK(r.body_len == BIG_LEN && r.pattern_errors == 0);
-    cc_expect(&cc, &r, false);
-    CHECK(post(fd, "/completion", "{}"));
-    CHECK(cc_read_response(&cc));
+    CHECK(cli_post(&cc, &r, "/completion", "{}"));
     sem_post(&fx->to_up);
-    CHECK(r.done && r.status == 200);
-    CHECK(r.body && strcmp(r.body, "[1,2,3]") == 0);
-    CHECK(header_get(&r, "Content-Type") && strcmp(header_get(&r, "Content-Type"), "application/json") == 0);
-    cresp_free(&r);
-    close(fd);
+    CHECK(answered(&r, 200, "[1,2,3]"));
+    CHECK(header_is(&r, "Content-Type", "application/json"));
+    cli_close(&cc, &r);
 }
 
 static void test_large_and_chunked_bodies_relayed_intact(void **state)
@@ -842,9 +560,8 @@ static const char *const EVENTS[3] = {
 
 static void up_sse_lockstep(struct fx *fx)
 {
-    int fd = up_accept(fx, IO_TIMEOUT_MS);
+    int fd = up_first(fx);
     CHECK(fd >= 0);
-    CHECK(up_read_request(fx, fd) == 0);
     CHECK(send_str(fd, SSE_HEAD));
     for (int i = 0; i < 3; i++) {
         CHECK(send_chunk(fd, EVENTS[i]));
@@ -859,11 +576,8 @@ static void cli_sse_lockstep(struct fx *fx)
 {
     struct cconn cc;
     struct cresp r = { 0 };
-    int fd = cli_connect(fx, IO_TIMEOUT_MS, 0);
-    CHECK(fd >= 0);
-    cc_init(&cc, fd);
-    cc_expect(&cc, &r, false);
-    CHECK(post(fd, "/v1/chat/completions", "{\"stream\":true}"));
+    CHECK(cli_open(fx, &cc, IO_TIMEOUT_MS, 0));
+    CHECK(cli_post_start(&cc, &r, "/v1/chat/completions", "{\"stream\":true}"));
     for (int i = 0; i < 3; i++) {
         CHECK(cc_read_until(&cc, body_has, EVENTS[i]));
         CHECK(body_has(&r, EVENTS[i]));
@@ -872,15 +586,13 @@ static void cli_sse_lockstep(struct fx *fx)
     }
     CHECK(cc_read_response(&cc));
     sem_post(&fx->to_up);
-    CHECK(r.done && r.status == 200);
     char all[512];
     snprintf(all, sizeof all, "%s%s%s", EVENTS[0], EVENTS[1], EVENTS[2]);
-    CHECK(strcmp(r.body, all) == 0);
-    CHECK(header_get(&r, "Content-Type") && strcmp(header_get(&r, "Content-Type"), "text/event-stream") == 0);
-    CHECK(header_count(&r, "X-Accel-Buffering") == 1 && strcmp(header_get(&r, "X-Accel-Buffering"), "no") == 0);
-    CHECK(header_get(&r, "Transfer-Encoding") && strcmp(header_get(&r, "Transfer-Encoding"), "chunked") == 0);
-    cresp_free(&r);
-    close(fd);
+    CHECK(answered(&r, 200, all));
+    CHECK(header_is(&r, "Content-Type", "text/event-stream"));
+    CHECK(header_count(&r, "X-Accel-Buffering") == 1 && header_is(&r, "X-Accel-Buffering", "no"));
+    CHECK(header_is(&r, "Transfer-Encoding", "chunked"));
+    cli_close(&cc, &r);
 }
 
 static void test_sse_relayed_event_by_event(void **state)
@@ -892,9 +604,8 @@ static void test_sse_relayed_event_by_event(void **state)
 
 static void up_sse_with_accel(struct fx *fx)
 {
-    int fd = up_accept(fx, IO_TIMEOUT_MS);
+    int fd = up_first(fx);
     CHECK(fd >= 0);
-    CHECK(up_read_request(fx, fd) == 0);
     CHECK(send_str(fd, "HTTP/1.1 200 OK\r\nServer: llama.cpp\r\nContent-Type: text/event-stream\r\n"
                        "X-Accel-Buffering: no\r\nTransfer-Encoding: chunked\r\n\r\n"));
     CHECK(send_chunk(fd, EVENTS[2]) && send_str(fd, "0\r\n\r\n"));
@@ -902,27 +613,12 @@ static void up_sse_with_accel(struct fx *fx)
     close(fd);
 }
 
-static void cli_sse_with_accel(struct fx *fx)
-{
-    struct cconn cc;
-    struct cresp r = { 0 };
-    int fd = cli_connect(fx, IO_TIMEOUT_MS, 0);
-    CHECK(fd >= 0);
-    cc_init(&cc, fd);
-    cc_expect(&cc, &r, false);
-    CHECK(post(fd, "/v1/chat/completions", "{\"stream\":true}"));
-    CHECK(cc_read_response(&cc));
-    sem_post(&fx->to_up);
-    CHECK(r.done && r.status == 200 && r.body && strcmp(r.body, EVENTS[2]) == 0);
-    CHECK(header_count(&r, "X-Accel-Buffering") == 1);
-    cresp_free(&r);
-    close(fd);
-}
-
 static void test_sse_accel_header_not_duplicated(void **state)
 {
     struct fx *fx = fx_of(state);
-    fx_run(fx, cli_sse_with_accel, up_sse_with_accel, 1);
+    fx->ask = (struct ask){ .body = "{\"stream\":true}", .status = 200, .body_is = EVENTS[2],
+                            .once = "X-Accel-Buffering" };
+    fx_run(fx, cli_ask, up_sse_with_accel, 1);
     assert_int_equal(fx->outcome[0], PROXY_OK);
 }
 
@@ -930,9 +626,8 @@ static void test_sse_accel_header_not_duplicated(void **state)
 
 static void up_two_on_one(struct fx *fx)
 {
-    int fd = up_accept(fx, IO_TIMEOUT_MS);
+    int fd = up_first(fx);
     CHECK(fd >= 0);
-    CHECK(up_read_request(fx, fd) == 0);
     CHECK(up_send_json(fd, 200, "{\"n\":0}"));
     CHECK(up_read_request(fx, fd) == 1); /* times out if the proxy opened another */
     CHECK(up_send_json(fd, 200, "{\"n\":1}"));
@@ -947,16 +642,11 @@ static void cli_two_clients(struct fx *fx)
         struct cconn cc;
         struct cresp r = { 0 };
         char want[16];
-        int fd = cli_connect(fx, IO_TIMEOUT_MS, 0);
-        CHECK(fd >= 0);
-        cc_init(&cc, fd);
-        cc_expect(&cc, &r, false);
-        CHECK(post(fd, "/v1/completions", "{}"));
-        CHECK(cc_read_response(&cc));
+        CHECK(cli_open(fx, &cc, IO_TIMEOUT_MS, 0));
+        CHECK(cli_post(&cc, &r, "/v1/completions", "{}"));
         snprintf(want, sizeof want, "{\"n\":%d}", i);
-        CHECK(r.done && r.status == 200 && r.body && strcmp(r.body, want) == 0);
-        cresp_free(&r);
-        close(fd);
+        CHECK(answered(&r, 200, want));
+        cli_close(&cc, &r);
     }
     sem_post(&fx->to_up);
 }
@@ -976,9 +666,8 @@ static bool stale_reset;
 
 static void up_stale(struct fx *fx)
 {
-    int fd = up_accept(fx, IO_TIMEOUT_MS);
+    int fd = up_first(fx);
     CHECK(fd >= 0);
-    CHECK(up_read_request(fx, fd) == 0);
     CHECK(up_send_json(fd, 200, "{\"n\":0}"));
     CHECK(up_read_request(fx, fd) == 1); /* arrives on the kept connection ... */
     if (stale_reset)
@@ -998,21 +687,16 @@ static void cli_two_requests(struct fx *fx)
 {
     struct cconn cc;
     struct cresp r = { 0 };
-    int fd = cli_connect(fx, IO_TIMEOUT_MS, 0);
-    CHECK(fd >= 0);
-    cc_init(&cc, fd);
+    CHECK(cli_open(fx, &cc, IO_TIMEOUT_MS, 0));
     for (int i = 0; i < 2; i++) {
         char body[32], want[32];
         snprintf(body, sizeof body, "{\"a\":%d}", i);
         snprintf(want, sizeof want, "{\"n\":%d}", i);
-        cc_expect(&cc, &r, false);
-        CHECK(post(fd, "/v1/chat/completions", body));
-        CHECK(cc_read_response(&cc));
-        CHECK(r.done && r.status == 200 && r.body && strcmp(r.body, want) == 0);
+        CHECK(cli_post(&cc, &r, "/v1/chat/completions", body));
+        CHECK(answered(&r, 200, want));
     }
     sem_post(&fx->to_up);
-    cresp_free(&r);
-    close(fd);
+    cli_close(&cc, &r);
 }
 
 static void test_stale_reused_connection_closed_is_retried(void **state)
@@ -1038,9 +722,8 @@ static void test_stale_reused_connection_reset_is_retried(void **state)
 
 static void up_reused_then_partial(struct fx *fx)
 {
-    int fd = up_accept(fx, IO_TIMEOUT_MS);
+    int fd = up_first(fx);
     CHECK(fd >= 0);
-    CHECK(up_read_request(fx, fd) == 0);
     CHECK(up_send_json(fd, 200, "{\"n\":0}"));
     CHECK(up_read_request(fx, fd) == 1);
     CHECK(send_str(fd, "HTTP/1.1 200 OK\r\nContent-"));
@@ -1053,21 +736,14 @@ static void cli_ok_then_502(struct fx *fx)
 {
     struct cconn cc;
     struct cresp r = { 0 };
-    int fd = cli_connect(fx, IO_TIMEOUT_MS, 0);
-    CHECK(fd >= 0);
-    cc_init(&cc, fd);
-    cc_expect(&cc, &r, false);
-    CHECK(post(fd, "/v1/completions", "{}"));
-    CHECK(cc_read_response(&cc));
+    CHECK(cli_open(fx, &cc, IO_TIMEOUT_MS, 0));
+    CHECK(cli_post(&cc, &r, "/v1/completions", "{}"));
     CHECK(r.done && r.status == 200);
-    cc_expect(&cc, &r, false);
-    CHECK(post(fd, "/v1/completions", "{}"));
-    CHECK(cc_read_response(&cc));
+    CHECK(cli_post(&cc, &r, "/v1/completions", "{}"));
     sem_post(&fx->to_up);
     CHECK(r.done && r.status == 502);
     CHECK(body_has(&r, "in the response headers"));
-    cresp_free(&r);
-    close(fd);
+    cli_close(&cc, &r);
 }
 
 static void test_reused_connection_cut_after_first_byte_not_retried(void **state)
@@ -1082,38 +758,21 @@ static void test_reused_connection_cut_after_first_byte_not_retried(void **state
 
 static void up_close_unanswered(struct fx *fx)
 {
-    int fd = up_accept(fx, IO_TIMEOUT_MS);
+    int fd = up_first(fx);
     CHECK(fd >= 0);
-    CHECK(up_read_request(fx, fd) == 0);
     close(fd);
     CHECK(wait_sem(&fx->to_up, 2));
     CHECK(!up_pending(fx)); /* a fresh connection is never retried */
 }
 
-static void cli_expect_502(struct fx *fx)
-{
-    struct cconn cc;
-    struct cresp r = { 0 };
-    int fd = cli_connect(fx, IO_TIMEOUT_MS, 0);
-    CHECK(fd >= 0);
-    cc_init(&cc, fd);
-    cc_expect(&cc, &r, false);
-    CHECK(post(fd, "/v1/chat/completions", "{}"));
-    CHECK(cc_read_response(&cc));
-    sem_post(&fx->to_up);
-    CHECK(r.done && r.status == 502);
-    CHECK(header_get(&r, "Content-Type") && strcmp(header_get(&r, "Content-Type"), "application/json") == 0);
-    CHECK(body_has(&r, "{\"error\":{\"message\":\"upstream "));
-    CHECK(body_has(&r, " closed the connection before answering\""));
-    CHECK(body_has(&r, "\"type\":\"server_error\",\"code\":502}}"));
-    cresp_free(&r);
-    close(fd);
-}
-
 static void test_upstream_closes_before_answering_gives_502(void **state)
 {
     struct fx *fx = fx_of(state);
-    fx_run(fx, cli_expect_502, up_close_unanswered, 1);
+    fx->ask = (struct ask){ .status = 502, .content_type = "application/json",
+                            .body_has = { "{\"error\":{\"message\":\"upstream ",
+                                          " closed the connection before answering\"",
+                                          "\"type\":\"server_error\",\"code\":502}}" } };
+    fx_run(fx, cli_ask, up_close_unanswered, 1);
     assert_int_equal(fx->outcome[0], PROXY_UPSTREAM_ERROR);
     assert_int_equal(fx->accepts, 1);
 }
@@ -1124,77 +783,40 @@ static const char PARTIAL[] = "data: {\"i\":1,\"delta\":";
 
 static void up_sse_dies(struct fx *fx)
 {
-    int fd = up_accept(fx, IO_TIMEOUT_MS);
+    int fd = up_first(fx);
     CHECK(fd >= 0);
-    CHECK(up_read_request(fx, fd) == 0);
     CHECK(send_str(fd, SSE_HEAD));
     CHECK(send_chunk(fd, EVENTS[0]));
     CHECK(send_chunk(fd, PARTIAL));
     close(fd);
 }
 
-static void cli_sse_cut(struct fx *fx)
-{
-    struct cconn cc;
-    struct cresp r = { 0 };
-    char want[512];
-    int fd = cli_connect(fx, IO_TIMEOUT_MS, 0);
-    CHECK(fd >= 0);
-    cc_init(&cc, fd);
-    cc_expect(&cc, &r, false);
-    CHECK(post(fd, "/v1/chat/completions", "{\"stream\":true}"));
-    CHECK(cc_read_response(&cc));
-    CHECK(r.done && r.status == 200); /* the stream ended properly ... */
-    snprintf(want, sizeof want,
-             "%s%s\n\ndata: {\"error\":{\"code\":502,\"message\":\"upstream %u closed the "
-             "connection mid-response\",\"type\":\"server_error\"}}\n\n",
-             EVENTS[0], PARTIAL, fx->up_port);
-    CHECK(r.body && strcmp(r.body, want) == 0); /* ... with the error as its last event */
-    cresp_free(&r);
-    close(fd);
-}
-
 static void test_upstream_dies_mid_stream_sends_sse_error(void **state)
 {
     struct fx *fx = fx_of(state);
-    fx_run(fx, cli_sse_cut, up_sse_dies, 1);
+    char before[256];
+    snprintf(before, sizeof before, "%s%s\n\n", EVENTS[0], PARTIAL);
+    /* the stream ends properly, with the error as its last event */
+    fx->ask = (struct ask){ .body = "{\"stream\":true}", .status = 200,
+                            .body_is = sse_error_after(fx, before) };
+    fx_run(fx, cli_ask, up_sse_dies, 1);
     assert_int_equal(fx->outcome[0], PROXY_UPSTREAM_CUT);
 }
 
 static void up_sse_dies_at_once(struct fx *fx)
 {
-    int fd = up_accept(fx, IO_TIMEOUT_MS);
+    int fd = up_first(fx);
     CHECK(fd >= 0);
-    CHECK(up_read_request(fx, fd) == 0);
     CHECK(send_str(fd, SSE_HEAD));
-    close(fd);
-}
-
-static void cli_sse_only_error(struct fx *fx)
-{
-    struct cconn cc;
-    struct cresp r = { 0 };
-    char want[512];
-    int fd = cli_connect(fx, IO_TIMEOUT_MS, 0);
-    CHECK(fd >= 0);
-    cc_init(&cc, fd);
-    cc_expect(&cc, &r, false);
-    CHECK(post(fd, "/v1/chat/completions", "{\"stream\":true}"));
-    CHECK(cc_read_response(&cc));
-    CHECK(r.done && r.status == 200);
-    snprintf(want, sizeof want,
-             "data: {\"error\":{\"code\":502,\"message\":\"upstream %u closed the "
-             "connection mid-response\",\"type\":\"server_error\"}}\n\n",
-             fx->up_port);
-    CHECK(r.body && strcmp(r.body, want) == 0);
-    cresp_free(&r);
     close(fd);
 }
 
 static void test_upstream_dies_before_first_event_sends_only_the_error(void **state)
 {
     struct fx *fx = fx_of(state);
-    fx_run(fx, cli_sse_only_error, up_sse_dies_at_once, 1);
+    fx->ask = (struct ask){ .body = "{\"stream\":true}", .status = 200,
+                            .body_is = sse_error_after(fx, "") };
+    fx_run(fx, cli_ask, up_sse_dies_at_once, 1);
     assert_int_equal(fx->outcome[0], PROXY_UPSTREAM_CUT);
 }
 
@@ -1202,69 +824,38 @@ static void test_upstream_dies_before_first_event_sends_only_the_error(void **st
 
 static void up_json_dies(struct fx *fx)
 {
-    int fd = up_accept(fx, IO_TIMEOUT_MS);
+    int fd = up_first(fx);
     CHECK(fd >= 0);
-    CHECK(up_read_request(fx, fd) == 0);
     CHECK(send_str(fd, "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n"
                        "Transfer-Encoding: chunked\r\n\r\n"));
     CHECK(send_chunk(fd, "{\"a\":"));
     close(fd);
 }
 
-static void cli_json_cut(struct fx *fx)
-{
-    struct cconn cc;
-    struct cresp r = { 0 };
-    int fd = cli_connect(fx, IO_TIMEOUT_MS, 0);
-    CHECK(fd >= 0);
-    cc_init(&cc, fd);
-    cc_expect(&cc, &r, false);
-    CHECK(post(fd, "/v1/embeddings", "{}"));
-    CHECK(cc_read_response(&cc));
-    CHECK(r.status == 200 && r.body && strcmp(r.body, "{\"a\":") == 0);
-    CHECK(cc.eof && !r.done); /* closed without the last chunk */
-    cresp_free(&r);
-    close(fd);
-}
-
 static void test_upstream_dies_mid_body_cuts_client(void **state)
 {
     struct fx *fx = fx_of(state);
-    fx_run(fx, cli_json_cut, up_json_dies, 1);
+    /* closed without the last chunk */
+    fx->ask = (struct ask){ .path = "/v1/embeddings", .status = 200, .cut = true, .body_is = "{\"a\":" };
+    fx_run(fx, cli_ask, up_json_dies, 1);
     assert_int_equal(fx->outcome[0], PROXY_UPSTREAM_CUT);
 }
 
 static void up_whole_dies(struct fx *fx)
 {
-    int fd = up_accept(fx, IO_TIMEOUT_MS);
+    int fd = up_first(fx);
     CHECK(fd >= 0);
-    CHECK(up_read_request(fx, fd) == 0);
     CHECK(send_str(fd, "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n"
                        "Content-Length: 100\r\n\r\n{\"a\":"));
     close(fd);
     CHECK(wait_sem(&fx->to_up, 2));
 }
 
-static void cli_whole_cut(struct fx *fx)
-{
-    struct cconn cc;
-    struct cresp r = { 0 };
-    int fd = cli_connect(fx, IO_TIMEOUT_MS, 0);
-    CHECK(fd >= 0);
-    cc_init(&cc, fd);
-    cc_expect(&cc, &r, false);
-    CHECK(post(fd, "/v1/embeddings", "{}"));
-    CHECK(cc_read_response(&cc));
-    sem_post(&fx->to_up);
-    CHECK(r.done && r.status == 502 && body_has(&r, "mid-response"));
-    cresp_free(&r);
-    close(fd);
-}
-
 static void test_small_answer_cut_before_relay_gives_502(void **state)
 {
     struct fx *fx = fx_of(state);
-    fx_run(fx, cli_whole_cut, up_whole_dies, 1);
+    fx->ask = (struct ask){ .path = "/v1/embeddings", .status = 502, .body_has = { "mid-response" } };
+    fx_run(fx, cli_ask, up_whole_dies, 1);
     assert_int_equal(fx->outcome[0], PROXY_UPSTREAM_ERROR);
 }
 
@@ -1272,30 +863,22 @@ static void test_small_answer_cut_before_relay_gives_502(void **state)
 
 static void up_sse_watch_eof(struct fx *fx)
 {
-    int fd = up_accept(fx, IO_TIMEOUT_MS);
+    int fd = up_first(fx);
     CHECK(fd >= 0);
-    CHECK(up_read_request(fx, fd) == 0);
     CHECK(send_str(fd, SSE_HEAD));
     CHECK(send_chunk(fd, EVENTS[0]));
-    double t0 = now_s();
-    bool eof = wait_eof(fd, 1000);
-    fx->up_elapsed = now_s() - t0;
-    close(fd);
-    CHECK(eof);
+    CHECK(up_await_close(fx, fd, 1000));
 }
 
 static void cli_leave_mid_stream(struct fx *fx)
 {
     struct cconn cc;
     struct cresp r = { 0 };
-    int fd = cli_connect(fx, IO_TIMEOUT_MS, 0);
-    CHECK(fd >= 0);
-    cc_init(&cc, fd);
-    cc_expect(&cc, &r, false);
-    CHECK(post(fd, "/v1/chat/completions", "{\"stream\":true}"));
+    CHECK(cli_open(fx, &cc, IO_TIMEOUT_MS, 0));
+    CHECK(cli_post_start(&cc, &r, "/v1/chat/completions", "{\"stream\":true}"));
     CHECK(cc_read_until(&cc, body_has, EVENTS[0]));
     CHECK(body_has(&r, EVENTS[0]));
-    close(fd);
+    close(cc.fd);
     cresp_free(&r);
 }
 
@@ -1314,9 +897,8 @@ static void test_client_disconnect_closes_upstream(void **state)
 
 static void up_flood(struct fx *fx)
 {
-    int fd = up_accept(fx, IO_TIMEOUT_MS);
+    int fd = up_first(fx);
     CHECK(fd >= 0);
-    CHECK(up_read_request(fx, fd) == 0);
     int sndbuf = 64 * 1024;
     setsockopt(fd, SOL_SOCKET, SO_SNDBUF, &sndbuf, sizeof sndbuf);
     char head[256], *buf = malloc(BP_CHUNK);
@@ -1367,18 +949,15 @@ static void cli_slow_reader(struct fx *fx)
 {
     struct cconn cc;
     struct cresp r = { 0 };
-    int fd = cli_connect(fx, 5000, 16 * 1024);
-    CHECK(fd >= 0);
-    cc_init(&cc, fd);
-    cc_expect(&cc, &r, false);
-    r.counting = true;
-    CHECK(post(fd, "/completion", "{}"));
+    CHECK(cli_open(fx, &cc, 5000, 16 * 1024));
+    CHECK(cli_post_start(&cc, &r, "/completion", "{}"));
+    r.counting = true; /* before any byte of the body is read */
     CHECK(cc_read_until(&cc, got_status, NULL));
     CHECK(r.status == 200);
     bool stalled = wait_sem(&fx->to_cli, 10); /* not reading until the upstream is stuck */
     CHECK(cc_read_response(&cc));
     sem_post(&fx->to_up);
-    close(fd);
+    close(cc.fd);
     CHECK(stalled);
     CHECK(r.done && r.body_len == BP_TOTAL && r.pattern_errors == 0);
 }
@@ -1398,9 +977,8 @@ static void test_backpressure_pauses_upstream_reads(void **state)
 
 static void up_check_headers(struct fx *fx)
 {
-    int fd = up_accept(fx, IO_TIMEOUT_MS);
+    int fd = up_first(fx);
     CHECK(fd >= 0);
-    CHECK(up_read_request(fx, fd) == 0);
     CHECK(send_str(fd, "HTTP/1.1 200 OK\r\nConnection: keep-alive, X-Resp-Hop\r\nX-Resp-Hop: 1\r\n"
                        "Keep-Alive: timeout=5\r\nServer: llama.cpp\r\nDate: Thu, 01 Jan 1970 00:00:00 GMT\r\n"
                        "Trailer: X-T\r\nUpgrade: foo\r\nProxy-Authenticate: Basic\r\n"
@@ -1414,11 +992,9 @@ static void cli_hop_headers(struct fx *fx)
 {
     struct cconn cc;
     struct cresp r = { 0 };
-    int fd = cli_connect(fx, IO_TIMEOUT_MS, 0);
-    CHECK(fd >= 0);
-    cc_init(&cc, fd);
+    CHECK(cli_open(fx, &cc, IO_TIMEOUT_MS, 0));
     cc_expect(&cc, &r, false);
-    CHECK(send_str(fd, "POST /v1/x?y=1 HTTP/1.1\r\nHost: example.com\r\n"
+    CHECK(send_str(cc.fd, "POST /v1/x?y=1 HTTP/1.1\r\nHost: example.com\r\n"
                        "Connection: keep-alive, X-Hop\r\nX-Hop: secret\r\nKeep-Alive: timeout=5\r\n"
                        "Proxy-Connection: keep-alive\r\nProxy-Authorization: Basic eA==\r\n"
                        "TE: trailers\r\nUpgrade: h2c\r\nBad Name: x\r\n"
@@ -1427,20 +1003,19 @@ static void cli_hop_headers(struct fx *fx)
                        "3\r\nhel\r\n2\r\nlo\r\n0\r\n\r\n"));
     CHECK(cc_read_response(&cc));
     sem_post(&fx->to_up);
-    CHECK(r.done && r.status == 200 && r.body && strcmp(r.body, "ok") == 0);
+    CHECK(answered(&r, 200, "ok"));
     CHECK(header_count(&r, "X-Resp-Hop") == 0);
     CHECK(header_count(&r, "Keep-Alive") == 0);
     CHECK(header_count(&r, "Trailer") == 0);
     CHECK(header_count(&r, "Upgrade") == 0);
     CHECK(header_count(&r, "Proxy-Authenticate") == 0);
     CHECK(header_count(&r, "Bad Name") == 0);
-    CHECK(header_count(&r, "Server") == 1 && strcmp(header_get(&r, "Server"), "llama-pool") == 0);
-    CHECK(header_count(&r, "Date") == 1 && !strstr(header_get(&r, "Date"), "1970"));
-    CHECK(header_count(&r, "Connection") == 1 && strcmp(header_get(&r, "Connection"), "keep-alive") == 0);
-    CHECK(header_count(&r, "Content-Type") == 1 && strcmp(header_get(&r, "Content-Type"), "text/plain") == 0);
-    CHECK(header_get(&r, "X-Kept") && strcmp(header_get(&r, "X-Kept"), "yes") == 0);
-    cresp_free(&r);
-    close(fd);
+    CHECK(header_count(&r, "Server") == 1 && header_is(&r, "Server", "llama-pool"));
+    CHECK(header_count(&r, "Date") == 1 && !strstr(cresp_header(&r, "Date"), "1970"));
+    CHECK(header_count(&r, "Connection") == 1 && header_is(&r, "Connection", "keep-alive"));
+    CHECK(header_count(&r, "Content-Type") == 1 && header_is(&r, "Content-Type", "text/plain"));
+    CHECK(header_is(&r, "X-Kept", "yes"));
+    cli_close(&cc, &r);
 }
 
 static bool has_line(const char *head, const char *line)
@@ -1487,9 +1062,8 @@ static void test_hop_by_hop_dropped_and_host_rewritten(void **state)
 
 static void up_head_then_get(struct fx *fx)
 {
-    int fd = up_accept(fx, IO_TIMEOUT_MS);
+    int fd = up_first(fx);
     CHECK(fd >= 0);
-    CHECK(up_read_request(fx, fd) == 0);
     CHECK(strncmp(fx->up_req[0], "HEAD /health HTTP/1.1\r\n", 23) == 0);
     CHECK(send_str(fd, "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 15\r\n\r\n"));
     CHECK(up_read_request(fx, fd) == 1);
@@ -1502,20 +1076,17 @@ static void cli_head_then_get(struct fx *fx)
 {
     struct cconn cc;
     struct cresp r = { 0 };
-    int fd = cli_connect(fx, IO_TIMEOUT_MS, 0);
-    CHECK(fd >= 0);
-    cc_init(&cc, fd);
+    CHECK(cli_open(fx, &cc, IO_TIMEOUT_MS, 0));
     cc_expect(&cc, &r, true);
-    CHECK(send_str(fd, "HEAD /health HTTP/1.1\r\nHost: x\r\n\r\n"));
+    CHECK(send_str(cc.fd, "HEAD /health HTTP/1.1\r\nHost: x\r\n\r\n"));
     CHECK(cc_read_response(&cc));
     CHECK(r.done && r.status == 200 && r.body_len == 0);
     cc_expect(&cc, &r, false);
-    CHECK(send_str(fd, "GET /health HTTP/1.1\r\nHost: x\r\n\r\n"));
+    CHECK(send_str(cc.fd, "GET /health HTTP/1.1\r\nHost: x\r\n\r\n"));
     CHECK(cc_read_response(&cc));
     sem_post(&fx->to_up);
-    CHECK(r.done && r.status == 200 && r.body && strcmp(r.body, "{\"status\":\"ok\"}") == 0);
-    cresp_free(&r);
-    close(fd);
+    CHECK(answered(&r, 200, "{\"status\":\"ok\"}"));
+    cli_close(&cc, &r);
 }
 
 static void test_head_answer_has_no_body(void **state)
@@ -1529,24 +1100,6 @@ static void test_head_answer_has_no_body(void **state)
 
 /* ---- nobody listening: 502 at once ---- */
 
-static void cli_refused(struct fx *fx)
-{
-    struct cconn cc;
-    struct cresp r = { 0 };
-    int fd = cli_connect(fx, IO_TIMEOUT_MS, 0);
-    CHECK(fd >= 0);
-    cc_init(&cc, fd);
-    cc_expect(&cc, &r, false);
-    CHECK(post(fd, "/v1/chat/completions", "{}"));
-    CHECK(cc_read_response(&cc));
-    CHECK(r.done && r.status == 502);
-    CHECK(body_has(&r, "connect to upstream port"));
-    CHECK(body_has(&r, "refused"));
-    CHECK(body_has(&r, "\"code\":502"));
-    cresp_free(&r);
-    close(fd);
-}
-
 static void test_connect_refused_gives_502(void **state)
 {
     struct fx *fx = fx_of(state);
@@ -1555,31 +1108,15 @@ static void test_connect_refused_gives_502(void **state)
     assert_true(lfd >= 0);
     close(lfd); /* a port nobody listens on */
     fx->target_port = port;
-    fx_run(fx, cli_refused, NULL, 1);
+    fx->ask = (struct ask){ .status = 502,
+                            .body_has = { "connect to upstream port", "refused", "\"code\":502" } };
+    fx_run(fx, cli_ask, NULL, 1);
     assert_int_equal(fx->outcome[0], PROXY_UPSTREAM_ERROR);
     assert_int_equal(fx->status[0], 0);       /* no status line ever came */
     assert_true(fx->first_byte[0] == -1);
 }
 
 /* ---- a listener that never completes the handshake: 502 after 5 s ---- */
-
-static void cli_connect_timeout(struct fx *fx)
-{
-    struct cconn cc;
-    struct cresp r = { 0 };
-    int fd = cli_connect(fx, 8000, 0);
-    CHECK(fd >= 0);
-    cc_init(&cc, fd);
-    cc_expect(&cc, &r, false);
-    double t0 = now_s();
-    CHECK(post(fd, "/v1/chat/completions", "{}"));
-    CHECK(cc_read_response(&cc));
-    fx->up_elapsed = now_s() - t0;
-    CHECK(r.done && r.status == 502);
-    CHECK(body_has(&r, "timed out"));
-    cresp_free(&r);
-    close(fd);
-}
 
 static void test_connect_timeout_gives_502(void **state)
 {
@@ -1588,50 +1125,30 @@ static void test_connect_timeout_gives_502(void **state)
     /* backlog 0 holds one connection; SYNs past it are dropped */
     fx->spare_fd[0] = listen_local(0, &port);
     assert_true(fx->spare_fd[0] >= 0);
-    fx->spare_fd[1] = socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
-    struct sockaddr_in sin = { .sin_family = AF_INET, .sin_port = htons((uint16_t)port) };
-    sin.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
-    assert_int_equal(connect(fx->spare_fd[1], (struct sockaddr *)&sin, sizeof sin), 0);
+    fx->spare_fd[1] = tl_connect(port, IO_TIMEOUT_MS, 0);
+    assert_true(fx->spare_fd[1] >= 0);
     fx->target_port = port;
-    fx_run_for(fx, cli_connect_timeout, NULL, 1, 15);
+    fx->ask = (struct ask){ .timeout_ms = 8000, .status = 502, .body_has = { "timed out" } };
+    fx_run_for(fx, cli_ask, NULL, 1, 15);
     assert_int_equal(fx->outcome[0], PROXY_UPSTREAM_ERROR);
-    assert_true(fx->up_elapsed > 4.5 && fx->up_elapsed < 6.5);
+    assert_true(fx->cli_elapsed > 4.5 && fx->cli_elapsed < 6.5);
 }
 
 /* ---- idle pooled connections close before llama-server's 5 s ---- */
 
 static void up_watch_idle(struct fx *fx)
 {
-    int fd = up_accept(fx, IO_TIMEOUT_MS);
+    int fd = up_first(fx);
     CHECK(fd >= 0);
-    CHECK(up_read_request(fx, fd) == 0);
     CHECK(up_send_json(fd, 200, "{}"));
-    double t0 = now_s();
-    bool eof = wait_eof(fd, 6000);
-    fx->up_elapsed = now_s() - t0;
-    close(fd);
-    CHECK(eof);
-}
-
-static void cli_one(struct fx *fx)
-{
-    struct cconn cc;
-    struct cresp r = { 0 };
-    int fd = cli_connect(fx, IO_TIMEOUT_MS, 0);
-    CHECK(fd >= 0);
-    cc_init(&cc, fd);
-    cc_expect(&cc, &r, false);
-    CHECK(post(fd, "/v1/chat/completions", "{}"));
-    CHECK(cc_read_response(&cc));
-    CHECK(r.done && r.status == 200);
-    cresp_free(&r);
-    close(fd);
+    CHECK(up_await_close(fx, fd, 6000));
 }
 
 static void test_idle_connection_closed_before_server_timeout(void **state)
 {
     struct fx *fx = fx_of(state);
-    fx_run(fx, cli_one, up_watch_idle, 1);
+    fx->ask = (struct ask){ .status = 200 };
+    fx_run(fx, cli_ask, up_watch_idle, 1);
     assert_int_equal(fx->outcome[0], PROXY_OK);
     assert_true(fx->up_elapsed > 3.5 && fx->up_elapsed < 4.9);
 }
@@ -1640,14 +1157,11 @@ static void test_idle_connection_closed_before_server_timeout(void **state)
 
 static void up_half_close_idle(struct fx *fx)
 {
-    int fd = up_accept(fx, IO_TIMEOUT_MS);
+    int fd = up_first(fx);
     CHECK(fd >= 0);
-    CHECK(up_read_request(fx, fd) == 0);
     CHECK(up_send_json(fd, 200, "{\"n\":0}"));
-    shutdown(fd, SHUT_WR);        /* the server's keep-alive limit, seen from the proxy */
-    bool eof = wait_eof(fd, 1000); /* the proxy closes its end, having sent nothing */
-    close(fd);
-    CHECK(eof);
+    shutdown(fd, SHUT_WR); /* the server's keep-alive limit, seen from the proxy */
+    CHECK(up_await_close(fx, fd, 1000)); /* the proxy closes its end, having sent nothing */
     sem_post(&fx->to_cli);
     fd = up_accept(fx, IO_TIMEOUT_MS);
     CHECK(fd >= 0);
@@ -1661,22 +1175,15 @@ static void cli_two_with_pause(struct fx *fx)
 {
     struct cconn cc;
     struct cresp r = { 0 };
-    int fd = cli_connect(fx, IO_TIMEOUT_MS, 0);
-    CHECK(fd >= 0);
-    cc_init(&cc, fd);
-    cc_expect(&cc, &r, false);
-    CHECK(post(fd, "/v1/completions", "{}"));
-    CHECK(cc_read_response(&cc));
+    CHECK(cli_open(fx, &cc, IO_TIMEOUT_MS, 0));
+    CHECK(cli_post(&cc, &r, "/v1/completions", "{}"));
     CHECK(r.done && r.status == 200);
     bool go = wait_sem(&fx->to_cli, 3);
-    cc_expect(&cc, &r, false);
-    CHECK(post(fd, "/v1/completions", "{}"));
-    CHECK(cc_read_response(&cc));
+    CHECK(cli_post(&cc, &r, "/v1/completions", "{}"));
     sem_post(&fx->to_up);
     CHECK(go);
-    CHECK(r.done && r.status == 200 && r.body && strcmp(r.body, "{\"n\":1}") == 0);
-    cresp_free(&r);
-    close(fd);
+    CHECK(answered(&r, 200, "{\"n\":1}"));
+    cli_close(&cc, &r);
 }
 
 static void test_idle_connection_closed_by_server_is_dropped(void **state)
@@ -1696,20 +1203,18 @@ static void forget_after_done(struct fx *fx)
 
 static void up_expect_close(struct fx *fx)
 {
-    int fd = up_accept(fx, IO_TIMEOUT_MS);
+    int fd = up_first(fx);
     CHECK(fd >= 0);
-    CHECK(up_read_request(fx, fd) == 0);
     CHECK(up_send_json(fd, 200, "{}"));
-    bool eof = wait_eof(fd, 1000);
-    close(fd);
-    CHECK(eof);
+    CHECK(up_await_close(fx, fd, 1000));
 }
 
 static void test_forget_port_closes_idle_connections(void **state)
 {
     struct fx *fx = fx_of(state);
     fx->after_done = forget_after_done;
-    fx_run(fx, cli_one, up_expect_close, 1);
+    fx->ask = (struct ask){ .status = 200 };
+    fx_run(fx, cli_ask, up_expect_close, 1);
     assert_int_equal(fx->outcome[0], PROXY_OK);
 }
 
@@ -1736,20 +1241,18 @@ static void free_proxy(struct fx *fx)
 
 static void up_then_free(struct fx *fx)
 {
-    int fd = up_accept(fx, IO_TIMEOUT_MS);
+    int fd = up_first(fx);
     CHECK(fd >= 0);
-    CHECK(up_read_request(fx, fd) == 0);
-    fx->act = free_proxy;
-    ev_async_send(fx->loop, &fx->act_w);
-    bool eof = wait_eof(fd, 1000);
-    close(fd);
+    fx->tl.act = free_proxy;
+    tl_ask(&fx->tl);
+    bool closed = up_await_close(fx, fd, 1000);
     sem_post(&fx->to_cli);
-    CHECK(eof);
+    CHECK(closed);
 }
 
 static void cli_wait_then_leave(struct fx *fx)
 {
-    int fd = cli_connect(fx, IO_TIMEOUT_MS, 0);
+    int fd = tl_connect(fx->srv_port, IO_TIMEOUT_MS, 0);
     CHECK(fd >= 0);
     CHECK(post(fd, "/v1/chat/completions", "{}"));
     bool ok = wait_sem(&fx->to_cli, 3);
