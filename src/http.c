@@ -299,11 +299,6 @@ static void cors_header(const struct http_request *req, char *out, size_t len)
         out[0] = '\0';
 }
 
-static bool status_has_no_body(int status)
-{
-    return (status >= 100 && status < 200) || status == 204 || status == 304;
-}
-
 /* ------------------------------------------------------------- requests */
 
 static struct req *req_new(struct http_conn *c)
@@ -1294,7 +1289,7 @@ void http_respond(struct http_request *req, int status, const char *content_type
         return;
     }
     c->resp_close = !req->keep_alive || c->srv->shutting_down;
-    bool nobody = status_has_no_body(status);
+    bool nobody = http_status_has_no_body(status);
     if (!nobody)
         snprintf(framing, sizeof framing, "Content-Length: %zu\r\n", len);
     bool send_body = !nobody && !c->resp_head;
@@ -1363,9 +1358,9 @@ void http_stream_begin(struct http_request *req, int status, const char *content
         return;
     }
     c->resp_started = true;
-    c->resp_nobody = c->resp_head || status_has_no_body(status);
+    c->resp_nobody = c->resp_head || http_status_has_no_body(status);
     c->resp_close = !req->keep_alive || c->srv->shutting_down;
-    if (!status_has_no_body(status)) {
+    if (!http_status_has_no_body(status)) {
         if (req->http_minor >= 1) {
             c->resp_chunked = true;
             framing = "Transfer-Encoding: chunked\r\n";
@@ -1918,6 +1913,11 @@ const char *http_status_text(int status)
         if (status >= 500 && status < 600) return "Internal Server Error";
         return "Unknown";
     }
+}
+
+bool http_status_has_no_body(int status)
+{
+    return (status >= 100 && status < 200) || status == 204 || status == 304;
 }
 
 /* The error types llama.cpp's server uses, so clients see familiar values. */

@@ -915,11 +915,6 @@ static void head_drop_connection_listed(struct proxy_call *call)
     call->hdr_len = w;
 }
 
-static bool status_has_no_body(int status)
-{
-    return (status >= 100 && status < 200) || status == 204 || status == 304;
-}
-
 /* The response head is complete: relay it now (streams), or prepare to
  * collect a small body and answer it whole. */
 static int on_headers_complete(llhttp_t *lp)
@@ -949,9 +944,9 @@ static int on_headers_complete(llhttp_t *lp)
     call->body_expect = 0;
     bool has_length = (lp->flags & F_CONTENT_LENGTH) != 0;
     if (!call->head_req && !call->is_sse &&
-        (status_has_no_body(status) || (has_length && lp->content_length <= WHOLE_MAX))) {
+        (http_status_has_no_body(status) || (has_length && lp->content_length <= WHOLE_MAX))) {
         call->whole = true;
-        call->body_expect = status_has_no_body(status) ? 0 : (size_t)lp->content_length;
+        call->body_expect = http_status_has_no_body(status) ? 0 : (size_t)lp->content_length;
     } else {
         call->whole = false;
         call->started = true;
