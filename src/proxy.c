@@ -2,10 +2,11 @@
  * answer back. See proxy.h for the contract.
  *
  * Shape of the code, top to bottom:
- *   types: upstream connections (struct upconn), per-port idle pools,
+ *   types: upstream connections (struct upconn), the idle ones kept per
+ *          port (struct idle_conns),
  *          calls (struct proxy_call)
  *   header names: hop-by-hop lists, token checks
- *   upstream connections: connect, idle pool (LIFO, bounded, expiring)
+ *   upstream connections: connect, idle lists (LIFO, bounded, expiring)
  *   the request: one buffer for the head, one sendmsg for head + body
  *   the response: llhttp callbacks (filter headers, relay body pieces)
  *   ending a call: success, upstream failure (502 / SSE error / cut),
@@ -25,9 +26,9 @@
  *   RELAYING    response head seen: body pieces go to the client as they
  *               arrive; EV_READ stops while the client's buffer is above
  *               its high-water mark (until on_drain). No timer.
- *   done        message complete: the connection goes back to its idle pool
+ *   done        message complete: the connection goes back to its idle list
  *               if both sides allow keep-alive, else it is closed.
- * An idle pooled connection watches for EOF/data (→ closed) and expires
+ * An idle connection watches for EOF/data (→ closed) and expires
  * after IDLE_TIMEOUT_S, before llama-server's own 5 s keep-alive limit.
  *
  * Reading uses one buffer shared by all calls (the proxy's): every byte
@@ -68,15 +69,15 @@
 
 enum uc_state {
     UC_BUSY, /* owned by a call */
-    UC_IDLE, /* in its port's pool */
+    UC_IDLE, /* in its port's idle list */
 };
 
-struct port_pool;
+struct idle_conns;
 
 /* One upstream TCP connection. */
 struct upconn {
     struct proxy *p;
-    struct port_pool *pool;
+    struct idle_conns *idle;   /* its port's idle list (and port number), busy or not */
     int fd;
     enum uc_state state;
     ev_io io;                  /* events follow the owning call's needs; EV_READ when idle */
@@ -85,10 +86,11 @@ struct upconn {
     struct proxy_call *call;   /* owner while busy */
 };
 
-struct port_pool {
+/* The idle keep-alive connections to one port. */
+struct idle_conns {
     unsigned port;
-    struct upconn *idle;       /* most recently used first: reuse is LIFO */
-    unsigned nidle;
+    struct upconn *head;       /* most recently used first: reuse is LIFO */
+    unsigned count;
 };
 
 /* How the response head's current header line is handled. */
@@ -114,7 +116,7 @@ struct proxy_call {
     size_t out_len, out_cap;
     size_t sent;                      /* bytes of out + body written */
     bool connected;                   /* the socket took bytes (or was reused) */
-    bool reused;                      /* the connection came from the idle pool */
+    bool reused;                      /* the connection came from an idle list */
     bool retried;
     bool send_failed;                 /* stop writing; the read side sees the end */
 
@@ -154,9 +156,9 @@ struct proxy_call {
 struct proxy {
     struct ev_loop *loop;
     llhttp_settings_t settings;
-    struct port_pool **pools;
-    size_t npools, pools_cap;
-    struct port_pool *last_pool;      /* most requests go to the port of the last one */
+    struct idle_conns **idle;         /* one per port ever used */
+    size_t nidle, idle_cap;
+    struct idle_conns *last_idle;     /* most requests go to the port of the last one */
     struct proxy_call *calls;         /* active */
     struct proxy_call *free_calls;
     size_t nfree;
@@ -272,29 +274,30 @@ static bool conn_names_headers(const char *list, size_t list_len)
 
 /* ------------------------------------------------- upstream connections */
 
-static struct port_pool *pool_find(struct proxy *p, unsigned port, bool create)
+/* The idle list of PORT; made when CREATE (NULL when out of memory). */
+static struct idle_conns *idle_find(struct proxy *p, unsigned port, bool create)
 {
-    if (p->last_pool && p->last_pool->port == port)
-        return p->last_pool;
-    for (size_t i = 0; i < p->npools; i++)
-        if (p->pools[i]->port == port)
-            return p->last_pool = p->pools[i];
+    if (p->last_idle && p->last_idle->port == port)
+        return p->last_idle;
+    for (size_t i = 0; i < p->nidle; i++)
+        if (p->idle[i]->port == port)
+            return p->last_idle = p->idle[i];
     if (!create)
         return NULL;
-    if (p->npools == p->pools_cap) {
-        size_t cap = p->pools_cap ? p->pools_cap * 2 : 8;
-        struct port_pool **v = realloc(p->pools, cap * sizeof *v);
+    if (p->nidle == p->idle_cap) {
+        size_t cap = p->idle_cap ? p->idle_cap * 2 : 8;
+        struct idle_conns **v = realloc(p->idle, cap * sizeof *v);
         if (!v)
             return NULL;
-        p->pools = v;
-        p->pools_cap = cap;
+        p->idle = v;
+        p->idle_cap = cap;
     }
-    struct port_pool *pp = calloc(1, sizeof *pp);
-    if (!pp)
+    struct idle_conns *ic = calloc(1, sizeof *ic);
+    if (!ic)
         return NULL;
-    pp->port = port;
-    p->pools[p->npools++] = pp;
-    return p->last_pool = pp;
+    ic->port = port;
+    p->idle[p->nidle++] = ic;
+    return p->last_idle = ic;
 }
 
 static void uc_io_cb(struct ev_loop *loop, ev_io *w, int revents);
@@ -317,34 +320,34 @@ static void uc_watch(struct upconn *uc, int events)
     }
 }
 
-static void pool_unlink(struct upconn *uc)
+static void idle_unlink(struct upconn *uc)
 {
-    struct port_pool *pp = uc->pool;
+    struct idle_conns *ic = uc->idle;
     if (uc->prev)
         uc->prev->next = uc->next;
     else
-        pp->idle = uc->next;
+        ic->head = uc->next;
     if (uc->next)
         uc->next->prev = uc->prev;
     uc->prev = uc->next = NULL;
-    pp->nidle--;
+    ic->count--;
 }
 
 static void uc_close(struct upconn *uc)
 {
     struct ev_loop *loop = uc->p->loop;
     if (uc->state == UC_IDLE)
-        pool_unlink(uc);
+        idle_unlink(uc);
     ev_io_stop(loop, &uc->io);
     ev_timer_stop(loop, &uc->timer);
     if (close(uc->fd) < 0)
-        log_warn("proxy: upstream port %u: close: %s", uc->pool->port, strerror(errno));
+        log_warn("proxy: upstream port %u: close: %s", uc->idle->port, strerror(errno));
     free(uc);
 }
 
 /* A new connection to 127.0.0.1:PORT, connect in progress (or done).
  * NULL with *ERR set when it failed at once. */
-static struct upconn *uc_connect(struct proxy *p, struct port_pool *pp, int *err)
+static struct upconn *uc_connect(struct proxy *p, struct idle_conns *ic, int *err)
 {
     struct upconn *uc = calloc(1, sizeof *uc);
     if (!uc) {
@@ -359,8 +362,8 @@ static struct upconn *uc_connect(struct proxy *p, struct port_pool *pp, int *err
     }
     int one = 1;
     if (setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof one) < 0)
-        log_warn("proxy: upstream port %u: TCP_NODELAY: %s", pp->port, strerror(errno));
-    struct sockaddr_in sin = { .sin_family = AF_INET, .sin_port = htons((uint16_t)pp->port) };
+        log_warn("proxy: upstream port %u: TCP_NODELAY: %s", ic->port, strerror(errno));
+    struct sockaddr_in sin = { .sin_family = AF_INET, .sin_port = htons((uint16_t)ic->port) };
     sin.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
     int r;
     do
@@ -373,7 +376,7 @@ static struct upconn *uc_connect(struct proxy *p, struct port_pool *pp, int *err
         return NULL;
     }
     uc->p = p;
-    uc->pool = pp;
+    uc->idle = ic;
     uc->fd = fd;
     uc->state = UC_BUSY;
     ev_io_init(&uc->io, uc_io_cb, fd, EV_WRITE);
@@ -384,34 +387,34 @@ static struct upconn *uc_connect(struct proxy *p, struct port_pool *pp, int *err
     return uc;
 }
 
-/* The most recently used idle connection to PP, or NULL. */
-static struct upconn *pool_take(struct port_pool *pp)
+/* The most recently used idle connection in IC, or NULL. */
+static struct upconn *idle_take(struct idle_conns *ic)
 {
-    struct upconn *uc = pp->idle;
+    struct upconn *uc = ic->head;
     if (!uc)
         return NULL;
-    pool_unlink(uc);
+    idle_unlink(uc);
     uc->state = UC_BUSY;
     ev_timer_stop(uc->p->loop, &uc->timer);
     return uc;
 }
 
-/* Back to the pool (or closed when the pool is full). */
-static void pool_put(struct upconn *uc)
+/* Back to its idle list (or closed when the list is full). */
+static void idle_put(struct upconn *uc)
 {
-    struct port_pool *pp = uc->pool;
-    if (pp->nidle >= IDLE_PER_PORT) {
+    struct idle_conns *ic = uc->idle;
+    if (ic->count >= IDLE_PER_PORT) {
         uc_close(uc);
         return;
     }
     uc->call = NULL;
     uc->state = UC_IDLE;
     uc->prev = NULL;
-    uc->next = pp->idle;
-    if (pp->idle)
-        pp->idle->prev = uc;
-    pp->idle = uc;
-    pp->nidle++;
+    uc->next = ic->head;
+    if (ic->head)
+        ic->head->prev = uc;
+    ic->head = uc;
+    ic->count++;
     uc_watch(uc, EV_READ);
     ev_timer_set(&uc->timer, IDLE_TIMEOUT_S, 0.);
     ev_timer_start(uc->p->loop, &uc->timer);
@@ -627,7 +630,7 @@ static void call_end(struct proxy_call *call, enum proxy_outcome outcome)
     done(arg, outcome, status, first_byte);
 }
 
-/* Gives up the connection: back to the pool if REUSE, else closed. */
+/* Gives up the connection: back to its idle list if REUSE, else closed. */
 static void call_release_uc(struct proxy_call *call, bool reuse)
 {
     struct upconn *uc = call->uc;
@@ -636,7 +639,7 @@ static void call_release_uc(struct proxy_call *call, bool reuse)
     call->uc = NULL;
     uc->call = NULL;
     if (reuse)
-        pool_put(uc);
+        idle_put(uc);
     else
         uc_close(uc);
 }
@@ -1175,14 +1178,14 @@ static void uc_timer_cb(struct ev_loop *loop, ev_timer *w, int revents)
         return;
     }
     call_upstream_failed(uc->call, "connect to upstream port %u: timed out after %.0f s",
-                         uc->pool->port, CONNECT_TIMEOUT_S);
+                         uc->idle->port, CONNECT_TIMEOUT_S);
 }
 
 /* Takes an idle connection or opens one, and sends the request. */
 static void call_start(struct proxy_call *call)
 {
     struct proxy *p = call->p;
-    struct port_pool *pp = pool_find(p, call->port, true);
+    struct idle_conns *ic = idle_find(p, call->port, true);
     struct upconn *uc = NULL;
     int err = ENOMEM;
 
@@ -1192,12 +1195,12 @@ static void call_start(struct proxy_call *call)
     call->fail_why = NULL;
     llhttp_reset(&call->parser);
     head_reset(call);
-    if (pp && !call->retried)
-        uc = pool_take(pp);
+    if (ic && !call->retried)
+        uc = idle_take(ic);
     call->reused = uc != NULL;
     call->connected = uc != NULL;
-    if (!uc && pp)
-        uc = uc_connect(p, pp, &err);
+    if (!uc && ic)
+        uc = uc_connect(p, ic, &err);
     if (!uc) {
         call_upstream_failed(call, "connect to upstream port %u: %s", call->port, strerror(err));
         return;
@@ -1227,10 +1230,10 @@ struct proxy *proxy_new(struct ev_loop *loop)
     return p;
 }
 
-static void pool_close_all(struct port_pool *pp)
+static void idle_close_all(struct idle_conns *ic)
 {
-    while (pp->idle)
-        uc_close(pp->idle);
+    while (ic->head)
+        uc_close(ic->head);
 }
 
 /* Calls still running are dropped without their DONE: whoever frees the
@@ -1260,11 +1263,11 @@ void proxy_free(struct proxy *p)
         free(call->body_buf);
         free(call);
     }
-    for (size_t i = 0; i < p->npools; i++) {
-        pool_close_all(p->pools[i]);
-        free(p->pools[i]);
+    for (size_t i = 0; i < p->nidle; i++) {
+        idle_close_all(p->idle[i]);
+        free(p->idle[i]);
     }
-    free(p->pools);
+    free(p->idle);
     free(p);
 }
 
@@ -1357,7 +1360,7 @@ void proxy_hand_back_unanswered(struct proxy *p, bool on)
 
 void proxy_forget_port(struct proxy *p, unsigned port)
 {
-    struct port_pool *pp = pool_find(p, port, false);
-    if (pp)
-        pool_close_all(pp);
+    struct idle_conns *ic = idle_find(p, port, false);
+    if (ic)
+        idle_close_all(ic);
 }
