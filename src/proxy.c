@@ -61,6 +61,8 @@
 #define IDLE_TIMEOUT_S    4.0          /* llama-server closes idle connections at 5 s */
 #define CONNECT_TIMEOUT_S 5.0
 #define MAX_RESP_HEAD     (64 * 1024)  /* upstream header lines we keep */
+#define REQ_HEAD_MIN      1024         /* first allocation of a call's request head */
+#define RESP_HEAD_MIN     1024         /* first allocation of its kept response headers */
 #define WHOLE_MAX         (64 * 1024)  /* Content-Length up to this: answered whole */
 #define FREE_CALLS_MAX    256          /* recycled call structs kept */
 #define CTYPE_MAX         256
@@ -112,8 +114,7 @@ struct proxy_call {
     struct upconn *uc;
 
     /* the request */
-    char *out;                        /* request line and headers */
-    size_t out_len, out_cap;
+    struct buf out;                   /* request line and headers */
     size_t sent;                      /* bytes of out + body written */
     bool connected;                   /* the socket took bytes (or was reused) */
     bool reused;                      /* the connection came from an idle list */
@@ -132,8 +133,7 @@ struct proxy_call {
     bool is_sse;
     bool head_req;
     int status;
-    char *hdr;                        /* kept header lines "Name: value\r\n", NUL-terminated */
-    size_t hdr_len, hdr_cap;
+    struct buf hdr;                   /* kept header lines "Name: value\r\n", NUL-terminated */
     size_t line_start, value_start;
     enum hdr_action action;
     bool in_field;
@@ -147,8 +147,7 @@ struct proxy_call {
     bool relayed;                     /* any body byte relayed */
     const char *body;                 /* whole mode: the body (body_buf or the read buffer) */
     size_t body_len, body_expect;
-    char *body_buf;
-    size_t body_cap;
+    struct buf body_buf;              /* whole mode: the body when it came in pieces */
     const char *fail_why;             /* set by a callback that rejects the response */
     bool *ended;                      /* proxy_forward's: set when the call ends inside it */
 };
@@ -284,14 +283,8 @@ static struct idle_conns *idle_find(struct proxy *p, unsigned port, bool create)
             return p->last_idle = p->idle[i];
     if (!create)
         return NULL;
-    if (p->nidle == p->idle_cap) {
-        size_t cap = p->idle_cap ? p->idle_cap * 2 : 8;
-        struct idle_conns **v = realloc(p->idle, cap * sizeof *v);
-        if (!v)
-            return NULL;
-        p->idle = v;
-        p->idle_cap = cap;
-    }
+    if (!util_grow(&p->idle, &p->idle_cap, p->nidle + 1, sizeof *p->idle))
+        return NULL;
     struct idle_conns *ic = calloc(1, sizeof *ic);
     if (!ic)
         return NULL;
@@ -433,22 +426,7 @@ static void uc_idle_readable(struct upconn *uc)
 
 /* ----------------------------------------------------------- the request */
 
-static bool out_reserve(struct proxy_call *call, size_t n)
-{
-    if (call->out_cap >= n)
-        return true;
-    size_t cap = call->out_cap ? call->out_cap : 1024;
-    while (cap < n)
-        cap *= 2;
-    char *o = realloc(call->out, cap);
-    if (!o)
-        return false;
-    call->out = o;
-    call->out_cap = cap;
-    return true;
-}
-
-/* Unchecked appends: out_reserve made room for the whole head first. */
+/* Unchecked appends: call_build_head made room for the whole head first. */
 static char *put(char *o, const char *s, size_t n)
 {
     memcpy(o, s, n);
@@ -530,10 +508,10 @@ static bool call_build_head(struct proxy_call *call, const char *target, const c
     const char *paddr;
     size_t paddr_len = peer_addr(req->peer, &paddr);
     need += xff_need + paddr_len + 64;
-    if (!out_reserve(call, need))
+    if (!buf_reserve_min(&call->out, need, REQ_HEAD_MIN))
         return false;
 
-    char *o = call->out;
+    char *o = call->out.data + call->out.len;
     o = put(o, req->method, strlen(req->method));
     *o++ = ' ';
     o = put(o, target, strlen(target));
@@ -588,11 +566,20 @@ static bool call_build_head(struct proxy_call *call, const char *target, const c
         o = PUT_LIT(o, "\r\n");
     }
     o = PUT_LIT(o, "\r\n");
-    call->out_len = (size_t)(o - call->out);
+    *o = '\0';
+    call->out.len = (size_t)(o - call->out.data);
     return true;
 }
 
 /* ------------------------------------------------------- ending a call */
+
+static void call_free(struct proxy_call *call)
+{
+    buf_free(&call->out);
+    buf_free(&call->hdr);
+    buf_free(&call->body_buf);
+    free(call);
+}
 
 /* Unhooks the call from the request and the proxy, recycles it, then
  * reports OUTCOME. The response has ended (or the client is gone). */
@@ -622,10 +609,7 @@ static void call_end(struct proxy_call *call, enum proxy_outcome outcome)
         p->free_calls = call;
         p->nfree++;
     } else {
-        free(call->out);
-        free(call->hdr);
-        free(call->body_buf);
-        free(call);
+        call_free(call);
     }
     done(arg, outcome, status, first_byte);
 }
@@ -653,7 +637,7 @@ static void call_ok(struct proxy_call *call, bool reuse)
     req->on_drain = NULL;
     if (call->whole)
         http_respond(req, call->status, call->ctype_len ? call->ctype : NULL,
-                     call->hdr_len ? call->hdr : NULL, call->body, call->body_len);
+                     call->hdr.len ? call->hdr.data : NULL, call->body, call->body_len);
     else
         http_stream_end(req);
     call_end(call, PROXY_OK);
@@ -741,30 +725,13 @@ static void call_retry(struct proxy_call *call)
 
 /* ---------------------------------------------------------- the response */
 
-static bool hdr_reserve(struct proxy_call *call, size_t more)
-{
-    if (call->hdr_cap - call->hdr_len > more)
-        return true;
-    if (call->hdr_len + more + 1 > MAX_RESP_HEAD)
-        return false;
-    size_t cap = call->hdr_cap ? call->hdr_cap : 1024;
-    while (cap - call->hdr_len <= more)
-        cap *= 2;
-    char *h = realloc(call->hdr, cap);
-    if (!h)
-        return false;
-    call->hdr = h;
-    call->hdr_cap = cap;
-    return true;
-}
-
+/* Appends to the kept header lines; false past MAX_RESP_HEAD (their NUL
+ * included) or when out of memory. */
 static bool hdr_append(struct proxy_call *call, const char *s, size_t n)
 {
-    if (!hdr_reserve(call, n))
-        return false;
-    memcpy(call->hdr + call->hdr_len, s, n);
-    call->hdr_len += n;
-    return true;
+    struct buf *h = &call->hdr;
+    return h->len + n < MAX_RESP_HEAD && buf_reserve_min(h, n, RESP_HEAD_MIN) &&
+           buf_append(h, s, n);
 }
 
 static int reject(struct proxy_call *call, const char *why)
@@ -775,7 +742,7 @@ static int reject(struct proxy_call *call, const char *why)
 
 static void head_reset(struct proxy_call *call)
 {
-    call->hdr_len = 0;
+    call->hdr.len = 0;
     call->ctype_len = 0;
     call->conn_len = 0;
     call->in_field = false;
@@ -796,7 +763,7 @@ static int on_header_field(llhttp_t *lp, const char *at, size_t n)
         return 0; /* trailers are not relayed */
     if (!call->in_field) {
         call->in_field = true;
-        call->line_start = call->hdr_len;
+        call->line_start = call->hdr.len;
     }
     return hdr_append(call, at, n) ? 0 : reject(call, "response header block too large");
 }
@@ -807,9 +774,9 @@ static int on_header_field_complete(llhttp_t *lp)
     if (call->head_done)
         return 0;
     if (!call->in_field) /* empty name (llhttp rejects those): an empty line */
-        call->line_start = call->hdr_len;
-    const char *n = call->hdr ? call->hdr + call->line_start : "";
-    size_t l = call->hdr_len - call->line_start;
+        call->line_start = call->hdr.len;
+    const char *n = call->hdr.data ? call->hdr.data + call->line_start : "";
+    size_t l = call->hdr.len - call->line_start;
     call->in_field = false;
     call->bad_value = false;
     if (!valid_name(n, l))
@@ -826,7 +793,7 @@ static int on_header_field_complete(llhttp_t *lp)
     if (call->action == HDR_KEEP && NAME_IS(n, l, "X-Accel-Buffering"))
         call->has_accel = true;
     if (call->action != HDR_KEEP) {
-        call->hdr_len = call->line_start;
+        call->hdr.len = call->line_start;
         if (call->action == HDR_CTYPE)
             call->ctype_len = 0; /* the last one wins */
         else if (call->action == HDR_CONN && call->conn_len && call->conn_len < CTYPE_MAX - 1)
@@ -835,7 +802,7 @@ static int on_header_field_complete(llhttp_t *lp)
     }
     if (!hdr_append(call, ": ", 2))
         return reject(call, "response header block too large");
-    call->value_start = call->hdr_len;
+    call->value_start = call->hdr.len;
     return 0;
 }
 
@@ -871,15 +838,16 @@ static int on_header_value(llhttp_t *lp, const char *at, size_t n)
 static int on_header_value_complete(llhttp_t *lp)
 {
     struct proxy_call *call = lp->data;
+    struct buf *h = &call->hdr;
     if (call->head_done)
         return 0;
     switch (call->action) {
     case HDR_KEEP:
-        while (call->hdr_len > call->value_start &&
-               (call->hdr[call->hdr_len - 1] == ' ' || call->hdr[call->hdr_len - 1] == '\t'))
-            call->hdr_len--;
+        while (h->len > call->value_start &&
+               (h->data[h->len - 1] == ' ' || h->data[h->len - 1] == '\t'))
+            h->len--;
         if (call->bad_value)
-            call->hdr_len = call->line_start;
+            h->len = call->line_start;
         else if (!hdr_append(call, "\r\n", 2))
             return reject(call, "response header block too large");
         break;
@@ -902,20 +870,21 @@ static int on_header_value_complete(llhttp_t *lp)
 /* Removes the kept lines whose names the upstream's Connection header lists. */
 static void head_drop_connection_listed(struct proxy_call *call)
 {
+    struct buf *h = &call->hdr;
     size_t r = 0, w = 0;
-    while (r < call->hdr_len) {
-        const char *line = call->hdr + r;
-        const char *eol = memchr(line, '\n', call->hdr_len - r);
-        size_t ll = eol ? (size_t)(eol - line) + 1 : call->hdr_len - r;
+    while (r < h->len) {
+        const char *line = h->data + r;
+        const char *eol = memchr(line, '\n', h->len - r);
+        size_t ll = eol ? (size_t)(eol - line) + 1 : h->len - r;
         const char *colon = memchr(line, ':', ll);
         size_t nl = colon ? (size_t)(colon - line) : 0;
         if (!token_listed(call->conn, call->conn_len, line, nl)) {
-            memmove(call->hdr + w, line, ll);
+            memmove(h->data + w, line, ll);
             w += ll;
         }
         r += ll;
     }
-    call->hdr_len = w;
+    h->len = w;
 }
 
 /* The response head is complete: relay it now (streams), or prepare to
@@ -936,9 +905,8 @@ static int on_headers_complete(llhttp_t *lp)
     if (call->is_sse && !call->has_accel &&
         !hdr_append(call, "X-Accel-Buffering: no\r\n", 23))
         return reject(call, "response header block too large");
-    if (!hdr_reserve(call, 0))
-        return reject(call, "response header block too large");
-    call->hdr[call->hdr_len] = '\0';
+    if (call->hdr.data)
+        call->hdr.data[call->hdr.len] = '\0'; /* after the lines cut above */
     call->head_done = true;
     call->head_at = ev_now(call->p->loop);
     call->status = status;
@@ -954,7 +922,7 @@ static int on_headers_complete(llhttp_t *lp)
         call->whole = false;
         call->started = true;
         http_stream_begin(call->req, status, call->ctype_len ? call->ctype : NULL,
-                          call->hdr_len ? call->hdr : NULL);
+                          call->hdr.len ? call->hdr.data : NULL);
     }
     return call->head_req ? 1 : 0;
 }
@@ -968,18 +936,15 @@ static int on_body(llhttp_t *lp, const char *at, size_t n)
             call->body_len = n;
             return 0;
         }
+        struct buf *b = &call->body_buf;
         if (call->body_len + n > call->body_expect)
             return reject(call, "body longer than its Content-Length");
-        if (call->body_cap < call->body_expect) {
-            char *b = realloc(call->body_buf, call->body_expect);
-            if (!b)
-                return reject(call, "out of memory");
-            call->body_buf = b;
-            call->body_cap = call->body_expect;
-        }
-        memcpy(call->body_buf + call->body_len, at, n);
-        call->body_len += n;
-        call->body = call->body_buf;
+        /* room for all of it at the first piece: one allocation at most */
+        if (!buf_reserve_min(b, call->body_expect - b->len, call->body_expect + 1) ||
+            !buf_append(b, at, n))
+            return reject(call, "out of memory");
+        call->body = b->data;
+        call->body_len = b->len;
         return 0;
     }
     if (call->is_sse) {
@@ -1016,7 +981,7 @@ static bool call_parse(struct proxy_call *call, const char *data, size_t n)
     if (err == HPE_PAUSED && call->complete) {
         const char *pos = llhttp_get_error_pos(&call->parser);
         bool extra = pos && pos < data + n; /* bytes after the response: don't trust the connection */
-        bool all_sent = call->sent == call->out_len + call->req->body_len;
+        bool all_sent = call->sent == call->out.len + call->req->body_len;
         call_ok(call, call->keep_alive && !extra && all_sent && !call->send_failed);
         return false;
     }
@@ -1062,7 +1027,7 @@ static void call_upstream_eof(struct proxy_call *call, int err)
 
 static size_t call_total(const struct proxy_call *call)
 {
-    return call->out_len + call->req->body_len;
+    return call->out.len + call->req->body_len;
 }
 
 static void call_update_io(struct proxy_call *call)
@@ -1089,15 +1054,15 @@ static bool call_send(struct proxy_call *call)
     while (!call->send_failed && call->sent < total) {
         struct iovec iov[2];
         int cnt = 0;
-        if (call->sent < call->out_len) {
-            iov[cnt].iov_base = call->out + call->sent;
-            iov[cnt++].iov_len = call->out_len - call->sent;
+        if (call->sent < call->out.len) {
+            iov[cnt].iov_base = call->out.data + call->sent;
+            iov[cnt++].iov_len = call->out.len - call->sent;
             if (req->body_len) {
                 iov[cnt].iov_base = req->body;
                 iov[cnt++].iov_len = req->body_len;
             }
         } else {
-            iov[cnt].iov_base = req->body + (call->sent - call->out_len);
+            iov[cnt].iov_base = req->body + (call->sent - call->out.len);
             iov[cnt++].iov_len = total - call->sent;
         }
         struct msghdr mh = { .msg_iov = iov, .msg_iovlen = (size_t)cnt };
@@ -1250,18 +1215,12 @@ void proxy_free(struct proxy *p)
             call->req->on_drain = NULL;
         }
         call_release_uc(call, false);
-        free(call->out);
-        free(call->hdr);
-        free(call->body_buf);
-        free(call);
+        call_free(call);
     }
     while (p->free_calls) {
         struct proxy_call *call = p->free_calls;
         p->free_calls = call->next;
-        free(call->out);
-        free(call->hdr);
-        free(call->body_buf);
-        free(call);
+        call_free(call);
     }
     for (size_t i = 0; i < p->nidle; i++) {
         idle_close_all(p->idle[i]);
@@ -1277,15 +1236,14 @@ static struct proxy_call *call_alloc(struct proxy *p)
     if (call) {
         p->free_calls = call->next;
         p->nfree--;
-        char *out = call->out, *hdr = call->hdr, *body_buf = call->body_buf;
-        size_t out_cap = call->out_cap, hdr_cap = call->hdr_cap, body_cap = call->body_cap;
+        struct buf out = call->out, hdr = call->hdr, body_buf = call->body_buf;
         memset(call, 0, sizeof *call);
-        call->out = out;
-        call->out_cap = out_cap;
+        call->out = out;       /* their memory is kept, emptied */
         call->hdr = hdr;
-        call->hdr_cap = hdr_cap;
         call->body_buf = body_buf;
-        call->body_cap = body_cap;
+        buf_consume(&call->out, call->out.len);
+        buf_consume(&call->hdr, call->hdr.len);
+        buf_consume(&call->body_buf, call->body_buf.len);
     } else {
         call = calloc(1, sizeof *call);
         if (!call)
