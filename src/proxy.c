@@ -3,31 +3,20 @@
  *
  * Shape of the code, top to bottom:
  *   types: upstream connections (struct upconn), the idle ones kept per
- *          port (struct idle_conns),
- *          calls (struct proxy_call)
+ *          port (struct idle_conns), call stages, calls (struct proxy_call)
  *   header names: hop-by-hop lists, token checks
  *   upstream connections: connect, idle lists (LIFO, bounded, expiring)
+ *   stages: call_set_stage, the one way a call moves on
  *   the request: one buffer for the head, one sendmsg for head + body
  *   the response: llhttp callbacks (filter headers, relay body pieces)
  *   ending a call: success, upstream failure (502 / SSE error / cut),
  *          client gone
  *   the public API
  *
- * A call goes through these stages (its connection's watcher and timer
- * mean something different in each):
- *   CONNECTING  fresh socket, connect in progress: the watcher waits for
- *               writability, the timer is the connect timeout (→ 502).
- *   SENDING     request bytes left: EV_WRITE as long as the socket is full;
- *               EV_READ too, the upstream may answer early.
- *   WAITING     request sent, no response byte yet: EV_READ, no timer
- *               (a queued request waits for a slot as long as it takes).
- *               EOF or reset here on a reused connection → retry once on a
- *               fresh one; otherwise 502.
- *   RELAYING    response head seen: body pieces go to the client as they
- *               arrive; EV_READ stops while the client's buffer is above
- *               its high-water mark (until on_drain). No timer.
- *   done        message complete: the connection goes back to its idle list
- *               if both sides allow keep-alive, else it is closed.
+ * A call goes through the stages of enum call_stage (connecting, sending,
+ * waiting, the response head, relaying or collecting the body); when the
+ * message is complete the call ends and its connection goes back to its
+ * idle list if both sides allow keep-alive, else it is closed.
  * An idle connection watches for EOF/data (→ closed) and expires
  * after IDLE_TIMEOUT_S, before llama-server's own 5 s keep-alive limit.
  *
@@ -103,6 +92,39 @@ enum hdr_action {
     HDR_CONN,  /* Connection: dropped, its tokens name more headers to drop */
 };
 
+/* Call stages, in order; every change goes through call_set_stage(). Each
+ * says what the call waits for and what its connection's watcher and timer
+ * do. The upstream may answer before it has read the whole request (an
+ * early 413, say): the stage then follows the response, and the rest of the
+ * request still goes out (EV_WRITE while call_request_unsent()). */
+enum call_stage {
+    /* Fresh socket, connect in progress: the watcher waits for writability,
+     * the timer is the connect timeout (→ 502). The socket takes the first
+     * request bytes → SENDING. */
+    CALL_CONNECTING,
+    /* Request bytes left: EV_WRITE as long as the socket is full; EV_READ
+     * too, the upstream may answer early. All written, or the upstream
+     * stopped taking them → WAITING. No timer. */
+    CALL_SENDING,
+    /* Request sent, no response byte yet: EV_READ, no timer (a queued
+     * request waits for a slot as long as it takes). EOF, a reset or a
+     * failed write here or in SENDING, on a reused connection → retry once
+     * on a fresh one (back to CONNECTING); otherwise 502. */
+    CALL_WAITING,
+    /* Response bytes came (from here on, nothing is retried) but not the
+     * whole head; interim 1xx heads are read and dropped. The head →
+     * RELAYING, or COLLECTING for a small body. */
+    CALL_HEAD,
+    /* The head went out with http_stream_begin; body pieces go to the client
+     * as they arrive. EV_READ stops while the client's buffer is above its
+     * high-water mark (paused, until on_drain). No timer. */
+    CALL_RELAYING,
+    /* A body of at most WHOLE_MAX bytes by its Content-Length (or none: 204,
+     * 304) is collected and answered whole with http_respond at its end.
+     * EV_READ, no timer. */
+    CALL_COLLECTING,
+};
+
 struct proxy_call {
     struct proxy *p;
     struct proxy_call *prev, *next;   /* active calls; next also links the free list */
@@ -112,32 +134,32 @@ struct proxy_call {
     double sent_at, head_at;          /* ev_now() at proxy_forward, at the upstream's head */
     void *arg;
     struct upconn *uc;
+    enum call_stage stage;            /* where the call is: see enum call_stage */
+    /* The flags below are not the stage, nor derived from it: each holds
+     * a fact the stage cannot tell (the retry budget, how the connection
+     * was obtained, write failure alongside any stage, flow control, what
+     * the response is, the header being parsed). */
 
     /* the request */
     struct buf out;                   /* request line and headers */
     size_t sent;                      /* bytes of out + body written */
-    bool connected;                   /* the socket took bytes (or was reused) */
-    bool reused;                      /* the connection came from an idle list */
-    bool retried;
-    bool send_failed;                 /* stop writing; the read side sees the end */
+    bool reused;                      /* this connection came from an idle list */
+    bool retried;                     /* the one retry on a fresh connection is spent */
+    bool send_failed;                 /* the upstream stopped taking the request: no more
+                                       * writes, in whatever stage; it may still answer */
 
     /* the response */
     llhttp_t parser;
-    bool got_bytes;                   /* any response byte on this connection */
-    bool head_done;
-    bool started;                     /* http_stream_begin called */
-    bool whole;                       /* collect the body, answer with http_respond */
-    bool complete;                    /* message complete (parser paused) */
-    bool keep_alive;                  /* upstream allows reuse */
-    bool paused;                      /* client buffer full: not reading upstream */
-    bool is_sse;
-    bool head_req;
+    bool keep_alive;                  /* upstream allows reuse (known at the message's end) */
+    bool paused;                      /* RELAYING: client buffer full, upstream not read */
+    bool is_sse;                      /* Content-Type text/event-stream */
+    bool head_req;                    /* a HEAD request: no response body */
     int status;
     struct buf hdr;                   /* kept header lines "Name: value\r\n", NUL-terminated */
     size_t line_start, value_start;
     enum hdr_action action;
-    bool in_field;
-    bool bad_value;
+    bool in_field;                    /* HEAD: a header name is coming in */
+    bool bad_value;                   /* HEAD: the current value has a control character */
     bool has_accel;                   /* upstream sent X-Accel-Buffering */
     char ctype[CTYPE_MAX];
     size_t ctype_len;
@@ -145,9 +167,9 @@ struct proxy_call {
     size_t conn_len;
     char tail[2];                     /* last two body bytes relayed (SSE framing) */
     bool relayed;                     /* any body byte relayed */
-    const char *body;                 /* whole mode: the body (body_buf or the read buffer) */
+    const char *body;                 /* COLLECTING: the body (body_buf or the read buffer) */
     size_t body_len, body_expect;
-    struct buf body_buf;              /* whole mode: the body when it came in pieces */
+    struct buf body_buf;              /* COLLECTING: the body when it came in pieces */
     const char *fail_why;             /* set by a callback that rejects the response */
     bool *ended;                      /* proxy_forward's: set when the call ends inside it */
 };
@@ -373,10 +395,8 @@ static struct upconn *uc_connect(struct proxy *p, struct idle_conns *ic, int *er
     uc->fd = fd;
     uc->state = UC_BUSY;
     ev_io_init(&uc->io, uc_io_cb, fd, EV_WRITE);
-    ev_init(&uc->timer, uc_timer_cb);
+    ev_init(&uc->timer, uc_timer_cb); /* the connect timeout: call_set_stage arms it */
     uc->io.data = uc->timer.data = uc;
-    ev_timer_set(&uc->timer, CONNECT_TIMEOUT_S, 0.);
-    ev_timer_start(p->loop, &uc->timer);
     return uc;
 }
 
@@ -422,6 +442,47 @@ static void uc_idle_readable(struct upconn *uc)
     if (n < 0 && (errno == EAGAIN || errno == EWOULDBLOCK || errno == EINTR))
         return;
     uc_close(uc);
+}
+
+/* ---------------------------------------------------------------- stages */
+
+/* The one way a call changes stage. Entering CONNECTING arms the connect
+ * timeout on the call's connection; leaving it stops the timeout. */
+static void call_set_stage(struct proxy_call *call, enum call_stage stage)
+{
+    struct ev_loop *loop = call->p->loop;
+    struct upconn *uc = call->uc;
+    if (stage == CALL_CONNECTING) {
+        ev_timer_set(&uc->timer, CONNECT_TIMEOUT_S, 0.);
+        ev_timer_start(loop, &uc->timer);
+    } else if (call->stage == CALL_CONNECTING) {
+        ev_timer_stop(loop, &uc->timer);
+    }
+    call->stage = stage;
+}
+
+/* The response head is in (status known, trailers are not relayed). */
+static bool call_head_done(const struct proxy_call *call)
+{
+    return call->stage >= CALL_RELAYING;
+}
+
+static size_t call_total(const struct proxy_call *call)
+{
+    return call->out.len + call->req->body_len;
+}
+
+/* Request bytes are left to write, and the upstream still takes them. */
+static bool call_request_unsent(const struct proxy_call *call)
+{
+    return !call->send_failed && call->sent < call_total(call);
+}
+
+/* A reused connection that failed before any response byte was closed by
+ * the server as we picked it up: worth one more try on a fresh one. */
+static bool call_may_retry(const struct proxy_call *call)
+{
+    return call->stage < CALL_HEAD && call->reused && !call->retried;
 }
 
 /* ----------------------------------------------------------- the request */
@@ -588,8 +649,8 @@ static void call_end(struct proxy_call *call, enum proxy_outcome outcome)
     struct proxy *p = call->p;
     proxy_done_fn done = call->done;
     void *arg = call->arg;
-    int status = call->head_done ? call->status : 0;
-    double first_byte = call->head_done ? call->head_at - call->sent_at : -1;
+    int status = call_head_done(call) ? call->status : 0;
+    double first_byte = call_head_done(call) ? call->head_at - call->sent_at : -1;
 
     if (call->ended)
         *call->ended = true;
@@ -635,7 +696,7 @@ static void call_ok(struct proxy_call *call, bool reuse)
     call->req = NULL;
     req->on_close = NULL;
     req->on_drain = NULL;
-    if (call->whole)
+    if (call->stage == CALL_COLLECTING)
         http_respond(req, call->status, call->ctype_len ? call->ctype : NULL,
                      call->hdr.len ? call->hdr.data : NULL, call->body, call->body_len);
     else
@@ -662,11 +723,11 @@ static void call_upstream_failed(struct proxy_call *call, const char *fmt, ...)
     call->req = NULL;
     req->on_close = NULL;
     req->on_drain = NULL;
-    if (!call->started && !call->got_bytes && call->p->hand_back_unanswered) {
+    if (call->stage < CALL_HEAD && call->p->hand_back_unanswered) {
         call_end(call, PROXY_UPSTREAM_UNANSWERED);
         return;
     }
-    if (!call->started) {
+    if (call->stage != CALL_RELAYING) { /* nothing went to the client yet */
         http_respond_error(req, 502, "server_error", "%s", msg);
         call_end(call, PROXY_UPSTREAM_ERROR);
         return;
@@ -759,7 +820,7 @@ static int on_message_begin(llhttp_t *lp)
 static int on_header_field(llhttp_t *lp, const char *at, size_t n)
 {
     struct proxy_call *call = lp->data;
-    if (call->head_done)
+    if (call_head_done(call))
         return 0; /* trailers are not relayed */
     if (!call->in_field) {
         call->in_field = true;
@@ -771,7 +832,7 @@ static int on_header_field(llhttp_t *lp, const char *at, size_t n)
 static int on_header_field_complete(llhttp_t *lp)
 {
     struct proxy_call *call = lp->data;
-    if (call->head_done)
+    if (call_head_done(call))
         return 0;
     if (!call->in_field) /* empty name (llhttp rejects those): an empty line */
         call->line_start = call->hdr.len;
@@ -809,7 +870,7 @@ static int on_header_field_complete(llhttp_t *lp)
 static int on_header_value(llhttp_t *lp, const char *at, size_t n)
 {
     struct proxy_call *call = lp->data;
-    if (call->head_done)
+    if (call_head_done(call))
         return 0;
     for (size_t i = 0; i < n; i++)
         if (!valid_value_char((unsigned char)at[i]))
@@ -839,7 +900,7 @@ static int on_header_value_complete(llhttp_t *lp)
 {
     struct proxy_call *call = lp->data;
     struct buf *h = &call->hdr;
-    if (call->head_done)
+    if (call_head_done(call))
         return 0;
     switch (call->action) {
     case HDR_KEEP:
@@ -907,7 +968,6 @@ static int on_headers_complete(llhttp_t *lp)
         return reject(call, "response header block too large");
     if (call->hdr.data)
         call->hdr.data[call->hdr.len] = '\0'; /* after the lines cut above */
-    call->head_done = true;
     call->head_at = ev_now(call->p->loop);
     call->status = status;
     call->body = NULL;
@@ -916,11 +976,10 @@ static int on_headers_complete(llhttp_t *lp)
     bool has_length = (lp->flags & F_CONTENT_LENGTH) != 0;
     if (!call->head_req && !call->is_sse &&
         (http_status_has_no_body(status) || (has_length && lp->content_length <= WHOLE_MAX))) {
-        call->whole = true;
+        call_set_stage(call, CALL_COLLECTING);
         call->body_expect = http_status_has_no_body(status) ? 0 : (size_t)lp->content_length;
     } else {
-        call->whole = false;
-        call->started = true;
+        call_set_stage(call, CALL_RELAYING);
         http_stream_begin(call->req, status, call->ctype_len ? call->ctype : NULL,
                           call->hdr.len ? call->hdr.data : NULL);
     }
@@ -930,7 +989,7 @@ static int on_headers_complete(llhttp_t *lp)
 static int on_body(llhttp_t *lp, const char *at, size_t n)
 {
     struct proxy_call *call = lp->data;
-    if (call->whole) {
+    if (call->stage == CALL_COLLECTING) {
         if (call->body_len == 0 && n == call->body_expect) {
             call->body = at; /* all of it in one read: no copy */
             call->body_len = n;
@@ -962,12 +1021,13 @@ static int on_body(llhttp_t *lp, const char *at, size_t n)
     return 0;
 }
 
+/* The end of the response: pausing the parser is how call_parse and
+ * call_upstream_eof learn it (nothing else pauses it). */
 static int on_message_complete(llhttp_t *lp)
 {
     struct proxy_call *call = lp->data;
-    if (!call->head_done)
+    if (!call_head_done(call))
         return 0; /* an interim 1xx response ended */
-    call->complete = true;
     call->keep_alive = llhttp_should_keep_alive(lp);
     return HPE_PAUSED;
 }
@@ -978,10 +1038,10 @@ static bool call_parse(struct proxy_call *call, const char *data, size_t n)
     llhttp_errno_t err = llhttp_execute(&call->parser, data, n);
     if (err == HPE_OK)
         return true;
-    if (err == HPE_PAUSED && call->complete) {
+    if (err == HPE_PAUSED) { /* the response is complete */
         const char *pos = llhttp_get_error_pos(&call->parser);
         bool extra = pos && pos < data + n; /* bytes after the response: don't trust the connection */
-        bool all_sent = call->sent == call->out.len + call->req->body_len;
+        bool all_sent = call->sent == call_total(call);
         call_ok(call, call->keep_alive && !extra && all_sent && !call->send_failed);
         return false;
     }
@@ -997,26 +1057,26 @@ static bool call_parse(struct proxy_call *call, const char *data, size_t n)
 /* EOF (ERR 0) or a socket error from upstream. */
 static void call_upstream_eof(struct proxy_call *call, int err)
 {
-    if (!call->connected) {
+    if (call->stage == CALL_CONNECTING) {
         call_upstream_failed(call, "connect to upstream port %u: %s", call->port,
                              strerror(err ? err : ECONNREFUSED));
         return;
     }
-    if (!call->got_bytes && call->reused && !call->retried) {
+    if (call_may_retry(call)) {
         call_retry(call);
         return;
     }
     if (err == 0) {
         llhttp_errno_t e = llhttp_finish(&call->parser);
-        if (e == HPE_PAUSED && call->complete) { /* a body that ends at close */
+        if (e == HPE_PAUSED) { /* complete: a body that ends at close */
             call_ok(call, false);
             return;
         }
     }
     const char *how = err ? "reset" : "closed";
-    if (!call->got_bytes)
+    if (call->stage < CALL_HEAD)
         call_upstream_failed(call, "upstream %u %s the connection before answering", call->port, how);
-    else if (!call->head_done)
+    else if (call->stage == CALL_HEAD)
         call_upstream_failed(call, "upstream %u %s the connection in the response headers",
                              call->port, how);
     else
@@ -1025,23 +1085,17 @@ static void call_upstream_eof(struct proxy_call *call, int err)
 
 /* ----------------------------------------------------- driving the socket */
 
-static size_t call_total(const struct proxy_call *call)
-{
-    return call->out.len + call->req->body_len;
-}
-
 static void call_update_io(struct proxy_call *call)
 {
-    struct upconn *uc = call->uc;
     int events;
-    if (!call->connected) {
+    if (call->stage == CALL_CONNECTING) {
         events = EV_WRITE;
     } else {
         events = call->paused ? 0 : EV_READ;
-        if (!call->send_failed && call->sent < call_total(call))
+        if (call_request_unsent(call))
             events |= EV_WRITE;
     }
-    uc_watch(uc, events);
+    uc_watch(call->uc, events);
 }
 
 /* Writes what is left of the request. Returns false when the call ended
@@ -1051,7 +1105,7 @@ static bool call_send(struct proxy_call *call)
     struct upconn *uc = call->uc;
     const struct http_request *req = call->req;
     size_t total = call_total(call);
-    while (!call->send_failed && call->sent < total) {
+    while (call_request_unsent(call)) {
         struct iovec iov[2];
         int cnt = 0;
         if (call->sent < call->out.len) {
@@ -1069,10 +1123,8 @@ static bool call_send(struct proxy_call *call)
         ssize_t n = sendmsg(uc->fd, &mh, MSG_NOSIGNAL);
         if (n > 0) {
             call->sent += (size_t)n;
-            if (!call->connected) {
-                call->connected = true;
-                ev_timer_stop(call->p->loop, &uc->timer);
-            }
+            if (call->stage == CALL_CONNECTING)
+                call_set_stage(call, CALL_SENDING);
             continue;
         }
         if (n < 0 && errno == EINTR)
@@ -1080,16 +1132,18 @@ static bool call_send(struct proxy_call *call)
         if (n < 0 && (errno == EAGAIN || errno == EWOULDBLOCK))
             break;
         int err = n < 0 ? errno : EPIPE;
-        if (!call->connected) {
+        if (call->stage == CALL_CONNECTING) {
             call_upstream_failed(call, "connect to upstream port %u: %s", call->port, strerror(err));
             return false;
         }
-        if (!call->got_bytes && call->reused && !call->retried) {
+        if (call_may_retry(call)) {
             call_retry(call);
             return false;
         }
         call->send_failed = true; /* the read side sees the end, or an early answer */
     }
+    if (call->stage == CALL_SENDING && !call_request_unsent(call))
+        call_set_stage(call, CALL_WAITING);
     call_update_io(call);
     return true;
 }
@@ -1101,7 +1155,8 @@ static void call_read(struct proxy_call *call)
     for (int i = 0; i < READS_PER_WAKEUP; i++) {
         ssize_t n = recv(uc->fd, p->rbuf, sizeof p->rbuf, 0);
         if (n > 0) {
-            call->got_bytes = true;
+            if (call->stage < CALL_HEAD)
+                call_set_stage(call, CALL_HEAD);
             if (!call_parse(call, p->rbuf, (size_t)n))
                 return;
             if (call->paused || (size_t)n < sizeof p->rbuf)
@@ -1129,7 +1184,7 @@ static void uc_io_cb(struct ev_loop *loop, ev_io *w, int revents)
     struct proxy_call *call = uc->call;
     if ((revents & EV_WRITE) && (!call_send(call) || call->uc != uc))
         return;
-    if ((revents & EV_READ) && call->connected && !call->paused)
+    if ((revents & EV_READ) && call->stage != CALL_CONNECTING && !call->paused)
         call_read(call);
 }
 
@@ -1155,7 +1210,6 @@ static void call_start(struct proxy_call *call)
     int err = ENOMEM;
 
     call->sent = 0;
-    call->got_bytes = call->head_done = call->complete = false;
     call->send_failed = false;
     call->fail_why = NULL;
     llhttp_reset(&call->parser);
@@ -1163,7 +1217,6 @@ static void call_start(struct proxy_call *call)
     if (ic && !call->retried)
         uc = idle_take(ic);
     call->reused = uc != NULL;
-    call->connected = uc != NULL;
     if (!uc && ic)
         uc = uc_connect(p, ic, &err);
     if (!uc) {
@@ -1172,6 +1225,7 @@ static void call_start(struct proxy_call *call)
     }
     uc->call = call;
     call->uc = uc;
+    call_set_stage(call, call->reused ? CALL_SENDING : CALL_CONNECTING);
     call_send(call);
 }
 
