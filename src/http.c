@@ -102,9 +102,8 @@ struct req {
     size_t path_off, query_off;
     struct header_off *hoff;   /* one per header, into arena */
     size_t npairs, pairs_cap;
-    size_t name_off;           /* header field being received */
+    size_t name_off;           /* header field being received; SIZE_MAX until it starts */
     size_t value_off;          /* its value; SIZE_MAX until the value starts */
-    bool in_name;
     bool url_done;
     struct buf body;           /* pub.body and pub.body_len point at it once complete */
 };
@@ -311,7 +310,7 @@ static struct req *req_new(struct http_conn *c)
     snprintf(r->pub.peer, sizeof r->pub.peer, "%s", c->peer);
     r->pub.started = ev_now(c->srv->loop);
     r->pub.method = "";
-    r->value_off = SIZE_MAX;
+    r->name_off = r->value_off = SIZE_MAX;
     return r;
 }
 
@@ -393,6 +392,11 @@ static int parse_reject(llhttp_t *p, int status, const char *msg)
     return HPE_USER;
 }
 
+static int reject_oom(llhttp_t *p)
+{
+    return parse_reject(p, 500, "out of memory");
+}
+
 static int on_message_begin(llhttp_t *p)
 {
     struct http_conn *c = p->data;
@@ -400,13 +404,13 @@ static int on_message_begin(llhttp_t *p)
     c->req = req_new(c);
     c->headers_done = false;
     c->trailer_bytes = 0;
-    return c->req ? 0 : parse_reject(p, 500, "out of memory");
+    return c->req ? 0 : reject_oom(p);
 }
 
 static int on_url(llhttp_t *p, const char *at, size_t n)
 {
     struct http_conn *c = p->data;
-    return arena_append(c->req, at, n) ? 0 : parse_reject(p, 500, "out of memory");
+    return arena_append(c->req, at, n) ? 0 : reject_oom(p);
 }
 
 /* Length of the "scheme://authority" that starts an absolute-form target
@@ -452,11 +456,11 @@ static int on_url_complete(llhttp_t *p)
     struct req *r = c->req;
     struct buf *a = &r->arena;
     if (!req_origin_form(r))
-        return parse_reject(p, 500, "out of memory");
+        return reject_oom(p);
     size_t tlen = a->len;
     /* room for target\0 + path\0 + query\0 = 2 * tlen + 3 at most */
     if (!arena_append(r, "", 1) || !arena_reserve(r, tlen + 2))
-        return parse_reject(p, 500, "out of memory");
+        return reject_oom(p);
     const char *q = memchr(a->data, '?', tlen);
     size_t plen = q ? (size_t)(q - a->data) : tlen;
     size_t qlen = q ? tlen - plen - 1 : 0;
@@ -483,37 +487,49 @@ static int count_trailer(llhttp_t *p, size_t n)
     return 0;
 }
 
+/* Bytes of a header name or value into the arena, *START set to where it
+ * begins (SIZE_MAX: not begun); a trailer's are only counted. */
+static int header_bytes(llhttp_t *p, size_t *start, const char *at, size_t n)
+{
+    struct http_conn *c = p->data;
+    if (c->headers_done)
+        return count_trailer(p, n);
+    if (*start == SIZE_MAX)
+        *start = c->req->arena.len;
+    return arena_append(c->req, at, n) ? 0 : reject_oom(p);
+}
+
+/* The end of a header name or value that began at *START (SIZE_MAX: it is
+ * empty and begins here): a value's trailing blanks go (TRIM), a NUL ends
+ * it. Nothing for a trailer's. */
+static int header_end(llhttp_t *p, size_t *start, bool trim)
+{
+    struct http_conn *c = p->data;
+    struct buf *a = &c->req->arena;
+    if (c->headers_done)
+        return 0;
+    if (*start == SIZE_MAX)
+        *start = a->len;
+    while (trim && a->len > *start && (a->data[a->len - 1] == ' ' || a->data[a->len - 1] == '\t'))
+        a->len--;
+    return arena_append(c->req, "", 1) ? 0 : reject_oom(p);
+}
+
 static int on_header_field(llhttp_t *p, const char *at, size_t n)
 {
     struct http_conn *c = p->data;
-    struct req *r = c->req;
-    if (c->headers_done)
-        return count_trailer(p, n);
-    if (!r->in_name) {
-        r->name_off = r->arena.len;
-        r->in_name = true;
-    }
-    return arena_append(r, at, n) ? 0 : parse_reject(p, 500, "out of memory");
+    return header_bytes(p, &c->req->name_off, at, n);
 }
 
 static int on_header_field_complete(llhttp_t *p)
 {
     struct http_conn *c = p->data;
-    struct req *r = c->req;
-    if (c->headers_done)
-        return 0;
-    if (!r->in_name) { /* empty name: llhttp rejects these, but stay consistent */
-        r->name_off = r->arena.len;
-    }
-    r->in_name = false;
-    r->value_off = SIZE_MAX;
-    return arena_append(r, "", 1) ? 0 : parse_reject(p, 500, "out of memory");
+    return header_end(p, &c->req->name_off, false); /* empty names: llhttp rejects them */
 }
 
 static int on_header_value(llhttp_t *p, const char *at, size_t n)
 {
     struct http_conn *c = p->data;
-    struct req *r = c->req;
     /* llhttp joins an obs-fold line (CRLF then SP or HT) to the value; a
      * value's bytes that follow a line feed are one. RFC 9112 5.2 lets a
      * server reject it, and proxies that read it differently make it a
@@ -521,27 +537,19 @@ static int on_header_value(llhttp_t *p, const char *at, size_t n)
     char prev = at > c->exec_data ? at[-1] : c->last_fed;
     if (prev == '\n')
         return parse_reject(p, 400, "obsolete line folding in a header field is not accepted");
-    if (c->headers_done)
-        return count_trailer(p, n);
-    if (r->value_off == SIZE_MAX)
-        r->value_off = r->arena.len;
-    return arena_append(r, at, n) ? 0 : parse_reject(p, 500, "out of memory");
+    return header_bytes(p, &c->req->value_off, at, n);
 }
 
 static int on_header_value_complete(llhttp_t *p)
 {
     struct http_conn *c = p->data;
     struct req *r = c->req;
-    if (c->headers_done)
-        return 0;
-    if (r->value_off == SIZE_MAX)
-        r->value_off = r->arena.len;
-    struct buf *a = &r->arena;
-    while (a->len > r->value_off && (a->data[a->len - 1] == ' ' || a->data[a->len - 1] == '\t'))
-        a->len--;
-    if (!arena_append(r, "", 1) || !req_push_header(r, r->name_off, r->value_off))
-        return parse_reject(p, 500, "out of memory");
-    r->value_off = SIZE_MAX;
+    int err = header_end(p, &r->value_off, true);
+    if (err || c->headers_done)
+        return err;
+    if (!req_push_header(r, r->name_off, r->value_off))
+        return reject_oom(p);
+    r->name_off = r->value_off = SIZE_MAX;
     return 0;
 }
 
@@ -580,7 +588,7 @@ static int on_headers_complete(llhttp_t *p)
     char msg[96];
 
     if (!req_finish_head(r, p))
-        return parse_reject(p, 500, "out of memory");
+        return reject_oom(p);
     c->headers_done = true;
     if (p->http_major != 1)
         return parse_reject(p, 505, "only HTTP/1.0 and HTTP/1.1 are supported");
@@ -595,7 +603,7 @@ static int on_headers_complete(llhttp_t *p)
     if (has_length && p->content_length > 0) {
         size_t pre = p->content_length < BODY_PRESIZE ? (size_t)p->content_length : BODY_PRESIZE;
         if (!buf_reserve_min(&r->body, pre, pre + 1))
-            return parse_reject(p, 500, "out of memory");
+            return reject_oom(p);
     }
     bool has_body = (has_length && p->content_length > 0) || (p->flags & F_CHUNKED);
     if (has_body && p->http_minor >= 1 && expects_continue(&r->pub)) {
@@ -634,7 +642,7 @@ static int on_body(llhttp_t *p, const char *at, size_t n)
     struct http_conn *c = p->data;
     if (body_over_limit(p, n))
         return HPE_USER;
-    return req_body_append(c->req, at, n) ? 0 : parse_reject(p, 500, "out of memory");
+    return req_body_append(c->req, at, n) ? 0 : reject_oom(p);
 }
 
 /* A whole request: pause so that it is handled before the next one is parsed. */

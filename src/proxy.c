@@ -867,6 +867,17 @@ static int on_header_field_complete(llhttp_t *lp)
     return 0;
 }
 
+/* Appends AT[0..N) to FIELD, one of the CTYPE_MAX-byte fields holding
+ * *LEN bytes (room kept for a NUL); false when it would not fit. */
+static bool small_append(char *field, size_t *len, const char *at, size_t n)
+{
+    if (*len + n >= CTYPE_MAX)
+        return false;
+    memcpy(field + *len, at, n);
+    *len += n;
+    return true;
+}
+
 static int on_header_value(llhttp_t *lp, const char *at, size_t n)
 {
     struct proxy_call *call = lp->data;
@@ -879,16 +890,12 @@ static int on_header_value(llhttp_t *lp, const char *at, size_t n)
     case HDR_KEEP:
         return hdr_append(call, at, n) ? 0 : reject(call, "response header block too large");
     case HDR_CTYPE:
-        if (call->ctype_len + n >= CTYPE_MAX)
+        if (!small_append(call->ctype, &call->ctype_len, at, n))
             return reject(call, "Content-Type too long");
-        memcpy(call->ctype + call->ctype_len, at, n);
-        call->ctype_len += n;
         return 0;
     case HDR_CONN:
-        if (call->conn_len + n >= CTYPE_MAX)
+        if (!small_append(call->conn, &call->conn_len, at, n))
             return reject(call, "Connection header too long");
-        memcpy(call->conn + call->conn_len, at, n);
-        call->conn_len += n;
         return 0;
     case HDR_DROP:
         return 0;
