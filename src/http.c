@@ -41,6 +41,10 @@
 #include <unistd.h>
 
 #define IN_BUF_SIZE    (64 * 1024)  /* per connection, allocated only while bytes wait */
+#define OUT_BUF_MIN    (16 * 1024)  /* first allocation of queued output */
+#define ARENA_MIN      512          /* first allocation of a request's arena */
+#define BODY_MIN       4096         /* first allocation of a body without Content-Length */
+#define BODY_PRESIZE   (1024 * 1024) /* a Content-Length body is allocated up to this at once */
 #define OUT_HIGH       (256 * 1024) /* http_stream_write reports back-pressure above this */
 #define OUT_LOW        (64 * 1024)  /* on_drain below this; the next request is parsed below this */
 #define LISTEN_BACKLOG 511
@@ -78,24 +82,30 @@ enum conn_state {
     CONN_LINGER,
 };
 
+/* Queued output: pending bytes are b.data[off..b.len). Sending advances
+ * OFF; the bytes move to the front only when room is needed (see
+ * outbuf_reserve), never once per send. */
 struct outbuf {
-    char *data;
-    size_t off, len, cap; /* pending bytes are data[off..len) */
+    struct buf b;
+    size_t off;
+};
+
+/* Offsets of a header's name and value in its request's arena. */
+struct header_off {
+    size_t name, value;
 };
 
 /* A request while it is read and handled: the public struct plus storage. */
 struct req {
     struct http_request pub;   /* first: handlers get &pub */
-    char *arena;               /* target\0 path\0 query\0 then name\0value\0 per header */
-    size_t alen, acap;
+    struct buf arena;          /* target\0 path\0 query\0 then name\0value\0 per header */
     size_t path_off, query_off;
-    size_t *hoff;              /* name, value offset pairs into arena */
+    struct header_off *hoff;   /* one per header, into arena */
     size_t npairs, pairs_cap;
-    size_t name_off;           /* header field being received */
+    size_t name_off;           /* header field being received; SIZE_MAX until it starts */
     size_t value_off;          /* its value; SIZE_MAX until the value starts */
-    bool in_name;
     bool url_done;
-    size_t body_cap;
+    struct buf body;           /* pub.body and pub.body_len point at it once complete */
 };
 
 struct http_conn {
@@ -167,35 +177,29 @@ static void srv_update_accept(struct http_server *srv);
 /* -------------------------------------------------------------- helpers */
 
 static size_t in_pending(const struct http_conn *c) { return c->in_len - c->in_off; }
-static size_t out_pending(const struct http_conn *c) { return c->out.len - c->out.off; }
+static size_t out_pending(const struct http_conn *c) { return c->out.b.len - c->out.off; }
 
-static bool outbuf_append(struct outbuf *b, const void *data, size_t n)
+/* Room for N more bytes: the sent bytes before OFF are dropped first when
+ * the buffer is too full to take N. */
+static bool outbuf_reserve(struct outbuf *o, size_t n)
 {
-    if (b->cap - b->len < n && b->off > 0) {
-        memmove(b->data, b->data + b->off, b->len - b->off);
-        b->len -= b->off;
-        b->off = 0;
+    if (o->b.cap - o->b.len <= n && o->off > 0) {
+        memmove(o->b.data, o->b.data + o->off, o->b.len - o->off);
+        o->b.len -= o->off;
+        o->off = 0;
     }
-    if (b->cap - b->len < n) {
-        size_t cap = b->cap ? b->cap : 16 * 1024;
-        while (cap - b->len < n)
-            cap *= 2;
-        char *d = realloc(b->data, cap);
-        if (!d)
-            return false;
-        b->data = d;
-        b->cap = cap;
-    }
-    memcpy(b->data + b->len, data, n);
-    b->len += n;
-    return true;
+    return buf_reserve_min(&o->b, n, OUT_BUF_MIN);
 }
 
-static void outbuf_release(struct outbuf *b)
+static bool outbuf_append(struct outbuf *o, const void *data, size_t n)
 {
-    free(b->data);
-    b->data = NULL;
-    b->off = b->len = b->cap = 0;
+    return outbuf_reserve(o, n) && buf_append(&o->b, data, n);
+}
+
+static void outbuf_release(struct outbuf *o)
+{
+    buf_free(&o->b);
+    o->off = 0;
 }
 
 /* Arms the state timer; SECONDS <= 0 means no timeout. */
@@ -223,34 +227,29 @@ static void conn_mark_dead(struct http_conn *c)
     conn_schedule(c);
 }
 
-/* Appends a JSON string body (without quotes) for S to B: util's escaper,
+/* Appends a JSON string body (without quotes) for S to O: util's escaper,
  * so that control characters and ill-formed UTF-8 (a request's bytes echoed
  * in a message) never make invalid JSON. */
-static bool json_escape_append(struct outbuf *b, const char *s)
+static bool json_escape_append(struct outbuf *o, const char *s)
 {
-    char stackbuf[512];
-    size_t n = util_json_escape(stackbuf, sizeof stackbuf, s);
-    if (n < sizeof stackbuf)
-        return outbuf_append(b, stackbuf, n);
-    char *esc = malloc(n + 1);
-    if (!esc)
+    size_t n = util_json_escape(NULL, 0, s);
+    if (!outbuf_reserve(o, n))
         return false;
-    util_json_escape(esc, n + 1, s);
-    bool ok = outbuf_append(b, esc, n);
-    free(esc);
-    return ok;
+    util_json_escape(o->b.data + o->b.len, n + 1, s);
+    o->b.len += n;
+    return true;
 }
 
-/* {"error":{"message":MSG,"type":TYPE,"code":STATUS}} into B. */
-static bool error_json(struct outbuf *b, int status, const char *type, const char *msg)
+/* {"error":{"message":MSG,"type":TYPE,"code":STATUS}} into O. */
+static bool error_json(struct outbuf *o, int status, const char *type, const char *msg)
 {
     char tail[96];
     int n = snprintf(tail, sizeof tail, "\",\"type\":\"%s\",\"code\":%d}}",
                      type ? type : http_error_type(status), status);
     if (n < 0 || (size_t)n >= sizeof tail)
         return false;
-    return outbuf_append(b, "{\"error\":{\"message\":\"", 21) &&
-           json_escape_append(b, msg) && outbuf_append(b, tail, (size_t)n);
+    return outbuf_append(o, "{\"error\":{\"message\":\"", 21) &&
+           json_escape_append(o, msg) && outbuf_append(o, tail, (size_t)n);
 }
 
 static void format_peer(char *out, size_t len, const struct sockaddr *sa)
@@ -299,11 +298,6 @@ static void cors_header(const struct http_request *req, char *out, size_t len)
         out[0] = '\0';
 }
 
-static bool status_has_no_body(int status)
-{
-    return (status >= 100 && status < 200) || status == 204 || status == 304;
-}
-
 /* ------------------------------------------------------------- requests */
 
 static struct req *req_new(struct http_conn *c)
@@ -316,7 +310,7 @@ static struct req *req_new(struct http_conn *c)
     snprintf(r->pub.peer, sizeof r->pub.peer, "%s", c->peer);
     r->pub.started = ev_now(c->srv->loop);
     r->pub.method = "";
-    r->value_off = SIZE_MAX;
+    r->name_off = r->value_off = SIZE_MAX;
     return r;
 }
 
@@ -324,51 +318,30 @@ static void req_free(struct req *r)
 {
     if (!r)
         return;
-    free(r->arena);
+    buf_free(&r->arena);
     free(r->hoff);
     free(r->pub.headers);
-    free(r->pub.body);
+    buf_free(&r->body);
     free(r);
 }
 
 /* Makes room for N more bytes plus a NUL. */
 static bool arena_reserve(struct req *r, size_t n)
 {
-    if (r->acap - r->alen < n + 1) {
-        size_t cap = r->acap ? r->acap : 512;
-        while (cap - r->alen < n + 1)
-            cap *= 2;
-        char *a = realloc(r->arena, cap);
-        if (!a)
-            return false;
-        r->arena = a;
-        r->acap = cap;
-    }
-    return true;
+    return buf_reserve_min(&r->arena, n, ARENA_MIN);
 }
 
-/* Appends N bytes to the arena, always keeping room for a NUL after them. */
 static bool arena_append(struct req *r, const char *s, size_t n)
 {
-    if (!arena_reserve(r, n))
-        return false;
-    memcpy(r->arena + r->alen, s, n);
-    r->alen += n;
-    return true;
+    return arena_reserve(r, n) && buf_append(&r->arena, s, n);
 }
 
 static bool req_push_header(struct req *r, size_t name_off, size_t value_off)
 {
-    if (r->npairs == r->pairs_cap) {
-        size_t cap = r->pairs_cap ? r->pairs_cap * 2 : 16;
-        size_t *h = realloc(r->hoff, cap * 2 * sizeof *h);
-        if (!h)
-            return false;
-        r->hoff = h;
-        r->pairs_cap = cap;
-    }
-    r->hoff[2 * r->npairs] = name_off;
-    r->hoff[2 * r->npairs + 1] = value_off;
+    if (!util_grow(&r->hoff, &r->pairs_cap, r->npairs + 1, sizeof *r->hoff))
+        return false;
+    r->hoff[r->npairs].name = name_off;
+    r->hoff[r->npairs].value = value_off;
     r->npairs++;
     return true;
 }
@@ -384,9 +357,9 @@ static bool req_finish_head(struct req *r, llhttp_t *p)
         r->query_off = 2;
         r->url_done = true;
     }
-    r->pub.target = r->arena;
-    r->pub.path = r->arena + r->path_off;
-    r->pub.query = r->arena + r->query_off;
+    r->pub.target = r->arena.data;
+    r->pub.path = r->arena.data + r->path_off;
+    r->pub.query = r->arena.data + r->query_off;
     r->pub.method = llhttp_method_name((llhttp_method_t)p->method);
     r->pub.http_minor = p->http_minor;
     if (r->npairs) {
@@ -395,8 +368,8 @@ static bool req_finish_head(struct req *r, llhttp_t *p)
             return false;
     }
     for (size_t i = 0; i < r->npairs; i++) {
-        r->pub.headers[i].name = r->arena + r->hoff[2 * i];
-        r->pub.headers[i].value = r->arena + r->hoff[2 * i + 1];
+        r->pub.headers[i].name = r->arena.data + r->hoff[i].name;
+        r->pub.headers[i].value = r->arena.data + r->hoff[i].value;
     }
     r->pub.nheaders = r->npairs;
     return true;
@@ -404,20 +377,7 @@ static bool req_finish_head(struct req *r, llhttp_t *p)
 
 static bool req_body_append(struct req *r, const char *at, size_t n)
 {
-    if (r->body_cap - r->pub.body_len < n + 1) {
-        size_t cap = r->body_cap ? r->body_cap : 4096;
-        while (cap - r->pub.body_len < n + 1)
-            cap *= 2;
-        char *b = realloc(r->pub.body, cap);
-        if (!b)
-            return false;
-        r->pub.body = b;
-        r->body_cap = cap;
-    }
-    memcpy(r->pub.body + r->pub.body_len, at, n);
-    r->pub.body_len += n;
-    r->pub.body[r->pub.body_len] = '\0';
-    return true;
+    return buf_reserve_min(&r->body, n, BODY_MIN) && buf_append(&r->body, at, n);
 }
 
 /* ---------------------------------------------------- llhttp callbacks */
@@ -432,6 +392,11 @@ static int parse_reject(llhttp_t *p, int status, const char *msg)
     return HPE_USER;
 }
 
+static int reject_oom(llhttp_t *p)
+{
+    return parse_reject(p, 500, "out of memory");
+}
+
 static int on_message_begin(llhttp_t *p)
 {
     struct http_conn *c = p->data;
@@ -439,13 +404,13 @@ static int on_message_begin(llhttp_t *p)
     c->req = req_new(c);
     c->headers_done = false;
     c->trailer_bytes = 0;
-    return c->req ? 0 : parse_reject(p, 500, "out of memory");
+    return c->req ? 0 : reject_oom(p);
 }
 
 static int on_url(llhttp_t *p, const char *at, size_t n)
 {
     struct http_conn *c = p->data;
-    return arena_append(c->req, at, n) ? 0 : parse_reject(p, 500, "out of memory");
+    return arena_append(c->req, at, n) ? 0 : reject_oom(p);
 }
 
 /* Length of the "scheme://authority" that starts an absolute-form target
@@ -469,17 +434,18 @@ static size_t absolute_form_prefix(const char *t, size_t n)
  * only that, so routing and forwarding see one form. */
 static bool req_origin_form(struct req *r)
 {
-    size_t skip = absolute_form_prefix(r->arena, r->alen);
+    struct buf *a = &r->arena;
+    size_t skip = absolute_form_prefix(a->data, a->len);
     if (!skip)
         return true;
-    size_t rest = r->alen - skip;
-    bool slash = rest > 0 && r->arena[skip] == '/';
+    size_t rest = a->len - skip;
+    bool slash = rest > 0 && a->data[skip] == '/';
     if (!slash && !arena_reserve(r, 1))
         return false;
-    memmove(r->arena + !slash, r->arena + skip, rest);
+    memmove(a->data + !slash, a->data + skip, rest);
     if (!slash)
-        r->arena[0] = '/';
-    r->alen = rest + !slash;
+        a->data[0] = '/';
+    a->len = rest + !slash;
     return true;
 }
 
@@ -488,23 +454,24 @@ static int on_url_complete(llhttp_t *p)
 {
     struct http_conn *c = p->data;
     struct req *r = c->req;
+    struct buf *a = &r->arena;
     if (!req_origin_form(r))
-        return parse_reject(p, 500, "out of memory");
-    size_t tlen = r->alen;
+        return reject_oom(p);
+    size_t tlen = a->len;
     /* room for target\0 + path\0 + query\0 = 2 * tlen + 3 at most */
     if (!arena_append(r, "", 1) || !arena_reserve(r, tlen + 2))
-        return parse_reject(p, 500, "out of memory");
-    const char *q = memchr(r->arena, '?', tlen);
-    size_t plen = q ? (size_t)(q - r->arena) : tlen;
+        return reject_oom(p);
+    const char *q = memchr(a->data, '?', tlen);
+    size_t plen = q ? (size_t)(q - a->data) : tlen;
     size_t qlen = q ? tlen - plen - 1 : 0;
-    r->path_off = r->alen;
-    memcpy(r->arena + r->alen, r->arena, plen);
-    r->alen += plen;
-    r->arena[r->alen++] = '\0';
-    r->query_off = r->alen;
-    memcpy(r->arena + r->alen, r->arena + plen + 1, qlen);
-    r->alen += qlen;
-    r->arena[r->alen++] = '\0';
+    r->path_off = a->len;
+    memcpy(a->data + a->len, a->data, plen);
+    a->len += plen;
+    a->data[a->len++] = '\0';
+    r->query_off = a->len;
+    memcpy(a->data + a->len, a->data + plen + 1, qlen);
+    a->len += qlen;
+    a->data[a->len++] = '\0';
     r->url_done = true;
     return 0;
 }
@@ -520,37 +487,49 @@ static int count_trailer(llhttp_t *p, size_t n)
     return 0;
 }
 
+/* Bytes of a header name or value into the arena, *START set to where it
+ * begins (SIZE_MAX: not begun); a trailer's are only counted. */
+static int header_bytes(llhttp_t *p, size_t *start, const char *at, size_t n)
+{
+    struct http_conn *c = p->data;
+    if (c->headers_done)
+        return count_trailer(p, n);
+    if (*start == SIZE_MAX)
+        *start = c->req->arena.len;
+    return arena_append(c->req, at, n) ? 0 : reject_oom(p);
+}
+
+/* The end of a header name or value that began at *START (SIZE_MAX: it is
+ * empty and begins here): a value's trailing blanks go (TRIM), a NUL ends
+ * it. Nothing for a trailer's. */
+static int header_end(llhttp_t *p, size_t *start, bool trim)
+{
+    struct http_conn *c = p->data;
+    struct buf *a = &c->req->arena;
+    if (c->headers_done)
+        return 0;
+    if (*start == SIZE_MAX)
+        *start = a->len;
+    while (trim && a->len > *start && (a->data[a->len - 1] == ' ' || a->data[a->len - 1] == '\t'))
+        a->len--;
+    return arena_append(c->req, "", 1) ? 0 : reject_oom(p);
+}
+
 static int on_header_field(llhttp_t *p, const char *at, size_t n)
 {
     struct http_conn *c = p->data;
-    struct req *r = c->req;
-    if (c->headers_done)
-        return count_trailer(p, n);
-    if (!r->in_name) {
-        r->name_off = r->alen;
-        r->in_name = true;
-    }
-    return arena_append(r, at, n) ? 0 : parse_reject(p, 500, "out of memory");
+    return header_bytes(p, &c->req->name_off, at, n);
 }
 
 static int on_header_field_complete(llhttp_t *p)
 {
     struct http_conn *c = p->data;
-    struct req *r = c->req;
-    if (c->headers_done)
-        return 0;
-    if (!r->in_name) { /* empty name: llhttp rejects these, but stay consistent */
-        r->name_off = r->alen;
-    }
-    r->in_name = false;
-    r->value_off = SIZE_MAX;
-    return arena_append(r, "", 1) ? 0 : parse_reject(p, 500, "out of memory");
+    return header_end(p, &c->req->name_off, false); /* empty names: llhttp rejects them */
 }
 
 static int on_header_value(llhttp_t *p, const char *at, size_t n)
 {
     struct http_conn *c = p->data;
-    struct req *r = c->req;
     /* llhttp joins an obs-fold line (CRLF then SP or HT) to the value; a
      * value's bytes that follow a line feed are one. RFC 9112 5.2 lets a
      * server reject it, and proxies that read it differently make it a
@@ -558,27 +537,19 @@ static int on_header_value(llhttp_t *p, const char *at, size_t n)
     char prev = at > c->exec_data ? at[-1] : c->last_fed;
     if (prev == '\n')
         return parse_reject(p, 400, "obsolete line folding in a header field is not accepted");
-    if (c->headers_done)
-        return count_trailer(p, n);
-    if (r->value_off == SIZE_MAX)
-        r->value_off = r->alen;
-    return arena_append(r, at, n) ? 0 : parse_reject(p, 500, "out of memory");
+    return header_bytes(p, &c->req->value_off, at, n);
 }
 
 static int on_header_value_complete(llhttp_t *p)
 {
     struct http_conn *c = p->data;
     struct req *r = c->req;
-    if (c->headers_done)
-        return 0;
-    if (r->value_off == SIZE_MAX)
-        r->value_off = r->alen;
-    while (r->alen > r->value_off &&
-           (r->arena[r->alen - 1] == ' ' || r->arena[r->alen - 1] == '\t'))
-        r->alen--;
-    if (!arena_append(r, "", 1) || !req_push_header(r, r->name_off, r->value_off))
-        return parse_reject(p, 500, "out of memory");
-    r->value_off = SIZE_MAX;
+    int err = header_end(p, &r->value_off, true);
+    if (err || c->headers_done)
+        return err;
+    if (!req_push_header(r, r->name_off, r->value_off))
+        return reject_oom(p);
+    r->name_off = r->value_off = SIZE_MAX;
     return 0;
 }
 
@@ -617,7 +588,7 @@ static int on_headers_complete(llhttp_t *p)
     char msg[96];
 
     if (!req_finish_head(r, p))
-        return parse_reject(p, 500, "out of memory");
+        return reject_oom(p);
     c->headers_done = true;
     if (p->http_major != 1)
         return parse_reject(p, 505, "only HTTP/1.0 and HTTP/1.1 are supported");
@@ -630,11 +601,9 @@ static int on_headers_complete(llhttp_t *p)
         return parse_reject(p, 413, msg);
     }
     if (has_length && p->content_length > 0) {
-        size_t pre = p->content_length < 1024 * 1024 ? (size_t)p->content_length : 1024 * 1024;
-        r->pub.body = malloc(pre + 1);
-        if (!r->pub.body)
-            return parse_reject(p, 500, "out of memory");
-        r->body_cap = pre + 1;
+        size_t pre = p->content_length < BODY_PRESIZE ? (size_t)p->content_length : BODY_PRESIZE;
+        if (!buf_reserve_min(&r->body, pre, pre + 1))
+            return reject_oom(p);
     }
     bool has_body = (has_length && p->content_length > 0) || (p->flags & F_CHUNKED);
     if (has_body && p->http_minor >= 1 && expects_continue(&r->pub)) {
@@ -653,7 +622,8 @@ static int body_over_limit(llhttp_t *p, uint64_t more)
 {
     struct http_conn *c = p->data;
     uint64_t max = c->srv->limits.max_body;
-    if (max && (c->req->pub.body_len > max || more > max - c->req->pub.body_len)) {
+    size_t len = c->req->body.len;
+    if (max && (len > max || more > max - len)) {
         char msg[96];
         snprintf(msg, sizeof msg, "request body exceeds %llu bytes", (unsigned long long)max);
         return parse_reject(p, 413, msg);
@@ -672,14 +642,17 @@ static int on_body(llhttp_t *p, const char *at, size_t n)
     struct http_conn *c = p->data;
     if (body_over_limit(p, n))
         return HPE_USER;
-    return req_body_append(c->req, at, n) ? 0 : parse_reject(p, 500, "out of memory");
+    return req_body_append(c->req, at, n) ? 0 : reject_oom(p);
 }
 
 /* A whole request: pause so that it is handled before the next one is parsed. */
 static int on_message_complete(llhttp_t *p)
 {
     struct http_conn *c = p->data;
-    c->req->pub.keep_alive = llhttp_should_keep_alive(p) && !p->upgrade;
+    struct req *r = c->req;
+    r->pub.body = r->body.data;
+    r->pub.body_len = r->body.len;
+    r->pub.keep_alive = llhttp_should_keep_alive(p) && !p->upgrade;
     return HPE_PAUSED;
 }
 
@@ -857,16 +830,16 @@ static void conn_fail(struct http_conn *c, int status, const char *msg)
     c->req = NULL;
     c->resp_close = true;
     if (!error_json(&body, status, NULL, msg))
-        body.len = 0;
+        body.b.len = 0;
     int n = snprintf(head, sizeof head,
                      "HTTP/1.1 %d %s\r\nServer: llama-pool\r\n%s"
                      "Content-Type: application/json\r\nContent-Length: %zu\r\n"
                      "%sConnection: close\r\n\r\n",
-                     status, http_status_text(status), srv_date(c->srv), body.len, cors);
+                     status, http_status_text(status), srv_date(c->srv), body.b.len, cors);
     if (n < 0 || (size_t)n >= sizeof head)
         n = 0;
-    struct iovec iov[2] = { { head, (size_t)n }, { body.data, body.len } };
-    conn_send(c, iov, body.len ? 2 : 1);
+    struct iovec iov[2] = { { head, (size_t)n }, { body.b.data, body.b.len } };
+    conn_send(c, iov, body.b.len ? 2 : 1);
     outbuf_release(&body);
     c->linger = true;
     conn_enter_closing(c);
@@ -943,7 +916,7 @@ static void conn_flush(struct http_conn *c)
     struct ev_loop *loop = c->srv->loop;
     bool progress = false;
     while (out_pending(c) && !c->dead) {
-        ssize_t n = send(c->fd, c->out.data + c->out.off, out_pending(c), MSG_NOSIGNAL);
+        ssize_t n = send(c->fd, c->out.b.data + c->out.off, out_pending(c), MSG_NOSIGNAL);
         if (n > 0) {
             c->out.off += (size_t)n;
             progress = true;
@@ -1039,7 +1012,7 @@ static void conn_close(struct http_conn *c)
         c->next->prev = c->prev;
     srv->nconns--;
     free(c->in);
-    free(c->out.data);
+    outbuf_release(&c->out);
     free(c);
     srv_update_accept(srv);
 }
@@ -1294,7 +1267,7 @@ void http_respond(struct http_request *req, int status, const char *content_type
         return;
     }
     c->resp_close = !req->keep_alive || c->srv->shutting_down;
-    bool nobody = status_has_no_body(status);
+    bool nobody = http_status_has_no_body(status);
     if (!nobody)
         snprintf(framing, sizeof framing, "Content-Length: %zu\r\n", len);
     bool send_body = !nobody && !c->resp_head;
@@ -1326,8 +1299,8 @@ static void respond_error_v(struct http_request *req, int status, const char *ty
     }
     va_end(again);
     if (!error_json(&body, status, type, msg))
-        body.len = 0;
-    http_respond(req, status, "application/json", extra_headers, body.data, body.len);
+        body.b.len = 0;
+    http_respond(req, status, "application/json", extra_headers, body.b.data, body.b.len);
     outbuf_release(&body);
     if (msg != stackmsg)
         free(msg);
@@ -1363,9 +1336,9 @@ void http_stream_begin(struct http_request *req, int status, const char *content
         return;
     }
     c->resp_started = true;
-    c->resp_nobody = c->resp_head || status_has_no_body(status);
+    c->resp_nobody = c->resp_head || http_status_has_no_body(status);
     c->resp_close = !req->keep_alive || c->srv->shutting_down;
-    if (!status_has_no_body(status)) {
+    if (!http_status_has_no_body(status)) {
         if (req->http_minor >= 1) {
             c->resp_chunked = true;
             framing = "Transfer-Encoding: chunked\r\n";
@@ -1918,6 +1891,11 @@ const char *http_status_text(int status)
         if (status >= 500 && status < 600) return "Internal Server Error";
         return "Unknown";
     }
+}
+
+bool http_status_has_no_body(int status)
+{
+    return (status >= 100 && status < 200) || status == 204 || status == 304;
 }
 
 /* The error types llama.cpp's server uses, so clients see familiar values. */

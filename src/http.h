@@ -135,5 +135,8 @@ void http_stream_abort(struct http_request *req);
 const char *http_status_text(int status);
 /* The usual OpenAI error type for a status ("invalid_request_error", …). */
 const char *http_error_type(int status);
+/* Whether a response with STATUS never has a body (1xx, 204, 304: RFC 9110
+ * 6.4.1), whatever its headers say. */
+bool http_status_has_no_body(int status);
 
 #endif

@@ -2,32 +2,22 @@
  * answer back. See proxy.h for the contract.
  *
  * Shape of the code, top to bottom:
- *   types: upstream connections (struct upconn), per-port idle pools,
- *          calls (struct proxy_call)
+ *   types: upstream connections (struct upconn), the idle ones kept per
+ *          port (struct idle_conns), call stages, calls (struct proxy_call)
  *   header names: hop-by-hop lists, token checks
- *   upstream connections: connect, idle pool (LIFO, bounded, expiring)
+ *   upstream connections: connect, idle lists (LIFO, bounded, expiring)
+ *   stages: call_set_stage, the one way a call moves on
  *   the request: one buffer for the head, one sendmsg for head + body
  *   the response: llhttp callbacks (filter headers, relay body pieces)
  *   ending a call: success, upstream failure (502 / SSE error / cut),
  *          client gone
  *   the public API
  *
- * A call goes through these stages (its connection's watcher and timer
- * mean something different in each):
- *   CONNECTING  fresh socket, connect in progress: the watcher waits for
- *               writability, the timer is the connect timeout (→ 502).
- *   SENDING     request bytes left: EV_WRITE as long as the socket is full;
- *               EV_READ too, the upstream may answer early.
- *   WAITING     request sent, no response byte yet: EV_READ, no timer
- *               (a queued request waits for a slot as long as it takes).
- *               EOF or reset here on a reused connection → retry once on a
- *               fresh one; otherwise 502.
- *   RELAYING    response head seen: body pieces go to the client as they
- *               arrive; EV_READ stops while the client's buffer is above
- *               its high-water mark (until on_drain). No timer.
- *   done        message complete: the connection goes back to its idle pool
- *               if both sides allow keep-alive, else it is closed.
- * An idle pooled connection watches for EOF/data (→ closed) and expires
+ * A call goes through the stages of enum call_stage (connecting, sending,
+ * waiting, the response head, relaying or collecting the body); when the
+ * message is complete the call ends and its connection goes back to its
+ * idle list if both sides allow keep-alive, else it is closed.
+ * An idle connection watches for EOF/data (→ closed) and expires
  * after IDLE_TIMEOUT_S, before llama-server's own 5 s keep-alive limit.
  *
  * Reading uses one buffer shared by all calls (the proxy's): every byte
@@ -60,6 +50,8 @@
 #define IDLE_TIMEOUT_S    4.0          /* llama-server closes idle connections at 5 s */
 #define CONNECT_TIMEOUT_S 5.0
 #define MAX_RESP_HEAD     (64 * 1024)  /* upstream header lines we keep */
+#define REQ_HEAD_MIN      1024         /* first allocation of a call's request head */
+#define RESP_HEAD_MIN     1024         /* first allocation of its kept response headers */
 #define WHOLE_MAX         (64 * 1024)  /* Content-Length up to this: answered whole */
 #define FREE_CALLS_MAX    256          /* recycled call structs kept */
 #define CTYPE_MAX         256
@@ -68,15 +60,15 @@
 
 enum uc_state {
     UC_BUSY, /* owned by a call */
-    UC_IDLE, /* in its port's pool */
+    UC_IDLE, /* in its port's idle list */
 };
 
-struct port_pool;
+struct idle_conns;
 
 /* One upstream TCP connection. */
 struct upconn {
     struct proxy *p;
-    struct port_pool *pool;
+    struct idle_conns *idle;   /* its port's idle list (and port number), busy or not */
     int fd;
     enum uc_state state;
     ev_io io;                  /* events follow the owning call's needs; EV_READ when idle */
@@ -85,10 +77,11 @@ struct upconn {
     struct proxy_call *call;   /* owner while busy */
 };
 
-struct port_pool {
+/* The idle keep-alive connections to one port. */
+struct idle_conns {
     unsigned port;
-    struct upconn *idle;       /* most recently used first: reuse is LIFO */
-    unsigned nidle;
+    struct upconn *head;       /* most recently used first: reuse is LIFO */
+    unsigned count;
 };
 
 /* How the response head's current header line is handled. */
@@ -97,6 +90,39 @@ enum hdr_action {
     HDR_DROP,  /* hop-by-hop, framing, or replaced by http.c */
     HDR_CTYPE, /* Content-Type: passed as http_stream_begin's content type */
     HDR_CONN,  /* Connection: dropped, its tokens name more headers to drop */
+};
+
+/* Call stages, in order; every change goes through call_set_stage(). Each
+ * says what the call waits for and what its connection's watcher and timer
+ * do. The upstream may answer before it has read the whole request (an
+ * early 413, say): the stage then follows the response, and the rest of the
+ * request still goes out (EV_WRITE while call_request_unsent()). */
+enum call_stage {
+    /* Fresh socket, connect in progress: the watcher waits for writability,
+     * the timer is the connect timeout (→ 502). The socket takes the first
+     * request bytes → SENDING. */
+    CALL_CONNECTING,
+    /* Request bytes left: EV_WRITE as long as the socket is full; EV_READ
+     * too, the upstream may answer early. All written, or the upstream
+     * stopped taking them → WAITING. No timer. */
+    CALL_SENDING,
+    /* Request sent, no response byte yet: EV_READ, no timer (a queued
+     * request waits for a slot as long as it takes). EOF, a reset or a
+     * failed write here or in SENDING, on a reused connection → retry once
+     * on a fresh one (back to CONNECTING); otherwise 502. */
+    CALL_WAITING,
+    /* Response bytes came (from here on, nothing is retried) but not the
+     * whole head; interim 1xx heads are read and dropped. The head →
+     * RELAYING, or COLLECTING for a small body. */
+    CALL_HEAD,
+    /* The head went out with http_stream_begin; body pieces go to the client
+     * as they arrive. EV_READ stops while the client's buffer is above its
+     * high-water mark (paused, until on_drain). No timer. */
+    CALL_RELAYING,
+    /* A body of at most WHOLE_MAX bytes by its Content-Length (or none: 204,
+     * 304) is collected and answered whole with http_respond at its end.
+     * EV_READ, no timer. */
+    CALL_COLLECTING,
 };
 
 struct proxy_call {
@@ -108,34 +134,32 @@ struct proxy_call {
     double sent_at, head_at;          /* ev_now() at proxy_forward, at the upstream's head */
     void *arg;
     struct upconn *uc;
+    enum call_stage stage;            /* where the call is: see enum call_stage */
+    /* The flags below are not the stage, nor derived from it: each holds
+     * a fact the stage cannot tell (the retry budget, how the connection
+     * was obtained, write failure alongside any stage, flow control, what
+     * the response is, the header being parsed). */
 
     /* the request */
-    char *out;                        /* request line and headers */
-    size_t out_len, out_cap;
+    struct buf out;                   /* request line and headers */
     size_t sent;                      /* bytes of out + body written */
-    bool connected;                   /* the socket took bytes (or was reused) */
-    bool reused;                      /* the connection came from the idle pool */
-    bool retried;
-    bool send_failed;                 /* stop writing; the read side sees the end */
+    bool reused;                      /* this connection came from an idle list */
+    bool retried;                     /* the one retry on a fresh connection is spent */
+    bool send_failed;                 /* the upstream stopped taking the request: no more
+                                       * writes, in whatever stage; it may still answer */
 
     /* the response */
     llhttp_t parser;
-    bool got_bytes;                   /* any response byte on this connection */
-    bool head_done;
-    bool started;                     /* http_stream_begin called */
-    bool whole;                       /* collect the body, answer with http_respond */
-    bool complete;                    /* message complete (parser paused) */
-    bool keep_alive;                  /* upstream allows reuse */
-    bool paused;                      /* client buffer full: not reading upstream */
-    bool is_sse;
-    bool head_req;
+    bool keep_alive;                  /* upstream allows reuse (known at the message's end) */
+    bool paused;                      /* RELAYING: client buffer full, upstream not read */
+    bool is_sse;                      /* Content-Type text/event-stream */
+    bool head_req;                    /* a HEAD request: no response body */
     int status;
-    char *hdr;                        /* kept header lines "Name: value\r\n", NUL-terminated */
-    size_t hdr_len, hdr_cap;
+    struct buf hdr;                   /* kept header lines "Name: value\r\n", NUL-terminated */
     size_t line_start, value_start;
     enum hdr_action action;
-    bool in_field;
-    bool bad_value;
+    bool in_field;                    /* HEAD: a header name is coming in */
+    bool bad_value;                   /* HEAD: the current value has a control character */
     bool has_accel;                   /* upstream sent X-Accel-Buffering */
     char ctype[CTYPE_MAX];
     size_t ctype_len;
@@ -143,10 +167,9 @@ struct proxy_call {
     size_t conn_len;
     char tail[2];                     /* last two body bytes relayed (SSE framing) */
     bool relayed;                     /* any body byte relayed */
-    const char *body;                 /* whole mode: the body (body_buf or the read buffer) */
+    const char *body;                 /* COLLECTING: the body (body_buf or the read buffer) */
     size_t body_len, body_expect;
-    char *body_buf;
-    size_t body_cap;
+    struct buf body_buf;              /* COLLECTING: the body when it came in pieces */
     const char *fail_why;             /* set by a callback that rejects the response */
     bool *ended;                      /* proxy_forward's: set when the call ends inside it */
 };
@@ -154,9 +177,9 @@ struct proxy_call {
 struct proxy {
     struct ev_loop *loop;
     llhttp_settings_t settings;
-    struct port_pool **pools;
-    size_t npools, pools_cap;
-    struct port_pool *last_pool;      /* most requests go to the port of the last one */
+    struct idle_conns **idle;         /* one per port ever used */
+    size_t nidle, idle_cap;
+    struct idle_conns *last_idle;     /* most requests go to the port of the last one */
     struct proxy_call *calls;         /* active */
     struct proxy_call *free_calls;
     size_t nfree;
@@ -272,29 +295,24 @@ static bool conn_names_headers(const char *list, size_t list_len)
 
 /* ------------------------------------------------- upstream connections */
 
-static struct port_pool *pool_find(struct proxy *p, unsigned port, bool create)
+/* The idle list of PORT; made when CREATE (NULL when out of memory). */
+static struct idle_conns *idle_find(struct proxy *p, unsigned port, bool create)
 {
-    if (p->last_pool && p->last_pool->port == port)
-        return p->last_pool;
-    for (size_t i = 0; i < p->npools; i++)
-        if (p->pools[i]->port == port)
-            return p->last_pool = p->pools[i];
+    if (p->last_idle && p->last_idle->port == port)
+        return p->last_idle;
+    for (size_t i = 0; i < p->nidle; i++)
+        if (p->idle[i]->port == port)
+            return p->last_idle = p->idle[i];
     if (!create)
         return NULL;
-    if (p->npools == p->pools_cap) {
-        size_t cap = p->pools_cap ? p->pools_cap * 2 : 8;
-        struct port_pool **v = realloc(p->pools, cap * sizeof *v);
-        if (!v)
-            return NULL;
-        p->pools = v;
-        p->pools_cap = cap;
-    }
-    struct port_pool *pp = calloc(1, sizeof *pp);
-    if (!pp)
+    if (!util_grow(&p->idle, &p->idle_cap, p->nidle + 1, sizeof *p->idle))
         return NULL;
-    pp->port = port;
-    p->pools[p->npools++] = pp;
-    return p->last_pool = pp;
+    struct idle_conns *ic = calloc(1, sizeof *ic);
+    if (!ic)
+        return NULL;
+    ic->port = port;
+    p->idle[p->nidle++] = ic;
+    return p->last_idle = ic;
 }
 
 static void uc_io_cb(struct ev_loop *loop, ev_io *w, int revents);
@@ -317,34 +335,34 @@ static void uc_watch(struct upconn *uc, int events)
     }
 }
 
-static void pool_unlink(struct upconn *uc)
+static void idle_unlink(struct upconn *uc)
 {
-    struct port_pool *pp = uc->pool;
+    struct idle_conns *ic = uc->idle;
     if (uc->prev)
         uc->prev->next = uc->next;
     else
-        pp->idle = uc->next;
+        ic->head = uc->next;
     if (uc->next)
         uc->next->prev = uc->prev;
     uc->prev = uc->next = NULL;
-    pp->nidle--;
+    ic->count--;
 }
 
 static void uc_close(struct upconn *uc)
 {
     struct ev_loop *loop = uc->p->loop;
     if (uc->state == UC_IDLE)
-        pool_unlink(uc);
+        idle_unlink(uc);
     ev_io_stop(loop, &uc->io);
     ev_timer_stop(loop, &uc->timer);
     if (close(uc->fd) < 0)
-        log_warn("proxy: upstream port %u: close: %s", uc->pool->port, strerror(errno));
+        log_warn("proxy: upstream port %u: close: %s", uc->idle->port, strerror(errno));
     free(uc);
 }
 
 /* A new connection to 127.0.0.1:PORT, connect in progress (or done).
  * NULL with *ERR set when it failed at once. */
-static struct upconn *uc_connect(struct proxy *p, struct port_pool *pp, int *err)
+static struct upconn *uc_connect(struct proxy *p, struct idle_conns *ic, int *err)
 {
     struct upconn *uc = calloc(1, sizeof *uc);
     if (!uc) {
@@ -359,8 +377,8 @@ static struct upconn *uc_connect(struct proxy *p, struct port_pool *pp, int *err
     }
     int one = 1;
     if (setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof one) < 0)
-        log_warn("proxy: upstream port %u: TCP_NODELAY: %s", pp->port, strerror(errno));
-    struct sockaddr_in sin = { .sin_family = AF_INET, .sin_port = htons((uint16_t)pp->port) };
+        log_warn("proxy: upstream port %u: TCP_NODELAY: %s", ic->port, strerror(errno));
+    struct sockaddr_in sin = { .sin_family = AF_INET, .sin_port = htons((uint16_t)ic->port) };
     sin.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
     int r;
     do
@@ -373,45 +391,43 @@ static struct upconn *uc_connect(struct proxy *p, struct port_pool *pp, int *err
         return NULL;
     }
     uc->p = p;
-    uc->pool = pp;
+    uc->idle = ic;
     uc->fd = fd;
     uc->state = UC_BUSY;
     ev_io_init(&uc->io, uc_io_cb, fd, EV_WRITE);
-    ev_init(&uc->timer, uc_timer_cb);
+    ev_init(&uc->timer, uc_timer_cb); /* the connect timeout: call_set_stage arms it */
     uc->io.data = uc->timer.data = uc;
-    ev_timer_set(&uc->timer, CONNECT_TIMEOUT_S, 0.);
-    ev_timer_start(p->loop, &uc->timer);
     return uc;
 }
 
-/* The most recently used idle connection to PP, or NULL. */
-static struct upconn *pool_take(struct port_pool *pp)
+/* The most recently used idle connection in IC, or NULL. */
+static struct upconn *idle_take(struct idle_conns *ic)
 {
-    struct upconn *uc = pp->idle;
+    struct upconn *uc = ic->head;
     if (!uc)
         return NULL;
-    pool_unlink(uc);
+    idle_unlink(uc);
     uc->state = UC_BUSY;
     ev_timer_stop(uc->p->loop, &uc->timer);
     return uc;
 }
 
-/* Back to the pool (or closed when the pool is full). */
-static void pool_put(struct upconn *uc)
+/* Back to its idle list (or closed when the list is full). */
+static void idle_put(struct upconn *uc)
 {
-    struct port_pool *pp = uc->pool;
-    if (pp->nidle >= IDLE_PER_PORT) {
+    struct idle_conns *ic = uc->idle;
+    if (ic->count >= IDLE_PER_PORT) {
         uc_close(uc);
         return;
     }
     uc->call = NULL;
     uc->state = UC_IDLE;
     uc->prev = NULL;
-    uc->next = pp->idle;
-    if (pp->idle)
-        pp->idle->prev = uc;
-    pp->idle = uc;
-    pp->nidle++;
+    uc->next = ic->head;
+    if (ic->head)
+        ic->head->prev = uc;
+    ic->head = uc;
+    ic->count++;
     uc_watch(uc, EV_READ);
     ev_timer_set(&uc->timer, IDLE_TIMEOUT_S, 0.);
     ev_timer_start(uc->p->loop, &uc->timer);
@@ -428,24 +444,50 @@ static void uc_idle_readable(struct upconn *uc)
     uc_close(uc);
 }
 
-/* ----------------------------------------------------------- the request */
+/* ---------------------------------------------------------------- stages */
 
-static bool out_reserve(struct proxy_call *call, size_t n)
+/* The one way a call changes stage. Entering CONNECTING arms the connect
+ * timeout on the call's connection; leaving it stops the timeout. */
+static void call_set_stage(struct proxy_call *call, enum call_stage stage)
 {
-    if (call->out_cap >= n)
-        return true;
-    size_t cap = call->out_cap ? call->out_cap : 1024;
-    while (cap < n)
-        cap *= 2;
-    char *o = realloc(call->out, cap);
-    if (!o)
-        return false;
-    call->out = o;
-    call->out_cap = cap;
-    return true;
+    struct ev_loop *loop = call->p->loop;
+    struct upconn *uc = call->uc;
+    if (stage == CALL_CONNECTING) {
+        ev_timer_set(&uc->timer, CONNECT_TIMEOUT_S, 0.);
+        ev_timer_start(loop, &uc->timer);
+    } else if (call->stage == CALL_CONNECTING) {
+        ev_timer_stop(loop, &uc->timer);
+    }
+    call->stage = stage;
 }
 
-/* Unchecked appends: out_reserve made room for the whole head first. */
+/* The response head is in (status known, trailers are not relayed). */
+static bool call_head_done(const struct proxy_call *call)
+{
+    return call->stage >= CALL_RELAYING;
+}
+
+static size_t call_total(const struct proxy_call *call)
+{
+    return call->out.len + call->req->body_len;
+}
+
+/* Request bytes are left to write, and the upstream still takes them. */
+static bool call_request_unsent(const struct proxy_call *call)
+{
+    return !call->send_failed && call->sent < call_total(call);
+}
+
+/* A reused connection that failed before any response byte was closed by
+ * the server as we picked it up: worth one more try on a fresh one. */
+static bool call_may_retry(const struct proxy_call *call)
+{
+    return call->stage < CALL_HEAD && call->reused && !call->retried;
+}
+
+/* ----------------------------------------------------------- the request */
+
+/* Unchecked appends: call_build_head made room for the whole head first. */
 static char *put(char *o, const char *s, size_t n)
 {
     memcpy(o, s, n);
@@ -527,10 +569,10 @@ static bool call_build_head(struct proxy_call *call, const char *target, const c
     const char *paddr;
     size_t paddr_len = peer_addr(req->peer, &paddr);
     need += xff_need + paddr_len + 64;
-    if (!out_reserve(call, need))
+    if (!buf_reserve_min(&call->out, need, REQ_HEAD_MIN))
         return false;
 
-    char *o = call->out;
+    char *o = call->out.data + call->out.len;
     o = put(o, req->method, strlen(req->method));
     *o++ = ' ';
     o = put(o, target, strlen(target));
@@ -585,11 +627,20 @@ static bool call_build_head(struct proxy_call *call, const char *target, const c
         o = PUT_LIT(o, "\r\n");
     }
     o = PUT_LIT(o, "\r\n");
-    call->out_len = (size_t)(o - call->out);
+    *o = '\0';
+    call->out.len = (size_t)(o - call->out.data);
     return true;
 }
 
 /* ------------------------------------------------------- ending a call */
+
+static void call_free(struct proxy_call *call)
+{
+    buf_free(&call->out);
+    buf_free(&call->hdr);
+    buf_free(&call->body_buf);
+    free(call);
+}
 
 /* Unhooks the call from the request and the proxy, recycles it, then
  * reports OUTCOME. The response has ended (or the client is gone). */
@@ -598,8 +649,8 @@ static void call_end(struct proxy_call *call, enum proxy_outcome outcome)
     struct proxy *p = call->p;
     proxy_done_fn done = call->done;
     void *arg = call->arg;
-    int status = call->head_done ? call->status : 0;
-    double first_byte = call->head_done ? call->head_at - call->sent_at : -1;
+    int status = call_head_done(call) ? call->status : 0;
+    double first_byte = call_head_done(call) ? call->head_at - call->sent_at : -1;
 
     if (call->ended)
         *call->ended = true;
@@ -619,15 +670,12 @@ static void call_end(struct proxy_call *call, enum proxy_outcome outcome)
         p->free_calls = call;
         p->nfree++;
     } else {
-        free(call->out);
-        free(call->hdr);
-        free(call->body_buf);
-        free(call);
+        call_free(call);
     }
     done(arg, outcome, status, first_byte);
 }
 
-/* Gives up the connection: back to the pool if REUSE, else closed. */
+/* Gives up the connection: back to its idle list if REUSE, else closed. */
 static void call_release_uc(struct proxy_call *call, bool reuse)
 {
     struct upconn *uc = call->uc;
@@ -636,7 +684,7 @@ static void call_release_uc(struct proxy_call *call, bool reuse)
     call->uc = NULL;
     uc->call = NULL;
     if (reuse)
-        pool_put(uc);
+        idle_put(uc);
     else
         uc_close(uc);
 }
@@ -648,9 +696,9 @@ static void call_ok(struct proxy_call *call, bool reuse)
     call->req = NULL;
     req->on_close = NULL;
     req->on_drain = NULL;
-    if (call->whole)
+    if (call->stage == CALL_COLLECTING)
         http_respond(req, call->status, call->ctype_len ? call->ctype : NULL,
-                     call->hdr_len ? call->hdr : NULL, call->body, call->body_len);
+                     call->hdr.len ? call->hdr.data : NULL, call->body, call->body_len);
     else
         http_stream_end(req);
     call_end(call, PROXY_OK);
@@ -675,11 +723,11 @@ static void call_upstream_failed(struct proxy_call *call, const char *fmt, ...)
     call->req = NULL;
     req->on_close = NULL;
     req->on_drain = NULL;
-    if (!call->started && !call->got_bytes && call->p->hand_back_unanswered) {
+    if (call->stage < CALL_HEAD && call->p->hand_back_unanswered) {
         call_end(call, PROXY_UPSTREAM_UNANSWERED);
         return;
     }
-    if (!call->started) {
+    if (call->stage != CALL_RELAYING) { /* nothing went to the client yet */
         http_respond_error(req, 502, "server_error", "%s", msg);
         call_end(call, PROXY_UPSTREAM_ERROR);
         return;
@@ -738,30 +786,13 @@ static void call_retry(struct proxy_call *call)
 
 /* ---------------------------------------------------------- the response */
 
-static bool hdr_reserve(struct proxy_call *call, size_t more)
-{
-    if (call->hdr_cap - call->hdr_len > more)
-        return true;
-    if (call->hdr_len + more + 1 > MAX_RESP_HEAD)
-        return false;
-    size_t cap = call->hdr_cap ? call->hdr_cap : 1024;
-    while (cap - call->hdr_len <= more)
-        cap *= 2;
-    char *h = realloc(call->hdr, cap);
-    if (!h)
-        return false;
-    call->hdr = h;
-    call->hdr_cap = cap;
-    return true;
-}
-
+/* Appends to the kept header lines; false past MAX_RESP_HEAD (their NUL
+ * included) or when out of memory. */
 static bool hdr_append(struct proxy_call *call, const char *s, size_t n)
 {
-    if (!hdr_reserve(call, n))
-        return false;
-    memcpy(call->hdr + call->hdr_len, s, n);
-    call->hdr_len += n;
-    return true;
+    struct buf *h = &call->hdr;
+    return h->len + n < MAX_RESP_HEAD && buf_reserve_min(h, n, RESP_HEAD_MIN) &&
+           buf_append(h, s, n);
 }
 
 static int reject(struct proxy_call *call, const char *why)
@@ -772,7 +803,7 @@ static int reject(struct proxy_call *call, const char *why)
 
 static void head_reset(struct proxy_call *call)
 {
-    call->hdr_len = 0;
+    call->hdr.len = 0;
     call->ctype_len = 0;
     call->conn_len = 0;
     call->in_field = false;
@@ -789,11 +820,11 @@ static int on_message_begin(llhttp_t *lp)
 static int on_header_field(llhttp_t *lp, const char *at, size_t n)
 {
     struct proxy_call *call = lp->data;
-    if (call->head_done)
+    if (call_head_done(call))
         return 0; /* trailers are not relayed */
     if (!call->in_field) {
         call->in_field = true;
-        call->line_start = call->hdr_len;
+        call->line_start = call->hdr.len;
     }
     return hdr_append(call, at, n) ? 0 : reject(call, "response header block too large");
 }
@@ -801,12 +832,12 @@ static int on_header_field(llhttp_t *lp, const char *at, size_t n)
 static int on_header_field_complete(llhttp_t *lp)
 {
     struct proxy_call *call = lp->data;
-    if (call->head_done)
+    if (call_head_done(call))
         return 0;
     if (!call->in_field) /* empty name (llhttp rejects those): an empty line */
-        call->line_start = call->hdr_len;
-    const char *n = call->hdr ? call->hdr + call->line_start : "";
-    size_t l = call->hdr_len - call->line_start;
+        call->line_start = call->hdr.len;
+    const char *n = call->hdr.data ? call->hdr.data + call->line_start : "";
+    size_t l = call->hdr.len - call->line_start;
     call->in_field = false;
     call->bad_value = false;
     if (!valid_name(n, l))
@@ -823,7 +854,7 @@ static int on_header_field_complete(llhttp_t *lp)
     if (call->action == HDR_KEEP && NAME_IS(n, l, "X-Accel-Buffering"))
         call->has_accel = true;
     if (call->action != HDR_KEEP) {
-        call->hdr_len = call->line_start;
+        call->hdr.len = call->line_start;
         if (call->action == HDR_CTYPE)
             call->ctype_len = 0; /* the last one wins */
         else if (call->action == HDR_CONN && call->conn_len && call->conn_len < CTYPE_MAX - 1)
@@ -832,14 +863,25 @@ static int on_header_field_complete(llhttp_t *lp)
     }
     if (!hdr_append(call, ": ", 2))
         return reject(call, "response header block too large");
-    call->value_start = call->hdr_len;
+    call->value_start = call->hdr.len;
     return 0;
+}
+
+/* Appends AT[0..N) to FIELD, one of the CTYPE_MAX-byte fields holding
+ * *LEN bytes (room kept for a NUL); false when it would not fit. */
+static bool small_append(char *field, size_t *len, const char *at, size_t n)
+{
+    if (*len + n >= CTYPE_MAX)
+        return false;
+    memcpy(field + *len, at, n);
+    *len += n;
+    return true;
 }
 
 static int on_header_value(llhttp_t *lp, const char *at, size_t n)
 {
     struct proxy_call *call = lp->data;
-    if (call->head_done)
+    if (call_head_done(call))
         return 0;
     for (size_t i = 0; i < n; i++)
         if (!valid_value_char((unsigned char)at[i]))
@@ -848,16 +890,12 @@ static int on_header_value(llhttp_t *lp, const char *at, size_t n)
     case HDR_KEEP:
         return hdr_append(call, at, n) ? 0 : reject(call, "response header block too large");
     case HDR_CTYPE:
-        if (call->ctype_len + n >= CTYPE_MAX)
+        if (!small_append(call->ctype, &call->ctype_len, at, n))
             return reject(call, "Content-Type too long");
-        memcpy(call->ctype + call->ctype_len, at, n);
-        call->ctype_len += n;
         return 0;
     case HDR_CONN:
-        if (call->conn_len + n >= CTYPE_MAX)
+        if (!small_append(call->conn, &call->conn_len, at, n))
             return reject(call, "Connection header too long");
-        memcpy(call->conn + call->conn_len, at, n);
-        call->conn_len += n;
         return 0;
     case HDR_DROP:
         return 0;
@@ -868,15 +906,16 @@ static int on_header_value(llhttp_t *lp, const char *at, size_t n)
 static int on_header_value_complete(llhttp_t *lp)
 {
     struct proxy_call *call = lp->data;
-    if (call->head_done)
+    struct buf *h = &call->hdr;
+    if (call_head_done(call))
         return 0;
     switch (call->action) {
     case HDR_KEEP:
-        while (call->hdr_len > call->value_start &&
-               (call->hdr[call->hdr_len - 1] == ' ' || call->hdr[call->hdr_len - 1] == '\t'))
-            call->hdr_len--;
+        while (h->len > call->value_start &&
+               (h->data[h->len - 1] == ' ' || h->data[h->len - 1] == '\t'))
+            h->len--;
         if (call->bad_value)
-            call->hdr_len = call->line_start;
+            h->len = call->line_start;
         else if (!hdr_append(call, "\r\n", 2))
             return reject(call, "response header block too large");
         break;
@@ -899,25 +938,21 @@ static int on_header_value_complete(llhttp_t *lp)
 /* Removes the kept lines whose names the upstream's Connection header lists. */
 static void head_drop_connection_listed(struct proxy_call *call)
 {
+    struct buf *h = &call->hdr;
     size_t r = 0, w = 0;
-    while (r < call->hdr_len) {
-        const char *line = call->hdr + r;
-        const char *eol = memchr(line, '\n', call->hdr_len - r);
-        size_t ll = eol ? (size_t)(eol - line) + 1 : call->hdr_len - r;
+    while (r < h->len) {
+        const char *line = h->data + r;
+        const char *eol = memchr(line, '\n', h->len - r);
+        size_t ll = eol ? (size_t)(eol - line) + 1 : h->len - r;
         const char *colon = memchr(line, ':', ll);
         size_t nl = colon ? (size_t)(colon - line) : 0;
         if (!token_listed(call->conn, call->conn_len, line, nl)) {
-            memmove(call->hdr + w, line, ll);
+            memmove(h->data + w, line, ll);
             w += ll;
         }
         r += ll;
     }
-    call->hdr_len = w;
-}
-
-static bool status_has_no_body(int status)
-{
-    return (status >= 100 && status < 200) || status == 204 || status == 304;
+    h->len = w;
 }
 
 /* The response head is complete: relay it now (streams), or prepare to
@@ -938,10 +973,8 @@ static int on_headers_complete(llhttp_t *lp)
     if (call->is_sse && !call->has_accel &&
         !hdr_append(call, "X-Accel-Buffering: no\r\n", 23))
         return reject(call, "response header block too large");
-    if (!hdr_reserve(call, 0))
-        return reject(call, "response header block too large");
-    call->hdr[call->hdr_len] = '\0';
-    call->head_done = true;
+    if (call->hdr.data)
+        call->hdr.data[call->hdr.len] = '\0'; /* after the lines cut above */
     call->head_at = ev_now(call->p->loop);
     call->status = status;
     call->body = NULL;
@@ -949,14 +982,13 @@ static int on_headers_complete(llhttp_t *lp)
     call->body_expect = 0;
     bool has_length = (lp->flags & F_CONTENT_LENGTH) != 0;
     if (!call->head_req && !call->is_sse &&
-        (status_has_no_body(status) || (has_length && lp->content_length <= WHOLE_MAX))) {
-        call->whole = true;
-        call->body_expect = status_has_no_body(status) ? 0 : (size_t)lp->content_length;
+        (http_status_has_no_body(status) || (has_length && lp->content_length <= WHOLE_MAX))) {
+        call_set_stage(call, CALL_COLLECTING);
+        call->body_expect = http_status_has_no_body(status) ? 0 : (size_t)lp->content_length;
     } else {
-        call->whole = false;
-        call->started = true;
+        call_set_stage(call, CALL_RELAYING);
         http_stream_begin(call->req, status, call->ctype_len ? call->ctype : NULL,
-                          call->hdr_len ? call->hdr : NULL);
+                          call->hdr.len ? call->hdr.data : NULL);
     }
     return call->head_req ? 1 : 0;
 }
@@ -964,24 +996,21 @@ static int on_headers_complete(llhttp_t *lp)
 static int on_body(llhttp_t *lp, const char *at, size_t n)
 {
     struct proxy_call *call = lp->data;
-    if (call->whole) {
+    if (call->stage == CALL_COLLECTING) {
         if (call->body_len == 0 && n == call->body_expect) {
             call->body = at; /* all of it in one read: no copy */
             call->body_len = n;
             return 0;
         }
+        struct buf *b = &call->body_buf;
         if (call->body_len + n > call->body_expect)
             return reject(call, "body longer than its Content-Length");
-        if (call->body_cap < call->body_expect) {
-            char *b = realloc(call->body_buf, call->body_expect);
-            if (!b)
-                return reject(call, "out of memory");
-            call->body_buf = b;
-            call->body_cap = call->body_expect;
-        }
-        memcpy(call->body_buf + call->body_len, at, n);
-        call->body_len += n;
-        call->body = call->body_buf;
+        /* room for all of it at the first piece: one allocation at most */
+        if (!buf_reserve_min(b, call->body_expect - b->len, call->body_expect + 1) ||
+            !buf_append(b, at, n))
+            return reject(call, "out of memory");
+        call->body = b->data;
+        call->body_len = b->len;
         return 0;
     }
     if (call->is_sse) {
@@ -999,12 +1028,13 @@ static int on_body(llhttp_t *lp, const char *at, size_t n)
     return 0;
 }
 
+/* The end of the response: pausing the parser is how call_parse and
+ * call_upstream_eof learn it (nothing else pauses it). */
 static int on_message_complete(llhttp_t *lp)
 {
     struct proxy_call *call = lp->data;
-    if (!call->head_done)
+    if (!call_head_done(call))
         return 0; /* an interim 1xx response ended */
-    call->complete = true;
     call->keep_alive = llhttp_should_keep_alive(lp);
     return HPE_PAUSED;
 }
@@ -1015,10 +1045,10 @@ static bool call_parse(struct proxy_call *call, const char *data, size_t n)
     llhttp_errno_t err = llhttp_execute(&call->parser, data, n);
     if (err == HPE_OK)
         return true;
-    if (err == HPE_PAUSED && call->complete) {
+    if (err == HPE_PAUSED) { /* the response is complete */
         const char *pos = llhttp_get_error_pos(&call->parser);
         bool extra = pos && pos < data + n; /* bytes after the response: don't trust the connection */
-        bool all_sent = call->sent == call->out_len + call->req->body_len;
+        bool all_sent = call->sent == call_total(call);
         call_ok(call, call->keep_alive && !extra && all_sent && !call->send_failed);
         return false;
     }
@@ -1034,26 +1064,26 @@ static bool call_parse(struct proxy_call *call, const char *data, size_t n)
 /* EOF (ERR 0) or a socket error from upstream. */
 static void call_upstream_eof(struct proxy_call *call, int err)
 {
-    if (!call->connected) {
+    if (call->stage == CALL_CONNECTING) {
         call_upstream_failed(call, "connect to upstream port %u: %s", call->port,
                              strerror(err ? err : ECONNREFUSED));
         return;
     }
-    if (!call->got_bytes && call->reused && !call->retried) {
+    if (call_may_retry(call)) {
         call_retry(call);
         return;
     }
     if (err == 0) {
         llhttp_errno_t e = llhttp_finish(&call->parser);
-        if (e == HPE_PAUSED && call->complete) { /* a body that ends at close */
+        if (e == HPE_PAUSED) { /* complete: a body that ends at close */
             call_ok(call, false);
             return;
         }
     }
     const char *how = err ? "reset" : "closed";
-    if (!call->got_bytes)
+    if (call->stage < CALL_HEAD)
         call_upstream_failed(call, "upstream %u %s the connection before answering", call->port, how);
-    else if (!call->head_done)
+    else if (call->stage == CALL_HEAD)
         call_upstream_failed(call, "upstream %u %s the connection in the response headers",
                              call->port, how);
     else
@@ -1062,23 +1092,17 @@ static void call_upstream_eof(struct proxy_call *call, int err)
 
 /* ----------------------------------------------------- driving the socket */
 
-static size_t call_total(const struct proxy_call *call)
-{
-    return call->out_len + call->req->body_len;
-}
-
 static void call_update_io(struct proxy_call *call)
 {
-    struct upconn *uc = call->uc;
     int events;
-    if (!call->connected) {
+    if (call->stage == CALL_CONNECTING) {
         events = EV_WRITE;
     } else {
         events = call->paused ? 0 : EV_READ;
-        if (!call->send_failed && call->sent < call_total(call))
+        if (call_request_unsent(call))
             events |= EV_WRITE;
     }
-    uc_watch(uc, events);
+    uc_watch(call->uc, events);
 }
 
 /* Writes what is left of the request. Returns false when the call ended
@@ -1088,28 +1112,26 @@ static bool call_send(struct proxy_call *call)
     struct upconn *uc = call->uc;
     const struct http_request *req = call->req;
     size_t total = call_total(call);
-    while (!call->send_failed && call->sent < total) {
+    while (call_request_unsent(call)) {
         struct iovec iov[2];
         int cnt = 0;
-        if (call->sent < call->out_len) {
-            iov[cnt].iov_base = call->out + call->sent;
-            iov[cnt++].iov_len = call->out_len - call->sent;
+        if (call->sent < call->out.len) {
+            iov[cnt].iov_base = call->out.data + call->sent;
+            iov[cnt++].iov_len = call->out.len - call->sent;
             if (req->body_len) {
                 iov[cnt].iov_base = req->body;
                 iov[cnt++].iov_len = req->body_len;
             }
         } else {
-            iov[cnt].iov_base = req->body + (call->sent - call->out_len);
+            iov[cnt].iov_base = req->body + (call->sent - call->out.len);
             iov[cnt++].iov_len = total - call->sent;
         }
         struct msghdr mh = { .msg_iov = iov, .msg_iovlen = (size_t)cnt };
         ssize_t n = sendmsg(uc->fd, &mh, MSG_NOSIGNAL);
         if (n > 0) {
             call->sent += (size_t)n;
-            if (!call->connected) {
-                call->connected = true;
-                ev_timer_stop(call->p->loop, &uc->timer);
-            }
+            if (call->stage == CALL_CONNECTING)
+                call_set_stage(call, CALL_SENDING);
             continue;
         }
         if (n < 0 && errno == EINTR)
@@ -1117,16 +1139,18 @@ static bool call_send(struct proxy_call *call)
         if (n < 0 && (errno == EAGAIN || errno == EWOULDBLOCK))
             break;
         int err = n < 0 ? errno : EPIPE;
-        if (!call->connected) {
+        if (call->stage == CALL_CONNECTING) {
             call_upstream_failed(call, "connect to upstream port %u: %s", call->port, strerror(err));
             return false;
         }
-        if (!call->got_bytes && call->reused && !call->retried) {
+        if (call_may_retry(call)) {
             call_retry(call);
             return false;
         }
         call->send_failed = true; /* the read side sees the end, or an early answer */
     }
+    if (call->stage == CALL_SENDING && !call_request_unsent(call))
+        call_set_stage(call, CALL_WAITING);
     call_update_io(call);
     return true;
 }
@@ -1138,7 +1162,8 @@ static void call_read(struct proxy_call *call)
     for (int i = 0; i < READS_PER_WAKEUP; i++) {
         ssize_t n = recv(uc->fd, p->rbuf, sizeof p->rbuf, 0);
         if (n > 0) {
-            call->got_bytes = true;
+            if (call->stage < CALL_HEAD)
+                call_set_stage(call, CALL_HEAD);
             if (!call_parse(call, p->rbuf, (size_t)n))
                 return;
             if (call->paused || (size_t)n < sizeof p->rbuf)
@@ -1166,7 +1191,7 @@ static void uc_io_cb(struct ev_loop *loop, ev_io *w, int revents)
     struct proxy_call *call = uc->call;
     if ((revents & EV_WRITE) && (!call_send(call) || call->uc != uc))
         return;
-    if ((revents & EV_READ) && call->connected && !call->paused)
+    if ((revents & EV_READ) && call->stage != CALL_CONNECTING && !call->paused)
         call_read(call);
 }
 
@@ -1180,35 +1205,34 @@ static void uc_timer_cb(struct ev_loop *loop, ev_timer *w, int revents)
         return;
     }
     call_upstream_failed(uc->call, "connect to upstream port %u: timed out after %.0f s",
-                         uc->pool->port, CONNECT_TIMEOUT_S);
+                         uc->idle->port, CONNECT_TIMEOUT_S);
 }
 
 /* Takes an idle connection or opens one, and sends the request. */
 static void call_start(struct proxy_call *call)
 {
     struct proxy *p = call->p;
-    struct port_pool *pp = pool_find(p, call->port, true);
+    struct idle_conns *ic = idle_find(p, call->port, true);
     struct upconn *uc = NULL;
     int err = ENOMEM;
 
     call->sent = 0;
-    call->got_bytes = call->head_done = call->complete = false;
     call->send_failed = false;
     call->fail_why = NULL;
     llhttp_reset(&call->parser);
     head_reset(call);
-    if (pp && !call->retried)
-        uc = pool_take(pp);
+    if (ic && !call->retried)
+        uc = idle_take(ic);
     call->reused = uc != NULL;
-    call->connected = uc != NULL;
-    if (!uc && pp)
-        uc = uc_connect(p, pp, &err);
+    if (!uc && ic)
+        uc = uc_connect(p, ic, &err);
     if (!uc) {
         call_upstream_failed(call, "connect to upstream port %u: %s", call->port, strerror(err));
         return;
     }
     uc->call = call;
     call->uc = uc;
+    call_set_stage(call, call->reused ? CALL_SENDING : CALL_CONNECTING);
     call_send(call);
 }
 
@@ -1232,10 +1256,10 @@ struct proxy *proxy_new(struct ev_loop *loop)
     return p;
 }
 
-static void pool_close_all(struct port_pool *pp)
+static void idle_close_all(struct idle_conns *ic)
 {
-    while (pp->idle)
-        uc_close(pp->idle);
+    while (ic->head)
+        uc_close(ic->head);
 }
 
 /* Calls still running are dropped without their DONE: whoever frees the
@@ -1252,24 +1276,18 @@ void proxy_free(struct proxy *p)
             call->req->on_drain = NULL;
         }
         call_release_uc(call, false);
-        free(call->out);
-        free(call->hdr);
-        free(call->body_buf);
-        free(call);
+        call_free(call);
     }
     while (p->free_calls) {
         struct proxy_call *call = p->free_calls;
         p->free_calls = call->next;
-        free(call->out);
-        free(call->hdr);
-        free(call->body_buf);
-        free(call);
+        call_free(call);
     }
-    for (size_t i = 0; i < p->npools; i++) {
-        pool_close_all(p->pools[i]);
-        free(p->pools[i]);
+    for (size_t i = 0; i < p->nidle; i++) {
+        idle_close_all(p->idle[i]);
+        free(p->idle[i]);
     }
-    free(p->pools);
+    free(p->idle);
     free(p);
 }
 
@@ -1279,15 +1297,14 @@ static struct proxy_call *call_alloc(struct proxy *p)
     if (call) {
         p->free_calls = call->next;
         p->nfree--;
-        char *out = call->out, *hdr = call->hdr, *body_buf = call->body_buf;
-        size_t out_cap = call->out_cap, hdr_cap = call->hdr_cap, body_cap = call->body_cap;
+        struct buf out = call->out, hdr = call->hdr, body_buf = call->body_buf;
         memset(call, 0, sizeof *call);
-        call->out = out;
-        call->out_cap = out_cap;
+        call->out = out;       /* their memory is kept, emptied */
         call->hdr = hdr;
-        call->hdr_cap = hdr_cap;
         call->body_buf = body_buf;
-        call->body_cap = body_cap;
+        buf_consume(&call->out, call->out.len);
+        buf_consume(&call->hdr, call->hdr.len);
+        buf_consume(&call->body_buf, call->body_buf.len);
     } else {
         call = calloc(1, sizeof *call);
         if (!call)
@@ -1362,7 +1379,7 @@ void proxy_hand_back_unanswered(struct proxy *p, bool on)
 
 void proxy_forget_port(struct proxy *p, unsigned port)
 {
-    struct port_pool *pp = pool_find(p, port, false);
-    if (pp)
-        pool_close_all(pp);
+    struct idle_conns *ic = idle_find(p, port, false);
+    if (ic)
+        idle_close_all(ic);
 }
