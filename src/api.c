@@ -186,8 +186,7 @@ static void waiter_finish(struct waiter *w)
     w->done = true;
     if (w->finished)
         *w->finished = true;
-    w->req->on_close = NULL;
-    w->req->on_drain = NULL;
+    http_request_unwatch(w->req);
     http_stream_end(w->req);
     waiter_free(w);
 }
@@ -329,8 +328,7 @@ static void model_op(struct http_request *req, const struct api *api, struct poo
         w->finished = &finished;
         http_stream_begin(req, 200, "application/x-ndjson", "Cache-Control: no-cache\r\nX-Accel-Buffering: no\r\n");
         pool_observe(m, &w->obs);
-        req->on_close = waiter_gone;
-        req->arg = w;
+        http_request_watch(req, waiter_gone, NULL, w);
     }
     switch (op) {
     case OP_START:   rc = pool_model_start(m, n, err, sizeof err); break;
@@ -413,8 +411,7 @@ static void route_model_action(struct http_request *req, const struct api *api,
         w->goal = WAIT_FOLLOW;
         w->obs.fn = waiter_event;
         pool_observe(m, &w->obs);
-        req->on_close = waiter_gone;
-        req->arg = w;
+        http_request_watch(req, waiter_gone, NULL, w);
         return;
     }
 
@@ -523,36 +520,36 @@ static enum access path_access(const char *path)
     return ACCESS_PUBLIC;
 }
 
-int api_admit(struct http_request *req, void *arg, bool *trusted, const char **msg)
+int api_admit(const struct http_request *req, void *arg, struct http_admission *out)
 {
     struct api *api = arg;
     const struct config *cfg = api->pool->cfg;
     if (req->is_unix) {  /* the control socket: whoever may open it */
-        *trusted = true;
+        out->trusted = true;
         return 0;
     }
-    req->cors = origin_allowed(cfg, http_header_get(req, "Origin"));
+    out->cors = origin_allowed(cfg, http_header_get(req, "Origin"));
     const char *given = presented_key(req);
     bool admin_set = cfg->admin_key && *cfg->admin_key;
     bool api_ok = cfg->napi_keys == 0 || key_in(given, cfg->api_keys, cfg->napi_keys);
     bool admin_ok = admin_set && given && key_equal(given, cfg->admin_key);
-    *trusted = api_ok || admin_ok;
+    out->trusted = api_ok || admin_ok;
     if (strcmp(req->method, "OPTIONS") == 0)  /* a CORS preflight carries no key */
         return 0;
     switch (path_access(req->path)) {
     case ACCESS_API:
         if (api_ok)
             return 0;
-        *msg = "Invalid API Key";
+        out->msg = "Invalid API Key";
         return 401;
     case ACCESS_ADMIN:
         if (!admin_set) {
-            *msg = "the control API is served on the control socket only; set admin_key in pool.conf to allow it over TCP";
+            out->msg = "the control API is served on the control socket only; set admin_key in pool.conf to allow it over TCP";
             return 403;
         }
         if (admin_ok)
             return 0;
-        *msg = "Invalid API Key";
+        out->msg = "Invalid API Key";
         return 401;
     case ACCESS_PUBLIC:
         break;

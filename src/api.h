@@ -25,6 +25,6 @@ struct api {
 void api_handle(struct http_request *req, void *arg);
 /* The http admission hook for both listeners (arg = struct api *): keys
  * and CORS origins are checked as soon as the headers are in. */
-int api_admit(struct http_request *req, void *arg, bool *trusted, const char **msg);
+int api_admit(const struct http_request *req, void *arg, struct http_admission *out);
 
 #endif

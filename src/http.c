@@ -558,18 +558,18 @@ static int on_header_value_complete(llhttp_t *p)
 static int conn_admit(struct http_conn *c)
 {
     struct http_request *req = &c->req->pub;
-    const char *msg = NULL;
-    bool trusted = false;
+    struct http_admission out = { 0 };
     if (!c->srv->admit) {
         c->trusted = true;
         return 0;
     }
-    int status = c->srv->admit(req, c->srv->arg, &trusted, &msg);
-    if (trusted)
+    int status = c->srv->admit(req, c->srv->arg, &out);
+    if (out.trusted)
         c->trusted = true;
+    req->cors = out.cors;
     if (status == 0)
         return 0;
-    return parse_reject(&c->parser, status, msg ? msg : http_status_text(status));
+    return parse_reject(&c->parser, status, out.msg ? out.msg : http_status_text(status));
 }
 
 static bool expects_continue(const struct http_request *req)
@@ -1710,6 +1710,21 @@ struct http_server *http_server_listen(struct ev_loop *loop, const char *addr,
     srv->accept_pause_w.data = srv;
     srv_update_accept(srv);
     return srv;
+}
+
+void http_request_watch(struct http_request *req,
+                        void (*on_close)(struct http_request *req, void *arg),
+                        void (*on_drain)(struct http_request *req, void *arg), void *arg)
+{
+    req->on_close = on_close;
+    req->on_drain = on_drain;
+    req->arg = arg;
+}
+
+void http_request_unwatch(struct http_request *req)
+{
+    req->on_close = NULL;
+    req->on_drain = NULL;
 }
 
 void http_server_set_admit(struct http_server *srv, http_admit_fn admit)

@@ -53,30 +53,48 @@ struct http_request {
     int http_minor;           /* 1.0 or 1.1 */
     bool keep_alive;          /* client wants the connection kept */
     bool is_unix;             /* arrived over the UNIX control socket */
-    bool cors;                /* echo its Origin header in Access-Control-Allow-Origin */
+    bool cors;                /* echo its Origin header in Access-Control-Allow-Origin
+                               * (the admission hook's verdict) */
     char peer[64];            /* "127.0.0.1:54321" or "unix" */
     double started;           /* ev_now() when the request line arrived */
 
-    /* Set by the handler: called if the client disconnects (or the connection
-     * is torn down) before the response has ended. */
+    /* Set with http_request_watch(): called if the client disconnects (or
+     * the connection is torn down) before the response has ended. */
     void (*on_close)(struct http_request *req, void *arg);
-    /* Set by the handler: called when buffered output drops below the
-     * low-water mark after http_stream_write reported back-pressure. */
+    /* Set with http_request_watch(): called when buffered output drops
+     * below the low-water mark after http_stream_write reported
+     * back-pressure. */
     void (*on_drain)(struct http_request *req, void *arg);
     void *arg;
 };
 
+/* Whoever answers REQ from now on: ON_CLOSE and ON_DRAIN (either may be
+ * NULL) with ARG. Replaces what was set before. */
+void http_request_watch(struct http_request *req,
+                        void (*on_close)(struct http_request *req, void *arg),
+                        void (*on_drain)(struct http_request *req, void *arg), void *arg);
+/* Nobody is called any more (the answer is being handed on, or is done). */
+void http_request_unwatch(struct http_request *req);
+
 typedef void (*http_handler_fn)(struct http_request *req, void *arg);
+
+/* What an admission hook decided besides its status (all false/NULL
+ * when it is called). */
+struct http_admission {
+    bool trusted;             /* showed a valid key: from then on its connection
+                               * is never the one closed to make room at
+                               * max_connections */
+    bool cors;                /* its Origin may read the answer (req->cors) */
+    const char *msg;          /* with a refusal: a static message */
+};
 
 /* Admission, called once a request's header block is in and before any
  * byte of its body is read (the body is not there yet: body is NULL).
  * Return 0 to read the body and hand the request to the handler, or an
- * HTTP status to answer at once with MSG (a static string) and close the
- * connection without reading the body. Set *TRUSTED when the request
- * showed a valid key: from then on its connection is never the one closed
- * to make room at max_connections. The hook may set req->cors. */
-typedef int (*http_admit_fn)(struct http_request *req, void *arg, bool *trusted,
-                             const char **msg);
+ * HTTP status to answer at once with OUT->msg (the status text without
+ * one) and close the connection without reading the body. */
+typedef int (*http_admit_fn)(const struct http_request *req, void *arg,
+                             struct http_admission *out);
 
 /* Listen on ADDR: "host:port" (IPv4 or [IPv6]) or an absolute path for a
  * UNIX socket (an existing stale socket file is replaced; the socket is

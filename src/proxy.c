@@ -655,8 +655,7 @@ static void call_end(struct proxy_call *call, enum proxy_outcome outcome)
     if (call->ended)
         *call->ended = true;
     if (call->req) {
-        call->req->on_close = NULL;
-        call->req->on_drain = NULL;
+        http_request_unwatch(call->req);
         call->req = NULL;
     }
     if (call->prev)
@@ -694,8 +693,7 @@ static void call_ok(struct proxy_call *call, bool reuse)
     struct http_request *req = call->req;
     call_release_uc(call, reuse);
     call->req = NULL;
-    req->on_close = NULL;
-    req->on_drain = NULL;
+    http_request_unwatch(req);
     if (call->stage == CALL_COLLECTING)
         http_respond(req, call->status, call->ctype_len ? call->ctype : NULL,
                      call->hdr.len ? call->hdr.data : NULL, call->body, call->body_len);
@@ -721,8 +719,7 @@ static void call_upstream_failed(struct proxy_call *call, const char *fmt, ...)
     log_warn("proxy: %s %s: %s", req->method, req->path, msg);
     call_release_uc(call, false);
     call->req = NULL;
-    req->on_close = NULL;
-    req->on_drain = NULL;
+    http_request_unwatch(req);
     if (call->stage < CALL_HEAD && call->p->hand_back_unanswered) {
         call_end(call, PROXY_UPSTREAM_UNANSWERED);
         return;
@@ -1272,8 +1269,7 @@ void proxy_free(struct proxy *p)
         struct proxy_call *call = p->calls;
         p->calls = call->next;
         if (call->req) {
-            call->req->on_close = NULL;
-            call->req->on_drain = NULL;
+            http_request_unwatch(call->req);
         }
         call_release_uc(call, false);
         call_free(call);
@@ -1330,8 +1326,7 @@ struct proxy_call *proxy_forward_key(struct proxy *p, struct http_request *req, 
         target = req->target;
     struct proxy_call *call = call_alloc(p);
     if (!call) {
-        req->on_close = NULL;
-        req->on_drain = NULL;
+        http_request_unwatch(req);
         http_respond_error(req, 502, "server_error", "proxy: out of memory");
         done(arg, PROXY_UPSTREAM_ERROR, 0, -1);
         return NULL;
@@ -1346,14 +1341,11 @@ struct proxy_call *proxy_forward_key(struct proxy *p, struct http_request *req, 
     if (p->calls)
         p->calls->prev = call;
     p->calls = call;
-    req->on_close = call_client_gone;
-    req->on_drain = call_client_drained;
-    req->arg = call;
+    http_request_watch(req, call_client_gone, call_client_drained, call);
 
     if (!valid_target(target)) {
         call->req = NULL;
-        req->on_close = NULL;
-        req->on_drain = NULL;
+        http_request_unwatch(req);
         http_respond_error(req, 400, "invalid_request_error",
                            "request target is empty or contains spaces or control characters");
         call_end(call, PROXY_UPSTREAM_ERROR);

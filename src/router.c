@@ -168,8 +168,7 @@ static bool resend(struct router *r, struct rreq *q)
     q->resent = true;
     q->dispatched = false;
     q->inst = NULL;
-    q->req->on_close = rreq_gone;
-    q->req->arg = q;
+    http_request_watch(q->req, rreq_gone, NULL, q);
     sched_request(r->sched, now_of(r), req_id(q), q->model->index);
     return true;
 }
@@ -216,7 +215,7 @@ static void do_dispatch(struct router *r, struct rreq *q, struct instance *inst)
     q->inst = inst;
     if (q->model)
         metrics_count_queue_wait(&q->model->stats, now_of(r) - q->t0);
-    q->req->on_close = NULL;     /* the proxy watches the client from here */
+    http_request_unwatch(q->req);     /* the proxy watches the client from here */
     proxy_forward_key(r->proxy, q->req, inst->port, inst->api_key, q->target, call_done, q);
 }
 
@@ -228,7 +227,7 @@ static void do_fail(struct router *r, struct rreq *q, const struct sched_action 
     char extra[64] = "";
     if (a->retry_after > 0)
         snprintf(extra, sizeof extra, "Retry-After: %.0f\r\n", a->retry_after);
-    q->req->on_close = NULL;
+    http_request_unwatch(q->req);
     http_respond_error_headers(q->req, a->status, NULL, extra[0] ? extra : NULL, "%s",
                                a->message ? a->message : "request failed");
     rreq_free(q);
@@ -406,8 +405,7 @@ void router_forward(struct router *r, struct http_request *req, struct pool_mode
     if (r->reqs)
         r->reqs->prev = q;
     r->reqs = q;
-    req->on_close = rreq_gone;
-    req->arg = q;
+    http_request_watch(req, rreq_gone, NULL, q);
     if (m->failed)
         sched_model_failed(r->sched, now_of(r), slot, m->last_error);
     if (!m->est_known)
@@ -436,7 +434,7 @@ void router_shutdown(struct router *r, double retry_after)
         if (q->dispatched)
             continue;
         sched_request_gone(r->sched, now_of(r), req_id(q));
-        q->req->on_close = NULL;
+        http_request_unwatch(q->req);
         refuse_closing(r, q->req, q->model);
         rreq_free(q);
         n++;
@@ -532,7 +530,7 @@ static struct http_request *server_wait_end(struct server_wait *w)
     struct http_request *req = w->req;
     pool_unobserve(&w->obs);
     ev_timer_stop(w->r->loop, &w->timeout);
-    req->on_close = NULL;
+    http_request_unwatch(req);
     free(w);
     return req;
 }
@@ -597,8 +595,7 @@ void router_server(struct router *r, struct http_request *req, struct pool_model
     w->r = r;
     w->obs.fn = server_wait_event;
     pool_observe(m, &w->obs);
-    req->on_close = server_wait_gone;
-    req->arg = w;
+    http_request_watch(req, server_wait_gone, NULL, w);
     double limit = (double)r->pool->cfg->queue_timeout_ms / 1000.0;
     ev_timer_init(&w->timeout, server_wait_timeout, limit > 0 ? limit : 1e9, 0.);
     w->timeout.data = w;
@@ -728,7 +725,7 @@ void router_free(struct router *r)
     while (r->reqs) {
         struct rreq *q = r->reqs;
         if (!q->dispatched)
-            q->req->on_close = NULL;
+            http_request_unwatch(q->req);
         rreq_free(q);
     }
     proxy_free(r->proxy);

@@ -237,8 +237,7 @@ static void later_gone(struct http_request *req, void *arg)
 /* Ends an answer of ours: the request is freed by http after this. */
 static void answered(struct http_request *req)
 {
-    req->on_close = NULL;
-    req->on_drain = NULL;
+    http_request_unwatch(req);
     F.answered++;
 }
 
@@ -295,10 +294,8 @@ static void start_later(struct http_request *req, int mode)
     l->mode = mode;
     ev_timer_init(&l->t, later_cb, 0., 0.);
     l->t.data = l;
-    req->on_close = later_gone;
-    req->arg = l;
+    http_request_watch(req, later_gone, mode == M_BIG ? big_drain : NULL, l);
     if (mode == M_BIG) {
-        req->on_drain = big_drain;
         http_stream_begin(req, 200, "application/octet-stream", NULL);
         big_fill(l);
         return;

@@ -130,8 +130,7 @@ static void on_close_count(struct http_request *req, void *arg)
 /* Holds the request; the client learns through got_req. */
 static void on_req_hold(struct fx *fx, struct http_request *req)
 {
-    req->on_close = on_close_count;
-    req->arg = fx;
+    http_request_watch(req, on_close_count, NULL, fx);
     fx->held = req;
     sem_post(&fx->got_req);
 }
@@ -844,8 +843,7 @@ static void test_client_disconnect_calls_on_close(void **state)
 
 static void on_req_stream_and_hold(struct fx *fx, struct http_request *req)
 {
-    req->on_close = on_close_count;
-    req->arg = fx;
+    http_request_watch(req, on_close_count, NULL, fx);
     fx->held = req;
     http_stream_begin(req, 200, "text/event-stream", NULL);
     http_stream_write(req, "data: 1\n\n", 9);
@@ -997,9 +995,7 @@ static void on_drain_flood(struct http_request *req, void *arg)
 
 static void on_req_flood(struct fx *fx, struct http_request *req)
 {
-    req->on_drain = on_drain_flood;
-    req->on_close = on_close_count;
-    req->arg = fx;
+    http_request_watch(req, on_close_count, on_drain_flood, fx);
     http_stream_begin(req, 200, "application/octet-stream", NULL);
     flood(fx, req);
 }
@@ -1078,17 +1074,17 @@ static void test_max_connections_defers_accept(void **state)
 /* Admits requests carrying "X-Key: good" (trusted) and any GET /public;
  * refuses the rest with 401 before their body. Allows CORS for
  * Origin: https://ok.example. */
-static int admit_key(struct http_request *req, void *arg, bool *trusted, const char **msg)
+static int admit_key(const struct http_request *req, void *arg, struct http_admission *out)
 {
     struct fx *fx = arg;
     const char *key = http_header_get(req, "X-Key");
     const char *origin = http_header_get(req, "Origin");
     fx->flag[7] = req->body == NULL && req->body_len == 0;   /* nothing of the body yet */
-    req->cors = origin && strcmp(origin, "https://ok.example") == 0;
-    *trusted = key && strcmp(key, "good") == 0;
-    if (*trusted || strcmp(req->path, "/public") == 0)
+    out->cors = origin && strcmp(origin, "https://ok.example") == 0;
+    out->trusted = key && strcmp(key, "good") == 0;
+    if (out->trusted || strcmp(req->path, "/public") == 0)
         return 0;
-    *msg = "Invalid API Key";
+    out->msg = "Invalid API Key";
     return 401;
 }
 

@@ -1233,10 +1233,8 @@ static void free_proxy(struct fx *fx)
 {
     proxy_free(fx->proxy);
     fx->proxy = NULL;
-    if (fx->live) {
-        fx->live->on_close = on_live_close;
-        fx->live->arg = fx;
-    }
+    if (fx->live)
+        http_request_watch(fx->live, on_live_close, NULL, fx);
 }
 
 static void up_then_free(struct fx *fx)
