@@ -18,13 +18,13 @@
  * after the parse, in finish(). */
 #define _GNU_SOURCE
 #include "config.h"
+#include "config_internal.h"
 
 #include "log.h"
 #include "util.h"
 
 #include <arpa/inet.h>
 #include <ctype.h>
-#include <dirent.h>
 #include <errno.h>
 #include <fcntl.h>
 #include <ini.h>
@@ -43,64 +43,12 @@
 #define ROUTER_PORT_VAR "LLAMA_SERVER_ROUTER_PORT"
 
 /* ------------------------------------------------------------------ */
-/* Small allocation helpers: a config is small, running out of memory  */
-/* while reading it is not something to recover from.                 */
+/* Memory: config's one out-of-memory policy (config.h).              */
 
-static void oom(void)
+_Noreturn void config_oom(void)
 {
     fputs("llama-pool: out of memory while reading the configuration\n", stderr);
     abort();
-}
-
-static void *xrealloc(void *p, size_t n)
-{
-    p = realloc(p, n ? n : 1);
-    if (!p)
-        oom();
-    return p;
-}
-
-static void *xcalloc(size_t n, size_t size)
-{
-    void *p = calloc(n ? n : 1, size ? size : 1);
-    if (!p)
-        oom();
-    return p;
-}
-
-static char *xstrdup(const char *s)
-{
-    char *d = strdup(s);
-    if (!d)
-        oom();
-    return d;
-}
-
-static char *xstrndup(const char *s, size_t n)
-{
-    char *d = strndup(s, n);
-    if (!d)
-        oom();
-    return d;
-}
-
-__attribute__((format(printf, 1, 0)))
-static char *xvasprintf(const char *fmt, va_list ap)
-{
-    char *s;
-    if (vasprintf(&s, fmt, ap) < 0)
-        oom();
-    return s;
-}
-
-__attribute__((format(printf, 1, 2)))
-static char *xasprintf(const char *fmt, ...)
-{
-    va_list ap;
-    va_start(ap, fmt);
-    char *s = xvasprintf(fmt, ap);
-    va_end(ap);
-    return s;
 }
 
 /* MSG (malloc'd), with ill-formed UTF-8 from the file replaced: messages
@@ -111,47 +59,9 @@ static char *utf8_clean(char *msg)
         return msg;
     char *fixed = util_utf8_lossy(msg, strlen(msg), NULL);
     if (!fixed)
-        oom();
+        config_oom();
     free(msg);
     return fixed;
-}
-
-/* A growable NULL-terminated vector of strings. */
-struct strvec {
-    char **v;
-    size_t n, cap;
-};
-
-static void strvec_push(struct strvec *sv, char *s)
-{
-    if (sv->n + 2 > sv->cap) {
-        sv->cap = sv->cap ? sv->cap * 2 : 4;
-        sv->v = xrealloc(sv->v, sv->cap * sizeof *sv->v);
-    }
-    sv->v[sv->n++] = s;
-    sv->v[sv->n] = NULL;
-}
-
-/* Hand the vector over: always a valid NULL-terminated array. */
-static char **strvec_take(struct strvec *sv, size_t *n)
-{
-    if (!sv->v)
-        sv->v = xcalloc(1, sizeof *sv->v);
-    char **v = sv->v;
-    if (n)
-        *n = sv->n;
-    sv->v = NULL;
-    sv->n = sv->cap = 0;
-    return v;
-}
-
-static void strvec_free(struct strvec *sv)
-{
-    for (size_t i = 0; i < sv->n; i++)
-        free(sv->v[i]);
-    free(sv->v);
-    sv->v = NULL;
-    sv->n = sv->cap = 0;
 }
 
 static bool is_blank(char c)
@@ -380,7 +290,7 @@ int config_split_words(const char *s, char ***out, size_t *n, const char **err)
 {
     struct strvec words = { 0 };
     size_t len = strlen(s);
-    char *w = xrealloc(NULL, len + 1);   /* a word is never longer than S */
+    char *w = xcalloc(len + 1, 1);        /* a word is never longer than S */
     size_t wl = 0;
     bool in_word = false;
 
@@ -683,7 +593,6 @@ struct pmodel {
     int line;                 /* header line */
     bool dropped;             /* duplicate or invalid: checked, never used */
     char *path;               /* absolute, NULL until set */
-    const char *found_file;   /* path came from models_dir (owned by a struct found) */
     struct strvec args;
     char *args_text;
     unsigned inst_min, inst_max;
@@ -696,14 +605,6 @@ struct pmodel {
     size_t alias_lines_cap;
     struct env_vec env;
     int key_line[MK__COUNT];  /* where each key was set, 0 = not set */
-};
-
-/* A *.gguf file found under models_dir. */
-struct found {
-    char *name;
-    char *path;
-    const char *fname;        /* points into path */
-    bool used;                /* became a model (or a section's path) */
 };
 
 enum line_kind {
@@ -760,8 +661,8 @@ struct parser {
 
     struct pmodel *models;
     size_t nmodels, models_cap;
-    struct found *found;
-    size_t nfound, found_cap;
+    struct config_found *found;  /* what models_dir offers */
+    size_t nfound;
     struct name_map names;
 
     struct parse_error *errs;
@@ -777,10 +678,7 @@ static void error_at(struct parser *p, int line, const char *fmt, ...)
     va_end(ap);
     if (line < 1)
         line = 1;
-    if (p->nerrs == p->errs_cap) {
-        p->errs_cap = p->errs_cap ? p->errs_cap * 2 : 16;
-        p->errs = xrealloc(p->errs, p->errs_cap * sizeof *p->errs);
-    }
+    xgrow(&p->errs, &p->errs_cap, p->nerrs + 1, sizeof *p->errs);
     p->errs[p->nerrs].line = line;
     p->errs[p->nerrs].msg = utf8_clean(xasprintf("%s:%d: %s", p->file, line, msg));
     p->nerrs++;
@@ -802,10 +700,7 @@ static bool next_line(struct parser *p)
     size_t n = nl ? (size_t)(nl - s) + 1 : p->str_len - p->str_off;
     const char *nul = memchr(s, '\0', n);
     p->nul_at = nul ? (size_t)(nul - s) + 1 : 0;
-    if (n + 1 > p->raw_cap) {
-        p->raw_cap = n + 1;
-        p->raw = xrealloc(p->raw, p->raw_cap);
-    }
+    xgrow(&p->raw, &p->raw_cap, n + 1, 1);
     memcpy(p->raw, s, n);
     p->raw[n] = '\0';
     p->str_off += n;
@@ -846,10 +741,7 @@ static void list_close(struct parser *p);
 static void split_line(struct parser *p)
 {
     size_t len = strlen(p->raw);
-    if (len + 1 > p->work_cap) {
-        p->work_cap = len + 1;
-        p->work = xrealloc(p->work, p->work_cap);
-    }
+    xgrow(&p->work, &p->work_cap, len + 1, 1);
     memcpy(p->work, p->raw, len + 1);
 
     char *line = p->work;
@@ -1039,10 +931,7 @@ static void begin_section(struct parser *p, char *text)
         return;
     }
 
-    if (p->nmodels == p->models_cap) {
-        p->models_cap = p->models_cap ? p->models_cap * 2 : 8;
-        p->models = xrealloc(p->models, p->models_cap * sizeof *p->models);
-    }
+    xgrow(&p->models, &p->models_cap, p->nmodels + 1, sizeof *p->models);
     struct pmodel *m = &p->models[p->nmodels];
     memset(m, 0, sizeof *m);
     m->name = xstrdup(name);
@@ -1419,10 +1308,7 @@ static void add_list(struct parser *p, int line, const char *key, const char *v,
                 empty_inside = true;                 /* leading ',' is fine on a continuation */
         } else if ((item = list_item(p, line, key, kind, item, sv))) {
             if (lines) {
-                if (sv->n + 1 > *lines_cap) {
-                    *lines_cap = *lines_cap ? *lines_cap * 2 : 4;
-                    *lines = xrealloc(*lines, *lines_cap * sizeof **lines);
-                }
+                xgrow(lines, lines_cap, sv->n + 1, sizeof **lines);
                 (*lines)[sv->n] = line;
             }
             strvec_push(sv, item);
@@ -1482,10 +1368,7 @@ static void add_env(struct parser *p, int line, struct pmodel *m, const char *v)
             error_at(p, line, "env: %s is set twice", show(&sh, w));
             continue;
         }
-        if (m->env.n == m->env.cap) {
-            m->env.cap = m->env.cap ? m->env.cap * 2 : 4;
-            m->env.v = xrealloc(m->env.v, m->env.cap * sizeof *m->env.v);
-        }
+        xgrow(&m->env.v, &m->env.cap, m->env.n + 1, sizeof *m->env.v);
         m->env.v[m->env.n].name = xstrdup(w);
         m->env.v[m->env.n].value = xstrdup(eq + 1);
         m->env.n++;
@@ -1896,42 +1779,6 @@ static int on_value(void *user, const char *section, const char *name, const cha
 /* ------------------------------------------------------------------ */
 /* Whole-file checks                                                   */
 
-static int cmp_found(const void *a, const void *b)
-{
-    const struct found *x = a, *y = b;
-    int c = strcmp(x->name, y->name);
-    return c ? c : strcmp(x->fname, y->fname);
-}
-
-static bool ends_with_shard_suffix(const char *stem, size_t len, unsigned *part)
-{
-    /* "-00001-of-00003": llama.cpp's split naming, five digits each */
-    static const char pat[] = "-ddddd-of-ddddd";
-    size_t pl = sizeof pat - 1;
-    if (len < pl)
-        return false;
-    const char *s = stem + len - pl;
-    for (size_t i = 0; i < pl; i++) {
-        if (pat[i] == 'd' ? !isdigit((unsigned char)s[i]) : s[i] != pat[i])
-            return false;
-    }
-    *part = (unsigned)atoi(s + 1);
-    return true;
-}
-
-static void found_add(struct parser *p, const char *dir, const char *fname, size_t stem_len)
-{
-    if (p->nfound == p->found_cap) {
-        p->found_cap = p->found_cap ? p->found_cap * 2 : 256;
-        p->found = xrealloc(p->found, p->found_cap * sizeof *p->found);
-    }
-    struct found *f = &p->found[p->nfound++];
-    f->name = xstrndup(fname, stem_len);
-    f->path = xasprintf("%s/%s", dir, fname);
-    f->fname = f->path + strlen(dir) + 1;
-    f->used = false;
-}
-
 /* Every *.gguf regular file in models_dir (first parts of split models). */
 static void scan_models_dir(struct parser *p)
 {
@@ -1939,39 +1786,13 @@ static void scan_models_dir(struct parser *p)
     int line = p->pool_key_line[PK_MODELS_DIR];
     struct shown sh;
 
-    DIR *d = opendir(dir);
-    if (!d) {
-        error_at(p, line, "models_dir: cannot open \"%s\": %s", show(&sh, dir), strerror(errno));
+    if (config_discover(dir, &p->found, &p->nfound)) {
+        int e = errno;
+        error_at(p, line, "models_dir: cannot open \"%s\": %s", show(&sh, dir), strerror(e));
         return;
     }
-    struct dirent *de;
-    while ((de = readdir(d))) {
-        const char *name = de->d_name;
-        size_t len = strlen(name);
-        if (name[0] == '.' || len <= 5 || strcasecmp(name + len - 5, ".gguf"))
-            continue;
-        if (de->d_type == DT_UNKNOWN || de->d_type == DT_LNK) {
-            struct stat st;
-            if (fstatat(dirfd(d), name, &st, 0) || !S_ISREG(st.st_mode))
-                continue;
-        } else if (de->d_type != DT_REG) {
-            continue;
-        }
-        size_t stem = len - 5;
-        unsigned part;
-        if (ends_with_shard_suffix(name, stem, &part)) {
-            if (part != 1)
-                continue;
-            stem -= 15;
-        }
-        found_add(p, dir, name, stem);
-    }
-    closedir(d);
-    if (p->nfound > 1)          /* qsort(NULL, 0, …) is undefined */
-        qsort(p->found, p->nfound, sizeof *p->found, cmp_found);
-
     for (size_t i = 0; i < p->nfound; i++) {
-        struct found *f = &p->found[i];
+        struct config_found *f = &p->found[i];
         struct shown sh2;
         const char *why = bad_model_name(f->name);
         if (why) {
@@ -2000,7 +1821,6 @@ static void scan_models_dir(struct parser *p)
             struct pmodel *m = &p->models[e->index];
             if (!m->key_line[MK_PATH]) {
                 m->path = xstrdup(f->path);
-                m->found_file = f->path;
             }
         }
     }
@@ -2121,7 +1941,7 @@ static void build_models(struct parser *p)
         m->line = pm->line;
     }
     for (size_t i = 0; i < p->nfound; i++) {
-        struct found *f = &p->found[i];
+        struct config_found *f = &p->found[i];
         struct name_ent *e = f->used ? name_find(&p->names, f->name) : NULL;
         if (!e || e->kind != NAME_FOUND || e->file != f->path)
             continue;
@@ -2196,11 +2016,7 @@ static void parser_free(struct parser *p)
         free(m->env.v);
     }
     free(p->models);
-    for (size_t i = 0; i < p->nfound; i++) {
-        free(p->found[i].name);
-        free(p->found[i].path);
-    }
-    free(p->found);
+    config_found_free(p->found, p->nfound);
     free(p->names.v);
     for (size_t i = 0; i < p->nerrs; i++)
         free(p->errs[i].msg);
@@ -2327,65 +2143,55 @@ static char *too_large(const char *name)
                      name, CONFIG_MAX_BYTES, CONFIG_MAX_BYTES >> 20);
 }
 
-/* The whole of PATH, a regular file of at most CONFIG_MAX_BYTES, in *OUT
- * (malloc'd, NUL-terminated, *LEN bytes before that NUL). NULL on success,
- * else the message. O_NONBLOCK: opening a FIFO must not wait for a writer. */
-static char *read_config_file(const char *path, char **out, size_t *len)
+static char *cannot_read(const char *path, int e)
+{
+    return xasprintf("%s: cannot read: %s", path, strerror(e));
+}
+
+/* Reads FD (PATH) to its end into TEXT. NULL on success, else the message. */
+static char *read_open_file(int fd, const char *path, struct buf *text)
+{
+    struct stat st;
+    if (fstat(fd, &st) < 0)
+        return cannot_read(path, errno);
+    if (S_ISDIR(st.st_mode))
+        return cannot_read(path, EISDIR);
+    if (!S_ISREG(st.st_mode))
+        return xasprintf("%s: cannot read: it is %s, not a regular file", path, file_kind(st.st_mode));
+    if (st.st_size > CONFIG_MAX_BYTES)
+        return too_large(path);
+    if (!buf_reserve(text, (size_t)st.st_size))
+        config_oom();
+    /* The size may change while we read (or be 0, as in /proc): read
+     * until the end, but stop once past the limit. */
+    for (;;) {
+        char chunk[16384];
+        ssize_t r = read(fd, chunk, sizeof chunk);
+        if (r < 0 && errno == EINTR)
+            continue;
+        if (r < 0)
+            return cannot_read(path, errno);
+        if (r == 0)
+            return NULL;
+        if ((size_t)r > CONFIG_MAX_BYTES - text->len)
+            return too_large(path);
+        xbuf_append(text, chunk, (size_t)r);
+    }
+}
+
+/* The whole of PATH, a regular file of at most CONFIG_MAX_BYTES, in TEXT
+ * (empty on entry). NULL on success, else the message (TEXT freed).
+ * O_NONBLOCK: opening a FIFO must not wait for a writer. */
+static char *read_config_file(const char *path, struct buf *text)
 {
     int fd = open(path, O_RDONLY | O_CLOEXEC | O_NONBLOCK | O_NOCTTY);
     if (fd < 0)
-        return xasprintf("%s: cannot read: %s", path, strerror(errno));
-    struct stat st;
-    if (fstat(fd, &st) < 0) {
-        int e = errno;
-        close(fd);
-        return xasprintf("%s: cannot read: %s", path, strerror(e));
-    }
-    if (S_ISDIR(st.st_mode)) {
-        close(fd);
-        return xasprintf("%s: cannot read: %s", path, strerror(EISDIR));
-    }
-    if (!S_ISREG(st.st_mode)) {
-        close(fd);
-        return xasprintf("%s: cannot read: it is %s, not a regular file", path, file_kind(st.st_mode));
-    }
-    if (st.st_size > CONFIG_MAX_BYTES) {
-        close(fd);
-        return too_large(path);
-    }
-    /* The size may change while we read (or be 0, as in /proc): read
-     * until the end, but never past the limit. */
-    size_t cap = (size_t)st.st_size + 1, n = 0;
-    char *buf = xrealloc(NULL, cap + 1);
-    for (;;) {
-        if (n == cap) {
-            if (cap > CONFIG_MAX_BYTES)
-                break;
-            cap = cap * 2 > (size_t)CONFIG_MAX_BYTES + 1 ? (size_t)CONFIG_MAX_BYTES + 1 : cap * 2;
-            buf = xrealloc(buf, cap + 1);
-        }
-        ssize_t r = read(fd, buf + n, cap - n);
-        if (r < 0 && errno == EINTR)
-            continue;
-        if (r < 0) {
-            int e = errno;
-            close(fd);
-            free(buf);
-            return xasprintf("%s: cannot read: %s", path, strerror(e));
-        }
-        if (r == 0)
-            break;
-        n += (size_t)r;
-    }
+        return cannot_read(path, errno);
+    char *err = read_open_file(fd, path, text);
     close(fd);
-    if (n > CONFIG_MAX_BYTES) {
-        free(buf);
-        return too_large(path);
-    }
-    buf[n] = '\0';
-    *out = buf;
-    *len = n;
-    return NULL;
+    if (err)
+        buf_free(text);
+    return err;
 }
 
 struct config *config_load(const char *path, struct config_errors *errs)
@@ -2394,15 +2200,14 @@ struct config *config_load(const char *path, struct config_errors *errs)
         errs->msgs = NULL;
         errs->n = 0;
     }
-    char *text = NULL;
-    size_t len = 0;
-    char *err = read_config_file(path, &text, &len);
+    struct buf text = { 0 };
+    char *err = read_config_file(path, &text);
     if (err) {
         single_error(errs, err);
         return NULL;
     }
-    struct config *c = load(path, text, len, errs);
-    free(text);
+    struct config *c = load(path, text.data ? text.data : "", text.len, errs);
+    buf_free(&text);
     return c;
 }
 
@@ -2477,107 +2282,4 @@ const struct config_model *config_find_model(const struct config *cfg,
             if (!strcmp(cfg->models[i].aliases[j], name_or_alias))
                 return &cfg->models[i];
     return NULL;
-}
-
-char **config_child_argv(const struct config *cfg,
-                         const struct config_model *m, unsigned port)
-{
-    struct strvec v = { 0 };
-    strvec_push(&v, xstrdup(cfg->llama_server));
-    strvec_push(&v, xstrdup("-m"));
-    strvec_push(&v, xstrdup(m->path));
-    strvec_push(&v, xstrdup("--host"));
-    strvec_push(&v, xstrdup("127.0.0.1"));
-    strvec_push(&v, xstrdup("--port"));
-    strvec_push(&v, xasprintf("%u", port));
-    /* Answers name the model as configured, not its GGUF path (the child's
-     * id is its first alias, else the -m string), unless args give one. */
-    if (!config_child_arg(cfg, m, "-a", "--alias")) {
-        strvec_push(&v, xstrdup("-a"));
-        strvec_push(&v, xstrdup(m->name));
-    }
-    for (size_t i = 0; i < cfg->ndefault_args; i++)
-        strvec_push(&v, xstrdup(cfg->default_args[i]));
-    for (size_t i = 0; i < m->nargs; i++)
-        strvec_push(&v, xstrdup(m->args[i]));
-    return strvec_take(&v, NULL);
-}
-
-static bool str_eq(const char *a, const char *b)
-{
-    if (!a || !b)
-        return a == b;
-    return !strcmp(a, b);
-}
-
-static bool words_eq(char *const *a, size_t na, char *const *b, size_t nb)
-{
-    if (na != nb)
-        return false;
-    for (size_t i = 0; i < na; i++)
-        if (strcmp(a[i], b[i]))
-            return false;
-    return true;
-}
-
-bool config_model_same_child(const struct config *a, const struct config_model *ma,
-                             const struct config *b, const struct config_model *mb)
-{
-    if (!str_eq(a->llama_server, b->llama_server) || !str_eq(ma->path, mb->path))
-        return false;
-    if (!words_eq(a->default_args, a->ndefault_args, b->default_args, b->ndefault_args))
-        return false;
-    if (!words_eq(ma->args, ma->nargs, mb->args, mb->nargs))
-        return false;
-    /* env: names are unique within a model, so compare as sets */
-    if (ma->nenv != mb->nenv)
-        return false;
-    for (size_t i = 0; i < ma->nenv; i++) {
-        bool found = false;
-        for (size_t j = 0; j < mb->nenv && !found; j++)
-            found = !strcmp(ma->env[i].name, mb->env[j].name)
-                 && !strcmp(ma->env[i].value, mb->env[j].value);
-        if (!found)
-            return false;
-    }
-    return true;
-}
-
-static const char *arg_in(char *const *v, size_t n, const char *flag, const char *longflag,
-                          const char *found)
-{
-    size_t ll = longflag ? strlen(longflag) : 0;
-    for (size_t i = 0; i < n; i++) {
-        if ((strcmp(v[i], flag) == 0 || (longflag && strcmp(v[i], longflag) == 0)) && i + 1 < n)
-            found = v[++i];
-        else if (longflag && strncmp(v[i], longflag, ll) == 0 && v[i][ll] == '=')
-            found = v[i] + ll + 1;
-    }
-    return found;
-}
-
-static int switch_in(char *const *v, size_t n, const char *on, const char *onlong,
-                     const char *off, const char *offlong, int found)
-{
-    for (size_t i = 0; i < n; i++) {
-        if (!strcmp(v[i], on) || !strcmp(v[i], onlong))
-            found = 1;
-        else if (!strcmp(v[i], off) || !strcmp(v[i], offlong))
-            found = 0;
-    }
-    return found;
-}
-
-int config_child_switch(const struct config *cfg, const struct config_model *m,
-                        const char *on, const char *onlong, const char *off, const char *offlong)
-{
-    int v = switch_in(cfg->default_args, cfg->ndefault_args, on, onlong, off, offlong, -1);
-    return switch_in(m->args, m->nargs, on, onlong, off, offlong, v);
-}
-
-const char *config_child_arg(const struct config *cfg, const struct config_model *m,
-                             const char *flag, const char *longflag)
-{
-    const char *v = arg_in(cfg->default_args, cfg->ndefault_args, flag, longflag, NULL);
-    return arg_in(m->args, m->nargs, flag, longflag, v);
 }
