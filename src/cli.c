@@ -7,7 +7,6 @@
 
 #include <curl/curl.h>
 #include <getopt.h>
-#include <ini.h>
 #include <jansson.h>
 #include <math.h>
 #include <stdbool.h>
@@ -25,16 +24,6 @@ struct client {
 
 /* ---------- finding the daemon ---------- */
 
-static int find_socket_handler(void *user, const char *section, const char *name, const char *value)
-{
-    char **out = user;
-    if (strcmp(section, "pool") == 0 && strcmp(name, "control_socket") == 0 && value && *value) {
-        free(*out);
-        *out = strdup(value);
-    }
-    return 1;
-}
-
 /* -s, then $LLAMA_POOL_SOCKET, then control_socket from the config file
  * (read for that key only: a config with errors elsewhere still says where
  * the daemon listens), then the default. */
@@ -49,8 +38,7 @@ static char *resolve_socket(const char *opt, const char *config)
         const char *c = getenv("LLAMA_POOL_CONFIG");
         config = c && *c ? c : CONFIG_DEFAULT_PATH;
     }
-    char *sock = NULL;
-    (void)ini_parse(config, find_socket_handler, &sock);
+    char *sock = config_peek_pool_key(config, "control_socket");
     if (sock && sock[0] != '/') {
         /* Relative to the config file, as the daemon reads it. */
         const char *slash = strrchr(config, '/');

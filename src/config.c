@@ -1,21 +1,20 @@
-/* config — pool.conf → structs, with validation.
+/* config — pool.conf → struct config, with validation.
  *
- * inih does the INI tokenising, fed by our own reader (line_reader) so that
- *   - we know each physical line's number and text: inih calls the handler
- *     for a line right after the reader returned it;
- *   - lines longer than inih's compiled-in limit (200 bytes in Debian's build,
- *     section names 50) still work: the reader keeps the whole line, hands
- *     inih a short placeholder of the same shape, and the handler takes the
- *     real key and value from the reader's own split of the line, made with
- *     inih's rules (see split_line);
- *   - section headers are seen even when no key follows them (inih calls the
- *     handler for key lines only), and malformed lines are reported with their
- *     own line numbers (inih returns only the first).
+ * The lines come from config_ini.c, which splits them by inih's rules
+ * itself rather than through inih: Debian's libinih gives its handler no
+ * line number and stops seeing a line after 200 bytes, and every error
+ * here must say FILE:LINE (config_ini.c's top comment has the whole
+ * argument). This file gives the lines their meaning: sections, keys,
+ * values and every check on them.
  *
  * Every problem becomes one "FILE:LINE: message" and parsing goes on, so a
  * user sees all of them at once. Cross-checks that need the whole file
  * (duplicate names and aliases, models_dir discovery, default_model) run
- * after the parse, in finish(). */
+ * after the parse, in finish().
+ *
+ * The rest of the module: config_discover.c lists models_dir's files,
+ * config_args.c answers run-time questions about a model's children, and
+ * config_internal.h is what the four files share. */
 #define _GNU_SOURCE
 #include "config.h"
 #include "config_internal.h"
@@ -27,7 +26,6 @@
 #include <ctype.h>
 #include <errno.h>
 #include <fcntl.h>
-#include <ini.h>
 #include <limits.h>
 #include <stdarg.h>
 #include <stdio.h>
@@ -516,15 +514,28 @@ static const char *const model_keys[MK__COUNT] = {
     "path", "args", "instances", "memory", "pin", "idle_timeout", "aliases", "env",
 };
 
-static bool pool_key_multiline(int k)
-{
-    return k == PK_DEFAULT_ARGS || k == PK_API_KEYS;
-}
+/* What a section takes: its keys, those of them that take continuation
+ * lines, and the other section's keys (for a hint). */
+struct section_def {
+    const char *const *keys;
+    int nkeys;
+    unsigned multiline;        /* bit K: key K takes continuation lines */
+    const char *const *other_keys;
+    int nother_keys;
+    const char *other_hint;    /* when a key is the other section's */
+};
 
-static bool model_key_multiline(int k)
-{
-    return k == MK_ARGS || k == MK_ALIASES || k == MK_ENV;
-}
+_Static_assert(PK__COUNT <= 32 && MK__COUNT <= 32, "multiline is a 32-bit mask");
+
+static const struct section_def pool_section = {
+    pool_keys, PK__COUNT, 1u << PK_DEFAULT_ARGS | 1u << PK_API_KEYS,
+    model_keys, MK__COUNT, "it belongs in a [model NAME] section",
+};
+
+static const struct section_def model_section = {
+    model_keys, MK__COUNT, 1u << MK_ARGS | 1u << MK_ALIASES | 1u << MK_ENV,
+    pool_keys, PK__COUNT, "it belongs in [pool]",
+};
 
 static int key_index(const char *const *keys, int n, const char *name)
 {
@@ -607,15 +618,6 @@ struct pmodel {
     int key_line[MK__COUNT];  /* where each key was set, 0 = not set */
 };
 
-enum line_kind {
-    LK_BLANK,       /* empty or comment */
-    LK_SECTION,     /* "[...]" */
-    LK_BAD_SECTION, /* "[" without "]" */
-    LK_KEY,         /* "key = value" */
-    LK_CONT,        /* indented continuation of the previous key */
-    LK_NO_VALUE,    /* text without '=' or ':' */
-};
-
 enum section_kind { SEC_NONE, SEC_POOL, SEC_MODEL, SEC_IGNORE };
 
 struct parse_error {
@@ -627,25 +629,14 @@ struct parser {
     const char *file;
     char *dir;                 /* absolute directory of the file */
 
-    /* input: the whole file, read by read_config_file (or a test's string) */
-    const char *str;
-    size_t str_len, str_off;
-    size_t nul_at;             /* 1 + column of a NUL byte in the line, 0 = none */
+    struct config_ini in;      /* the file's lines; in.lineno is the current one */
 
-    /* the current physical line */
-    char *raw;
-    size_t raw_cap;
-    char *work;                /* copy of raw that split_line cuts up */
-    size_t work_cap;
-    int lineno;
-    enum line_kind kind;
-    bool stashed;              /* inih got a placeholder: use key/value below */
-    const char *key, *value;   /* our split of the line (into work) */
-
-    /* continuation state, mirroring inih's prev_name */
-    bool have_prev;
-    char *prev_key;
-    enum { CONT_IGNORE, CONT_REFUSE, CONT_POOL, CONT_MODEL } cont;
+    /* what an indented line after a key line does */
+    enum {
+        CONT_IGNORE,           /* nothing: the key line was refused */
+        CONT_REFUSE,           /* an error: the key takes one line */
+        CONT_VALUE,            /* adds to key cont_key of the section */
+    } cont;
     int cont_key;
     int list_open_line;        /* a list's line ended with ',': 0 = none */
     char *list_open_text;      /* "key: \"value\"" of that line, for the message */
@@ -683,161 +674,6 @@ static void error_at(struct parser *p, int line, const char *fmt, ...)
     p->errs[p->nerrs].msg = utf8_clean(xasprintf("%s:%d: %s", p->file, line, msg));
     p->nerrs++;
     free(msg);
-}
-
-/* ------------------------------------------------------------------ */
-/* Reading lines                                                       */
-
-/* Read the next physical line into p->raw. Returns false at the end. A NUL
- * byte would cut the line short in every C string from here on (inih's
- * included): p->nul_at says where the first one is. */
-static bool next_line(struct parser *p)
-{
-    if (p->str_off >= p->str_len)
-        return false;
-    const char *s = p->str + p->str_off;
-    const char *nl = memchr(s, '\n', p->str_len - p->str_off);
-    size_t n = nl ? (size_t)(nl - s) + 1 : p->str_len - p->str_off;
-    const char *nul = memchr(s, '\0', n);
-    p->nul_at = nul ? (size_t)(nul - s) + 1 : 0;
-    xgrow(&p->raw, &p->raw_cap, n + 1, 1);
-    memcpy(p->raw, s, n);
-    p->raw[n] = '\0';
-    p->str_off += n;
-    return true;
-}
-
-/* inih's ini_find_chars_or_comment: the first of CHARS, or the start of an
- * inline comment (a ';' right after whitespace), or the end. */
-static char *find_chars_or_comment(char *s, const char *chars)
-{
-    bool was_space = false;
-    while (*s && (!chars || !strchr(chars, *s)) && !(was_space && *s == ';')) {
-        was_space = is_blank(*s);
-        s++;
-    }
-    return s;
-}
-
-static char *lskip(char *s)
-{
-    while (*s && is_blank(*s))
-        s++;
-    return s;
-}
-
-static void rstrip(char *s)
-{
-    char *e = s + strlen(s);
-    while (e > s && is_blank(e[-1]))
-        *--e = '\0';
-}
-
-static void begin_section(struct parser *p, char *text);
-static void list_close(struct parser *p);
-
-/* Classify the line in p->raw and split it exactly as inih will, so that the
- * handler has the full key and value even when inih saw a placeholder. */
-static void split_line(struct parser *p)
-{
-    size_t len = strlen(p->raw);
-    xgrow(&p->work, &p->work_cap, len + 1, 1);
-    memcpy(p->work, p->raw, len + 1);
-
-    char *line = p->work;
-    char *start = line;
-    if (p->lineno == 1 && (unsigned char)start[0] == 0xEF
-        && (unsigned char)start[1] == 0xBB && (unsigned char)start[2] == 0xBF)
-        start += 3;
-    start = lskip(start);
-    rstrip(start);
-    p->key = p->value = NULL;
-
-    if (*start == '\0' || *start == ';' || *start == '#') {
-        p->kind = LK_BLANK;
-    } else if (p->have_prev && start > line) {
-        p->kind = LK_CONT;
-        char *end = find_chars_or_comment(start, NULL);
-        *end = '\0';
-        rstrip(start);
-        p->key = p->prev_key;
-        p->value = start;
-    } else if (*start == '[') {
-        char *end = find_chars_or_comment(start + 1, "]");
-        if (*end == ']') {
-            *end = '\0';
-            p->kind = LK_SECTION;
-            p->have_prev = false;
-            begin_section(p, start + 1);
-        } else {
-            p->kind = LK_BAD_SECTION;
-            p->sec = SEC_IGNORE;   /* its keys would only add noise */
-            p->cont = CONT_IGNORE;
-            error_at(p, p->lineno, "section header without ']'");
-        }
-    } else {
-        char *end = find_chars_or_comment(start, "=:");
-        if (*end == '=' || *end == ':') {
-            *end = '\0';
-            rstrip(start);
-            char *value = end + 1;
-            char *vend = find_chars_or_comment(value, NULL);
-            *vend = '\0';
-            value = lskip(value);
-            rstrip(value);
-            p->kind = LK_KEY;
-            p->key = start;
-            p->value = value;
-            p->have_prev = true;
-            free(p->prev_key);
-            p->prev_key = xstrdup(start);
-        } else {
-            struct shown sh;
-            p->kind = LK_NO_VALUE;
-            *end = '\0';
-            rstrip(start);
-            error_at(p, p->lineno, "expected \"key = value\", found \"%s\"", show(&sh, start));
-        }
-    }
-}
-
-/* The ini_reader: hands inih one physical line, or a placeholder of the same
- * shape when the line would not fit in inih's buffer of NUM bytes. */
-static char *line_reader(char *str, int num, void *stream)
-{
-    struct parser *p = stream;
-    if (num < 2 || !next_line(p))
-        return NULL;
-    p->lineno++;
-    if (p->nul_at) {
-        /* "args = -c 1\0 --evil" must not quietly become "-c 1" */
-        error_at(p, p->lineno, "this line holds a NUL byte (at column %zu), which would cut it short",
-                 p->nul_at);
-        memcpy(p->raw, "\n", 2);              /* the rest of the file is still checked */
-    }
-    split_line(p);
-    if (p->list_open_line && p->kind != LK_BLANK
-        && !(p->kind == LK_CONT && (p->cont == CONT_POOL || p->cont == CONT_MODEL)))
-        list_close(p);
-
-    size_t len = strlen(p->raw);
-    /* inih treats a line that fills its buffer (num - 1 bytes) without a
-     * newline as truncated; keep one byte of margin. */
-    if (len + 2 <= (size_t)num) {
-        memcpy(str, p->raw, len + 1);
-        p->stashed = false;
-        return str;
-    }
-    const char *ph;
-    switch (p->kind) {
-    case LK_KEY:     ph = "k = v\n"; break;
-    case LK_CONT:    ph = " v\n"; break;
-    case LK_SECTION: ph = "[s]\n"; break;
-    default:         ph = "\n"; break;   /* comment, or an error already reported */
-    }
-    snprintf(str, (size_t)num, "%s", ph);
-    p->stashed = true;
-    return str;
 }
 
 /* ------------------------------------------------------------------ */
@@ -903,30 +739,31 @@ static const char *bad_model_name(const char *name)
     return bad_name_text(name, false);
 }
 
-static void begin_section(struct parser *p, char *text)
+/* A "[T]" line (T trimmed). */
+static void begin_section(struct parser *p, const char *t)
 {
     struct shown sh;
-    char *t = lskip(text);
-    rstrip(t);
 
     p->cont = CONT_IGNORE;
     if (!strcmp(t, "pool")) {
         if (p->pool_line)
-            error_at(p, p->lineno, "[pool] appears twice (first at line %d)", p->pool_line);
+            error_at(p, p->in.lineno, "[pool] appears twice (first at line %d)", p->pool_line);
         else
-            p->pool_line = p->lineno;
+            p->pool_line = p->in.lineno;
         p->sec = SEC_POOL;
         return;
     }
     if (strncmp(t, "model", 5) || (t[5] && !is_blank(t[5]))) {
-        error_at(p, p->lineno, "unknown section [%s]: sections are [pool] and [model NAME]",
+        error_at(p, p->in.lineno, "unknown section [%s]: sections are [pool] and [model NAME]",
                  show(&sh, t));
         p->sec = SEC_IGNORE;
         return;
     }
-    char *name = lskip(t + 5);
+    const char *name = t + 5;
+    while (is_blank(*name))
+        name++;
     if (!*name) {
-        error_at(p, p->lineno, "[model] needs a name: [model NAME]");
+        error_at(p, p->in.lineno, "[model] needs a name: [model NAME]");
         p->sec = SEC_IGNORE;
         return;
     }
@@ -935,7 +772,7 @@ static void begin_section(struct parser *p, char *text)
     struct pmodel *m = &p->models[p->nmodels];
     memset(m, 0, sizeof *m);
     m->name = xstrdup(name);
-    m->line = p->lineno;
+    m->line = p->in.lineno;
     m->inst_min = 0;
     m->inst_max = 1;
     m->memory_kind = CONFIG_MEMORY_AUTO;
@@ -946,14 +783,14 @@ static void begin_section(struct parser *p, char *text)
 
     const char *why = bad_model_name(m->name);
     if (why) {
-        error_at(p, p->lineno, "invalid model name \"%s\": %s (%s)", show(&sh, m->name), why, NAME_RULE);
+        error_at(p, p->in.lineno, "invalid model name \"%s\": %s (%s)", show(&sh, m->name), why, NAME_RULE);
         m->dropped = true;
         return;
     }
     bool added;
     struct name_ent *e = name_add(&p->names, m->name, &added);
     if (!added) {
-        error_at(p, p->lineno, "model \"%s\" is defined twice (first at line %d)",
+        error_at(p, p->in.lineno, "model \"%s\" is defined twice (first at line %d)",
                  show(&sh, m->name), e->line);
         m->dropped = true;
         return;
@@ -1116,10 +953,10 @@ static bool add_words(struct parser *p, int line, const char *key, const char *v
     size_t n;
     const char *err;
     if (config_split_words(v, &words, &n, &err)) {
-        /* inih cut the line at " ;" even inside quotes: say so. */
+        /* the line was cut at " ;" even inside quotes: say so. */
         bool cut = false;
-        for (const char *s = p->raw; *s; s++)
-            if (*s == ';' && s > p->raw && is_blank(s[-1]))
+        for (size_t i = 1; i < p->in.raw_len; i++)
+            if (p->in.raw[i] == ';' && is_blank(p->in.raw[i - 1]))
                 cut = true;
         error_at(p, line, "%s: %s%s", key, err,
                  cut ? " (note: ';' after whitespace starts a comment, even inside quotes)" : "");
@@ -1286,7 +1123,7 @@ static void add_list(struct parser *p, int line, const char *key, const char *v,
                      struct strvec *sv, int **lines, size_t *lines_cap, enum list_kind kind)
 {
     struct shown sh;
-    bool cont = p->kind == LK_CONT;
+    bool cont = p->in.kind == LINE_CONT;
     bool after_comma = p->list_open_line != 0;
     p->list_open_line = 0;
     free(p->list_open_text);
@@ -1426,7 +1263,7 @@ static bool value_is_utf8(struct parser *p, int line, const char *key, const cha
 static void pool_value(struct parser *p, int k, const char *v)
 {
     struct config *c = p->cfg;
-    int line = p->lineno;
+    int line = p->in.lineno;
     const char *key = pool_keys[k];
     struct shown sh;
 
@@ -1600,7 +1437,7 @@ static void pool_value(struct parser *p, int k, const char *v)
 /* One value (or continuation) for a [model]. */
 static void model_value(struct parser *p, struct pmodel *m, int k, const char *v)
 {
-    int line = p->lineno;
+    int line = p->in.lineno;
     const char *key = model_keys[k];
     struct shown sh;
 
@@ -1677,103 +1514,116 @@ static void model_value(struct parser *p, struct pmodel *m, int k, const char *v
     }
 }
 
-/* The ini_handler: called for each key line and continuation line, right
- * after line_reader returned it. */
-static int on_value(void *user, const char *section, const char *name, const char *value)
+/* One value (or continuation) for key K of the current section. */
+static void section_value(struct parser *p, int k, const char *v)
 {
-    struct parser *p = user;
-    struct shown sh;
-    (void)section;   /* ours is p->sec: inih's is cut at 50 bytes */
-
-    if (p->kind == LK_CONT) {
-        /* Our own split of the line, not inih's: inih 55 keeps an inline
-         * "; comment" on continuation lines. */
-        switch (p->cont) {
-        case CONT_IGNORE:
-            break;
-        case CONT_REFUSE:
-            error_at(p, p->lineno, "\"%s\" takes one line: this indented line continues its value "
-                     "(only args, default_args, aliases, api_keys and env take more lines)",
-                     show(&sh, p->prev_key));
-            break;
-        case CONT_POOL:
-            pool_value(p, p->cont_key, p->value);
-            break;
-        case CONT_MODEL:
-            model_value(p, &p->models[p->cur_model], p->cont_key, p->value);
-            break;
-        }
-        return 1;
-    }
-    if (p->kind != LK_KEY) {
-        /* inih and split_line disagree: cannot happen, but say something. */
-        error_at(p, p->lineno, "cannot parse this line");
-        return 1;
-    }
-    if (!p->stashed) {
-        p->key = name;
-        p->value = value;
-    }
-    const char *key = p->key, *v = p->value;
-    p->cont = CONT_IGNORE;
-
-    if (p->sec == SEC_IGNORE)
-        return 1;
-    if (p->sec == SEC_NONE) {
-        error_at(p, p->lineno, "key \"%s\" is outside any section: put it under [pool] or [model NAME]",
-                 show(&sh, key));
-        return 1;
-    }
-    if (p->sec == SEC_POOL) {
-        int k = key_index(pool_keys, PK__COUNT, key);
-        if (k < 0) {
-            const char *hint = closest_key(pool_keys, PK__COUNT, key);
-            if (hint)
-                error_at(p, p->lineno, "unknown key \"%s\" in [pool] (did you mean %s?)", show(&sh, key), hint);
-            else if (key_index(model_keys, MK__COUNT, key) >= 0)
-                error_at(p, p->lineno, "unknown key \"%s\" in [pool] (it belongs in a [model NAME] section)",
-                         show(&sh, key));
-            else
-                error_at(p, p->lineno, "unknown key \"%s\" in [pool]", show(&sh, key));
-            return 1;
-        }
-        if (p->pool_key_line[k]) {
-            error_at(p, p->lineno, "key \"%s\" is repeated in [pool] (first at line %d)", key, p->pool_key_line[k]);
-            return 1;
-        }
-        p->pool_key_line[k] = p->lineno;
-        p->cont = pool_key_multiline(k) ? CONT_POOL : CONT_REFUSE;
-        p->cont_key = k;
+    if (p->sec == SEC_POOL)
         pool_value(p, k, v);
-        return 1;
-    }
+    else
+        model_value(p, &p->models[p->cur_model], k, v);
+}
 
-    struct pmodel *m = &p->models[p->cur_model];
-    int k = key_index(model_keys, MK__COUNT, key);
+/* A "key = value" line. */
+static void on_key(struct parser *p, const char *key, const char *v)
+{
+    struct shown sh, sh2;
+    int line = p->in.lineno;
+
+    p->cont = CONT_IGNORE;
+    if (p->sec == SEC_IGNORE)
+        return;
+    if (p->sec == SEC_NONE) {
+        error_at(p, line, "key \"%s\" is outside any section: put it under [pool] or [model NAME]",
+                 show(&sh, key));
+        return;
+    }
+    bool pool = p->sec == SEC_POOL;
+    const struct section_def *sd = pool ? &pool_section : &model_section;
+    int *key_line = pool ? p->pool_key_line : p->models[p->cur_model].key_line;
+    char where[sizeof sh2.buf + 16];
+    if (pool)
+        snprintf(where, sizeof where, "[pool]");
+    else
+        snprintf(where, sizeof where, "[model %s]", show(&sh2, p->models[p->cur_model].name));
+
+    int k = key_index(sd->keys, sd->nkeys, key);
     if (k < 0) {
-        struct shown sh2;
-        const char *hint = closest_key(model_keys, MK__COUNT, key);
+        const char *hint = closest_key(sd->keys, sd->nkeys, key);
         if (hint)
-            error_at(p, p->lineno, "unknown key \"%s\" in [model %s] (did you mean %s?)",
-                     show(&sh, key), show(&sh2, m->name), hint);
-        else if (key_index(pool_keys, PK__COUNT, key) >= 0)
-            error_at(p, p->lineno, "unknown key \"%s\" in [model %s] (it belongs in [pool])",
-                     show(&sh, key), show(&sh2, m->name));
+            error_at(p, line, "unknown key \"%s\" in %s (did you mean %s?)", show(&sh, key), where, hint);
+        else if (key_index(sd->other_keys, sd->nother_keys, key) >= 0)
+            error_at(p, line, "unknown key \"%s\" in %s (%s)", show(&sh, key), where, sd->other_hint);
         else
-            error_at(p, p->lineno, "unknown key \"%s\" in [model %s]", show(&sh, key), show(&sh2, m->name));
-        return 1;
+            error_at(p, line, "unknown key \"%s\" in %s", show(&sh, key), where);
+        return;
     }
-    if (m->key_line[k]) {
-        struct shown sh2;
-        error_at(p, p->lineno, "key \"%s\" is repeated in [model %s] (first at line %d)",
-                 key, show(&sh2, m->name), m->key_line[k]);
-        return 1;
+    if (key_line[k]) {
+        error_at(p, line, "key \"%s\" is repeated in %s (first at line %d)", key, where, key_line[k]);
+        return;
     }
-    m->key_line[k] = p->lineno;
-    p->cont = model_key_multiline(k) ? CONT_MODEL : CONT_REFUSE;
+    key_line[k] = line;
+    p->cont = sd->multiline & (1u << k) ? CONT_VALUE : CONT_REFUSE;
     p->cont_key = k;
-    model_value(p, m, k, v);
-    return 1;
+    section_value(p, k, v);
+}
+
+/* An indented line after the line of KEY: more of its value. */
+static void on_continuation(struct parser *p, const char *key, const char *v)
+{
+    struct shown sh;
+    switch (p->cont) {
+    case CONT_IGNORE:
+        break;
+    case CONT_REFUSE:
+        error_at(p, p->in.lineno, "\"%s\" takes one line: this indented line continues its value "
+                 "(only args, default_args, aliases, api_keys and env take more lines)",
+                 show(&sh, key));
+        break;
+    case CONT_VALUE:
+        section_value(p, p->cont_key, v);
+        break;
+    }
+}
+
+/* Every line of the file, in order. */
+static void parse_lines(struct parser *p)
+{
+    struct config_ini *in = &p->in;
+    struct shown sh;
+    while (config_ini_next(in)) {
+        if (in->nul_at) {
+            /* "args = -c 1\0 --evil" must not quietly become "-c 1" */
+            error_at(p, in->lineno, "this line holds a NUL byte (at column %zu), which would cut it short",
+                     in->nul_at);
+        }
+        switch (in->kind) {
+        case LINE_SECTION:
+            begin_section(p, in->text);
+            break;
+        case LINE_BAD_SECTION:
+            p->sec = SEC_IGNORE;   /* its keys would only add noise */
+            p->cont = CONT_IGNORE;
+            error_at(p, in->lineno, "section header without ']'");
+            break;
+        case LINE_NO_VALUE:
+            error_at(p, in->lineno, "expected \"key = value\", found \"%s\"", show(&sh, in->text));
+            break;
+        case LINE_BLANK:
+        case LINE_KEY:
+        case LINE_CONT:
+            break;
+        }
+        /* A list whose line ended with ',' goes on only on its own
+         * continuation lines. */
+        if (p->list_open_line && in->kind != LINE_BLANK
+            && !(in->kind == LINE_CONT && p->cont == CONT_VALUE))
+            list_close(p);
+        if (in->kind == LINE_KEY)
+            on_key(p, in->key, in->value);
+        else if (in->kind == LINE_CONT)
+            on_continuation(p, in->key, in->value);
+    }
+    list_close(p);                 /* a list's last line ended with ',' */
 }
 
 /* ------------------------------------------------------------------ */
@@ -1994,9 +1844,7 @@ static void set_defaults(struct config *c)
 static void parser_free(struct parser *p)
 {
     free(p->dir);
-    free(p->raw);
-    free(p->work);
-    free(p->prev_key);
+    config_ini_free(&p->in);
     free(p->list_open_text);
     strvec_free(&p->default_args);
     strvec_free(&p->api_keys);
@@ -2089,17 +1937,13 @@ static struct config *load(const char *name, const char *text, size_t len,
     struct parser p = { 0 };
     p.file = name;
     p.dir = file_dir(name);
-    p.str = text;
-    p.str_len = len;
+    p.in.src = text;
+    p.in.len = len;
     p.cfg = xcalloc(1, sizeof *p.cfg);
     p.cfg->file = xstrdup(name);
     set_defaults(p.cfg);
 
-    int rc = ini_parse_stream(line_reader, &p, on_value, &p);
-    list_close(&p);                /* a list's last line ended with ',' */
-
-    if (rc != 0 && p.nerrs == 0)   /* inih found something we did not */
-        error_at(&p, rc > 0 ? rc : 1, "syntax error");
+    parse_lines(&p);
     finish(&p);
 
     if (p.nerrs) {
@@ -2224,6 +2068,28 @@ struct config *config_load_string(const char *name, const char *text,
         return NULL;
     }
     return load(name, text ? text : "", len, errs);
+}
+
+char *config_peek_pool_key(const char *path, const char *key)
+{
+    struct buf text = { 0 };
+    char *err = read_config_file(path, &text);
+    if (err) {
+        free(err);
+        return NULL;
+    }
+    struct config_ini in = { .src = text.data, .len = text.len };
+    bool in_pool = false;
+    char *value = NULL;
+    while (!value && config_ini_next(&in)) {
+        if (in.kind == LINE_SECTION || in.kind == LINE_BAD_SECTION)
+            in_pool = in.kind == LINE_SECTION && !strcmp(in.text, "pool");
+        else if (in.kind == LINE_KEY && in_pool && !strcmp(in.key, key) && *in.value)
+            value = xstrdup(in.value);
+    }
+    config_ini_free(&in);
+    buf_free(&text);
+    return value;
 }
 
 void config_free(struct config *cfg)

@@ -112,6 +112,13 @@ struct config *config_load(const char *path, struct config_errors *errs);
 struct config *config_load_string(const char *name, const char *text,
                                   struct config_errors *errs);
 
+/* The value of KEY in [pool] of the file at PATH, as written (a relative
+ * path is not resolved), read with the daemon's line rules but for that
+ * key alone, so that a config with errors elsewhere still answers: the CLI
+ * finds control_socket this way. The first non-empty one counts. NULL when
+ * the file cannot be read or sets no such value; else malloc'd. */
+char *config_peek_pool_key(const char *path, const char *key);
+
 void config_free(struct config *cfg);
 void config_errors_free(struct config_errors *errs);
 

@@ -108,6 +108,41 @@ static inline void strvec_free(struct strvec *sv)
     *sv = (struct strvec){ 0 };
 }
 
+/* ---- pool.conf's lines (config_ini.c, which says why not inih) ---- */
+
+enum config_line_kind {
+    LINE_BLANK,        /* empty, a comment, or holding a NUL byte */
+    LINE_SECTION,      /* "[TEXT]" (TEXT trimmed) */
+    LINE_BAD_SECTION,  /* '[' without ']' */
+    LINE_KEY,          /* "KEY = VALUE" */
+    LINE_CONT,         /* an indented line after a key line: more VALUE for KEY */
+    LINE_NO_VALUE,     /* TEXT, with neither '=' nor ':' */
+};
+
+/* Reads SRC (LEN bytes, NUL bytes maybe) a line at a time: zero-initialise,
+ * set src and len, call config_ini_next until it returns false, then
+ * config_ini_free. */
+struct config_ini {
+    const char *src;
+    size_t len, off;
+
+    /* the current line */
+    int lineno;                /* from 1 */
+    const char *raw;           /* as written: RAW_LEN bytes, its '\n' included */
+    size_t raw_len;
+    size_t nul_at;             /* 1 + column of its first NUL byte; 0 = none */
+    enum config_line_kind kind;
+    const char *key, *value, *text;  /* its parts, as KIND says */
+
+    struct buf cut;            /* a copy of the line, cut into its parts */
+    char *prev_key;            /* the last key line's key, until a section
+                                * header; NULL = none */
+};
+
+/* Moves to the next line; false at the end. */
+bool config_ini_next(struct config_ini *ls);
+void config_ini_free(struct config_ini *ls);
+
 /* ---- models_dir discovery (config_discover.c) ---- */
 
 /* A model file found under models_dir. */
