@@ -28,6 +28,7 @@
 #include <fcntl.h>
 #include <limits.h>
 #include <stdarg.h>
+#include <stddef.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -103,10 +104,17 @@ static const char *show(struct shown *sh, const char *s)
 
 enum { PARSE_OK = 0, PARSE_SYNTAX = -1, PARSE_RANGE = -2 };
 
-/* A non-negative decimal number: integer part and up to 18 fraction digits
- * (further digits are dropped). Sets *end past it. */
-static int parse_number(const char *s, const char **end, uint64_t *ip,
-                        uint64_t *frac, uint64_t *frac_scale)
+/* A non-negative decimal number as written: its integer part, and up to
+ * 18 fraction digits as FRAC / SCALE (further digits are dropped). */
+struct number {
+    uint64_t ip, frac, scale;
+    const char *unit;          /* what follows it, blanks skipped */
+};
+
+/* Reads the number S starts with. PARSE_RANGE: its integer part is too
+ * large (N is filled all the same, so that a bad unit still reads as bad
+ * syntax). */
+static int parse_number(const char *s, struct number *n)
 {
     bool range = false, digits = false;
     uint64_t v = 0;
@@ -134,22 +142,20 @@ static int parse_number(const char *s, const char **end, uint64_t *ip,
     }
     if (!digits)
         return PARSE_SYNTAX;
-    *end = s;
-    *ip = v;
-    *frac = f;
-    *frac_scale = scale;
+    while (*s == ' ' || *s == '\t')
+        s++;
+    *n = (struct number){ .ip = v, .frac = f, .scale = scale, .unit = s };
     return range ? PARSE_RANGE : PARSE_OK;
 }
 
+/* parse_size_x and parse_duration_x set *OUT on PARSE_OK only. */
 static int parse_size_x(const char *s, uint64_t *out)
 {
-    const char *p;
-    uint64_t ip, f, scale;
-    int rc = parse_number(s, &p, &ip, &f, &scale);
+    struct number n;
+    int rc = parse_number(s, &n);
     if (rc == PARSE_SYNTAX)
         return rc;
-    while (*p == ' ' || *p == '\t')
-        p++;
+    const char *p = n.unit;
     unsigned shift = 0;
     switch (tolower((unsigned char)*p)) {
     case 'k': shift = 10; p++; break;
@@ -166,8 +172,8 @@ static int parse_size_x(const char *s, uint64_t *out)
         return PARSE_SYNTAX;
     if (rc == PARSE_RANGE)
         return rc;
-    unsigned __int128 v = ((unsigned __int128)ip << shift)
-                        + (((unsigned __int128)f << shift) / scale);
+    unsigned __int128 v = ((unsigned __int128)n.ip << shift)
+                        + (((unsigned __int128)n.frac << shift) / n.scale);
     if (v > UINT64_MAX)
         return PARSE_RANGE;
     *out = (uint64_t)v;
@@ -176,32 +182,25 @@ static int parse_size_x(const char *s, uint64_t *out)
 
 int config_parse_size(const char *s, uint64_t *out)
 {
-    uint64_t v;
-    if (!s || parse_size_x(s, &v) != PARSE_OK)
-        return -1;
-    *out = v;
-    return 0;
+    return s && parse_size_x(s, out) == PARSE_OK ? 0 : -1;
 }
 
 static int parse_duration_x(const char *s, int64_t *out_ms)
 {
-    const char *p;
-    uint64_t ip, f, scale;
-    int rc = parse_number(s, &p, &ip, &f, &scale);
+    struct number n;
+    int rc = parse_number(s, &n);
     if (rc == PARSE_SYNTAX)
         return rc;
-    while (*p == ' ' || *p == '\t')
-        p++;
     uint64_t unit;
-    if (!*p)
+    if (!*n.unit)
         unit = 1000;
-    else if (!strcasecmp(p, "ms"))
+    else if (!strcasecmp(n.unit, "ms"))
         unit = 1;
-    else if (!strcasecmp(p, "s"))
+    else if (!strcasecmp(n.unit, "s"))
         unit = 1000;
-    else if (!strcasecmp(p, "m"))
+    else if (!strcasecmp(n.unit, "m"))
         unit = 60 * 1000;
-    else if (!strcasecmp(p, "h"))
+    else if (!strcasecmp(n.unit, "h"))
         unit = 3600 * 1000;
     else
         return PARSE_SYNTAX;
@@ -209,8 +208,8 @@ static int parse_duration_x(const char *s, int64_t *out_ms)
         return rc;
     /* A fraction of a millisecond rounds up, so that a non-zero duration
      * never turns into 0 (which often means "never"). */
-    unsigned __int128 fr = (unsigned __int128)f * unit;
-    unsigned __int128 v = (unsigned __int128)ip * unit + (fr + scale - 1) / scale;
+    unsigned __int128 fr = (unsigned __int128)n.frac * unit;
+    unsigned __int128 v = (unsigned __int128)n.ip * unit + (fr + n.scale - 1) / n.scale;
     if (v > INT64_MAX)
         return PARSE_RANGE;
     *out_ms = (int64_t)v;
@@ -219,11 +218,7 @@ static int parse_duration_x(const char *s, int64_t *out_ms)
 
 int config_parse_duration(const char *s, int64_t *out_ms)
 {
-    int64_t v;
-    if (!s || parse_duration_x(s, &v) != PARSE_OK)
-        return -1;
-    *out_ms = v;
-    return 0;
+    return s && parse_duration_x(s, out_ms) == PARSE_OK ? 0 : -1;
 }
 
 int config_parse_bool(const char *s, bool *out)
@@ -545,6 +540,40 @@ static int key_index(const char *const *keys, int n, const char *name)
     return -1;
 }
 
+/* The [pool] keys whose value is a plain number: what kind, and where in
+ * struct config it goes (as nginx's conf slots do). The other keys have a
+ * case of their own in pool_value. */
+struct number_key {
+    enum { NK_NONE, NK_SIZE, NK_DURATION, NK_COUNT } type;
+    size_t offset;             /* of a uint64_t, int64_t or unsigned field */
+    bool positive;             /* NK_SIZE, NK_DURATION: 0 is refused */
+    unsigned min, max;         /* NK_COUNT */
+};
+
+/* The offset of FIELD, which must be of TYPE (else no _Generic branch). */
+#define FIELD_OF(type, field) _Generic(((struct config *)0)->field, type: offsetof(struct config, field))
+#define SIZE_KEY(field, positive)     { NK_SIZE, FIELD_OF(uint64_t, field), positive, 0, 0 }
+#define DURATION_KEY(field, positive) { NK_DURATION, FIELD_OF(int64_t, field), positive, 0, 0 }
+#define COUNT_KEY(field, min, max)    { NK_COUNT, FIELD_OF(unsigned, field), false, min, max }
+
+static const struct number_key pool_numbers[PK__COUNT] = {
+    [PK_MEMORY_RESERVE]    = SIZE_KEY(memory_reserve, false),
+    [PK_IDLE_TIMEOUT]      = DURATION_KEY(idle_timeout_ms, false),
+    [PK_START_TIMEOUT]     = DURATION_KEY(start_timeout_ms, true),
+    [PK_STOP_TIMEOUT]      = DURATION_KEY(stop_timeout_ms, false),
+    [PK_HEALTH_INTERVAL]   = DURATION_KEY(health_interval_ms, true),
+    [PK_MAX_QUEUE]         = COUNT_KEY(max_queue, 0, 1000000),
+    [PK_QUEUE_TIMEOUT]     = DURATION_KEY(queue_timeout_ms, false),
+    [PK_MAX_RESTARTS]      = COUNT_KEY(max_restarts, 0, 1000000),
+    [PK_RESTART_WINDOW]    = DURATION_KEY(restart_window_ms, true),
+    [PK_MAX_BODY]          = SIZE_KEY(max_body, true),
+    [PK_MAX_HEADER]        = SIZE_KEY(max_header, true),
+    [PK_HEADER_TIMEOUT]    = DURATION_KEY(header_timeout_ms, true),
+    [PK_KEEPALIVE_TIMEOUT] = DURATION_KEY(keepalive_timeout_ms, false),
+    [PK_MAX_CONNECTIONS]   = COUNT_KEY(max_connections, 1, 10000000),
+    [PK_BODY_TIMEOUT]      = DURATION_KEY(body_timeout_ms, false),
+};
+
 /* Optimal string alignment distance, case-insensitive, capped at 9. */
 static unsigned edit_distance(const char *a, const char *b)
 {
@@ -593,30 +622,47 @@ static const char *closest_key(const char *const *keys, int n, const char *name)
 /* ------------------------------------------------------------------ */
 /* Parser state                                                        */
 
-struct env_vec {
-    struct config_env *v;
-    size_t n, cap;
-};
-
 /* A [model NAME] section while it is being read. */
 struct pmodel {
-    char *name;
-    int line;                 /* header line */
-    bool dropped;             /* duplicate or invalid: checked, never used */
-    char *path;               /* absolute, NULL until set */
-    struct strvec args;
-    char *args_text;
-    unsigned inst_min, inst_max;
-    enum config_memory_kind memory_kind;
-    uint64_t memory_bytes;
-    bool pin;
-    int64_t idle_timeout_ms;
-    struct strvec aliases;
-    int *alias_lines;
+    struct config_model model; /* as read so far: path NULL until set; args
+                                * and aliases grow below until build_models */
+    bool dropped;              /* duplicate or invalid: checked, never used */
+    struct strvec args, aliases;
+    int *alias_lines;          /* the line of each alias */
     size_t alias_lines_cap;
-    struct env_vec env;
-    int key_line[MK__COUNT];  /* where each key was set, 0 = not set */
+    size_t env_cap;
+    int key_line[MK__COUNT];   /* where each key was set, 0 = not set */
 };
+
+/* M: a model with NAME and PATH (malloc'd: M owns them now), defined at
+ * LINE (0: found in models_dir), every key at its default. */
+static void model_init(struct config_model *m, char *name, char *path, int line)
+{
+    *m = (struct config_model){
+        .name = name,
+        .path = path,
+        .args_text = xstrdup(""),
+        .instances_min = 0,
+        .instances_max = 1,
+        .memory_kind = CONFIG_MEMORY_AUTO,
+        .idle_timeout_ms = -1,
+        .line = line,
+    };
+}
+
+static void model_free(struct config_model *m)
+{
+    free(m->name);
+    free(m->path);
+    util_strv_free(m->args);
+    free(m->args_text);
+    util_strv_free(m->aliases);
+    for (size_t j = 0; j < m->nenv; j++) {
+        free(m->env[j].name);
+        free(m->env[j].value);
+    }
+    free(m->env);
+}
 
 enum section_kind { SEC_NONE, SEC_POOL, SEC_MODEL, SEC_IGNORE };
 
@@ -769,22 +815,17 @@ static void begin_section(struct parser *p, const char *t)
     }
 
     xgrow(&p->models, &p->models_cap, p->nmodels + 1, sizeof *p->models);
-    struct pmodel *m = &p->models[p->nmodels];
-    memset(m, 0, sizeof *m);
-    m->name = xstrdup(name);
-    m->line = p->in.lineno;
-    m->inst_min = 0;
-    m->inst_max = 1;
-    m->memory_kind = CONFIG_MEMORY_AUTO;
-    m->idle_timeout_ms = -1;
-    m->args_text = xstrdup("");
+    struct pmodel *pm = &p->models[p->nmodels];
+    *pm = (struct pmodel){ 0 };
+    model_init(&pm->model, xstrdup(name), NULL, p->in.lineno);
     p->cur_model = p->nmodels++;
     p->sec = SEC_MODEL;
 
+    const struct config_model *m = &pm->model;
     const char *why = bad_model_name(m->name);
     if (why) {
         error_at(p, p->in.lineno, "invalid model name \"%s\": %s (%s)", show(&sh, m->name), why, NAME_RULE);
-        m->dropped = true;
+        pm->dropped = true;
         return;
     }
     bool added;
@@ -792,7 +833,7 @@ static void begin_section(struct parser *p, const char *t)
     if (!added) {
         error_at(p, p->in.lineno, "model \"%s\" is defined twice (first at line %d)",
                  show(&sh, m->name), e->line);
-        m->dropped = true;
+        pm->dropped = true;
         return;
     }
     e->kind = NAME_SECTION;
@@ -804,58 +845,43 @@ static void begin_section(struct parser *p, const char *t)
 /* ------------------------------------------------------------------ */
 /* Values                                                              */
 
-static void bad_size(struct parser *p, int line, const char *key, const char *v, int rc)
+#define SIZE_FORM "a size (a number with an optional K, M, G or T: 512K, 1.5G)"
+#define DURATION_FORM "a duration (a number with ms, s, m or h: 250ms, 10s, 30m, 2h)"
+
+/* Whether V, for which parse_size_x or parse_duration_x (FORM says which)
+ * answered RC, may be kept (ZERO_REFUSED: it is 0 and must not be); says
+ * why not. */
+static bool number_ok(struct parser *p, int line, const char *key, const char *v, int rc,
+                      const char *form, bool zero_refused)
 {
     struct shown sh;
     if (rc == PARSE_RANGE)
         error_at(p, line, "%s: \"%s\" is too large", key, show(&sh, v));
-    else
-        error_at(p, line, "%s: \"%s\" is not a size (a number with an optional K, M, G or T: 512K, 1.5G)",
-                 key, show(&sh, v));
+    else if (rc)
+        error_at(p, line, "%s: \"%s\" is not %s", key, show(&sh, v), form);
+    else if (zero_refused)
+        error_at(p, line, "%s: must be greater than 0", key);
+    return !rc && !zero_refused;
 }
 
-static void bad_duration(struct parser *p, int line, const char *key, const char *v, int rc)
-{
-    struct shown sh;
-    if (rc == PARSE_RANGE)
-        error_at(p, line, "%s: \"%s\" is too large", key, show(&sh, v));
-    else
-        error_at(p, line, "%s: \"%s\" is not a duration (a number with ms, s, m or h: 250ms, 10s, 30m, 2h)",
-                 key, show(&sh, v));
-}
-
-static bool get_size(struct parser *p, int line, const char *key, const char *v,
+/* A size into *OUT, which is left alone after an error (POSITIVE: 0 is one). */
+static void get_size(struct parser *p, int line, const char *key, const char *v,
                      bool positive, uint64_t *out)
 {
-    uint64_t x;
+    uint64_t x = 0;
     int rc = parse_size_x(v, &x);
-    if (rc) {
-        bad_size(p, line, key, v, rc);
-        return false;
-    }
-    if (positive && x == 0) {
-        error_at(p, line, "%s: must be greater than 0", key);
-        return false;
-    }
-    *out = x;
-    return true;
+    if (number_ok(p, line, key, v, rc, SIZE_FORM, positive && x == 0))
+        *out = x;
 }
 
-static bool get_duration(struct parser *p, int line, const char *key, const char *v,
+/* A duration, likewise. */
+static void get_duration(struct parser *p, int line, const char *key, const char *v,
                          bool positive, int64_t *out)
 {
-    int64_t x;
+    int64_t x = 0;
     int rc = parse_duration_x(v, &x);
-    if (rc) {
-        bad_duration(p, line, key, v, rc);
-        return false;
-    }
-    if (positive && x == 0) {
-        error_at(p, line, "%s: must be greater than 0", key);
-        return false;
-    }
-    *out = x;
-    return true;
+    if (number_ok(p, line, key, v, rc, DURATION_FORM, positive && x == 0))
+        *out = x;
 }
 
 static bool get_uint(struct parser *p, int line, const char *key, const char *v,
@@ -1173,8 +1199,9 @@ static bool valid_env_name(const char *s, size_t len)
     return true;
 }
 
-static void add_env(struct parser *p, int line, struct pmodel *m, const char *v)
+static void add_env(struct parser *p, int line, struct pmodel *pm, const char *v)
 {
+    struct config_model *m = &pm->model;
     struct shown sh;
     char **words;
     size_t n;
@@ -1198,17 +1225,17 @@ static void add_env(struct parser *p, int line, struct pmodel *m, const char *v)
             continue;
         }
         bool dup = false;
-        for (size_t j = 0; j < m->env.n; j++)
-            if (!strcmp(m->env.v[j].name, w))
+        for (size_t j = 0; j < m->nenv; j++)
+            if (!strcmp(m->env[j].name, w))
                 dup = true;
         if (dup) {
             error_at(p, line, "env: %s is set twice", show(&sh, w));
             continue;
         }
-        xgrow(&m->env.v, &m->env.cap, m->env.n + 1, sizeof *m->env.v);
-        m->env.v[m->env.n].name = xstrdup(w);
-        m->env.v[m->env.n].value = xstrdup(eq + 1);
-        m->env.n++;
+        xgrow(&m->env, &pm->env_cap, m->nenv + 1, sizeof *m->env);
+        m->env[m->nenv].name = xstrdup(w);
+        m->env[m->nenv].value = xstrdup(eq + 1);
+        m->nenv++;
     }
     util_strv_free(words);
 }
@@ -1269,6 +1296,22 @@ static void pool_value(struct parser *p, int k, const char *v)
 
     if (!value_is_utf8(p, line, key, v))
         return;
+
+    const struct number_key *nk = &pool_numbers[k];
+    char *field = (char *)c + nk->offset;
+    switch (nk->type) {
+    case NK_SIZE:
+        get_size(p, line, key, v, nk->positive, (uint64_t *)field);
+        return;
+    case NK_DURATION:
+        get_duration(p, line, key, v, nk->positive, (int64_t *)field);
+        return;
+    case NK_COUNT:
+        get_uint(p, line, key, v, nk->min, nk->max, (unsigned *)field);
+        return;
+    case NK_NONE:
+        break;
+    }
 
     switch ((enum pool_key)k) {
     case PK_LISTEN:
@@ -1333,49 +1376,18 @@ static void pool_value(struct parser *p, int k, const char *v)
             }
             free(num);
         } else {
-            uint64_t x;
+            uint64_t x = 0;
             int rc = parse_size_x(v, &x);
             if (rc == PARSE_SYNTAX)
                 error_at(p, line, "memory_budget: \"%s\" is not auto, a size (48G) or a percentage (75%%)",
                          show(&sh, v));
-            else if (rc)
-                bad_size(p, line, key, v, rc);
-            else if (x == 0)
-                error_at(p, line, "memory_budget: must be greater than 0");
-            else {
+            else if (number_ok(p, line, key, v, rc, SIZE_FORM, x == 0)) {
                 c->budget_kind = CONFIG_BUDGET_SIZE;
                 c->budget_bytes = x;
             }
         }
         break;
     }
-    case PK_MEMORY_RESERVE:
-        get_size(p, line, key, v, false, &c->memory_reserve);
-        break;
-    case PK_IDLE_TIMEOUT:
-        get_duration(p, line, key, v, false, &c->idle_timeout_ms);
-        break;
-    case PK_START_TIMEOUT:
-        get_duration(p, line, key, v, true, &c->start_timeout_ms);
-        break;
-    case PK_STOP_TIMEOUT:
-        get_duration(p, line, key, v, false, &c->stop_timeout_ms);
-        break;
-    case PK_HEALTH_INTERVAL:
-        get_duration(p, line, key, v, true, &c->health_interval_ms);
-        break;
-    case PK_MAX_QUEUE:
-        get_uint(p, line, key, v, 0, 1000000, &c->max_queue);
-        break;
-    case PK_QUEUE_TIMEOUT:
-        get_duration(p, line, key, v, false, &c->queue_timeout_ms);
-        break;
-    case PK_MAX_RESTARTS:
-        get_uint(p, line, key, v, 0, 1000000, &c->max_restarts);
-        break;
-    case PK_RESTART_WINDOW:
-        get_duration(p, line, key, v, true, &c->restart_window_ms);
-        break;
     case PK_LOG_DIR:
         if (!*v)
             error_at(p, line, "log_dir: needs a directory");
@@ -1402,24 +1414,6 @@ static void pool_value(struct parser *p, int k, const char *v)
         free(c->admin_key);
         c->admin_key = *v ? xstrdup(v) : NULL;
         break;
-    case PK_MAX_BODY:
-        get_size(p, line, key, v, true, &c->max_body);
-        break;
-    case PK_MAX_HEADER:
-        get_size(p, line, key, v, true, &c->max_header);
-        break;
-    case PK_HEADER_TIMEOUT:
-        get_duration(p, line, key, v, true, &c->header_timeout_ms);
-        break;
-    case PK_KEEPALIVE_TIMEOUT:
-        get_duration(p, line, key, v, false, &c->keepalive_timeout_ms);
-        break;
-    case PK_MAX_CONNECTIONS:
-        get_uint(p, line, key, v, 1, 10000000, &c->max_connections);
-        break;
-    case PK_BODY_TIMEOUT:
-        get_duration(p, line, key, v, false, &c->body_timeout_ms);
-        break;
     case PK_DRAIN_TIMEOUT:
         if (!*v)
             c->drain_timeout_ms = -1;   /* empty: follow stop_timeout, as when unset */
@@ -1429,14 +1423,15 @@ static void pool_value(struct parser *p, int k, const char *v)
     case PK_CORS_ORIGINS:
         add_list(p, line, key, v, &p->cors_origins, NULL, NULL, LIST_ORIGINS);
         break;
-    case PK__COUNT:
+    default:                    /* a number: read above */
         break;
     }
 }
 
 /* One value (or continuation) for a [model]. */
-static void model_value(struct parser *p, struct pmodel *m, int k, const char *v)
+static void model_value(struct parser *p, struct pmodel *pm, int k, const char *v)
 {
+    struct config_model *m = &pm->model;
     int line = p->in.lineno;
     const char *key = model_keys[k];
     struct shown sh;
@@ -1458,7 +1453,7 @@ static void model_value(struct parser *p, struct pmodel *m, int k, const char *v
         }
         break;
     case MK_ARGS:
-        add_words(p, line, key, v, &m->args);
+        add_words(p, line, key, v, &pm->args);
         append_text(&m->args_text, v);
         break;
     case MK_INSTANCES: {
@@ -1479,8 +1474,8 @@ static void model_value(struct parser *p, struct pmodel *m, int k, const char *v
         else if (a > b)
             error_at(p, line, "instances: \"%s\": the minimum is larger than the maximum", show(&sh, v));
         else {
-            m->inst_min = a;
-            m->inst_max = b;
+            m->instances_min = a;
+            m->instances_max = b;
         }
         break;
     }
@@ -1489,8 +1484,9 @@ static void model_value(struct parser *p, struct pmodel *m, int k, const char *v
             m->memory_kind = CONFIG_MEMORY_AUTO;
             break;
         }
-        uint64_t x;
-        if (get_size(p, line, key, v, true, &x)) {
+        uint64_t x = 0;
+        get_size(p, line, key, v, true, &x);
+        if (x) {                /* else reported: 0 is refused */
             m->memory_kind = CONFIG_MEMORY_SIZE;
             m->memory_bytes = x;
         }
@@ -1504,10 +1500,10 @@ static void model_value(struct parser *p, struct pmodel *m, int k, const char *v
         get_duration(p, line, key, v, false, &m->idle_timeout_ms);
         break;
     case MK_ALIASES:
-        add_list(p, line, key, v, &m->aliases, &m->alias_lines, &m->alias_lines_cap, LIST_ALIASES);
+        add_list(p, line, key, v, &pm->aliases, &pm->alias_lines, &pm->alias_lines_cap, LIST_ALIASES);
         break;
     case MK_ENV:
-        add_env(p, line, m, v);
+        add_env(p, line, pm, v);
         break;
     case MK__COUNT:
         break;
@@ -1544,7 +1540,7 @@ static void on_key(struct parser *p, const char *key, const char *v)
     if (pool)
         snprintf(where, sizeof where, "[pool]");
     else
-        snprintf(where, sizeof where, "[model %s]", show(&sh2, p->models[p->cur_model].name));
+        snprintf(where, sizeof where, "[model %s]", show(&sh2, p->models[p->cur_model].model.name));
 
     int k = key_index(sd->keys, sd->nkeys, key);
     if (k < 0) {
@@ -1668,10 +1664,9 @@ static void scan_models_dir(struct parser *p)
                      show(&sh, e->file + strlen(dir) + 1), show(&sh2, f->fname), f->name);
         } else {
             /* a [model NAME] section overrides the discovered model */
-            struct pmodel *m = &p->models[e->index];
-            if (!m->key_line[MK_PATH]) {
-                m->path = xstrdup(f->path);
-            }
+            struct pmodel *pm = &p->models[e->index];
+            if (!pm->key_line[MK_PATH])
+                pm->model.path = xstrdup(f->path);
         }
     }
 }
@@ -1679,12 +1674,13 @@ static void scan_models_dir(struct parser *p)
 static void check_aliases(struct parser *p)
 {
     for (size_t i = 0; i < p->nmodels; i++) {
-        struct pmodel *m = &p->models[i];
-        if (m->dropped)
+        struct pmodel *pm = &p->models[i];
+        const struct config_model *m = &pm->model;
+        if (pm->dropped)
             continue;
-        for (size_t j = 0; j < m->aliases.n; j++) {
-            const char *a = m->aliases.v[j];
-            int line = m->alias_lines[j];
+        for (size_t j = 0; j < pm->aliases.n; j++) {
+            const char *a = pm->aliases.v[j];
+            int line = pm->alias_lines[j];
             struct shown sh, sh2;
             bool added;
             struct name_ent *e = name_add(&p->names, a, &added);
@@ -1722,8 +1718,9 @@ static void finish(struct parser *p)
         scan_models_dir(p);
 
     for (size_t i = 0; i < p->nmodels; i++) {
-        struct pmodel *m = &p->models[i];
-        if (m->dropped || m->path || m->key_line[MK_PATH])
+        struct pmodel *pm = &p->models[i];
+        const struct config_model *m = &pm->model;
+        if (pm->dropped || m->path || pm->key_line[MK_PATH])
             continue;   /* has one, or its path line was already reported */
         if (c->models_dir)
             error_at(p, m->line, "model \"%s\" has no path, and models_dir has no %s.gguf",
@@ -1750,6 +1747,25 @@ static void finish(struct parser *p)
     }
 }
 
+/* Whether F is a model of its own: a name of its own (not a section's,
+ * not another file's). */
+static bool found_is_model(const struct parser *p, const struct config_found *f)
+{
+    const struct name_ent *e = f->used ? name_find(&p->names, f->name) : NULL;
+    return e && e->kind == NAME_FOUND && e->file == f->path;
+}
+
+/* Moves model FROM into cfg (FROM is left empty), with ARGS and ALIASES. */
+static void add_model(struct config *c, struct config_model *from,
+                      struct strvec *args, struct strvec *aliases)
+{
+    struct config_model *m = &c->models[c->nmodels++];
+    *m = *from;
+    *from = (struct config_model){ 0 };
+    m->args = strvec_take(args, &m->nargs);
+    m->aliases = strvec_take(aliases, &m->naliases);
+}
+
 /* Move the parsed models into cfg: sections in file order, then the ones
  * found in models_dir by name. */
 static void build_models(struct parser *p)
@@ -1758,56 +1774,25 @@ static void build_models(struct parser *p)
     size_t n = 0;
     for (size_t i = 0; i < p->nmodels; i++)
         n += !p->models[i].dropped;
-    for (size_t i = 0; i < p->nfound; i++) {
-        struct name_ent *e = p->found[i].used ? name_find(&p->names, p->found[i].name) : NULL;
-        n += e && e->kind == NAME_FOUND && e->file == p->found[i].path;
-    }
+    for (size_t i = 0; i < p->nfound; i++)
+        n += found_is_model(p, &p->found[i]);
     c->models = xcalloc(n, sizeof *c->models);
 
     for (size_t i = 0; i < p->nmodels; i++) {
         struct pmodel *pm = &p->models[i];
-        if (pm->dropped)
-            continue;
-        struct config_model *m = &c->models[c->nmodels++];
-        m->name = pm->name;
-        pm->name = NULL;
-        m->path = pm->path;
-        pm->path = NULL;
-        m->args = strvec_take(&pm->args, &m->nargs);
-        m->args_text = pm->args_text;
-        pm->args_text = NULL;
-        m->instances_min = pm->inst_min;
-        m->instances_max = pm->inst_max;
-        m->memory_kind = pm->memory_kind;
-        m->memory_bytes = pm->memory_bytes;
-        m->pin = pm->pin;
-        m->idle_timeout_ms = pm->idle_timeout_ms;
-        m->aliases = strvec_take(&pm->aliases, &m->naliases);
-        m->env = pm->env.v;
-        m->nenv = pm->env.n;
-        pm->env.v = NULL;
-        pm->env.n = 0;
-        m->from_models_dir = false;
-        m->line = pm->line;
+        if (!pm->dropped)
+            add_model(c, &pm->model, &pm->args, &pm->aliases);
     }
     for (size_t i = 0; i < p->nfound; i++) {
         struct config_found *f = &p->found[i];
-        struct name_ent *e = f->used ? name_find(&p->names, f->name) : NULL;
-        if (!e || e->kind != NAME_FOUND || e->file != f->path)
+        if (!found_is_model(p, f))
             continue;
-        struct config_model *m = &c->models[c->nmodels++];
-        m->name = f->name;
-        m->path = f->path;
+        struct config_model m;
+        struct strvec none = { 0 };
+        model_init(&m, f->name, f->path, 0);
         f->name = f->path = NULL;
-        m->args = xcalloc(1, sizeof *m->args);
-        m->args_text = xstrdup("");
-        m->instances_min = 0;
-        m->instances_max = 1;
-        m->memory_kind = CONFIG_MEMORY_AUTO;
-        m->idle_timeout_ms = -1;
-        m->aliases = xcalloc(1, sizeof *m->aliases);
-        m->from_models_dir = true;
-        m->line = 0;
+        m.from_models_dir = true;
+        add_model(c, &m, &none, &none);
     }
 }
 
@@ -1850,18 +1835,11 @@ static void parser_free(struct parser *p)
     strvec_free(&p->api_keys);
     strvec_free(&p->cors_origins);
     for (size_t i = 0; i < p->nmodels; i++) {
-        struct pmodel *m = &p->models[i];
-        free(m->name);
-        free(m->path);
-        strvec_free(&m->args);
-        free(m->args_text);
-        strvec_free(&m->aliases);
-        free(m->alias_lines);
-        for (size_t j = 0; j < m->env.n; j++) {
-            free(m->env.v[j].name);
-            free(m->env.v[j].value);
-        }
-        free(m->env.v);
+        struct pmodel *pm = &p->models[i];
+        model_free(&pm->model);
+        strvec_free(&pm->args);
+        strvec_free(&pm->aliases);
+        free(pm->alias_lines);
     }
     free(p->models);
     config_found_free(p->found, p->nfound);
@@ -2107,19 +2085,8 @@ void config_free(struct config *cfg)
     util_strv_free(cfg->api_keys);
     util_strv_free(cfg->cors_origins);
     free(cfg->admin_key);
-    for (size_t i = 0; i < cfg->nmodels; i++) {
-        struct config_model *m = &cfg->models[i];
-        free(m->name);
-        free(m->path);
-        util_strv_free(m->args);
-        free(m->args_text);
-        util_strv_free(m->aliases);
-        for (size_t j = 0; j < m->nenv; j++) {
-            free(m->env[j].name);
-            free(m->env[j].value);
-        }
-        free(m->env);
-    }
+    for (size_t i = 0; i < cfg->nmodels; i++)
+        model_free(&cfg->models[i]);
     free(cfg->models);
     free(cfg);
 }
