@@ -394,7 +394,9 @@ static char *file_dir(const char *file)
     else
         dir = xstrndup(file, (size_t)(slash - file));
     if (dir[0] != '/') {
-        char *cwd = getcwd(NULL, 0);
+        char *cwd = getcwd(NULL, 0);   /* NULL: no current directory left, "/" */
+        if (!cwd && errno == ENOMEM)
+            config_oom();
         char *abs = xasprintf("%s/%s", cwd ? cwd : "/", dir);
         free(cwd);
         free(dir);
@@ -1982,8 +1984,7 @@ static char *read_open_file(int fd, const char *path, struct buf *text)
         return xasprintf("%s: cannot read: it is %s, not a regular file", path, file_kind(st.st_mode));
     if (st.st_size > CONFIG_MAX_BYTES)
         return too_large(path);
-    if (!buf_reserve(text, (size_t)st.st_size))
-        config_oom();
+    xbuf_reserve(text, (size_t)st.st_size);
     /* The size may change while we read (or be 0, as in /proc): read
      * until the end, but stop once past the limit. */
     for (;;) {

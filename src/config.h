@@ -2,7 +2,15 @@
  *
  * A config is parsed whole and either accepted or rejected with every error
  * found, each as "FILE:LINE: message". Nothing here touches the running pool:
- * the daemon parses into a fresh struct config and swaps it in on success. */
+ * the daemon parses into a fresh struct config and swaps it in on success.
+ *
+ * Out of memory: every function here prints "llama-pool: out of memory
+ * while reading the configuration" and aborts; none returns NULL or an
+ * error for want of memory. A config is a few kilobytes and a child's argv
+ * a few hundred bytes: a process that cannot allocate them cannot
+ * supervise anything either, and a check after each of the parser's
+ * hundreds of allocations would be its least-tested code. Inside the
+ * module, config_internal.h's x* helpers are the only way to allocate. */
 #ifndef LLAMA_POOL_CONFIG_H
 #define LLAMA_POOL_CONFIG_H
 

@@ -69,6 +69,13 @@ static inline void xgrow(void *array, size_t *cap, size_t need, size_t size)
         config_oom();
 }
 
+/* buf_reserve: room for N more bytes in B. */
+static inline void xbuf_reserve(struct buf *b, size_t n)
+{
+    if (!buf_reserve(b, n))
+        config_oom();
+}
+
 /* buf_append: N more bytes at the end of B. */
 static inline void xbuf_append(struct buf *b, const void *data, size_t n)
 {
