@@ -55,7 +55,7 @@ static char *resolve_socket(const char *opt, const char *config)
 
 struct reply {
     CURL *curl;
-    struct buf body;         /* with on_line: the last line's start, so far */
+    struct buf body;         /* the answer; with on_line, its unfinished last line */
     long status;
     /* Streaming: called per complete line; returns false to stop. */
     bool (*on_line)(const char *line, void *arg);

@@ -63,11 +63,6 @@ static char *utf8_clean(char *msg)
     return fixed;
 }
 
-static bool is_blank(char c)
-{
-    return isspace((unsigned char)c);
-}
-
 /* Trim surrounding whitespace of [s, s+len) and return a copy. */
 static char *trimmed_copy(const char *s, size_t len)
 {
@@ -681,7 +676,7 @@ struct parser {
 
     /* what an indented line after a key line does */
     enum {
-        CONT_IGNORE,           /* nothing: the key line was refused */
+        CONT_IGNORE,           /* nothing: no key line, or a refused one */
         CONT_REFUSE,           /* an error: the key takes one line */
         CONT_VALUE,            /* adds to key cont_key of the section */
     } cont;
@@ -1119,6 +1114,14 @@ static char *list_item(struct parser *p, int line, const char *key, enum list_ki
     return NULL;
 }
 
+/* No list is open any more (see list_open). */
+static void list_forget(struct parser *p)
+{
+    p->list_open_line = 0;
+    free(p->list_open_text);
+    p->list_open_text = NULL;
+}
+
 /* A list's value ended with ',' on line LINE: fine when the list goes on
  * on an indented line, an empty item otherwise. */
 static void list_open(struct parser *p, int line, const char *key, const char *v)
@@ -1138,9 +1141,7 @@ static void list_close(struct parser *p)
     error_at(p, p->list_open_line, "%s has an empty item after its last ',' "
              "(a list may end a line with ',' only when it goes on on the next, indented, line)",
              show(&sh, p->list_open_text));
-    p->list_open_line = 0;
-    free(p->list_open_text);
-    p->list_open_text = NULL;
+    list_forget(p);
 }
 
 /* Comma-separated items, trimmed. An empty item is an error (an empty API
@@ -1153,9 +1154,7 @@ static void add_list(struct parser *p, int line, const char *key, const char *v,
     struct shown sh;
     bool cont = p->in.kind == LINE_CONT;
     bool after_comma = p->list_open_line != 0;
-    p->list_open_line = 0;
-    free(p->list_open_text);
-    p->list_open_text = NULL;
+    list_forget(p);
     if (!*v)
         return;
 
@@ -1183,9 +1182,7 @@ static void add_list(struct parser *p, int line, const char *key, const char *v,
         s = comma + 1;
     }
     if (empty_inside) {
-        p->list_open_line = 0;                       /* one message for the line */
-        free(p->list_open_text);
-        p->list_open_text = NULL;
+        list_forget(p);                              /* one message for the line */
         error_at(p, line, "%s: \"%s\" has an empty item (a ',' with nothing before or after it)",
                  key, show(&sh, v));
     }
@@ -1284,7 +1281,7 @@ static bool value_is_utf8(struct parser *p, int line, const char *key, const cha
         return true;
     error_at(p, line, "%s: the value is not valid UTF-8 (byte 0x%02X at position %zu of the value)",
              key, (unsigned char)v[bad], bad + 1);
-    p->list_open_line = 0;          /* the line is refused whole: no list to go on */
+    list_forget(p);                 /* the line is refused whole: no list to go on */
     return false;
 }
 
@@ -1627,8 +1624,11 @@ static void parse_lines(struct parser *p)
 /* ------------------------------------------------------------------ */
 /* Whole-file checks                                                   */
 
-/* Every *.gguf regular file in models_dir (first parts of split models). */
-static void scan_models_dir(struct parser *p)
+/* The models that models_dir offers (config_discover) join the names: a
+ * file whose name is no model name is skipped with a warning, two files
+ * that give one name are an error, and a [model NAME] section without a
+ * path takes the file of its name. */
+static void merge_models_dir(struct parser *p)
 {
     const char *dir = p->cfg->models_dir;
     int line = p->pool_key_line[PK_MODELS_DIR];
@@ -1717,7 +1717,7 @@ static void finish(struct parser *p)
     struct shown sh;
 
     if (c->models_dir)
-        scan_models_dir(p);
+        merge_models_dir(p);
 
     for (size_t i = 0; i < p->nmodels; i++) {
         struct pmodel *pm = &p->models[i];

@@ -2,7 +2,7 @@
  *
  * Only the file system is read here. Whether a file's name can be a model
  * name, and what happens when it is also a [model NAME] section's, is
- * config.c's to decide (finish → merge_found). */
+ * config.c's to decide (merge_models_dir). */
 #define _GNU_SOURCE
 #include "config_internal.h"
 

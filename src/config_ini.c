@@ -27,12 +27,6 @@
 #define _GNU_SOURCE
 #include "config_internal.h"
 
-#include <ctype.h>
-
-static bool is_blank(char c)
-{
-    return isspace((unsigned char)c);
-}
 
 /* The first of CHARS in S, or the start of an inline comment (a ';' right
  * after whitespace), or the end. */

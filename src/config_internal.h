@@ -7,6 +7,7 @@
 
 #include "util.h"
 
+#include <ctype.h>
 #include <stdarg.h>
 #include <stdbool.h>
 #include <stddef.h>
@@ -81,6 +82,14 @@ static inline void xbuf_append(struct buf *b, const void *data, size_t n)
 {
     if (!buf_append(b, data, n))
         config_oom();
+}
+
+/* ---- text ---- */
+
+/* Whitespace as pool.conf's lines know it (isspace: " \t\n\v\f\r"). */
+static inline bool is_blank(char c)
+{
+    return isspace((unsigned char)c);
 }
 
 /* ---- a growable NULL-terminated vector of strings ---- */
