@@ -294,17 +294,29 @@ static bool status_rows(struct table *t, json_t *model)
     return true;
 }
 
+/* Reads the options of a command whose only one is the switch --NAME
+ * (also -SHORT unless SHORT is 0): *ON says whether it was given. False on
+ * any other option (getopt has said which); else optind is at the first
+ * operand. */
+static bool read_switch(int argc, char **argv, const char *name, char short_opt, bool *on)
+{
+    const struct option opts[] = { { name, no_argument, NULL, 1 }, { NULL, 0, NULL, 0 } };
+    const char shorts[] = { short_opt, '\0' };
+    *on = false;
+    optind = 1;
+    for (int ch; (ch = getopt_long(argc, argv, shorts, opts, NULL)) != -1;) {
+        if (ch != 1 && (!short_opt || ch != short_opt))
+            return false;
+        *on = true;
+    }
+    return true;
+}
+
 static int cmd_status(struct client *c, int argc, char **argv)
 {
-    static const struct option opts[] = { { "json", no_argument, NULL, 'j' }, { NULL, 0, NULL, 0 } };
-    bool as_json = false;
-    int ch;
-    optind = 1;
-    while ((ch = getopt_long(argc, argv, "j", opts, NULL)) != -1) {
-        if (ch != 'j')
-            return CLI_USAGE;
-        as_json = true;
-    }
+    bool as_json;
+    if (!read_switch(argc, argv, "json", 'j', &as_json))
+        return CLI_USAGE;
     char path[1024] = "/pool/status";
     if (optind < argc) {
         char *m = escape_path_part(argv[optind]);
@@ -522,15 +534,9 @@ static int cmd_start(struct client *c, int argc, char **argv)
 
 static int cmd_stop(struct client *c, int argc, char **argv)
 {
-    static const struct option opts[] = { { "all", no_argument, NULL, 'a' }, { NULL, 0, NULL, 0 } };
-    bool all = false;
-    int ch;
-    optind = 1;
-    while ((ch = getopt_long(argc, argv, "", opts, NULL)) != -1) {
-        if (ch != 'a')
-            return CLI_USAGE;
-        all = true;
-    }
+    bool all;
+    if (!read_switch(argc, argv, "all", 0, &all))
+        return CLI_USAGE;
     if (all == (optind < argc) || optind < argc - 1) {
         fprintf(stderr, "usage: llama-pool stop MODEL | --all\n");
         return CLI_USAGE;
