@@ -7,7 +7,6 @@
 
 #include <curl/curl.h>
 #include <getopt.h>
-#include <ini.h>
 #include <jansson.h>
 #include <math.h>
 #include <stdbool.h>
@@ -25,16 +24,6 @@ struct client {
 
 /* ---------- finding the daemon ---------- */
 
-static int find_socket_handler(void *user, const char *section, const char *name, const char *value)
-{
-    char **out = user;
-    if (strcmp(section, "pool") == 0 && strcmp(name, "control_socket") == 0 && value && *value) {
-        free(*out);
-        *out = strdup(value);
-    }
-    return 1;
-}
-
 /* -s, then $LLAMA_POOL_SOCKET, then control_socket from the config file
  * (read for that key only: a config with errors elsewhere still says where
  * the daemon listens), then the default. */
@@ -49,8 +38,7 @@ static char *resolve_socket(const char *opt, const char *config)
         const char *c = getenv("LLAMA_POOL_CONFIG");
         config = c && *c ? c : CONFIG_DEFAULT_PATH;
     }
-    char *sock = NULL;
-    (void)ini_parse(config, find_socket_handler, &sock);
+    char *sock = config_peek_pool_key(config, "control_socket");
     if (sock && sock[0] != '/') {
         /* Relative to the config file, as the daemon reads it. */
         const char *slash = strrchr(config, '/');
@@ -67,26 +55,19 @@ static char *resolve_socket(const char *opt, const char *config)
 
 struct reply {
     CURL *curl;
-    char *body;
-    size_t len;
+    struct buf body;         /* the answer; with on_line, its unfinished last line */
     long status;
     /* Streaming: called per complete line; returns false to stop. */
     bool (*on_line)(const char *line, void *arg);
     void *arg;
-    size_t scanned;
 };
 
 static size_t reply_write(char *data, size_t size, size_t nmemb, void *userp)
 {
     struct reply *r = userp;
     size_t n = size * nmemb;
-    char *b = realloc(r->body, r->len + n + 1);
-    if (!b)
+    if (!buf_append(&r->body, data, n))
         return 0;
-    memcpy(b + r->len, data, n);
-    r->body = b;
-    r->len += n;
-    r->body[r->len] = '\0';
     if (!r->on_line)
         return n;
     /* Only a successful answer is a stream of lines; an error is one body. */
@@ -94,19 +75,18 @@ static size_t reply_write(char *data, size_t size, size_t nmemb, void *userp)
     if (r->status >= 300)
         return n;
     /* Hand over complete lines, keep the rest. */
+    char *text = r->body.data;
     size_t start = 0;
-    for (size_t i = 0; i < r->len; i++) {
-        if (r->body[i] != '\n')
+    for (size_t i = 0; i < r->body.len; i++) {
+        if (text[i] != '\n')
             continue;
-        r->body[i] = '\0';
-        bool go_on = r->on_line(r->body + start, r->arg);
+        text[i] = '\0';
+        bool go_on = r->on_line(text + start, r->arg);
         start = i + 1;
         if (!go_on)
             return 0;
     }
-    memmove(r->body, r->body + start, r->len - start);
-    r->len -= start;
-    r->body[r->len] = '\0';
+    buf_consume(&r->body, start);
     return n;
 }
 
@@ -154,7 +134,8 @@ static long request(struct client *c, const char *method, const char *path, stru
 /* An error reply: print its message, map its status to an exit code. */
 static int report_error(long status, const struct reply *r)
 {
-    json_t *j = r->body ? json_loads(r->body, 0, NULL) : NULL;
+    const char *body = r->body.data;
+    json_t *j = body ? json_loads(body, 0, NULL) : NULL;
     const char *msg = json_string_value(json_object_get(json_object_get(j, "error"), "message"));
     json_t *errors = json_object_get(j, "errors");
     if (json_array_size(errors)) {
@@ -164,10 +145,24 @@ static int report_error(long status, const struct reply *r)
             fprintf(stderr, "%s\n", json_string_value(e));
         fprintf(stderr, "llama-pool: reload refused; the daemon keeps its current config\n");
     } else {
-        fprintf(stderr, "llama-pool: %s\n", msg ? msg : (r->body && *r->body ? r->body : "request failed"));
+        fprintf(stderr, "llama-pool: %s\n", msg ? msg : (body && *body ? body : "request failed"));
     }
     json_decref(j);
     return status == 404 ? CLI_UNKNOWN_MODEL : CLI_FAILED;
+}
+
+/* Sends METHOD PATH. True when the daemon answered with success (2xx): the
+ * body is in R, for the caller to free. Else false, with what went wrong
+ * printed (an error answer is kept whole even with a line handler: see
+ * reply_write), R's body freed, and the exit code in *RC. */
+static bool call(struct client *c, const char *method, const char *path, struct reply *r, int *rc)
+{
+    long status = request(c, method, path, r);
+    if (status >= 0 && status < 300)
+        return true;
+    *rc = status < 0 ? CLI_NO_DAEMON : report_error(status, r);
+    buf_free(&r->body);
+    return false;
 }
 
 static char *escape_path_part(const char *s)
@@ -212,46 +207,57 @@ static int text_width(const char *s)
     return w;
 }
 
-static void table_add(struct table *t, char *cells[NCOLS])
+/* Adds a row of copies of CELLS (NULL shows as "-"); false when out of
+ * memory. */
+static bool table_add(struct table *t, char *cells[NCOLS])
 {
-    if (t->rows == t->cap) {
-        size_t cap = t->cap ? t->cap * 2 : 16;
-        void *v = realloc(t->cells, cap * sizeof *t->cells);
-        if (!v)
-            return;
-        t->cells = v;
-        t->cap = cap;
+    if (!util_grow(&t->cells, &t->cap, t->rows + 1, sizeof *t->cells))
+        return false;
+    char **row = t->cells[t->rows];
+    for (int i = 0; i < NCOLS; i++) {
+        if (!(row[i] = strdup(cells[i] ? cells[i] : "-"))) {
+            while (i--)
+                free(row[i]);
+            return false;
+        }
     }
     for (int i = 0; i < NCOLS; i++) {
-        t->cells[t->rows][i] = strdup(cells[i] ? cells[i] : "-");
-        int w = text_width(t->cells[t->rows][i]);
+        int w = text_width(row[i]);
         if (w > t->width[i])
             t->width[i] = w;
     }
     t->rows++;
+    return true;
 }
 
-static void table_print(struct table *t)
+static void table_print(const struct table *t)
 {
     for (size_t r = 0; r < t->rows; r++) {
         for (int i = 0; i < NCOLS; i++) {
             const char *s = t->cells[r][i];
             int pad = t->width[i] - text_width(s);
             printf("%s%*s%s", s, i == NCOLS - 1 ? 0 : pad, "", i == NCOLS - 1 ? "\n" : "  ");
-            free(t->cells[r][i]);
         }
     }
+}
+
+static void table_free(struct table *t)
+{
+    for (size_t r = 0; r < t->rows; r++)
+        for (int i = 0; i < NCOLS; i++)
+            free(t->cells[r][i]);
     free(t->cells);
 }
 
-static void status_rows(struct table *t, json_t *model)
+/* The rows of one model: one per instance, or one for the model alone.
+ * False when out of memory. */
+static bool status_rows(struct table *t, json_t *model)
 {
     const char *name = json_string_value(json_object_get(model, "name"));
     json_t *insts = json_object_get(model, "instances");
     if (json_array_size(insts) == 0) {
         char *cells[NCOLS] = { (char *)name, NULL, (char *)json_string_value(json_object_get(model, "state")) };
-        table_add(t, cells);
-        return;
+        return table_add(t, cells);
     }
     size_t i;
     json_t *in;
@@ -282,21 +288,35 @@ static void status_rows(struct table *t, json_t *model)
             snprintf(state, sizeof state, "restart in %.0fs", ceil(json_number_value(v)));
         char *cells[NCOLS] = { i ? "" : (char *)name, (char *)json_string_value(json_object_get(in, "id")),
                                state, pid, port, up, rs, mem, slots, used };
-        table_add(t, cells);
+        if (!table_add(t, cells))
+            return false;
     }
+    return true;
+}
+
+/* Reads the options of a command whose only one is the switch --NAME
+ * (also -SHORT unless SHORT is 0): *ON says whether it was given. False on
+ * any other option (getopt has said which); else optind is at the first
+ * operand. */
+static bool read_switch(int argc, char **argv, const char *name, char short_opt, bool *on)
+{
+    const struct option opts[] = { { name, no_argument, NULL, 1 }, { NULL, 0, NULL, 0 } };
+    const char shorts[] = { short_opt, '\0' };
+    *on = false;
+    optind = 1;
+    for (int ch; (ch = getopt_long(argc, argv, shorts, opts, NULL)) != -1;) {
+        if (ch != 1 && (!short_opt || ch != short_opt))
+            return false;
+        *on = true;
+    }
+    return true;
 }
 
 static int cmd_status(struct client *c, int argc, char **argv)
 {
-    static const struct option opts[] = { { "json", no_argument, NULL, 'j' }, { NULL, 0, NULL, 0 } };
-    bool as_json = false;
-    int ch;
-    optind = 1;
-    while ((ch = getopt_long(argc, argv, "j", opts, NULL)) != -1) {
-        if (ch != 'j')
-            return CLI_USAGE;
-        as_json = true;
-    }
+    bool as_json;
+    if (!read_switch(argc, argv, "json", 'j', &as_json))
+        return CLI_USAGE;
     char path[1024] = "/pool/status";
     if (optind < argc) {
         char *m = escape_path_part(argv[optind]);
@@ -304,33 +324,35 @@ static int cmd_status(struct client *c, int argc, char **argv)
         free(m);
     }
     struct reply r = { 0 };
-    long status = request(c, "GET", path, &r);
-    if (status < 0)
-        return CLI_NO_DAEMON;
-    if (status != 200) {
-        int rc = report_error(status, &r);
-        free(r.body);
+    int rc;
+    if (!call(c, "GET", path, &r, &rc))
         return rc;
-    }
     if (as_json) {
-        fwrite(r.body, 1, r.len, stdout);
-        free(r.body);
+        fwrite(r.body.data, 1, r.body.len, stdout);
+        buf_free(&r.body);
         return CLI_OK;
     }
-    json_t *j = json_loads(r.body, 0, NULL);
-    free(r.body);
+    json_t *j = json_loads(r.body.data, 0, NULL);
+    buf_free(&r.body);
     if (!j) {
         fprintf(stderr, "llama-pool: the daemon's answer is not JSON\n");
         return CLI_FAILED;
     }
     struct table t = { 0 };
     char *head[NCOLS] = { "MODEL", "INSTANCE", "STATE", "PID", "PORT", "UPTIME", "↺", "MEMORY", "SLOTS", "LAST USED" };
-    table_add(&t, head);
+    bool ok = table_add(&t, head);
     size_t i;
     json_t *model;
     json_array_foreach(json_object_get(j, "models"), i, model)
-        status_rows(&t, model);
-    table_print(&t);
+        ok = ok && status_rows(&t, model);
+    if (ok)
+        table_print(&t);
+    table_free(&t);
+    if (!ok) {
+        json_decref(j);
+        fprintf(stderr, "llama-pool: out of memory\n");
+        return CLI_FAILED;
+    }
     json_t *mem = json_object_get(j, "memory");
     char used[32], budget[32];
     printf("\nmemory %s used of %s budget · queue %lld/%lld\n",
@@ -460,18 +482,10 @@ static int model_action(struct client *c, const char *action, const char *model,
         r.on_line = progress_line;
         r.arg = &p;
     }
-    long status = request(c, "POST", path, &r);
-    if (status < 0) {
-        free(r.body);
-        return CLI_NO_DAEMON;
-    }
-    if (status >= 300) {
-        /* The error body may still sit in the line buffer. */
-        int rc = report_error(status, &r);
-        free(r.body);
+    int rc;
+    if (!call(c, "POST", path, &r, &rc))
         return rc;
-    }
-    free(r.body);
+    buf_free(&r.body);
     if (!wait) {
         printf("%s: %s requested\n", model, action);
         return CLI_OK;
@@ -520,15 +534,9 @@ static int cmd_start(struct client *c, int argc, char **argv)
 
 static int cmd_stop(struct client *c, int argc, char **argv)
 {
-    static const struct option opts[] = { { "all", no_argument, NULL, 'a' }, { NULL, 0, NULL, 0 } };
-    bool all = false;
-    int ch;
-    optind = 1;
-    while ((ch = getopt_long(argc, argv, "", opts, NULL)) != -1) {
-        if (ch != 'a')
-            return CLI_USAGE;
-        all = true;
-    }
+    bool all;
+    if (!read_switch(argc, argv, "all", 0, &all))
+        return CLI_USAGE;
     if (all == (optind < argc) || optind < argc - 1) {
         fprintf(stderr, "usage: llama-pool stop MODEL | --all\n");
         return CLI_USAGE;
@@ -540,8 +548,8 @@ static int cmd_stop(struct client *c, int argc, char **argv)
     long status = request(c, "GET", "/pool/status", &r);
     if (status < 0)
         return CLI_NO_DAEMON;
-    json_t *j = status == 200 ? json_loads(r.body, 0, NULL) : NULL;
-    free(r.body);
+    json_t *j = status == 200 ? json_loads(r.body.data, 0, NULL) : NULL;
+    buf_free(&r.body);
     if (!j) {
         fprintf(stderr, "llama-pool: cannot read the daemon's status\n");
         return CLI_FAILED;
@@ -562,7 +570,7 @@ static int cmd_stop(struct client *c, int argc, char **argv)
                 free(m);
                 struct reply r2 = { 0 };
                 (void)request(c, "POST", path, &r2);
-                free(r2.body);
+                buf_free(&r2.body);
             } else {
                 int one = model_action(c, "stop", name, 0, true);
                 if (one != CLI_OK)
@@ -631,19 +639,12 @@ static int cmd_logs(struct client *c, int argc, char **argv)
              follow ? "&follow=1" : "");
     free(m);
     struct reply r = { .on_line = print_line };
-    long status = request(c, "GET", path, &r);
-    if (status < 0) {
-        free(r.body);
-        return CLI_NO_DAEMON;
-    }
-    if (status != 200) {
-        int rc = report_error(status, &r);
-        free(r.body);
+    int rc;
+    if (!call(c, "GET", path, &r, &rc))
         return rc;
-    }
-    if (r.len)
-        printf("%s\n", r.body);
-    free(r.body);
+    if (r.body.len)
+        printf("%s\n", r.body.data);
+    buf_free(&r.body);
     return CLI_OK;
 }
 
@@ -657,16 +658,11 @@ static int cmd_reload(struct client *c, int argc, char **argv)
         return CLI_USAGE;
     }
     struct reply r = { 0 };
-    long status = request(c, "POST", "/pool/reload", &r);
-    if (status < 0)
-        return CLI_NO_DAEMON;
-    if (status != 200) {
-        int rc = report_error(status, &r);
-        free(r.body);
+    int rc;
+    if (!call(c, "POST", "/pool/reload", &r, &rc))
         return rc;
-    }
-    json_t *j = json_loads(r.body, 0, NULL);
-    free(r.body);
+    json_t *j = json_loads(r.body.data, 0, NULL);
+    buf_free(&r.body);
     const char *keys[] = { "added", "removed", "changed" };
     for (int k = 0; k < 3; k++) {
         json_t *list = json_object_get(j, keys[k]), *v;

@@ -1,35 +1,34 @@
-/* config — pool.conf → structs, with validation.
+/* config — pool.conf → struct config, with validation.
  *
- * inih does the INI tokenising, fed by our own reader (line_reader) so that
- *   - we know each physical line's number and text: inih calls the handler
- *     for a line right after the reader returned it;
- *   - lines longer than inih's compiled-in limit (200 bytes in Debian's build,
- *     section names 50) still work: the reader keeps the whole line, hands
- *     inih a short placeholder of the same shape, and the handler takes the
- *     real key and value from the reader's own split of the line, made with
- *     inih's rules (see split_line);
- *   - section headers are seen even when no key follows them (inih calls the
- *     handler for key lines only), and malformed lines are reported with their
- *     own line numbers (inih returns only the first).
+ * The lines come from config_ini.c, which splits them by inih's rules
+ * itself rather than through inih: Debian's libinih gives its handler no
+ * line number and stops seeing a line after 200 bytes, and every error
+ * here must say FILE:LINE (config_ini.c's top comment has the whole
+ * argument). This file gives the lines their meaning: sections, keys,
+ * values and every check on them.
  *
  * Every problem becomes one "FILE:LINE: message" and parsing goes on, so a
  * user sees all of them at once. Cross-checks that need the whole file
  * (duplicate names and aliases, models_dir discovery, default_model) run
- * after the parse, in finish(). */
+ * after the parse, in finish().
+ *
+ * The rest of the module: config_discover.c lists models_dir's files,
+ * config_args.c answers run-time questions about a model's children, and
+ * config_internal.h is what the four files share. */
 #define _GNU_SOURCE
 #include "config.h"
+#include "config_internal.h"
 
 #include "log.h"
 #include "util.h"
 
 #include <arpa/inet.h>
 #include <ctype.h>
-#include <dirent.h>
 #include <errno.h>
 #include <fcntl.h>
-#include <ini.h>
 #include <limits.h>
 #include <stdarg.h>
+#include <stddef.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -43,64 +42,12 @@
 #define ROUTER_PORT_VAR "LLAMA_SERVER_ROUTER_PORT"
 
 /* ------------------------------------------------------------------ */
-/* Small allocation helpers: a config is small, running out of memory  */
-/* while reading it is not something to recover from.                 */
+/* Memory: config's one out-of-memory policy (config.h).              */
 
-static void oom(void)
+_Noreturn void config_oom(void)
 {
     fputs("llama-pool: out of memory while reading the configuration\n", stderr);
     abort();
-}
-
-static void *xrealloc(void *p, size_t n)
-{
-    p = realloc(p, n ? n : 1);
-    if (!p)
-        oom();
-    return p;
-}
-
-static void *xcalloc(size_t n, size_t size)
-{
-    void *p = calloc(n ? n : 1, size ? size : 1);
-    if (!p)
-        oom();
-    return p;
-}
-
-static char *xstrdup(const char *s)
-{
-    char *d = strdup(s);
-    if (!d)
-        oom();
-    return d;
-}
-
-static char *xstrndup(const char *s, size_t n)
-{
-    char *d = strndup(s, n);
-    if (!d)
-        oom();
-    return d;
-}
-
-__attribute__((format(printf, 1, 0)))
-static char *xvasprintf(const char *fmt, va_list ap)
-{
-    char *s;
-    if (vasprintf(&s, fmt, ap) < 0)
-        oom();
-    return s;
-}
-
-__attribute__((format(printf, 1, 2)))
-static char *xasprintf(const char *fmt, ...)
-{
-    va_list ap;
-    va_start(ap, fmt);
-    char *s = xvasprintf(fmt, ap);
-    va_end(ap);
-    return s;
 }
 
 /* MSG (malloc'd), with ill-formed UTF-8 from the file replaced: messages
@@ -111,52 +58,9 @@ static char *utf8_clean(char *msg)
         return msg;
     char *fixed = util_utf8_lossy(msg, strlen(msg), NULL);
     if (!fixed)
-        oom();
+        config_oom();
     free(msg);
     return fixed;
-}
-
-/* A growable NULL-terminated vector of strings. */
-struct strvec {
-    char **v;
-    size_t n, cap;
-};
-
-static void strvec_push(struct strvec *sv, char *s)
-{
-    if (sv->n + 2 > sv->cap) {
-        sv->cap = sv->cap ? sv->cap * 2 : 4;
-        sv->v = xrealloc(sv->v, sv->cap * sizeof *sv->v);
-    }
-    sv->v[sv->n++] = s;
-    sv->v[sv->n] = NULL;
-}
-
-/* Hand the vector over: always a valid NULL-terminated array. */
-static char **strvec_take(struct strvec *sv, size_t *n)
-{
-    if (!sv->v)
-        sv->v = xcalloc(1, sizeof *sv->v);
-    char **v = sv->v;
-    if (n)
-        *n = sv->n;
-    sv->v = NULL;
-    sv->n = sv->cap = 0;
-    return v;
-}
-
-static void strvec_free(struct strvec *sv)
-{
-    for (size_t i = 0; i < sv->n; i++)
-        free(sv->v[i]);
-    free(sv->v);
-    sv->v = NULL;
-    sv->n = sv->cap = 0;
-}
-
-static bool is_blank(char c)
-{
-    return isspace((unsigned char)c);
 }
 
 /* Trim surrounding whitespace of [s, s+len) and return a copy. */
@@ -195,10 +99,17 @@ static const char *show(struct shown *sh, const char *s)
 
 enum { PARSE_OK = 0, PARSE_SYNTAX = -1, PARSE_RANGE = -2 };
 
-/* A non-negative decimal number: integer part and up to 18 fraction digits
- * (further digits are dropped). Sets *end past it. */
-static int parse_number(const char *s, const char **end, uint64_t *ip,
-                        uint64_t *frac, uint64_t *frac_scale)
+/* A non-negative decimal number as written: its integer part, and up to
+ * 18 fraction digits as FRAC / SCALE (further digits are dropped). */
+struct number {
+    uint64_t ip, frac, scale;
+    const char *unit;          /* what follows it, blanks skipped */
+};
+
+/* Reads the number S starts with. PARSE_RANGE: its integer part is too
+ * large (N is filled all the same, so that a bad unit still reads as bad
+ * syntax). */
+static int parse_number(const char *s, struct number *n)
 {
     bool range = false, digits = false;
     uint64_t v = 0;
@@ -226,22 +137,20 @@ static int parse_number(const char *s, const char **end, uint64_t *ip,
     }
     if (!digits)
         return PARSE_SYNTAX;
-    *end = s;
-    *ip = v;
-    *frac = f;
-    *frac_scale = scale;
+    while (*s == ' ' || *s == '\t')
+        s++;
+    *n = (struct number){ .ip = v, .frac = f, .scale = scale, .unit = s };
     return range ? PARSE_RANGE : PARSE_OK;
 }
 
+/* parse_size_x and parse_duration_x set *OUT on PARSE_OK only. */
 static int parse_size_x(const char *s, uint64_t *out)
 {
-    const char *p;
-    uint64_t ip, f, scale;
-    int rc = parse_number(s, &p, &ip, &f, &scale);
+    struct number n;
+    int rc = parse_number(s, &n);
     if (rc == PARSE_SYNTAX)
         return rc;
-    while (*p == ' ' || *p == '\t')
-        p++;
+    const char *p = n.unit;
     unsigned shift = 0;
     switch (tolower((unsigned char)*p)) {
     case 'k': shift = 10; p++; break;
@@ -258,8 +167,8 @@ static int parse_size_x(const char *s, uint64_t *out)
         return PARSE_SYNTAX;
     if (rc == PARSE_RANGE)
         return rc;
-    unsigned __int128 v = ((unsigned __int128)ip << shift)
-                        + (((unsigned __int128)f << shift) / scale);
+    unsigned __int128 v = ((unsigned __int128)n.ip << shift)
+                        + (((unsigned __int128)n.frac << shift) / n.scale);
     if (v > UINT64_MAX)
         return PARSE_RANGE;
     *out = (uint64_t)v;
@@ -268,32 +177,25 @@ static int parse_size_x(const char *s, uint64_t *out)
 
 int config_parse_size(const char *s, uint64_t *out)
 {
-    uint64_t v;
-    if (!s || parse_size_x(s, &v) != PARSE_OK)
-        return -1;
-    *out = v;
-    return 0;
+    return s && parse_size_x(s, out) == PARSE_OK ? 0 : -1;
 }
 
 static int parse_duration_x(const char *s, int64_t *out_ms)
 {
-    const char *p;
-    uint64_t ip, f, scale;
-    int rc = parse_number(s, &p, &ip, &f, &scale);
+    struct number n;
+    int rc = parse_number(s, &n);
     if (rc == PARSE_SYNTAX)
         return rc;
-    while (*p == ' ' || *p == '\t')
-        p++;
     uint64_t unit;
-    if (!*p)
+    if (!*n.unit)
         unit = 1000;
-    else if (!strcasecmp(p, "ms"))
+    else if (!strcasecmp(n.unit, "ms"))
         unit = 1;
-    else if (!strcasecmp(p, "s"))
+    else if (!strcasecmp(n.unit, "s"))
         unit = 1000;
-    else if (!strcasecmp(p, "m"))
+    else if (!strcasecmp(n.unit, "m"))
         unit = 60 * 1000;
-    else if (!strcasecmp(p, "h"))
+    else if (!strcasecmp(n.unit, "h"))
         unit = 3600 * 1000;
     else
         return PARSE_SYNTAX;
@@ -301,8 +203,8 @@ static int parse_duration_x(const char *s, int64_t *out_ms)
         return rc;
     /* A fraction of a millisecond rounds up, so that a non-zero duration
      * never turns into 0 (which often means "never"). */
-    unsigned __int128 fr = (unsigned __int128)f * unit;
-    unsigned __int128 v = (unsigned __int128)ip * unit + (fr + scale - 1) / scale;
+    unsigned __int128 fr = (unsigned __int128)n.frac * unit;
+    unsigned __int128 v = (unsigned __int128)n.ip * unit + (fr + n.scale - 1) / n.scale;
     if (v > INT64_MAX)
         return PARSE_RANGE;
     *out_ms = (int64_t)v;
@@ -311,11 +213,7 @@ static int parse_duration_x(const char *s, int64_t *out_ms)
 
 int config_parse_duration(const char *s, int64_t *out_ms)
 {
-    int64_t v;
-    if (!s || parse_duration_x(s, &v) != PARSE_OK)
-        return -1;
-    *out_ms = v;
-    return 0;
+    return s && parse_duration_x(s, out_ms) == PARSE_OK ? 0 : -1;
 }
 
 int config_parse_bool(const char *s, bool *out)
@@ -380,7 +278,7 @@ int config_split_words(const char *s, char ***out, size_t *n, const char **err)
 {
     struct strvec words = { 0 };
     size_t len = strlen(s);
-    char *w = xrealloc(NULL, len + 1);   /* a word is never longer than S */
+    char *w = xcalloc(len + 1, 1);        /* a word is never longer than S */
     size_t wl = 0;
     bool in_word = false;
 
@@ -491,7 +389,9 @@ static char *file_dir(const char *file)
     else
         dir = xstrndup(file, (size_t)(slash - file));
     if (dir[0] != '/') {
-        char *cwd = getcwd(NULL, 0);
+        char *cwd = getcwd(NULL, 0);   /* NULL: no current directory left, "/" */
+        if (!cwd && errno == ENOMEM)
+            config_oom();
         char *abs = xasprintf("%s/%s", cwd ? cwd : "/", dir);
         free(cwd);
         free(dir);
@@ -606,15 +506,28 @@ static const char *const model_keys[MK__COUNT] = {
     "path", "args", "instances", "memory", "pin", "idle_timeout", "aliases", "env",
 };
 
-static bool pool_key_multiline(int k)
-{
-    return k == PK_DEFAULT_ARGS || k == PK_API_KEYS;
-}
+/* What a section takes: its keys, those of them that take continuation
+ * lines, and the other section's keys (for a hint). */
+struct section_def {
+    const char *const *keys;
+    int nkeys;
+    unsigned multiline;        /* bit K: key K takes continuation lines */
+    const char *const *other_keys;
+    int nother_keys;
+    const char *other_hint;    /* when a key is the other section's */
+};
 
-static bool model_key_multiline(int k)
-{
-    return k == MK_ARGS || k == MK_ALIASES || k == MK_ENV;
-}
+_Static_assert(PK__COUNT <= 32 && MK__COUNT <= 32, "multiline is a 32-bit mask");
+
+static const struct section_def pool_section = {
+    pool_keys, PK__COUNT, 1u << PK_DEFAULT_ARGS | 1u << PK_API_KEYS,
+    model_keys, MK__COUNT, "it belongs in a [model NAME] section",
+};
+
+static const struct section_def model_section = {
+    model_keys, MK__COUNT, 1u << MK_ARGS | 1u << MK_ALIASES | 1u << MK_ENV,
+    pool_keys, PK__COUNT, "it belongs in [pool]",
+};
 
 static int key_index(const char *const *keys, int n, const char *name)
 {
@@ -623,6 +536,40 @@ static int key_index(const char *const *keys, int n, const char *name)
             return i;
     return -1;
 }
+
+/* The [pool] keys whose value is a plain number: what kind, and where in
+ * struct config it goes (as nginx's conf slots do). The other keys have a
+ * case of their own in pool_value. */
+struct number_key {
+    enum { NK_NONE, NK_SIZE, NK_DURATION, NK_COUNT } type;
+    size_t offset;             /* of a uint64_t, int64_t or unsigned field */
+    bool positive;             /* NK_SIZE, NK_DURATION: 0 is refused */
+    unsigned min, max;         /* NK_COUNT */
+};
+
+/* The offset of FIELD, which must be of TYPE (else no _Generic branch). */
+#define FIELD_OF(type, field) _Generic(((struct config *)0)->field, type: offsetof(struct config, field))
+#define SIZE_KEY(field, positive)     { NK_SIZE, FIELD_OF(uint64_t, field), positive, 0, 0 }
+#define DURATION_KEY(field, positive) { NK_DURATION, FIELD_OF(int64_t, field), positive, 0, 0 }
+#define COUNT_KEY(field, min, max)    { NK_COUNT, FIELD_OF(unsigned, field), false, min, max }
+
+static const struct number_key pool_numbers[PK__COUNT] = {
+    [PK_MEMORY_RESERVE]    = SIZE_KEY(memory_reserve, false),
+    [PK_IDLE_TIMEOUT]      = DURATION_KEY(idle_timeout_ms, false),
+    [PK_START_TIMEOUT]     = DURATION_KEY(start_timeout_ms, true),
+    [PK_STOP_TIMEOUT]      = DURATION_KEY(stop_timeout_ms, false),
+    [PK_HEALTH_INTERVAL]   = DURATION_KEY(health_interval_ms, true),
+    [PK_MAX_QUEUE]         = COUNT_KEY(max_queue, 0, 1000000),
+    [PK_QUEUE_TIMEOUT]     = DURATION_KEY(queue_timeout_ms, false),
+    [PK_MAX_RESTARTS]      = COUNT_KEY(max_restarts, 0, 1000000),
+    [PK_RESTART_WINDOW]    = DURATION_KEY(restart_window_ms, true),
+    [PK_MAX_BODY]          = SIZE_KEY(max_body, true),
+    [PK_MAX_HEADER]        = SIZE_KEY(max_header, true),
+    [PK_HEADER_TIMEOUT]    = DURATION_KEY(header_timeout_ms, true),
+    [PK_KEEPALIVE_TIMEOUT] = DURATION_KEY(keepalive_timeout_ms, false),
+    [PK_MAX_CONNECTIONS]   = COUNT_KEY(max_connections, 1, 10000000),
+    [PK_BODY_TIMEOUT]      = DURATION_KEY(body_timeout_ms, false),
+};
 
 /* Optimal string alignment distance, case-insensitive, capped at 9. */
 static unsigned edit_distance(const char *a, const char *b)
@@ -672,48 +619,47 @@ static const char *closest_key(const char *const *keys, int n, const char *name)
 /* ------------------------------------------------------------------ */
 /* Parser state                                                        */
 
-struct env_vec {
-    struct config_env *v;
-    size_t n, cap;
-};
-
 /* A [model NAME] section while it is being read. */
 struct pmodel {
-    char *name;
-    int line;                 /* header line */
-    bool dropped;             /* duplicate or invalid: checked, never used */
-    char *path;               /* absolute, NULL until set */
-    const char *found_file;   /* path came from models_dir (owned by a struct found) */
-    struct strvec args;
-    char *args_text;
-    unsigned inst_min, inst_max;
-    enum config_memory_kind memory_kind;
-    uint64_t memory_bytes;
-    bool pin;
-    int64_t idle_timeout_ms;
-    struct strvec aliases;
-    int *alias_lines;
+    struct config_model model; /* as read so far: path NULL until set; args
+                                * and aliases grow below until build_models */
+    bool dropped;              /* duplicate or invalid: checked, never used */
+    struct strvec args, aliases;
+    int *alias_lines;          /* the line of each alias */
     size_t alias_lines_cap;
-    struct env_vec env;
-    int key_line[MK__COUNT];  /* where each key was set, 0 = not set */
+    size_t env_cap;
+    int key_line[MK__COUNT];   /* where each key was set, 0 = not set */
 };
 
-/* A *.gguf file found under models_dir. */
-struct found {
-    char *name;
-    char *path;
-    const char *fname;        /* points into path */
-    bool used;                /* became a model (or a section's path) */
-};
+/* M: a model with NAME and PATH (malloc'd: M owns them now), defined at
+ * LINE (0: found in models_dir), every key at its default. */
+static void model_init(struct config_model *m, char *name, char *path, int line)
+{
+    *m = (struct config_model){
+        .name = name,
+        .path = path,
+        .args_text = xstrdup(""),
+        .instances_min = 0,
+        .instances_max = 1,
+        .memory_kind = CONFIG_MEMORY_AUTO,
+        .idle_timeout_ms = -1,
+        .line = line,
+    };
+}
 
-enum line_kind {
-    LK_BLANK,       /* empty or comment */
-    LK_SECTION,     /* "[...]" */
-    LK_BAD_SECTION, /* "[" without "]" */
-    LK_KEY,         /* "key = value" */
-    LK_CONT,        /* indented continuation of the previous key */
-    LK_NO_VALUE,    /* text without '=' or ':' */
-};
+static void model_free(struct config_model *m)
+{
+    free(m->name);
+    free(m->path);
+    util_strv_free(m->args);
+    free(m->args_text);
+    util_strv_free(m->aliases);
+    for (size_t j = 0; j < m->nenv; j++) {
+        free(m->env[j].name);
+        free(m->env[j].value);
+    }
+    free(m->env);
+}
 
 enum section_kind { SEC_NONE, SEC_POOL, SEC_MODEL, SEC_IGNORE };
 
@@ -726,25 +672,14 @@ struct parser {
     const char *file;
     char *dir;                 /* absolute directory of the file */
 
-    /* input: the whole file, read by read_config_file (or a test's string) */
-    const char *str;
-    size_t str_len, str_off;
-    size_t nul_at;             /* 1 + column of a NUL byte in the line, 0 = none */
+    struct config_ini in;      /* the file's lines; in.lineno is the current one */
 
-    /* the current physical line */
-    char *raw;
-    size_t raw_cap;
-    char *work;                /* copy of raw that split_line cuts up */
-    size_t work_cap;
-    int lineno;
-    enum line_kind kind;
-    bool stashed;              /* inih got a placeholder: use key/value below */
-    const char *key, *value;   /* our split of the line (into work) */
-
-    /* continuation state, mirroring inih's prev_name */
-    bool have_prev;
-    char *prev_key;
-    enum { CONT_IGNORE, CONT_REFUSE, CONT_POOL, CONT_MODEL } cont;
+    /* what an indented line after a key line does */
+    enum {
+        CONT_IGNORE,           /* nothing: no key line, or a refused one */
+        CONT_REFUSE,           /* an error: the key takes one line */
+        CONT_VALUE,            /* adds to key cont_key of the section */
+    } cont;
     int cont_key;
     int list_open_line;        /* a list's line ended with ',': 0 = none */
     char *list_open_text;      /* "key: \"value\"" of that line, for the message */
@@ -760,8 +695,8 @@ struct parser {
 
     struct pmodel *models;
     size_t nmodels, models_cap;
-    struct found *found;
-    size_t nfound, found_cap;
+    struct config_found *found;  /* what models_dir offers */
+    size_t nfound;
     struct name_map names;
 
     struct parse_error *errs;
@@ -777,175 +712,11 @@ static void error_at(struct parser *p, int line, const char *fmt, ...)
     va_end(ap);
     if (line < 1)
         line = 1;
-    if (p->nerrs == p->errs_cap) {
-        p->errs_cap = p->errs_cap ? p->errs_cap * 2 : 16;
-        p->errs = xrealloc(p->errs, p->errs_cap * sizeof *p->errs);
-    }
+    xgrow(&p->errs, &p->errs_cap, p->nerrs + 1, sizeof *p->errs);
     p->errs[p->nerrs].line = line;
     p->errs[p->nerrs].msg = utf8_clean(xasprintf("%s:%d: %s", p->file, line, msg));
     p->nerrs++;
     free(msg);
-}
-
-/* ------------------------------------------------------------------ */
-/* Reading lines                                                       */
-
-/* Read the next physical line into p->raw. Returns false at the end. A NUL
- * byte would cut the line short in every C string from here on (inih's
- * included): p->nul_at says where the first one is. */
-static bool next_line(struct parser *p)
-{
-    if (p->str_off >= p->str_len)
-        return false;
-    const char *s = p->str + p->str_off;
-    const char *nl = memchr(s, '\n', p->str_len - p->str_off);
-    size_t n = nl ? (size_t)(nl - s) + 1 : p->str_len - p->str_off;
-    const char *nul = memchr(s, '\0', n);
-    p->nul_at = nul ? (size_t)(nul - s) + 1 : 0;
-    if (n + 1 > p->raw_cap) {
-        p->raw_cap = n + 1;
-        p->raw = xrealloc(p->raw, p->raw_cap);
-    }
-    memcpy(p->raw, s, n);
-    p->raw[n] = '\0';
-    p->str_off += n;
-    return true;
-}
-
-/* inih's ini_find_chars_or_comment: the first of CHARS, or the start of an
- * inline comment (a ';' right after whitespace), or the end. */
-static char *find_chars_or_comment(char *s, const char *chars)
-{
-    bool was_space = false;
-    while (*s && (!chars || !strchr(chars, *s)) && !(was_space && *s == ';')) {
-        was_space = is_blank(*s);
-        s++;
-    }
-    return s;
-}
-
-static char *lskip(char *s)
-{
-    while (*s && is_blank(*s))
-        s++;
-    return s;
-}
-
-static void rstrip(char *s)
-{
-    char *e = s + strlen(s);
-    while (e > s && is_blank(e[-1]))
-        *--e = '\0';
-}
-
-static void begin_section(struct parser *p, char *text);
-static void list_close(struct parser *p);
-
-/* Classify the line in p->raw and split it exactly as inih will, so that the
- * handler has the full key and value even when inih saw a placeholder. */
-static void split_line(struct parser *p)
-{
-    size_t len = strlen(p->raw);
-    if (len + 1 > p->work_cap) {
-        p->work_cap = len + 1;
-        p->work = xrealloc(p->work, p->work_cap);
-    }
-    memcpy(p->work, p->raw, len + 1);
-
-    char *line = p->work;
-    char *start = line;
-    if (p->lineno == 1 && (unsigned char)start[0] == 0xEF
-        && (unsigned char)start[1] == 0xBB && (unsigned char)start[2] == 0xBF)
-        start += 3;
-    start = lskip(start);
-    rstrip(start);
-    p->key = p->value = NULL;
-
-    if (*start == '\0' || *start == ';' || *start == '#') {
-        p->kind = LK_BLANK;
-    } else if (p->have_prev && start > line) {
-        p->kind = LK_CONT;
-        char *end = find_chars_or_comment(start, NULL);
-        *end = '\0';
-        rstrip(start);
-        p->key = p->prev_key;
-        p->value = start;
-    } else if (*start == '[') {
-        char *end = find_chars_or_comment(start + 1, "]");
-        if (*end == ']') {
-            *end = '\0';
-            p->kind = LK_SECTION;
-            p->have_prev = false;
-            begin_section(p, start + 1);
-        } else {
-            p->kind = LK_BAD_SECTION;
-            p->sec = SEC_IGNORE;   /* its keys would only add noise */
-            p->cont = CONT_IGNORE;
-            error_at(p, p->lineno, "section header without ']'");
-        }
-    } else {
-        char *end = find_chars_or_comment(start, "=:");
-        if (*end == '=' || *end == ':') {
-            *end = '\0';
-            rstrip(start);
-            char *value = end + 1;
-            char *vend = find_chars_or_comment(value, NULL);
-            *vend = '\0';
-            value = lskip(value);
-            rstrip(value);
-            p->kind = LK_KEY;
-            p->key = start;
-            p->value = value;
-            p->have_prev = true;
-            free(p->prev_key);
-            p->prev_key = xstrdup(start);
-        } else {
-            struct shown sh;
-            p->kind = LK_NO_VALUE;
-            *end = '\0';
-            rstrip(start);
-            error_at(p, p->lineno, "expected \"key = value\", found \"%s\"", show(&sh, start));
-        }
-    }
-}
-
-/* The ini_reader: hands inih one physical line, or a placeholder of the same
- * shape when the line would not fit in inih's buffer of NUM bytes. */
-static char *line_reader(char *str, int num, void *stream)
-{
-    struct parser *p = stream;
-    if (num < 2 || !next_line(p))
-        return NULL;
-    p->lineno++;
-    if (p->nul_at) {
-        /* "args = -c 1\0 --evil" must not quietly become "-c 1" */
-        error_at(p, p->lineno, "this line holds a NUL byte (at column %zu), which would cut it short",
-                 p->nul_at);
-        memcpy(p->raw, "\n", 2);              /* the rest of the file is still checked */
-    }
-    split_line(p);
-    if (p->list_open_line && p->kind != LK_BLANK
-        && !(p->kind == LK_CONT && (p->cont == CONT_POOL || p->cont == CONT_MODEL)))
-        list_close(p);
-
-    size_t len = strlen(p->raw);
-    /* inih treats a line that fills its buffer (num - 1 bytes) without a
-     * newline as truncated; keep one byte of margin. */
-    if (len + 2 <= (size_t)num) {
-        memcpy(str, p->raw, len + 1);
-        p->stashed = false;
-        return str;
-    }
-    const char *ph;
-    switch (p->kind) {
-    case LK_KEY:     ph = "k = v\n"; break;
-    case LK_CONT:    ph = " v\n"; break;
-    case LK_SECTION: ph = "[s]\n"; break;
-    default:         ph = "\n"; break;   /* comment, or an error already reported */
-    }
-    snprintf(str, (size_t)num, "%s", ph);
-    p->stashed = true;
-    return str;
 }
 
 /* ------------------------------------------------------------------ */
@@ -1011,62 +782,55 @@ static const char *bad_model_name(const char *name)
     return bad_name_text(name, false);
 }
 
-static void begin_section(struct parser *p, char *text)
+/* A "[T]" line (T trimmed). */
+static void begin_section(struct parser *p, const char *t)
 {
     struct shown sh;
-    char *t = lskip(text);
-    rstrip(t);
 
     p->cont = CONT_IGNORE;
     if (!strcmp(t, "pool")) {
         if (p->pool_line)
-            error_at(p, p->lineno, "[pool] appears twice (first at line %d)", p->pool_line);
+            error_at(p, p->in.lineno, "[pool] appears twice (first at line %d)", p->pool_line);
         else
-            p->pool_line = p->lineno;
+            p->pool_line = p->in.lineno;
         p->sec = SEC_POOL;
         return;
     }
     if (strncmp(t, "model", 5) || (t[5] && !is_blank(t[5]))) {
-        error_at(p, p->lineno, "unknown section [%s]: sections are [pool] and [model NAME]",
+        error_at(p, p->in.lineno, "unknown section [%s]: sections are [pool] and [model NAME]",
                  show(&sh, t));
         p->sec = SEC_IGNORE;
         return;
     }
-    char *name = lskip(t + 5);
+    const char *name = t + 5;
+    while (is_blank(*name))
+        name++;
     if (!*name) {
-        error_at(p, p->lineno, "[model] needs a name: [model NAME]");
+        error_at(p, p->in.lineno, "[model] needs a name: [model NAME]");
         p->sec = SEC_IGNORE;
         return;
     }
 
-    if (p->nmodels == p->models_cap) {
-        p->models_cap = p->models_cap ? p->models_cap * 2 : 8;
-        p->models = xrealloc(p->models, p->models_cap * sizeof *p->models);
-    }
-    struct pmodel *m = &p->models[p->nmodels];
-    memset(m, 0, sizeof *m);
-    m->name = xstrdup(name);
-    m->line = p->lineno;
-    m->inst_min = 0;
-    m->inst_max = 1;
-    m->memory_kind = CONFIG_MEMORY_AUTO;
-    m->idle_timeout_ms = -1;
-    m->args_text = xstrdup("");
+    xgrow(&p->models, &p->models_cap, p->nmodels + 1, sizeof *p->models);
+    struct pmodel *pm = &p->models[p->nmodels];
+    *pm = (struct pmodel){ 0 };
+    model_init(&pm->model, xstrdup(name), NULL, p->in.lineno);
     p->cur_model = p->nmodels++;
     p->sec = SEC_MODEL;
 
+    const struct config_model *m = &pm->model;
     const char *why = bad_model_name(m->name);
     if (why) {
-        error_at(p, p->lineno, "invalid model name \"%s\": %s (%s)", show(&sh, m->name), why, NAME_RULE);
-        m->dropped = true;
+        error_at(p, p->in.lineno, "invalid model name \"%s\": %s (%s)", show(&sh, m->name), why, NAME_RULE);
+        pm->dropped = true;
         return;
     }
     bool added;
     struct name_ent *e = name_add(&p->names, m->name, &added);
     if (!added) {
-        error_at(p, p->lineno, "model \"%s\" is defined twice (first at line %d)",
+        error_at(p, p->in.lineno, "model \"%s\" is defined twice (first at line %d)",
                  show(&sh, m->name), e->line);
-        m->dropped = true;
+        pm->dropped = true;
         return;
     }
     e->kind = NAME_SECTION;
@@ -1078,58 +842,43 @@ static void begin_section(struct parser *p, char *text)
 /* ------------------------------------------------------------------ */
 /* Values                                                              */
 
-static void bad_size(struct parser *p, int line, const char *key, const char *v, int rc)
+#define SIZE_FORM "a size (a number with an optional K, M, G or T: 512K, 1.5G)"
+#define DURATION_FORM "a duration (a number with ms, s, m or h: 250ms, 10s, 30m, 2h)"
+
+/* Whether V, for which parse_size_x or parse_duration_x (FORM says which)
+ * answered RC, may be kept (ZERO_REFUSED: it is 0 and must not be); says
+ * why not. */
+static bool number_ok(struct parser *p, int line, const char *key, const char *v, int rc,
+                      const char *form, bool zero_refused)
 {
     struct shown sh;
     if (rc == PARSE_RANGE)
         error_at(p, line, "%s: \"%s\" is too large", key, show(&sh, v));
-    else
-        error_at(p, line, "%s: \"%s\" is not a size (a number with an optional K, M, G or T: 512K, 1.5G)",
-                 key, show(&sh, v));
+    else if (rc)
+        error_at(p, line, "%s: \"%s\" is not %s", key, show(&sh, v), form);
+    else if (zero_refused)
+        error_at(p, line, "%s: must be greater than 0", key);
+    return !rc && !zero_refused;
 }
 
-static void bad_duration(struct parser *p, int line, const char *key, const char *v, int rc)
-{
-    struct shown sh;
-    if (rc == PARSE_RANGE)
-        error_at(p, line, "%s: \"%s\" is too large", key, show(&sh, v));
-    else
-        error_at(p, line, "%s: \"%s\" is not a duration (a number with ms, s, m or h: 250ms, 10s, 30m, 2h)",
-                 key, show(&sh, v));
-}
-
-static bool get_size(struct parser *p, int line, const char *key, const char *v,
+/* A size into *OUT, which is left alone after an error (POSITIVE: 0 is one). */
+static void get_size(struct parser *p, int line, const char *key, const char *v,
                      bool positive, uint64_t *out)
 {
-    uint64_t x;
+    uint64_t x = 0;
     int rc = parse_size_x(v, &x);
-    if (rc) {
-        bad_size(p, line, key, v, rc);
-        return false;
-    }
-    if (positive && x == 0) {
-        error_at(p, line, "%s: must be greater than 0", key);
-        return false;
-    }
-    *out = x;
-    return true;
+    if (number_ok(p, line, key, v, rc, SIZE_FORM, positive && x == 0))
+        *out = x;
 }
 
-static bool get_duration(struct parser *p, int line, const char *key, const char *v,
+/* A duration, likewise. */
+static void get_duration(struct parser *p, int line, const char *key, const char *v,
                          bool positive, int64_t *out)
 {
-    int64_t x;
+    int64_t x = 0;
     int rc = parse_duration_x(v, &x);
-    if (rc) {
-        bad_duration(p, line, key, v, rc);
-        return false;
-    }
-    if (positive && x == 0) {
-        error_at(p, line, "%s: must be greater than 0", key);
-        return false;
-    }
-    *out = x;
-    return true;
+    if (number_ok(p, line, key, v, rc, DURATION_FORM, positive && x == 0))
+        *out = x;
 }
 
 static bool get_uint(struct parser *p, int line, const char *key, const char *v,
@@ -1227,10 +976,10 @@ static bool add_words(struct parser *p, int line, const char *key, const char *v
     size_t n;
     const char *err;
     if (config_split_words(v, &words, &n, &err)) {
-        /* inih cut the line at " ;" even inside quotes: say so. */
+        /* the line was cut at " ;" even inside quotes: say so. */
         bool cut = false;
-        for (const char *s = p->raw; *s; s++)
-            if (*s == ';' && s > p->raw && is_blank(s[-1]))
+        for (size_t i = 1; i < p->in.raw_len; i++)
+            if (p->in.raw[i] == ';' && is_blank(p->in.raw[i - 1]))
                 cut = true;
         error_at(p, line, "%s: %s%s", key, err,
                  cut ? " (note: ';' after whitespace starts a comment, even inside quotes)" : "");
@@ -1365,6 +1114,14 @@ static char *list_item(struct parser *p, int line, const char *key, enum list_ki
     return NULL;
 }
 
+/* No list is open any more (see list_open). */
+static void list_forget(struct parser *p)
+{
+    p->list_open_line = 0;
+    free(p->list_open_text);
+    p->list_open_text = NULL;
+}
+
 /* A list's value ended with ',' on line LINE: fine when the list goes on
  * on an indented line, an empty item otherwise. */
 static void list_open(struct parser *p, int line, const char *key, const char *v)
@@ -1384,9 +1141,7 @@ static void list_close(struct parser *p)
     error_at(p, p->list_open_line, "%s has an empty item after its last ',' "
              "(a list may end a line with ',' only when it goes on on the next, indented, line)",
              show(&sh, p->list_open_text));
-    p->list_open_line = 0;
-    free(p->list_open_text);
-    p->list_open_text = NULL;
+    list_forget(p);
 }
 
 /* Comma-separated items, trimmed. An empty item is an error (an empty API
@@ -1397,11 +1152,9 @@ static void add_list(struct parser *p, int line, const char *key, const char *v,
                      struct strvec *sv, int **lines, size_t *lines_cap, enum list_kind kind)
 {
     struct shown sh;
-    bool cont = p->kind == LK_CONT;
+    bool cont = p->in.kind == LINE_CONT;
     bool after_comma = p->list_open_line != 0;
-    p->list_open_line = 0;
-    free(p->list_open_text);
-    p->list_open_text = NULL;
+    list_forget(p);
     if (!*v)
         return;
 
@@ -1419,10 +1172,7 @@ static void add_list(struct parser *p, int line, const char *key, const char *v,
                 empty_inside = true;                 /* leading ',' is fine on a continuation */
         } else if ((item = list_item(p, line, key, kind, item, sv))) {
             if (lines) {
-                if (sv->n + 1 > *lines_cap) {
-                    *lines_cap = *lines_cap ? *lines_cap * 2 : 4;
-                    *lines = xrealloc(*lines, *lines_cap * sizeof **lines);
-                }
+                xgrow(lines, lines_cap, sv->n + 1, sizeof **lines);
                 (*lines)[sv->n] = line;
             }
             strvec_push(sv, item);
@@ -1432,9 +1182,7 @@ static void add_list(struct parser *p, int line, const char *key, const char *v,
         s = comma + 1;
     }
     if (empty_inside) {
-        p->list_open_line = 0;                       /* one message for the line */
-        free(p->list_open_text);
-        p->list_open_text = NULL;
+        list_forget(p);                              /* one message for the line */
         error_at(p, line, "%s: \"%s\" has an empty item (a ',' with nothing before or after it)",
                  key, show(&sh, v));
     }
@@ -1450,8 +1198,9 @@ static bool valid_env_name(const char *s, size_t len)
     return true;
 }
 
-static void add_env(struct parser *p, int line, struct pmodel *m, const char *v)
+static void add_env(struct parser *p, int line, struct pmodel *pm, const char *v)
 {
+    struct config_model *m = &pm->model;
     struct shown sh;
     char **words;
     size_t n;
@@ -1475,20 +1224,17 @@ static void add_env(struct parser *p, int line, struct pmodel *m, const char *v)
             continue;
         }
         bool dup = false;
-        for (size_t j = 0; j < m->env.n; j++)
-            if (!strcmp(m->env.v[j].name, w))
+        for (size_t j = 0; j < m->nenv; j++)
+            if (!strcmp(m->env[j].name, w))
                 dup = true;
         if (dup) {
             error_at(p, line, "env: %s is set twice", show(&sh, w));
             continue;
         }
-        if (m->env.n == m->env.cap) {
-            m->env.cap = m->env.cap ? m->env.cap * 2 : 4;
-            m->env.v = xrealloc(m->env.v, m->env.cap * sizeof *m->env.v);
-        }
-        m->env.v[m->env.n].name = xstrdup(w);
-        m->env.v[m->env.n].value = xstrdup(eq + 1);
-        m->env.n++;
+        xgrow(&m->env, &pm->env_cap, m->nenv + 1, sizeof *m->env);
+        m->env[m->nenv].name = xstrdup(w);
+        m->env[m->nenv].value = xstrdup(eq + 1);
+        m->nenv++;
     }
     util_strv_free(words);
 }
@@ -1535,7 +1281,7 @@ static bool value_is_utf8(struct parser *p, int line, const char *key, const cha
         return true;
     error_at(p, line, "%s: the value is not valid UTF-8 (byte 0x%02X at position %zu of the value)",
              key, (unsigned char)v[bad], bad + 1);
-    p->list_open_line = 0;          /* the line is refused whole: no list to go on */
+    list_forget(p);                 /* the line is refused whole: no list to go on */
     return false;
 }
 
@@ -1543,12 +1289,28 @@ static bool value_is_utf8(struct parser *p, int line, const char *key, const cha
 static void pool_value(struct parser *p, int k, const char *v)
 {
     struct config *c = p->cfg;
-    int line = p->lineno;
+    int line = p->in.lineno;
     const char *key = pool_keys[k];
     struct shown sh;
 
     if (!value_is_utf8(p, line, key, v))
         return;
+
+    const struct number_key *nk = &pool_numbers[k];
+    char *field = (char *)c + nk->offset;
+    switch (nk->type) {
+    case NK_SIZE:
+        get_size(p, line, key, v, nk->positive, (uint64_t *)field);
+        return;
+    case NK_DURATION:
+        get_duration(p, line, key, v, nk->positive, (int64_t *)field);
+        return;
+    case NK_COUNT:
+        get_uint(p, line, key, v, nk->min, nk->max, (unsigned *)field);
+        return;
+    case NK_NONE:
+        break;
+    }
 
     switch ((enum pool_key)k) {
     case PK_LISTEN:
@@ -1613,49 +1375,18 @@ static void pool_value(struct parser *p, int k, const char *v)
             }
             free(num);
         } else {
-            uint64_t x;
+            uint64_t x = 0;
             int rc = parse_size_x(v, &x);
             if (rc == PARSE_SYNTAX)
                 error_at(p, line, "memory_budget: \"%s\" is not auto, a size (48G) or a percentage (75%%)",
                          show(&sh, v));
-            else if (rc)
-                bad_size(p, line, key, v, rc);
-            else if (x == 0)
-                error_at(p, line, "memory_budget: must be greater than 0");
-            else {
+            else if (number_ok(p, line, key, v, rc, SIZE_FORM, x == 0)) {
                 c->budget_kind = CONFIG_BUDGET_SIZE;
                 c->budget_bytes = x;
             }
         }
         break;
     }
-    case PK_MEMORY_RESERVE:
-        get_size(p, line, key, v, false, &c->memory_reserve);
-        break;
-    case PK_IDLE_TIMEOUT:
-        get_duration(p, line, key, v, false, &c->idle_timeout_ms);
-        break;
-    case PK_START_TIMEOUT:
-        get_duration(p, line, key, v, true, &c->start_timeout_ms);
-        break;
-    case PK_STOP_TIMEOUT:
-        get_duration(p, line, key, v, false, &c->stop_timeout_ms);
-        break;
-    case PK_HEALTH_INTERVAL:
-        get_duration(p, line, key, v, true, &c->health_interval_ms);
-        break;
-    case PK_MAX_QUEUE:
-        get_uint(p, line, key, v, 0, 1000000, &c->max_queue);
-        break;
-    case PK_QUEUE_TIMEOUT:
-        get_duration(p, line, key, v, false, &c->queue_timeout_ms);
-        break;
-    case PK_MAX_RESTARTS:
-        get_uint(p, line, key, v, 0, 1000000, &c->max_restarts);
-        break;
-    case PK_RESTART_WINDOW:
-        get_duration(p, line, key, v, true, &c->restart_window_ms);
-        break;
     case PK_LOG_DIR:
         if (!*v)
             error_at(p, line, "log_dir: needs a directory");
@@ -1682,24 +1413,6 @@ static void pool_value(struct parser *p, int k, const char *v)
         free(c->admin_key);
         c->admin_key = *v ? xstrdup(v) : NULL;
         break;
-    case PK_MAX_BODY:
-        get_size(p, line, key, v, true, &c->max_body);
-        break;
-    case PK_MAX_HEADER:
-        get_size(p, line, key, v, true, &c->max_header);
-        break;
-    case PK_HEADER_TIMEOUT:
-        get_duration(p, line, key, v, true, &c->header_timeout_ms);
-        break;
-    case PK_KEEPALIVE_TIMEOUT:
-        get_duration(p, line, key, v, false, &c->keepalive_timeout_ms);
-        break;
-    case PK_MAX_CONNECTIONS:
-        get_uint(p, line, key, v, 1, 10000000, &c->max_connections);
-        break;
-    case PK_BODY_TIMEOUT:
-        get_duration(p, line, key, v, false, &c->body_timeout_ms);
-        break;
     case PK_DRAIN_TIMEOUT:
         if (!*v)
             c->drain_timeout_ms = -1;   /* empty: follow stop_timeout, as when unset */
@@ -1709,15 +1422,16 @@ static void pool_value(struct parser *p, int k, const char *v)
     case PK_CORS_ORIGINS:
         add_list(p, line, key, v, &p->cors_origins, NULL, NULL, LIST_ORIGINS);
         break;
-    case PK__COUNT:
+    default:                    /* a number: read above */
         break;
     }
 }
 
 /* One value (or continuation) for a [model]. */
-static void model_value(struct parser *p, struct pmodel *m, int k, const char *v)
+static void model_value(struct parser *p, struct pmodel *pm, int k, const char *v)
 {
-    int line = p->lineno;
+    struct config_model *m = &pm->model;
+    int line = p->in.lineno;
     const char *key = model_keys[k];
     struct shown sh;
 
@@ -1738,7 +1452,7 @@ static void model_value(struct parser *p, struct pmodel *m, int k, const char *v
         }
         break;
     case MK_ARGS:
-        add_words(p, line, key, v, &m->args);
+        add_words(p, line, key, v, &pm->args);
         append_text(&m->args_text, v);
         break;
     case MK_INSTANCES: {
@@ -1759,8 +1473,8 @@ static void model_value(struct parser *p, struct pmodel *m, int k, const char *v
         else if (a > b)
             error_at(p, line, "instances: \"%s\": the minimum is larger than the maximum", show(&sh, v));
         else {
-            m->inst_min = a;
-            m->inst_max = b;
+            m->instances_min = a;
+            m->instances_max = b;
         }
         break;
     }
@@ -1769,8 +1483,9 @@ static void model_value(struct parser *p, struct pmodel *m, int k, const char *v
             m->memory_kind = CONFIG_MEMORY_AUTO;
             break;
         }
-        uint64_t x;
-        if (get_size(p, line, key, v, true, &x)) {
+        uint64_t x = 0;
+        get_size(p, line, key, v, true, &x);
+        if (x) {                /* else reported: 0 is refused */
             m->memory_kind = CONFIG_MEMORY_SIZE;
             m->memory_bytes = x;
         }
@@ -1784,194 +1499,148 @@ static void model_value(struct parser *p, struct pmodel *m, int k, const char *v
         get_duration(p, line, key, v, false, &m->idle_timeout_ms);
         break;
     case MK_ALIASES:
-        add_list(p, line, key, v, &m->aliases, &m->alias_lines, &m->alias_lines_cap, LIST_ALIASES);
+        add_list(p, line, key, v, &pm->aliases, &pm->alias_lines, &pm->alias_lines_cap, LIST_ALIASES);
         break;
     case MK_ENV:
-        add_env(p, line, m, v);
+        add_env(p, line, pm, v);
         break;
     case MK__COUNT:
         break;
     }
 }
 
-/* The ini_handler: called for each key line and continuation line, right
- * after line_reader returned it. */
-static int on_value(void *user, const char *section, const char *name, const char *value)
+/* One value (or continuation) for key K of the current section. */
+static void section_value(struct parser *p, int k, const char *v)
 {
-    struct parser *p = user;
-    struct shown sh;
-    (void)section;   /* ours is p->sec: inih's is cut at 50 bytes */
-
-    if (p->kind == LK_CONT) {
-        /* Our own split of the line, not inih's: inih 55 keeps an inline
-         * "; comment" on continuation lines. */
-        switch (p->cont) {
-        case CONT_IGNORE:
-            break;
-        case CONT_REFUSE:
-            error_at(p, p->lineno, "\"%s\" takes one line: this indented line continues its value "
-                     "(only args, default_args, aliases, api_keys and env take more lines)",
-                     show(&sh, p->prev_key));
-            break;
-        case CONT_POOL:
-            pool_value(p, p->cont_key, p->value);
-            break;
-        case CONT_MODEL:
-            model_value(p, &p->models[p->cur_model], p->cont_key, p->value);
-            break;
-        }
-        return 1;
-    }
-    if (p->kind != LK_KEY) {
-        /* inih and split_line disagree: cannot happen, but say something. */
-        error_at(p, p->lineno, "cannot parse this line");
-        return 1;
-    }
-    if (!p->stashed) {
-        p->key = name;
-        p->value = value;
-    }
-    const char *key = p->key, *v = p->value;
-    p->cont = CONT_IGNORE;
-
-    if (p->sec == SEC_IGNORE)
-        return 1;
-    if (p->sec == SEC_NONE) {
-        error_at(p, p->lineno, "key \"%s\" is outside any section: put it under [pool] or [model NAME]",
-                 show(&sh, key));
-        return 1;
-    }
-    if (p->sec == SEC_POOL) {
-        int k = key_index(pool_keys, PK__COUNT, key);
-        if (k < 0) {
-            const char *hint = closest_key(pool_keys, PK__COUNT, key);
-            if (hint)
-                error_at(p, p->lineno, "unknown key \"%s\" in [pool] (did you mean %s?)", show(&sh, key), hint);
-            else if (key_index(model_keys, MK__COUNT, key) >= 0)
-                error_at(p, p->lineno, "unknown key \"%s\" in [pool] (it belongs in a [model NAME] section)",
-                         show(&sh, key));
-            else
-                error_at(p, p->lineno, "unknown key \"%s\" in [pool]", show(&sh, key));
-            return 1;
-        }
-        if (p->pool_key_line[k]) {
-            error_at(p, p->lineno, "key \"%s\" is repeated in [pool] (first at line %d)", key, p->pool_key_line[k]);
-            return 1;
-        }
-        p->pool_key_line[k] = p->lineno;
-        p->cont = pool_key_multiline(k) ? CONT_POOL : CONT_REFUSE;
-        p->cont_key = k;
+    if (p->sec == SEC_POOL)
         pool_value(p, k, v);
-        return 1;
-    }
+    else
+        model_value(p, &p->models[p->cur_model], k, v);
+}
 
-    struct pmodel *m = &p->models[p->cur_model];
-    int k = key_index(model_keys, MK__COUNT, key);
+/* A "key = value" line. */
+static void on_key(struct parser *p, const char *key, const char *v)
+{
+    struct shown sh, sh2;
+    int line = p->in.lineno;
+
+    p->cont = CONT_IGNORE;
+    if (p->sec == SEC_IGNORE)
+        return;
+    if (p->sec == SEC_NONE) {
+        error_at(p, line, "key \"%s\" is outside any section: put it under [pool] or [model NAME]",
+                 show(&sh, key));
+        return;
+    }
+    bool pool = p->sec == SEC_POOL;
+    const struct section_def *sd = pool ? &pool_section : &model_section;
+    int *key_line = pool ? p->pool_key_line : p->models[p->cur_model].key_line;
+    char where[sizeof sh2.buf + 16];
+    if (pool)
+        snprintf(where, sizeof where, "[pool]");
+    else
+        snprintf(where, sizeof where, "[model %s]", show(&sh2, p->models[p->cur_model].model.name));
+
+    int k = key_index(sd->keys, sd->nkeys, key);
     if (k < 0) {
-        struct shown sh2;
-        const char *hint = closest_key(model_keys, MK__COUNT, key);
+        const char *hint = closest_key(sd->keys, sd->nkeys, key);
         if (hint)
-            error_at(p, p->lineno, "unknown key \"%s\" in [model %s] (did you mean %s?)",
-                     show(&sh, key), show(&sh2, m->name), hint);
-        else if (key_index(pool_keys, PK__COUNT, key) >= 0)
-            error_at(p, p->lineno, "unknown key \"%s\" in [model %s] (it belongs in [pool])",
-                     show(&sh, key), show(&sh2, m->name));
+            error_at(p, line, "unknown key \"%s\" in %s (did you mean %s?)", show(&sh, key), where, hint);
+        else if (key_index(sd->other_keys, sd->nother_keys, key) >= 0)
+            error_at(p, line, "unknown key \"%s\" in %s (%s)", show(&sh, key), where, sd->other_hint);
         else
-            error_at(p, p->lineno, "unknown key \"%s\" in [model %s]", show(&sh, key), show(&sh2, m->name));
-        return 1;
+            error_at(p, line, "unknown key \"%s\" in %s", show(&sh, key), where);
+        return;
     }
-    if (m->key_line[k]) {
-        struct shown sh2;
-        error_at(p, p->lineno, "key \"%s\" is repeated in [model %s] (first at line %d)",
-                 key, show(&sh2, m->name), m->key_line[k]);
-        return 1;
+    if (key_line[k]) {
+        error_at(p, line, "key \"%s\" is repeated in %s (first at line %d)", key, where, key_line[k]);
+        return;
     }
-    m->key_line[k] = p->lineno;
-    p->cont = model_key_multiline(k) ? CONT_MODEL : CONT_REFUSE;
+    key_line[k] = line;
+    p->cont = sd->multiline & (1u << k) ? CONT_VALUE : CONT_REFUSE;
     p->cont_key = k;
-    model_value(p, m, k, v);
-    return 1;
+    section_value(p, k, v);
+}
+
+/* An indented line after the line of KEY: more of its value. */
+static void on_continuation(struct parser *p, const char *key, const char *v)
+{
+    struct shown sh;
+    switch (p->cont) {
+    case CONT_IGNORE:
+        break;
+    case CONT_REFUSE:
+        error_at(p, p->in.lineno, "\"%s\" takes one line: this indented line continues its value "
+                 "(only args, default_args, aliases, api_keys and env take more lines)",
+                 show(&sh, key));
+        break;
+    case CONT_VALUE:
+        section_value(p, p->cont_key, v);
+        break;
+    }
+}
+
+/* Every line of the file, in order. */
+static void parse_lines(struct parser *p)
+{
+    struct config_ini *in = &p->in;
+    struct shown sh;
+    while (config_ini_next(in)) {
+        if (in->nul_at) {
+            /* "args = -c 1\0 --evil" must not quietly become "-c 1" */
+            error_at(p, in->lineno, "this line holds a NUL byte (at column %zu), which would cut it short",
+                     in->nul_at);
+        }
+        switch (in->kind) {
+        case LINE_SECTION:
+            begin_section(p, in->text);
+            break;
+        case LINE_BAD_SECTION:
+            p->sec = SEC_IGNORE;   /* its keys would only add noise */
+            p->cont = CONT_IGNORE;
+            error_at(p, in->lineno, "section header without ']'");
+            break;
+        case LINE_NO_VALUE:
+            error_at(p, in->lineno, "expected \"key = value\", found \"%s\"", show(&sh, in->text));
+            break;
+        case LINE_BLANK:
+        case LINE_KEY:
+        case LINE_CONT:
+            break;
+        }
+        /* A list whose line ended with ',' goes on only on its own
+         * continuation lines. */
+        if (p->list_open_line && in->kind != LINE_BLANK
+            && !(in->kind == LINE_CONT && p->cont == CONT_VALUE))
+            list_close(p);
+        if (in->kind == LINE_KEY)
+            on_key(p, in->key, in->value);
+        else if (in->kind == LINE_CONT)
+            on_continuation(p, in->key, in->value);
+    }
+    list_close(p);                 /* a list's last line ended with ',' */
 }
 
 /* ------------------------------------------------------------------ */
 /* Whole-file checks                                                   */
 
-static int cmp_found(const void *a, const void *b)
-{
-    const struct found *x = a, *y = b;
-    int c = strcmp(x->name, y->name);
-    return c ? c : strcmp(x->fname, y->fname);
-}
-
-static bool ends_with_shard_suffix(const char *stem, size_t len, unsigned *part)
-{
-    /* "-00001-of-00003": llama.cpp's split naming, five digits each */
-    static const char pat[] = "-ddddd-of-ddddd";
-    size_t pl = sizeof pat - 1;
-    if (len < pl)
-        return false;
-    const char *s = stem + len - pl;
-    for (size_t i = 0; i < pl; i++) {
-        if (pat[i] == 'd' ? !isdigit((unsigned char)s[i]) : s[i] != pat[i])
-            return false;
-    }
-    *part = (unsigned)atoi(s + 1);
-    return true;
-}
-
-static void found_add(struct parser *p, const char *dir, const char *fname, size_t stem_len)
-{
-    if (p->nfound == p->found_cap) {
-        p->found_cap = p->found_cap ? p->found_cap * 2 : 256;
-        p->found = xrealloc(p->found, p->found_cap * sizeof *p->found);
-    }
-    struct found *f = &p->found[p->nfound++];
-    f->name = xstrndup(fname, stem_len);
-    f->path = xasprintf("%s/%s", dir, fname);
-    f->fname = f->path + strlen(dir) + 1;
-    f->used = false;
-}
-
-/* Every *.gguf regular file in models_dir (first parts of split models). */
-static void scan_models_dir(struct parser *p)
+/* The models that models_dir offers (config_discover) join the names: a
+ * file whose name is no model name is skipped with a warning, two files
+ * that give one name are an error, and a [model NAME] section without a
+ * path takes the file of its name. */
+static void merge_models_dir(struct parser *p)
 {
     const char *dir = p->cfg->models_dir;
     int line = p->pool_key_line[PK_MODELS_DIR];
     struct shown sh;
 
-    DIR *d = opendir(dir);
-    if (!d) {
-        error_at(p, line, "models_dir: cannot open \"%s\": %s", show(&sh, dir), strerror(errno));
+    if (config_discover(dir, &p->found, &p->nfound)) {
+        int e = errno;
+        error_at(p, line, "models_dir: cannot open \"%s\": %s", show(&sh, dir), strerror(e));
         return;
     }
-    struct dirent *de;
-    while ((de = readdir(d))) {
-        const char *name = de->d_name;
-        size_t len = strlen(name);
-        if (name[0] == '.' || len <= 5 || strcasecmp(name + len - 5, ".gguf"))
-            continue;
-        if (de->d_type == DT_UNKNOWN || de->d_type == DT_LNK) {
-            struct stat st;
-            if (fstatat(dirfd(d), name, &st, 0) || !S_ISREG(st.st_mode))
-                continue;
-        } else if (de->d_type != DT_REG) {
-            continue;
-        }
-        size_t stem = len - 5;
-        unsigned part;
-        if (ends_with_shard_suffix(name, stem, &part)) {
-            if (part != 1)
-                continue;
-            stem -= 15;
-        }
-        found_add(p, dir, name, stem);
-    }
-    closedir(d);
-    if (p->nfound > 1)          /* qsort(NULL, 0, …) is undefined */
-        qsort(p->found, p->nfound, sizeof *p->found, cmp_found);
-
     for (size_t i = 0; i < p->nfound; i++) {
-        struct found *f = &p->found[i];
+        struct config_found *f = &p->found[i];
         struct shown sh2;
         const char *why = bad_model_name(f->name);
         if (why) {
@@ -1997,11 +1666,9 @@ static void scan_models_dir(struct parser *p)
                      show(&sh, e->file + strlen(dir) + 1), show(&sh2, f->fname), f->name);
         } else {
             /* a [model NAME] section overrides the discovered model */
-            struct pmodel *m = &p->models[e->index];
-            if (!m->key_line[MK_PATH]) {
-                m->path = xstrdup(f->path);
-                m->found_file = f->path;
-            }
+            struct pmodel *pm = &p->models[e->index];
+            if (!pm->key_line[MK_PATH])
+                pm->model.path = xstrdup(f->path);
         }
     }
 }
@@ -2009,12 +1676,13 @@ static void scan_models_dir(struct parser *p)
 static void check_aliases(struct parser *p)
 {
     for (size_t i = 0; i < p->nmodels; i++) {
-        struct pmodel *m = &p->models[i];
-        if (m->dropped)
+        struct pmodel *pm = &p->models[i];
+        const struct config_model *m = &pm->model;
+        if (pm->dropped)
             continue;
-        for (size_t j = 0; j < m->aliases.n; j++) {
-            const char *a = m->aliases.v[j];
-            int line = m->alias_lines[j];
+        for (size_t j = 0; j < pm->aliases.n; j++) {
+            const char *a = pm->aliases.v[j];
+            int line = pm->alias_lines[j];
             struct shown sh, sh2;
             bool added;
             struct name_ent *e = name_add(&p->names, a, &added);
@@ -2049,11 +1717,12 @@ static void finish(struct parser *p)
     struct shown sh;
 
     if (c->models_dir)
-        scan_models_dir(p);
+        merge_models_dir(p);
 
     for (size_t i = 0; i < p->nmodels; i++) {
-        struct pmodel *m = &p->models[i];
-        if (m->dropped || m->path || m->key_line[MK_PATH])
+        struct pmodel *pm = &p->models[i];
+        const struct config_model *m = &pm->model;
+        if (pm->dropped || m->path || pm->key_line[MK_PATH])
             continue;   /* has one, or its path line was already reported */
         if (c->models_dir)
             error_at(p, m->line, "model \"%s\" has no path, and models_dir has no %s.gguf",
@@ -2080,6 +1749,25 @@ static void finish(struct parser *p)
     }
 }
 
+/* Whether F is a model of its own: a name of its own (not a section's,
+ * not another file's). */
+static bool found_is_model(const struct parser *p, const struct config_found *f)
+{
+    const struct name_ent *e = f->used ? name_find(&p->names, f->name) : NULL;
+    return e && e->kind == NAME_FOUND && e->file == f->path;
+}
+
+/* Moves model FROM into cfg (FROM is left empty), with ARGS and ALIASES. */
+static void add_model(struct config *c, struct config_model *from,
+                      struct strvec *args, struct strvec *aliases)
+{
+    struct config_model *m = &c->models[c->nmodels++];
+    *m = *from;
+    *from = (struct config_model){ 0 };
+    m->args = strvec_take(args, &m->nargs);
+    m->aliases = strvec_take(aliases, &m->naliases);
+}
+
 /* Move the parsed models into cfg: sections in file order, then the ones
  * found in models_dir by name. */
 static void build_models(struct parser *p)
@@ -2088,56 +1776,25 @@ static void build_models(struct parser *p)
     size_t n = 0;
     for (size_t i = 0; i < p->nmodels; i++)
         n += !p->models[i].dropped;
-    for (size_t i = 0; i < p->nfound; i++) {
-        struct name_ent *e = p->found[i].used ? name_find(&p->names, p->found[i].name) : NULL;
-        n += e && e->kind == NAME_FOUND && e->file == p->found[i].path;
-    }
+    for (size_t i = 0; i < p->nfound; i++)
+        n += found_is_model(p, &p->found[i]);
     c->models = xcalloc(n, sizeof *c->models);
 
     for (size_t i = 0; i < p->nmodels; i++) {
         struct pmodel *pm = &p->models[i];
-        if (pm->dropped)
-            continue;
-        struct config_model *m = &c->models[c->nmodels++];
-        m->name = pm->name;
-        pm->name = NULL;
-        m->path = pm->path;
-        pm->path = NULL;
-        m->args = strvec_take(&pm->args, &m->nargs);
-        m->args_text = pm->args_text;
-        pm->args_text = NULL;
-        m->instances_min = pm->inst_min;
-        m->instances_max = pm->inst_max;
-        m->memory_kind = pm->memory_kind;
-        m->memory_bytes = pm->memory_bytes;
-        m->pin = pm->pin;
-        m->idle_timeout_ms = pm->idle_timeout_ms;
-        m->aliases = strvec_take(&pm->aliases, &m->naliases);
-        m->env = pm->env.v;
-        m->nenv = pm->env.n;
-        pm->env.v = NULL;
-        pm->env.n = 0;
-        m->from_models_dir = false;
-        m->line = pm->line;
+        if (!pm->dropped)
+            add_model(c, &pm->model, &pm->args, &pm->aliases);
     }
     for (size_t i = 0; i < p->nfound; i++) {
-        struct found *f = &p->found[i];
-        struct name_ent *e = f->used ? name_find(&p->names, f->name) : NULL;
-        if (!e || e->kind != NAME_FOUND || e->file != f->path)
+        struct config_found *f = &p->found[i];
+        if (!found_is_model(p, f))
             continue;
-        struct config_model *m = &c->models[c->nmodels++];
-        m->name = f->name;
-        m->path = f->path;
+        struct config_model m;
+        struct strvec none = { 0 };
+        model_init(&m, f->name, f->path, 0);
         f->name = f->path = NULL;
-        m->args = xcalloc(1, sizeof *m->args);
-        m->args_text = xstrdup("");
-        m->instances_min = 0;
-        m->instances_max = 1;
-        m->memory_kind = CONFIG_MEMORY_AUTO;
-        m->idle_timeout_ms = -1;
-        m->aliases = xcalloc(1, sizeof *m->aliases);
-        m->from_models_dir = true;
-        m->line = 0;
+        m.from_models_dir = true;
+        add_model(c, &m, &none, &none);
     }
 }
 
@@ -2174,33 +1831,20 @@ static void set_defaults(struct config *c)
 static void parser_free(struct parser *p)
 {
     free(p->dir);
-    free(p->raw);
-    free(p->work);
-    free(p->prev_key);
+    config_ini_free(&p->in);
     free(p->list_open_text);
     strvec_free(&p->default_args);
     strvec_free(&p->api_keys);
     strvec_free(&p->cors_origins);
     for (size_t i = 0; i < p->nmodels; i++) {
-        struct pmodel *m = &p->models[i];
-        free(m->name);
-        free(m->path);
-        strvec_free(&m->args);
-        free(m->args_text);
-        strvec_free(&m->aliases);
-        free(m->alias_lines);
-        for (size_t j = 0; j < m->env.n; j++) {
-            free(m->env.v[j].name);
-            free(m->env.v[j].value);
-        }
-        free(m->env.v);
+        struct pmodel *pm = &p->models[i];
+        model_free(&pm->model);
+        strvec_free(&pm->args);
+        strvec_free(&pm->aliases);
+        free(pm->alias_lines);
     }
     free(p->models);
-    for (size_t i = 0; i < p->nfound; i++) {
-        free(p->found[i].name);
-        free(p->found[i].path);
-    }
-    free(p->found);
+    config_found_free(p->found, p->nfound);
     free(p->names.v);
     for (size_t i = 0; i < p->nerrs; i++)
         free(p->errs[i].msg);
@@ -2273,17 +1917,13 @@ static struct config *load(const char *name, const char *text, size_t len,
     struct parser p = { 0 };
     p.file = name;
     p.dir = file_dir(name);
-    p.str = text;
-    p.str_len = len;
+    p.in.src = text;
+    p.in.len = len;
     p.cfg = xcalloc(1, sizeof *p.cfg);
     p.cfg->file = xstrdup(name);
     set_defaults(p.cfg);
 
-    int rc = ini_parse_stream(line_reader, &p, on_value, &p);
-    list_close(&p);                /* a list's last line ended with ',' */
-
-    if (rc != 0 && p.nerrs == 0)   /* inih found something we did not */
-        error_at(&p, rc > 0 ? rc : 1, "syntax error");
+    parse_lines(&p);
     finish(&p);
 
     if (p.nerrs) {
@@ -2327,65 +1967,54 @@ static char *too_large(const char *name)
                      name, CONFIG_MAX_BYTES, CONFIG_MAX_BYTES >> 20);
 }
 
-/* The whole of PATH, a regular file of at most CONFIG_MAX_BYTES, in *OUT
- * (malloc'd, NUL-terminated, *LEN bytes before that NUL). NULL on success,
- * else the message. O_NONBLOCK: opening a FIFO must not wait for a writer. */
-static char *read_config_file(const char *path, char **out, size_t *len)
+static char *cannot_read(const char *path, int e)
+{
+    return xasprintf("%s: cannot read: %s", path, strerror(e));
+}
+
+/* Reads FD (PATH) to its end into TEXT. NULL on success, else the message. */
+static char *read_open_file(int fd, const char *path, struct buf *text)
+{
+    struct stat st;
+    if (fstat(fd, &st) < 0)
+        return cannot_read(path, errno);
+    if (S_ISDIR(st.st_mode))
+        return cannot_read(path, EISDIR);
+    if (!S_ISREG(st.st_mode))
+        return xasprintf("%s: cannot read: it is %s, not a regular file", path, file_kind(st.st_mode));
+    if (st.st_size > CONFIG_MAX_BYTES)
+        return too_large(path);
+    xbuf_reserve(text, (size_t)st.st_size);
+    /* The size may change while we read (or be 0, as in /proc): read
+     * until the end, but stop once past the limit. */
+    for (;;) {
+        char chunk[16384];
+        ssize_t r = read(fd, chunk, sizeof chunk);
+        if (r < 0 && errno == EINTR)
+            continue;
+        if (r < 0)
+            return cannot_read(path, errno);
+        if (r == 0)
+            return NULL;
+        if ((size_t)r > CONFIG_MAX_BYTES - text->len)
+            return too_large(path);
+        xbuf_append(text, chunk, (size_t)r);
+    }
+}
+
+/* The whole of PATH, a regular file of at most CONFIG_MAX_BYTES, in TEXT
+ * (empty on entry). NULL on success, else the message (TEXT freed).
+ * O_NONBLOCK: opening a FIFO must not wait for a writer. */
+static char *read_config_file(const char *path, struct buf *text)
 {
     int fd = open(path, O_RDONLY | O_CLOEXEC | O_NONBLOCK | O_NOCTTY);
     if (fd < 0)
-        return xasprintf("%s: cannot read: %s", path, strerror(errno));
-    struct stat st;
-    if (fstat(fd, &st) < 0) {
-        int e = errno;
-        close(fd);
-        return xasprintf("%s: cannot read: %s", path, strerror(e));
-    }
-    if (S_ISDIR(st.st_mode)) {
-        close(fd);
-        return xasprintf("%s: cannot read: %s", path, strerror(EISDIR));
-    }
-    if (!S_ISREG(st.st_mode)) {
-        close(fd);
-        return xasprintf("%s: cannot read: it is %s, not a regular file", path, file_kind(st.st_mode));
-    }
-    if (st.st_size > CONFIG_MAX_BYTES) {
-        close(fd);
-        return too_large(path);
-    }
-    /* The size may change while we read (or be 0, as in /proc): read
-     * until the end, but never past the limit. */
-    size_t cap = (size_t)st.st_size + 1, n = 0;
-    char *buf = xrealloc(NULL, cap + 1);
-    for (;;) {
-        if (n == cap) {
-            if (cap > CONFIG_MAX_BYTES)
-                break;
-            cap = cap * 2 > (size_t)CONFIG_MAX_BYTES + 1 ? (size_t)CONFIG_MAX_BYTES + 1 : cap * 2;
-            buf = xrealloc(buf, cap + 1);
-        }
-        ssize_t r = read(fd, buf + n, cap - n);
-        if (r < 0 && errno == EINTR)
-            continue;
-        if (r < 0) {
-            int e = errno;
-            close(fd);
-            free(buf);
-            return xasprintf("%s: cannot read: %s", path, strerror(e));
-        }
-        if (r == 0)
-            break;
-        n += (size_t)r;
-    }
+        return cannot_read(path, errno);
+    char *err = read_open_file(fd, path, text);
     close(fd);
-    if (n > CONFIG_MAX_BYTES) {
-        free(buf);
-        return too_large(path);
-    }
-    buf[n] = '\0';
-    *out = buf;
-    *len = n;
-    return NULL;
+    if (err)
+        buf_free(text);
+    return err;
 }
 
 struct config *config_load(const char *path, struct config_errors *errs)
@@ -2394,15 +2023,14 @@ struct config *config_load(const char *path, struct config_errors *errs)
         errs->msgs = NULL;
         errs->n = 0;
     }
-    char *text = NULL;
-    size_t len = 0;
-    char *err = read_config_file(path, &text, &len);
+    struct buf text = { 0 };
+    char *err = read_config_file(path, &text);
     if (err) {
         single_error(errs, err);
         return NULL;
     }
-    struct config *c = load(path, text, len, errs);
-    free(text);
+    struct config *c = load(path, text.data ? text.data : "", text.len, errs);
+    buf_free(&text);
     return c;
 }
 
@@ -2421,6 +2049,28 @@ struct config *config_load_string(const char *name, const char *text,
     return load(name, text ? text : "", len, errs);
 }
 
+char *config_peek_pool_key(const char *path, const char *key)
+{
+    struct buf text = { 0 };
+    char *err = read_config_file(path, &text);
+    if (err) {
+        free(err);
+        return NULL;
+    }
+    struct config_ini in = { .src = text.data, .len = text.len };
+    bool in_pool = false;
+    char *value = NULL;
+    while (!value && config_ini_next(&in)) {
+        if (in.kind == LINE_SECTION || in.kind == LINE_BAD_SECTION)
+            in_pool = in.kind == LINE_SECTION && !strcmp(in.text, "pool");
+        else if (in.kind == LINE_KEY && in_pool && !strcmp(in.key, key) && *in.value)
+            value = xstrdup(in.value);
+    }
+    config_ini_free(&in);
+    buf_free(&text);
+    return value;
+}
+
 void config_free(struct config *cfg)
 {
     if (!cfg)
@@ -2436,19 +2086,8 @@ void config_free(struct config *cfg)
     util_strv_free(cfg->api_keys);
     util_strv_free(cfg->cors_origins);
     free(cfg->admin_key);
-    for (size_t i = 0; i < cfg->nmodels; i++) {
-        struct config_model *m = &cfg->models[i];
-        free(m->name);
-        free(m->path);
-        util_strv_free(m->args);
-        free(m->args_text);
-        util_strv_free(m->aliases);
-        for (size_t j = 0; j < m->nenv; j++) {
-            free(m->env[j].name);
-            free(m->env[j].value);
-        }
-        free(m->env);
-    }
+    for (size_t i = 0; i < cfg->nmodels; i++)
+        model_free(&cfg->models[i]);
     free(cfg->models);
     free(cfg);
 }
@@ -2477,107 +2116,4 @@ const struct config_model *config_find_model(const struct config *cfg,
             if (!strcmp(cfg->models[i].aliases[j], name_or_alias))
                 return &cfg->models[i];
     return NULL;
-}
-
-char **config_child_argv(const struct config *cfg,
-                         const struct config_model *m, unsigned port)
-{
-    struct strvec v = { 0 };
-    strvec_push(&v, xstrdup(cfg->llama_server));
-    strvec_push(&v, xstrdup("-m"));
-    strvec_push(&v, xstrdup(m->path));
-    strvec_push(&v, xstrdup("--host"));
-    strvec_push(&v, xstrdup("127.0.0.1"));
-    strvec_push(&v, xstrdup("--port"));
-    strvec_push(&v, xasprintf("%u", port));
-    /* Answers name the model as configured, not its GGUF path (the child's
-     * id is its first alias, else the -m string), unless args give one. */
-    if (!config_child_arg(cfg, m, "-a", "--alias")) {
-        strvec_push(&v, xstrdup("-a"));
-        strvec_push(&v, xstrdup(m->name));
-    }
-    for (size_t i = 0; i < cfg->ndefault_args; i++)
-        strvec_push(&v, xstrdup(cfg->default_args[i]));
-    for (size_t i = 0; i < m->nargs; i++)
-        strvec_push(&v, xstrdup(m->args[i]));
-    return strvec_take(&v, NULL);
-}
-
-static bool str_eq(const char *a, const char *b)
-{
-    if (!a || !b)
-        return a == b;
-    return !strcmp(a, b);
-}
-
-static bool words_eq(char *const *a, size_t na, char *const *b, size_t nb)
-{
-    if (na != nb)
-        return false;
-    for (size_t i = 0; i < na; i++)
-        if (strcmp(a[i], b[i]))
-            return false;
-    return true;
-}
-
-bool config_model_same_child(const struct config *a, const struct config_model *ma,
-                             const struct config *b, const struct config_model *mb)
-{
-    if (!str_eq(a->llama_server, b->llama_server) || !str_eq(ma->path, mb->path))
-        return false;
-    if (!words_eq(a->default_args, a->ndefault_args, b->default_args, b->ndefault_args))
-        return false;
-    if (!words_eq(ma->args, ma->nargs, mb->args, mb->nargs))
-        return false;
-    /* env: names are unique within a model, so compare as sets */
-    if (ma->nenv != mb->nenv)
-        return false;
-    for (size_t i = 0; i < ma->nenv; i++) {
-        bool found = false;
-        for (size_t j = 0; j < mb->nenv && !found; j++)
-            found = !strcmp(ma->env[i].name, mb->env[j].name)
-                 && !strcmp(ma->env[i].value, mb->env[j].value);
-        if (!found)
-            return false;
-    }
-    return true;
-}
-
-static const char *arg_in(char *const *v, size_t n, const char *flag, const char *longflag,
-                          const char *found)
-{
-    size_t ll = longflag ? strlen(longflag) : 0;
-    for (size_t i = 0; i < n; i++) {
-        if ((strcmp(v[i], flag) == 0 || (longflag && strcmp(v[i], longflag) == 0)) && i + 1 < n)
-            found = v[++i];
-        else if (longflag && strncmp(v[i], longflag, ll) == 0 && v[i][ll] == '=')
-            found = v[i] + ll + 1;
-    }
-    return found;
-}
-
-static int switch_in(char *const *v, size_t n, const char *on, const char *onlong,
-                     const char *off, const char *offlong, int found)
-{
-    for (size_t i = 0; i < n; i++) {
-        if (!strcmp(v[i], on) || !strcmp(v[i], onlong))
-            found = 1;
-        else if (!strcmp(v[i], off) || !strcmp(v[i], offlong))
-            found = 0;
-    }
-    return found;
-}
-
-int config_child_switch(const struct config *cfg, const struct config_model *m,
-                        const char *on, const char *onlong, const char *off, const char *offlong)
-{
-    int v = switch_in(cfg->default_args, cfg->ndefault_args, on, onlong, off, offlong, -1);
-    return switch_in(m->args, m->nargs, on, onlong, off, offlong, v);
-}
-
-const char *config_child_arg(const struct config *cfg, const struct config_model *m,
-                             const char *flag, const char *longflag)
-{
-    const char *v = arg_in(cfg->default_args, cfg->ndefault_args, flag, longflag, NULL);
-    return arg_in(m->args, m->nargs, flag, longflag, v);
 }

@@ -2,7 +2,15 @@
  *
  * A config is parsed whole and either accepted or rejected with every error
  * found, each as "FILE:LINE: message". Nothing here touches the running pool:
- * the daemon parses into a fresh struct config and swaps it in on success. */
+ * the daemon parses into a fresh struct config and swaps it in on success.
+ *
+ * Out of memory: every function here prints "llama-pool: out of memory
+ * while reading the configuration" and aborts; none returns NULL or an
+ * error for want of memory. A config is a few kilobytes and a child's argv
+ * a few hundred bytes: a process that cannot allocate them cannot
+ * supervise anything either, and a check after each of the parser's
+ * hundreds of allocations would be its least-tested code. Inside the
+ * module, config_internal.h's x* helpers are the only way to allocate. */
 #ifndef LLAMA_POOL_CONFIG_H
 #define LLAMA_POOL_CONFIG_H
 
@@ -111,6 +119,13 @@ struct config *config_load(const char *path, struct config_errors *errs);
 /* Same, from a string (for tests); NAME is used in messages. */
 struct config *config_load_string(const char *name, const char *text,
                                   struct config_errors *errs);
+
+/* The value of KEY in [pool] of the file at PATH, as written (a relative
+ * path is not resolved), read with the daemon's line rules but for that
+ * key alone, so that a config with errors elsewhere still answers: the CLI
+ * finds control_socket this way. The first non-empty one counts. NULL when
+ * the file cannot be read or sets no such value; else malloc'd. */
+char *config_peek_pool_key(const char *path, const char *key);
 
 void config_free(struct config *cfg);
 void config_errors_free(struct config_errors *errs);

@@ -2,6 +2,7 @@
 #include "health.h"
 
 #include "log.h"
+#include "util.h"
 
 #include <curl/curl.h>
 #include <errno.h>
@@ -24,8 +25,7 @@ struct health_probe {
     CURL *easy;
     health_cb cb;
     void *arg;
-    char *body;
-    size_t len;
+    struct buf body;           /* at most HEALTH_BODY_MAX bytes kept */
     struct curl_slist *headers; /* Authorization, or NULL */
     char err[CURL_ERROR_SIZE];
 };
@@ -40,7 +40,7 @@ struct health_sock {
 static void probe_free(struct health_probe *p)
 {
     curl_slist_free_all(p->headers);
-    free(p->body);
+    buf_free(&p->body);
     free(p);
 }
 
@@ -61,7 +61,7 @@ static void health_check_done(struct health *h)
         curl_multi_remove_handle(h->multi, p->easy);
         curl_easy_cleanup(p->easy);
         p->easy = NULL;
-        p->cb(p->arg, status, p->body ? p->body : "", p->len, status ? NULL : p->err);
+        p->cb(p->arg, status, p->body.data ? p->body.data : "", p->body.len, status ? NULL : p->err);
         probe_free(p);
     }
 }
@@ -144,17 +144,10 @@ static size_t health_write_fn(char *data, size_t size, size_t nmemb, void *userp
 {
     struct health_probe *p = userp;
     size_t n = size * nmemb;
-    size_t room = HEALTH_BODY_MAX - p->len;
+    size_t room = HEALTH_BODY_MAX - p->body.len;
     size_t take = n < room ? n : room;
-    if (take) {
-        char *b = realloc(p->body, p->len + take + 1);
-        if (!b)
-            return 0;           /* aborts the transfer with CURLE_WRITE_ERROR */
-        memcpy(b + p->len, data, take);
-        p->len += take;
-        b[p->len] = '\0';
-        p->body = b;
-    }
+    if (take && !buf_append(&p->body, data, take))
+        return 0;               /* aborts the transfer with CURLE_WRITE_ERROR */
     return n;
 }
 

@@ -5,6 +5,9 @@
  * file; every accepted config is walked through the functions the daemon
  * calls on it (child argv, lookups by name and alias, flag queries, reload
  * comparison), and everything is freed, errors too (LeakSanitizer checks).
+ * The same text, written to pool.conf, goes through the CLI's reader
+ * (config_peek_pool_key), which must agree with the parser: an accepted
+ * config that sets no control_socket has the default one.
  *
  * Relative paths resolve against the config's directory, a temporary one
  * that holds a few
@@ -118,16 +121,21 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
     memcpy(text, data, size);
     text[size] = '\0';            /* the string API stops at the first NUL */
 
+    write_file("pool.conf", text, strlen(text));
+    char *sock = config_peek_pool_key(conf_name, "control_socket");
+
     struct config_errors errs = { 0 };
     struct config *cfg = config_load_string(conf_name, text, &errs);
     if (cfg) {
         CHECK(errs.n == 0);
+        CHECK(sock || strcmp(cfg->control_socket, "/run/llama-pool/control.sock") == 0);
         walk_config(cfg);
         config_free(cfg);
     } else {
         check_errors(&errs);
     }
     config_errors_free(&errs);
+    free(sock);
     free(text);
     return 0;
 }

@@ -23,6 +23,9 @@
 #define NAME_RULE "a model name is UTF-8 text without whitespace, control characters or any of " \
                   "/ \\ ? # % \" < > ` { }, and does not start with '.'"
 #define ALIAS_RULE "an alias is UTF-8 text without whitespace, control characters, '?', '#' or '%'"
+/* What a size and a duration look like (config.c's SIZE_FORM and DURATION_FORM). */
+#define SIZE_FORM "a size (a number with an optional K, M, G or T: 512K, 1.5G)"
+#define DURATION_FORM "a duration (a number with ms, s, m or h: 250ms, 10s, 30m, 2h)"
 
 /* ------------------------------------------------------------------ */
 /* Fixture: a temporary directory holding pool.conf's would-be home and  */
@@ -158,6 +161,20 @@ static void expect_exact(struct fx *f, const char *text, ...)
     assert_int_equal(e.n, i);
     config_errors_free(&e);
 }
+
+/* TEXT must be refused with exactly MESSAGE (after "DIR/pool.conf:"). */
+struct refusal {
+    const char *text;
+    const char *message;
+};
+
+static void expect_refusals(struct fx *f, const struct refusal *r, size_t n)
+{
+    for (size_t i = 0; i < n; i++)
+        expect_exact(f, r[i].text, r[i].message, NULL);
+}
+
+#define EXPECT_REFUSALS(f, table) expect_refusals(f, table, sizeof table / sizeof *table)
 
 static const char *join(struct fx *f, const char *name)
 {
@@ -516,43 +533,55 @@ static void test_parse_bool(void **state)
 static void test_bad_pool_values(void **state)
 {
     struct fx *f = *state;
-    expect_exact(f, "[pool]\nmax_body = 12Q\n",
-                 "2: max_body: \"12Q\" is not a size (a number with an optional K, M, G or T: 512K, 1.5G)", NULL);
-    expect_exact(f, "[pool]\nmax_body = 0\n", "2: max_body: must be greater than 0", NULL);
-    expect_exact(f, "[pool]\nmemory_reserve = 99999999T\n",
-                 "2: memory_reserve: \"99999999T\" is too large", NULL);
-    expect_exact(f, "[pool]\nmemory_reserve = -1G\n",
-                 "2: memory_reserve: \"-1G\" is not a size (a number with an optional K, M, G or T: 512K, 1.5G)", NULL);
-    expect_exact(f, "[pool]\nidle_timeout = 5x\n",
-                 "2: idle_timeout: \"5x\" is not a duration (a number with ms, s, m or h: 250ms, 10s, 30m, 2h)", NULL);
-    expect_exact(f, "[pool]\nstart_timeout = 0\n", "2: start_timeout: must be greater than 0", NULL);
-    expect_exact(f, "[pool]\nhealth_interval = 0s\n", "2: health_interval: must be greater than 0", NULL);
-    expect_exact(f, "[pool]\nqueue_timeout = 9999999999999999h\n",
-                 "2: queue_timeout: \"9999999999999999h\" is too large", NULL);
-    expect_exact(f, "[pool]\nmax_queue = lots\n", "2: max_queue: \"lots\" is not a whole number", NULL);
-    expect_exact(f, "[pool]\nmax_queue = -1\n", "2: max_queue: \"-1\" is not a whole number", NULL);
-    expect_exact(f, "[pool]\nmax_connections = 0\n",
-                 "2: max_connections: \"0\" is out of range (1 to 10000000)", NULL);
-    expect_exact(f, "[pool]\nmax_restarts = 99999999999\n",
-                 "2: max_restarts: \"99999999999\" is out of range (0 to 1000000)", NULL);
-    expect_exact(f, "[pool]\nport_range = 8100\n",
-                 "2: port_range: \"8100\" is not FIRST-LAST (e.g. 8100-8199)", NULL);
-    expect_exact(f, "[pool]\nport_range = 8199-8100\n",
-                 "2: port_range: \"8199-8100\": need 1 <= FIRST <= LAST <= 65535", NULL);
-    expect_exact(f, "[pool]\nport_range = 0-10\n",
-                 "2: port_range: \"0-10\": need 1 <= FIRST <= LAST <= 65535", NULL);
-    expect_exact(f, "[pool]\nport_range = 9000-70000\n",
-                 "2: port_range: \"9000-70000\": need 1 <= FIRST <= LAST <= 65535", NULL);
-    expect_exact(f, "[pool]\nmemory_budget = lots\n",
-                 "2: memory_budget: \"lots\" is not auto, a size (48G) or a percentage (75%)", NULL);
-    expect_exact(f, "[pool]\nmemory_budget = 0%\n",
-                 "2: memory_budget: \"0%\": a percentage must be a whole number from 1% to 100%", NULL);
-    expect_exact(f, "[pool]\nmemory_budget = 101%\n",
-                 "2: memory_budget: \"101%\": a percentage must be a whole number from 1% to 100%", NULL);
-    expect_exact(f, "[pool]\nmemory_budget = 0\n", "2: memory_budget: must be greater than 0", NULL);
-    expect_exact(f, "[pool]\ncontrol_socket =\n", "2: control_socket: needs a path", NULL);
-    expect_exact(f, "[pool]\nllama_server =\n", "2: llama_server: needs a program name or path", NULL);
-    expect_exact(f, "[pool]\nlog_dir =\n", "2: log_dir: needs a directory", NULL);
+    static const struct refusal refused[] = {
+        { "[pool]\nmax_body = 12Q\n",
+          "2: max_body: \"12Q\" is not " SIZE_FORM },
+        { "[pool]\nmax_body = 0\n",
+          "2: max_body: must be greater than 0" },
+        { "[pool]\nmemory_reserve = 99999999T\n",
+          "2: memory_reserve: \"99999999T\" is too large" },
+        { "[pool]\nmemory_reserve = -1G\n",
+          "2: memory_reserve: \"-1G\" is not " SIZE_FORM },
+        { "[pool]\nidle_timeout = 5x\n",
+          "2: idle_timeout: \"5x\" is not " DURATION_FORM },
+        { "[pool]\nstart_timeout = 0\n",
+          "2: start_timeout: must be greater than 0" },
+        { "[pool]\nhealth_interval = 0s\n",
+          "2: health_interval: must be greater than 0" },
+        { "[pool]\nqueue_timeout = 9999999999999999h\n",
+          "2: queue_timeout: \"9999999999999999h\" is too large" },
+        { "[pool]\nmax_queue = lots\n",
+          "2: max_queue: \"lots\" is not a whole number" },
+        { "[pool]\nmax_queue = -1\n",
+          "2: max_queue: \"-1\" is not a whole number" },
+        { "[pool]\nmax_connections = 0\n",
+          "2: max_connections: \"0\" is out of range (1 to 10000000)" },
+        { "[pool]\nmax_restarts = 99999999999\n",
+          "2: max_restarts: \"99999999999\" is out of range (0 to 1000000)" },
+        { "[pool]\nport_range = 8100\n",
+          "2: port_range: \"8100\" is not FIRST-LAST (e.g. 8100-8199)" },
+        { "[pool]\nport_range = 8199-8100\n",
+          "2: port_range: \"8199-8100\": need 1 <= FIRST <= LAST <= 65535" },
+        { "[pool]\nport_range = 0-10\n",
+          "2: port_range: \"0-10\": need 1 <= FIRST <= LAST <= 65535" },
+        { "[pool]\nport_range = 9000-70000\n",
+          "2: port_range: \"9000-70000\": need 1 <= FIRST <= LAST <= 65535" },
+        { "[pool]\nmemory_budget = lots\n",
+          "2: memory_budget: \"lots\" is not auto, a size (48G) or a percentage (75%)" },
+        { "[pool]\nmemory_budget = 0%\n",
+          "2: memory_budget: \"0%\": a percentage must be a whole number from 1% to 100%" },
+        { "[pool]\nmemory_budget = 101%\n",
+          "2: memory_budget: \"101%\": a percentage must be a whole number from 1% to 100%" },
+        { "[pool]\nmemory_budget = 0\n",
+          "2: memory_budget: must be greater than 0" },
+        { "[pool]\ncontrol_socket =\n",
+          "2: control_socket: needs a path" },
+        { "[pool]\nllama_server =\n",
+          "2: llama_server: needs a program name or path" },
+        { "[pool]\nlog_dir =\n",
+          "2: log_dir: needs a directory" },
+    };
+    EXPECT_REFUSALS(f, refused);
     expect_error(f, "[pool]\ncontrol_socket = /tmp/"
                     "aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa.sock\n",
                  2, "control_socket: ", "is too long for a unix socket", NULL);
@@ -571,76 +600,90 @@ static void test_listen(void **state)
         assert_string_equal(c->listen, good[i]);
         config_free(c);
     }
-    expect_exact(f, "[pool]\nlisten = 8080\n",
-                 "2: listen: \"8080\" is not HOST:PORT (e.g. 127.0.0.1:8080)", NULL);
-    expect_exact(f, "[pool]\nlisten = :8080\n",
-                 "2: listen: \":8080\" is not HOST:PORT (e.g. 127.0.0.1:8080)", NULL);
-    expect_exact(f, "[pool]\nlisten = ::1:8080\n",
-                 "2: listen: \"::1:8080\": write an IPv6 address in brackets, [::1]:8080", NULL);
-    expect_exact(f, "[pool]\nlisten = [::1]8080\n", "2: listen: \"[::1]8080\" is not [IPv6]:PORT", NULL);
-    expect_exact(f, "[pool]\nlisten = [nope]:8080\n",
-                 "2: listen: \"[nope]:8080\" is not a valid IPv6 address", NULL);
-    expect_exact(f, "[pool]\nlisten = 127.0.0.1:0\n",
-                 "2: listen: \"127.0.0.1:0\": the port must be a number from 1 to 65535", NULL);
-    expect_exact(f, "[pool]\nlisten = 127.0.0.1:65536\n",
-                 "2: listen: \"127.0.0.1:65536\": the port must be a number from 1 to 65535", NULL);
-    expect_exact(f, "[pool]\nlisten = 127.0.0.1:http\n",
-                 "2: listen: \"127.0.0.1:http\": the port must be a number from 1 to 65535", NULL);
-    /* the proxy's port must not be one handed to children */
-    expect_exact(f, "[pool]\nport_range = 8000-8100\n",
-                 "2: listen port 8080 is inside port_range 8000-8100, which is for the children", NULL);
-    expect_exact(f, "[pool]\nlisten = 127.0.0.1:8150\n",
-                 "2: listen port 8150 is inside port_range 8100-8199, which is for the children", NULL);
+
+    static const struct refusal refused[] = {
+        { "[pool]\nlisten = 8080\n",
+          "2: listen: \"8080\" is not HOST:PORT (e.g. 127.0.0.1:8080)" },
+        { "[pool]\nlisten = :8080\n",
+          "2: listen: \":8080\" is not HOST:PORT (e.g. 127.0.0.1:8080)" },
+        { "[pool]\nlisten = ::1:8080\n",
+          "2: listen: \"::1:8080\": write an IPv6 address in brackets, [::1]:8080" },
+        { "[pool]\nlisten = [::1]8080\n",
+          "2: listen: \"[::1]8080\" is not [IPv6]:PORT" },
+        { "[pool]\nlisten = [nope]:8080\n",
+          "2: listen: \"[nope]:8080\" is not a valid IPv6 address" },
+        { "[pool]\nlisten = 127.0.0.1:0\n",
+          "2: listen: \"127.0.0.1:0\": the port must be a number from 1 to 65535" },
+        { "[pool]\nlisten = 127.0.0.1:65536\n",
+          "2: listen: \"127.0.0.1:65536\": the port must be a number from 1 to 65535" },
+        { "[pool]\nlisten = 127.0.0.1:http\n",
+          "2: listen: \"127.0.0.1:http\": the port must be a number from 1 to 65535" },
+        /* the proxy's port must not be one handed to children */
+        { "[pool]\nport_range = 8000-8100\n",
+          "2: listen port 8080 is inside port_range 8000-8100, which is for the children" },
+        { "[pool]\nlisten = 127.0.0.1:8150\n",
+          "2: listen port 8150 is inside port_range 8100-8199, which is for the children" },
+    };
+    EXPECT_REFUSALS(f, refused);
 }
 
 static void test_bad_model_values(void **state)
 {
     struct fx *f = *state;
-    expect_exact(f, "[model a]\npath = m.gguf\ninstances = 0\n",
-                 "3: instances: \"0\": the maximum must be at least 1", NULL);
-    expect_exact(f, "[model a]\npath = m.gguf\ninstances = 0-0\n",
-                 "3: instances: \"0-0\": the maximum must be at least 1", NULL);
-    expect_exact(f, "[model a]\npath = m.gguf\ninstances = 3-1\n",
-                 "3: instances: \"3-1\": the minimum is larger than the maximum", NULL);
-    expect_exact(f, "[model a]\npath = m.gguf\ninstances = many\n",
-                 "3: instances: \"many\" is not N or MIN-MAX (e.g. 2, or 1-3)", NULL);
-    expect_exact(f, "[model a]\npath = m.gguf\ninstances = 1-\n",
-                 "3: instances: \"1-\" is not N or MIN-MAX (e.g. 2, or 1-3)", NULL);
-    expect_exact(f, "[model a]\npath = m.gguf\ninstances = 99999999\n",
-                 "3: instances: \"99999999\" is too large", NULL);
-    expect_exact(f, "[model a]\npath = m.gguf\nmemory = lots\n",
-                 "3: memory: \"lots\" is not a size (a number with an optional K, M, G or T: 512K, 1.5G)", NULL);
-    expect_exact(f, "[model a]\npath = m.gguf\nmemory = 0\n", "3: memory: must be greater than 0", NULL);
-    expect_exact(f, "[model a]\npath = m.gguf\npin = maybe\n",
-                 "3: pin: \"maybe\" is not yes or no (yes/no, true/false, on/off, 1/0)", NULL);
-    expect_exact(f, "[model a]\npath = m.gguf\nidle_timeout = -1\n",
-                 "3: idle_timeout: \"-1\" is not a duration (a number with ms, s, m or h: 250ms, 10s, 30m, 2h)", NULL);
-    expect_exact(f, "[model a]\npath = m.gguf\naliases = ok, not ok\n",
-                 "3: aliases: invalid alias \"not ok\": it contains whitespace (" ALIAS_RULE ")", NULL);
-    expect_exact(f, "[model a]\npath = m.gguf\nargs = --alias \"x\n",
-                 "3: args: unterminated double quote", NULL);
-    expect_exact(f, "[model a]\npath = m.gguf\nargs = --chat-template \"a ; b\"\n",
-                 "3: args: unterminated double quote (note: ';' after whitespace starts a comment, even inside quotes)",
-                 NULL);
-    expect_exact(f, "[model a]\npath =\n", "2: path: needs the model's .gguf file", NULL);
+    static const struct refusal refused[] = {
+        { "[model a]\npath = m.gguf\ninstances = 0\n",
+          "3: instances: \"0\": the maximum must be at least 1" },
+        { "[model a]\npath = m.gguf\ninstances = 0-0\n",
+          "3: instances: \"0-0\": the maximum must be at least 1" },
+        { "[model a]\npath = m.gguf\ninstances = 3-1\n",
+          "3: instances: \"3-1\": the minimum is larger than the maximum" },
+        { "[model a]\npath = m.gguf\ninstances = many\n",
+          "3: instances: \"many\" is not N or MIN-MAX (e.g. 2, or 1-3)" },
+        { "[model a]\npath = m.gguf\ninstances = 1-\n",
+          "3: instances: \"1-\" is not N or MIN-MAX (e.g. 2, or 1-3)" },
+        { "[model a]\npath = m.gguf\ninstances = 99999999\n",
+          "3: instances: \"99999999\" is too large" },
+        { "[model a]\npath = m.gguf\nmemory = lots\n",
+          "3: memory: \"lots\" is not " SIZE_FORM },
+        { "[model a]\npath = m.gguf\nmemory = 0\n",
+          "3: memory: must be greater than 0" },
+        { "[model a]\npath = m.gguf\npin = maybe\n",
+          "3: pin: \"maybe\" is not yes or no (yes/no, true/false, on/off, 1/0)" },
+        { "[model a]\npath = m.gguf\nidle_timeout = -1\n",
+          "3: idle_timeout: \"-1\" is not " DURATION_FORM },
+        { "[model a]\npath = m.gguf\naliases = ok, not ok\n",
+          "3: aliases: invalid alias \"not ok\": it contains whitespace (" ALIAS_RULE ")" },
+        { "[model a]\npath = m.gguf\nargs = --alias \"x\n",
+          "3: args: unterminated double quote" },
+        { "[model a]\npath = m.gguf\nargs = --chat-template \"a ; b\"\n",
+          "3: args: unterminated double quote (note: ';' after whitespace starts a comment, even inside quotes)" },
+        { "[model a]\npath =\n",
+          "2: path: needs the model's .gguf file" },
+    };
+    EXPECT_REFUSALS(f, refused);
 }
 
 static void test_env(void **state)
 {
     struct fx *f = *state;
-    expect_exact(f, "[model a]\npath = m.gguf\nenv = 1BAD=x\n",
-                 "3: env: \"1BAD=x\" is not NAME=VALUE with NAME made of letters, digits and '_'", NULL);
-    expect_exact(f, "[model a]\npath = m.gguf\nenv = NOVALUE\n",
-                 "3: env: \"NOVALUE\" is not NAME=VALUE with NAME made of letters, digits and '_'", NULL);
-    expect_exact(f, "[model a]\npath = m.gguf\nenv = =x\n",
-                 "3: env: \"=x\" is not NAME=VALUE with NAME made of letters, digits and '_'", NULL);
-    expect_exact(f, "[model a]\npath = m.gguf\nenv = A-B=1\n",
-                 "3: env: \"A-B=1\" is not NAME=VALUE with NAME made of letters, digits and '_'", NULL);
-    expect_exact(f, "[model a]\npath = m.gguf\nenv = A=1 LLAMA_SERVER_ROUTER_PORT=9000\n",
-                 "3: env: LLAMA_SERVER_ROUTER_PORT is not allowed: it turns llama-server into a router "
-                 "child that exits when its stdin closes", NULL);
-    expect_exact(f, "[model a]\npath = m.gguf\nenv = A=1\n  A=2\n", "4: env: A is set twice", NULL);
-    expect_exact(f, "[model a]\npath = m.gguf\nenv = 'A=1\n", "3: env: unterminated single quote", NULL);
+    static const struct refusal refused[] = {
+        { "[model a]\npath = m.gguf\nenv = 1BAD=x\n",
+          "3: env: \"1BAD=x\" is not NAME=VALUE with NAME made of letters, digits and '_'" },
+        { "[model a]\npath = m.gguf\nenv = NOVALUE\n",
+          "3: env: \"NOVALUE\" is not NAME=VALUE with NAME made of letters, digits and '_'" },
+        { "[model a]\npath = m.gguf\nenv = =x\n",
+          "3: env: \"=x\" is not NAME=VALUE with NAME made of letters, digits and '_'" },
+        { "[model a]\npath = m.gguf\nenv = A-B=1\n",
+          "3: env: \"A-B=1\" is not NAME=VALUE with NAME made of letters, digits and '_'" },
+        { "[model a]\npath = m.gguf\nenv = A=1 LLAMA_SERVER_ROUTER_PORT=9000\n",
+          "3: env: LLAMA_SERVER_ROUTER_PORT is not allowed: it turns llama-server into a router "
+          "child that exits when its stdin closes" },
+        { "[model a]\npath = m.gguf\nenv = A=1\n  A=2\n",
+          "4: env: A is set twice" },
+        { "[model a]\npath = m.gguf\nenv = 'A=1\n",
+          "3: env: unterminated single quote" },
+    };
+    EXPECT_REFUSALS(f, refused);
 
     struct config *c = load_ok(f, "[model a]\npath = m.gguf\nenv = _X=a=b CUDA_VISIBLE_DEVICES=0,1\n");
     assert_int_equal(c->models[0].nenv, 2);
@@ -679,72 +722,89 @@ static void test_owned_args_refused(void **state)
 static void test_duplicates(void **state)
 {
     struct fx *f = *state;
-    expect_exact(f, "[model a]\npath = m.gguf\n[model b]\npath = m.gguf\n[model a]\npath = m.gguf\n",
-                 "5: model \"a\" is defined twice (first at line 1)", NULL);
-    expect_exact(f, "[model a]\npath = m.gguf\naliases = x, y\n[model b]\npath = m.gguf\naliases = z,\n  y\n",
-                 "7: alias \"y\" of model \"b\" is already an alias of model \"a\" (line 3)", NULL);
-    /* an alias equal to another model's name: both lines named, whichever comes first */
-    expect_exact(f, "[model a]\npath = m.gguf\naliases = b\n[model b]\npath = m.gguf\n",
-                 "3: alias \"b\" of model \"a\" is already the name of model \"b\" (line 4)", NULL);
-    expect_exact(f, "[model a]\npath = m.gguf\n[model b]\npath = m.gguf\naliases = a\n",
-                 "5: alias \"a\" of model \"b\" is already the name of model \"a\" (line 1)", NULL);
-    expect_exact(f, "[model a]\npath = m.gguf\naliases = a\n",
-                 "3: alias \"a\" of model \"a\" is the model's own name", NULL);
-    expect_exact(f, "[model a]\npath = m.gguf\naliases = x, x\n",
-                 "3: alias \"x\" of model \"a\" is listed twice (first at line 3)", NULL);
-    expect_exact(f, "[pool]\n[pool]\n", "2: [pool] appears twice (first at line 1)", NULL);
-    expect_exact(f, "[pool]\nmax_queue = 1\nmax_queue = 2\n",
-                 "3: key \"max_queue\" is repeated in [pool] (first at line 2)", NULL);
+    static const struct refusal refused[] = {
+        { "[model a]\npath = m.gguf\n[model b]\npath = m.gguf\n[model a]\npath = m.gguf\n",
+          "5: model \"a\" is defined twice (first at line 1)" },
+        { "[model a]\npath = m.gguf\naliases = x, y\n[model b]\npath = m.gguf\naliases = z,\n  y\n",
+          "7: alias \"y\" of model \"b\" is already an alias of model \"a\" (line 3)" },
+        /* an alias equal to another model's name: both lines named, whichever comes first */
+        { "[model a]\npath = m.gguf\naliases = b\n[model b]\npath = m.gguf\n",
+          "3: alias \"b\" of model \"a\" is already the name of model \"b\" (line 4)" },
+        { "[model a]\npath = m.gguf\n[model b]\npath = m.gguf\naliases = a\n",
+          "5: alias \"a\" of model \"b\" is already the name of model \"a\" (line 1)" },
+        { "[model a]\npath = m.gguf\naliases = a\n",
+          "3: alias \"a\" of model \"a\" is the model's own name" },
+        { "[model a]\npath = m.gguf\naliases = x, x\n",
+          "3: alias \"x\" of model \"a\" is listed twice (first at line 3)" },
+        { "[pool]\n[pool]\n",
+          "2: [pool] appears twice (first at line 1)" },
+        { "[pool]\nmax_queue = 1\nmax_queue = 2\n",
+          "3: key \"max_queue\" is repeated in [pool] (first at line 2)" },
+        { "[model a]\npath = m.gguf\nargs = -c 1\npin = no\nargs = -c 2\n",
+          "5: key \"args\" is repeated in [model a] (first at line 3)" },
+    };
+    EXPECT_REFUSALS(f, refused);
+    /* each message on its own line */
     expect_exact(f, "[pool]\nmax_queue = 1\n[pool]\nmax_queue = 2\n",
                  "3: [pool] appears twice (first at line 1)",
                  "4: key \"max_queue\" is repeated in [pool] (first at line 2)", NULL);
-    expect_exact(f, "[model a]\npath = m.gguf\nargs = -c 1\npin = no\nargs = -c 2\n",
-                 "5: key \"args\" is repeated in [model a] (first at line 3)", NULL);
 }
 
 static void test_unknown_keys(void **state)
 {
     struct fx *f = *state;
-    expect_exact(f, "[model tiny]\npath = m.gguf\nintances = 2\n",
-                 "3: unknown key \"intances\" in [model tiny] (did you mean instances?)", NULL);
-    expect_exact(f, "[model tiny]\npath = m.gguf\nalias = x\n",
-                 "3: unknown key \"alias\" in [model tiny] (did you mean aliases?)", NULL);
-    expect_exact(f, "[model tiny]\npath = m.gguf\nPin = yes\n",
-                 "3: unknown key \"Pin\" in [model tiny] (did you mean pin?)", NULL);
-    expect_exact(f, "[pool]\nlisen = 1.2.3.4:5\n",
-                 "2: unknown key \"lisen\" in [pool] (did you mean listen?)", NULL);
-    expect_exact(f, "[pool]\nmax_bdoy = 1M\n",
-                 "2: unknown key \"max_bdoy\" in [pool] (did you mean max_body?)", NULL);
-    expect_exact(f, "[pool]\ncolour = blue\n", "2: unknown key \"colour\" in [pool]", NULL);
-    expect_exact(f, "[pool]\nenv = A=1\n",
-                 "2: unknown key \"env\" in [pool] (it belongs in a [model NAME] section)", NULL);
-    expect_exact(f, "[model tiny]\npath = m.gguf\nmax_queue = 3\n",
-                 "3: unknown key \"max_queue\" in [model tiny] (it belongs in [pool])", NULL);
-    /* continuation lines of an unknown key say nothing more */
-    expect_exact(f, "[model tiny]\npath = m.gguf\nextra = 1\n  2\n  3\n",
-                 "3: unknown key \"extra\" in [model tiny]", NULL);
+    static const struct refusal refused[] = {
+        { "[model tiny]\npath = m.gguf\nintances = 2\n",
+          "3: unknown key \"intances\" in [model tiny] (did you mean instances?)" },
+        { "[model tiny]\npath = m.gguf\nalias = x\n",
+          "3: unknown key \"alias\" in [model tiny] (did you mean aliases?)" },
+        { "[model tiny]\npath = m.gguf\nPin = yes\n",
+          "3: unknown key \"Pin\" in [model tiny] (did you mean pin?)" },
+        { "[pool]\nlisen = 1.2.3.4:5\n",
+          "2: unknown key \"lisen\" in [pool] (did you mean listen?)" },
+        { "[pool]\nmax_bdoy = 1M\n",
+          "2: unknown key \"max_bdoy\" in [pool] (did you mean max_body?)" },
+        { "[pool]\ncolour = blue\n",
+          "2: unknown key \"colour\" in [pool]" },
+        { "[pool]\nenv = A=1\n",
+          "2: unknown key \"env\" in [pool] (it belongs in a [model NAME] section)" },
+        { "[model tiny]\npath = m.gguf\nmax_queue = 3\n",
+          "3: unknown key \"max_queue\" in [model tiny] (it belongs in [pool])" },
+        /* continuation lines of an unknown key say nothing more */
+        { "[model tiny]\npath = m.gguf\nextra = 1\n  2\n  3\n",
+          "3: unknown key \"extra\" in [model tiny]" },
+    };
+    EXPECT_REFUSALS(f, refused);
 }
 
 static void test_sections_and_syntax(void **state)
 {
     struct fx *f = *state;
-    expect_exact(f, "[models tiny]\npath = m.gguf\n",
-                 "1: unknown section [models tiny]: sections are [pool] and [model NAME]", NULL);
-    expect_exact(f, "[global]\nlisten = x\n",
-                 "1: unknown section [global]: sections are [pool] and [model NAME]", NULL);
-    expect_exact(f, "[model]\npath = m.gguf\n", "1: [model] needs a name: [model NAME]", NULL);
-    expect_exact(f, "[model   ]\n", "1: [model] needs a name: [model NAME]", NULL);
-    expect_exact(f, "[model a/b]\npath = m.gguf\n",
-                 "1: invalid model name \"a/b\": it contains '/' (" NAME_RULE ")", NULL);
-    expect_exact(f, "[model .hidden]\npath = m.gguf\n",
-                 "1: invalid model name \".hidden\": it starts with '.' (" NAME_RULE ")", NULL);
-    expect_exact(f, "[model a b]\npath = m.gguf\n",
-                 "1: invalid model name \"a b\": it contains whitespace (" NAME_RULE ")", NULL);
-    expect_exact(f, "listen = 1.2.3.4:80\n[pool]\n",
-                 "1: key \"listen\" is outside any section: put it under [pool] or [model NAME]", NULL);
-    expect_exact(f, "[pool\nlisten = 1.2.3.4:80\n", "1: section header without ']'", NULL);
-    expect_exact(f, "[pool]\njust some words\n", "2: expected \"key = value\", found \"just some words\"", NULL);
-    expect_exact(f, "[model a]\n", "1: model \"a\" has no path", NULL);
+    static const struct refusal refused[] = {
+        { "[models tiny]\npath = m.gguf\n",
+          "1: unknown section [models tiny]: sections are [pool] and [model NAME]" },
+        { "[global]\nlisten = x\n",
+          "1: unknown section [global]: sections are [pool] and [model NAME]" },
+        { "[model]\npath = m.gguf\n",
+          "1: [model] needs a name: [model NAME]" },
+        { "[model   ]\n",
+          "1: [model] needs a name: [model NAME]" },
+        { "[model a/b]\npath = m.gguf\n",
+          "1: invalid model name \"a/b\": it contains '/' (" NAME_RULE ")" },
+        { "[model .hidden]\npath = m.gguf\n",
+          "1: invalid model name \".hidden\": it starts with '.' (" NAME_RULE ")" },
+        { "[model a b]\npath = m.gguf\n",
+          "1: invalid model name \"a b\": it contains whitespace (" NAME_RULE ")" },
+        { "listen = 1.2.3.4:80\n[pool]\n",
+          "1: key \"listen\" is outside any section: put it under [pool] or [model NAME]" },
+        { "[pool\nlisten = 1.2.3.4:80\n",
+          "1: section header without ']'" },
+        { "[pool]\njust some words\n",
+          "2: expected \"key = value\", found \"just some words\"" },
+        { "[model a]\n",
+          "1: model \"a\" has no path" },
+    };
+    EXPECT_REFUSALS(f, refused);
     /* sections tolerate spaces and a trailing comment */
     struct config *c = load_ok(f, "[ model  spaced ] ; note\npath = m.gguf\n[ pool ]\n");
     assert_string_equal(c->models[0].name, "spaced");
@@ -882,8 +942,38 @@ static void test_config_load_file(void **state)
     unlink(path);
 }
 
+/* The CLI reads one key, with the daemon's line rules, from any file. */
+static void test_peek_finds_a_pool_key_in_a_config_with_errors(void **state)
+{
+    struct fx *f = *state;
+    char *comment = malloc(5001);
+    memset(comment, 'c', 5000);
+    comment[5000] = '\0';
+    char *text = NULL;
+    assert_true(asprintf(&text,
+                         "; %s\n"                                    /* longer than inih's 200 bytes */
+                         "[model x]\ncontrol_socket = not-this.sock\n"  /* [model]: not [pool] */
+                         "[ pool ]\n"
+                         "bogus = 1\n"
+                         "control_socket =\n"                        /* empty: not an answer */
+                         "control_socket = run/ctl.sock ; a comment\n"
+                         "control_socket = second.sock\n",
+                         comment) > 0);
+    write_file(f->conf, text);
+    char *v = config_peek_pool_key(f->conf, "control_socket");
+    assert_string_equal(v, "run/ctl.sock");     /* as written: the CLI resolves it */
+    free(v);
+    assert_null(config_peek_pool_key(f->conf, "listen"));
+    write_file(f->conf, "[pool\ncontrol_socket = a.sock\n");
+    assert_null(config_peek_pool_key(f->conf, "control_socket"));
+    assert_null(config_peek_pool_key(f->dir, "control_socket"));      /* not a file */
+    assert_null(config_peek_pool_key(join(f, "none.conf"), "control_socket"));
+    free(text);
+    free(comment);
+}
+
 /* ------------------------------------------------------------------ */
-/* inih's syntax: comments, continuations, long lines                  */
+/* Line syntax (inih's rules): comments, continuations, long lines     */
 
 static void test_comments(void **state)
 {
@@ -1304,21 +1394,24 @@ static void expect_utf8_messages(struct fx *f, const char *text)
 static void test_invalid_utf8_is_refused_naming_the_key(void **state)
 {
     struct fx *f = *state;
-    expect_exact(f, "[model caf\xE9]\npath = m.gguf\n",
-                 "1: invalid model name \"caf\xEF\xBF\xBD\": it is not valid UTF-8 (" NAME_RULE ")", NULL);
-    expect_exact(f, "[model m]\npath = m.gguf\naliases = ok, gpt\xFF\n",
-                 "3: aliases: the value is not valid UTF-8 (byte 0xFF at position 8 of the value)", NULL);
-    expect_exact(f, "[model m]\npath = m.gguf\nargs = -c 1 --alias \xC0\xAF\n",
-                 "3: args: the value is not valid UTF-8 (byte 0xC0 at position 14 of the value)", NULL);
-    expect_exact(f, "[model m]\npath = m.gguf\nenv = A=1\n  B=\xED\xA0\x80\n",
-                 "4: env: the value is not valid UTF-8 (byte 0xED at position 3 of the value)", NULL);
-    expect_exact(f, "[pool]\nadmin_key = secret\xFE\n",
-                 "2: admin_key: the value is not valid UTF-8 (byte 0xFE at position 7 of the value)", NULL);
-    expect_exact(f, "[pool]\ndefault_model = x\xFF\n",
-                 "2: default_model: the value is not valid UTF-8 (byte 0xFF at position 2 of the value)", NULL);
-    /* a path with a bad byte is reported once, not again as "no path" */
-    expect_exact(f, "[model m]\npath = m\xFF.gguf\n",
-                 "2: path: the value is not valid UTF-8 (byte 0xFF at position 2 of the value)", NULL);
+    static const struct refusal refused[] = {
+        { "[model caf\xE9]\npath = m.gguf\n",
+          "1: invalid model name \"caf\xEF\xBF\xBD\": it is not valid UTF-8 (" NAME_RULE ")" },
+        { "[model m]\npath = m.gguf\naliases = ok, gpt\xFF\n",
+          "3: aliases: the value is not valid UTF-8 (byte 0xFF at position 8 of the value)" },
+        { "[model m]\npath = m.gguf\nargs = -c 1 --alias \xC0\xAF\n",
+          "3: args: the value is not valid UTF-8 (byte 0xC0 at position 14 of the value)" },
+        { "[model m]\npath = m.gguf\nenv = A=1\n  B=\xED\xA0\x80\n",
+          "4: env: the value is not valid UTF-8 (byte 0xED at position 3 of the value)" },
+        { "[pool]\nadmin_key = secret\xFE\n",
+          "2: admin_key: the value is not valid UTF-8 (byte 0xFE at position 7 of the value)" },
+        { "[pool]\ndefault_model = x\xFF\n",
+          "2: default_model: the value is not valid UTF-8 (byte 0xFF at position 2 of the value)" },
+        /* a path with a bad byte is reported once, not again as "no path" */
+        { "[model m]\npath = m\xFF.gguf\n",
+          "2: path: the value is not valid UTF-8 (byte 0xFF at position 2 of the value)" },
+    };
+    EXPECT_REFUSALS(f, refused);
     /* messages stay UTF-8 whatever the file holds */
     expect_utf8_messages(f, "[model a\xFF]\npath = m.gguf\n");
     expect_utf8_messages(f, "[pool]\nmax_queue\xFE = 1\n");
@@ -1858,6 +1951,7 @@ int main(void)
         T(test_default_model),
         T(test_model_file_checks),
         T(test_config_load_file),
+        T(test_peek_finds_a_pool_key_in_a_config_with_errors),
         T(test_comments),
         T(test_continuation_lines),
         T(test_long_lines),

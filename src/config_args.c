@@ -1,0 +1,117 @@
+/* config_args — what a loaded config says about a model's children, asked
+ * at run time: the child's argv (instance), the value of one of its flags
+ * (pool, memory, instance), and whether two definitions run the same child
+ * (reload). */
+#define _GNU_SOURCE
+#include "config.h"
+#include "config_internal.h"
+
+char **config_child_argv(const struct config *cfg,
+                         const struct config_model *m, unsigned port)
+{
+    struct strvec v = { 0 };
+    strvec_push(&v, xstrdup(cfg->llama_server));
+    strvec_push(&v, xstrdup("-m"));
+    strvec_push(&v, xstrdup(m->path));
+    strvec_push(&v, xstrdup("--host"));
+    strvec_push(&v, xstrdup("127.0.0.1"));
+    strvec_push(&v, xstrdup("--port"));
+    strvec_push(&v, xasprintf("%u", port));
+    /* Answers name the model as configured, not its GGUF path (the child's
+     * id is its first alias, else the -m string), unless args give one. */
+    if (!config_child_arg(cfg, m, "-a", "--alias")) {
+        strvec_push(&v, xstrdup("-a"));
+        strvec_push(&v, xstrdup(m->name));
+    }
+    for (size_t i = 0; i < cfg->ndefault_args; i++)
+        strvec_push(&v, xstrdup(cfg->default_args[i]));
+    for (size_t i = 0; i < m->nargs; i++)
+        strvec_push(&v, xstrdup(m->args[i]));
+    return strvec_take(&v, NULL);
+}
+
+/* The value of FLAG (or LONGFLAG, also as --long=VALUE) last given in V
+ * (N words), or FOUND when none is. */
+static const char *arg_in(char *const *v, size_t n, const char *flag, const char *longflag,
+                          const char *found)
+{
+    size_t ll = longflag ? strlen(longflag) : 0;
+    for (size_t i = 0; i < n; i++) {
+        if ((strcmp(v[i], flag) == 0 || (longflag && strcmp(v[i], longflag) == 0)) && i + 1 < n)
+            found = v[++i];
+        else if (longflag && strncmp(v[i], longflag, ll) == 0 && v[i][ll] == '=')
+            found = v[i] + ll + 1;
+    }
+    return found;
+}
+
+const char *config_child_arg(const struct config *cfg, const struct config_model *m,
+                             const char *flag, const char *longflag)
+{
+    const char *v = arg_in(cfg->default_args, cfg->ndefault_args, flag, longflag, NULL);
+    return arg_in(m->args, m->nargs, flag, longflag, v);
+}
+
+/* 1 or 0 for the switch last given in V (N words), or FOUND when none is. */
+static int switch_in(char *const *v, size_t n, const char *on, const char *onlong,
+                     const char *off, const char *offlong, int found)
+{
+    for (size_t i = 0; i < n; i++) {
+        if (!strcmp(v[i], on) || !strcmp(v[i], onlong))
+            found = 1;
+        else if (!strcmp(v[i], off) || !strcmp(v[i], offlong))
+            found = 0;
+    }
+    return found;
+}
+
+int config_child_switch(const struct config *cfg, const struct config_model *m,
+                        const char *on, const char *onlong, const char *off, const char *offlong)
+{
+    int v = switch_in(cfg->default_args, cfg->ndefault_args, on, onlong, off, offlong, -1);
+    return switch_in(m->args, m->nargs, on, onlong, off, offlong, v);
+}
+
+static bool str_eq(const char *a, const char *b)
+{
+    if (!a || !b)
+        return a == b;
+    return !strcmp(a, b);
+}
+
+static bool words_eq(char *const *a, size_t na, char *const *b, size_t nb)
+{
+    if (na != nb)
+        return false;
+    for (size_t i = 0; i < na; i++)
+        if (strcmp(a[i], b[i]))
+            return false;
+    return true;
+}
+
+/* Whether B sets NAME to VALUE (names are unique within a model). */
+static bool env_has(const struct config_model *b, const struct config_env *e)
+{
+    for (size_t j = 0; j < b->nenv; j++)
+        if (!strcmp(e->name, b->env[j].name))
+            return !strcmp(e->value, b->env[j].value);
+    return false;
+}
+
+bool config_model_same_child(const struct config *a, const struct config_model *ma,
+                             const struct config *b, const struct config_model *mb)
+{
+    if (!str_eq(a->llama_server, b->llama_server) || !str_eq(ma->path, mb->path))
+        return false;
+    if (!words_eq(a->default_args, a->ndefault_args, b->default_args, b->ndefault_args))
+        return false;
+    if (!words_eq(ma->args, ma->nargs, mb->args, mb->nargs))
+        return false;
+    /* env: names are unique within a model, so compare as sets */
+    if (ma->nenv != mb->nenv)
+        return false;
+    for (size_t i = 0; i < ma->nenv; i++)
+        if (!env_has(mb, &ma->env[i]))
+            return false;
+    return true;
+}
