@@ -339,20 +339,25 @@ def test_reload_that_restarts_an_instance_drains_its_stream(pool):
     assert "drained; sending SIGTERM" in pool.daemon_log()
 
 
+def stream_across(pool, tokens, action):
+    """Start a stream of TOKENS tokens, run ACTION while it flows, and
+    return every byte of the stream (once the pool closes it) and what
+    ACTION returned."""
+    s, got = start_stream(pool.listen_port, tokens)
+    result = action()
+    got += read_until_close(s)
+    s.close()
+    return got, result
+
+
 def test_operator_restart_and_stop_drain(pool):
     pool.config({"tiny": slow_model(30)})
     pool.start()
     pool.cli("start", "tiny", check=0)
-    s, got = start_stream(pool.listen_port, 30)
-    pool.cli("restart", "tiny", check=0)
-    got += read_until_close(s)
-    s.close()
+    got, _ = stream_across(pool, 30, lambda: pool.cli("restart", "tiny", check=0))
     assert_whole_stream(got, 30)
     wait_for(lambda: pool.ready_instances("tiny"), timeout=20, what="restarted")
-    s, got = start_stream(pool.listen_port, 30)
-    r = pool.cli("stop", "tiny")
-    got += read_until_close(s)
-    s.close()
+    got, r = stream_across(pool, 30, lambda: pool.cli("stop", "tiny"))
     assert r.returncode == 0, r.stderr
     assert_whole_stream(got, 30)
     # SIGTERM came after the streams, not before: llama-server would cut them.
@@ -363,11 +368,9 @@ def test_drain_timeout_bounds_the_drain(pool):
     pool.config({"tiny": slow_model(100)}, pool_extra="drain_timeout = 500ms")
     pool.start()
     pool.cli("start", "tiny", check=0)
-    s, got = start_stream(pool.listen_port, 1000)   # 100 s of tokens (real: ~10 s)
     t0 = time.monotonic()
-    pool.cli("stop", "tiny", check=0)
-    got += read_until_close(s)
-    s.close()
+    # 100 s of tokens (real: ~10 s)
+    got, _ = stream_across(pool, 1000, lambda: pool.cli("stop", "tiny", check=0))
     # Cut: SIGTERM at 0.5 s ends generation, SIGKILL at stop_timeout (5 s)
     # the connection, well before the stream would have ended.
     if not REAL:
