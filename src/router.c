@@ -52,7 +52,11 @@ static void router_run(struct router *r);
 /* The scheduler's ids are our objects' addresses: a request's while it
  * lives (the scheduler forgets it before it is freed), an instance's while
  * the pool keeps it (it is removed from the scheduler once stopped, before
- * the pool frees it). */
+ * the pool frees it). An address can come back for a new request, so no
+ * action may outlive its request: every entry point below ends with
+ * router_run(), which takes every action before control returns to the
+ * loop, and a request ends (done, gone) only after its DISPATCH was taken
+ * or while it waits (no DISPATCH pending for it). */
 static sched_req_t req_id(const struct rreq *q)
 {
     return (sched_req_t)(uintptr_t)q;
