@@ -27,22 +27,6 @@ bool buf_reserve_min(struct buf *b, size_t n, size_t min)
     return true;
 }
 
-bool buf_reserve(struct buf *b, size_t n)
-{
-    return buf_reserve_min(b, n, 0);
-}
-
-bool buf_append(struct buf *b, const void *data, size_t n)
-{
-    if (!buf_reserve(b, n))
-        return false;
-    if (n)
-        memcpy(b->data + b->len, data, n);
-    b->len += n;
-    b->data[b->len] = '\0';
-    return true;
-}
-
 bool buf_puts(struct buf *b, const char *s)
 {
     return buf_append(b, s, strlen(s));
@@ -105,7 +89,7 @@ char *buf_take(struct buf *b)
     return d;
 }
 
-bool util_grow(void *array, size_t *cap, size_t need, size_t size)
+bool util_grow_slow(void *array, size_t *cap, size_t need, size_t size)
 {
     if (need <= *cap)
         return true;

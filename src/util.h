@@ -16,6 +16,7 @@
 #include <stdbool.h>
 #include <stddef.h>
 #include <stdint.h>
+#include <string.h>
 
 /* ---- growing memory ----
  * Out of memory is the caller's to report: these return false and leave
@@ -30,9 +31,9 @@ struct buf {
 
 /* Room for N more bytes and a NUL; the first allocation is at least
  * 256 bytes (or MIN given with buf_reserve_min), then it doubles. */
-bool buf_reserve(struct buf *b, size_t n);
 bool buf_reserve_min(struct buf *b, size_t n, size_t min);
-bool buf_append(struct buf *b, const void *data, size_t n);
+static inline bool buf_reserve(struct buf *b, size_t n);
+static inline bool buf_append(struct buf *b, const void *data, size_t n);
 bool buf_puts(struct buf *b, const char *s);
 bool buf_printf(struct buf *b, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
 bool buf_vprintf(struct buf *b, const char *fmt, va_list ap) __attribute__((format(printf, 2, 0)));
@@ -47,7 +48,30 @@ char *buf_take(struct buf *b);
 /* Makes the array *ARRAY (elements of SIZE bytes; ARRAY is the address of
  * the caller's pointer, any pointer type) hold at least NEED elements,
  * doubling *CAP from 16. */
-bool util_grow(void *array, size_t *cap, size_t need, size_t size);
+static inline bool util_grow(void *array, size_t *cap, size_t need, size_t size);
+bool util_grow_slow(void *array, size_t *cap, size_t need, size_t size);
+
+/* The fast paths, inline: these are called per request and per event. */
+static inline bool buf_reserve(struct buf *b, size_t n)
+{
+    return b->cap - b->len > n || buf_reserve_min(b, n, 0);
+}
+
+static inline bool buf_append(struct buf *b, const void *data, size_t n)
+{
+    if (!buf_reserve(b, n))
+        return false;
+    if (n)
+        memcpy(b->data + b->len, data, n);
+    b->len += n;
+    b->data[b->len] = '\0';
+    return true;
+}
+
+static inline bool util_grow(void *array, size_t *cap, size_t need, size_t size)
+{
+    return need <= *cap || util_grow_slow(array, cap, need, size);
+}
 
 /* Frees a NULL-terminated vector of malloc'd strings and the vector (an
  * argv, an environment, a list from pool.conf); NULL is allowed. */
