@@ -351,7 +351,8 @@ static bool req_push_header(struct req *r, size_t name_off, size_t value_off)
 static bool req_finish_head(struct req *r, llhttp_t *p)
 {
     if (!r->url_done) { /* no target: keep the pointers valid anyway */
-        if (!arena_append(r, "", 1) || !arena_append(r, "", 1) || !arena_append(r, "", 1))
+        if (!arena_reserve(r, 3) || !buf_putc(&r->arena, '\0') || !buf_putc(&r->arena, '\0') ||
+            !buf_putc(&r->arena, '\0'))
             return false;
         r->path_off = 1;
         r->query_off = 2;
@@ -459,7 +460,7 @@ static int on_url_complete(llhttp_t *p)
         return reject_oom(p);
     size_t tlen = a->len;
     /* room for target\0 + path\0 + query\0 = 2 * tlen + 3 at most */
-    if (!arena_append(r, "", 1) || !arena_reserve(r, tlen + 2))
+    if (!arena_reserve(r, 1) || !buf_putc(&r->arena, '\0') || !arena_reserve(r, tlen + 2))
         return reject_oom(p);
     const char *q = memchr(a->data, '?', tlen);
     size_t plen = q ? (size_t)(q - a->data) : tlen;
@@ -512,7 +513,7 @@ static int header_end(llhttp_t *p, size_t *start, bool trim)
         *start = a->len;
     while (trim && a->len > *start && (a->data[a->len - 1] == ' ' || a->data[a->len - 1] == '\t'))
         a->len--;
-    return arena_append(c->req, "", 1) ? 0 : reject_oom(p);
+    return arena_reserve(c->req, 1) && buf_putc(a, '\0') ? 0 : reject_oom(p);
 }
 
 static int on_header_field(llhttp_t *p, const char *at, size_t n)

@@ -1298,9 +1298,9 @@ static struct proxy_call *call_alloc(struct proxy *p)
         call->out = out;       /* their memory is kept, emptied */
         call->hdr = hdr;
         call->body_buf = body_buf;
-        buf_consume(&call->out, call->out.len);
-        buf_consume(&call->hdr, call->hdr.len);
-        buf_consume(&call->body_buf, call->body_buf.len);
+        buf_clear(&call->out);
+        buf_clear(&call->hdr);
+        buf_clear(&call->body_buf);
     } else {
         call = calloc(1, sizeof *call);
         if (!call)

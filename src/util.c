@@ -10,7 +10,8 @@
 
 /* ---------- growing memory ---------- */
 
-bool buf_reserve_min(struct buf *b, size_t n, size_t min)
+/* The slow path of buf_reserve_min: allocate or double. */
+bool buf_grow(struct buf *b, size_t n, size_t min)
 {
     if (b->cap - b->len > n)
         return true;

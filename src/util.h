@@ -31,14 +31,17 @@ struct buf {
 
 /* Room for N more bytes and a NUL; the first allocation is at least
  * 256 bytes (or MIN given with buf_reserve_min), then it doubles. */
-bool buf_reserve_min(struct buf *b, size_t n, size_t min);
+static inline bool buf_reserve_min(struct buf *b, size_t n, size_t min);
 static inline bool buf_reserve(struct buf *b, size_t n);
 static inline bool buf_append(struct buf *b, const void *data, size_t n);
+static inline bool buf_putc(struct buf *b, char c);
 bool buf_puts(struct buf *b, const char *s);
 bool buf_printf(struct buf *b, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
 bool buf_vprintf(struct buf *b, const char *fmt, va_list ap) __attribute__((format(printf, 2, 0)));
 /* Drops the first N bytes (N <= len), keeping the rest at the front. */
 void buf_consume(struct buf *b, size_t n);
+/* Empties it, keeping its memory for reuse. */
+static inline void buf_clear(struct buf *b);
 /* Frees the memory; the buffer is empty and usable again. */
 void buf_free(struct buf *b);
 /* Hands the bytes to the caller (malloc'd, NUL-terminated; NULL when the
@@ -50,11 +53,17 @@ char *buf_take(struct buf *b);
  * doubling *CAP from 16. */
 static inline bool util_grow(void *array, size_t *cap, size_t need, size_t size);
 bool util_grow_slow(void *array, size_t *cap, size_t need, size_t size);
+bool buf_grow(struct buf *b, size_t n, size_t min);
 
 /* The fast paths, inline: these are called per request and per event. */
+static inline bool buf_reserve_min(struct buf *b, size_t n, size_t min)
+{
+    return b->cap - b->len > n || buf_grow(b, n, min);
+}
+
 static inline bool buf_reserve(struct buf *b, size_t n)
 {
-    return b->cap - b->len > n || buf_reserve_min(b, n, 0);
+    return b->cap - b->len > n || buf_grow(b, n, 0);
 }
 
 static inline bool buf_append(struct buf *b, const void *data, size_t n)
@@ -66,6 +75,22 @@ static inline bool buf_append(struct buf *b, const void *data, size_t n)
     b->len += n;
     b->data[b->len] = '\0';
     return true;
+}
+
+static inline bool buf_putc(struct buf *b, char c)
+{
+    if (!buf_reserve(b, 1))
+        return false;
+    b->data[b->len++] = c;
+    b->data[b->len] = '\0';
+    return true;
+}
+
+static inline void buf_clear(struct buf *b)
+{
+    b->len = 0;
+    if (b->data)
+        b->data[0] = '\0';
 }
 
 static inline bool util_grow(void *array, size_t *cap, size_t need, size_t size)
