@@ -184,8 +184,7 @@ static size_t out_pending(const struct http_conn *c) { return c->out.b.len - c->
 static bool outbuf_reserve(struct outbuf *o, size_t n)
 {
     if (o->b.cap - o->b.len <= n && o->off > 0) {
-        memmove(o->b.data, o->b.data + o->off, o->b.len - o->off);
-        o->b.len -= o->off;
+        buf_consume(&o->b, o->off);
         o->off = 0;
     }
     return buf_reserve_min(&o->b, n, OUT_BUF_MIN);
@@ -236,7 +235,7 @@ static bool json_escape_append(struct outbuf *o, const char *s)
     if (!outbuf_reserve(o, n))
         return false;
     util_json_escape(o->b.data + o->b.len, n + 1, s);
-    o->b.len += n;
+    buf_set_len(&o->b, o->b.len + n);
     return true;
 }
 
@@ -446,7 +445,7 @@ static bool req_origin_form(struct req *r)
     memmove(a->data + !slash, a->data + skip, rest);
     if (!slash)
         a->data[0] = '/';
-    a->len = rest + !slash;
+    buf_set_len(a, rest + !slash);
     return true;
 }
 
@@ -467,12 +466,12 @@ static int on_url_complete(llhttp_t *p)
     size_t qlen = q ? tlen - plen - 1 : 0;
     r->path_off = a->len;
     memcpy(a->data + a->len, a->data, plen);
-    a->len += plen;
-    a->data[a->len++] = '\0';
+    buf_set_len(a, a->len + plen);
+    buf_set_len(a, a->len + 1);                 /* keep the NUL that ends the path */
     r->query_off = a->len;
     memcpy(a->data + a->len, a->data + plen + 1, qlen);
-    a->len += qlen;
-    a->data[a->len++] = '\0';
+    buf_set_len(a, a->len + qlen);
+    buf_set_len(a, a->len + 1);
     r->url_done = true;
     return 0;
 }
@@ -512,7 +511,7 @@ static int header_end(llhttp_t *p, size_t *start, bool trim)
     if (*start == SIZE_MAX)
         *start = a->len;
     while (trim && a->len > *start && (a->data[a->len - 1] == ' ' || a->data[a->len - 1] == '\t'))
-        a->len--;
+        buf_set_len(a, a->len - 1);
     return arena_reserve(c->req, 1) && buf_putc(a, '\0') ? 0 : reject_oom(p);
 }
 
@@ -831,7 +830,7 @@ static void conn_fail(struct http_conn *c, int status, const char *msg)
     c->req = NULL;
     c->resp_close = true;
     if (!error_json(&body, status, NULL, msg))
-        body.b.len = 0;
+        buf_clear(&body.b);
     int n = snprintf(head, sizeof head,
                      "HTTP/1.1 %d %s\r\nServer: llama-pool\r\n%s"
                      "Content-Type: application/json\r\nContent-Length: %zu\r\n"
@@ -1300,7 +1299,7 @@ static void respond_error_v(struct http_request *req, int status, const char *ty
     }
     va_end(again);
     if (!error_json(&body, status, type, msg))
-        body.b.len = 0;
+        buf_clear(&body.b);
     http_respond(req, status, "application/json", extra_headers, body.b.data, body.b.len);
     outbuf_release(&body);
     if (msg != stackmsg)

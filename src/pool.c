@@ -37,7 +37,7 @@ static void model_log_flush(struct pool_model *m)
             off += (size_t)w;
         }
     }
-    m->logbuf.len = 0;
+    buf_clear(&m->logbuf);
 }
 
 static void model_log_close(struct pool_model *m)

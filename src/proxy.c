@@ -627,8 +627,7 @@ static bool call_build_head(struct proxy_call *call, const char *target, const c
         o = PUT_LIT(o, "\r\n");
     }
     o = PUT_LIT(o, "\r\n");
-    *o = '\0';
-    call->out.len = (size_t)(o - call->out.data);
+    buf_set_len(&call->out, (size_t)(o - call->out.data));
     return true;
 }
 
@@ -800,7 +799,7 @@ static int reject(struct proxy_call *call, const char *why)
 
 static void head_reset(struct proxy_call *call)
 {
-    call->hdr.len = 0;
+    buf_clear(&call->hdr);
     call->ctype_len = 0;
     call->conn_len = 0;
     call->in_field = false;
@@ -851,7 +850,7 @@ static int on_header_field_complete(llhttp_t *lp)
     if (call->action == HDR_KEEP && NAME_IS(n, l, "X-Accel-Buffering"))
         call->has_accel = true;
     if (call->action != HDR_KEEP) {
-        call->hdr.len = call->line_start;
+        buf_set_len(&call->hdr, call->line_start);
         if (call->action == HDR_CTYPE)
             call->ctype_len = 0; /* the last one wins */
         else if (call->action == HDR_CONN && call->conn_len && call->conn_len < CTYPE_MAX - 1)

@@ -23,7 +23,9 @@
  * what was there untouched. */
 
 /* A growable byte buffer, kept NUL-terminated once anything was added (so
- * DATA is a C string for text). Zero-initialised is empty. */
+ * DATA is a C string for text). Zero-initialised is empty. Callers read
+ * DATA, LEN and CAP, may write bytes in DATA[0..CAP) after a buf_reserve,
+ * and change LEN only with buf_set_len (or buf_clear, buf_consume). */
 struct buf {
     char *data;
     size_t len, cap;
@@ -42,6 +44,9 @@ bool buf_vprintf(struct buf *b, const char *fmt, va_list ap) __attribute__((form
 void buf_consume(struct buf *b, size_t n);
 /* Empties it, keeping its memory for reuse. */
 static inline void buf_clear(struct buf *b);
+/* The length is now N (< CAP, so that a NUL fits after): bytes the caller
+ * wrote in the reserved room are kept, or the tail is dropped. */
+static inline void buf_set_len(struct buf *b, size_t n);
 /* Frees the memory; the buffer is empty and usable again. */
 void buf_free(struct buf *b);
 /* Hands the bytes to the caller (malloc'd, NUL-terminated; NULL when the
@@ -84,6 +89,12 @@ static inline bool buf_putc(struct buf *b, char c)
     b->data[b->len++] = c;
     b->data[b->len] = '\0';
     return true;
+}
+
+static inline void buf_set_len(struct buf *b, size_t n)
+{
+    b->len = n;
+    b->data[n] = '\0';
 }
 
 static inline void buf_clear(struct buf *b)
