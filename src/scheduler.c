@@ -204,6 +204,8 @@ struct inst {
     uint64_t estimate;          /* charge until measured */
     uint64_t measured;          /* 0 = not yet */
     uint64_t extra;             /* shared weights inherited from a sibling that went */
+    int dev;                    /* the GPU it is charged on, -1: none */
+    uint64_t vram_meas;         /* measured VRAM there, 0 = not yet */
 };
 
 struct model {
@@ -216,6 +218,8 @@ struct model {
     size_t ninst, capinst;
     unsigned start_queued;      /* START actions not yet taken */
     unsigned start_out;         /* taken, awaiting sched_instance_added() */
+    signed char *pdev;          /* the devices of those starts, oldest first (-1: none) */
+    size_t npdev, cappdev;
     double last_asked;          /* arrival of its latest request; 0 = never */
     bool active;                /* on the active list (see struct sched) */
 };
@@ -253,6 +257,13 @@ struct sched {
     struct entry *q;            /* ring of pending actions */
     size_t qhead, qlen, qcap;   /* qcap: a power of two, or 0 */
     char *taken_msg;            /* message of the last action taken */
+
+    size_t ndev;                /* GPUs (sched_devices_set); 0 = host only */
+    struct sdev {
+        uint64_t budget;
+        uint64_t free;          /* as the driver said, minus starts since */
+        bool free_known;
+    } dev[SCHED_MAX_DEVICES];
 
     size_t *out;                /* models with start_out > 0 */
     size_t nout, capout;
@@ -332,10 +343,22 @@ static void emit_dispatch(struct sched *s, const struct req *r, const struct ins
                                     .model = r->model }, NULL);
 }
 
-static void emit_start(struct sched *s, size_t model)
+/* Drops the I-th of M's pending start devices. */
+static void pdev_drop(struct model *m, size_t i)
 {
-    if (push(s, &(struct sched_action){ .kind = SCHED_START, .model = model }, NULL)) {
-        s->models[model].start_queued++;
+    memmove(m->pdev + i, m->pdev + i + 1, m->npdev - i - 1);
+    m->npdev--;
+}
+
+static void emit_start(struct sched *s, size_t model, int device)
+{
+    struct model *m = &s->models[model];
+    if (!util_grow(&m->pdev, &m->cappdev, m->npdev + 1, sizeof *m->pdev))
+        return;
+    if (push(s, &(struct sched_action){ .kind = SCHED_START, .model = model, .device = device },
+             NULL)) {
+        m->pdev[m->npdev++] = (signed char)device;
+        m->start_queued++;
         activate(s, model);
     }
 }
@@ -400,8 +423,14 @@ bool sched_next_action(struct sched *s, struct sched_action *out)
 static void event_begin(struct sched *s)
 {
     for (size_t i = 0; i < s->nout; i++)
-        if (s->out[i] < s->nmodels)
-            s->models[s->out[i]].start_out = 0;
+        if (s->out[i] < s->nmodels) {
+            struct model *m = &s->models[s->out[i]];
+            while (m->start_out && m->npdev) {     /* the taken ones are the oldest */
+                pdev_drop(m, 0);
+                m->start_out--;
+            }
+            m->start_out = 0;
+        }
     s->nout = 0;
 }
 
@@ -577,7 +606,7 @@ static uint32_t inst_new(struct sched *s, sched_inst_t id, size_t model)
         return NIL;
     }
     s->insts[ii] = (struct inst){ .id = id, .model = model, .state = INST_STARTING,
-                                  .flight = NIL, .next_free = NIL };
+                                  .flight = NIL, .next_free = NIL, .dev = -1 };
     m->inst[m->ninst++] = ii;
     activate(s, model);
     return ii;
@@ -683,14 +712,14 @@ static size_t starts_wanted(const struct sched *s, const struct model *m)
     return n;
 }
 
-/* Without a budget, starts are the model's own affair; with one, mem_plan()
- * decides them for all models at the end of the event. */
+/* Without a budget or devices, starts are the model's own affair; with
+ * either, mem_plan() decides them for all models at the end of the event. */
 static void consider_starts(struct sched *s, size_t model)
 {
-    if (s->limits.budget)
+    if (s->limits.budget || s->ndev)
         return;
     for (size_t n = starts_wanted(s, &s->models[model]); n; n--)
-        emit_start(s, model);
+        emit_start(s, model, -1);
 }
 
 static void settle(struct sched *s, double now, size_t model)
@@ -816,6 +845,108 @@ static uint64_t mem_used(const struct sched *s)
     return sum;
 }
 
+/* ---------- GPU memory ---------- */
+
+/* MODEL needs a device (and there are devices to place it on). */
+static bool model_gpu(const struct sched *s, size_t model)
+{
+    return s->ndev && s->models[model].info.vram;
+}
+
+/* May one of MODEL's instances go on device D? */
+static bool dev_allowed(const struct sched *s, size_t model, size_t d)
+{
+    const struct sched_model_info *i = &s->models[model].info;
+    return !i->vram_fixed || i->vram_device == d;
+}
+
+/* What IN is charged on its device: its vram, or its measured use once
+ * higher. */
+static uint64_t inst_vram(const struct sched *s, const struct inst *in)
+{
+    if (!inst_counts(in) || in->dev < 0 || (size_t)in->dev >= s->ndev)
+        return 0;
+    uint64_t est = s->models[in->model].info.vram;
+    return in->vram_meas > est ? in->vram_meas : est;
+}
+
+static uint64_t dev_used(const struct sched *s, size_t d)
+{
+    uint64_t sum = 0;
+    for (size_t i = 0; i < s->ninsts; i++)
+        if (s->insts[i].dev == (int)d)
+            sum = sat_add(sum, inst_vram(s, &s->insts[i]));
+    return sum;
+}
+
+/* What the STARTs asked for D and not yet added will be charged there. */
+static uint64_t dev_pending(const struct sched *s, size_t d)
+{
+    uint64_t sum = 0;
+    for (size_t k = 0; k < s->nactive; k++) {
+        const struct model *m = &s->models[s->active[k]];
+        for (size_t j = 0; j < m->npdev; j++)
+            if (m->pdev[j] == (int)d)
+                sum = sat_add(sum, m->info.vram);
+    }
+    return sum;
+}
+
+/* What the instances on D being stopped (and those chosen) free once gone. */
+static uint64_t dev_freed(const struct sched *s, size_t d)
+{
+    uint64_t freed = 0;
+    for (size_t i = 0; i < s->ninsts; i++) {
+        const struct inst *x = &s->insts[i];
+        if (x->dev == (int)d && (x->stop_req || x->chosen))
+            freed = sat_add(freed, inst_vram(s, x));
+    }
+    return freed;
+}
+
+/* NEED more bytes fit on D beside what is used, pending and RESERVED
+ * there, once FREED is freed: within its budget, and within the device's
+ * free memory when known. */
+static bool dev_room(const struct sched *s, size_t d, uint64_t need, uint64_t reserved,
+                     uint64_t freed)
+{
+    const struct sdev *v = &s->dev[d];
+    uint64_t used = dev_used(s, d), pending = sat_add(dev_pending(s, d), reserved);
+    uint64_t after = used - min_u64(used, freed);
+    return sat_add(sat_add(after, pending), need) <= v->budget &&
+           (!v->free_known || sat_add(pending, need) <= sat_add(v->free, freed));
+}
+
+/* The device for one more instance of MODEL: among those it may use where
+ * it fits beside RESERVED, the one with the most budget left (the lowest
+ * index on ties); -1 when none has room. */
+static int place(const struct sched *s, size_t model, const uint64_t *reserved)
+{
+    uint64_t need = s->models[model].info.vram, best_left = 0;
+    int best = -1;
+    for (size_t d = 0; d < s->ndev; d++) {
+        if (!dev_allowed(s, model, d) || !dev_room(s, d, need, reserved[d], 0))
+            continue;
+        uint64_t taken = sat_add(sat_add(dev_used(s, d), dev_pending(s, d)), reserved[d]);
+        uint64_t left = s->dev[d].budget - min_u64(s->dev[d].budget, taken);
+        if (best < 0 || left > best_left) {
+            best = (int)d;
+            best_left = left;
+        }
+    }
+    return best;
+}
+
+/* The largest budget among the devices MODEL may use. */
+static uint64_t dev_largest(const struct sched *s, size_t model)
+{
+    uint64_t most = 0;
+    for (size_t d = 0; d < s->ndev; d++)
+        if (dev_allowed(s, model, d) && s->dev[d].budget > most)
+            most = s->dev[d].budget;
+    return most;
+}
+
 /* The instance starts being charged: its estimate, weights included unless
  * another live instance maps the same file. */
 static void inst_charge_start(struct sched *s, uint32_t ii)
@@ -825,8 +956,11 @@ static void inst_charge_start(struct sched *s, uint32_t ii)
     in->estimate = sat_add(m->info.mem_more,
                            file_live(s, m->info.file_id, ii) ? 0 : m->info.mem_weights);
     in->measured = in->extra = 0;
+    in->vram_meas = 0;
     if (s->avail_known)
         s->avail -= min_u64(s->avail, in->estimate);
+    if (in->dev >= 0 && (size_t)in->dev < s->ndev && s->dev[in->dev].free_known)
+        s->dev[in->dev].free -= min_u64(s->dev[in->dev].free, m->info.vram);
 }
 
 /* The instance stops being charged (failed, removed): what it frees goes
@@ -854,7 +988,10 @@ static void inst_charge_end(struct sched *s, uint32_t ii)
     }
     if (s->avail_known)
         s->avail = sat_add(s->avail, freed);
+    if (x->dev >= 0 && (size_t)x->dev < s->ndev && s->dev[x->dev].free_known)
+        s->dev[x->dev].free = sat_add(s->dev[x->dev].free, inst_vram(s, x));
     x->measured = x->extra = 0;
+    x->vram_meas = 0;
 }
 
 /* A charged sibling of the instance at XI (same file) that is neither
@@ -1029,6 +1166,100 @@ static void fail_too_big(struct sched *s, size_t model, uint64_t est, uint64_t u
     fail_waiters(s, model, 503, sb.b);
 }
 
+/* Choose (mark) idle instances on device D, least recently used first,
+ * until one more of MODEL (NEED bytes) fits there beside RESERVED; the
+ * number chosen, or SIZE_MAX when even all of them would not do (nothing
+ * is left chosen then). *NEWEST: the most recently used of those chosen. */
+static size_t choose_on_dev(struct sched *s, size_t model, size_t d, uint64_t need,
+                            uint64_t reserved, uint32_t *newest)
+{
+    size_t n = 0;
+    for (size_t i = 0; i < s->ninsts; i++) {
+        if (s->insts[i].dev != (int)d || !evictable(s, &s->insts[i], 0) ||
+            s->insts[i].model == model)
+            continue;
+        if (!util_grow(&s->cand, &s->capcand, n + 1, sizeof *s->cand))
+            return SIZE_MAX;
+        size_t k = n++;
+        while (k && lru_before(s, &s->insts[i], &s->insts[s->cand[k - 1]])) {
+            s->cand[k] = s->cand[k - 1];
+            k--;
+        }
+        s->cand[k] = (uint32_t)i;
+    }
+    size_t chosen = 0;
+    bool ok = false;
+    for (size_t k = 0; k < n && !ok; k++) {
+        struct inst *in = &s->insts[s->cand[k]];
+        const struct model *m = &s->models[in->model];
+        if (alive_count(s, m) <= m->info.instances_min)
+            continue;                   /* its model keeps its minimum */
+        in->chosen = true;
+        chosen++;
+        *newest = s->cand[k];
+        ok = dev_room(s, d, need, reserved, dev_freed(s, d));
+    }
+    if (!ok) {
+        for (size_t k = 0; k < n; k++)
+            s->insts[s->cand[k]].chosen = false;
+        return SIZE_MAX;
+    }
+    return chosen;
+}
+
+/* No device has room for one more instance of MODEL: stop idle instances
+ * on the device where the fewest stops make room (on ties, the device
+ * whose chosen instances were used least lately), least recently used first. Returns that device, or the one that
+ * stops under way already free enough (nothing more is stopped), or -1
+ * when no device can be freed enough now. */
+static int make_room_dev(struct sched *s, size_t model, const uint64_t *reserved)
+{
+    uint64_t need = s->models[model].info.vram;
+    for (size_t d = 0; d < s->ndev; d++)
+        if (dev_allowed(s, model, d) && dev_room(s, d, need, reserved[d], dev_freed(s, d)))
+            return (int)d;              /* the stops under way are enough: wait */
+    int best = -1;
+    size_t fewest = SIZE_MAX;
+    uint32_t best_newest = NIL, newest = NIL;
+    for (size_t d = 0; d < s->ndev; d++) {
+        if (!dev_allowed(s, model, d))
+            continue;
+        size_t k = choose_on_dev(s, model, d, need, reserved[d], &newest);
+        for (size_t i = 0; i < s->ninsts; i++)
+            s->insts[i].chosen = false;
+        if (k == SIZE_MAX)
+            continue;
+        if (k < fewest || (k == fewest && lru_before(s, &s->insts[newest], &s->insts[best_newest]))) {
+            fewest = k;
+            best = (int)d;
+            best_newest = newest;
+        }
+    }
+    if (best < 0 || choose_on_dev(s, model, (size_t)best, need, reserved[best], &newest) == SIZE_MAX)
+        return -1;
+    for (size_t i = 0; i < s->ninsts; i++)
+        if (s->insts[i].chosen) {
+            s->insts[i].chosen = false;
+            stop_inst(s, (uint32_t)i, SCHED_STOP_LRU);
+        }
+    return best;
+}
+
+/* MODEL's VRAM is more than any device it may use has: its waiters fail
+ * with the numbers. */
+static void fail_too_big_vram(struct sched *s, size_t model, uint64_t vram, uint64_t largest)
+{
+    char need[32], most[32];
+    util_format_bytes(vram, need, sizeof need);
+    util_format_bytes(largest, most, sizeof most);
+    const char *name = s->models[model].name;
+    char *msg = fmt("%s needs %s of GPU memory; the largest device budget is %s "
+                    "(raise gpu_budget, or offload fewer layers with -ngl)",
+                    name ? name : "model", need, most);
+    fail_waiters(s, model, 503, msg ? msg : "does not fit on any GPU");
+    free(msg);
+}
+
 /* With a budget, the one place that starts instances and evicts for memory;
  * it runs at the end of every event. Models that want a start are taken by
  * their oldest waiting request: each starts if it fits beside what the
@@ -1037,7 +1268,7 @@ static void fail_too_big(struct sched *s, size_t model, uint64_t est, uint64_t u
 static void mem_plan(struct sched *s)
 {
     uint64_t budget = s->limits.budget;
-    if (!budget || !s->waiting)
+    if ((!budget && !s->ndev) || !s->waiting)
         return;
     for (;;) {
         size_t n = 0;
@@ -1058,19 +1289,40 @@ static void mem_plan(struct sched *s)
         if (!n)
             return;
         uint64_t used = mem_used(s), pending = pending_charge(s), reserved = 0;
-        bool acted = false, head = true;
+        uint64_t vreserved[SCHED_MAX_DEVICES] = { 0 };
+        bool acted = false, head = true, vhead = true;
         for (size_t k = 0; k < n && !acted; k++) {
             size_t model = s->order[k];
             uint64_t est = start_estimate(s, model);
-            if (est > budget) {
+            if (budget && est > budget) {
                 if (!has_coming_or_ready(s, &s->models[model])) {
                     fail_too_big(s, model, est, used);
                     acted = true;
                 }
                 continue;               /* else it serves with what it has */
             }
-            if (room_ok(s, sat_add(reserved, est), used, pending, 0)) {
-                emit_start(s, model);
+            int dev = -1;
+            if (model_gpu(s, model)) {
+                uint64_t vram = s->models[model].info.vram, largest = dev_largest(s, model);
+                if (vram > largest) {
+                    if (!has_coming_or_ready(s, &s->models[model])) {
+                        fail_too_big_vram(s, model, vram, largest);
+                        acted = true;
+                    }
+                    continue;
+                }
+                if ((dev = place(s, model, vreserved)) < 0) {
+                    /* The oldest waiter that does not fit is made room for;
+                     * newer ones keep off the device that frees for it. */
+                    int freeing = vhead ? make_room_dev(s, model, vreserved) : -1;
+                    vhead = false;
+                    if (freeing >= 0)
+                        vreserved[freeing] = sat_add(vreserved[freeing], vram);
+                    continue;
+                }
+            }
+            if (!budget || room_ok(s, sat_add(reserved, est), used, pending, 0)) {
+                emit_start(s, model, dev);
                 acted = true;           /* the numbers changed: look again */
             } else {
                 if (head)
@@ -1089,7 +1341,17 @@ static void mem_plan(struct sched *s)
 int sched_admit(const struct sched *s, size_t model, unsigned n, char *err, size_t errlen)
 {
     uint64_t budget = s->limits.budget;
-    if (!budget || !n || model >= s->nmodels)
+    if (!n || model >= s->nmodels)
+        return 0;
+    if (model_gpu(s, model) && sched_place(s, model) < 0) {
+        char a[32];
+        const struct model *m = &s->models[model];
+        snprintf(err, errlen, "%s needs %s of GPU memory; no device has that much left "
+                 "(stop a model, or raise gpu_budget)", m->name ? m->name : "model",
+                 util_format_bytes(m->info.vram, a, sizeof a));
+        return -1;
+    }
+    if (!budget)
         return 0;
     /* The first pays for the weights unless they are mapped already (or
      * about to be); the others share them. */
@@ -1111,6 +1373,14 @@ int sched_admit(const struct sched *s, size_t model, unsigned n, char *err, size
     snprintf(err, errlen, "%s needs %s more; %s of the %s budget is in use (stop a model, or raise memory_budget)",
              m->name ? m->name : "model", a, b, c);
     return -1;
+}
+
+int sched_place(const struct sched *s, size_t model)
+{
+    if (model >= s->nmodels || !model_gpu(s, model))
+        return -1;
+    uint64_t none[SCHED_MAX_DEVICES] = { 0 };
+    return place(s, model, none);
 }
 
 sched_inst_t sched_pick_ready(const struct sched *s, size_t model)
@@ -1241,6 +1511,7 @@ static void model_clear(struct sched *s, size_t model)
     while (m->ninst)
         inst_forget(s, m->inst[m->ninst - 1]);
     free(m->inst);
+    free(m->pdev);
     free(m->name);
     free(m->failed);
     *m = (struct model){ .head = NIL, .tail = NIL };
@@ -1252,6 +1523,7 @@ void sched_free(struct sched *s)
         return;
     for (size_t i = 0; i < s->nmodels; i++) {
         free(s->models[i].inst);
+        free(s->models[i].pdev);
         free(s->models[i].name);
         free(s->models[i].failed);
     }
@@ -1420,6 +1692,15 @@ void sched_request_gone(struct sched *s, double now, sched_req_t req)
 
 void sched_instance_added(struct sched *s, double now, sched_inst_t inst, size_t model)
 {
+    int dev = -1;
+    if (model < s->nmodels && s->models[model].info.vram_fixed)
+        dev = (int)s->models[model].info.vram_device;
+    sched_instance_added_on(s, now, inst, model, dev);
+}
+
+void sched_instance_added_on(struct sched *s, double now, sched_inst_t inst, size_t model,
+                             int device)
+{
     if (!inst || model >= s->nmodels)
         return;
     uint32_t old = idmap_get(&s->inst_map, inst);
@@ -1432,10 +1713,21 @@ void sched_instance_added(struct sched *s, double now, sched_inst_t inst, size_t
     struct model *m = &s->models[model];
     uint32_t ii = inst_new(s, inst, model);
     if (ii != NIL) {
-        s->insts[ii].added_at = now;
+        struct inst *in = &s->insts[ii];
+        in->added_at = now;
+        if (device >= 0 && (size_t)device < s->ndev && m->info.vram)
+            in->dev = device;
         inst_charge_start(s, ii);
-        if (m->start_out)
+        if (m->start_out) {
             m->start_out--;             /* the START we asked for */
+            size_t k = 0;               /* and its device, no longer pending */
+            while (k < m->npdev && m->pdev[k] != device)
+                k++;
+            if (k == m->npdev)
+                k = 0;                  /* not where we asked: the oldest goes */
+            if (m->npdev)
+                pdev_drop(m, k);
+        }
     }
     settle(s, now, model);
     event_end(s);
@@ -1631,6 +1923,53 @@ void sched_instance_memory(struct sched *s, double now, sched_inst_t inst, uint6
         }
     }
     event_end(s);
+}
+
+void sched_devices_set(struct sched *s, double now, size_t n, const uint64_t *budgets)
+{
+    (void)now;
+    event_begin(s);
+    if (n > SCHED_MAX_DEVICES)
+        n = SCHED_MAX_DEVICES;
+    for (size_t d = 0; d < n; d++)
+        s->dev[d].budget = budgets[d];
+    for (size_t d = n; d < s->ndev; d++)
+        s->dev[d] = (struct sdev){ 0 };
+    s->ndev = n;
+    event_end(s);
+}
+
+void sched_device_free(struct sched *s, double now, size_t dev, uint64_t bytes)
+{
+    (void)now;
+    if (dev >= s->ndev)
+        return;
+    event_begin(s);
+    s->dev[dev].free = bytes;
+    s->dev[dev].free_known = bytes > 0;
+    event_end(s);
+}
+
+void sched_instance_vram(struct sched *s, double now, sched_inst_t inst, uint64_t bytes)
+{
+    (void)now;
+    event_begin(s);
+    uint32_t ii = idmap_get(&s->inst_map, inst);
+    if (ii != NIL)
+        s->insts[ii].vram_meas = bytes;
+    event_end(s);
+}
+
+uint64_t sched_device_used(const struct sched *s, size_t dev)
+{
+    return dev < s->ndev ? dev_used(s, dev) : 0;
+}
+
+int sched_instance_device(const struct sched *s, sched_inst_t inst)
+{
+    uint32_t ii = idmap_get(&s->inst_map, inst);
+    return ii != NIL && s->insts[ii].dev >= 0 && (size_t)s->insts[ii].dev < s->ndev
+           ? s->insts[ii].dev : -1;
 }
 
 void sched_set_available(struct sched *s, double now, uint64_t bytes)

@@ -63,6 +63,9 @@
 
 struct sched;
 
+/* GPUs the scheduler places instances on (sched_devices_set). */
+#define SCHED_MAX_DEVICES 16
+
 /* Ids are the caller's: any value but 0. */
 typedef uint64_t sched_req_t;
 typedef uint64_t sched_inst_t;
@@ -81,6 +84,12 @@ struct sched_model_info {
     uint64_t file_id;            /* instances of models with equal ids share weights; 0 = unique */
     bool pinned;                 /* never stopped for memory or idleness */
     double idle_timeout;         /* seconds; 0 = never stopped for idleness */
+    /* GPU memory of one instance, on one device (0 = CPU only; ignored
+     * while no device is set). Instances of one file do not share it. */
+    uint64_t vram;
+    bool vram_fixed;             /* its args fix the device (vram_device); else
+                                  * the scheduler places it (SCHED_START's device) */
+    unsigned vram_device;
 };
 
 enum sched_stop_reason {
@@ -107,6 +116,10 @@ struct sched_action {
     const char *message;         /* FAIL: valid until the next sched_* call */
     double at;                   /* WAKE */
     enum sched_stop_reason reason;   /* STOP */
+    int device;                  /* START: the device to put it on (the caller
+                                  * reports it to sched_instance_added_on); -1:
+                                  * none chosen (CPU only, fixed by its args,
+                                  * or no devices) */
 };
 
 struct sched *sched_new(const struct sched_limits *limits);
@@ -132,6 +145,10 @@ void sched_request_gone(struct sched *s, double now, sched_req_t req);
 /* An instance exists (after SCHED_START, or one the operator started).
  * It starts in the "starting" state. */
 void sched_instance_added(struct sched *s, double now, sched_inst_t inst, size_t model);
+/* The same, placed on DEVICE (the START's, or the model's fixed one; -1:
+ * none). Its VRAM is charged there from now on. */
+void sched_instance_added_on(struct sched *s, double now, sched_inst_t inst, size_t model,
+                             int device);
 /* Ready to serve with SLOTS slots (0 = unknown yet: use the model's hint). */
 void sched_instance_ready(struct sched *s, double now, sched_inst_t inst, unsigned slots);
 /* Slot count learnt after ready (from /props). */
@@ -161,6 +178,28 @@ void sched_instance_memory(struct sched *s, double now, sched_inst_t inst, uint6
 /* The machine's available memory now (MemAvailable); 0 = unknown (no check). */
 void sched_set_available(struct sched *s, double now, uint64_t bytes);
 
+/* ---- GPUs ----
+ * N devices (0 = none: host memory only, as without a GPU), each with the
+ * bytes its instances may use. Rules, beside the host's:
+ *   - An instance of a model with vram > 0 needs room on one device: its
+ *     fixed one, else the device with the most free budget where it fits
+ *     (its budget, and the device's free memory when known, counting the
+ *     starts under way).
+ *   - If none has room, idle instances on one device are stopped, least
+ *     recently used first, with the host's rules (never busy, pinned, one
+ *     of instances_min, or fresh; the oldest waiting model first): the
+ *     device where the fewest stops free enough.
+ *   - A device is charged each instance's vram while starting, and its
+ *     measured use once higher (sched_instance_vram). Nothing starts that
+ *     would pass a device's budget; a model whose vram exceeds every
+ *     device's budget fails its requests with 503 and the numbers. */
+void sched_devices_set(struct sched *s, double now, size_t n, const uint64_t *budgets);
+/* A device's free memory as the driver reports it (other programs use
+ * GPUs too); 0 = unknown. */
+void sched_device_free(struct sched *s, double now, size_t dev, uint64_t bytes);
+/* Measured VRAM of an instance on its device. */
+void sched_instance_vram(struct sched *s, double now, sched_inst_t inst, uint64_t bytes);
+
 /* Time passed: expire waiting requests past queue_timeout, stop instances
  * idle past idle_timeout. */
 void sched_tick(struct sched *s, double now);
@@ -174,13 +213,18 @@ bool sched_next_action(struct sched *s, struct sched_action *out);
 /* Would N more instances of MODEL fit in the budget now, counted as the
  * scheduler counts its own starts (weights shared per file, starts under
  * way, the machine's available memory)? 0, or -1 with ERR saying why (the
- * numbers, in util_format_bytes units). Nothing is stopped to make room:
- * which model goes for an operator's start is the operator's call. */
+ * numbers, in util_format_bytes units). With devices, one of them must have
+ * room for one more (sched_place). Nothing is stopped to make room: which
+ * model goes for an operator's start is the operator's call. */
 int sched_admit(const struct sched *s, size_t model, unsigned n, char *err, size_t errlen);
 /* The ready instance of MODEL that a caller who talks to it directly
  * should use: one with a free slot, fewest in flight (as dispatch picks);
  * else the least busy ready one. 0 when none is ready. */
 sched_inst_t sched_pick_ready(const struct sched *s, size_t model);
+/* The device one more instance of MODEL would go on now (for a start the
+ * scheduler did not ask for: report it with sched_instance_added_on); -1
+ * when it needs none, or none has room. */
+int sched_place(const struct sched *s, size_t model);
 
 /* ---- for status and metrics ---- */
 /* Whether INST was added and not yet removed. */
@@ -191,5 +235,7 @@ unsigned sched_in_flight(const struct sched *s, sched_inst_t inst);
 double sched_last_used(const struct sched *s, sched_inst_t inst);  /* 0 = never */
 uint64_t sched_charge(const struct sched *s, sched_inst_t inst);   /* bytes charged now */
 uint64_t sched_used(const struct sched *s);                         /* all instances */
+uint64_t sched_device_used(const struct sched *s, size_t dev);      /* charged on DEV */
+int sched_instance_device(const struct sched *s, sched_inst_t inst);  /* -1: none */
 
 #endif

@@ -1886,6 +1886,248 @@ static void an_instance_is_known_from_added_to_removed(void **state)
     sched_free(s);
 }
 
+/* ---------- GPUs ---------- */
+
+/* A pool with no host budget and N devices of BUDGET each. */
+static struct sched *gpu_new(size_t nmodels, size_t ndev, uint64_t budget)
+{
+    struct sched *s = mem_new(0, 0, nmodels);
+    uint64_t b[SCHED_MAX_DEVICES];
+    for (size_t d = 0; d < ndev; d++)
+        b[d] = budget;
+    sched_devices_set(s, 0, ndev, b);
+    return s;
+}
+
+/* Up to MAX instances of one slot, VRAM bytes each on one device. */
+static void gpu_model(struct sched *s, size_t model, const char *name, unsigned max, uint64_t vram)
+{
+    sched_model_set(s, model, name, &(struct sched_model_info){
+        .instances_max = max, .slots_hint = 1, .vram = vram });
+}
+
+/* Takes the actions; every START is added at once on its device (ids from
+ * *NEXT) and made ready at NOW. Returns how many STARTs there were. */
+static size_t start_all(struct sched *s, double now, sched_inst_t *next, int *devices)
+{
+    struct got *x = drain(s);
+    size_t n = 0;
+    struct sched_action starts[MAXGOT];
+    for (size_t i = 0; i < x->n; i++)
+        if (x->a[i].kind == SCHED_START)
+            starts[n++] = x->a[i];
+    for (size_t i = 0; i < n; i++) {
+        if (devices)
+            devices[i] = starts[i].device;
+        sched_inst_t id = (*next)++;
+        sched_instance_added_on(s, now, id, starts[i].model, starts[i].device);
+        sched_instance_ready(s, now, id, 1);
+    }
+    return n;
+}
+
+static void instances_spread_over_two_devices_by_the_room_left(void **state)
+{
+    (void)state;
+    struct sched *s = gpu_new(1, 2, 10 * GiB);
+    gpu_model(s, 0, "a", 4, 3 * GiB);
+    for (sched_req_t r = 1; r <= 4; r++)
+        sched_request(s, 1, r, 0);
+    struct got *x = drain(s);
+    assert_int_equal(count(x, SCHED_START), 4);
+    /* 10/10 → 0; 7/10 → 1; 7/7 → 0; 4/7 → 1. */
+    assert_int_equal(nth(x, SCHED_START, 0)->device, 0);
+    assert_int_equal(nth(x, SCHED_START, 1)->device, 1);
+    assert_int_equal(nth(x, SCHED_START, 2)->device, 0);
+    assert_int_equal(nth(x, SCHED_START, 3)->device, 1);
+    for (int i = 0; i < 4; i++)
+        sched_instance_added_on(s, 1, 100 + (sched_inst_t)i, 0, nth(x, SCHED_START, (size_t)i)->device);
+    assert_true(sched_device_used(s, 0) == 6 * GiB);
+    assert_true(sched_device_used(s, 1) == 6 * GiB);
+    assert_int_equal(sched_instance_device(s, 101), 1);
+    sched_free(s);
+}
+
+static void a_full_device_stops_its_least_recently_used_idle_instance(void **state)
+{
+    (void)state;
+    enum { X, Y, Z };
+    struct sched *s = gpu_new(3, 2, 4 * GiB);
+    gpu_model(s, X, "x", 1, 3 * GiB);
+    gpu_model(s, Y, "y", 1, 3 * GiB);
+    gpu_model(s, Z, "z", 1, 3 * GiB);
+    sched_inst_t next = 1;
+    sched_request(s, 1, 10, Y);         /* y on device 0, used last at 1 */
+    assert_int_equal(start_all(s, 1, &next, NULL), 1);
+    sched_request(s, 2, 11, X);         /* x on device 1 */
+    assert_int_equal(start_all(s, 2, &next, NULL), 1);
+    drain(s);
+    sched_request_done(s, 3, 10);
+    sched_request_done(s, 5, 11);       /* x used later than y */
+    drain(s);
+    assert_int_equal(sched_instance_device(s, 1), 0);
+    assert_int_equal(sched_instance_device(s, 2), 1);
+    /* z fits on neither: y (device 0, least recently used) makes room. */
+    sched_request(s, 6, 12, Z);
+    struct got *x = drain(s);
+    assert_int_equal(count(x, SCHED_STOP), 1);
+    assert_true(nth(x, SCHED_STOP, 0)->inst == 1);
+    assert_int_equal(count(x, SCHED_START), 0);   /* not before y is gone */
+    sched_instance_removed(s, 7, 1);
+    x = drain(s);
+    assert_int_equal(count(x, SCHED_START), 1);
+    assert_int_equal(nth(x, SCHED_START, 0)->device, 0);
+    sched_free(s);
+}
+
+static void a_cpu_only_model_starts_beside_full_gpus(void **state)
+{
+    (void)state;
+    enum { G, C };
+    struct sched *s = gpu_new(2, 1, 4 * GiB);
+    gpu_model(s, G, "g", 1, 3 * GiB);
+    gpu_model(s, C, "c", 1, 0);
+    sched_inst_t next = 1;
+    sched_request(s, 1, 10, G);         /* g fills the device and stays busy */
+    assert_int_equal(start_all(s, 1, &next, NULL), 1);
+    drain(s);
+    sched_request(s, 2, 11, C);
+    int dev[4];
+    assert_int_equal(start_all(s, 2, &next, dev), 1);
+    assert_int_equal(dev[0], -1);       /* no device */
+    assert_true(sched_device_used(s, 0) == 3 * GiB);
+    sched_free(s);
+}
+
+static void a_model_larger_than_every_device_fails_with_503_and_the_numbers(void **state)
+{
+    (void)state;
+    struct sched *s = gpu_new(1, 2, 10 * GiB);
+    gpu_model(s, 0, "huge", 1, 20 * GiB);
+    sched_request(s, 1, 10, 0);
+    struct got *x = drain(s);
+    assert_int_equal(count(x, SCHED_START), 0);
+    assert_int_equal(nth(x, SCHED_FAIL, 0)->status, 503);
+    assert_string_equal(nth(x, SCHED_FAIL, 0)->message,
+                        "huge needs 20 GiB of GPU memory; the largest device budget is 10 GiB "
+                        "(raise gpu_budget, or offload fewer layers with -ngl)");
+    sched_free(s);
+}
+
+static void the_devices_free_memory_gates_starts_as_its_budget_does(void **state)
+{
+    (void)state;
+    struct sched *s = gpu_new(1, 1, 10 * GiB);
+    gpu_model(s, 0, "a", 2, 3 * GiB);
+    sched_device_free(s, 0, 0, 2 * GiB);    /* another program holds the rest */
+    sched_request(s, 1, 10, 0);
+    assert_int_equal(count(drain(s), SCHED_START), 0);
+    char err[256];
+    assert_int_equal(sched_admit(s, 0, 1, err, sizeof err), -1);
+    assert_non_null(strstr(err, "no device has that much left"));
+    sched_device_free(s, 2, 0, 5 * GiB);
+    assert_int_equal(count(drain(s), SCHED_START), 1);
+    sched_instance_added_on(s, 2, 1, 0, 0);
+    /* Its 3 GiB are not in the driver's figure yet: 2 left, not 5. */
+    sched_request(s, 3, 11, 0);
+    assert_int_equal(count(drain(s), SCHED_START), 0);
+    sched_free(s);
+}
+
+static void measured_vram_above_the_estimate_is_charged(void **state)
+{
+    (void)state;
+    enum { A, B };
+    struct sched *s = gpu_new(2, 1, 7 * GiB);
+    gpu_model(s, A, "a", 1, 3 * GiB);
+    gpu_model(s, B, "b", 1, 3 * GiB);
+    sched_inst_t next = 1;
+    sched_request(s, 1, 10, A);
+    assert_int_equal(start_all(s, 1, &next, NULL), 1);
+    drain(s);
+    sched_instance_vram(s, 2, 1, 2 * GiB);      /* below: the estimate stands */
+    assert_true(sched_device_used(s, 0) == 3 * GiB);
+    sched_instance_vram(s, 2, 1, 5 * GiB);
+    assert_true(sched_device_used(s, 0) == 5 * GiB);
+    sched_request(s, 3, 11, B);                 /* 5 + 3 > 7, and a is busy */
+    struct got *x = drain(s);
+    assert_int_equal(count(x, SCHED_START), 0);
+    assert_int_equal(count(x, SCHED_STOP), 0);
+    sched_free(s);
+}
+
+static void a_model_whose_args_fix_its_device_goes_there_or_waits(void **state)
+{
+    (void)state;
+    struct sched *s = gpu_new(1, 2, 4 * GiB);
+    sched_model_set(s, 0, "one", &(struct sched_model_info){
+        .instances_max = 2, .slots_hint = 1, .vram = 3 * GiB, .vram_fixed = true, .vram_device = 1 });
+    sched_request(s, 1, 10, 0);
+    sched_request(s, 1, 11, 0);
+    struct got *x = drain(s);
+    assert_int_equal(count(x, SCHED_START), 1);  /* device 0 is free, but not its */
+    assert_int_equal(nth(x, SCHED_START, 0)->device, 1);
+    sched_instance_added(s, 1, 1, 0);           /* an operator's: on its fixed device */
+    assert_int_equal(sched_instance_device(s, 1), 1);
+    sched_free(s);
+}
+
+/* Requests for six models of 2 to 5 GiB over two devices of 8 GiB, one
+ * every other step on average; each served request ends the step after it
+ * was dispatched; every start added and ready at once, every stop gone at
+ * once: no device is ever charged past its budget. */
+static void no_device_budget_is_ever_passed(void **state)
+{
+    (void)state;
+    enum { MODELS = 6 };
+    struct sched *s = gpu_new(MODELS, 2, 8 * GiB);
+    for (size_t m = 0; m < MODELS; m++)
+        gpu_model(s, m, "m", 2, (2 + m % 4) * GiB);
+    uint64_t rng = 12345;
+    sched_inst_t next = 1;
+    sched_req_t req = 1, served[MAXGOT];
+    size_t nserved = 0, starts = 0, stops = 0;
+    for (int step = 0; step < 3000; step++) {
+        double now = step;
+        for (size_t i = 0; i < nserved; i++)
+            sched_request_done(s, now, served[i]);
+        nserved = 0;
+        rng = rng * 6364136223846793005ULL + 1442695040888963407ULL;
+        unsigned r = (unsigned)(rng >> 33);
+        if (r % 2)
+            sched_request(s, now, req++, (r >> 8) % MODELS);
+        for (struct got *x = drain(s); x->n; x = drain(s)) {
+            sched_inst_t stop_ids[MAXGOT];
+            struct sched_action st[MAXGOT];
+            size_t nstop = 0, nst = 0;
+            for (size_t i = 0; i < x->n; i++) {
+                if (x->a[i].kind == SCHED_STOP)
+                    stop_ids[nstop++] = x->a[i].inst;
+                else if (x->a[i].kind == SCHED_START)
+                    st[nst++] = x->a[i];
+                else if (x->a[i].kind == SCHED_DISPATCH && nserved < MAXGOT)
+                    served[nserved++] = x->a[i].req;
+            }
+            for (size_t d = 0; d < 2; d++)      /* before the stops are gone too */
+                assert_true(sched_device_used(s, d) <= 8 * GiB);
+            for (size_t i = 0; i < nst; i++) {
+                sched_instance_added_on(s, now, next, st[i].model, st[i].device);
+                sched_instance_ready(s, now, next++, 1);
+                starts++;
+            }
+            for (size_t i = 0; i < nstop; i++) {
+                sched_instance_removed(s, now, stop_ids[i]);
+                stops++;
+            }
+        }
+        for (size_t d = 0; d < 2; d++)
+            assert_true(sched_device_used(s, d) <= 8 * GiB);
+    }
+    assert_true(starts > 100);          /* it did run models, and swap them */
+    assert_true(stops > 100);
+    sched_free(s);
+}
+
 int main(void)
 {
     const struct CMUnitTest tests[] = {
@@ -1936,6 +2178,14 @@ int main(void)
         cmocka_unit_test(an_operator_start_is_admitted_as_the_scheduler_counts_memory),
         cmocka_unit_test(the_instance_named_to_a_direct_caller_is_the_one_dispatch_would_pick),
         cmocka_unit_test(an_instance_is_known_from_added_to_removed),
+        cmocka_unit_test(instances_spread_over_two_devices_by_the_room_left),
+        cmocka_unit_test(a_full_device_stops_its_least_recently_used_idle_instance),
+        cmocka_unit_test(a_cpu_only_model_starts_beside_full_gpus),
+        cmocka_unit_test(a_model_larger_than_every_device_fails_with_503_and_the_numbers),
+        cmocka_unit_test(the_devices_free_memory_gates_starts_as_its_budget_does),
+        cmocka_unit_test(measured_vram_above_the_estimate_is_charged),
+        cmocka_unit_test(a_model_whose_args_fix_its_device_goes_there_or_waits),
+        cmocka_unit_test(no_device_budget_is_ever_passed),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }
