@@ -8,6 +8,7 @@
 #include <stdint.h>
 #include <cmocka.h>
 
+#include <fcntl.h>
 #include <ftw.h>
 #include <signal.h>
 #include <stdio.h>
@@ -306,6 +307,55 @@ static void test_process_lists_not_supported(void **state)
     gpus_close(g);
 }
 
+/* The fake llama-server writes its use for the stand-in: -ngl 99 on
+ * --device CUDA1 puts FAKE_VRAM_MB on NVML device 1 while it runs, and the
+ * file goes at its exit. */
+static void test_fake_server_reports_vram(void **state)
+{
+    struct fx *f = *state;
+    const char *fake = getenv("FAKE_LLAMA_SERVER");
+    assert_non_null(fake);
+    char model[128];
+    snprintf(model, sizeof model, "%s/m.gguf", f->dir);
+    FILE *fp = fopen(model, "w");
+    assert_non_null(fp);
+    fputs("GGUF\x03", fp);
+    fclose(fp);
+
+    pid_t pid = fork();
+    assert_true(pid >= 0);
+    if (pid == 0) {
+        setenv("FAKE_VRAM_MB", "1234", 1);
+        setenv("FAKE_LOAD_MS", "0", 1);
+        int devnull = open("/dev/null", O_WRONLY);
+        dup2(devnull, STDERR_FILENO);
+        execl(fake, fake, "-m", model, "--port", "0", "-ngl", "99", "--device", "CUDA1", (char *)NULL);
+        _exit(127);
+    }
+    char path[128];
+    snprintf(path, sizeof path, "%s/%d", f->dir, (int)pid);
+    for (int i = 0; i < 500 && access(path, F_OK) != 0; i++)
+        usleep(10000);
+    assert_int_equal(access(path, F_OK), 0);
+
+    struct gpus *g = open_ok(f);
+    uint64_t per[2];
+    assert_int_equal(gpus_process_memory(g, pid, per), 1234 * MIB);
+    assert_int_equal(per[0], 0);
+    assert_int_equal(per[1], 1234 * MIB);
+    assert_int_equal(gpus_device(g, 1)->used, 1234 * MIB);
+
+    kill(pid, SIGTERM);
+    int status;
+    assert_int_equal(waitpid(pid, &status, 0), pid);
+    assert_true(WIFEXITED(status) && WEXITSTATUS(status) == 0);
+    assert_int_not_equal(access(path, F_OK), 0);            /* removed at exit */
+    gpus_refresh(g);
+    assert_int_equal(gpus_process_memory(g, pid, NULL), 0);
+    assert_int_equal(gpus_device(g, 1)->free, gpus_device(g, 1)->total);
+    gpus_close(g);
+}
+
 /* ------------------------------------------------------------------ */
 /* Arithmetic                                                          */
 
@@ -357,6 +407,7 @@ int main(void)
         T(test_lost_device),
         T(test_no_library_no_device_no_driver),
         T(test_process_lists_not_supported),
+        T(test_fake_server_reports_vram),
         T(test_budget),
         T(test_room),
 #undef T
