@@ -428,7 +428,8 @@ size_t gpus_refresh(struct gpus *g)
             lost++;
         }
     }
-    qsort(g->procs, g->nprocs, sizeof *g->procs, cmp_proc);
+    if (g->nprocs > 1)
+        qsort(g->procs, g->nprocs, sizeof *g->procs, cmp_proc);
     return lost;
 }
 

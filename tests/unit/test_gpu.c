@@ -327,8 +327,10 @@ static void test_fake_server_reports_vram(void **state)
     if (pid == 0) {
         setenv("FAKE_VRAM_MB", "1234", 1);
         setenv("FAKE_LOAD_MS", "0", 1);
-        int devnull = open("/dev/null", O_WRONLY);
-        dup2(devnull, STDERR_FILENO);
+        char log[128];
+        snprintf(log, sizeof log, "%s/log", getenv("NVML_STANDIN_DIR"));
+        int fd = open(log, O_WRONLY | O_CREAT | O_TRUNC, 0644);
+        dup2(fd, STDERR_FILENO);
         execl(fake, fake, "-m", model, "--port", "0", "-ngl", "99", "--device", "CUDA1", (char *)NULL);
         _exit(127);
     }
@@ -337,6 +339,23 @@ static void test_fake_server_reports_vram(void **state)
     for (int i = 0; i < 500 && access(path, F_OK) != 0; i++)
         usleep(10000);
     assert_int_equal(access(path, F_OK), 0);
+
+    /* The fake handles SIGTERM once loaded, as llama-server does: wait for that. */
+    char logpath[128];
+    snprintf(logpath, sizeof logpath, "%s/log", f->dir);
+    bool ready = false;
+    for (int i = 0; i < 500 && !ready; i++) {
+        char buf[8192] = "";
+        FILE *lf = fopen(logpath, "r");
+        if (lf) {
+            buf[fread(buf, 1, sizeof buf - 1, lf)] = '\0';
+            fclose(lf);
+        }
+        ready = strstr(buf, "listening on") != NULL;
+        if (!ready)
+            usleep(10000);
+    }
+    assert_true(ready);
 
     struct gpus *g = open_ok(f);
     uint64_t per[2];
