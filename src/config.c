@@ -909,6 +909,19 @@ static void set_str(char **dst, const char *v)
     *dst = xstrdup(v);
 }
 
+/* llama_server and nvml_library: a name without '/' is kept for a search
+ * (PATH, the dynamic linker); a path is resolved against the config's
+ * directory. */
+static void set_name_or_path(struct parser *p, char **dst, const char *v)
+{
+    if (strchr(v, '/')) {
+        free(*dst);
+        *dst = path_resolve(p->dir, v);
+    } else {
+        set_str(dst, v);
+    }
+}
+
 /* "host:port" or "[v6]:port"; returns the port, 0 after an error. */
 static unsigned check_listen(struct parser *p, int line, const char *v)
 {
@@ -1377,11 +1390,8 @@ static void pool_value(struct parser *p, int k, const char *v)
     case PK_LLAMA_SERVER:
         if (!*v)
             error_at(p, line, "llama_server: needs a program name or path");
-        else if (strchr(v, '/')) {
-            free(c->llama_server);
-            c->llama_server = path_resolve(p->dir, v);
-        } else
-            set_str(&c->llama_server, v);
+        else
+            set_name_or_path(p, &c->llama_server, v);
         break;
     case PK_PORT_RANGE: {
         unsigned a, b;
@@ -1414,11 +1424,8 @@ static void pool_value(struct parser *p, int k, const char *v)
     case PK_NVML_LIBRARY:
         if (!*v)
             error_at(p, line, "nvml_library: needs a library name or path (libnvidia-ml.so.1)");
-        else if (strchr(v, '/')) {
-            free(c->nvml_library);
-            c->nvml_library = path_resolve(p->dir, v);
-        } else
-            set_str(&c->nvml_library, v);
+        else
+            set_name_or_path(p, &c->nvml_library, v);
         break;
     case PK_LOG_DIR:
         if (!*v)
