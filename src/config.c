@@ -483,7 +483,8 @@ enum pool_key {
     PK_MAX_RESTARTS, PK_RESTART_WINDOW, PK_LOG_DIR, PK_MODELS_DIR,
     PK_DEFAULT_ARGS, PK_DEFAULT_MODEL, PK_API_KEYS, PK_ADMIN_KEY, PK_MAX_BODY,
     PK_MAX_HEADER, PK_HEADER_TIMEOUT, PK_KEEPALIVE_TIMEOUT, PK_MAX_CONNECTIONS,
-    PK_BODY_TIMEOUT, PK_DRAIN_TIMEOUT, PK_CORS_ORIGINS,
+    PK_BODY_TIMEOUT, PK_DRAIN_TIMEOUT, PK_CORS_ORIGINS, PK_GPUS, PK_NVML_LIBRARY,
+    PK_GPU_BUDGET, PK_GPU_RESERVE,
     PK__COUNT
 };
 
@@ -494,16 +495,18 @@ static const char *const pool_keys[PK__COUNT] = {
     "max_restarts", "restart_window", "log_dir", "models_dir",
     "default_args", "default_model", "api_keys", "admin_key", "max_body",
     "max_header", "header_timeout", "keepalive_timeout", "max_connections",
-    "body_timeout", "drain_timeout", "cors_origins",
+    "body_timeout", "drain_timeout", "cors_origins", "gpus", "nvml_library",
+    "gpu_budget", "gpu_reserve",
 };
 
 enum model_key {
     MK_PATH, MK_ARGS, MK_INSTANCES, MK_MEMORY, MK_PIN, MK_IDLE_TIMEOUT,
-    MK_ALIASES, MK_ENV, MK__COUNT
+    MK_ALIASES, MK_ENV, MK_GPU_MEMORY, MK__COUNT
 };
 
 static const char *const model_keys[MK__COUNT] = {
     "path", "args", "instances", "memory", "pin", "idle_timeout", "aliases", "env",
+    "gpu_memory",
 };
 
 /* What a section takes: its keys, those of them that take continuation
@@ -555,6 +558,7 @@ struct number_key {
 
 static const struct number_key pool_numbers[PK__COUNT] = {
     [PK_MEMORY_RESERVE]    = SIZE_KEY(memory_reserve, false),
+    [PK_GPU_RESERVE]       = SIZE_KEY(gpu_reserve, false),
     [PK_IDLE_TIMEOUT]      = DURATION_KEY(idle_timeout_ms, false),
     [PK_START_TIMEOUT]     = DURATION_KEY(start_timeout_ms, true),
     [PK_STOP_TIMEOUT]      = DURATION_KEY(stop_timeout_ms, false),
@@ -903,6 +907,19 @@ static void set_str(char **dst, const char *v)
 {
     free(*dst);
     *dst = xstrdup(v);
+}
+
+/* llama_server and nvml_library: a name without '/' is kept for a search
+ * (PATH, the dynamic linker); a path is resolved against the config's
+ * directory. */
+static void set_name_or_path(struct parser *p, char **dst, const char *v)
+{
+    if (strchr(v, '/')) {
+        free(*dst);
+        *dst = path_resolve(p->dir, v);
+    } else {
+        set_str(dst, v);
+    }
 }
 
 /* "host:port" or "[v6]:port"; returns the port, 0 after an error. */
@@ -1285,6 +1302,39 @@ static bool value_is_utf8(struct parser *p, int line, const char *key, const cha
     return false;
 }
 
+/* memory_budget and gpu_budget: auto, a size > 0, or N% (1-100). The
+ * fields are left alone after an error. */
+static void get_budget(struct parser *p, int line, const char *key, const char *v,
+                       enum config_budget_kind *kind, uint64_t *bytes, unsigned *percent)
+{
+    struct shown sh;
+    size_t len = strlen(v);
+    if (!strcasecmp(v, "auto")) {
+        *kind = CONFIG_BUDGET_AUTO;
+    } else if (len && v[len - 1] == '%') {
+        char *num = trimmed_copy(v, len - 1);
+        unsigned pct;
+        if (parse_uint(num, 1000, &pct) || pct < 1 || pct > 100)
+            error_at(p, line, "%s: \"%s\": a percentage must be a whole number from 1%% to 100%%",
+                     key, show(&sh, v));
+        else {
+            *kind = CONFIG_BUDGET_PERCENT;
+            *percent = pct;
+        }
+        free(num);
+    } else {
+        uint64_t x = 0;
+        int rc = parse_size_x(v, &x);
+        if (rc == PARSE_SYNTAX)
+            error_at(p, line, "%s: \"%s\" is not auto, a size (48G) or a percentage (75%%)",
+                     key, show(&sh, v));
+        else if (number_ok(p, line, key, v, rc, SIZE_FORM, x == 0)) {
+            *kind = CONFIG_BUDGET_SIZE;
+            *bytes = x;
+        }
+    }
+}
+
 /* One value (or continuation) for [pool]. */
 static void pool_value(struct parser *p, int k, const char *v)
 {
@@ -1340,11 +1390,8 @@ static void pool_value(struct parser *p, int k, const char *v)
     case PK_LLAMA_SERVER:
         if (!*v)
             error_at(p, line, "llama_server: needs a program name or path");
-        else if (strchr(v, '/')) {
-            free(c->llama_server);
-            c->llama_server = path_resolve(p->dir, v);
-        } else
-            set_str(&c->llama_server, v);
+        else
+            set_name_or_path(p, &c->llama_server, v);
         break;
     case PK_PORT_RANGE: {
         unsigned a, b;
@@ -1359,34 +1406,27 @@ static void pool_value(struct parser *p, int k, const char *v)
         }
         break;
     }
-    case PK_MEMORY_BUDGET: {
-        size_t len = strlen(v);
-        if (!strcasecmp(v, "auto")) {
-            c->budget_kind = CONFIG_BUDGET_AUTO;
-        } else if (len && v[len - 1] == '%') {
-            char *num = trimmed_copy(v, len - 1);
-            unsigned pct;
-            if (parse_uint(num, 1000, &pct) || pct < 1 || pct > 100)
-                error_at(p, line, "memory_budget: \"%s\": a percentage must be a whole number from 1%% to 100%%",
-                         show(&sh, v));
-            else {
-                c->budget_kind = CONFIG_BUDGET_PERCENT;
-                c->budget_percent = pct;
-            }
-            free(num);
-        } else {
-            uint64_t x = 0;
-            int rc = parse_size_x(v, &x);
-            if (rc == PARSE_SYNTAX)
-                error_at(p, line, "memory_budget: \"%s\" is not auto, a size (48G) or a percentage (75%%)",
-                         show(&sh, v));
-            else if (number_ok(p, line, key, v, rc, SIZE_FORM, x == 0)) {
-                c->budget_kind = CONFIG_BUDGET_SIZE;
-                c->budget_bytes = x;
-            }
-        }
+    case PK_MEMORY_BUDGET:
+        get_budget(p, line, key, v, &c->budget_kind, &c->budget_bytes, &c->budget_percent);
         break;
-    }
+    case PK_GPU_BUDGET:
+        get_budget(p, line, key, v, &c->gpu_budget_kind, &c->gpu_budget_bytes, &c->gpu_budget_percent);
+        break;
+    case PK_GPUS:
+        if (!strcasecmp(v, "auto"))
+            c->gpus = CONFIG_GPUS_AUTO;
+        else if (!strcasecmp(v, "none"))
+            c->gpus = CONFIG_GPUS_NONE;
+        else
+            error_at(p, line, "gpus: \"%s\" is not auto (use the GPUs NVML finds) or none (host memory only)",
+                     show(&sh, v));
+        break;
+    case PK_NVML_LIBRARY:
+        if (!*v)
+            error_at(p, line, "nvml_library: needs a library name or path (libnvidia-ml.so.1)");
+        else
+            set_name_or_path(p, &c->nvml_library, v);
+        break;
     case PK_LOG_DIR:
         if (!*v)
             error_at(p, line, "log_dir: needs a directory");
@@ -1491,6 +1531,12 @@ static void model_value(struct parser *p, struct pmodel *pm, int k, const char *
         }
         break;
     }
+    case MK_GPU_MEMORY:
+        if (!strcasecmp(v, "auto"))
+            m->gpu_memory = 0;
+        else
+            get_size(p, line, key, v, false, &m->gpu_memory);
+        break;
     case MK_PIN:
         if (config_parse_bool(v, &m->pin))
             error_at(p, line, "pin: \"%s\" is not yes or no (yes/no, true/false, on/off, 1/0)", show(&sh, v));
@@ -1807,6 +1853,10 @@ static void set_defaults(struct config *c)
     c->port_max = 8199;
     c->budget_kind = CONFIG_BUDGET_AUTO;
     c->memory_reserve = 2ULL << 30;
+    c->gpus = CONFIG_GPUS_AUTO;
+    c->nvml_library = xstrdup(CONFIG_DEFAULT_NVML_LIBRARY);
+    c->gpu_budget_kind = CONFIG_BUDGET_AUTO;
+    c->gpu_reserve = 1ULL << 30;
     c->idle_timeout_ms = 30 * 60 * 1000;
     c->start_timeout_ms = 120 * 1000;
     c->stop_timeout_ms = 10 * 1000;
@@ -2079,6 +2129,7 @@ void config_free(struct config *cfg)
     free(cfg->listen);
     free(cfg->control_socket);
     free(cfg->llama_server);
+    free(cfg->nvml_library);
     free(cfg->log_dir);
     free(cfg->models_dir);
     util_strv_free(cfg->default_args);

@@ -20,6 +20,9 @@
 
 #define CONFIG_DEFAULT_PATH "/etc/llama-pool/pool.conf"
 
+/* [pool] nvml_library when unset: the driver's NVML, found by the dynamic linker. */
+#define CONFIG_DEFAULT_NVML_LIBRARY "libnvidia-ml.so.1"
+
 /* A pool.conf larger than this is refused, not read ("check -c /dev/zero"
  * must end). Only regular files are read: a FIFO or a device is refused. */
 #define CONFIG_MAX_BYTES (16 * 1024 * 1024)
@@ -36,10 +39,18 @@ enum config_memory_kind {
     CONFIG_MEMORY_SIZE,   /* bytes given */
 };
 
+/* memory_budget and gpu_budget. For gpu_budget the total is the device's
+ * memory and the reserve gpu_reserve (gpu.h, gpu_budget). */
 enum config_budget_kind {
     CONFIG_BUDGET_AUTO,    /* min(MemTotal, cgroup limit) - memory_reserve */
     CONFIG_BUDGET_SIZE,    /* bytes */
     CONFIG_BUDGET_PERCENT, /* percent of min(MemTotal, cgroup limit) */
+};
+
+/* [pool] gpus: look for GPUs through NVML, or not. */
+enum config_gpus {
+    CONFIG_GPUS_AUTO,      /* NVML when it loads and sees a device; else host only */
+    CONFIG_GPUS_NONE,      /* host memory only, NVML never loaded */
 };
 
 struct config_model {
@@ -52,6 +63,7 @@ struct config_model {
     unsigned instances_max;
     enum config_memory_kind memory_kind;
     uint64_t memory_bytes; /* when memory_kind == CONFIG_MEMORY_SIZE */
+    uint64_t gpu_memory;   /* gpu_memory = SIZE: VRAM per instance; 0 = estimate */
     bool pin;
     int64_t idle_timeout_ms; /* -1 = inherit [pool] idle_timeout; 0 = never */
     char **aliases;        /* NULL-terminated */
@@ -74,6 +86,12 @@ struct config {
     uint64_t budget_bytes;      /* for CONFIG_BUDGET_SIZE */
     unsigned budget_percent;    /* for CONFIG_BUDGET_PERCENT, 1..100 */
     uint64_t memory_reserve;
+    enum config_gpus gpus;
+    char *nvml_library;         /* dlopen'd as given: a name or a path */
+    enum config_budget_kind gpu_budget_kind;   /* per device */
+    uint64_t gpu_budget_bytes;  /* for CONFIG_BUDGET_SIZE */
+    unsigned gpu_budget_percent;/* for CONFIG_BUDGET_PERCENT, 1..100 */
+    uint64_t gpu_reserve;       /* per device, subtracted with gpu_budget = auto */
     int64_t idle_timeout_ms;    /* 0 = never */
     int64_t start_timeout_ms;
     int64_t stop_timeout_ms;

@@ -28,6 +28,11 @@
  *                        instead of mapping it (default: mmap, shared file pages)
  *   -to, --timeout N     socket read/write timeout in seconds (3600)
  *   -v, --verbose        also log debug lines (every request, queueing)
+ *   -ngl, --gpu-layers, --n-gpu-layers N|all|auto   layers "offloaded" (auto,
+ *                        the default as in CUDA builds, = all): only counts
+ *                        when NVML_STANDIN_DIR is set (below)
+ *   -dev, --device CUDAk[,...]|none   the device offloaded to (the first one);
+ *                        CUDA_VISIBLE_DEVICES maps k to NVML's index
  *
  * Environment knobs (all optional):
  *   FAKE_LOAD_MS=100         time spent "loading" (503 on every path meanwhile)
@@ -55,6 +60,12 @@
  *   FAKE_KEEPALIVE_MS=5000   idle keep-alive timeout (cpp-httplib's 5 s)
  *   FAKE_N_CTX_TRAIN=4096    the model's training context
  *   FAKE_VERBOSE=1           same as -v
+ *   NVML_STANDIN_DIR=DIR     "use VRAM" for tests/nvml-standin.c: when layers are
+ *                            offloaded, write DIR/PID ("DEVICE BYTES") at load,
+ *                            print CUDA buffer lines, remove the file at exit
+ *   FAKE_VRAM_MB=N           the VRAM written there (default 700 MiB + the
+ *                            offloaded share of the file and of the KV cache)
+ *   FAKE_N_LAYERS=16         the model's layer count, for -ngl N
  *   FAKE_LOG_AUTH=1          log the Authorization and X-Api-Key headers of
  *                            every request (to check what a proxy forwards)
  *
@@ -114,11 +125,15 @@ struct config {
     char **api_keys;          /* LLAMA_API_KEY's, then each --api-key's */
     size_t n_api_keys;        /* 0: no key needed */
     long port, n_ctx, n_parallel, timeout_s;
+    long n_gpu_layers;        /* -1: auto/all (the default) */
+    const char *device;       /* --device: "CUDA1", "CUDA0,CUDA1", "none"; NULL */
     bool port_given, metrics, slots, use_mmap, verbose;
     /* environment */
     long load_ms, token_ms, tokens, crash_after, health_hang_after;
     long bind_delay_ms;
     long exit_after_ms, keepalive_ms, n_ctx_train;
+    const char *vram_dir;     /* NVML_STANDIN_DIR: NULL = no GPU */
+    long vram_mb, n_layers;   /* FAKE_VRAM_MB (-1: computed), FAKE_N_LAYERS */
     unsigned long long memory;
     bool crash_at_load, deterministic, ignore_sigterm, log_auth;
     /* derived */
@@ -128,7 +143,7 @@ struct config {
 };
 
 static struct config g_cfg = {
-    .host = "127.0.0.1", .port = 8080, .n_parallel = -1, .timeout_s = 3600,
+    .host = "127.0.0.1", .port = 8080, .n_parallel = -1, .timeout_s = 3600, .n_gpu_layers = -1,
     .slots = true, .use_mmap = true,
 };
 
@@ -2186,7 +2201,95 @@ static int model_open(struct stat *st)
     return -1;
 }
 
-/* Takes FAKE_LOAD_MS, then maps the file and allocates FAKE_MEMORY. */
+/* ---------------------------------------------------------------- VRAM (stand-in NVML) */
+
+static char g_vram_file[4096];            /* DIR/PID while it exists */
+
+/* The NVML index of the device this process offloads to, or -1 for none:
+ * --device CUDAk (the first one listed) picks k among CUDA_VISIBLE_DEVICES
+ * (numbers only here), default 0. */
+static long vram_device(void)
+{
+    long k = 0;
+    if (g_cfg.device) {
+        if (streq(g_cfg.device, "none"))
+            return -1;
+        if (strncmp(g_cfg.device, "CUDA", 4) || !isdigit((unsigned char)g_cfg.device[4]))
+            fatal("error: invalid device: %s (fake-llama-server knows CUDAk and none)", g_cfg.device);
+        k = strtol(g_cfg.device + 4, NULL, 10);
+    }
+    const char *visible = getenv("CUDA_VISIBLE_DEVICES");
+    if (!visible)
+        return k;
+    for (long i = 0; *visible; i++) {
+        char *end;
+        long idx = strtol(visible, &end, 10);
+        if (end == visible)
+            fatal("error: CUDA_VISIBLE_DEVICES=%s: fake-llama-server knows indexes only", getenv("CUDA_VISIBLE_DEVICES"));
+        if (i == k)
+            return idx;
+        visible = *end == ',' ? end + 1 : end + strlen(end);
+    }
+    fatal("error: device CUDA%ld is not among CUDA_VISIBLE_DEVICES=%s", k, getenv("CUDA_VISIBLE_DEVICES"));
+}
+
+static void vram_release(void)
+{
+    if (g_vram_file[0] && unlink(g_vram_file) < 0)
+        log_msg('W', "unlink %s: %s", g_vram_file, strerror(errno));
+    g_vram_file[0] = '\0';
+}
+
+/* With NVML_STANDIN_DIR and layers offloaded: prints the buffer lines a
+ * CUDA build prints and writes DIR/PID for the stand-in NVML. False (logged)
+ * when the file cannot be written. */
+static bool vram_take(long long file_bytes)
+{
+    long dev = vram_device();
+    if (!g_cfg.vram_dir || g_cfg.n_gpu_layers == 0 || dev < 0)
+        return true;
+    long layers = g_cfg.n_gpu_layers < 0 || g_cfg.n_gpu_layers > g_cfg.n_layers
+                ? g_cfg.n_layers : g_cfg.n_gpu_layers;
+    double share = (double)layers / (double)g_cfg.n_layers;
+    double mib = 1024.0 * 1024.0;
+    double model = (double)file_bytes * share / mib;
+    long n_ctx = g_cfg.n_ctx > 0 ? g_cfg.n_ctx : g_cfg.n_ctx_train;
+    double kv = (double)n_ctx * 128.0 / 1024.0 * share;   /* 128 KiB a cell: 16 layers x 2048 x f16 x K,V */
+    double compute = 300.0;
+    long cuda = g_cfg.device ? strtol(g_cfg.device + 4, NULL, 10) : 0;
+    char name[16];
+    snprintf(name, sizeof name, "CUDA%ld", cuda);
+
+    log_msg('I', "load_tensors: offloading %ld repeating layers to GPU", layers);
+    log_msg('I', "load_tensors: offloaded %ld/%ld layers to GPU", layers, g_cfg.n_layers + 1);
+    log_msg('I', "load_tensors: %12s model buffer size = %8.2f MiB", name, model);
+    if (share < 1.0)
+        log_msg('I', "load_tensors: %12s model buffer size = %8.2f MiB", "CPU_Mapped",
+                (double)file_bytes / mib - model);
+    log_msg('I', "llama_kv_cache: %10s KV buffer size = %8.2f MiB", name, kv);
+    log_msg('I', "sched_reserve: %10s compute buffer size = %8.2f MiB", name, compute);
+
+    unsigned long long bytes = g_cfg.vram_mb >= 0 ? (unsigned long long)g_cfg.vram_mb << 20
+                             : (700ULL << 20) + (unsigned long long)((model + kv) * mib);
+    char tmp[4096];
+    snprintf(g_vram_file, sizeof g_vram_file, "%s/%d", g_cfg.vram_dir, (int)getpid());
+    snprintf(tmp, sizeof tmp, "%s/.%d.tmp", g_cfg.vram_dir, (int)getpid());
+    FILE *f = fopen(tmp, "we");
+    bool ok = f && fprintf(f, "%ld %llu\n", dev, bytes) > 0;
+    if (f && fclose(f) != 0)
+        ok = false;
+    if (!ok || rename(tmp, g_vram_file) < 0) {
+        log_msg('E', "ggml_backend_cuda_buffer_type_alloc_buffer: cannot write %s: %s",
+                g_vram_file, strerror(errno));
+        unlink(tmp);
+        g_vram_file[0] = '\0';
+        return false;
+    }
+    return true;
+}
+
+/* "Allocates" VRAM (vram_take), takes FAKE_LOAD_MS, then maps the file and
+ * allocates FAKE_MEMORY. */
 static bool model_fill(int fd, const struct stat *st)
 {
     g_model_size = st->st_size;
@@ -2194,6 +2297,8 @@ static bool model_fill(int fd, const struct stat *st)
             g_cfg.model, (long long)st->st_size);
     log_msg('I', "load_tensors: loading model tensors, this can take a while... (mmap = %s)",
             g_cfg.use_mmap ? "true" : "false");
+    if (!vram_take((long long)st->st_size))
+        return false;
     sleep_ms(g_cfg.load_ms);
     if (g_cfg.crash_at_load) {
         log_msg('E', "llama_model_load: error loading model: FAKE_CRASH_AT_LOAD=1");
@@ -2282,6 +2387,7 @@ static void shut_down(pthread_t acceptor, int sig)
     if (close(g_listen_fd) < 0)
         log_msg('W', "close listening socket: %s", strerror(errno));
     wait_until_idle();
+    vram_release();
     _exit(0);
 }
 
@@ -2407,6 +2513,11 @@ static void read_environment(void)
     g_cfg.n_ctx_train = env_long("FAKE_N_CTX_TRAIN", 4096, 1);
     g_cfg.verbose = env_flag("FAKE_VERBOSE");
     g_cfg.log_auth = env_flag("FAKE_LOG_AUTH");
+    g_cfg.vram_dir = getenv("NVML_STANDIN_DIR");
+    if (g_cfg.vram_dir && !*g_cfg.vram_dir)
+        g_cfg.vram_dir = NULL;
+    g_cfg.vram_mb = env_long("FAKE_VRAM_MB", -1, 0);
+    g_cfg.n_layers = env_long("FAKE_N_LAYERS", 16, 1);
     const char *keys = getenv("LLAMA_API_KEY");
     if (keys)
         add_api_keys(keys);
@@ -2461,6 +2572,11 @@ static void parse_args(int argc, char **argv)
             g_cfg.use_mmap = true;
         else if (arg_is(a, NULL, "--load-mode"))
             g_cfg.use_mmap = strncmp(arg_value(argc, argv, &i), "mmap", 4) == 0;
+        else if (arg_is(a, "-ngl", "--gpu-layers") || streq(a, "--n-gpu-layers")) {
+            const char *v = arg_value(argc, argv, &i);
+            g_cfg.n_gpu_layers = streq(v, "auto") || streq(v, "all") ? -1 : parse_long(a, v, 0, INT_MAX);
+        } else if (arg_is(a, "-dev", "--device"))
+            g_cfg.device = arg_value(argc, argv, &i);
         else if (arg_is(a, "-v", "--verbose") || streq(a, "--log-verbose"))
             g_cfg.verbose = true;
         else if (arg_is(a, "-h", "--help"))
@@ -2557,6 +2673,7 @@ int main(int argc, char **argv)
         SRV_LOG('E', "llama_server", "exiting due to model loading error");
         /* Real llama-server's cleanup may log after the error line. */
         SRV_LOG('I', "operator()", "operator(): cleaning up before exit...");
+        vram_release();
         _exit(1);
     }
     SRV_LOG('I', "init", "initializing slots, n_slots = %d", g_cfg.n_slots);
@@ -2575,6 +2692,7 @@ int main(int argc, char **argv)
     int sig = wait_for_stop();
     if (sig == 0) {
         SRV_LOG('I', "llama_server", "FAKE_EXIT_AFTER_MS=%ld elapsed: exiting", g_cfg.exit_after_ms);
+        vram_release();
         _exit(0);
     }
     shut_down(acceptor, sig);

@@ -1927,6 +1927,87 @@ static void test_example_config(void **state)
     free(text);
 }
 
+/* ------------------------------------------------------------------ */
+/* GPU keys (issue #10): gpus, nvml_library, gpu_budget, gpu_reserve,   */
+/* and [model] gpu_memory.                                              */
+
+static void test_gpu_keys(void **state)
+{
+    struct fx *f = *state;
+    struct config *c = load_ok(f, "[model tiny]\npath = m.gguf\n");
+    assert_int_equal(c->gpus, CONFIG_GPUS_AUTO);
+    assert_string_equal(c->nvml_library, "libnvidia-ml.so.1");
+    assert_string_equal(c->nvml_library, CONFIG_DEFAULT_NVML_LIBRARY);
+    assert_int_equal(c->gpu_budget_kind, CONFIG_BUDGET_AUTO);
+    assert_int_equal(c->gpu_reserve, 1ULL << 30);
+    assert_int_equal(c->models[0].gpu_memory, 0);
+    config_free(c);
+
+    c = load_ok(f, "[pool]\ngpus = none\nnvml_library = /usr/lib/x86_64-linux-gnu/libnvidia-ml.so.1\n"
+                   "gpu_budget = 90%\ngpu_reserve = 2.5G\n"
+                   "[model tiny]\npath = m.gguf\ngpu_memory = 3000M\n"
+                   "[model cpu]\npath = m.gguf\ngpu_memory = 0\n"
+                   "[model est]\npath = m.gguf\ngpu_memory = auto\n");
+    assert_int_equal(c->gpus, CONFIG_GPUS_NONE);
+    assert_string_equal(c->nvml_library, "/usr/lib/x86_64-linux-gnu/libnvidia-ml.so.1");
+    assert_int_equal(c->gpu_budget_kind, CONFIG_BUDGET_PERCENT);
+    assert_int_equal(c->gpu_budget_percent, 90);
+    assert_int_equal(c->gpu_reserve, 5ULL << 29);
+    assert_int_equal(c->models[0].gpu_memory, 3000ULL << 20);
+    assert_int_equal(c->models[1].gpu_memory, 0);
+    assert_int_equal(c->models[2].gpu_memory, 0);
+    /* memory_budget is its own key: untouched */
+    assert_int_equal(c->budget_kind, CONFIG_BUDGET_AUTO);
+    config_free(c);
+
+    /* a relative path with '/' is resolved like the others; a bare name is
+     * left to the dynamic linker */
+    c = load_ok(f, "[pool]\ngpus = AUTO\nnvml_library = lib/libnvml.so\ngpu_budget = 40G\ngpu_reserve = 0\n");
+    assert_int_equal(c->gpus, CONFIG_GPUS_AUTO);
+    assert_string_equal(c->nvml_library, join(f, "lib/libnvml.so"));
+    assert_int_equal(c->gpu_budget_kind, CONFIG_BUDGET_SIZE);
+    assert_int_equal(c->gpu_budget_bytes, 40ULL << 30);
+    assert_int_equal(c->gpu_reserve, 0);
+    config_free(c);
+    c = load_ok(f, "[pool]\nnvml_library = libnvml-standin.so\ngpu_budget = auto\n");
+    assert_string_equal(c->nvml_library, "libnvml-standin.so");
+    assert_int_equal(c->gpu_budget_kind, CONFIG_BUDGET_AUTO);
+    config_free(c);
+
+    static const struct refusal refused[] = {
+        { "[pool]\ngpus = yes\n",
+          "2: gpus: \"yes\" is not auto (use the GPUs NVML finds) or none (host memory only)" },
+        { "[pool]\ngpus =\n",
+          "2: gpus: \"\" is not auto (use the GPUs NVML finds) or none (host memory only)" },
+        { "[pool]\nnvml_library =\n",
+          "2: nvml_library: needs a library name or path (libnvidia-ml.so.1)" },
+        { "[pool]\ngpu_budget = lots\n",
+          "2: gpu_budget: \"lots\" is not auto, a size (48G) or a percentage (75%)" },
+        { "[pool]\ngpu_budget = 0%\n",
+          "2: gpu_budget: \"0%\": a percentage must be a whole number from 1% to 100%" },
+        { "[pool]\ngpu_budget = 101%\n",
+          "2: gpu_budget: \"101%\": a percentage must be a whole number from 1% to 100%" },
+        { "[pool]\ngpu_budget = 0\n",
+          "2: gpu_budget: must be greater than 0" },
+        { "[pool]\ngpu_budget = 99999999T\n",
+          "2: gpu_budget: \"99999999T\" is too large" },
+        { "[pool]\ngpu_reserve = 1 GB please\n",
+          "2: gpu_reserve: \"1 GB please\" is not " SIZE_FORM },
+        { "[pool]\ngpu_reserve = -1G\n",
+          "2: gpu_reserve: \"-1G\" is not " SIZE_FORM },
+        { "[model a]\npath = m.gguf\ngpu_memory = lots\n",
+          "3: gpu_memory: \"lots\" is not " SIZE_FORM },
+        { "[model a]\npath = m.gguf\ngpu_memory = 99999999T\n",
+          "3: gpu_memory: \"99999999T\" is too large" },
+        { "[pool]\ngpu_memory = 1G\n",
+          "2: unknown key \"gpu_memory\" in [pool] (it belongs in a [model NAME] section)" },
+        { "[model a]\npath = m.gguf\ngpu_budget = 1G\n",
+          "3: unknown key \"gpu_budget\" in [model a] (it belongs in [pool])" },
+    };
+    EXPECT_REFUSALS(f, refused);
+    expect_error(f, "[pool]\ngpu_resrve = 1G\n", 2, "gpu_resrve", "gpu_reserve", NULL);
+}
+
 int main(void)
 {
     const struct CMUnitTest tests[] = {
@@ -1970,6 +2051,7 @@ int main(void)
         T(test_same_child),
         T(test_errors_free_and_null),
         T(test_example_config),
+        T(test_gpu_keys),
 #undef T
     };
     return cmocka_run_group_tests_name("config", tests, NULL, NULL);
