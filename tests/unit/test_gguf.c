@@ -388,6 +388,7 @@ static void head_count_kv_defaults_to_head_count(void **state)
     read_ok(&w, &g);
     assert_int_equal(g.n_head_kv_max, 12);
     assert_null(g.n_head_kv_layer);
+    gguf_info_free(&g);
     free(w.b);
 }
 
@@ -428,6 +429,7 @@ static void arch_keys_before_general_architecture_are_kept(void **state)
     assert_int_equal(g.n_head_kv_max, 2);
     assert_int_equal(g.n_embd, 896);
     assert_int_equal(g.n_ctx_train, 32768);
+    gguf_info_free(&g);
     free(w.b);
 }
 
@@ -647,6 +649,7 @@ static void kv_cache_bytes_match_the_formula(void **state)
     assert_int_equal(gguf_kv_cache_bytes(&g, 1024), 2ull * 4 * 1024 * 2 * (256 / 8) * 2);
     assert_int_equal(gguf_kv_cache_bytes(&g, 0), 0);
     assert_int_equal(gguf_kv_cache_bytes(&g, UINT64_MAX), UINT64_MAX);   /* saturates */
+    gguf_info_free(&g);
     free(w.b);
 
     static const uint32_t kvh[5] = { 2, 0, 4, 2, 1 };
@@ -673,6 +676,7 @@ static void kv_cache_bytes_match_the_formula(void **state)
     w_end(&w);
     read_ok(&w, &g);
     assert_int_equal(gguf_kv_cache_bytes(&g, 8192), 8192ull * 18 * 1 * (256 + 256) * 2);
+    gguf_info_free(&g);
     free(w.b);
 }
 
@@ -1011,6 +1015,7 @@ static void reads_a_big_header_and_never_the_tensor_data(void **state)
     w.len = (size_t)off;
     assert_int_equal(gguf_read_mem(w.b, w.len, &m, err, sizeof err), -1);   /* no data there */
     assert_non_null(strstr(err, "truncated file?"));
+    gguf_info_free(&g);
     unlink(path);
     free(w.b);
 }
