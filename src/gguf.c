@@ -629,11 +629,59 @@ static int resolve_arch(struct parser *p)
     return 0;
 }
 
+/* The block N of a "blk.N.*" tensor name; -1 for any other name. */
+static long block_of(const char *name)
+{
+    if (strncmp(name, "blk.", 4) != 0)
+        return -1;
+    const char *s = name + 4;
+    long n = 0;
+    if (*s < '0' || *s > '9')
+        return -1;
+    for (; *s >= '0' && *s <= '9'; s++) {
+        n = n * 10 + (*s - '0');
+        if (n > (long)GGUF_MAX_LAYERS)
+            return -1;
+    }
+    return *s == '.' ? n : -1;
+}
+
+static bool starts_with(const char *s, const char *prefix)
+{
+    return strncmp(s, prefix, strlen(prefix)) == 0;
+}
+
+/* Count a tensor's PADDED bytes where llama.cpp places it: its block, the
+ * input layer or the output layer (llama-model.cpp, load_tensors). ROWS is
+ * its ne[1]. */
+static void place_tensor(struct gguf_info *o, const char *name, uint64_t padded, uint64_t rows)
+{
+    long il = block_of(name);
+    if (il >= 0) {
+        if ((uint64_t)il < o->n_layer)
+            o->layer_bytes[il] += padded;
+    } else if (strcmp(name, "token_embd.weight") == 0) {
+        o->token_embd_bytes += padded;
+        if (!o->n_vocab)
+            o->n_vocab = rows;
+    } else if (starts_with(name, "output.") || starts_with(name, "output_norm.")) {
+        o->output_bytes += padded;
+        if (strcmp(name, "output.weight") == 0) {
+            o->output_tied = 0;
+            o->n_vocab = rows;
+        }
+    }
+}
+
 static int read_tensors(struct parser *p)
 {
     struct gguf_info *o = p->out;
     uint64_t max_end = 0, max_idx = 0;
     char max_name[80] = "";
+
+    o->output_tied = 1;
+    if (o->n_layer && !(o->layer_bytes = calloc(o->n_layer, sizeof *o->layer_bytes)))
+        return fail(p, "out of memory");
 
     for (uint64_t i = 0; i < o->n_tensors; i++) {
         char name[80], shown[80];
@@ -689,6 +737,7 @@ static int read_tensors(struct parser *p)
             return fail(p, "size overflow");
         o->tensor_bytes += bytes;
         o->data_size += padded;
+        place_tensor(o, name, padded, ne[1]);
         if (offset + bytes > max_end) {
             max_end = offset + bytes;
             max_idx = i;
@@ -832,6 +881,8 @@ void gguf_info_free(struct gguf_info *info)
         return;
     free(info->n_head_kv_layer);
     info->n_head_kv_layer = NULL;
+    free(info->layer_bytes);
+    info->layer_bytes = NULL;
 }
 
 static uint64_t sat_mul(uint64_t a, uint64_t b)
@@ -839,13 +890,30 @@ static uint64_t sat_mul(uint64_t a, uint64_t b)
     return b && a > UINT64_MAX / b ? UINT64_MAX : a * b;
 }
 
+static void head_dims(const struct gguf_info *info, uint64_t *k, uint64_t *v)
+{
+    uint64_t dflt = info->n_head ? info->n_embd / info->n_head : 0;
+    *k = info->n_embd_head_k ? info->n_embd_head_k : dflt;
+    *v = info->n_embd_head_v ? info->n_embd_head_v : dflt;
+}
+
+void gguf_kv_layer_elems(const struct gguf_info *info, uint32_t il, uint64_t *k, uint64_t *v)
+{
+    *k = *v = 0;
+    if (!info || il >= info->n_layer)
+        return;
+    uint64_t heads = info->n_head_kv_layer ? info->n_head_kv_layer[il] : info->n_head_kv_max;
+    head_dims(info, k, v);
+    *k *= heads;
+    *v *= heads;
+}
+
 uint64_t gguf_kv_cache_bytes(const struct gguf_info *info, uint64_t n_ctx)
 {
     if (!info || info->n_layer == 0)
         return 0;
-    uint64_t dflt = info->n_head ? info->n_embd / info->n_head : 0;
-    uint64_t k = info->n_embd_head_k ? info->n_embd_head_k : dflt;
-    uint64_t v = info->n_embd_head_v ? info->n_embd_head_v : dflt;
+    uint64_t k, v;
+    head_dims(info, &k, &v);
     uint64_t heads = 0;                         /* KV heads summed over layers: < 2^48 */
     if (info->n_head_kv_layer)
         for (uint32_t l = 0; l < info->n_layer; l++)

@@ -51,6 +51,16 @@ struct gguf_info {
     uint32_t alignment;          /* general.alignment, default 32 */
     uint32_t split_count;        /* split.count: this file is one part of that many, 0 if not split */
 
+    /* Where the data lies, by llama.cpp's placement of layers (padded bytes,
+       this file only): "blk.N.*" by block, the input layer, the output layer. */
+    uint64_t *layer_bytes;       /* n_layer entries ("blk.N.*", N < n_layer), NULL when
+                                    n_layer is 0; owned, see gguf_info_free */
+    uint64_t token_embd_bytes;   /* "token_embd.weight": the input layer, kept on the CPU */
+    uint64_t output_bytes;       /* "output.*" and "output_norm.*": the output layer */
+    int output_tied;             /* 1 when there is no "output.weight": llama.cpp then loads
+                                    token_embd.weight a second time as the output */
+    uint64_t n_vocab;            /* rows of output.weight, else of token_embd.weight; 0 if neither */
+
     uint64_t tensor_bytes;       /* sum of every tensor's bytes in this file */
     uint64_t data_size;          /* data section: each tensor padded to alignment (llama.cpp's size) */
     uint64_t data_offset;        /* where the data section starts */
@@ -68,7 +78,7 @@ int gguf_read_fd(int fd, struct gguf_info *out, char *err, size_t errlen);
 /* The same from LEN bytes in memory, taken as the whole file (tests, fuzzing). */
 int gguf_read_mem(const void *buf, size_t len, struct gguf_info *out, char *err, size_t errlen);
 
-/* Frees what gguf_read* allocated; *info stays readable (no per-layer array). */
+/* Frees what gguf_read* allocated; *info stays readable (no per-layer arrays). */
 void gguf_info_free(struct gguf_info *info);
 
 /* Bytes of an f16 K and V cache for n_ctx tokens:
@@ -78,6 +88,10 @@ void gguf_info_free(struct gguf_info *info);
  * model. Per-layer head counts are used when present. Saturates at UINT64_MAX;
  * 0 when the header lacks what it needs. */
 uint64_t gguf_kv_cache_bytes(const struct gguf_info *info, uint64_t n_ctx);
+
+/* K and V elements per KV cell of layer IL: n_head_kv(IL) × head_dim_k and
+ * n_head_kv(IL) × head_dim_v (0 when the header lacks what it needs). */
+void gguf_kv_layer_elems(const struct gguf_info *info, uint32_t il, uint64_t *k, uint64_t *v);
 
 /* ggml tensor type: its name ("Q4_K", also for removed ones), NULL when unknown. */
 const char *gguf_ggml_type_name(uint32_t type);

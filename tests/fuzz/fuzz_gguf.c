@@ -71,11 +71,17 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
         CHECK(!!f.n_head_kv_layer == !!m.n_head_kv_layer);
         if (m.n_head_kv_layer)
             CHECK(!memcmp(f.n_head_kv_layer, m.n_head_kv_layer, m.n_layer * sizeof *m.n_head_kv_layer));
+        CHECK(!!f.layer_bytes == !!m.layer_bytes);
+        if (m.layer_bytes)
+            CHECK(!memcmp(f.layer_bytes, m.layer_bytes, m.n_layer * sizeof *m.layer_bytes));
         uint32_t *own = f.n_head_kv_layer;
+        uint64_t *own_bytes = f.layer_bytes;
         f.bytes_read = m.bytes_read;
         f.n_head_kv_layer = m.n_head_kv_layer;
+        f.layer_bytes = m.layer_bytes;
         CHECK(!memcmp(&f, &m, sizeof f));
         f.n_head_kv_layer = own;
+        f.layer_bytes = own_bytes;
     }
     gguf_info_free(&m);
     gguf_info_free(&f);

@@ -169,6 +169,7 @@ static void read_fails(const struct w *w, const char *want)
     if (!strstr(err, want))
         fail_msg("expected an error containing \"%s\", got \"%s\"", want, err);
     assert_null(g.n_head_kv_layer);
+    assert_null(g.layer_bytes);
 }
 
 /* A llama-like model: every value type, arrays of each, nested arrays,
@@ -265,7 +266,16 @@ static void reads_model_keys_and_skips_every_value_type(void **state)
     assert_int_equal(g.data_size, w.data);
     assert_int_equal(g.data_offset, data_offset);
     assert_int_equal(g.data_offset % 32, 0);
+    /* where llama.cpp places the data: blocks, input and output layers */
+    assert_non_null(g.layer_bytes);
+    assert_int_equal(g.layer_bytes[0], 256 * 8 * 34);
+    assert_int_equal(g.layer_bytes[1] + g.layer_bytes[2] + g.layer_bytes[3], 0);
+    assert_int_equal(g.token_embd_bytes, 10 * 144);
+    assert_int_equal(g.output_bytes, 256 * 4);     /* output_norm; no output.weight: */
+    assert_int_equal(g.output_tied, 1);             /* token_embd serves as the output */
+    assert_int_equal(g.n_vocab, 10);
     gguf_info_free(&g);
+    assert_null(g.layer_bytes);
     free(w.b);
 }
 
@@ -282,7 +292,10 @@ static void version_2_reads_like_version_3(void **state)
     read_ok(&w3, &g3);
     assert_int_equal(g2.version, 2);
     g2.version = 3;
-    assert_memory_equal(&g2, &g3, sizeof g2);     /* no pointers: head_count_kv is scalar */
+    assert_memory_equal(g2.layer_bytes, g3.layer_bytes, g3.n_layer * sizeof *g3.layer_bytes);
+    gguf_info_free(&g2);
+    gguf_info_free(&g3);
+    assert_memory_equal(&g2, &g3, sizeof g2);     /* no pointers left: head_count_kv is scalar */
     free(w2.b);
     free(w3.b);
 }
@@ -375,6 +388,7 @@ static void head_count_kv_defaults_to_head_count(void **state)
     read_ok(&w, &g);
     assert_int_equal(g.n_head_kv_max, 12);
     assert_null(g.n_head_kv_layer);
+    gguf_info_free(&g);
     free(w.b);
 }
 
@@ -415,6 +429,7 @@ static void arch_keys_before_general_architecture_are_kept(void **state)
     assert_int_equal(g.n_head_kv_max, 2);
     assert_int_equal(g.n_embd, 896);
     assert_int_equal(g.n_ctx_train, 32768);
+    gguf_info_free(&g);
     free(w.b);
 }
 
@@ -500,6 +515,39 @@ static void alignment_must_be_a_uint32_power_of_two(void **state)
     u64(&w, 64);
     w_end(&w);
     read_fails(&w, "kv 0 'general.alignment': expected uint32, found uint64");
+    free(w.b);
+}
+
+/* Data is counted where llama.cpp places it: "blk.N." by block (N below
+ * block_count), token_embd on the input layer, output and output_norm on
+ * the output layer; names that only look alike count nowhere. */
+static void tensor_data_is_placed_by_layer(void **state)
+{
+    (void)state;
+    struct w w;
+    struct gguf_info g;
+    w_begin(&w, 3);
+    kv_str(&w, "general.architecture", "llama");
+    kv_u32(&w, "llama.block_count", 2);
+    tensor(&w, "token_embd.weight", GT_F16, 64 * 100 * 2, 2, (uint64_t[]){ 64, 100 });
+    tensor(&w, "blk.0.attn_q.weight", GT_F32, 64 * 4, 1, (uint64_t[]){ 64 });
+    tensor(&w, "blk.1.attn_q.weight", GT_F32, 64 * 4, 1, (uint64_t[]){ 64 });
+    tensor(&w, "blk.1.ffn_up.weight", GT_F32, 8 * 4, 1, (uint64_t[]){ 8 });   /* padded to 32 */
+    tensor(&w, "blk.2.attn_q.weight", GT_F32, 64 * 4, 1, (uint64_t[]){ 64 });   /* beyond block_count */
+    tensor(&w, "blk.x.attn_q.weight", GT_F32, 64 * 4, 1, (uint64_t[]){ 64 });
+    tensor(&w, "blk.3", GT_F32, 64 * 4, 1, (uint64_t[]){ 64 });
+    tensor(&w, "output_norm.weight", GT_F32, 64 * 4, 1, (uint64_t[]){ 64 });
+    tensor(&w, "output.weight", GT_F16, 64 * 99 * 2, 2, (uint64_t[]){ 64, 99 });
+    tensor(&w, "outputs.weight", GT_F32, 64 * 4, 1, (uint64_t[]){ 64 });
+    w_end(&w);
+    read_ok(&w, &g);
+    assert_int_equal(g.layer_bytes[0], 256);
+    assert_int_equal(g.layer_bytes[1], 256 + 32);
+    assert_int_equal(g.token_embd_bytes, 64 * 100 * 2);
+    assert_int_equal(g.output_bytes, 256 + 64 * 99 * 2);
+    assert_int_equal(g.output_tied, 0);
+    assert_int_equal(g.n_vocab, 99);                /* output.weight's rows win */
+    gguf_info_free(&g);
     free(w.b);
 }
 
@@ -601,6 +649,7 @@ static void kv_cache_bytes_match_the_formula(void **state)
     assert_int_equal(gguf_kv_cache_bytes(&g, 1024), 2ull * 4 * 1024 * 2 * (256 / 8) * 2);
     assert_int_equal(gguf_kv_cache_bytes(&g, 0), 0);
     assert_int_equal(gguf_kv_cache_bytes(&g, UINT64_MAX), UINT64_MAX);   /* saturates */
+    gguf_info_free(&g);
     free(w.b);
 
     static const uint32_t kvh[5] = { 2, 0, 4, 2, 1 };
@@ -627,6 +676,7 @@ static void kv_cache_bytes_match_the_formula(void **state)
     w_end(&w);
     read_ok(&w, &g);
     assert_int_equal(gguf_kv_cache_bytes(&g, 8192), 8192ull * 18 * 1 * (256 + 256) * 2);
+    gguf_info_free(&g);
     free(w.b);
 }
 
@@ -965,6 +1015,7 @@ static void reads_a_big_header_and_never_the_tensor_data(void **state)
     w.len = (size_t)off;
     assert_int_equal(gguf_read_mem(w.b, w.len, &m, err, sizeof err), -1);   /* no data there */
     assert_non_null(strstr(err, "truncated file?"));
+    gguf_info_free(&g);
     unlink(path);
     free(w.b);
 }
@@ -1049,6 +1100,7 @@ int main(void)
         cmocka_unit_test(duplicate_keys_are_refused),
         cmocka_unit_test(alignment_key_moves_the_data_offset),
         cmocka_unit_test(alignment_must_be_a_uint32_power_of_two),
+        cmocka_unit_test(tensor_data_is_placed_by_layer),
         cmocka_unit_test(tensor_bytes_follow_each_ggml_type),
         cmocka_unit_test(name_is_cleaned_to_utf8_and_truncated),
         cmocka_unit_test(split_count_is_kept),

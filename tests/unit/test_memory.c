@@ -220,6 +220,240 @@ static void estimate_of_a_broken_file_is_an_error(void **state)
     config_free(c);
 }
 
+/* ---- GPU: the anchors measured on an H200 (shared/llama-server.md, "On a GPU") ---- */
+
+static void le(FILE *f, uint64_t v, unsigned n)
+{
+    for (unsigned i = 0; i < n; i++)
+        fputc((int)((v >> (8 * i)) & 0xff), f);
+}
+
+static void gstr(FILE *f, const char *s)
+{
+    le(f, strlen(s), 8);
+    fputs(s, f);
+}
+
+struct shape { uint32_t n_layer, n_embd, n_ff, n_head, n_vocab; };
+
+/* One tensor info: NAME, f16 (or f32 for 1-D norms) of NE0 × NE1, at *OFF. */
+static void tinfo(FILE *f, const char *name, uint64_t ne0, uint64_t ne1, uint64_t *off)
+{
+    gstr(f, name);
+    unsigned f32 = ne1 == 1;
+    le(f, f32 ? 1 : 2, 4);
+    le(f, ne0, 8);
+    if (!f32)
+        le(f, ne1, 8);
+    le(f, f32 ? 0 : 1, 4);                  /* ggml type: F32 0, F16 1 */
+    le(f, *off, 8);
+    uint64_t bytes = ne0 * ne1 * (f32 ? 4 : 2);
+    *off += (bytes + 31) / 32 * 32;
+}
+
+/* A llama GGUF of shape S written as convert_hf_to_gguf orders it
+ * (token_embd, blocks, output_norm, output); the data is a hole (sparse). */
+static void write_llama(const char *path, const struct shape *s)
+{
+    FILE *f = fopen(path, "wb");
+    assert_non_null(f);
+    fputs("GGUF", f);
+    le(f, 3, 4);
+    le(f, 3 + 9 * (uint64_t)s->n_layer, 8);
+    le(f, 7, 8);
+    gstr(f, "general.architecture"); le(f, 8, 4); gstr(f, "llama");
+    static const char *const keys[] = { "llama.block_count", "llama.embedding_length",
+        "llama.feed_forward_length", "llama.attention.head_count", "llama.attention.head_count_kv" };
+    const uint32_t vals[] = { s->n_layer, s->n_embd, s->n_ff, s->n_head, s->n_head };
+    for (int i = 0; i < 5; i++) {
+        gstr(f, keys[i]);
+        le(f, 4, 4);                        /* uint32 */
+        le(f, vals[i], 4);
+    }
+    gstr(f, "llama.context_length"); le(f, 4, 4); le(f, 4096, 4);
+    uint64_t off = 0;
+    char name[64];
+    tinfo(f, "token_embd.weight", s->n_embd, s->n_vocab, &off);
+    static const char *const blk[] = { "attn_norm", "attn_q", "attn_k", "attn_v", "attn_output",
+                                       "ffn_norm", "ffn_gate", "ffn_up", "ffn_down" };
+    for (uint32_t l = 0; l < s->n_layer; l++)
+        for (int t = 0; t < 9; t++) {
+            snprintf(name, sizeof name, "blk.%u.%s.weight", l, blk[t]);
+            uint64_t ne1 = t == 0 || t == 5 ? 1 : t < 5 ? s->n_embd : t < 8 ? s->n_ff : s->n_embd;
+            tinfo(f, name, t == 8 ? s->n_ff : s->n_embd, ne1, &off);
+        }
+    tinfo(f, "output_norm.weight", s->n_embd, 1, &off);
+    tinfo(f, "output.weight", s->n_embd, s->n_vocab, &off);
+    long pos = ftell(f);
+    assert_true(pos > 0);
+    uint64_t data = ((uint64_t)pos + 31) / 32 * 32;
+    assert_int_equal(fflush(f), 0);
+    assert_int_equal(ftruncate(fileno(f), (off_t)(data + off)), 0);
+    fclose(f);
+}
+
+static const struct shape big = { 16, 2048, 5504, 16, 32000 };     /* a 1794 MiB file */
+static const struct shape small = { 4, 256, 688, 4, 32000 };       /* a 37 MiB file */
+
+static struct config *model_cfg(const char *path, const char *args)
+{
+    char text[1024];
+    snprintf(text, sizeof text, "[pool]\ndefault_args = -cram 0\n[model a]\npath = %s\nargs = %s\n", path, args);
+    return cfg_of(text);
+}
+
+static void estimate_on(const char *path, const char *args, unsigned n_devices, struct memory_estimate *e)
+{
+    struct config *c = model_cfg(path, args);
+    char err[256] = "";
+    if (memory_estimate_devices(c, &c->models[0], n_devices, e, err, sizeof err))
+        fail_msg("args '%s': %s", args, err);
+    config_free(c);
+}
+
+/* Estimate against measured, on one H200 (-cram 0, flash attention off):
+ *
+ * | file     | args                     | VRAM est | measured | over  | host est | host PSS |
+ * |----------|--------------------------|----------|----------|-------|----------|----------|
+ * | 37 MiB   | -ngl 99 -c 4096 -np 4    |  760 MiB |  714 MiB | +6.5% |  456 MiB |  443 MiB |
+ * | 1794 MiB | -ngl 99 -c 4096 -np 4    | 2980 MiB | 2834 MiB | +5.1% |  565 MiB |  466 MiB |
+ * | 1794 MiB | -ngl 99 -c 32768 -np 4   | 7012 MiB | 6777 MiB | +3.5% |          |          |
+ * | 1794 MiB | -ngl 8 -c 4096 -np 4     | 1827 MiB | 1721 MiB | +6.1% | 1878 MiB | 1754 MiB |
+ *
+ * (the test prints the same rows). An estimate may be high by 30 %, never low. */
+static void vram_estimate_covers_the_h200_anchors(void **state)
+{
+    (void)state;
+    char bigp[300], smallp[300];
+    snprintf(bigp, sizeof bigp, "%s/big.gguf", root);
+    snprintf(smallp, sizeof smallp, "%s/small.gguf", root);
+    write_llama(bigp, &big);
+    write_llama(smallp, &small);
+    static const struct {
+        int big;
+        const char *args;
+        uint64_t vram_mib, host_mib;        /* measured; host 0: not measured */
+    } anchors[] = {
+        { 0, "-ngl 99 -c 4096 -np 4", 714, 443 },
+        { 1, "-ngl 99 -c 4096 -np 4", 2834, 466 },
+        { 1, "-ngl 99 -c 32768 -np 4", 6777, 0 },
+        { 1, "-ngl 8 -c 4096 -np 4", 1721, 1754 },
+    };
+    for (size_t i = 0; i < sizeof anchors / sizeof anchors[0]; i++) {
+        struct memory_estimate e;
+        estimate_on(anchors[i].big ? bigp : smallp, anchors[i].args, 1, &e);
+        double vram = (double)e.vram_total / MIB, host = (double)(e.weights + e.more) / MIB;
+        double over = vram / (double)anchors[i].vram_mib - 1;
+        print_message("%-8s %-24s VRAM %6.0f MiB (weights %.0f, KV %.0f, compute %.0f, fixed %.0f)"
+                      " measured %5llu MiB %+5.1f%%; host %5.0f MiB measured %llu\n",
+                      anchors[i].big ? "1794 MiB" : "37 MiB", anchors[i].args, vram,
+                      (double)e.vram_weights / MIB, (double)e.vram_kv / MIB,
+                      (double)e.vram_compute / MIB, (double)e.vram_fixed / MIB,
+                      (unsigned long long)anchors[i].vram_mib, over * 100,
+                      host, (unsigned long long)anchors[i].host_mib);
+        assert_true(e.ndev == 1 && e.vram[0] == e.vram_total);
+        assert_true(e.vram_total == e.vram_weights + e.vram_kv + e.vram_compute + e.vram_fixed);
+        if (over < 0 || over > 0.30)
+            fail_msg("'%s': %.0f MiB estimated, %llu measured", anchors[i].args, vram,
+                     (unsigned long long)anchors[i].vram_mib);
+        if (anchors[i].host_mib) {
+            double hover = host / (double)anchors[i].host_mib - 1;
+            if (hover < 0 || hover > 0.30)
+                fail_msg("'%s': host %.0f MiB estimated, %llu measured", anchors[i].args, host,
+                         (unsigned long long)anchors[i].host_mib);
+        }
+    }
+
+    /* Instances do not share VRAM; the estimate is per instance. Without
+     * devices, or with -ngl 0 or --device none, nothing moves: today's host
+     * estimate, VRAM 0. */
+    struct memory_estimate host_only, e;
+    estimate_on(bigp, "-c 4096 -np 4", 0, &host_only);
+    assert_true(host_only.vram_total == 0 && host_only.weights == 1881415680);
+    static const char *const none[] = { "-c 4096 -np 4 -ngl 0", "-c 4096 -np 4 --device none" };
+    for (size_t i = 0; i < 2; i++) {
+        estimate_on(bigp, none[i], 1, &e);
+        assert_true(e.vram_total == 0 && e.ndev == 0);
+        assert_true(e.weights == host_only.weights && e.more == host_only.more);
+    }
+    /* the same with an -ngl the host-only daemon ignores */
+    estimate_on(bigp, "-c 4096 -np 4 -ngl 99", 0, &e);
+    assert_true(e.weights == host_only.weights && e.more == host_only.more && e.vram_total == 0);
+
+    /* full offload: the host keeps token_embd only */
+    estimate_on(bigp, "-ngl all -c 4096 -np 4", 1, &e);
+    assert_true(e.n_gpu_layers == 16 && e.output_on_gpu);
+    assert_true(e.weights == 2048 * 32000 * 2 && e.kv == 0);
+    /* -ngl 16: every block, but the output layer (llama.cpp's layer 16) stays */
+    estimate_on(bigp, "-ngl 16 -c 4096 -np 4", 1, &e);
+    assert_true(e.n_gpu_layers == 16 && !e.output_on_gpu);
+    /* quantized caches and flash attention shrink the KV and compute */
+    struct memory_estimate q;
+    estimate_on(bigp, "-ngl 99 -c 4096 -np 4 -ctk q8_0 -ctv q4_0 -fa on", 1, &q);
+    assert_true(q.vram_kv == (uint64_t)512 * MIB * (34 + 18) / 128);
+    assert_true(q.vram_compute < e.vram_compute);
+    /* -nkvo keeps the KV on the host */
+    estimate_on(bigp, "-ngl 99 -c 4096 -np 4 -nkvo", 1, &q);
+    assert_true(q.vram_kv == 0 && q.kv == 512 * MIB);
+}
+
+/* -ngl forms, --device, -ts shares, -sm, -mg as llama.cpp reads them. */
+static void gpu_placement_reads_the_childs_arguments(void **state)
+{
+    (void)state;
+    char path[300];
+    snprintf(path, sizeof path, "%s/big.gguf", root);
+    static const struct { const char *args; uint64_t ngl; } ngl[] = {
+        { "", UINT64_MAX }, { "-ngl auto", UINT64_MAX }, { "-ngl all", UINT64_MAX },
+        { "-ngl -1", UINT64_MAX }, { "-ngl 0", 0 }, { "--gpu-layers 12", 12 },
+        { "--n-gpu-layers=7", 7 }, { "-ngl 3 --n-gpu-layers 5", 5 }, { "--n-gpu-layers 5 -ngl 3", 3 },
+    };
+    struct memory_placement p;
+    char err[256];
+    for (size_t i = 0; i < sizeof ngl / sizeof ngl[0]; i++) {
+        struct config *c = model_cfg(path, ngl[i].args);
+        assert_int_equal(memory_gpu_placement(c, &c->models[0], 2, &p, err, sizeof err), 0);
+        if (p.ngl != ngl[i].ngl)
+            fail_msg("'%s': ngl %llu", ngl[i].args, (unsigned long long)p.ngl);
+        assert_true(p.n_dev == 2 && p.dev[0] == 0 && p.dev[1] == 1 && p.kv_offload);
+        config_free(c);
+    }
+
+    struct config *c = model_cfg(path, "--device CUDA3,CUDA1 -ts 3,1 -mg 1");
+    assert_int_equal(memory_gpu_placement(c, &c->models[0], 4, &p, err, sizeof err), 0);
+    assert_true(p.n_dev == 2 && p.dev[0] == 3 && p.dev[1] == 1 && p.main == 1);
+    assert_true(p.split[0] == 0.75f && p.split[1] == 1.0f && p.mode == MEMORY_SPLIT_LAYER);
+    config_free(c);
+
+    static const char *const bad[] = { "--device CUDA2", "--device GPU", "-ts 1,1,1", "-ts a,b",
+                                       "-mg 2", "-sm rows", "-ngl many" };
+    for (size_t i = 0; i < sizeof bad / sizeof bad[0]; i++) {
+        c = model_cfg(path, bad[i]);
+        err[0] = '\0';
+        if (memory_gpu_placement(c, &c->models[0], 2, &p, err, sizeof err) != -1 || !err[0])
+            fail_msg("'%s' was taken", bad[i]);
+        config_free(c);
+    }
+
+    /* A split by layers: -ts 3,1 puts 13 of 17 (16 blocks + output) on the
+     * first device, as upper_bound(splits, il / 17) does; the fixed cost
+     * and the compute buffers are on both. */
+    struct memory_estimate e, one;
+    estimate_on(path, "-ngl 99 -c 4096 -np 4 -ts 3,1 --device CUDA1,CUDA0", 2, &e);
+    estimate_on(path, "-ngl 99 -c 4096 -np 4", 1, &one);
+    assert_true(e.ndev == 2 && e.vram[1] > e.vram[0] && e.vram[0] > MEMORY_GPU_FIXED);
+    assert_true(e.vram_kv == one.vram_kv && e.vram_weights == one.vram_weights);
+    assert_true(e.vram_total == one.vram_total + MEMORY_GPU_FIXED + one.vram_compute);
+    uint64_t layer = 101203968, kv_layer = 32 * MIB;
+    assert_true(e.vram[1] - e.vram[0] == 10 * (layer + kv_layer) - 131080192);  /* 13 - 3 blocks - output */
+    /* -sm none: all on the main device */
+    estimate_on(path, "-ngl 99 -c 4096 -np 4 -sm none -mg 1", 2, &e);
+    assert_true(e.ndev == 2 && e.vram[0] == 0 && e.vram[1] == one.vram_total);
+    /* -sm row: weights by -ts, KV on the main device */
+    estimate_on(path, "-ngl 99 -c 4096 -np 4 -sm row -ts 1,1", 2, &e);
+    assert_true(e.vram[0] - e.vram[1] == one.vram_kv);
+}
+
 static void format_bytes_is_human(void **state)
 {
     (void)state;
@@ -239,6 +473,8 @@ int main(void)
         cmocka_unit_test(missing_meminfo_is_an_error),
         cmocka_unit_test(estimate_reads_cram_from_the_childs_arguments),
         cmocka_unit_test(estimate_of_a_broken_file_is_an_error),
+        cmocka_unit_test(vram_estimate_covers_the_h200_anchors),
+        cmocka_unit_test(gpu_placement_reads_the_childs_arguments),
         cmocka_unit_test(format_bytes_is_human),
     };
     return cmocka_run_group_tests_name("memory", tests, setup, teardown);
