@@ -2,6 +2,7 @@
 #include "api.h"
 
 #include "config.h"
+#include "gpu.h"
 #include "log.h"
 #include "metrics.h"
 #include "pool.h"
@@ -99,6 +100,8 @@ static json_t *instance_json(const struct api *api, const struct instance *inst)
     json_object_set_new(o, "charge", json_integer((json_int_t)v.charge));
     json_object_set_new(o, "slots", json_integer(inst->slots));
     json_object_set_new(o, "in_flight", json_integer(v.in_flight));
+    json_object_set_new(o, "device", v.device >= 0 ? json_integer(v.device) : json_null());
+    json_object_set_new(o, "vram", json_integer((json_int_t)v.vram));
     json_object_set_new(o, "last_used_s_ago", v.last_used > 0 ? json_real(now - v.last_used) : json_null());
     json_object_set_new(o, "last_error", inst->last_error ? util_json_string(inst->last_error) : json_null());
     if (inst->state == INSTANCE_BACKOFF)
@@ -121,6 +124,9 @@ static json_t *model_json(const struct api *api, const struct pool_model *m)
     json_object_set_new(o, "instances_max", json_integer(m->cfg->instances_max));
     json_object_set_new(o, "memory_estimate",
                         json_integer(m->est_known ? (json_int_t)(m->est.weights + m->est.more) : 0));
+    uint64_t vram = m->est_known && m->est.vram_total
+                    ? (m->cfg->gpu_memory ? m->cfg->gpu_memory : m->est.vram_total) : 0;
+    json_object_set_new(o, "vram_estimate", json_integer((json_int_t)vram));
     json_object_set_new(o, "waiting", json_integer((json_int_t)router_waiting_model(api->router, m)));
     const char *err = pool_model_error(m);
     json_object_set_new(o, "last_error", err ? util_json_string(err) : json_null());
@@ -145,6 +151,19 @@ static json_t *status_json(const struct api *api, const struct pool_model *only)
     json_object_set_new(mem, "measured", json_integer((json_int_t)pool_measured(p)));
     json_object_set_new(mem, "available", json_integer((json_int_t)avail));
     json_object_set_new(root, "memory", mem);
+    json_t *devices = json_array();
+    struct router_dev_view dv;
+    for (size_t d = 0; router_device_view(api->router, d, &dv); d++) {
+        json_t *o = json_pack("{s:i,s:o,s:o,s:I,s:I,s:I,s:I,s:I,s:b}",
+                              "index", (int)dv.gpu->index, "name", util_json_string(dv.gpu->name),
+                              "uuid", util_json_string(dv.gpu->uuid),
+                              "total", (json_int_t)dv.gpu->total, "budget", (json_int_t)dv.budget,
+                              "used", (json_int_t)dv.used, "measured", (json_int_t)dv.measured,
+                              "free", (json_int_t)dv.gpu->free, "lost", dv.gpu->lost);
+        if (o)
+            json_array_append_new(devices, o);
+    }
+    json_object_set_new(root, "devices", devices);
     json_t *queue = json_object();
     json_object_set_new(queue, "waiting", json_integer((json_int_t)router_waiting(api->router)));
     json_object_set_new(queue, "max", json_integer(p->cfg->max_queue));

@@ -229,14 +229,31 @@ static void child_cb(struct ev_loop *loop, ev_child *w, int revents)
     instance_step(inst, IEV_EXIT);
 }
 
+static const char *model_env_value(const struct config_model *m, const char *name);
+
 /* The model's env as "NAME=VALUE" strings, *N of them; with OUR_KEY, its
- * LLAMA_API_KEY (the pool's key for the child) in place of the model's. */
-static char **model_env_strings(const struct config_model *m, const char *our_key, size_t *n)
+ * LLAMA_API_KEY (the pool's key for the child) in place of the model's.
+ * A child placed on a GPU (instance_place) also gets CUDA_VISIBLE_DEVICES
+ * and LLAMA_ARG_FIT=off (llama-server's --fit would otherwise grow or
+ * shrink it to what the device has free), unless the model's env sets
+ * them: the operator's word wins. */
+static char **child_env_strings(const struct instance *inst, const char *our_key, size_t *n)
 {
-    char **env = calloc(m->nenv + 2, sizeof *env);
+    const struct config_model *m = inst->model;
+    char **env = calloc(m->nenv + 4, sizeof *env);
     size_t k = 0;
     if (!env)
         return NULL;
+    if (inst->visible[0] && !model_env_value(m, "CUDA_VISIBLE_DEVICES")) {
+        if (asprintf(&env[k], "CUDA_VISIBLE_DEVICES=%s", inst->visible) < 0)
+            goto fail;
+        k++;
+        if (!model_env_value(m, "LLAMA_ARG_FIT")) {
+            if (!(env[k] = strdup("LLAMA_ARG_FIT=off")))
+                goto fail;
+            k++;
+        }
+    }
     for (size_t i = 0; i < m->nenv; i++) {
         if (our_key && strcmp(m->env[i].name, "LLAMA_API_KEY") == 0)
             continue;
@@ -309,7 +326,7 @@ static int instance_spawn(struct instance *inst, bool *fatal)
     char *key = child_api_key(cfg, inst->model, &our_key);
     int key_errno = errno;
     char **argv = config_child_argv(cfg, inst->model, port);
-    char **extra = key ? model_env_strings(inst->model, our_key ? key : NULL, &nextra) : NULL;
+    char **extra = key ? child_env_strings(inst, our_key ? key : NULL, &nextra) : NULL;
     char **env = extra ? spawn_clean_env(extra, nextra) : NULL;
     char *path = argv ? spawn_resolve(argv[0]) : NULL;
     int pipefd[2] = { -1, -1 };
@@ -786,6 +803,7 @@ struct instance *instance_new(struct instance_world *w, const struct config_mode
     inst->world = w;
     inst->owner = owner;
     inst->state = INSTANCE_STOPPED;
+    inst->device = -1;
     inst->out_fd = -1;
     inst->exit_status = -1;
     ev_timer_init(&inst->deadline, deadline_cb, 0., 0.);
@@ -840,6 +858,12 @@ uint64_t instance_measure(struct instance *inst)
             inst->pss = pss;
     }
     return inst->pid > 0 ? inst->pss : 0;
+}
+
+void instance_place(struct instance *inst, int device, const char *visible)
+{
+    inst->device = device;
+    snprintf(inst->visible, sizeof inst->visible, "%s", visible ? visible : "");
 }
 
 void instance_rebind(struct instance *inst, const struct config_model *m)

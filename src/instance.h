@@ -96,6 +96,9 @@ struct instance {
     unsigned port_retries;        /* consecutive "port taken" respawns */
     unsigned health_failures;     /* consecutive liveness failures */
     unsigned slots;               /* /props total_slots; 0 until known */
+    int device;                   /* the GPU it is placed on (instance_place), -1: none */
+    char visible[100];            /* its CUDA_VISIBLE_DEVICES: a GPU's UUID, "-1"
+                                   * (no GPU), or "" (the daemon's own) */
     char *api_key;                /* the child's API key (ours, or the operator's
                                    * --api-key / LLAMA_API_KEY); kept from its
                                    * spawn until the next one. Sent by the proxy
@@ -144,6 +147,9 @@ void instance_drained(struct instance *inst);
 /* Measure its PSS now (/proc/PID/smaps_rollup) into inst->pss; returns
  * it, 0 without a process. A failed read keeps the last value. */
 uint64_t instance_measure(struct instance *inst);
+/* Where its next spawn runs: on GPU DEVICE (-1: none) with
+ * CUDA_VISIBLE_DEVICES=VISIBLE (NULL or "": left as the daemon's). */
+void instance_place(struct instance *inst, int device, const char *visible);
 /* Its model's config after a reload that kept it running (same child). */
 void instance_rebind(struct instance *inst, const struct config_model *m);
 /* SIGKILL the group now (supervisor shutting down after stop_timeout). */

@@ -247,6 +247,23 @@ static unsigned np_hint(const struct config *cfg, const struct config_model *cm)
     return n > 0 ? (unsigned)n : 4;
 }
 
+/* Whether M's args (or env) choose its GPUs themselves: the pool then
+ * leaves CUDA_VISIBLE_DEVICES alone and charges the devices they name. */
+static bool gpu_fixed(const struct config *cfg, const struct config_model *cm)
+{
+    static const char *const opts[][2] = {
+        { "-dev", "--device" }, { "-ts", "--tensor-split" }, { "-sm", "--split-mode" },
+        { "-mg", "--main-gpu" },
+    };
+    for (size_t i = 0; i < sizeof opts / sizeof opts[0]; i++)
+        if (config_child_arg(cfg, cm, opts[i][0], opts[i][1]))
+            return true;
+    for (size_t i = 0; i < cm->nenv; i++)
+        if (strcmp(cm->env[i].name, "CUDA_VISIBLE_DEVICES") == 0)
+            return true;
+    return false;
+}
+
 static struct pool_model *model_new(struct pool *p, const struct config_model *cm)
 {
     struct pool_model *m = calloc(1, sizeof *m);
@@ -256,6 +273,7 @@ static struct pool_model *model_new(struct pool *p, const struct config_model *c
     m->index = p->models_made++;
     m->cfg = cm;
     m->np_hint = np_hint(m->pool->cfg, cm);
+    m->gpu_fixed = gpu_fixed(m->pool->cfg, cm);
     m->log_fd = -1;
     m->observers.next = m->observers.prev = &m->observers;
     return m;
@@ -338,6 +356,17 @@ const char *pool_model_state(const struct pool_model *m)
     return "stopped";
 }
 
+/* An operator's start or a preload: the listener says where it goes. */
+static void place_instance(struct instance *inst)
+{
+    struct pool_model *m = inst->owner;
+    struct pool *p = m->pool;
+    char visible[100] = "";
+    int device = p->listener && p->listener->place
+                 ? p->listener->place(m, visible, sizeof visible, p->listener_arg) : -1;
+    instance_place(inst, device, visible);
+}
+
 int pool_model_start(struct pool_model *m, unsigned n, char *err, size_t errlen)
 {
     unsigned max = m->cfg->instances_max;
@@ -365,6 +394,7 @@ int pool_model_start(struct pool_model *m, unsigned n, char *err, size_t errlen)
         enum instance_state s = inst->state;
         if (s != INSTANCE_FAILED && s != INSTANCE_STOPPED && s != INSTANCE_STOPPING)
             continue;
+        place_instance(inst);
         instance_start(inst);
         if (inst->state == INSTANCE_FAILED) {   /* cannot be spawned: adding more would not help */
             snprintf(err, errlen, "%s: %s", inst->id, inst->last_error ? inst->last_error : "cannot start");
@@ -377,6 +407,7 @@ int pool_model_start(struct pool_model *m, unsigned n, char *err, size_t errlen)
             snprintf(err, errlen, "out of memory");
             return -2;
         }
+        place_instance(inst);
         instance_start(inst);
         /* It could not even be spawned (no llama-server binary): adding
          * more would fail the same way. */
@@ -392,22 +423,31 @@ int pool_model_start(struct pool_model *m, unsigned n, char *err, size_t errlen)
     return 0;
 }
 
-struct instance *pool_model_add(struct pool_model *m)
+struct instance *pool_model_add(struct pool_model *m, int device, const char *visible)
 {
     if (m->pool->shutting_down || m->retired || model_active(m) >= m->cfg->instances_max)
         return NULL;
     /* A stopped or failed instance is reused before a new one is made. */
-    for (size_t i = 0; i < m->ninst; i++) {
+    struct instance *inst = NULL;
+    for (size_t i = 0; i < m->ninst && !inst; i++) {
         enum instance_state s = m->inst[i]->state;
-        if (s == INSTANCE_STOPPED || s == INSTANCE_FAILED) {
-            instance_start(m->inst[i]);
-            return m->inst[i];
-        }
+        if (s == INSTANCE_STOPPED || s == INSTANCE_FAILED)
+            inst = m->inst[i];
     }
-    struct instance *inst = model_add_instance(m);
-    if (inst)
-        instance_start(inst);
+    if (!inst && !(inst = model_add_instance(m)))
+        return NULL;
+    instance_place(inst, device, visible);
+    instance_start(inst);
     return inst;
+}
+
+void pool_set_devices(struct pool *p, unsigned n)
+{
+    if (n == p->ndev)
+        return;
+    p->ndev = n;
+    for (size_t i = 0; i < p->nmodels; i++)
+        p->models[i]->est_known = false;    /* made again for the devices */
 }
 
 void pool_model_stop(struct pool_model *m)
@@ -590,7 +630,10 @@ const struct memory_estimate *pool_model_estimate(struct pool_model *m)
         char err[512];
         free(m->est_error);
         m->est_error = NULL;
-        if (memory_estimate_model(m->pool->cfg, m->cfg, &m->est, err, sizeof err) < 0) {
+        /* A child the pool places sees one GPU (CUDA_VISIBLE_DEVICES);
+         * one whose args choose sees them all. */
+        unsigned ndev = m->pool->ndev ? (m->gpu_fixed ? m->pool->ndev : 1) : 0;
+        if (memory_estimate_devices(m->pool->cfg, m->cfg, ndev, &m->est, err, sizeof err) < 0) {
             /* Unreadable header: charge the file size; measurement corrects it. */
             struct stat st;
             m->est_error = strdup(err);
@@ -648,6 +691,7 @@ static void model_rebind(struct pool_model *m, const struct config_model *cm)
     m->cfg = cm;
     m->est_known = false;           /* args, path or memory may have changed */
     m->np_hint = np_hint(m->pool->cfg, cm);
+    m->gpu_fixed = gpu_fixed(m->pool->cfg, cm);
     for (size_t i = 0; i < m->ninst; i++)
         instance_rebind(m->inst[i], cm);
 }
@@ -723,8 +767,10 @@ void pool_reload(struct pool *p, struct config *cfg, json_t *summary)
     size_t ngone = p->nmodels;
     p->models = models;
     p->nmodels = k;
-    for (size_t i = 0; i < k; i++)          /* default_args may have changed too */
+    for (size_t i = 0; i < k; i++) {        /* default_args may have changed too */
         models[i]->np_hint = np_hint(cfg, models[i]->cfg);
+        models[i]->gpu_fixed = gpu_fixed(cfg, models[i]->cfg);
+    }
     if (cfg->log_dir && *cfg->log_dir && mkdir(cfg->log_dir, 0750) < 0 && errno != EEXIST)
         log_warn("cannot create log_dir %s: %s", cfg->log_dir, strerror(errno));
 

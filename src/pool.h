@@ -57,6 +57,10 @@ struct pool_listener {
     int (*admit)(struct pool_model *m, unsigned n, char *err, size_t errlen, void *arg);
     /* Requests in flight on INST now (a stop drains them first). */
     unsigned (*in_flight)(const struct instance *inst, void *arg);
+    /* Where one more instance of M goes (an operator's start, a preload):
+     * a GPU index with its CUDA_VISIBLE_DEVICES value in VISIBLE, or -1
+     * (VISIBLE "": as the daemon's, or "-1": kept off the GPUs). */
+    int (*place)(struct pool_model *m, char *visible, size_t len, void *arg);
 };
 
 /* Embedded in the observer's own struct: FN and ARG are the observer's to
@@ -91,6 +95,8 @@ struct pool_model {
     bool est_known;
     char *est_error;                /* why the estimate failed, or NULL */
     unsigned np_hint;               /* -np/--parallel in its args, else 4 */
+    bool gpu_fixed;                 /* its args or env choose its GPUs (--device,
+                                     * -ts, -sm, -mg, CUDA_VISIBLE_DEVICES) */
 };
 
 struct pool {
@@ -114,6 +120,7 @@ struct pool {
     const struct pool_listener *listener;   /* pool_listen() */
     void *listener_arg;
     size_t models_made;             /* the next pool_model's index */
+    unsigned ndev;                  /* GPUs the estimates are made for (pool_set_devices) */
     double started_at;
     struct pool_stats stats;        /* request durations for /metrics */
 };
@@ -133,8 +140,12 @@ struct pool_model *pool_find(struct pool *p, const char *name_or_alias);
  * the request is invalid (N above max, shutting down); -2 when an instance
  * could not be started at all (no llama-server binary…). ERR says why. */
 int pool_model_start(struct pool_model *m, unsigned n, char *err, size_t errlen);
-/* Start one more instance (on demand); NULL when at max or out of memory. */
-struct instance *pool_model_add(struct pool_model *m);
+/* Start one more instance (on demand) on GPU DEVICE with CUDA_VISIBLE_DEVICES
+ * VISIBLE (-1 and NULL: none, see instance_place); NULL when at max or out
+ * of memory. */
+struct instance *pool_model_add(struct pool_model *m, int device, const char *visible);
+/* The machine has N GPUs (0: none): estimates are made again for them. */
+void pool_set_devices(struct pool *p, unsigned n);
 void pool_model_stop(struct pool_model *m);
 void pool_model_restart(struct pool_model *m);
 

@@ -1,6 +1,7 @@
 #define _GNU_SOURCE
 #include "router.h"
 
+#include "gpu.h"
 #include "log.h"
 #include "memory.h"
 #include "pool.h"
@@ -28,6 +29,9 @@ struct router {
      * the pool never reuses (a model removed by a reload leaves NULL). */
     struct pool_model **slots;
     size_t nslots;
+    struct gpus *gpus;          /* NULL: no GPU (or gpus = none): host memory only */
+    char *gpus_library;         /* what gpus was opened with */
+    bool warned_split;          /* a split model was charged on one device */
     bool closing;               /* shutting down: nothing new is queued */
     double retry_after;         /* for 503s while closing: seconds */
 };
@@ -93,6 +97,33 @@ static void rreq_free(struct rreq *q)
 /* Tell the scheduler what it needs of M. The memory estimate is read from
  * the GGUF header the first time a model is used (WITH_ESTIMATE), not for
  * thousands of models at startup. */
+/* M's GPU memory for the scheduler: on the one device the pool places it
+ * on, or on the device its args choose. A split over several devices is
+ * charged, whole, on the first of them (placement of splits is to come:
+ * the other devices are not charged; said once in the log). */
+static void model_vram(struct router *r, const struct pool_model *m, const struct memory_estimate *e,
+                       struct sched_model_info *info)
+{
+    if (!r->gpus || !e->vram_total)
+        return;
+    info->vram = m->cfg->gpu_memory ? m->cfg->gpu_memory : e->vram_total;
+    if (!m->gpu_fixed)
+        return;
+    unsigned used = 0, first = 0;
+    for (unsigned d = e->ndev; d-- > 0; )
+        if (e->vram[d]) {
+            used++;
+            first = d;
+        }
+    info->vram_fixed = true;
+    info->vram_device = first;
+    if (used > 1 && !r->warned_split) {
+        r->warned_split = true;
+        log_warn("%s: split over %u GPUs: charged whole on GPU %u (placing splits is not done yet)",
+                 m->cfg->name, used, first);
+    }
+}
+
 static void model_info(struct router *r, struct pool_model *m, bool with_estimate)
 {
     const struct config *cfg = r->pool->cfg;
@@ -109,6 +140,7 @@ static void model_info(struct router *r, struct pool_model *m, bool with_estimat
         info.mem_weights = e->weights;
         info.mem_more = e->more;
         info.file_id = e->file_id;
+        model_vram(r, m, e, &info);
     }
     sched_model_set(r->sched, m->index, m->cfg->name, &info);
 }
@@ -237,12 +269,30 @@ static void do_fail(struct router *r, struct rreq *q, const struct sched_action 
     rreq_free(q);
 }
 
-static void do_start(struct router *r, size_t slot)
+/* CUDA_VISIBLE_DEVICES for an instance of M on DEVICE: the GPU's UUID; "-1"
+ * to keep a model that needs no GPU off them (a CUDA build would otherwise
+ * make a context on GPU 0 that nobody charges); "" where M's args or env
+ * choose, or there is no GPU. */
+static void visible_for(const struct router *r, const struct pool_model *m, int device,
+                        char *buf, size_t len)
+{
+    const struct gpu_device *g = r->gpus && device >= 0 ? gpus_device(r->gpus, (size_t)device) : NULL;
+    if (g)
+        snprintf(buf, len, "%s", g->uuid);
+    else if (r->gpus && !m->gpu_fixed && device < 0)
+        snprintf(buf, len, "-1");
+    else
+        snprintf(buf, len, "%s", "");
+}
+
+static void do_start(struct router *r, size_t slot, int device)
 {
     if (slot >= r->nslots || !r->slots[slot])
         return;
     struct pool_model *m = r->slots[slot];
-    struct instance *inst = pool_model_add(m);
+    char visible[100];
+    visible_for(r, m, device, visible, sizeof visible);
+    struct instance *inst = pool_model_add(m, device, visible);
     if (!inst) {
         /* At max already (one is waiting out its backoff, or stopping):
          * the waiters wait for it, or for queue_timeout. */
@@ -277,7 +327,7 @@ static void router_run(struct router *r)
                 do_fail(r, q, &a);
             break;
         case SCHED_START:
-            do_start(r, a.model);
+            do_start(r, a.model, a.device);
             break;
         case SCHED_STOP: {
             struct instance *inst = inst_of(a.inst);
@@ -318,13 +368,13 @@ static void pool_changed(struct instance *inst, enum instance_state old, void *a
     switch (inst->state) {
     case INSTANCE_STARTING:
         if (!known)
-            sched_instance_added(r->sched, now, id, slot);
+            sched_instance_added_on(r->sched, now, id, slot, inst->device);
         else if (old != INSTANCE_STARTING)
             sched_instance_starting(r->sched, now, id);
         break;
     case INSTANCE_READY:
         if (!known)
-            sched_instance_added(r->sched, now, id, slot);
+            sched_instance_added_on(r->sched, now, id, slot, inst->device);
         if (old != INSTANCE_READY)
             sched_instance_ready(r->sched, now, id, inst->slots);
         else
@@ -335,7 +385,7 @@ static void pool_changed(struct instance *inst, enum instance_state old, void *a
         /* Every start attempt is reported as STARTING first, even one whose
          * spawn failed: its waiters hear of this failure, not an older one. */
         if (!known)
-            sched_instance_added(r->sched, now, id, slot);
+            sched_instance_added_on(r->sched, now, id, slot, inst->device);
         sched_instance_failed(r->sched, now, id, inst->last_error ? inst->last_error : "failed");
         /* In backoff it comes back by itself: capacity on its way. */
         if (inst->state == INSTANCE_BACKOFF && !m->failed)
@@ -365,6 +415,20 @@ static void pool_changed(struct instance *inst, enum instance_state old, void *a
     if (!m->failed && old == INSTANCE_FAILED)
         sched_model_failed(r->sched, now, slot, NULL);
     router_run(r);
+}
+
+/* An operator's start or a preload: the device the scheduler would choose. */
+static int pool_place(struct pool_model *m, char *visible, size_t len, void *arg)
+{
+    struct router *r = arg;
+    int device = -1;
+    if (r->gpus && model_slot(r, m) != SIZE_MAX) {
+        if (!m->est_known)
+            model_info(r, m, true);
+        device = sched_place(r->sched, m->index);
+    }
+    visible_for(r, m, device, visible, len);
+    return device;
 }
 
 static unsigned pool_in_flight(const struct instance *inst, void *arg)
@@ -615,6 +679,75 @@ static void router_limits(struct router *r, struct sched_limits *l)
     l->budget = pool_budget(r->pool, NULL);
 }
 
+/* ---------- GPUs ---------- */
+
+/* The devices' budgets for the scheduler (a lost device gets none), and
+ * the estimates made again for their number. */
+static void devices_update(struct router *r)
+{
+    size_t n = r->gpus ? gpus_count(r->gpus) : 0;
+    uint64_t budgets[SCHED_MAX_DEVICES];
+    if (n > SCHED_MAX_DEVICES)
+        n = SCHED_MAX_DEVICES;
+    for (size_t d = 0; d < n; d++) {
+        const struct gpu_device *g = gpus_device(r->gpus, d);
+        budgets[d] = g->lost ? 0 : gpu_budget(r->pool->cfg, g->total);
+    }
+    sched_devices_set(r->sched, now_of(r), n, budgets);
+    bool *had = r->pool->nmodels ? calloc(r->pool->nmodels, sizeof *had) : NULL;
+    for (size_t i = 0; had && i < r->pool->nmodels; i++)
+        had[i] = r->pool->models[i]->est_known;
+    pool_set_devices(r->pool, (unsigned)n);
+    for (size_t i = 0; had && i < r->pool->nmodels; i++)
+        if (had[i] && model_known(r, r->pool->models[i]))
+            model_info(r, r->pool->models[i], true);
+    free(had);
+}
+
+/* Open NVML when pool.conf wants GPUs (again when nvml_library changed),
+ * close it when it does not; then the budgets. */
+static void devices_open(struct router *r)
+{
+    const struct config *cfg = r->pool->cfg;
+    bool want = cfg->gpus == CONFIG_GPUS_AUTO;
+    const char *lib = cfg->nvml_library ? cfg->nvml_library : CONFIG_DEFAULT_NVML_LIBRARY;
+    if (!(r->gpus && want && r->gpus_library && strcmp(r->gpus_library, lib) == 0)) {
+        gpus_close(r->gpus);
+        r->gpus = NULL;
+        free(r->gpus_library);
+        r->gpus_library = NULL;
+        if (want) {
+            char err[256];
+            if ((r->gpus = gpus_open(lib, err, sizeof err)))
+                r->gpus_library = strdup(lib);
+            else
+                log_info("no GPU in use (%s): host memory only", err);
+        }
+        for (size_t d = 0; r->gpus && d < gpus_count(r->gpus); d++) {
+            const struct gpu_device *g = gpus_device(r->gpus, d);
+            char total[32], budget[32];
+            log_info("GPU %u: %s %s, %s, budget %s", g->index, g->name, g->uuid,
+                     util_format_bytes(g->total, total, sizeof total),
+                     util_format_bytes(gpu_budget(cfg, g->total), budget, sizeof budget));
+        }
+    }
+    devices_update(r);
+}
+
+/* Every 2 s: each device's free memory and each instance's use of it. */
+static void devices_sample(struct router *r, double now)
+{
+    if (!r->gpus)
+        return;
+    if (gpus_refresh(r->gpus))
+        devices_update(r);              /* a device was lost: no budget there now */
+    for (size_t d = 0; d < gpus_count(r->gpus) && d < SCHED_MAX_DEVICES; d++) {
+        const struct gpu_device *g = gpus_device(r->gpus, d);
+        if (!g->lost)
+            sched_device_free(r->sched, now, d, g->free);
+    }
+}
+
 /* Every 2 s: each instance's PSS (its charge from then on) and the
  * machine's MemAvailable, for the scheduler's start decisions. */
 #define SAMPLE_INTERVAL_S 2.0
@@ -624,6 +757,7 @@ static void sample_cb(struct ev_loop *loop, ev_timer *w, int revents)
     (void)loop; (void)revents;
     struct router *r = w->data;
     double now = now_of(r);
+    devices_sample(r, now);
     for (size_t i = 0; i < r->pool->nmodels; i++) {
         struct pool_model *m = r->pool->models[i];
         for (size_t j = 0; j < m->ninst; j++) {
@@ -633,6 +767,9 @@ static void sample_cb(struct ev_loop *loop, ev_timer *w, int revents)
             uint64_t pss = instance_measure(inst);
             if (pss && inst->state == INSTANCE_READY)
                 sched_instance_memory(r->sched, now, inst_id(inst), pss);
+            uint64_t vram = r->gpus ? gpus_process_memory(r->gpus, inst->pid, NULL) : 0;
+            if (vram)
+                sched_instance_vram(r->sched, now, inst_id(inst), vram);
         }
     }
     struct memory_info mi;
@@ -657,6 +794,7 @@ static const struct pool_listener router_listener = {
     .changed = pool_changed,
     .admit = pool_admit,
     .in_flight = pool_in_flight,
+    .place = pool_place,
 };
 
 struct router *router_new(struct ev_loop *loop, struct pool *pool)
@@ -691,6 +829,7 @@ void router_reload(struct router *r)
     struct sched_limits l;
     router_limits(r, &l);
     sched_set_limits(r->sched, &l);
+    devices_open(r);
     /* Forget slots of models that are gone; give new models one. */
     for (size_t i = 0; i < r->nslots; i++) {
         struct pool_model *m = r->slots[i];
@@ -733,6 +872,8 @@ void router_free(struct router *r)
         rreq_free(q);
     }
     proxy_free(r->proxy);
+    gpus_close(r->gpus);
+    free(r->gpus_library);
     sched_free(r->sched);
     free(r->slots);
     free(r);
@@ -753,6 +894,8 @@ void router_instance_view(const struct router *r, const struct instance *inst,
 {
     sched_inst_t id = inst_id(inst);
     v->charge = sched_charge(r->sched, id);
+    v->device = sched_instance_device(r->sched, id);
+    v->vram = r->gpus && inst->pid > 0 ? gpus_process_memory(r->gpus, inst->pid, NULL) : 0;
     v->in_flight = sched_in_flight(r->sched, id);
     v->last_used = sched_last_used(r->sched, id);
     if (!v->last_used)
@@ -762,4 +905,30 @@ void router_instance_view(const struct router *r, const struct instance *inst,
 uint64_t router_used(const struct router *r)
 {
     return sched_used(r->sched);
+}
+
+size_t router_devices(const struct router *r)
+{
+    return r->gpus ? gpus_count(r->gpus) : 0;
+}
+
+bool router_device_view(const struct router *r, size_t d, struct router_dev_view *v)
+{
+    if (!r->gpus || d >= gpus_count(r->gpus))
+        return false;
+    const struct gpu_device *g = gpus_device(r->gpus, d);
+    v->gpu = g;
+    v->budget = g->lost ? 0 : gpu_budget(r->pool->cfg, g->total);
+    v->used = sched_device_used(r->sched, d);
+    v->measured = 0;
+    for (size_t i = 0; i < r->pool->nmodels; i++) {
+        const struct pool_model *m = r->pool->models[i];
+        for (size_t j = 0; j < m->ninst; j++) {
+            uint64_t per[MEMORY_MAX_DEVICES] = { 0 };
+            if (m->inst[j]->pid > 0 && gpus_count(r->gpus) <= MEMORY_MAX_DEVICES &&
+                gpus_process_memory(r->gpus, m->inst[j]->pid, per))
+                v->measured += per[d];
+        }
+    }
+    return true;
 }

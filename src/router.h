@@ -10,6 +10,7 @@
 
 #include <ev.h>
 #include <stddef.h>
+#include <stdbool.h>
 #include <stdint.h>
 
 #include "http.h"
@@ -47,9 +48,22 @@ struct router_inst_view {
     unsigned in_flight;     /* requests being answered by it */
     double last_used;       /* ev_now of its last dispatch or request end, else
                              * of its ready; 0 when neither */
+    int device;             /* the GPU it is charged on, -1: none */
+    uint64_t vram;          /* its measured GPU memory (all devices), 0: none seen */
 };
 void router_instance_view(const struct router *r, const struct instance *inst,
                           struct router_inst_view *v);
 uint64_t router_used(const struct router *r);     /* bytes charged, all instances */
+
+/* GPUs in use (0: host memory only) and what is known of device D. */
+struct gpu_device;
+struct router_dev_view {
+    const struct gpu_device *gpu;   /* index, name, uuid, total, free, lost */
+    uint64_t budget;        /* for our instances (0 when lost) */
+    uint64_t used;          /* charged by the scheduler */
+    uint64_t measured;      /* what our instances hold there, by NVML */
+};
+size_t router_devices(const struct router *r);
+bool router_device_view(const struct router *r, size_t d, struct router_dev_view *v);
 
 #endif
