@@ -104,9 +104,8 @@ static void rreq_free(struct rreq *q)
 static void model_vram(struct router *r, const struct pool_model *m, const struct memory_estimate *e,
                        struct sched_model_info *info)
 {
-    if (!r->gpus || !e->vram_total)
+    if (!r->gpus || !(info->vram = m->cfg->gpu_memory ? m->cfg->gpu_memory : e->vram_total))
         return;
-    info->vram = m->cfg->gpu_memory ? m->cfg->gpu_memory : e->vram_total;
     if (!m->gpu_fixed)
         return;
     unsigned used = 0, first = 0;

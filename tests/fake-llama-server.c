@@ -2206,10 +2206,13 @@ static int model_open(struct stat *st)
 static char g_vram_file[4096];            /* DIR/PID while it exists */
 
 /* The NVML index of the device this process offloads to, or -1 for none:
- * --device CUDAk (the first one listed) picks k among CUDA_VISIBLE_DEVICES
- * (numbers only here), default 0. */
+ * --device CUDAk (the first one listed) picks k among CUDA_VISIBLE_DEVICES,
+ * default 0. Like CUDA, CUDA_VISIBLE_DEVICES lists indexes or UUIDs (the
+ * stand-in NVML's: GPU-5a4d0000-0000-4000-8000-<index>) and ends at the
+ * first entry that is neither ("-1": no device, the child runs on the CPU). */
 static long vram_device(void)
 {
+    static const char uuid_prefix[] = "GPU-5a4d0000-0000-4000-8000-";
     long k = 0;
     if (g_cfg.device) {
         if (streq(g_cfg.device, "none"))
@@ -2221,15 +2224,22 @@ static long vram_device(void)
     const char *visible = getenv("CUDA_VISIBLE_DEVICES");
     if (!visible)
         return k;
+    long n = 0;
     for (long i = 0; *visible; i++) {
+        const char *at = visible;
+        if (strncmp(at, uuid_prefix, sizeof uuid_prefix - 1) == 0)
+            at += sizeof uuid_prefix - 1;
         char *end;
-        long idx = strtol(visible, &end, 10);
-        if (end == visible)
-            fatal("error: CUDA_VISIBLE_DEVICES=%s: fake-llama-server knows indexes only", getenv("CUDA_VISIBLE_DEVICES"));
+        long idx = strtol(at, &end, 10);
+        if (end == at || idx < 0)
+            break;                      /* the list ends here */
+        n++;
         if (i == k)
             return idx;
         visible = *end == ',' ? end + 1 : end + strlen(end);
     }
+    if (n == 0 && !g_cfg.device)
+        return -1;                      /* no device visible: a CPU run */
     fatal("error: device CUDA%ld is not among CUDA_VISIBLE_DEVICES=%s", k, getenv("CUDA_VISIBLE_DEVICES"));
 }
 

@@ -217,11 +217,14 @@ class Pool:
         return self.conf
 
     # ---- daemon ----
-    def start(self, expect_ready=True):
+    def start(self, expect_ready=True, env=None):
+        """ENV: more variables for the daemon (not its children: they get a
+        clean environment and their model's env)."""
         self.stderr = open(self.stderr_path, "ab")
         self.proc = subprocess.Popen([LLAMA_POOL, "serve", "-c", self.conf],
                                      stdin=subprocess.DEVNULL, stdout=self.stderr,
-                                     stderr=self.stderr, cwd=self.dir)
+                                     stderr=self.stderr, cwd=self.dir,
+                                     env={**os.environ, **(env or {})})
         if expect_ready:
             def up():
                 if self.proc.poll() is not None:
