@@ -360,6 +360,18 @@ static int cmd_status(struct client *c, int argc, char **argv)
            util_format_bytes((uint64_t)json_integer_value(json_object_get(mem, "budget")), budget, sizeof budget),
            (long long)json_integer_value(json_object_get(json_object_get(j, "queue"), "waiting")),
            (long long)json_integer_value(json_object_get(json_object_get(j, "queue"), "max")));
+    json_t *dev;
+    json_array_foreach(json_object_get(j, "devices"), i, dev) {
+        char charged[32], gbudget[32], measured[32], free_b[32];
+        printf("GPU %lld %s: %s charged of %s budget, %s measured, %s free%s\n",
+               (long long)json_integer_value(json_object_get(dev, "index")),
+               json_string_value(json_object_get(dev, "name")) ? json_string_value(json_object_get(dev, "name")) : "?",
+               util_format_bytes((uint64_t)json_integer_value(json_object_get(dev, "used")), charged, sizeof charged),
+               util_format_bytes((uint64_t)json_integer_value(json_object_get(dev, "budget")), gbudget, sizeof gbudget),
+               util_format_bytes((uint64_t)json_integer_value(json_object_get(dev, "measured")), measured, sizeof measured),
+               util_format_bytes((uint64_t)json_integer_value(json_object_get(dev, "free")), free_b, sizeof free_b),
+               json_is_true(json_object_get(dev, "lost")) ? " (lost: not used)" : "");
+    }
     json_array_foreach(json_object_get(j, "models"), i, model) {
         const char *err = json_string_value(json_object_get(model, "last_error"));
         if (err)

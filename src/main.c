@@ -4,8 +4,10 @@
 #include "build_config.h"
 #include "cli.h"
 #include "config.h"
+#include "gpu.h"
 #include "http.h"
 #include "log.h"
+#include "memory.h"
 #include "notify.h"
 #include "pool.h"
 #include "router.h"
@@ -62,6 +64,30 @@ static void print_errors(const struct config_errors *errs)
 
 /* ---------- check ---------- */
 
+/* One instance of M: host memory, and VRAM on the GPUs it would use. */
+static void check_estimate(const struct config *cfg, const struct config_model *m, unsigned ndev)
+{
+    struct memory_estimate e;
+    char err[512], host[32], weights[32], vram[32];
+    /* As the daemon: a child it places sees one GPU, one whose args choose
+     * sees them all. */
+    bool fixed = config_child_arg(cfg, m, "-dev", "--device") || config_child_arg(cfg, m, "-ts", "--tensor-split") ||
+                 config_child_arg(cfg, m, "-sm", "--split-mode") || config_child_arg(cfg, m, "-mg", "--main-gpu");
+    if (memory_estimate_devices(cfg, m, ndev ? (fixed ? ndev : 1) : 0, &e, err, sizeof err) < 0) {
+        printf("  estimate: %s\n", err);
+        return;
+    }
+    printf("  estimate: host %s (weights %s, shared per file)", util_format_bytes(e.weights + e.more, host, sizeof host),
+           util_format_bytes(e.weights, weights, sizeof weights));
+    uint64_t v = m->gpu_memory ? m->gpu_memory : e.vram_total;
+    if (ndev && v)
+        printf("; VRAM %s%s (%u of the layers)", util_format_bytes(v, vram, sizeof vram),
+               m->gpu_memory ? " (gpu_memory)" : "", e.n_gpu_layers);
+    else if (ndev)
+        printf("; no VRAM");
+    printf("\n");
+}
+
 static int cmd_check(const char *path)
 {
     struct config_errors errs = { 0 };
@@ -73,6 +99,26 @@ static int cmd_check(const char *path)
         return CLI_FAILED;
     }
     printf("%s: ok, %zu model%s\n", path, cfg->nmodels, cfg->nmodels == 1 ? "" : "s");
+    /* The GPUs the daemon would use, for the estimates below. */
+    unsigned ndev = 0;
+    if (cfg->gpus == CONFIG_GPUS_AUTO) {
+        char err[256];
+        struct gpus *g = gpus_open(cfg->nvml_library ? cfg->nvml_library : CONFIG_DEFAULT_NVML_LIBRARY,
+                                   err, sizeof err);
+        if (g) {
+            ndev = (unsigned)gpus_count(g);
+            for (size_t d = 0; d < ndev; d++) {
+                char total[32], budget[32];
+                const struct gpu_device *dv = gpus_device(g, d);
+                printf("GPU %u: %s, %s, budget %s\n", dv->index, dv->name,
+                       util_format_bytes(dv->total, total, sizeof total),
+                       util_format_bytes(gpu_budget(cfg, dv->total), budget, sizeof budget));
+            }
+        } else {
+            printf("no GPU in use (%s): host memory only\n", err);
+        }
+        gpus_close(g);
+    }
     for (size_t i = 0; i < cfg->nmodels; i++) {
         const struct config_model *m = &cfg->models[i];
         printf("\n[%s]%s instances %u-%u%s\n", m->name, m->from_models_dir ? " (models_dir)" : "",
@@ -94,6 +140,7 @@ static int cmd_check(const char *path)
         }
         printf("\n");
         util_strv_free(argv);
+        check_estimate(cfg, m, ndev);
     }
     config_free(cfg);
     return CLI_OK;

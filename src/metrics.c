@@ -1,6 +1,7 @@
 #define _GNU_SOURCE
 #include "metrics.h"
 
+#include "gpu.h"
 #include "memory.h"
 #include "pool.h"
 #include "router.h"
@@ -139,13 +140,14 @@ static void histogram(struct out *o, const char *name, const char *help, const s
 }
 
 /* The per-instance gauges, one family each. */
-enum inst_gauge { GAUGE_MEMORY, GAUGE_CHARGED, GAUGE_IN_FLIGHT, GAUGE_SLOTS };
+enum inst_gauge { GAUGE_MEMORY, GAUGE_CHARGED, GAUGE_IN_FLIGHT, GAUGE_SLOTS, GAUGE_VRAM };
 static const struct { const char *name, *help; } inst_gauges[] = {
     [GAUGE_MEMORY] = { "llama_pool_instance_memory_bytes", "measured PSS of each instance" },
     [GAUGE_CHARGED] = { "llama_pool_instance_charged_bytes",
                         "what each instance is charged against the budget (estimate while starting, then PSS)" },
     [GAUGE_IN_FLIGHT] = { "llama_pool_instance_in_flight", "requests being answered by each instance" },
     [GAUGE_SLOTS] = { "llama_pool_instance_slots", "slots of each instance (its /props total_slots)" },
+    [GAUGE_VRAM] = { "llama_pool_instance_vram_bytes", "GPU memory each instance holds, as NVML reports it" },
 };
 
 static uint64_t inst_gauge_value(const struct router *r, const struct instance *in, enum inst_gauge g)
@@ -156,6 +158,7 @@ static uint64_t inst_gauge_value(const struct router *r, const struct instance *
     case GAUGE_SLOTS:     return in->slots;
     case GAUGE_CHARGED:   router_instance_view(r, in, &v); return v.charge;
     case GAUGE_IN_FLIGHT: router_instance_view(r, in, &v); return v.in_flight;
+    case GAUGE_VRAM:      router_instance_view(r, in, &v); return v.vram;
     }
     return 0;
 }
@@ -217,6 +220,23 @@ char *metrics_render(struct pool *p, const struct router *r, size_t *len)
     emit(&o, "llama_pool_memory_measured_bytes %" PRIu64 "\n", measured);
     family(&o, "llama_pool_memory_available_bytes", "gauge", "MemAvailable of the machine");
     emit(&o, "llama_pool_memory_available_bytes %" PRIu64 "\n", available);
+
+    static const struct { const char *name, *help; } dev_gauges[] = {
+        { "llama_pool_gpu_total_bytes", "memory of each GPU" },
+        { "llama_pool_gpu_budget_bytes", "what our instances may use on each GPU (0 when lost)" },
+        { "llama_pool_gpu_used_bytes", "what our instances are charged on each GPU" },
+        { "llama_pool_gpu_measured_bytes", "what our instances hold on each GPU, as NVML reports it" },
+        { "llama_pool_gpu_free_bytes", "free memory of each GPU (every program's use counted)" },
+    };
+    for (size_t g = 0; router_devices(r) && g < sizeof dev_gauges / sizeof dev_gauges[0]; g++) {
+        family(&o, dev_gauges[g].name, "gauge", dev_gauges[g].help);
+        struct router_dev_view dv;
+        for (size_t d = 0; router_device_view(r, d, &dv); d++) {
+            uint64_t v[] = { dv.gpu->total, dv.budget, dv.used, dv.measured, dv.gpu->free };
+            emit(&o, "%s{device=\"%u\",name=\"%s\"} %" PRIu64 "\n", dev_gauges[g].name,
+                 dv.gpu->index, label(&o, dv.gpu->name), v[g]);
+        }
+    }
 
     family(&o, "llama_pool_queue_waiting", "gauge", "requests waiting for a slot, by model");
     for (size_t i = 0; i < p->nmodels; i++)

@@ -4,11 +4,12 @@ LRU stops on one device, a CPU-only model beside full GPUs, budgets never
 passed while the sampler reads the stand-in's numbers, and a device that
 disappears."""
 import os
+import subprocess
 import time
 
 import pytest
 
-from conftest import BUILD, REAL, wait_for
+from conftest import BUILD, LLAMA_POOL, REAL, wait_for
 from test_proxy import CHAT, post
 
 pytestmark = pytest.mark.skipif(REAL, reason="the stand-in NVML needs the stand-in llama-server")
@@ -132,3 +133,29 @@ def test_a_device_that_disappears_leaves_the_other(pool):
     # b would have gone to the lost device: now it waits for a's room instead.
     assert chat(pool, "b", timeout=30)[0] == 200
     assert placed(pool, "b")["device"] != gone["index"]
+
+
+def test_status_check_and_metrics_show_each_gpu(pool):
+    gpu_pool(pool, {"a": gpu_model(5), "cpu": {"args": "-c 256 -np 2 -ngl 0"}})
+    assert chat(pool, "a")[0] == 200
+    a = placed(pool, "a")
+    st = pool.status()
+    assert pool.model("a")["vram_estimate"] == 5 * GIB
+    assert a["vram"] == int(5 * 1024 * 0.9) << 20 or a["vram"] == 0   # sampled every 2 s
+    out = pool.cli("status", check=0).stdout
+    assert f"GPU 0 Stand-in GPU: {'5.0 GiB' if a['device'] == 0 else '0 B'} charged of 8.0 GiB budget" in out, out
+    assert "GPU 1 Stand-in GPU:" in out
+    wait_for(lambda: placed(pool, "a")["vram"] > 0, timeout=10, what="a's VRAM sampled")
+    code, body = pool.get("/metrics")
+    text = body.decode()
+    assert f'llama_pool_gpu_budget_bytes{{device="0",name="Stand-in GPU"}} {8 * GIB}' in text
+    assert f'llama_pool_gpu_used_bytes{{device="{a["device"]}",name="Stand-in GPU"}} {5 * GIB}' in text
+    assert (f'llama_pool_instance_vram_bytes{{model="a",instance="a#1"}} '
+            f'{int(5 * 1024 * 0.9) << 20}') in text
+    # check, offline, with the daemon's GPUs: each model's estimate.
+    r = subprocess.run([LLAMA_POOL, "check", "-c", pool.conf], capture_output=True, text=True,
+                       env={**os.environ, "NVML_STANDIN_DEVICES": "Stand-in GPU:8192"})
+    assert r.returncode == 0, r.stderr
+    assert "GPU 0: Stand-in GPU, 8.0 GiB, budget 8.0 GiB" in r.stdout, r.stdout
+    assert "VRAM 5.0 GiB (gpu_memory)" in r.stdout, r.stdout
+    assert "no VRAM" in r.stdout.split("[cpu]")[1], r.stdout
