@@ -334,9 +334,13 @@ static void router_run(struct router *r)
             char used[32];
             metrics_count_eviction(&m->stats, a.reason == SCHED_STOP_IDLE ? METRICS_EVICT_IDLE
                                                                           : METRICS_EVICT_LRU);
-            log_info("%s: stopping it (%s; %s charged)", inst->id,
+            int dev = sched_instance_device(r->sched, a.inst);
+            char gpu[48] = "";
+            if (dev >= 0)
+                snprintf(gpu, sizeof gpu, ", on GPU %d", dev);
+            log_info("%s: stopping it (%s; %s charged%s)", inst->id,
                      a.reason == SCHED_STOP_IDLE ? "idle_timeout passed" : "least recently used, room needed",
-                     util_format_bytes(sched_charge(r->sched, a.inst), used, sizeof used));
+                     util_format_bytes(sched_charge(r->sched, a.inst), used, sizeof used), gpu);
             instance_stop(inst);
             break;
         }
