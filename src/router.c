@@ -32,6 +32,7 @@ struct router {
     struct gpus *gpus;          /* NULL: no GPU (or gpus = none): host memory only */
     char *gpus_library;         /* what gpus was opened with */
     bool warned_split;          /* a split model was charged on one device */
+    bool gpus_all_lost;         /* said once */
     bool closing;               /* shutting down: nothing new is queued */
     double retry_after;         /* for 503s while closing: seconds */
 };
@@ -692,6 +693,14 @@ static void devices_update(struct router *r)
     uint64_t budgets[SCHED_MAX_DEVICES];
     if (n > SCHED_MAX_DEVICES)
         n = SCHED_MAX_DEVICES;
+    if (n && !gpus_usable(r->gpus)) {
+        /* Every GPU is gone: host memory only, as on a machine without one
+         * (children run on the CPU, CUDA_VISIBLE_DEVICES=-1). */
+        if (!r->gpus_all_lost)
+            log_warn("every GPU is lost: host memory only from now on");
+        r->gpus_all_lost = true;
+        n = 0;
+    }
     for (size_t d = 0; d < n; d++) {
         const struct gpu_device *g = gpus_device(r->gpus, d);
         budgets[d] = g->lost ? 0 : gpu_budget(r->pool->cfg, g->total);

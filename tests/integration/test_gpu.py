@@ -159,3 +159,15 @@ def test_status_check_and_metrics_show_each_gpu(pool):
     assert "GPU 0: Stand-in GPU, 8.0 GiB, budget 8.0 GiB" in r.stdout, r.stdout
     assert "VRAM 5.0 GiB (gpu_memory)" in r.stdout, r.stdout
     assert "no VRAM" in r.stdout.split("[cpu]")[1], r.stdout
+
+
+def test_when_every_gpu_is_lost_models_run_on_host_memory(pool):
+    lost = gpu_pool(pool, {"a": gpu_model(5)}, devices="Stand-in GPU:8192")
+    with open(lost, "w") as f:
+        f.write("0\n")
+    wait_for(lambda: "every GPU is lost: host memory only" in pool.daemon_log(), timeout=10,
+             what="the warning")
+    assert chat(pool, "a", timeout=30)[0] == 200
+    a = placed(pool, "a")
+    assert a["device"] is None
+    assert child_env(a["pid"])[b"CUDA_VISIBLE_DEVICES"] == b"-1"
