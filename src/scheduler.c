@@ -277,7 +277,8 @@ struct sched {
     bool idle_any;              /* some model has an idle_timeout */
     size_t *order;              /* scratch of mem_plan(): models by oldest waiter */
     size_t caporder;
-    uint32_t *cand;             /* scratch of make_room(): eviction candidates */
+    uint32_t *cand;             /* scratch of choose_lru(): eviction candidates, LRU first */
+    size_t ncand;
     size_t capcand;
 };
 
@@ -1076,20 +1077,45 @@ static bool lru_before(const struct sched *s, const struct inst *a, const struct
     return ka < kb || (ka == kb && a->added_at < b->added_at);
 }
 
-/* Stop idle instances, least recently used first, until one more instance
- * of MODEL (charged EST) fits once they are gone; none if even all of them
- * would not do. Instances already being stopped are counted as freed. */
-static void make_room(struct sched *s, size_t model, uint64_t est, uint64_t used, uint64_t pending)
+/* What an eviction makes room for: one more instance of MODEL, charged
+ * NEED on the host (DEV < 0, beside USED and PENDING) or on GPU DEV (beside
+ * PENDING reserved there). */
+struct room {
+    size_t model;
+    int dev;
+    uint64_t need, used, pending;
+};
+
+static bool room_made(const struct sched *s, const struct room *r)
 {
-    if (room_ok(s, est, used, pending, freed_by_stops(s)))
-        return;                         /* the stops under way are enough: wait */
-    uint64_t file = s->models[model].info.file_id;
+    if (r->dev < 0)
+        return room_ok(s, r->need, r->used, r->pending, freed_by_stops(s));
+    return dev_room(s, (size_t)r->dev, r->need, r->pending, dev_freed(s, (size_t)r->dev));
+}
+
+/* May IN be stopped to make R? Idle by evictable()'s rules; for a device,
+ * one on it (of another model: VRAM is not shared, so a sibling frees
+ * nothing that is not needed again). */
+static bool stoppable_for(const struct sched *s, const struct inst *in, const struct room *r)
+{
+    if (r->dev < 0)
+        return evictable(s, in, s->models[r->model].info.file_id);
+    return in->dev == r->dev && in->model != r->model && evictable(s, in, 0);
+}
+
+/* Choose (mark) instances that may be stopped for R, least recently used
+ * first and keeping every model's instances_min, until R is made; the
+ * number chosen, or SIZE_MAX when even all of them would not do (nothing
+ * is left chosen then). *NEWEST: the most recently used of those chosen. */
+static size_t choose_lru(struct sched *s, const struct room *r, uint32_t *newest)
+{
     size_t n = 0;
+    s->ncand = 0;
     for (size_t i = 0; i < s->ninsts; i++) {
-        if (!evictable(s, &s->insts[i], file))
+        if (!stoppable_for(s, &s->insts[i], r))
             continue;
         if (!util_grow(&s->cand, &s->capcand, n + 1, sizeof *s->cand))
-            return;
+            return SIZE_MAX;
         size_t k = n++;                 /* insertion sort: a handful of candidates */
         while (k && lru_before(s, &s->insts[i], &s->insts[s->cand[k - 1]])) {
             s->cand[k] = s->cand[k - 1];
@@ -1097,6 +1123,8 @@ static void make_room(struct sched *s, size_t model, uint64_t est, uint64_t used
         }
         s->cand[k] = (uint32_t)i;
     }
+    s->ncand = n;
+    size_t chosen = 0;
     bool ok = false;
     for (size_t k = 0; k < n && !ok; k++) {
         struct inst *in = &s->insts[s->cand[k]];
@@ -1104,16 +1132,41 @@ static void make_room(struct sched *s, size_t model, uint64_t est, uint64_t used
         if (alive_count(s, m) <= m->info.instances_min)
             continue;                   /* its model keeps its minimum */
         in->chosen = true;
-        ok = room_ok(s, est, used, pending, freed_by_stops(s));
+        chosen++;
+        *newest = s->cand[k];
+        ok = room_made(s, r);
     }
-    for (size_t k = 0; k < n; k++) {
+    if (!ok) {
+        for (size_t k = 0; k < n; k++)
+            s->insts[s->cand[k]].chosen = false;
+        return SIZE_MAX;
+    }
+    return chosen;
+}
+
+/* Stops the instances choose_lru() chose, least recently used first; STOP
+ * false: only unmarks them. */
+static void stop_chosen(struct sched *s, bool stop)
+{
+    for (size_t k = 0; k < s->ncand; k++) {
         struct inst *in = &s->insts[s->cand[k]];
         if (!in->chosen)
             continue;
         in->chosen = false;
-        if (ok)
+        if (stop)
             stop_inst(s, s->cand[k], SCHED_STOP_LRU);
     }
+}
+
+/* Stop idle instances, least recently used first, until one more instance
+ * of MODEL (charged EST) fits once they are gone; none if even all of them
+ * would not do. Instances already being stopped are counted as freed. */
+static void make_room(struct sched *s, size_t model, uint64_t est, uint64_t used, uint64_t pending)
+{
+    struct room r = { .model = model, .dev = -1, .need = est, .used = used, .pending = pending };
+    uint32_t newest;
+    if (!room_made(s, &r))              /* else the stops under way are enough: wait */
+        stop_chosen(s, choose_lru(s, &r, &newest) != SIZE_MAX);
 }
 
 struct sbuf {
@@ -1166,47 +1219,6 @@ static void fail_too_big(struct sched *s, size_t model, uint64_t est, uint64_t u
     fail_waiters(s, model, 503, sb.b);
 }
 
-/* Choose (mark) idle instances on device D, least recently used first,
- * until one more of MODEL (NEED bytes) fits there beside RESERVED; the
- * number chosen, or SIZE_MAX when even all of them would not do (nothing
- * is left chosen then). *NEWEST: the most recently used of those chosen. */
-static size_t choose_on_dev(struct sched *s, size_t model, size_t d, uint64_t need,
-                            uint64_t reserved, uint32_t *newest)
-{
-    size_t n = 0;
-    for (size_t i = 0; i < s->ninsts; i++) {
-        if (s->insts[i].dev != (int)d || !evictable(s, &s->insts[i], 0) ||
-            s->insts[i].model == model)
-            continue;
-        if (!util_grow(&s->cand, &s->capcand, n + 1, sizeof *s->cand))
-            return SIZE_MAX;
-        size_t k = n++;
-        while (k && lru_before(s, &s->insts[i], &s->insts[s->cand[k - 1]])) {
-            s->cand[k] = s->cand[k - 1];
-            k--;
-        }
-        s->cand[k] = (uint32_t)i;
-    }
-    size_t chosen = 0;
-    bool ok = false;
-    for (size_t k = 0; k < n && !ok; k++) {
-        struct inst *in = &s->insts[s->cand[k]];
-        const struct model *m = &s->models[in->model];
-        if (alive_count(s, m) <= m->info.instances_min)
-            continue;                   /* its model keeps its minimum */
-        in->chosen = true;
-        chosen++;
-        *newest = s->cand[k];
-        ok = dev_room(s, d, need, reserved, dev_freed(s, d));
-    }
-    if (!ok) {
-        for (size_t k = 0; k < n; k++)
-            s->insts[s->cand[k]].chosen = false;
-        return SIZE_MAX;
-    }
-    return chosen;
-}
-
 /* No device has room for one more instance of MODEL: stop idle instances
  * on the device where the fewest stops make room (on ties, the device
  * whose chosen instances were used least lately), least recently used first. Returns that device, or the one that
@@ -1214,19 +1226,23 @@ static size_t choose_on_dev(struct sched *s, size_t model, size_t d, uint64_t ne
  * when no device can be freed enough now. */
 static int make_room_dev(struct sched *s, size_t model, const uint64_t *reserved)
 {
-    uint64_t need = s->models[model].info.vram;
-    for (size_t d = 0; d < s->ndev; d++)
-        if (dev_allowed(s, model, d) && dev_room(s, d, need, reserved[d], dev_freed(s, d)))
+    struct room r = { .model = model, .need = s->models[model].info.vram };
+    for (size_t d = 0; d < s->ndev; d++) {
+        r.dev = (int)d;
+        r.pending = reserved[d];
+        if (dev_allowed(s, model, d) && room_made(s, &r))
             return (int)d;              /* the stops under way are enough: wait */
+    }
     int best = -1;
     size_t fewest = SIZE_MAX;
     uint32_t best_newest = NIL, newest = NIL;
     for (size_t d = 0; d < s->ndev; d++) {
         if (!dev_allowed(s, model, d))
             continue;
-        size_t k = choose_on_dev(s, model, d, need, reserved[d], &newest);
-        for (size_t i = 0; i < s->ninsts; i++)
-            s->insts[i].chosen = false;
+        r.dev = (int)d;
+        r.pending = reserved[d];
+        size_t k = choose_lru(s, &r, &newest);
+        stop_chosen(s, false);
         if (k == SIZE_MAX)
             continue;
         if (k < fewest || (k == fewest && lru_before(s, &s->insts[newest], &s->insts[best_newest]))) {
@@ -1235,13 +1251,13 @@ static int make_room_dev(struct sched *s, size_t model, const uint64_t *reserved
             best_newest = newest;
         }
     }
-    if (best < 0 || choose_on_dev(s, model, (size_t)best, need, reserved[best], &newest) == SIZE_MAX)
+    if (best < 0)
         return -1;
-    for (size_t i = 0; i < s->ninsts; i++)
-        if (s->insts[i].chosen) {
-            s->insts[i].chosen = false;
-            stop_inst(s, (uint32_t)i, SCHED_STOP_LRU);
-        }
+    r.dev = best;
+    r.pending = reserved[best];
+    if (choose_lru(s, &r, &newest) == SIZE_MAX)
+        return -1;
+    stop_chosen(s, true);
     return best;
 }
 
