@@ -63,6 +63,7 @@
 #include <string.h>
 
 #define NIL UINT32_MAX
+#define DEV_SPLIT (-2)          /* inst.dev of an instance split over devices */
 #define DEFAULT_SLOTS 4         /* llama-server's own -np default */
 
 /* ---------- id → index: open addressing, linear probing ---------- */
@@ -219,6 +220,7 @@ struct model {
     unsigned start_queued;      /* START actions not yet taken */
     unsigned start_out;         /* taken, awaiting sched_instance_added() */
     signed char *pdev;          /* the devices of those starts, oldest first (-1: none) */
+    uint64_t *split;            /* VRAM on each device when its args split it, else NULL */
     size_t npdev, cappdev;
     double last_asked;          /* arrival of its latest request; 0 = never */
     bool active;                /* on the active list (see struct sched) */
@@ -851,7 +853,15 @@ static uint64_t mem_used(const struct sched *s)
 /* MODEL needs a device (and there are devices to place it on). */
 static bool model_gpu(const struct sched *s, size_t model)
 {
-    return s->ndev && s->models[model].info.vram;
+    return s->ndev && (s->models[model].info.vram || s->models[model].split);
+}
+
+/* What one instance of MODEL needs on device D, beside whatever device it
+ * is placed on: its split share there; 0 for a model not split. */
+static uint64_t split_on(const struct sched *s, size_t model, size_t d)
+{
+    const uint64_t *sp = s->models[model].split;
+    return sp && d < SCHED_MAX_DEVICES ? sp[d] : 0;
 }
 
 /* May one of MODEL's instances go on device D? */
@@ -861,11 +871,16 @@ static bool dev_allowed(const struct sched *s, size_t model, size_t d)
     return !i->vram_fixed || i->vram_device == d;
 }
 
-/* What IN is charged on its device: its vram, or its measured use once
- * higher. */
-static uint64_t inst_vram(const struct sched *s, const struct inst *in)
+/* What IN is charged on device D: on its one device, its vram, or its
+ * measured use once higher; split over devices, its share there (the
+ * estimate: NVML's per-process figure is not split by device here). */
+static uint64_t inst_on(const struct sched *s, const struct inst *in, size_t d)
 {
-    if (!inst_counts(in) || in->dev < 0 || (size_t)in->dev >= s->ndev)
+    if (!inst_counts(in) || d >= s->ndev)
+        return 0;
+    if (in->dev == DEV_SPLIT)
+        return split_on(s, in->model, d);
+    if (in->dev != (int)d)
         return 0;
     uint64_t est = s->models[in->model].info.vram;
     return in->vram_meas > est ? in->vram_meas : est;
@@ -875,9 +890,21 @@ static uint64_t dev_used(const struct sched *s, size_t d)
 {
     uint64_t sum = 0;
     for (size_t i = 0; i < s->ninsts; i++)
-        if (s->insts[i].dev == (int)d)
-            sum = sat_add(sum, inst_vram(s, &s->insts[i]));
+        sum = sat_add(sum, inst_on(s, &s->insts[i], d));
     return sum;
+}
+
+/* The device free-memory estimate follows our starts and ends: DIR +1 when
+ * IN starts being charged, -1 when it stops. */
+static void dev_free_track(struct sched *s, const struct inst *in, int dir)
+{
+    for (size_t d = 0; d < s->ndev; d++) {
+        struct sdev *v = &s->dev[d];
+        uint64_t c = inst_on(s, in, d);
+        if (!c || !v->free_known)
+            continue;
+        v->free = dir > 0 ? v->free - min_u64(v->free, c) : sat_add(v->free, c);
+    }
 }
 
 /* What the STARTs asked for D and not yet added will be charged there. */
@@ -887,7 +914,9 @@ static uint64_t dev_pending(const struct sched *s, size_t d)
     for (size_t k = 0; k < s->nactive; k++) {
         const struct model *m = &s->models[s->active[k]];
         for (size_t j = 0; j < m->npdev; j++)
-            if (m->pdev[j] == (int)d)
+            if (m->split)
+                sum = sat_add(sum, m->split[d]);
+            else if (m->pdev[j] == (int)d)
                 sum = sat_add(sum, m->info.vram);
     }
     return sum;
@@ -899,8 +928,8 @@ static uint64_t dev_freed(const struct sched *s, size_t d)
     uint64_t freed = 0;
     for (size_t i = 0; i < s->ninsts; i++) {
         const struct inst *x = &s->insts[i];
-        if (x->dev == (int)d && (x->stop_req || x->chosen))
-            freed = sat_add(freed, inst_vram(s, x));
+        if (x->stop_req || x->chosen)
+            freed = sat_add(freed, inst_on(s, x, d));
     }
     return freed;
 }
@@ -948,6 +977,29 @@ static uint64_t dev_largest(const struct sched *s, size_t model)
     return most;
 }
 
+/* A split MODEL fits beside RESERVED: room for its share on every device
+ * it uses. */
+static bool split_fits(const struct sched *s, size_t model, const uint64_t *reserved)
+{
+    for (size_t d = 0; d < s->ndev; d++) {
+        uint64_t need = split_on(s, model, d);
+        if (need && !dev_room(s, d, need, reserved[d], 0))
+            return false;
+    }
+    return true;
+}
+
+/* The first device whose budget a split MODEL's share exceeds; -1: none. */
+static int split_too_big(const struct sched *s, size_t model)
+{
+    for (size_t d = 0; d < SCHED_MAX_DEVICES; d++) {
+        uint64_t need = split_on(s, model, d);
+        if (need && (d >= s->ndev || need > s->dev[d].budget))
+            return (int)d;
+    }
+    return -1;
+}
+
 /* The instance starts being charged: its estimate, weights included unless
  * another live instance maps the same file. */
 static void inst_charge_start(struct sched *s, uint32_t ii)
@@ -960,8 +1012,7 @@ static void inst_charge_start(struct sched *s, uint32_t ii)
     in->vram_meas = 0;
     if (s->avail_known)
         s->avail -= min_u64(s->avail, in->estimate);
-    if (in->dev >= 0 && (size_t)in->dev < s->ndev && s->dev[in->dev].free_known)
-        s->dev[in->dev].free -= min_u64(s->dev[in->dev].free, m->info.vram);
+    dev_free_track(s, in, +1);
 }
 
 /* The instance stops being charged (failed, removed): what it frees goes
@@ -989,8 +1040,7 @@ static void inst_charge_end(struct sched *s, uint32_t ii)
     }
     if (s->avail_known)
         s->avail = sat_add(s->avail, freed);
-    if (x->dev >= 0 && (size_t)x->dev < s->ndev && s->dev[x->dev].free_known)
-        s->dev[x->dev].free = sat_add(s->dev[x->dev].free, inst_vram(s, x));
+    dev_free_track(s, x, -1);
     x->measured = x->extra = 0;
     x->vram_meas = 0;
 }
@@ -1100,7 +1150,7 @@ static bool stoppable_for(const struct sched *s, const struct inst *in, const st
 {
     if (r->dev < 0)
         return evictable(s, in, s->models[r->model].info.file_id);
-    return in->dev == r->dev && in->model != r->model && evictable(s, in, 0);
+    return inst_on(s, in, (size_t)r->dev) && in->model != r->model && evictable(s, in, 0);
 }
 
 /* Choose (mark) instances that may be stopped for R, least recently used
@@ -1276,6 +1326,42 @@ static void fail_too_big_vram(struct sched *s, size_t model, uint64_t vram, uint
     free(msg);
 }
 
+/* No room for one more instance of a split MODEL: on each device short of
+ * its share, idle instances are chosen least recently used first; they
+ * are stopped only if every device can be freed enough. */
+static void make_room_split(struct sched *s, size_t model, const uint64_t *reserved)
+{
+    struct room r = { .model = model };
+    bool ok = true;
+    uint32_t newest;
+    for (size_t d = 0; d < s->ndev && ok; d++) {
+        r.dev = (int)d;
+        r.need = split_on(s, model, d);
+        r.pending = reserved[d];
+        if (r.need && !room_made(s, &r))
+            ok = choose_lru(s, &r, &newest) != SIZE_MAX;
+    }
+    for (size_t i = 0; i < s->ninsts; i++)
+        if (s->insts[i].chosen) {
+            s->insts[i].chosen = false;
+            if (ok)
+                stop_inst(s, (uint32_t)i, SCHED_STOP_LRU);
+        }
+}
+
+static void fail_split_too_big(struct sched *s, size_t model, size_t d)
+{
+    char need[32], budget[32];
+    util_format_bytes(split_on(s, model, d), need, sizeof need);
+    util_format_bytes(d < s->ndev ? s->dev[d].budget : 0, budget, sizeof budget);
+    const char *name = s->models[model].name;
+    char *msg = fmt("%s needs %s of GPU memory on GPU %zu; its budget is %s "
+                    "(raise gpu_budget, or change the split with -ts or -ngl)",
+                    name ? name : "model", need, d, budget);
+    fail_waiters(s, model, 503, msg ? msg : "does not fit on its GPUs");
+    free(msg);
+}
+
 /* With a budget, the one place that starts instances and evicts for memory;
  * it runs at the end of every event. Models that want a start are taken by
  * their oldest waiting request: each starts if it fits beside what the
@@ -1318,7 +1404,24 @@ static void mem_plan(struct sched *s)
                 continue;               /* else it serves with what it has */
             }
             int dev = -1;
-            if (model_gpu(s, model)) {
+            if (model_gpu(s, model) && s->models[model].split) {
+                int big = split_too_big(s, model);
+                if (big >= 0) {
+                    if (!has_coming_or_ready(s, &s->models[model])) {
+                        fail_split_too_big(s, model, (size_t)big);
+                        acted = true;
+                    }
+                    continue;
+                }
+                if (!split_fits(s, model, vreserved)) {
+                    if (vhead)
+                        make_room_split(s, model, vreserved);
+                    vhead = false;
+                    for (size_t d = 0; d < s->ndev; d++)
+                        vreserved[d] = sat_add(vreserved[d], split_on(s, model, d));
+                    continue;
+                }
+            } else if (model_gpu(s, model)) {
                 uint64_t vram = s->models[model].info.vram, largest = dev_largest(s, model);
                 if (vram > largest) {
                     if (!has_coming_or_ready(s, &s->models[model])) {
@@ -1359,7 +1462,15 @@ int sched_admit(const struct sched *s, size_t model, unsigned n, char *err, size
     uint64_t budget = s->limits.budget;
     if (!n || model >= s->nmodels)
         return 0;
-    if (model_gpu(s, model) && sched_place(s, model) < 0) {
+    if (model_gpu(s, model) && s->models[model].split) {
+        uint64_t none[SCHED_MAX_DEVICES] = { 0 };
+        if (split_too_big(s, model) >= 0 || !split_fits(s, model, none)) {
+            snprintf(err, errlen, "%s is split over GPUs and one of them has not its share left "
+                     "(stop a model, or raise gpu_budget)",
+                     s->models[model].name ? s->models[model].name : "model");
+            return -1;
+        }
+    } else if (model_gpu(s, model) && sched_place(s, model) < 0) {
         char a[32];
         const struct model *m = &s->models[model];
         snprintf(err, errlen, "%s needs %s of GPU memory; no device has that much left "
@@ -1393,7 +1504,7 @@ int sched_admit(const struct sched *s, size_t model, unsigned n, char *err, size
 
 int sched_place(const struct sched *s, size_t model)
 {
-    if (model >= s->nmodels || !model_gpu(s, model))
+    if (model >= s->nmodels || !model_gpu(s, model) || s->models[model].split)
         return -1;
     uint64_t none[SCHED_MAX_DEVICES] = { 0 };
     return place(s, model, none);
@@ -1528,6 +1639,7 @@ static void model_clear(struct sched *s, size_t model)
         inst_forget(s, m->inst[m->ninst - 1]);
     free(m->inst);
     free(m->pdev);
+    free(m->split);
     free(m->name);
     free(m->failed);
     *m = (struct model){ .head = NIL, .tail = NIL };
@@ -1540,6 +1652,7 @@ void sched_free(struct sched *s)
     for (size_t i = 0; i < s->nmodels; i++) {
         free(s->models[i].inst);
         free(s->models[i].pdev);
+        free(s->models[i].split);
         free(s->models[i].name);
         free(s->models[i].failed);
     }
@@ -1616,6 +1729,16 @@ void sched_model_set(struct sched *s, size_t model, const char *name,
         m->name = copy;
     }
     m->info = *info;
+    m->info.vram_split = NULL;          /* the caller's; ours is m->split */
+    if (info->vram_split) {
+        if (!m->split)
+            m->split = calloc(SCHED_MAX_DEVICES, sizeof *m->split);
+        if (m->split)
+            memcpy(m->split, info->vram_split, SCHED_MAX_DEVICES * sizeof *m->split);
+    } else {
+        free(m->split);
+        m->split = NULL;
+    }
     idle_any_update(s);
     consider_starts(s, model);  /* a higher max or a smaller hint may call for more */
     event_end(s);               /* ... or a smaller estimate; a new idle_timeout */
@@ -1731,7 +1854,9 @@ void sched_instance_added_on(struct sched *s, double now, sched_inst_t inst, siz
     if (ii != NIL) {
         struct inst *in = &s->insts[ii];
         in->added_at = now;
-        if (device >= 0 && (size_t)device < s->ndev && m->info.vram)
+        if (m->split && s->ndev)
+            in->dev = DEV_SPLIT;
+        else if (device >= 0 && (size_t)device < s->ndev && m->info.vram)
             in->dev = device;
         inst_charge_start(s, ii);
         if (m->start_out) {
@@ -1984,8 +2109,10 @@ uint64_t sched_device_used(const struct sched *s, size_t dev)
 int sched_instance_device(const struct sched *s, sched_inst_t inst)
 {
     uint32_t ii = idmap_get(&s->inst_map, inst);
-    return ii != NIL && s->insts[ii].dev >= 0 && (size_t)s->insts[ii].dev < s->ndev
-           ? s->insts[ii].dev : -1;
+    if (ii == NIL)
+        return -1;
+    int d = s->insts[ii].dev;
+    return d == DEV_SPLIT ? SCHED_DEVICE_SPLIT : d >= 0 && (size_t)d < s->ndev ? d : -1;
 }
 
 void sched_set_available(struct sched *s, double now, uint64_t bytes)

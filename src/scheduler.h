@@ -90,6 +90,9 @@ struct sched_model_info {
     bool vram_fixed;             /* its args fix the device (vram_device); else
                                   * the scheduler places it (SCHED_START's device) */
     unsigned vram_device;
+    /* Its args split it over devices: bytes on each (SCHED_MAX_DEVICES
+     * entries, copied); vram and vram_fixed are then unused. NULL: not split. */
+    const uint64_t *vram_split;
 };
 
 enum sched_stop_reason {
@@ -184,7 +187,8 @@ void sched_set_available(struct sched *s, double now, uint64_t bytes);
  *   - An instance of a model with vram > 0 needs room on one device: its
  *     fixed one, else the device with the most free budget where it fits
  *     (its budget, and the device's free memory when known, counting the
- *     starts under way).
+ *     starts under way). One split over devices (vram_split) needs its
+ *     share on each of them; room is made on each that is short, or none.
  *   - If none has room, idle instances on one device are stopped, least
  *     recently used first, with the host's rules (never busy, pinned, one
  *     of instances_min, or fresh; the oldest waiting model first): the
@@ -236,6 +240,9 @@ double sched_last_used(const struct sched *s, sched_inst_t inst);  /* 0 = never 
 uint64_t sched_charge(const struct sched *s, sched_inst_t inst);   /* bytes charged now */
 uint64_t sched_used(const struct sched *s);                         /* all instances */
 uint64_t sched_device_used(const struct sched *s, size_t dev);      /* charged on DEV */
-int sched_instance_device(const struct sched *s, sched_inst_t inst);  /* -1: none */
+#define SCHED_DEVICE_SPLIT (-2)
+/* The device INST is charged on; SCHED_DEVICE_SPLIT: several (its model's
+ * vram_split); -1: none. */
+int sched_instance_device(const struct sched *s, sched_inst_t inst);
 
 #endif
