@@ -2072,17 +2072,27 @@ static void a_model_whose_args_fix_its_device_goes_there_or_waits(void **state)
     sched_free(s);
 }
 
-/* Requests for six models of 2 to 5 GiB over two devices of 8 GiB, one
+/* A model split over two devices: ON0 and ON1 bytes, as its args say. */
+static void split_model(struct sched *s, size_t model, const char *name, uint64_t on0, uint64_t on1)
+{
+    uint64_t split[SCHED_MAX_DEVICES] = { on0, on1 };
+    sched_model_set(s, model, name, &(struct sched_model_info){
+        .instances_max = 2, .slots_hint = 1, .vram_split = split });
+}
+
+/* Requests for six models of 2 to 5 GiB and one split 3 + 2 GiB, over two
+ * devices of 8 GiB, one
  * every other step on average; each served request ends the step after it
  * was dispatched; every start added and ready at once, every stop gone at
  * once: no device is ever charged past its budget. */
 static void no_device_budget_is_ever_passed(void **state)
 {
     (void)state;
-    enum { MODELS = 6 };
+    enum { MODELS = 7 };
     struct sched *s = gpu_new(MODELS, 2, 8 * GiB);
-    for (size_t m = 0; m < MODELS; m++)
+    for (size_t m = 0; m < MODELS - 1; m++)
         gpu_model(s, m, "m", 2, (2 + m % 4) * GiB);
+    split_model(s, MODELS - 1, "split", 3 * GiB, 2 * GiB);
     uint64_t rng = 12345;
     sched_inst_t next = 1;
     sched_req_t req = 1, served[MAXGOT];
@@ -2125,6 +2135,78 @@ static void no_device_budget_is_ever_passed(void **state)
     }
     assert_true(starts > 100);          /* it did run models, and swap them */
     assert_true(stops > 100);
+    sched_free(s);
+}
+
+
+static void a_split_model_is_charged_its_share_on_each_device(void **state)
+{
+    (void)state;
+    enum { SPLIT, ONE };
+    struct sched *s = gpu_new(2, 2, 8 * GiB);
+    split_model(s, SPLIT, "split", 6 * GiB, 2 * GiB);
+    gpu_model(s, ONE, "one", 1, 3 * GiB);
+    sched_inst_t next = 1;
+    sched_request(s, 1, 10, SPLIT);
+    int dev[4];
+    assert_int_equal(start_all(s, 1, &next, dev), 1);
+    assert_int_equal(dev[0], -1);               /* its args place it */
+    assert_int_equal(sched_instance_device(s, 1), SCHED_DEVICE_SPLIT);
+    assert_true(sched_device_used(s, 0) == 6 * GiB);
+    assert_true(sched_device_used(s, 1) == 2 * GiB);
+    /* one (3 GiB) fits only on device 1; a second split does not fit. */
+    sched_request(s, 2, 11, ONE);
+    assert_int_equal(start_all(s, 2, &next, dev), 1);
+    assert_int_equal(dev[0], 1);
+    sched_request(s, 3, 12, SPLIT);             /* 10 busy: a second instance wanted */
+    struct got *x = drain(s);
+    assert_int_equal(count(x, SCHED_START), 0);
+    assert_int_equal(count(x, SCHED_STOP), 0);   /* one is busy, split#1 too */
+    char err[256];
+    assert_int_equal(sched_admit(s, SPLIT, 1, err, sizeof err), -1);
+    sched_free(s);
+}
+
+static void a_split_model_makes_room_on_every_device_it_is_short_of(void **state)
+{
+    (void)state;
+    enum { A, B, SPLIT };
+    struct sched *s = gpu_new(3, 2, 8 * GiB);
+    gpu_model(s, A, "a", 1, 5 * GiB);
+    gpu_model(s, B, "b", 1, 5 * GiB);
+    split_model(s, SPLIT, "split", 4 * GiB, 4 * GiB);
+    sched_inst_t next = 1;
+    sched_request(s, 1, 10, A);                 /* a on 0 */
+    assert_int_equal(start_all(s, 1, &next, NULL), 1);
+    sched_request(s, 2, 11, B);                 /* b on 1 */
+    assert_int_equal(start_all(s, 2, &next, NULL), 1);
+    drain(s);
+    sched_request_done(s, 3, 10);
+    sched_request_done(s, 4, 11);
+    drain(s);
+    /* The split needs 4 on each: both a and b go, then it starts. */
+    sched_request(s, 5, 12, SPLIT);
+    struct got *x = drain(s);
+    assert_int_equal(count(x, SCHED_STOP), 2);
+    assert_int_equal(count(x, SCHED_START), 0);
+    sched_instance_removed(s, 6, 1);
+    assert_int_equal(count(drain(s), SCHED_START), 0);  /* b still holds device 1 */
+    sched_instance_removed(s, 6, 2);
+    assert_int_equal(count(drain(s), SCHED_START), 1);
+    sched_free(s);
+}
+
+static void a_split_share_larger_than_its_device_fails_with_503(void **state)
+{
+    (void)state;
+    struct sched *s = gpu_new(1, 2, 8 * GiB);
+    split_model(s, 0, "split", 4 * GiB, 9 * GiB);
+    sched_request(s, 1, 10, 0);
+    struct got *x = drain(s);
+    assert_int_equal(nth(x, SCHED_FAIL, 0)->status, 503);
+    assert_string_equal(nth(x, SCHED_FAIL, 0)->message,
+                        "split needs 9.0 GiB of GPU memory on GPU 1; its budget is 8.0 GiB "
+                        "(raise gpu_budget, or change the split with -ts or -ngl)");
     sched_free(s);
 }
 
@@ -2186,6 +2268,9 @@ int main(void)
         cmocka_unit_test(measured_vram_above_the_estimate_is_charged),
         cmocka_unit_test(a_model_whose_args_fix_its_device_goes_there_or_waits),
         cmocka_unit_test(no_device_budget_is_ever_passed),
+        cmocka_unit_test(a_split_model_is_charged_its_share_on_each_device),
+        cmocka_unit_test(a_split_model_makes_room_on_every_device_it_is_short_of),
+        cmocka_unit_test(a_split_share_larger_than_its_device_fails_with_503),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }
