@@ -100,7 +100,15 @@ static json_t *instance_json(const struct api *api, const struct instance *inst)
     json_object_set_new(o, "charge", json_integer((json_int_t)v.charge));
     json_object_set_new(o, "slots", json_integer(inst->slots));
     json_object_set_new(o, "in_flight", json_integer(v.in_flight));
-    json_object_set_new(o, "device", v.device >= 0 ? json_integer(v.device) : json_null());
+    json_t *device = v.device >= 0 ? json_integer(v.device) : json_null();
+    if (v.device == ROUTER_DEVICE_SPLIT) {       /* the devices its args split it over */
+        json_decref(device);
+        device = json_array();
+        for (unsigned d = 0; d < 32; d++)
+            if (v.devices & (1u << d))
+                json_array_append_new(device, json_integer(d));
+    }
+    json_object_set_new(o, "device", device);
     json_object_set_new(o, "vram", json_integer((json_int_t)v.vram));
     json_object_set_new(o, "last_used_s_ago", v.last_used > 0 ? json_real(now - v.last_used) : json_null());
     json_object_set_new(o, "last_error", inst->last_error ? util_json_string(inst->last_error) : json_null());

@@ -31,7 +31,6 @@ struct router {
     size_t nslots;
     struct gpus *gpus;          /* NULL: no GPU (or gpus = none): host memory only */
     char *gpus_library;         /* what gpus was opened with */
-    bool warned_split;          /* a split model was charged on one device */
     bool gpus_all_lost;         /* said once */
     bool closing;               /* shutting down: nothing new is queued */
     double retry_after;         /* for 503s while closing: seconds */
@@ -98,36 +97,64 @@ static void rreq_free(struct rreq *q)
 /* Tell the scheduler what it needs of M. The memory estimate is read from
  * the GGUF header the first time a model is used (WITH_ESTIMATE), not for
  * thousands of models at startup. */
+_Static_assert(MEMORY_MAX_DEVICES == SCHED_MAX_DEVICES, "one device numbering");
+_Static_assert(ROUTER_DEVICE_SPLIT == SCHED_DEVICE_SPLIT, "one way to say split");
+
 /* M's GPU memory for the scheduler: on the one device the pool places it
- * on, or on the device its args choose. A split over several devices is
- * charged, whole, on the first of them (placement of splits is to come:
- * the other devices are not charged; said once in the log). */
-static void model_vram(struct router *r, const struct pool_model *m, const struct memory_estimate *e,
-                       struct sched_model_info *info)
+ * on, on the device its args choose, or, split over several by its args,
+ * its share on each (into SPLIT, which INFO then points to). gpu_memory
+ * replaces the estimate; for a split, in the estimate's proportions. */
+static void model_vram(const struct router *r, const struct pool_model *m,
+                       const struct memory_estimate *e, struct sched_model_info *info,
+                       uint64_t split[SCHED_MAX_DEVICES])
 {
     if (!r->gpus || !(info->vram = m->cfg->gpu_memory ? m->cfg->gpu_memory : e->vram_total))
         return;
     if (!m->gpu_fixed)
         return;
+    uint64_t shares[SCHED_MAX_DEVICES] = { 0 };
+    unsigned ndev = e->ndev;
+    memcpy(shares, e->vram, sizeof shares);
+    struct memory_placement pl;
+    char err[256];
+    if (!e->vram_total && memory_gpu_placement(r->pool->cfg, m->cfg, r->pool->ndev, &pl, err,
+                                               sizeof err) == 0) {
+        /* No estimate from the header (gpu_memory alone): the devices its
+         * args name, in their -ts shares. */
+        float prev = 0;
+        for (unsigned k = 0; k < pl.n_dev && pl.dev[k] < SCHED_MAX_DEVICES; k++) {
+            shares[pl.dev[k]] = (uint64_t)((pl.split[k] - prev) * 1e6f);
+            prev = pl.split[k];
+            if (pl.dev[k] + 1 > ndev)
+                ndev = pl.dev[k] + 1;
+        }
+    }
+    uint64_t total = 0;
     unsigned used = 0, first = 0;
-    for (unsigned d = e->ndev; d-- > 0; )
-        if (e->vram[d]) {
+    for (unsigned d = ndev; d-- > 0; )
+        if (shares[d]) {
             used++;
             first = d;
+            total += shares[d];
         }
-    info->vram_fixed = true;
-    info->vram_device = first;
-    if (used > 1 && !r->warned_split) {
-        r->warned_split = true;
-        log_warn("%s: split over %u GPUs: charged whole on GPU %u (placing splits is not done yet)",
-                 m->cfg->name, used, first);
+    if (used <= 1) {
+        info->vram_fixed = true;
+        info->vram_device = first;
+        return;
     }
+    for (unsigned d = 0; d < SCHED_MAX_DEVICES; d++)
+        split[d] = shares[d];
+    if (m->cfg->gpu_memory)
+        for (unsigned d = 0; d < SCHED_MAX_DEVICES; d++)
+            split[d] = (uint64_t)((long double)shares[d] * m->cfg->gpu_memory / total);
+    info->vram_split = split;
 }
 
 static void model_info(struct router *r, struct pool_model *m, bool with_estimate)
 {
     const struct config *cfg = r->pool->cfg;
     int64_t idle = m->cfg->idle_timeout_ms >= 0 ? m->cfg->idle_timeout_ms : cfg->idle_timeout_ms;
+    uint64_t split[SCHED_MAX_DEVICES];
     struct sched_model_info info = {
         .instances_min = m->cfg->instances_min,
         .instances_max = m->cfg->instances_max,
@@ -140,7 +167,7 @@ static void model_info(struct router *r, struct pool_model *m, bool with_estimat
         info.mem_weights = e->weights;
         info.mem_more = e->more;
         info.file_id = e->file_id;
-        model_vram(r, m, e, &info);
+        model_vram(r, m, e, &info, split);
     }
     sched_model_set(r->sched, m->index, m->cfg->name, &info);
 }
@@ -907,6 +934,10 @@ void router_instance_view(const struct router *r, const struct instance *inst,
     sched_inst_t id = inst_id(inst);
     v->charge = sched_charge(r->sched, id);
     v->device = sched_instance_device(r->sched, id);
+    v->devices = 0;
+    for (size_t d = 0; d < router_devices(r) && d < SCHED_MAX_DEVICES; d++)
+        if (sched_instance_vram_on(r->sched, id, d))
+            v->devices |= 1u << d;
     v->vram = r->gpus && inst->pid > 0 ? gpus_process_memory(r->gpus, inst->pid, NULL) : 0;
     v->in_flight = sched_in_flight(r->sched, id);
     v->last_used = sched_last_used(r->sched, id);

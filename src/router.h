@@ -43,13 +43,16 @@ size_t router_waiting(const struct router *r);
 size_t router_waiting_model(const struct router *r, const struct pool_model *m);
 
 struct instance;
+#define ROUTER_DEVICE_SPLIT (-2)
 struct router_inst_view {
     uint64_t charge;        /* bytes charged against the budget now */
     unsigned in_flight;     /* requests being answered by it */
     double last_used;       /* ev_now of its last dispatch or request end, else
                              * of its ready; 0 when neither */
-    int device;             /* the GPU it is charged on, -1: none */
+    int device;             /* the GPU it is charged on, -1: none,
+                             * ROUTER_DEVICE_SPLIT: several (its args split it) */
     uint64_t vram;          /* its measured GPU memory (all devices), 0: none seen */
+    unsigned devices;       /* bit D: charged on device D */
 };
 void router_instance_view(const struct router *r, const struct instance *inst,
                           struct router_inst_view *v);

@@ -2106,6 +2106,12 @@ uint64_t sched_device_used(const struct sched *s, size_t dev)
     return dev < s->ndev ? dev_used(s, dev) : 0;
 }
 
+uint64_t sched_instance_vram_on(const struct sched *s, sched_inst_t inst, size_t dev)
+{
+    uint32_t ii = idmap_get(&s->inst_map, inst);
+    return ii != NIL ? inst_on(s, &s->insts[ii], dev) : 0;
+}
+
 int sched_instance_device(const struct sched *s, sched_inst_t inst)
 {
     uint32_t ii = idmap_get(&s->inst_map, inst);

@@ -244,5 +244,7 @@ uint64_t sched_device_used(const struct sched *s, size_t dev);      /* charged o
 /* The device INST is charged on; SCHED_DEVICE_SPLIT: several (its model's
  * vram_split); -1: none. */
 int sched_instance_device(const struct sched *s, sched_inst_t inst);
+/* What INST is charged on device DEV (bytes). */
+uint64_t sched_instance_vram_on(const struct sched *s, sched_inst_t inst, size_t dev);
 
 #endif

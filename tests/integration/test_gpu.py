@@ -171,3 +171,19 @@ def test_when_every_gpu_is_lost_models_run_on_host_memory(pool):
     a = placed(pool, "a")
     assert a["device"] is None
     assert child_env(a["pid"])[b"CUDA_VISIBLE_DEVICES"] == b"-1"
+
+
+def test_a_model_split_by_its_args_is_charged_on_each_device(pool):
+    gpu_pool(pool, {"split": {"args": "-c 256 -np 2 --device CUDA0,CUDA1", "gpu_memory": "6G",
+                              "env": {"FAKE_VRAM_MB": "3000"}},
+                    "one": gpu_model(6)})
+    assert chat(pool, "split")[0] == 200
+    inst = placed(pool, "split")
+    assert inst["device"] == [0, 1]
+    assert b"CUDA_VISIBLE_DEVICES" not in child_env(inst["pid"])   # its args choose
+    used = [d["used"] for d in devices(pool)]
+    assert sum(used) == 6 * GIB and all(u > 0 for u in used), used
+    # 6 GiB fits on neither device now (8 - 3 each): the split goes for it.
+    assert chat(pool, "one", timeout=30)[0] == 200
+    assert pool.ready_instances("split") == []
+    assert all(d["used"] <= d["budget"] for d in devices(pool))
