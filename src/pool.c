@@ -640,6 +640,16 @@ const struct memory_estimate *pool_model_estimate(struct pool_model *m)
             memset(&m->est, 0, sizeof m->est);
             if (stat(m->cfg->path, &st) == 0)
                 m->est.weights = (uint64_t)st.st_size;
+            /* On GPUs, unless its args keep it off them: the whole file and
+             * a CUDA context on its (first) device, rather than nothing and
+             * a child pushed onto the CPU. */
+            struct memory_placement pl;
+            char perr[256];
+            if (ndev && memory_gpu_placement(m->pool->cfg, m->cfg, ndev, &pl, perr, sizeof perr) == 0 &&
+                pl.ngl != 0 && pl.n_dev > 0 && pl.dev[0] < MEMORY_MAX_DEVICES) {
+                m->est.vram[pl.dev[0]] = m->est.vram_total = m->est.weights + MEMORY_GPU_FIXED;
+                m->est.ndev = pl.dev[0] + 1;
+            }
             log_warn("%s: no memory estimate from its header (%s); charging its file size", m->cfg->name, err);
         }
         m->est_known = true;
