@@ -1462,21 +1462,33 @@ int sched_admit(const struct sched *s, size_t model, unsigned n, char *err, size
     uint64_t budget = s->limits.budget;
     if (!n || model >= s->nmodels)
         return 0;
-    if (model_gpu(s, model) && s->models[model].split) {
-        uint64_t none[SCHED_MAX_DEVICES] = { 0 };
-        if (split_too_big(s, model) >= 0 || !split_fits(s, model, none)) {
-            snprintf(err, errlen, "%s is split over GPUs and one of them has not its share left "
-                     "(stop a model, or raise gpu_budget)",
-                     s->models[model].name ? s->models[model].name : "model");
-            return -1;
-        }
-    } else if (model_gpu(s, model) && sched_place(s, model) < 0) {
-        char a[32];
+    if (model_gpu(s, model)) {
+        /* The N placed one after another, each beside those before it. */
         const struct model *m = &s->models[model];
-        snprintf(err, errlen, "%s needs %s of GPU memory; no device has that much left "
-                 "(stop a model, or raise gpu_budget)", m->name ? m->name : "model",
-                 util_format_bytes(m->info.vram, a, sizeof a));
-        return -1;
+        uint64_t reserved[SCHED_MAX_DEVICES] = { 0 };
+        for (unsigned k = 0; k < n; k++) {
+            if (m->split) {
+                if (split_too_big(s, model) >= 0 || !split_fits(s, model, reserved)) {
+                    snprintf(err, errlen, "%s is split over GPUs and one of them has not its share "
+                             "left for %u more (stop a model, or raise gpu_budget)",
+                             m->name ? m->name : "model", n);
+                    return -1;
+                }
+                for (size_t d = 0; d < s->ndev; d++)
+                    reserved[d] = sat_add(reserved[d], split_on(s, model, d));
+                continue;
+            }
+            int d = place(s, model, reserved);
+            if (d < 0) {
+                char a[32];
+                snprintf(err, errlen, "%s needs %s of GPU memory%s; no device has that much left "
+                         "(stop a model, or raise gpu_budget)", m->name ? m->name : "model",
+                         util_format_bytes(m->info.vram, a, sizeof a),
+                         n > 1 ? " per instance" : "");
+                return -1;
+            }
+            reserved[d] = sat_add(reserved[d], m->info.vram);
+        }
     }
     if (!budget)
         return 0;

@@ -2026,6 +2026,10 @@ static void the_devices_free_memory_gates_starts_as_its_budget_does(void **state
     assert_int_equal(sched_admit(s, 0, 1, err, sizeof err), -1);
     assert_non_null(strstr(err, "no device has that much left"));
     sched_device_free(s, 2, 0, 5 * GiB);
+    assert_int_equal(sched_admit(s, 0, 1, err, sizeof err), 0);
+    assert_int_equal(sched_admit(s, 0, 2, err, sizeof err), -1);   /* 3 + 3 > 5 */
+    assert_string_equal(err, "a needs 3.0 GiB of GPU memory per instance; no device has that much "
+                             "left (stop a model, or raise gpu_budget)");
     assert_int_equal(count(drain(s), SCHED_START), 1);
     sched_instance_added_on(s, 2, 1, 0, 0);
     /* Its 3 GiB are not in the driver's figure yet: 2 left, not 5. */
