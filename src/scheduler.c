@@ -1474,12 +1474,12 @@ int sched_admit(const struct sched *s, size_t model, unsigned n, char *err, size
                              m->name ? m->name : "model", n);
                     return -1;
                 }
-                for (size_t d = 0; d < s->ndev; d++)
+                for (size_t d = 0; d < s->ndev && d < SCHED_MAX_DEVICES; d++)
                     reserved[d] = sat_add(reserved[d], split_on(s, model, d));
                 continue;
             }
             int d = place(s, model, reserved);
-            if (d < 0) {
+            if (d < 0 || d >= SCHED_MAX_DEVICES) {
                 char a[32];
                 snprintf(err, errlen, "%s needs %s of GPU memory%s; no device has that much left "
                          "(stop a model, or raise gpu_budget)", m->name ? m->name : "model",

@@ -2017,18 +2017,24 @@ static void a_model_larger_than_every_device_fails_with_503_and_the_numbers(void
 static void the_devices_free_memory_gates_starts_as_its_budget_does(void **state)
 {
     (void)state;
+    char err[256];
     struct sched *s = gpu_new(1, 1, 10 * GiB);
     gpu_model(s, 0, "a", 2, 3 * GiB);
+    /* An operator's start of N: placed one after another. */
+    sched_device_free(s, 0, 0, 7 * GiB);
+    assert_int_equal(sched_admit(s, 0, 2, err, sizeof err), 0);     /* 3 + 3 <= 7 */
+    assert_int_equal(sched_admit(s, 0, 3, err, sizeof err), -1);    /* 9 > 7 */
+    assert_string_equal(err, "a needs 3.0 GiB of GPU memory per instance; no device has that much "
+                             "left (stop a model, or raise gpu_budget)");
     sched_device_free(s, 0, 0, 2 * GiB);    /* another program holds the rest */
     sched_request(s, 1, 10, 0);
     assert_int_equal(count(drain(s), SCHED_START), 0);
-    char err[256];
     assert_int_equal(sched_admit(s, 0, 1, err, sizeof err), -1);
     assert_non_null(strstr(err, "no device has that much left"));
     sched_device_free(s, 2, 0, 5 * GiB);
-    assert_int_equal(sched_admit(s, 0, 1, err, sizeof err), 0);
-    assert_int_equal(sched_admit(s, 0, 2, err, sizeof err), -1);   /* 3 + 3 > 5 */
-    assert_string_equal(err, "a needs 3.0 GiB of GPU memory per instance; no device has that much "
+    /* The waiting request's start is asked: 3 of the 5 are spoken for. */
+    assert_int_equal(sched_admit(s, 0, 1, err, sizeof err), -1);
+    assert_string_equal(err, "a needs 3.0 GiB of GPU memory; no device has that much "
                              "left (stop a model, or raise gpu_budget)");
     assert_int_equal(count(drain(s), SCHED_START), 1);
     sched_instance_added_on(s, 2, 1, 0, 0);
