@@ -175,16 +175,17 @@ static bool instance_drain_output(struct instance *inst)
             }
             return false;
         }
+        /* Only the new bytes can end a line: the kept ones had none. */
+        size_t start = 0, from = inst->linelen;
         inst->linelen += (size_t)r;
-        size_t start = 0;
-        for (size_t i = 0; i < inst->linelen; i++) {
-            if (inst->linebuf[i] != '\n')
-                continue;
-            size_t end = i;
+        const char *nl;
+        while ((nl = memchr(inst->linebuf + from, '\n', inst->linelen - from))) {
+            size_t end = (size_t)(nl - inst->linebuf);
+            from = end + 1;
             if (end > start && inst->linebuf[end - 1] == '\r')
                 end--;
             instance_line(inst, inst->linebuf + start, end - start);
-            start = i + 1;
+            start = from;
         }
         if (start == 0 && inst->linelen == sizeof inst->linebuf) {
             /* A line longer than the buffer: pass it on in pieces. */
@@ -194,6 +195,10 @@ static bool instance_drain_output(struct instance *inst)
             memmove(inst->linebuf, inst->linebuf + start, inst->linelen - start);
             inst->linelen -= start;
         }
+        /* A short read emptied the pipe: no second read() to hear EAGAIN
+         * (libev calls again when more comes). */
+        if ((size_t)r < room)
+            return true;
     }
 }
 

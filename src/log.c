@@ -10,6 +10,28 @@
 static enum log_level min_level = LOG_INFO;
 static int journal;
 
+void log_stamp(char *buf)
+{
+    static time_t cached_sec = -1;
+    static char cached[20];             /* "2026-11-30T03:52:45" */
+    struct timeval tv;
+    gettimeofday(&tv, NULL);
+    if (tv.tv_sec != cached_sec) {
+        struct tm tm;
+        gmtime_r(&tv.tv_sec, &tm);
+        if (strftime(cached, sizeof cached, "%Y-%m-%dT%H:%M:%S", &tm) != 19)
+            memcpy(cached, "0000-00-00T00:00:00", 19);
+        cached_sec = tv.tv_sec;
+    }
+    unsigned ms = (unsigned)(tv.tv_usec / 1000);
+    memcpy(buf, cached, 19);
+    buf[19] = '.';
+    buf[20] = (char)('0' + ms / 100);
+    buf[21] = (char)('0' + ms / 10 % 10);
+    buf[22] = (char)('0' + ms % 10);
+    buf[23] = 'Z';
+}
+
 void log_init(enum log_level min)
 {
     min_level = min;
@@ -28,13 +50,9 @@ void log_msg(enum log_level level, const char *fmt, ...)
     if (journal) {
         n = (size_t)snprintf(line, sizeof line, "<%d>", prio[level]);
     } else {
-        struct timeval tv;
-        struct tm tm;
-        gettimeofday(&tv, NULL);
-        gmtime_r(&tv.tv_sec, &tm);
-        n = strftime(line, sizeof line, "%Y-%m-%dT%H:%M:%S", &tm);
-        n += (size_t)snprintf(line + n, sizeof line - n, ".%03ldZ %s ",
-                              (long)tv.tv_usec / 1000, names[level]);
+        log_stamp(line);
+        n = LOG_STAMP_LEN;
+        n += (size_t)snprintf(line + n, sizeof line - n, " %s ", names[level]);
     }
     va_list ap;
     va_start(ap, fmt);

@@ -10,6 +10,12 @@
 enum log_level { LOG_DEBUG, LOG_INFO, LOG_WARN, LOG_ERROR };
 
 void log_init(enum log_level min);
+
+#define LOG_STAMP_LEN 24   /* "2026-11-30T03:52:45.123Z" */
+/* The time now as above into BUF (LOG_STAMP_LEN bytes, no NUL): the date
+ * part is formatted once a second, so a line costs a clock read and a
+ * few stores (children's output lines are stamped this way). */
+void log_stamp(char *buf);
 void log_msg(enum log_level level, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
 
 #define log_debug(...) log_msg(LOG_DEBUG, __VA_ARGS__)

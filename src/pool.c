@@ -112,19 +112,26 @@ static void model_notify_gone(struct pool_model *m)
 static void model_log(struct pool_model *m, struct instance *inst, const char *tag,
                       const char *text, size_t len)
 {
-    char line[4400];
-    struct timeval tv;
-    struct tm tm;
-    gettimeofday(&tv, NULL);
-    gmtime_r(&tv.tv_sec, &tm);
-    size_t n = strftime(line, sizeof line, "%Y-%m-%dT%H:%M:%S", &tm);
+    /* "STAMP ID TAG TEXT": assembled with stores, not printf (a line of a
+     * child's output is the commonest event the daemon has). */
+    char line[LOG_STAMP_LEN + 1 + sizeof inst->id + 16 + 4096 + 2];
+    const char *id = inst ? inst->id : m->cfg->name;
+    size_t idlen = strnlen(id, sizeof inst->id), taglen = strlen(tag), n = 0;
     if (len > 4096)
         len = 4096;
-    n += (size_t)snprintf(line + n, sizeof line - n, ".%03ldZ %s%s %.*s",
-                          (long)tv.tv_usec / 1000, inst ? inst->id : m->cfg->name,
-                          tag, (int)len, text);
-    if (n >= sizeof line)
-        n = sizeof line - 1;
+    if (taglen > 16)
+        taglen = 16;
+    log_stamp(line);
+    n = LOG_STAMP_LEN;
+    line[n++] = ' ';
+    memcpy(line + n, id, idlen);
+    n += idlen;
+    memcpy(line + n, tag, taglen);
+    n += taglen;
+    line[n++] = ' ';
+    memcpy(line + n, text, len);
+    n += len;
+    line[n] = '\0';
 
     if (!m->log.lines && logring_init(&m->log, MODEL_LOG_LINES) < 0)
         return;
