@@ -25,6 +25,8 @@
 #define LIVENESS_FAILURES    3      /* consecutive failed probes → restart */
 #define PORT_RETRIES_MAX     10     /* "port taken" respawns in a row */
 #define TAIL_LINES           40     /* child output kept per instance */
+#define OUTPUT_BATCH_S       0.05   /* a ready child's output is read at most this often */
+#define OUTPUT_PIPE_BYTES    (1 << 20)  /* pipe room for it meanwhile (F_SETPIPE_SZ) */
 
 enum instance_event {
     IEV_START,        /* the operator or the proxy wants it running */
@@ -207,17 +209,37 @@ static void close_output(struct instance *inst)
     if (inst->out_fd < 0)
         return;
     ev_io_stop(inst->world->loop, &inst->out_w);
+    ev_timer_stop(inst->world->loop, &inst->out_later);
     close(inst->out_fd);
     inst->out_fd = -1;
     inst->linelen = 0;
 }
 
+/* A ready child writes some lines per request, each a wakeup of ours if
+ * read as it comes: its output is read in batches instead, OUTPUT_BATCH_S
+ * apart (the pipe holds OUTPUT_PIPE_BYTES meanwhile). While it starts,
+ * every line is read at once: readiness is seen in them. */
 static void output_cb(struct ev_loop *loop, ev_io *w, int revents)
 {
-    (void)loop; (void)revents;
+    (void)revents;
     struct instance *inst = w->data;
-    if (!instance_drain_output(inst))
+    if (!instance_drain_output(inst)) {
         close_output(inst);
+        return;
+    }
+    if (inst->state == INSTANCE_READY) {
+        ev_io_stop(loop, &inst->out_w);
+        ev_timer_set(&inst->out_later, OUTPUT_BATCH_S, 0.);
+        ev_timer_start(loop, &inst->out_later);
+    }
+}
+
+static void output_later_cb(struct ev_loop *loop, ev_timer *w, int revents)
+{
+    (void)revents;
+    struct instance *inst = w->data;
+    if (inst->out_fd >= 0)
+        ev_io_start(loop, &inst->out_w);
 }
 
 /* ---------- process ---------- */
@@ -382,6 +404,9 @@ static int instance_spawn(struct instance *inst, bool *fatal)
     inst->exit_status = -1;
     inst->out_fd = pipefd[0];
     (void)fcntl(inst->out_fd, F_SETFL, fcntl(inst->out_fd, F_GETFL) | O_NONBLOCK);
+#ifdef F_SETPIPE_SZ
+    (void)fcntl(inst->out_fd, F_SETPIPE_SZ, OUTPUT_PIPE_BYTES);  /* best effort: 64 KiB else */
+#endif
     ev_io_init(&inst->out_w, output_cb, inst->out_fd, EV_READ);
     inst->out_w.data = inst;
     ev_io_start(inst->world->loop, &inst->out_w);
@@ -815,6 +840,8 @@ struct instance *instance_new(struct instance_world *w, const struct config_mode
     inst->deadline.data = inst;
     ev_timer_init(&inst->poll, poll_cb, 0., 0.);
     inst->poll.data = inst;
+    ev_timer_init(&inst->out_later, output_later_cb, 0., 0.);
+    inst->out_later.data = inst;
     return inst;
 }
 

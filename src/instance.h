@@ -117,6 +117,7 @@ struct instance {
     /* I/O */
     int out_fd;
     ev_io out_w;
+    ev_timer out_later;           /* reading resumes (a ready child's output is batched) */
     char linebuf[4096];
     size_t linelen;
     ev_child child_w;
