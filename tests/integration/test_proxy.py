@@ -261,8 +261,12 @@ def test_cold_start_under_concurrent_requests_starts_one_child(pool):
     pool.config({"tiny": {"args": "-c 256 -np 4", "env": {"FAKE_LOAD_MS": "500"}}})
     pool.start()
     results = run_concurrently(8, lambda i: post(pool.listen_port, "/v1/chat/completions",
-                                                 {**CHAT, "model": "tiny"})[0])
-    assert results == [200] * 8
+                                                 {**CHAT, "model": "tiny"}))
+    for status, _, body in results:
+        # A random-weight real model's output can fail llama-server's own
+        # output-format check (its 500, relayed as is); nothing else may fail.
+        assert status == 200 or (REAL and status == 500 and b"does not match the expected" in body), \
+            (status, body[:300])
     assert len(pool.instances("tiny")) == 1
     assert pool.daemon_log().count("started pid") == 1
 
