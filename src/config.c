@@ -484,7 +484,7 @@ enum pool_key {
     PK_DEFAULT_ARGS, PK_DEFAULT_MODEL, PK_API_KEYS, PK_ADMIN_KEY, PK_MAX_BODY,
     PK_MAX_HEADER, PK_HEADER_TIMEOUT, PK_KEEPALIVE_TIMEOUT, PK_MAX_CONNECTIONS,
     PK_BODY_TIMEOUT, PK_DRAIN_TIMEOUT, PK_CORS_ORIGINS, PK_GPUS, PK_NVML_LIBRARY,
-    PK_GPU_BUDGET, PK_GPU_RESERVE,
+    PK_GPU_BUDGET, PK_GPU_RESERVE, PK_LOG_MAX_SIZE, PK_LOG_KEEP,
     PK__COUNT
 };
 
@@ -496,7 +496,7 @@ static const char *const pool_keys[PK__COUNT] = {
     "default_args", "default_model", "api_keys", "admin_key", "max_body",
     "max_header", "header_timeout", "keepalive_timeout", "max_connections",
     "body_timeout", "drain_timeout", "cors_origins", "gpus", "nvml_library",
-    "gpu_budget", "gpu_reserve",
+    "gpu_budget", "gpu_reserve", "log_max_size", "log_keep",
 };
 
 enum model_key {
@@ -514,21 +514,21 @@ static const char *const model_keys[MK__COUNT] = {
 struct section_def {
     const char *const *keys;
     int nkeys;
-    unsigned multiline;        /* bit K: key K takes continuation lines */
+    uint64_t multiline;        /* bit K: key K takes continuation lines */
     const char *const *other_keys;
     int nother_keys;
     const char *other_hint;    /* when a key is the other section's */
 };
 
-_Static_assert(PK__COUNT <= 32 && MK__COUNT <= 32, "multiline is a 32-bit mask");
+_Static_assert(PK__COUNT <= 64 && MK__COUNT <= 64, "multiline is a 64-bit mask");
 
 static const struct section_def pool_section = {
-    pool_keys, PK__COUNT, 1u << PK_DEFAULT_ARGS | 1u << PK_API_KEYS,
+    pool_keys, PK__COUNT, UINT64_C(1) << PK_DEFAULT_ARGS | UINT64_C(1) << PK_API_KEYS,
     model_keys, MK__COUNT, "it belongs in a [model NAME] section",
 };
 
 static const struct section_def model_section = {
-    model_keys, MK__COUNT, 1u << MK_ARGS | 1u << MK_ALIASES | 1u << MK_ENV,
+    model_keys, MK__COUNT, UINT64_C(1) << MK_ARGS | UINT64_C(1) << MK_ALIASES | UINT64_C(1) << MK_ENV,
     pool_keys, PK__COUNT, "it belongs in [pool]",
 };
 
@@ -573,6 +573,8 @@ static const struct number_key pool_numbers[PK__COUNT] = {
     [PK_KEEPALIVE_TIMEOUT] = DURATION_KEY(keepalive_timeout_ms, false),
     [PK_MAX_CONNECTIONS]   = COUNT_KEY(max_connections, 1, 10000000),
     [PK_BODY_TIMEOUT]      = DURATION_KEY(body_timeout_ms, false),
+    [PK_LOG_MAX_SIZE]      = SIZE_KEY(log_max_size, false),
+    [PK_LOG_KEEP]          = COUNT_KEY(log_keep, 0, 1000),
 };
 
 /* Optimal string alignment distance, case-insensitive, capped at 9. */
@@ -1603,7 +1605,7 @@ static void on_key(struct parser *p, const char *key, const char *v)
         return;
     }
     key_line[k] = line;
-    p->cont = sd->multiline & (1u << k) ? CONT_VALUE : CONT_REFUSE;
+    p->cont = sd->multiline & (UINT64_C(1) << k) ? CONT_VALUE : CONT_REFUSE;
     p->cont_key = k;
     section_value(p, k, v);
 }
@@ -1866,6 +1868,8 @@ static void set_defaults(struct config *c)
     c->max_restarts = 5;
     c->restart_window_ms = 5 * 60 * 1000;
     c->log_dir = xstrdup("/var/log/llama-pool");
+    c->log_max_size = 100ULL << 20;
+    c->log_keep = 3;
     c->models_dir = NULL;
     c->default_model = NULL;
     c->admin_key = NULL;

@@ -101,6 +101,8 @@ struct config {
     unsigned max_restarts;
     int64_t restart_window_ms;
     char *log_dir;
+    uint64_t log_max_size;      /* a model log is rotated past this; 0 = never */
+    unsigned log_keep;          /* rotated files kept: NAME.log.1 … NAME.log.N */
     char *models_dir;           /* NULL when unset */
     char **default_args;        /* NULL-terminated */
     size_t ndefault_args;

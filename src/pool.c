@@ -22,6 +22,39 @@
 
 /* ---------- model log ---------- */
 
+/* The file of M's log has reached log_max_size: NAME.log becomes
+ * NAME.log.1, .1 becomes .2 … up to log_keep (the oldest goes); with
+ * log_keep = 0 it is removed. The next line opens a new NAME.log. */
+static void model_log_rotate(struct pool_model *m)
+{
+    const struct config *cfg = m->pool->cfg;
+    char base[4096], from[4200], to[4200];
+    close(m->log_fd);
+    m->log_fd = -1;
+    snprintf(base, sizeof base, "%s/%s.log", cfg->log_dir, m->cfg->name);
+    int rc = 0;
+    if (cfg->log_keep == 0) {
+        rc = unlink(base);
+    } else {
+        for (unsigned k = cfg->log_keep; k > 1; k--) {
+            snprintf(from, sizeof from, "%s.%u", base, k - 1);
+            snprintf(to, sizeof to, "%s.%u", base, k);
+            if (rename(from, to) < 0 && errno != ENOENT)
+                rc = -1;
+        }
+        snprintf(to, sizeof to, "%s.1", base);
+        if (rename(base, to) < 0)
+            rc = -1;
+    }
+    char size[32];
+    if (rc < 0)
+        log_warn("%s: cannot rotate %s: %s", m->cfg->name, base, strerror(errno));
+    else
+        log_info("%s: log rotated at %s (%u kept)", m->cfg->name,
+                 util_format_bytes(m->log_size, size, sizeof size), cfg->log_keep);
+    m->log_size = 0;
+}
+
 /* Write the model's buffered log lines: one write per model per loop
  * iteration, however many lines its children printed meanwhile. */
 static void model_log_flush(struct pool_model *m)
@@ -36,6 +69,10 @@ static void model_log_flush(struct pool_model *m)
                 break;          /* disk full: the memory tail still has them */
             off += (size_t)w;
         }
+        m->log_size += off;
+        uint64_t max = m->pool->cfg->log_max_size;
+        if (max && m->log_size >= max)
+            model_log_rotate(m);
     }
     buf_clear(&m->logbuf);
 }
@@ -81,6 +118,8 @@ static void model_log_open(struct pool_model *m)
         return;
     snprintf(path, sizeof path, "%s/%s.log", dir, m->cfg->name);
     m->log_fd = open(path, O_WRONLY | O_APPEND | O_CREAT | O_CLOEXEC, 0640);
+    struct stat st;
+    m->log_size = m->log_fd >= 0 && fstat(m->log_fd, &st) == 0 ? (uint64_t)st.st_size : 0;
     if (m->log_fd < 0) {
         static int warned;
         if (!warned++)

@@ -83,6 +83,7 @@ struct pool_model {
     struct crash_log crashes;
     struct logring log;             /* allocated on first line */
     int log_fd;                     /* opened on first line, -1 otherwise */
+    uint64_t log_size;              /* bytes in the file at log_fd */
     struct buf logbuf;              /* lines not yet written to log_fd */
     struct pool_model *next_dirty;  /* on pool->dirty while logbuf holds lines */
     bool dirty;

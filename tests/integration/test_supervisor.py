@@ -354,3 +354,46 @@ def test_control_api_over_tcp_needs_admin_key(pool):
     req = urllib.request.Request(url, headers={"Authorization": "Bearer s3cret"})
     with urllib.request.urlopen(req, timeout=5) as r:
         assert json.loads(r.read())["models"][0]["name"] == "a"
+
+
+def test_model_logs_rotate_by_size_and_follow_goes_on(pool):
+    """log_max_size = 2K, log_keep = 2: tiny.log is renamed tiny.log.1 (and
+    .1 to .2, the oldest dropped) once it passes 2 KiB; `logs -f` (from
+    memory) keeps going across the rotations."""
+    import select
+    import subprocess
+    from conftest import LLAMA_POOL
+    pool.config({"tiny": {}}, pool_extra="log_max_size = 2K\nlog_keep = 2")
+    pool.start()
+    follow = subprocess.Popen([LLAMA_POOL, "logs", "tiny", "-f", "-n", "0", "-s", pool.sock],
+                              stdout=subprocess.PIPE)
+    try:
+        base = os.path.join(pool.log_dir, "tiny.log")
+        # Each restart writes a few hundred bytes (llama-pool's events and the
+        # stand-in's start-up lines): enough of them rotate more than twice.
+        for _ in range(12):
+            pool.cli("restart", "tiny", check=0)
+            wait_for(lambda: pool.ready_instances("tiny"), timeout=10, what="tiny ready")
+        wait_for(lambda: os.path.exists(base + ".2"), timeout=10, what="a second rotation")
+        assert os.path.exists(base + ".1")
+        assert not os.path.exists(base + ".3")       # log_keep = 2
+        for p in (base + ".1", base + ".2"):
+            size = os.path.getsize(p)
+            assert 2048 <= size < 2048 + 8192, (p, size)   # rotated once past the limit
+        assert "tiny: log rotated at" in pool.daemon_log()
+        # The follower goes on after the rotations: what it has shown so far
+        # is read away, then a new start must show up.
+        fd = follow.stdout.fileno()
+        while select.select([fd], [], [], 0.3)[0] and os.read(fd, 65536):
+            pass
+        pool.cli("restart", "tiny", check=0)
+        seen = b""
+        deadline = time.monotonic() + 10 * SLOW
+        while b"started pid" not in seen and time.monotonic() < deadline:
+            if select.select([fd], [], [], 1)[0]:
+                seen += os.read(fd, 65536)
+        assert b"started pid" in seen
+        assert follow.poll() is None                  # still following
+    finally:
+        follow.kill()
+        follow.wait()

@@ -1931,6 +1931,30 @@ static void test_example_config(void **state)
 /* GPU keys (issue #10): gpus, nvml_library, gpu_budget, gpu_reserve,   */
 /* and [model] gpu_memory.                                              */
 
+static void test_log_rotation_keys(void **state)
+{
+    struct fx *f = *state;
+    struct config *c = load_ok(f, "[model tiny]\npath = m.gguf\n");
+    assert_int_equal(c->log_max_size, 100ULL << 20);
+    assert_int_equal(c->log_keep, 3);
+    config_free(c);
+    c = load_ok(f, "[pool]\nlog_max_size = 0\nlog_keep = 0\n[model tiny]\npath = m.gguf\n");
+    assert_int_equal(c->log_max_size, 0);
+    assert_int_equal(c->log_keep, 0);
+    config_free(c);
+    c = load_ok(f, "[pool]\nlog_max_size = 1.5G\nlog_keep = 10\n[model tiny]\npath = m.gguf\n");
+    assert_int_equal(c->log_max_size, 3ULL << 29);
+    assert_int_equal(c->log_keep, 10);
+    config_free(c);
+    static const struct refusal bad[] = {
+        { "[pool]\nlog_keep = 1001\n[model tiny]\npath = m.gguf\n",
+          "2: log_keep: \"1001\" is out of range (0 to 1000)" },
+        { "[pool]\nlog_max_size = lots\n[model tiny]\npath = m.gguf\n",
+          "2: log_max_size: \"lots\" is not a size (a number with an optional K, M, G or T: 512K, 1.5G)" },
+    };
+    EXPECT_REFUSALS(f, bad);
+}
+
 static void test_gpu_keys(void **state)
 {
     struct fx *f = *state;
@@ -2052,6 +2076,7 @@ int main(void)
         T(test_errors_free_and_null),
         T(test_example_config),
         T(test_gpu_keys),
+        T(test_log_rotation_keys),
 #undef T
     };
     return cmocka_run_group_tests_name("config", tests, NULL, NULL);
