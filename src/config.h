@@ -167,6 +167,11 @@ char **config_child_argv(const struct config *cfg,
 const char *config_child_arg(const struct config *cfg, const struct config_model *m,
                              const char *flag, const char *longflag);
 
+/* Whether M's args (or env) choose its GPUs themselves (--device, -ts,
+ * -sm, -mg, or CUDA_VISIBLE_DEVICES in its env): the pool then leaves
+ * CUDA_VISIBLE_DEVICES alone and charges the devices they name. */
+bool config_child_gpus_fixed(const struct config *cfg, const struct config_model *m);
+
 /* Whether the child will have a boolean switch on: 1 when ON or ONLONG
  * comes last among default_args then the model's args, 0 when OFF or
  * OFFLONG does, -1 when none of them is given. */

@@ -52,6 +52,21 @@ const char *config_child_arg(const struct config *cfg, const struct config_model
     return arg_in(m->args, m->nargs, flag, longflag, v);
 }
 
+bool config_child_gpus_fixed(const struct config *cfg, const struct config_model *m)
+{
+    static const char *const opts[][2] = {
+        { "-dev", "--device" }, { "-ts", "--tensor-split" }, { "-sm", "--split-mode" },
+        { "-mg", "--main-gpu" },
+    };
+    for (size_t i = 0; i < sizeof opts / sizeof opts[0]; i++)
+        if (config_child_arg(cfg, m, opts[i][0], opts[i][1]))
+            return true;
+    for (size_t i = 0; i < m->nenv; i++)
+        if (strcmp(m->env[i].name, "CUDA_VISIBLE_DEVICES") == 0)
+            return true;
+    return false;
+}
+
 /* 1 or 0 for the switch last given in V (N words), or FOUND when none is. */
 static int switch_in(char *const *v, size_t n, const char *on, const char *onlong,
                      const char *off, const char *offlong, int found)

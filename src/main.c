@@ -71,8 +71,7 @@ static void check_estimate(const struct config *cfg, const struct config_model *
     char err[512], host[32], weights[32], vram[32];
     /* As the daemon: a child it places sees one GPU, one whose args choose
      * sees them all. */
-    bool fixed = config_child_arg(cfg, m, "-dev", "--device") || config_child_arg(cfg, m, "-ts", "--tensor-split") ||
-                 config_child_arg(cfg, m, "-sm", "--split-mode") || config_child_arg(cfg, m, "-mg", "--main-gpu");
+    bool fixed = config_child_gpus_fixed(cfg, m);
     if (memory_estimate_devices(cfg, m, ndev ? (fixed ? ndev : 1) : 0, &e, err, sizeof err) < 0) {
         printf("  estimate: %s\n", err);
         return;

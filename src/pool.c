@@ -293,23 +293,6 @@ static unsigned np_hint(const struct config *cfg, const struct config_model *cm)
     return n > 0 ? (unsigned)n : 4;
 }
 
-/* Whether M's args (or env) choose its GPUs themselves: the pool then
- * leaves CUDA_VISIBLE_DEVICES alone and charges the devices they name. */
-static bool gpu_fixed(const struct config *cfg, const struct config_model *cm)
-{
-    static const char *const opts[][2] = {
-        { "-dev", "--device" }, { "-ts", "--tensor-split" }, { "-sm", "--split-mode" },
-        { "-mg", "--main-gpu" },
-    };
-    for (size_t i = 0; i < sizeof opts / sizeof opts[0]; i++)
-        if (config_child_arg(cfg, cm, opts[i][0], opts[i][1]))
-            return true;
-    for (size_t i = 0; i < cm->nenv; i++)
-        if (strcmp(cm->env[i].name, "CUDA_VISIBLE_DEVICES") == 0)
-            return true;
-    return false;
-}
-
 static struct pool_model *model_new(struct pool *p, const struct config_model *cm)
 {
     struct pool_model *m = calloc(1, sizeof *m);
@@ -319,7 +302,7 @@ static struct pool_model *model_new(struct pool *p, const struct config_model *c
     m->index = p->models_made++;
     m->cfg = cm;
     m->np_hint = np_hint(m->pool->cfg, cm);
-    m->gpu_fixed = gpu_fixed(m->pool->cfg, cm);
+    m->gpu_fixed = config_child_gpus_fixed(m->pool->cfg, cm);
     m->log_fd = -1;
     m->observers.next = m->observers.prev = &m->observers;
     return m;
@@ -747,7 +730,7 @@ static void model_rebind(struct pool_model *m, const struct config_model *cm)
     m->cfg = cm;
     m->est_known = false;           /* args, path or memory may have changed */
     m->np_hint = np_hint(m->pool->cfg, cm);
-    m->gpu_fixed = gpu_fixed(m->pool->cfg, cm);
+    m->gpu_fixed = config_child_gpus_fixed(m->pool->cfg, cm);
     for (size_t i = 0; i < m->ninst; i++)
         instance_rebind(m->inst[i], cm);
 }
@@ -825,7 +808,7 @@ void pool_reload(struct pool *p, struct config *cfg, json_t *summary)
     p->nmodels = k;
     for (size_t i = 0; i < k; i++) {        /* default_args may have changed too */
         models[i]->np_hint = np_hint(cfg, models[i]->cfg);
-        models[i]->gpu_fixed = gpu_fixed(cfg, models[i]->cfg);
+        models[i]->gpu_fixed = config_child_gpus_fixed(cfg, models[i]->cfg);
     }
     if (cfg->log_dir && *cfg->log_dir && mkdir(cfg->log_dir, 0750) < 0 && errno != EEXIST)
         log_warn("cannot create log_dir %s: %s", cfg->log_dir, strerror(errno));
