@@ -228,13 +228,19 @@ char *metrics_render(struct pool *p, const struct router *r, size_t *len)
         { "llama_pool_gpu_measured_bytes", "what our instances hold on each GPU, as NVML reports it" },
         { "llama_pool_gpu_free_bytes", "free memory of each GPU (every program's use counted)" },
     };
-    for (size_t g = 0; router_devices(r) && g < sizeof dev_gauges / sizeof dev_gauges[0]; g++) {
+    /* Each device's view once (its measured use walks every instance),
+     * then a family per gauge. */
+    struct router_dev_view views[ROUTER_MAX_DEVICES];
+    size_t ndev = 0;
+    while (ndev < ROUTER_MAX_DEVICES && router_device_view(r, ndev, &views[ndev]))
+        ndev++;
+    for (size_t g = 0; ndev && g < sizeof dev_gauges / sizeof dev_gauges[0]; g++) {
         family(&o, dev_gauges[g].name, "gauge", dev_gauges[g].help);
-        struct router_dev_view dv;
-        for (size_t d = 0; router_device_view(r, d, &dv); d++) {
-            uint64_t v[] = { dv.gpu->total, dv.budget, dv.used, dv.measured, dv.gpu->free };
+        for (size_t d = 0; d < ndev; d++) {
+            const struct router_dev_view *dv = &views[d];
+            uint64_t v[] = { dv->gpu->total, dv->budget, dv->used, dv->measured, dv->gpu->free };
             emit(&o, "%s{device=\"%u\",name=\"%s\"} %" PRIu64 "\n", dev_gauges[g].name,
-                 dv.gpu->index, label(&o, dv.gpu->name), v[g]);
+                 dv->gpu->index, label(&o, dv->gpu->name), v[g]);
         }
     }
 

@@ -99,6 +99,7 @@ static void rreq_free(struct rreq *q)
  * thousands of models at startup. */
 _Static_assert(MEMORY_MAX_DEVICES == SCHED_MAX_DEVICES, "one device numbering");
 _Static_assert(ROUTER_DEVICE_SPLIT == SCHED_DEVICE_SPLIT, "one way to say split");
+_Static_assert(ROUTER_MAX_DEVICES == SCHED_MAX_DEVICES, "one device limit");
 
 /* M's GPU memory for the scheduler: on the one device the pool places it
  * on, on the device its args choose, or, split over several by its args,

@@ -58,7 +58,9 @@ void router_instance_view(const struct router *r, const struct instance *inst,
                           struct router_inst_view *v);
 uint64_t router_used(const struct router *r);     /* bytes charged, all instances */
 
-/* GPUs in use (0: host memory only) and what is known of device D. */
+/* GPUs in use (0: host memory only) and what is known of device D; at
+ * most ROUTER_MAX_DEVICES are placed on (the scheduler's limit). */
+#define ROUTER_MAX_DEVICES 16
 struct gpu_device;
 struct router_dev_view {
     const struct gpu_device *gpu;   /* index, name, uuid, total, free, lost */
