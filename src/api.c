@@ -104,7 +104,7 @@ static json_t *instance_json(const struct api *api, const struct instance *inst)
     if (v.device == ROUTER_DEVICE_SPLIT) {       /* the devices its args split it over */
         json_decref(device);
         device = json_array();
-        for (unsigned d = 0; d < 32; d++)
+        for (unsigned d = 0; d < ROUTER_MAX_DEVICES; d++)
             if (v.devices & (1u << d))
                 json_array_append_new(device, json_integer(d));
     }

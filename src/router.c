@@ -307,10 +307,8 @@ static void visible_for(const struct router *r, const struct pool_model *m, int 
     const struct gpu_device *g = r->gpus && device >= 0 ? gpus_device(r->gpus, (size_t)device) : NULL;
     if (g)
         snprintf(buf, len, "%s", g->uuid);
-    else if (r->gpus && !m->gpu_fixed && device < 0)
-        snprintf(buf, len, "-1");
     else
-        snprintf(buf, len, "%s", "");
+        snprintf(buf, len, "%s", r->gpus && !m->gpu_fixed && device < 0 ? "-1" : "");
 }
 
 static void do_start(struct router *r, size_t slot, int device)
