@@ -1858,6 +1858,11 @@ static void test_example_config(void **state)
     assert_int_equal(c->port_max, d->port_max);
     assert_int_equal(c->budget_kind, d->budget_kind);
     assert_int_equal(c->memory_reserve, d->memory_reserve);
+    assert_int_equal(c->gpus, d->gpus);
+    assert_int_equal(c->gpu_budget_kind, d->gpu_budget_kind);
+    assert_int_equal(c->gpu_reserve, d->gpu_reserve);
+    assert_int_equal(c->log_max_size, d->log_max_size);
+    assert_int_equal(c->log_keep, d->log_keep);
     assert_int_equal(c->idle_timeout_ms, d->idle_timeout_ms);
     assert_int_equal(c->start_timeout_ms, d->start_timeout_ms);
     assert_int_equal(c->stop_timeout_ms, d->stop_timeout_ms);
