@@ -934,17 +934,23 @@ static uint64_t dev_freed(const struct sched *s, size_t d)
     return freed;
 }
 
-/* NEED more bytes fit on D beside what is used, pending and RESERVED
- * there, once FREED is freed: within its budget, and within the device's
- * free memory when known. */
-static bool dev_room(const struct sched *s, size_t d, uint64_t need, uint64_t reserved,
-                     uint64_t freed)
+/* NEED more bytes fit on D beside USED (charged there) and PENDING (starts
+ * under way and reservations), once FREED is freed: within its budget, and
+ * within the device's free memory when known. */
+static bool dev_fits(const struct sched *s, size_t d, uint64_t need, uint64_t used,
+                     uint64_t pending, uint64_t freed)
 {
     const struct sdev *v = &s->dev[d];
-    uint64_t used = dev_used(s, d), pending = sat_add(dev_pending(s, d), reserved);
     uint64_t after = used - min_u64(used, freed);
     return sat_add(sat_add(after, pending), need) <= v->budget &&
            (!v->free_known || sat_add(pending, need) <= sat_add(v->free, freed));
+}
+
+/* dev_fits with what is charged and pending on D now, plus RESERVED. */
+static bool dev_room(const struct sched *s, size_t d, uint64_t need, uint64_t reserved,
+                     uint64_t freed)
+{
+    return dev_fits(s, d, need, dev_used(s, d), sat_add(dev_pending(s, d), reserved), freed);
 }
 
 /* The device for one more instance of MODEL: among those it may use where
@@ -955,9 +961,12 @@ static int place(const struct sched *s, size_t model, const uint64_t *reserved)
     uint64_t need = s->models[model].info.vram, best_left = 0;
     int best = -1;
     for (size_t d = 0; d < s->ndev; d++) {
-        if (!dev_allowed(s, model, d) || !dev_room(s, d, need, reserved[d], 0))
+        if (!dev_allowed(s, model, d))
             continue;
-        uint64_t taken = sat_add(sat_add(dev_used(s, d), dev_pending(s, d)), reserved[d]);
+        uint64_t used = dev_used(s, d), pending = sat_add(dev_pending(s, d), reserved[d]);
+        if (!dev_fits(s, d, need, used, pending, 0))
+            continue;
+        uint64_t taken = sat_add(used, pending);
         uint64_t left = s->dev[d].budget - min_u64(s->dev[d].budget, taken);
         if (best < 0 || left > best_left) {
             best = (int)d;
