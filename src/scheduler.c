@@ -65,6 +65,10 @@
 #define NIL UINT32_MAX
 #define DEV_SPLIT (-2)          /* inst.dev of an instance split over devices */
 #define DEFAULT_SLOTS 4         /* llama-server's own -np default */
+/* Hand-off (see handoff()): one request beyond its slots per instance, for
+ * models whose requests take at most this long. */
+#define HANDOFF_DEPTH 1
+#define HANDOFF_MAX_S 0.5
 
 /* ---------- id → index: open addressing, linear probing ---------- */
 
@@ -179,6 +183,7 @@ struct req {
                                  * links the free list */
     uint32_t gprev, gnext;      /* global FIFO by arrival, while waiting */
     double arrival;
+    double sent;                /* when it was dispatched */
     uint64_t seq;               /* arrival order across all models */
 };
 
@@ -223,6 +228,8 @@ struct model {
     uint64_t *split;            /* VRAM on each device when its args split it, else NULL */
     size_t npdev, cappdev;
     double last_asked;          /* arrival of its latest request; 0 = never */
+    double turnaround;          /* recent dispatch-to-done time, an average
+                                 * (see handoff()); 0 = none done yet */
     bool active;                /* on the active list (see struct sched) */
 };
 
@@ -270,6 +277,7 @@ struct sched {
     size_t *out;                /* models with start_out > 0 */
     size_t nout, capout;
 
+    double now;                 /* the time of the latest event */
     bool wake_armed;            /* a WAKE at wake_at is the caller's timer */
     double wake_at;
 
@@ -662,6 +670,7 @@ static uint32_t pick(const struct sched *s, const struct model *m)
 
 static void dispatch(struct sched *s, double now, uint32_t ri, uint32_t ii)
 {
+    s->reqs[ri].sent = now;
     flight_link(s, ri, ii);
     s->insts[ii].last_used = now;
     emit_dispatch(s, &s->reqs[ri], &s->insts[ii]);
@@ -739,6 +748,58 @@ static bool has_coming_or_ready(const struct sched *s, const struct model *m)
         if (s->insts[m->inst[i]].state != INST_FAILED && !s->insts[m->inst[i]].stop_req)
             return true;
     return false;
+}
+
+/* Hand-off. When every slot of a model is taken and requests wait, the
+ * pool's own queue would leave each slot idle from the moment llama-server
+ * ends a request until the next one has come through the pool and been
+ * parsed, templated and tokenized by llama-server: on short requests, a
+ * large share of the slot's time. So each ready instance also holds
+ * HANDOFF_DEPTH requests beyond its slots, which llama-server queues itself
+ * and starts the moment a slot frees, while the pool refills it.
+ *
+ * Only when it cannot cost the request much: the model's requests are short
+ * (its turnaround, an average of recent dispatch-to-done times, is at most
+ * HANDOFF_MAX_S: a handed-off request waits at most about one of them for
+ * its slot), and no instance of the model is starting or asked for (a new
+ * instance would serve the waiters sooner than a busy one). */
+static bool handoff_ok(const struct sched *s, const struct model *m)
+{
+    if (!m->waiting || m->failed || m->turnaround <= 0 || m->turnaround > HANDOFF_MAX_S ||
+        m->start_queued || m->start_out)
+        return false;
+    for (size_t i = 0; i < m->ninst; i++) {
+        const struct inst *in = &s->insts[m->inst[i]];
+        if (in->state == INST_STARTING || (in->suspect && !in->stop_req))
+            return false;       /* coming: a suspect one answers again, or its crash shows */
+    }
+    return true;
+}
+
+static void handoff(struct sched *s, double now, size_t model)
+{
+    struct model *m = &s->models[model];
+    if (!handoff_ok(s, m))
+        return;
+    for (size_t i = 0; i < m->ninst && m->head != NIL; i++) {
+        uint32_t ii = m->inst[i];
+        const struct inst *in = &s->insts[ii];
+        if (in->state != INST_READY || in->stop_req || in->suspect || !in->slots)
+            continue;
+        while (m->head != NIL && in->in_flight < in->slots + HANDOFF_DEPTH) {
+            uint32_t ri = m->head;
+            wait_unlink(s, ri);
+            dispatch(s, now, ri, ii);
+        }
+    }
+}
+
+/* A dispatched request ended with its answer after D seconds. */
+static void turnaround_note(struct model *m, double d)
+{
+    if (d < 1e-6)
+        d = 1e-6;               /* 0 means none known */
+    m->turnaround = m->turnaround > 0 ? 0.75 * m->turnaround + 0.25 * d : d;
 }
 
 /* ---------- memory ---------- */
@@ -1632,11 +1693,15 @@ static void idle_any_update(struct sched *s)
         s->idle_any |= s->models[i].info.idle_timeout > 0;
 }
 
-/* Every event ends here: starts and evictions for memory, then the timer. */
-static void event_end(struct sched *s)
+/* Every event ends here: starts and evictions for memory, hand-offs for
+ * models that get no start, then the timer. */
+static void event_end(struct sched *s, double now)
 {
+    s->now = now;
     active_prune(s);
     mem_plan(s);
+    for (size_t k = 0; k < s->nactive; k++)
+        handoff(s, now, s->active[k]);
     wake_update(s);
 }
 
@@ -1700,7 +1765,7 @@ void sched_set_limits(struct sched *s, const struct sched_limits *limits)
     if (had_budget && !s->limits.budget)    /* no longer held back by memory */
         for (size_t i = 0; i < s->nmodels; i++)
             consider_starts(s, i);
-    event_end(s);           /* a new queue_timeout moves every deadline */
+    event_end(s, s->now);   /* a new queue_timeout moves every deadline */
 }
 
 void sched_models_resize(struct sched *s, size_t n)
@@ -1735,7 +1800,7 @@ void sched_models_resize(struct sched *s, size_t n)
             s->active[kept++] = s->active[k];
     s->nactive = kept;
     idle_any_update(s);
-    event_end(s);
+    event_end(s, s->now);
 }
 
 void sched_model_set(struct sched *s, size_t model, const char *name,
@@ -1762,7 +1827,7 @@ void sched_model_set(struct sched *s, size_t model, const char *name,
     }
     idle_any_update(s);
     consider_starts(s, model);  /* a higher max or a smaller hint may call for more */
-    event_end(s);               /* ... or a smaller estimate; a new idle_timeout */
+    event_end(s, s->now);       /* ... or a smaller estimate; a new idle_timeout */
 }
 
 void sched_model_failed(struct sched *s, double now, size_t model, const char *reason)
@@ -1780,7 +1845,7 @@ void sched_model_failed(struct sched *s, double now, size_t model, const char *r
                 m->failed = dup_str("model failed");   /* never "usable" by accident */
         }
     }
-    event_end(s);
+    event_end(s, now);
 }
 
 /* ---------- events ---------- */
@@ -1815,12 +1880,12 @@ void sched_request(struct sched *s, double now, sched_req_t req, size_t model)
             }
         }
     }
-    event_end(s);
+    event_end(s, now);
 }
 
 /* Done or gone: a waiting request leaves the queue without an answer, a
  * dispatched one frees its slot for the next waiter. */
-static void request_end(struct sched *s, double now, sched_req_t req)
+static void request_end(struct sched *s, double now, sched_req_t req, bool answered)
 {
     event_begin(s);
     uint32_t ri = idmap_get(&s->req_map, req);
@@ -1831,23 +1896,25 @@ static void request_end(struct sched *s, double now, sched_req_t req)
             req_forget(s, ri);
         } else {
             uint32_t ii = r->inst;
+            if (answered)
+                turnaround_note(&s->models[r->model], now - r->sent);
             flight_unlink(s, ri);
             req_forget(s, ri);
             s->insts[ii].last_used = now;
             settle(s, now, s->insts[ii].model);
         }
     }
-    event_end(s);
+    event_end(s, now);
 }
 
 void sched_request_done(struct sched *s, double now, sched_req_t req)
 {
-    request_end(s, now, req);
+    request_end(s, now, req, true);
 }
 
 void sched_request_gone(struct sched *s, double now, sched_req_t req)
 {
-    request_end(s, now, req);
+    request_end(s, now, req, false);
 }
 
 void sched_instance_added(struct sched *s, double now, sched_inst_t inst, size_t model)
@@ -1892,7 +1959,7 @@ void sched_instance_added_on(struct sched *s, double now, sched_inst_t inst, siz
         }
     }
     settle(s, now, model);
-    event_end(s);
+    event_end(s, now);
 }
 
 void sched_instance_ready(struct sched *s, double now, sched_inst_t inst, unsigned slots)
@@ -1919,7 +1986,7 @@ void sched_instance_ready(struct sched *s, double now, sched_inst_t inst, unsign
             in->slots = model_hint(&s->models[in->model]);
         settle(s, now, in->model);
     }
-    event_end(s);
+    event_end(s, now);
 }
 
 void sched_instance_slots(struct sched *s, double now, sched_inst_t inst, unsigned slots)
@@ -1932,7 +1999,7 @@ void sched_instance_slots(struct sched *s, double now, sched_inst_t inst, unsign
         s->insts[ii].suspect = false;   /* it answered again */
         settle(s, now, s->insts[ii].model);
     }
-    event_end(s);
+    event_end(s, now);
 }
 
 void sched_instance_suspect(struct sched *s, double now, sched_inst_t inst)
@@ -1943,7 +2010,7 @@ void sched_instance_suspect(struct sched *s, double now, sched_inst_t inst)
         s->insts[ii].suspect = true;
         settle(s, now, s->insts[ii].model);
     }
-    event_end(s);
+    event_end(s, now);
 }
 
 void sched_instance_starting(struct sched *s, double now, sched_inst_t inst)
@@ -1960,7 +2027,7 @@ void sched_instance_starting(struct sched *s, double now, sched_inst_t inst)
             inst_charge_start(s, ii);
         settle(s, now, s->insts[ii].model);
     }
-    event_end(s);
+    event_end(s, now);
 }
 
 void sched_instance_failed(struct sched *s, double now, sched_inst_t inst, const char *error)
@@ -1986,7 +2053,7 @@ void sched_instance_failed(struct sched *s, double now, sched_inst_t inst, const
             settle(s, now, model);
         }
     }
-    event_end(s);
+    event_end(s, now);
 }
 
 void sched_instance_stopping(struct sched *s, double now, sched_inst_t inst)
@@ -1997,7 +2064,7 @@ void sched_instance_stopping(struct sched *s, double now, sched_inst_t inst)
         s->insts[ii].stop_req = true;
         settle(s, now, s->insts[ii].model);
     }
-    event_end(s);
+    event_end(s, now);
 }
 
 void sched_instance_removed(struct sched *s, double now, sched_inst_t inst)
@@ -2009,7 +2076,7 @@ void sched_instance_removed(struct sched *s, double now, sched_inst_t inst)
         inst_forget(s, ii);
         settle(s, now, model);
     }
-    event_end(s);
+    event_end(s, now);
 }
 
 static void fmt_seconds(char *buf, size_t len, double t)
@@ -2038,7 +2105,7 @@ void sched_tick(struct sched *s, double now)
     }
     idle_stops(s, now);
     s->wake_armed = false;      /* the caller's timer has fired: arm it again */
-    event_end(s);
+    event_end(s, now);
 }
 
 /* ---------- status ---------- */
@@ -2084,7 +2151,7 @@ void sched_instance_memory(struct sched *s, double now, sched_inst_t inst, uint6
             in->measured = bytes;       /* loading: can only raise the charge */
         }
     }
-    event_end(s);
+    event_end(s, now);
 }
 
 void sched_devices_set(struct sched *s, double now, size_t n, const uint64_t *budgets)
@@ -2098,7 +2165,7 @@ void sched_devices_set(struct sched *s, double now, size_t n, const uint64_t *bu
     for (size_t d = n; d < s->ndev; d++)
         s->dev[d] = (struct sdev){ 0 };
     s->ndev = n;
-    event_end(s);
+    event_end(s, now);
 }
 
 void sched_device_free(struct sched *s, double now, size_t dev, uint64_t bytes)
@@ -2109,7 +2176,7 @@ void sched_device_free(struct sched *s, double now, size_t dev, uint64_t bytes)
     event_begin(s);
     s->dev[dev].free = bytes;
     s->dev[dev].free_known = bytes > 0;
-    event_end(s);
+    event_end(s, now);
 }
 
 void sched_instance_vram(struct sched *s, double now, sched_inst_t inst, uint64_t bytes)
@@ -2119,7 +2186,7 @@ void sched_instance_vram(struct sched *s, double now, sched_inst_t inst, uint64_
     uint32_t ii = idmap_get(&s->inst_map, inst);
     if (ii != NIL)
         s->insts[ii].vram_meas = bytes;
-    event_end(s);
+    event_end(s, now);
 }
 
 uint64_t sched_device_used(const struct sched *s, size_t dev)
@@ -2148,7 +2215,7 @@ void sched_set_available(struct sched *s, double now, uint64_t bytes)
     event_begin(s);
     s->avail = bytes;
     s->avail_known = bytes > 0;
-    event_end(s);
+    event_end(s, now);
 }
 
 uint64_t sched_charge(const struct sched *s, sched_inst_t inst)

@@ -15,6 +15,11 @@
  *   - Otherwise it waits, first come first served per model, in one bounded
  *     queue for all models (max_queue: beyond it the request fails at once
  *     with 429 and Retry-After), for at most queue_timeout (then 504).
+ *   - Hand-off: while a model's requests wait, every slot is taken, its
+ *     requests are short (recent dispatch-to-done average <= 0.5 s) and no
+ *     instance of it is starting, asked for or suspect, each ready instance
+ *     takes one request beyond its slots, queued inside llama-server, so
+ *     that no slot idles between one request's end and the next's arrival.
  *   - A waiting request for a model with no instance starting asks for one
  *     start; requests arriving meanwhile wait for that same start (one start,
  *     many waiters). While the waiting requests of a model outnumber the

@@ -669,6 +669,105 @@ static void done_frees_the_slot_and_updates_last_used(void **state)
     sched_free(s);
 }
 
+/* ---------- hand-off: one request beyond the slots ---------- */
+
+/* big (one instance at most, one slot) has served a 10 ms request. */
+static struct sched *big_with_short_requests(void)
+{
+    struct sched *s = pool_new(100, 0);
+    ready(s, 0, 1, BIG, 1);
+    sched_request(s, 1, 10, BIG);
+    sched_request_done(s, 1.01, 10);
+    drain(s);
+    return s;
+}
+
+static void a_full_instance_of_a_model_with_short_requests_takes_one_more(void **state)
+{
+    (void)state;
+    struct sched *s = big_with_short_requests();
+    sched_request(s, 2, 11, BIG);
+    assert_int_equal(nth(drain(s), SCHED_DISPATCH, 0)->req, 11);
+    /* Its one slot is taken and big can have no other instance: the next
+     * goes to llama-server's own queue, where it starts when the slot frees. */
+    sched_request(s, 2, 12, BIG);
+    struct got *x = drain(s);
+    assert_int_equal(count(x, SCHED_DISPATCH), 1);
+    assert_int_equal(nth(x, SCHED_DISPATCH, 0)->req, 12);
+    assert_int_equal(nth(x, SCHED_DISPATCH, 0)->inst, 1);
+    assert_int_equal(sched_in_flight(s, 1), 2);
+    /* One beyond its slots, no more: the rest wait in the pool's queue. */
+    sched_request(s, 2, 13, BIG);
+    sched_request(s, 2, 14, BIG);
+    x = drain(s);
+    assert_int_equal(count(x, SCHED_DISPATCH), 0);
+    assert_int_equal(sched_waiting(s), 2);
+    /* 11 ends: 12 is already there; 13 is handed off in its place. */
+    sched_request_done(s, 2.01, 11);
+    x = drain(s);
+    assert_int_equal(count(x, SCHED_DISPATCH), 1);
+    assert_int_equal(nth(x, SCHED_DISPATCH, 0)->req, 13);
+    assert_int_equal(sched_in_flight(s, 1), 2);
+    assert_int_equal(sched_waiting(s), 1);
+    sched_free(s);
+}
+
+static void no_handoff_before_a_request_is_done_or_when_requests_are_long(void **state)
+{
+    (void)state;
+    struct sched *s = big_busy_and_one_waiting();     /* nothing done yet */
+    assert_int_equal(sched_in_flight(s, 1), 1);
+    assert_int_equal(sched_waiting(s), 1);
+    /* A client that left says nothing of how long requests take. */
+    sched_request_gone(s, 1.01, 10);
+    assert_int_equal(nth(drain(s), SCHED_DISPATCH, 0)->req, 11);
+    sched_request(s, 1.02, 12, BIG);
+    assert_int_equal(count(drain(s), SCHED_DISPATCH), 0);
+    /* 11 took 3 s: a request handed off could wait that long behind the
+     * next one, when a slot of its own might come sooner. */
+    sched_request_done(s, 4.02, 11);
+    assert_int_equal(nth(drain(s), SCHED_DISPATCH, 0)->req, 12);
+    sched_request(s, 4.03, 13, BIG);
+    assert_int_equal(count(drain(s), SCHED_DISPATCH), 0);
+    assert_int_equal(sched_in_flight(s, 1), 1);
+    sched_free(s);
+}
+
+static void no_handoff_while_another_instance_is_coming(void **state)
+{
+    (void)state;
+    struct sched *s = pool_new(100, 0);
+    ready(s, 0, 1, OTHER, 1);                       /* other: up to 2 instances */
+    sched_request(s, 1, 10, OTHER);
+    sched_request_done(s, 1.01, 10);
+    sched_request(s, 2, 11, OTHER);
+    drain(s);
+    /* A waiter below the max asks for a second instance, which will serve it
+     * sooner than the busy one: no hand-off meanwhile. */
+    sched_request(s, 2, 12, OTHER);
+    struct got *x = drain(s);
+    assert_int_equal(count(x, SCHED_DISPATCH), 0);
+    assert_int_equal(count(x, SCHED_START), 1);
+    sched_instance_added(s, 2.1, 2, OTHER);
+    assert_int_equal(count(drain(s), SCHED_DISPATCH), 0);
+    assert_int_equal(sched_in_flight(s, 1), 1);
+    sched_instance_ready(s, 3, 2, 1);
+    x = drain(s);
+    assert_int_equal(nth(x, SCHED_DISPATCH, 0)->req, 12);
+    assert_int_equal(nth(x, SCHED_DISPATCH, 0)->inst, 2);
+    /* At its max, both full: each instance takes one more. */
+    sched_request(s, 3, 13, OTHER);
+    sched_request(s, 3, 14, OTHER);
+    sched_request(s, 3, 15, OTHER);
+    x = drain(s);
+    assert_int_equal(count(x, SCHED_DISPATCH), 2);
+    assert_int_equal(count(x, SCHED_START), 0);
+    assert_int_equal(sched_in_flight(s, 1), 2);
+    assert_int_equal(sched_in_flight(s, 2), 2);
+    assert_int_equal(sched_waiting(s), 1);
+    sched_free(s);
+}
+
 /* ---------- memory: budget, eviction, idleness ---------- */
 
 #define MiB (1024ull * 1024)
@@ -1322,6 +1421,7 @@ struct sim {
     double load_lo, load_hi, serve_lo, serve_hi, stop_time, fail_p, measure_lo;
     size_t last_model, runs, dispatched, failed, f503, f504, stops_lru, stops_idle;
     size_t max_other_loads;     /* loads of other models a request waited behind */
+    size_t handoffs;            /* dispatches beyond an instance's slots */
 };
 
 static double sim_rand(struct sim *x)
@@ -1384,7 +1484,10 @@ static void sim_actions(struct sim *x)
             assert_int_equal(r->state, 1);
             assert_int_equal(in->state, 2);
             assert_false(in->stopping);
-            assert_true(in->in_flight < x->info[in->model].slots_hint);
+            /* Its slots, and one hand-off beyond them at most. */
+            assert_true(in->in_flight < x->info[in->model].slots_hint + 1);
+            if (in->in_flight >= x->info[in->model].slots_hint)
+                x->handoffs++;
             in->in_flight++;
             r->state = 2;
             r->inst = a.inst;
@@ -2225,6 +2328,9 @@ int main(void)
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(a_request_goes_to_a_ready_instance_with_a_free_slot),
         cmocka_unit_test(the_instance_with_fewest_in_flight_serves_earliest_added_on_ties),
+        cmocka_unit_test(a_full_instance_of_a_model_with_short_requests_takes_one_more),
+        cmocka_unit_test(no_handoff_before_a_request_is_done_or_when_requests_are_long),
+        cmocka_unit_test(no_handoff_while_another_instance_is_coming),
         cmocka_unit_test(waiters_are_served_first_come_first_served_when_a_slot_frees),
         cmocka_unit_test(a_ready_instance_takes_waiters_in_order_up_to_its_slots),
         cmocka_unit_test(concurrent_requests_to_a_cold_model_start_one_instance),
