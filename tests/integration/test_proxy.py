@@ -345,6 +345,31 @@ def test_disconnect_while_queued_leaves_the_queue(pool):
 
 
 @fake_only("needs slow generation")
+def test_a_full_instance_of_short_requests_holds_one_more_queued_inside_it(pool):
+    one_slow_slot(pool, 25)
+    # One short request answered: tiny's requests are known to be short.
+    status, _, _ = post(pool.listen_port, "/v1/chat/completions", {**CHAT, "model": "tiny", "max_tokens": 2})
+    assert status == 200
+    results = []
+    threads = [threading.Thread(target=lambda: results.append(
+        post(pool.listen_port, "/v1/chat/completions", {**CHAT, "model": "tiny", "max_tokens": 12})))
+        for _ in range(3)]
+    for t in threads:
+        t.start()
+    # One in the slot, one handed off (queued inside llama-server, where it
+    # starts the moment the slot frees), one in the pool's own queue.
+    wait_for(lambda: pool.instances("tiny")[0]["in_flight"] == 2 and pool.status()["queue"]["waiting"] == 1,
+             what="2 in flight on a 1-slot instance, 1 waiting in the pool")
+    port = pool.ready_instances("tiny")[0]["port"]
+    _, _, body = get(port, "/slots", child_auth(pool))
+    assert [s["is_processing"] for s in json.loads(body)] == [True]
+    for t in threads:
+        t.join(30)
+    assert [r[0] for r in results] == [200, 200, 200]
+    wait_for(lambda: pool.instances("tiny")[0]["in_flight"] == 0, what="in_flight back to 0")
+
+
+@fake_only("needs slow generation")
 def test_child_killed_mid_stream_gets_an_error_event_then_a_restart(pool):
     one_slow_slot(pool, 50)
     pid = pool.ready_instances("tiny")[0]["pid"]
