@@ -27,6 +27,7 @@
 #define TAIL_LINES           40     /* child output kept per instance */
 #define OUTPUT_BATCH_S       0.05   /* a ready child's output is read at most this often */
 #define OUTPUT_PIPE_BYTES    (1 << 20)  /* pipe room for it meanwhile (F_SETPIPE_SZ) */
+#define OUTPUT_READ_BYTES    (64 * 1024) /* one read of a child's output, at most */
 
 enum instance_event {
     IEV_START,        /* the operator or the proxy wants it running */
@@ -159,48 +160,67 @@ static void instance_line(struct instance *inst, const char *line, size_t len)
     }
 }
 
-/* Read what the child wrote; split into lines. Returns false at EOF/error. */
-static bool instance_drain_output(struct instance *inst)
+/* One line of LEN bytes, in pieces of at most sizeof linebuf (what one log
+ * line holds). */
+static void instance_lines(struct instance *inst, const char *line, size_t len)
 {
+    while (len > sizeof inst->linebuf) {
+        instance_line(inst, line, sizeof inst->linebuf);
+        line += sizeof inst->linebuf;
+        len -= sizeof inst->linebuf;
+    }
+    instance_line(inst, line, len);
+}
+
+/* Read what the child wrote; split into lines. The bytes read (0: none
+ * were there), or -1 at EOF or error. A ready child's output comes in
+ * batches (see output_cb): it is read OUTPUT_READ_BYTES at a time, into a
+ * buffer all instances share (the daemon is one thread); the line it ends
+ * in the middle of waits in the instance's linebuf for the next read. */
+static ssize_t instance_drain_output(struct instance *inst)
+{
+    static char buf[OUTPUT_READ_BYTES];
+    ssize_t got = 0;
     for (;;) {
-        size_t room = sizeof inst->linebuf - inst->linelen;
-        ssize_t r = read(inst->out_fd, inst->linebuf + inst->linelen, room);
+        size_t keep = inst->linelen;
+        memcpy(buf, inst->linebuf, keep);
+        size_t room = sizeof buf - keep;
+        ssize_t r = read(inst->out_fd, buf + keep, room);
         if (r < 0) {
             if (errno == EINTR)
                 continue;
-            return errno == EAGAIN || errno == EWOULDBLOCK;
+            return errno == EAGAIN || errno == EWOULDBLOCK ? got : -1;
         }
         if (r == 0) {
-            if (inst->linelen) {
-                instance_line(inst, inst->linebuf, inst->linelen);
-                inst->linelen = 0;
-            }
-            return false;
+            if (keep)
+                instance_line(inst, buf, keep);     /* keep < sizeof linebuf */
+            inst->linelen = 0;
+            return -1;
         }
+        got += r;
         /* Only the new bytes can end a line: the kept ones had none. */
-        size_t start = 0, from = inst->linelen;
-        inst->linelen += (size_t)r;
+        size_t len = keep + (size_t)r, start = 0, from = keep;
         const char *nl;
-        while ((nl = memchr(inst->linebuf + from, '\n', inst->linelen - from))) {
-            size_t end = (size_t)(nl - inst->linebuf);
+        while ((nl = memchr(buf + from, '\n', len - from))) {
+            size_t end = (size_t)(nl - buf);
             from = end + 1;
-            if (end > start && inst->linebuf[end - 1] == '\r')
+            if (end > start && buf[end - 1] == '\r')
                 end--;
-            instance_line(inst, inst->linebuf + start, end - start);
+            instance_lines(inst, buf + start, end - start);
             start = from;
         }
-        if (start == 0 && inst->linelen == sizeof inst->linebuf) {
-            /* A line longer than the buffer: pass it on in pieces. */
-            instance_line(inst, inst->linebuf, inst->linelen);
-            inst->linelen = 0;
-        } else if (start > 0) {
-            memmove(inst->linebuf, inst->linebuf + start, inst->linelen - start);
-            inst->linelen -= start;
+        /* A line longer than linebuf is passed on in pieces that size. */
+        while (len - start >= sizeof inst->linebuf) {
+            instance_line(inst, buf + start, sizeof inst->linebuf);
+            start += sizeof inst->linebuf;
         }
+        size_t rest = len - start;
+        memcpy(inst->linebuf, buf + start, rest);
+        inst->linelen = rest;
         /* A short read emptied the pipe: no second read() to hear EAGAIN
          * (libev calls again when more comes). */
         if ((size_t)r < room)
-            return true;
+            return got;
     }
 }
 
@@ -217,20 +237,29 @@ static void close_output(struct instance *inst)
 
 /* A ready child writes some lines per request, each a wakeup of ours if
  * read as it comes: its output is read in batches instead, OUTPUT_BATCH_S
- * apart (the pipe holds OUTPUT_PIPE_BYTES meanwhile). While it starts,
- * every line is read at once: readiness is seen in them. */
+ * apart (the pipe holds OUTPUT_PIPE_BYTES meanwhile). The first output
+ * after a quiet spell wakes us (the pipe's watcher); from then on a timer
+ * reads it, as long as each read finds some, and the watcher takes over
+ * again when one finds none: a busy child costs one wakeup per batch, a
+ * quiet one none. While it starts, every line is read at once: readiness
+ * is seen in them. */
+static void output_batch(struct ev_loop *loop, struct instance *inst)
+{
+    ev_timer_set(&inst->out_later, OUTPUT_BATCH_S, 0.);
+    ev_timer_start(loop, &inst->out_later);
+}
+
 static void output_cb(struct ev_loop *loop, ev_io *w, int revents)
 {
     (void)revents;
     struct instance *inst = w->data;
-    if (!instance_drain_output(inst)) {
+    if (instance_drain_output(inst) < 0) {
         close_output(inst);
         return;
     }
     if (inst->state == INSTANCE_READY) {
         ev_io_stop(loop, &inst->out_w);
-        ev_timer_set(&inst->out_later, OUTPUT_BATCH_S, 0.);
-        ev_timer_start(loop, &inst->out_later);
+        output_batch(loop, inst);
     }
 }
 
@@ -238,7 +267,14 @@ static void output_later_cb(struct ev_loop *loop, ev_timer *w, int revents)
 {
     (void)revents;
     struct instance *inst = w->data;
-    if (inst->out_fd >= 0)
+    if (inst->out_fd < 0)
+        return;
+    ssize_t got = instance_drain_output(inst);
+    if (got < 0)
+        close_output(inst);
+    else if (got > 0 && inst->state == INSTANCE_READY)
+        output_batch(loop, inst);
+    else
         ev_io_start(loop, &inst->out_w);
 }
 
@@ -251,7 +287,7 @@ static void child_cb(struct ev_loop *loop, ev_child *w, int revents)
     ev_child_stop(loop, w);
     inst->exit_status = w->rstatus;
     /* Take every line it wrote before dying: they explain the exit. */
-    if (inst->out_fd >= 0 && !instance_drain_output(inst))
+    if (inst->out_fd >= 0 && instance_drain_output(inst) < 0)
         close_output(inst);
     instance_step(inst, IEV_EXIT);
 }

@@ -397,3 +397,30 @@ def test_model_logs_rotate_by_size_and_follow_goes_on(pool):
     finally:
         follow.kill()
         follow.wait()
+
+
+@fake_only("a wrapper script in front of the stand-in")
+def test_child_output_lines_survive_long_lines_and_split_writes(pool):
+    """A line far longer than one read comes through whole, in pieces of at
+    most 4 KiB (what one log line holds), none lost; a line written in
+    two parts, apart in time, is one line; the child's own lines after them
+    (readiness among them) are read as usual."""
+    from conftest import FAKE_SERVER
+    wrapper = os.path.join(pool.dir, "child.sh")
+    with open(wrapper, "w") as f:
+        f.write("#!/bin/sh\n"
+                "head -c 200000 /dev/zero | tr '\\0' x >&2; echo >&2\n"
+                "printf 'first half, ' >&2; sleep 0.2; echo 'second half' >&2\n"
+                f"exec {FAKE_SERVER} \"$@\"\n")
+    os.chmod(wrapper, 0o755)
+    pool.config({"tiny": {}}, pool_extra=f"llama_server = {wrapper}")
+    pool.start()
+    pool.cli("start", "tiny")
+    wait_for(lambda: pool.ready_instances("tiny"), what="tiny ready after the wrapper's lines")
+    with open(os.path.join(pool.log_dir, "tiny.log")) as f:
+        lines = f.read().splitlines()
+    xs = [l.split("tiny#1: ", 1)[1] for l in lines if "tiny#1: x" in l]
+    assert set("".join(xs)) == {"x"} and len("".join(xs)) == 200000, [len(x) for x in xs]
+    assert all(len(x) <= 4096 for x in xs)
+    assert any(l.endswith("tiny#1: first half, second half") for l in lines), lines[-20:]
+    assert any("model loaded" in l for l in lines)
