@@ -179,22 +179,29 @@ static bool model_known(const struct router *r, const struct pool_model *m)
     return m->index < r->nslots && r->slots[m->index] == m;
 }
 
+/* Room for the scheduler indices below N; false when out of memory. */
+static bool slots_reserve(struct router *r, size_t n)
+{
+    if (n <= r->nslots)
+        return true;
+    struct pool_model **v = realloc(r->slots, n * sizeof *v);
+    if (!v)
+        return false;
+    memset(v + r->nslots, 0, (n - r->nslots) * sizeof *v);
+    r->slots = v;
+    r->nslots = n;
+    sched_models_resize(r->sched, n);
+    return true;
+}
+
 /* M's index in the scheduler, made known there the first time; SIZE_MAX
  * when out of memory. */
 static size_t model_slot(struct router *r, struct pool_model *m)
 {
     if (model_known(r, m))
         return m->index;
-    if (m->index >= r->nslots) {
-        size_t n = m->index + 1;
-        struct pool_model **v = realloc(r->slots, n * sizeof *v);
-        if (!v)
-            return SIZE_MAX;
-        memset(v + r->nslots, 0, (n - r->nslots) * sizeof *v);
-        r->slots = v;
-        r->nslots = n;
-        sched_models_resize(r->sched, n);
-    }
+    if (!slots_reserve(r, m->index + 1))
+        return SIZE_MAX;
     r->slots[m->index] = m;
     model_info(r, m, false);
     return m->index;
@@ -868,13 +875,12 @@ void router_reload(struct router *r)
     router_limits(r, &l);
     sched_set_limits(r->sched, &l);
     devices_open(r);
-    /* Forget slots of models that are gone; give new models one. */
+    /* Forget slots of models that are gone (the reload retired them: the
+     * pool frees them only later, once stopped); give new models one, all
+     * in one resize (indices grow with each model made). */
     for (size_t i = 0; i < r->nslots; i++) {
         struct pool_model *m = r->slots[i];
-        bool live = false;
-        for (size_t j = 0; m && j < r->pool->nmodels && !live; j++)
-            live = r->pool->models[j] == m;
-        if (m && !live) {
+        if (m && m->retired) {
             r->slots[i] = NULL;
             /* The pool frees a removed model once its instances stop. */
             for (struct rreq *q = r->reqs; q; q = q->next)
@@ -883,11 +889,16 @@ void router_reload(struct router *r)
             sched_model_failed(r->sched, now_of(r), i, "model removed by a reload");
         }
     }
+    size_t top = 0;
+    for (size_t j = 0; j < r->pool->nmodels; j++)
+        if (r->pool->models[j]->index >= top)
+            top = r->pool->models[j]->index + 1;
+    (void)slots_reserve(r, top);        /* else model_slot() tries each alone */
     for (size_t j = 0; j < r->pool->nmodels; j++) {
         struct pool_model *m = r->pool->models[j];
-        if (model_slot(r, m) == SIZE_MAX)
-            continue;
-        model_info(r, m, false);
+        bool known = model_known(r, m);
+        if (model_slot(r, m) != SIZE_MAX && known)
+            model_info(r, m, false);    /* model_slot() told a new one */
     }
     router_run(r);
 }

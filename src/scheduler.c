@@ -284,7 +284,7 @@ struct sched {
     uint64_t seq;               /* last arrival sequence given */
     uint64_t avail;             /* machine's available memory, as estimated */
     bool avail_known;
-    bool idle_any;              /* some model has an idle_timeout */
+    size_t nidle;               /* models with an idle_timeout: none, no idle pass */
     size_t *order;              /* scratch of mem_plan(): models by oldest waiter */
     size_t caporder;
     uint32_t *cand;             /* scratch of choose_lru(): eviction candidates, LRU first */
@@ -403,7 +403,7 @@ static char *fmt(const char *f, ...)
 
 static char *dup_str(const char *str)
 {
-    return str ? fmt("%s", str) : NULL;
+    return str ? strdup(str) : NULL;
 }
 
 bool sched_next_action(struct sched *s, struct sched_action *out)
@@ -1629,7 +1629,7 @@ static double idle_deadline(const struct inst *in, double timeout)
 static bool idle_next(const struct sched *s, double *at)
 {
     bool have = false;
-    if (!s->idle_any)
+    if (!s->nidle)
         return false;
     for (size_t k = 0; k < s->nactive; k++) {
         const struct model *m = &s->models[s->active[k]];
@@ -1662,7 +1662,7 @@ static bool idle_next(const struct sched *s, double *at)
  * their model stays above its minimum. */
 static void idle_stops(struct sched *s, double now)
 {
-    if (!s->idle_any)
+    if (!s->nidle)
         return;
     for (size_t k = 0; k < s->nactive; k++) {
         struct model *m = &s->models[s->active[k]];
@@ -1684,13 +1684,6 @@ static void idle_stops(struct sched *s, double now)
             stop_inst(s, best, SCHED_STOP_IDLE);
         }
     }
-}
-
-static void idle_any_update(struct sched *s)
-{
-    s->idle_any = false;
-    for (size_t i = 0; i < s->nmodels; i++)
-        s->idle_any |= s->models[i].info.idle_timeout > 0;
 }
 
 /* Every event ends here: starts and evictions for memory, hand-offs for
@@ -1721,6 +1714,7 @@ struct sched *sched_new(const struct sched_limits *limits)
 static void model_clear(struct sched *s, size_t model)
 {
     struct model *m = &s->models[model];
+    s->nidle -= m->info.idle_timeout > 0;
     while (m->ninst)
         inst_forget(s, m->inst[m->ninst - 1]);
     free(m->inst);
@@ -1799,7 +1793,6 @@ void sched_models_resize(struct sched *s, size_t n)
         if (s->active[k] < n)
             s->active[kept++] = s->active[k];
     s->nactive = kept;
-    idle_any_update(s);
     event_end(s, s->now);
 }
 
@@ -1814,6 +1807,8 @@ void sched_model_set(struct sched *s, size_t model, const char *name,
         free(m->name);
         m->name = copy;
     }
+    s->nidle -= m->info.idle_timeout > 0;
+    s->nidle += info->idle_timeout > 0;
     m->info = *info;
     m->info.vram_split = NULL;          /* the caller's; ours is m->split */
     if (info->vram_split) {
@@ -1825,7 +1820,6 @@ void sched_model_set(struct sched *s, size_t model, const char *name,
         free(m->split);
         m->split = NULL;
     }
-    idle_any_update(s);
     consider_starts(s, model);  /* a higher max or a smaller hint may call for more */
     event_end(s, s->now);       /* ... or a smaller estimate; a new idle_timeout */
 }

@@ -1273,6 +1273,37 @@ static void an_idle_instance_stops_after_idle_timeout_and_the_wake_says_when(voi
     sched_free(s);
 }
 
+/* Whether any model has an idle_timeout is kept as a count as models are
+ * set, set again and removed: the idle pass follows each change. */
+static void idle_timeouts_follow_models_set_again_and_removed(void **state)
+{
+    (void)state;
+    struct sched *s = mem_new(0, 0, 2);
+    sched_model_set(s, 0, "a", &(struct sched_model_info){ .instances_max = 1, .slots_hint = 1 });
+    sched_model_set(s, 1, "b", &(struct sched_model_info){
+        .instances_max = 1, .slots_hint = 1, .idle_timeout = 5 });
+    ready(s, 0, 1, 0, 1);
+    assert_int_equal(count(drain(s), SCHED_WAKE), 0);          /* a has no idle_timeout */
+    sched_model_set(s, 0, "a", &(struct sched_model_info){     /* a reload gives it one */
+        .instances_max = 1, .slots_hint = 1, .idle_timeout = 10 });
+    assert_true(nth(drain(s), SCHED_WAKE, 0)->at == 10);
+    sched_models_resize(s, 1);                                  /* b (the other idle one) goes */
+    drain(s);
+    sched_model_set(s, 0, "a", &(struct sched_model_info){ .instances_max = 1, .slots_hint = 1 });
+    drain(s);
+    sched_tick(s, 100);                                         /* none has one now */
+    struct got *x = drain(s);
+    assert_int_equal(count(x, SCHED_STOP), 0);
+    assert_int_equal(count(x, SCHED_WAKE), 0);
+    sched_model_set(s, 0, "a", &(struct sched_model_info){
+        .instances_max = 1, .slots_hint = 1, .idle_timeout = 1 });
+    sched_tick(s, 101);
+    x = drain(s);
+    assert_int_equal(count(x, SCHED_STOP), 1);
+    assert_int_equal(nth(x, SCHED_STOP, 0)->reason, SCHED_STOP_IDLE);
+    sched_free(s);
+}
+
 static void idle_stops_keep_instances_min_and_spare_pinned_models(void **state)
 {
     (void)state;
@@ -2366,6 +2397,7 @@ int main(void)
         cmocka_unit_test(available_memory_gates_starts),
         cmocka_unit_test(an_idle_instance_stops_after_idle_timeout_and_the_wake_says_when),
         cmocka_unit_test(idle_stops_keep_instances_min_and_spare_pinned_models),
+        cmocka_unit_test(idle_timeouts_follow_models_set_again_and_removed),
         cmocka_unit_test(the_oldest_waiting_model_gets_room_first_and_newer_ones_keep_off_it),
         cmocka_unit_test(a_fresh_instance_serves_its_batch_before_it_is_evicted),
         cmocka_unit_test(memory_never_exceeds_the_budget_in_a_random_replay),
