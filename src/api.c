@@ -131,9 +131,9 @@ static json_t *model_json(const struct api *api, const struct pool_model *m)
     json_object_set_new(o, "instances_min", json_integer(m->cfg->instances_min));
     json_object_set_new(o, "instances_max", json_integer(m->cfg->instances_max));
     json_object_set_new(o, "memory_estimate",
-                        json_integer(m->est_known ? (json_int_t)(m->est.weights + m->est.more) : 0));
+                        json_integer(m->est_known ? (json_int_t)(m->est->weights + m->est->more) : 0));
     uint64_t vram = !router_devices(api->router) ? 0 : m->cfg->gpu_memory ? m->cfg->gpu_memory
-                    : m->est_known ? m->est.vram_total : 0;
+                    : m->est_known ? m->est->vram_total : 0;
     json_object_set_new(o, "vram_estimate", json_integer((json_int_t)vram));
     json_object_set_new(o, "waiting", json_integer((json_int_t)router_waiting_model(api->router, m)));
     const char *err = pool_model_error(m);

@@ -637,6 +637,12 @@ struct pmodel {
     int key_line[MK__COUNT];   /* where each key was set, 0 = not set */
 };
 
+/* What a model without args or aliases points to: one empty text and one
+ * empty vector for every such model (thousands, from models_dir), not an
+ * allocation each. model_free() leaves them alone. */
+static char no_text[] = "";
+static char *no_words[] = { NULL };
+
 /* M: a model with NAME and PATH (malloc'd: M owns them now), defined at
  * LINE (0: found in models_dir), every key at its default. */
 static void model_init(struct config_model *m, char *name, char *path, int line)
@@ -644,7 +650,7 @@ static void model_init(struct config_model *m, char *name, char *path, int line)
     *m = (struct config_model){
         .name = name,
         .path = path,
-        .args_text = xstrdup(""),
+        .args_text = no_text,
         .instances_min = 0,
         .instances_max = 1,
         .memory_kind = CONFIG_MEMORY_AUTO,
@@ -657,9 +663,12 @@ static void model_free(struct config_model *m)
 {
     free(m->name);
     free(m->path);
-    util_strv_free(m->args);
-    free(m->args_text);
-    util_strv_free(m->aliases);
+    if (m->args != no_words)
+        util_strv_free(m->args);
+    if (m->args_text != no_text)
+        free(m->args_text);
+    if (m->aliases != no_words)
+        util_strv_free(m->aliases);
     for (size_t j = 0; j < m->nenv; j++) {
         free(m->env[j].name);
         free(m->env[j].value);
@@ -1263,7 +1272,8 @@ static void append_text(char **text, const char *v)
     if (!*v)
         return;
     char *t = **text ? xasprintf("%s %s", *text, v) : xstrdup(v);
-    free(*text);
+    if (*text != no_text)
+        free(*text);
     *text = t;
 }
 
@@ -1805,6 +1815,17 @@ static bool found_is_model(const struct parser *p, const struct config_found *f)
     return e && e->kind == NAME_FOUND && e->file == f->path;
 }
 
+/* SV's words for a model: the shared empty vector when it has none. */
+static char **words_take(struct strvec *sv, size_t *n)
+{
+    if (!sv->n) {
+        strvec_free(sv);
+        *n = 0;
+        return no_words;
+    }
+    return strvec_take(sv, n);
+}
+
 /* Moves model FROM into cfg (FROM is left empty), with ARGS and ALIASES. */
 static void add_model(struct config *c, struct config_model *from,
                       struct strvec *args, struct strvec *aliases)
@@ -1812,8 +1833,8 @@ static void add_model(struct config *c, struct config_model *from,
     struct config_model *m = &c->models[c->nmodels++];
     *m = *from;
     *from = (struct config_model){ 0 };
-    m->args = strvec_take(args, &m->nargs);
-    m->aliases = strvec_take(aliases, &m->naliases);
+    m->args = words_take(args, &m->nargs);
+    m->aliases = words_take(aliases, &m->naliases);
 }
 
 /* Move the parsed models into cfg: sections in file order, then the ones

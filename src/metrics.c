@@ -18,44 +18,72 @@ const double metrics_bucket_le[METRICS_BUCKETS] = {
     0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1, 5, 10, 30, 60, 300, 1800,
 };
 
+/* S's counters, made at its first count; NULL when out of memory. */
+static struct model_counts *counts(struct model_stats *s)
+{
+    if (!s->c)
+        s->c = calloc(1, sizeof *s->c);
+    return s->c;
+}
+
+void metrics_stats_free(struct model_stats *s)
+{
+    free(s->c);
+    s->c = NULL;
+}
+
 void metrics_count_status(struct model_stats *s, int code)
 {
+    struct model_counts *c = counts(s);
+    if (!c)
+        return;
     for (size_t i = 0; i < METRICS_STATUS_SLOTS; i++) {
-        if (s->status[i].code == code || s->status[i].code == 0) {
-            s->status[i].code = code;
-            s->status[i].n++;
+        if (c->status[i].code == code || c->status[i].code == 0) {
+            c->status[i].code = code;
+            c->status[i].n++;
             return;
         }
     }
     /* More distinct codes than slots: lump them into the last one. */
-    s->status[METRICS_STATUS_SLOTS - 1].n++;
+    c->status[METRICS_STATUS_SLOTS - 1].n++;
 }
 
 void metrics_count_start(struct model_stats *s)
 {
-    s->starts++;
+    struct model_counts *c = counts(s);
+    if (c)
+        c->starts++;
 }
 
 void metrics_count_load(struct model_stats *s, double seconds)
 {
-    s->loads++;
-    s->load_seconds += seconds;
+    struct model_counts *c = counts(s);
+    if (!c)
+        return;
+    c->loads++;
+    c->load_seconds += seconds;
 }
 
 void metrics_count_eviction(struct model_stats *s, enum metrics_eviction why)
 {
+    struct model_counts *c = counts(s);
+    if (!c)
+        return;
     switch (why) {
-    case METRICS_EVICT_LRU:    s->lru_stops++; break;
-    case METRICS_EVICT_IDLE:   s->idle_stops++; break;
-    case METRICS_EVICT_RELOAD: s->reload_stops++; break;
-    case METRICS_EVICT_CRASH:  s->crashes++; break;
+    case METRICS_EVICT_LRU:    c->lru_stops++; break;
+    case METRICS_EVICT_IDLE:   c->idle_stops++; break;
+    case METRICS_EVICT_RELOAD: c->reload_stops++; break;
+    case METRICS_EVICT_CRASH:  c->crashes++; break;
     }
 }
 
 void metrics_count_queue_wait(struct model_stats *s, double seconds)
 {
-    s->queue_waits++;
-    s->queue_wait_seconds += seconds;
+    struct model_counts *c = counts(s);
+    if (!c)
+        return;
+    c->queue_waits++;
+    c->queue_wait_seconds += seconds;
 }
 
 void metrics_observe(struct metrics_hist *s, double seconds)
@@ -163,14 +191,21 @@ static uint64_t inst_gauge_value(const struct router *r, const struct instance *
     return 0;
 }
 
+/* M's counters to read: zeros before its first count. */
+static const struct model_counts *counts_of(const struct pool_model *m)
+{
+    static const struct model_counts none;
+    return m->stats.c ? m->stats.c : &none;
+}
+
 /* A summary by model from the double at SUM_OFF and the count at
- * COUNT_OFF of each model's stats. */
+ * COUNT_OFF of each model's counters. */
 static void model_summary(struct out *o, const struct pool *p, const char *name, const char *help,
                           size_t sum_off, size_t count_off)
 {
     family(o, name, "summary", help);
     for (size_t i = 0; i < p->nmodels; i++) {
-        const char *s = (const char *)&p->models[i]->stats;
+        const char *s = (const char *)counts_of(p->models[i]);
         double sum;
         uint64_t count;
         memcpy(&sum, s + sum_off, sizeof sum);
@@ -254,13 +289,13 @@ char *metrics_render(struct pool *p, const struct router *r, size_t *len)
     family(&o, "llama_pool_starts_total", "counter", "instance spawns, by model");
     for (size_t i = 0; i < p->nmodels; i++)
         emit(&o, "llama_pool_starts_total{model=\"%s\"} %" PRIu64 "\n", label(&o, p->models[i]->cfg->name),
-             p->models[i]->stats.starts);
+             counts_of(p->models[i])->starts);
     model_summary(&o, p, "llama_pool_load_seconds", "time from spawn to ready, by model",
-                  offsetof(struct model_stats, load_seconds), offsetof(struct model_stats, loads));
+                  offsetof(struct model_counts, load_seconds), offsetof(struct model_counts, loads));
     family(&o, "llama_pool_evictions_total", "counter",
            "instances that stopped other than by an operator, by model and reason");
     for (size_t i = 0; i < p->nmodels; i++) {
-        const struct model_stats *s = &p->models[i]->stats;
+        const struct model_counts *s = counts_of(p->models[i]);
         const char *n = label(&o, p->models[i]->cfg->name);
         emit(&o, "llama_pool_evictions_total{model=\"%s\",reason=\"lru\"} %" PRIu64 "\n", n, s->lru_stops);
         emit(&o, "llama_pool_evictions_total{model=\"%s\",reason=\"idle\"} %" PRIu64 "\n", n, s->idle_stops);
@@ -268,12 +303,12 @@ char *metrics_render(struct pool *p, const struct router *r, size_t *len)
         emit(&o, "llama_pool_evictions_total{model=\"%s\",reason=\"crash\"} %" PRIu64 "\n", n, s->crashes);
     }
     model_summary(&o, p, "llama_pool_queue_wait_seconds", "time from arrival to dispatch, by model",
-                  offsetof(struct model_stats, queue_wait_seconds),
-                  offsetof(struct model_stats, queue_waits));
+                  offsetof(struct model_counts, queue_wait_seconds),
+                  offsetof(struct model_counts, queue_waits));
     family(&o, "llama_pool_requests_total", "counter",
            "answered requests by model and HTTP status (499: the client left first)");
     for (size_t i = 0; i < p->nmodels; i++) {
-        const struct model_stats *s = &p->models[i]->stats;
+        const struct model_counts *s = counts_of(p->models[i]);
         for (size_t k = 0; k < METRICS_STATUS_SLOTS && s->status[k].n; k++)
             emit(&o, "llama_pool_requests_total{model=\"%s\",status=\"%d\"} %" PRIu64 "\n",
                  label(&o, p->models[i]->cfg->name), s->status[k].code, s->status[k].n);

@@ -15,8 +15,9 @@
 #define METRICS_STATUS_SLOTS 12
 #define METRICS_BUCKETS 13
 
-/* Per model. */
-struct model_stats {
+/* Per model: the counters, allocated at the first count, so that each of
+ * thousands of models that never ran costs a pointer (read as zeros). */
+struct model_counts {
     uint64_t starts;              /* spawns, on demand, by an operator or after a crash */
     uint64_t loads;               /* starts that became ready */
     double load_seconds;          /* sum of spawn → ready */
@@ -27,6 +28,10 @@ struct model_stats {
     uint64_t queue_waits;         /* requests that were dispatched */
     double queue_wait_seconds;    /* their time from arrival to dispatch */
     struct { int code; uint64_t n; } status[METRICS_STATUS_SLOTS];  /* answers by status */
+};
+
+struct model_stats {
+    struct model_counts *c;       /* NULL until the first count */
 };
 
 /* A histogram of seconds on metrics_bucket_le. */
@@ -52,12 +57,15 @@ enum metrics_eviction {
     METRICS_EVICT_CRASH,
 };
 
+/* A count that finds no memory for the model's counters is lost (and
+ * only that one: the next tries again). */
 void metrics_count_status(struct model_stats *s, int code);
 void metrics_count_start(struct model_stats *s);
 void metrics_count_load(struct model_stats *s, double seconds);
 void metrics_count_eviction(struct model_stats *s, enum metrics_eviction why);
 void metrics_count_queue_wait(struct model_stats *s, double seconds);
 void metrics_observe(struct metrics_hist *h, double seconds);
+void metrics_stats_free(struct model_stats *s);
 
 struct pool;
 struct router;

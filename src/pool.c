@@ -259,10 +259,14 @@ static bool inst_crashed(struct instance *inst, void *arg)
     if (p->shutting_down || m->retired)
         return true;            /* no restarts while going away */
     metrics_count_eviction(&m->stats, METRICS_EVICT_CRASH);
-    if (!crash_log_add(&m->crashes, now, window, p->cfg->max_restarts))
+    if (!m->crashes && !(m->crashes = calloc(1, sizeof *m->crashes))) {
+        log_error("%s: out of memory: its crash is not counted", m->cfg->name);
+        return false;
+    }
+    if (!crash_log_add(m->crashes, now, window, p->cfg->max_restarts))
         return false;
     char msg[1200];
-    size_t crashes = crash_log_count(&m->crashes, now, window);
+    size_t crashes = crash_log_count(m->crashes, now, window);
     snprintf(msg, sizeof msg, "%s (crashed %zu time%s within %.0f s; marked failed until start or reload)",
              inst->last_error ? inst->last_error : "crashed", crashes, crashes == 1 ? "" : "s", window);
     free(m->last_error);
@@ -322,9 +326,18 @@ static void model_free(struct pool_model *m)
             break;
         }
     buf_free(&m->logbuf);
+    free(m->crashes);
+    metrics_stats_free(&m->stats);
+    free(m->est);
     free(m->est_error);
     free(m->last_error);
     free(m);
+}
+
+static void model_forget_crashes(struct pool_model *m)
+{
+    free(m->crashes);
+    m->crashes = NULL;
 }
 
 static unsigned model_active(const struct pool_model *m)
@@ -416,7 +429,7 @@ int pool_model_start(struct pool_model *m, unsigned n, char *err, size_t errlen)
         return -1;
     /* An operator's start forgets past crashes. */
     m->failed = false;
-    crash_log_clear(&m->crashes);
+    model_forget_crashes(m);
     /* Failed instances are started again first, then new ones are added. */
     for (size_t i = 0; i < m->ninst && model_active(m) < n; i++) {
         struct instance *inst = m->inst[i];
@@ -484,7 +497,7 @@ void pool_model_stop(struct pool_model *m)
     for (size_t i = 0; i < m->ninst; i++)
         instance_stop(m->inst[i]);
     m->failed = false;
-    crash_log_clear(&m->crashes);
+    model_forget_crashes(m);
     gc_soon(m->pool);
 }
 
@@ -492,7 +505,7 @@ void pool_model_restart(struct pool_model *m)
 {
     if (m->failed) {
         m->failed = false;
-        crash_log_clear(&m->crashes);
+        model_forget_crashes(m);
     }
     if (model_active(m) == 0) {
         char err[256];
@@ -655,35 +668,42 @@ void pool_free(struct pool *p)
 
 const struct memory_estimate *pool_model_estimate(struct pool_model *m)
 {
-    if (!m->est_known) {
-        char err[512];
-        free(m->est_error);
-        m->est_error = NULL;
-        /* A child the pool places sees one GPU (CUDA_VISIBLE_DEVICES);
-         * one whose args choose sees them all. */
-        unsigned ndev = m->pool->ndev ? (m->gpu_fixed ? m->pool->ndev : 1) : 0;
-        if (memory_estimate_devices(m->pool->cfg, m->cfg, ndev, &m->est, err, sizeof err) < 0) {
-            /* Unreadable header: charge the file size; measurement corrects it. */
-            struct stat st;
-            m->est_error = strdup(err);
-            memset(&m->est, 0, sizeof m->est);
-            if (stat(m->cfg->path, &st) == 0)
-                m->est.weights = (uint64_t)st.st_size;
-            /* On GPUs, unless its args keep it off them: the whole file and
-             * a CUDA context on its (first) device, rather than nothing and
-             * a child pushed onto the CPU. */
-            struct memory_placement pl;
-            char perr[256];
-            if (ndev && memory_gpu_placement(m->pool->cfg, m->cfg, ndev, &pl, perr, sizeof perr) == 0 &&
-                pl.ngl != 0 && pl.n_dev > 0 && pl.dev[0] < MEMORY_MAX_DEVICES) {
-                m->est.vram[pl.dev[0]] = m->est.vram_total = m->est.weights + MEMORY_GPU_FIXED;
-                m->est.ndev = pl.dev[0] + 1;
-            }
-            log_warn("%s: no memory estimate from its header (%s); charging its file size", m->cfg->name, err);
-        }
-        m->est_known = true;
+    if (m->est_known)
+        return m->est;
+    if (!m->est && !(m->est = malloc(sizeof *m->est))) {
+        /* Charged nothing this once; the next use tries again. */
+        static const struct memory_estimate none;
+        log_error("%s: out of memory for its memory estimate", m->cfg->name);
+        return &none;
     }
-    return &m->est;
+    struct memory_estimate *e = m->est;
+    char err[512];
+    free(m->est_error);
+    m->est_error = NULL;
+    /* A child the pool places sees one GPU (CUDA_VISIBLE_DEVICES);
+     * one whose args choose sees them all. */
+    unsigned ndev = m->pool->ndev ? (m->gpu_fixed ? m->pool->ndev : 1) : 0;
+    if (memory_estimate_devices(m->pool->cfg, m->cfg, ndev, e, err, sizeof err) < 0) {
+        /* Unreadable header: charge the file size; measurement corrects it. */
+        struct stat st;
+        m->est_error = strdup(err);
+        memset(e, 0, sizeof *e);
+        if (stat(m->cfg->path, &st) == 0)
+            e->weights = (uint64_t)st.st_size;
+        /* On GPUs, unless its args keep it off them: the whole file and
+         * a CUDA context on its (first) device, rather than nothing and
+         * a child pushed onto the CPU. */
+        struct memory_placement pl;
+        char perr[256];
+        if (ndev && memory_gpu_placement(m->pool->cfg, m->cfg, ndev, &pl, perr, sizeof perr) == 0 &&
+            pl.ngl != 0 && pl.n_dev > 0 && pl.dev[0] < MEMORY_MAX_DEVICES) {
+            e->vram[pl.dev[0]] = e->vram_total = e->weights + MEMORY_GPU_FIXED;
+            e->ndev = pl.dev[0] + 1;
+        }
+        log_warn("%s: no memory estimate from its header (%s); charging its file size", m->cfg->name, err);
+    }
+    m->est_known = true;
+    return e;
 }
 
 struct pool_model *pool_find(struct pool *p, const char *name)
@@ -787,7 +807,7 @@ void pool_reload(struct pool *p, struct config *cfg, json_t *summary)
                 unchanged++;
             model_rebind(m, cm);
             m->failed = false;
-            crash_log_clear(&m->crashes);
+            model_forget_crashes(m);
             model_log_close(m);             /* log_dir may have moved */
         } else if ((m = model_new(p, cm))) {
             json_array_append_new(added, util_json_string(cm->name));

@@ -73,6 +73,9 @@ struct pool_observer {
     struct pool_model *model;
 };
 
+/* Thousands of models may be configured and few run: what only a model
+ * that ran needs (crash times, counters, its estimate, a log) is
+ * allocated when it first does. */
 struct pool_model {
     struct pool *pool;
     const struct config_model *cfg;
@@ -80,7 +83,7 @@ struct pool_model {
     size_t ninst;
     bool failed;                    /* crash loop: no restarts until start/reload */
     char *last_error;
-    struct crash_log crashes;
+    struct crash_log *crashes;      /* since the last start or reload; NULL: none */
     struct logring log;             /* allocated on first line */
     int log_fd;                     /* opened on first line, -1 otherwise */
     uint64_t log_size;              /* bytes in the file at log_fd */
@@ -92,7 +95,7 @@ struct pool_model {
     size_t index;                   /* the n-th model made since start, never reused:
                                      * a key for it that outlives reloads */
     struct model_stats stats;       /* counters for /metrics */
-    struct memory_estimate est;     /* valid when est_known */
+    struct memory_estimate *est;    /* valid when est_known (pool_model_estimate) */
     bool est_known;
     char *est_error;                /* why the estimate failed, or NULL */
     unsigned np_hint;               /* -np/--parallel in its args, else 4 */
