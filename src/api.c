@@ -9,7 +9,10 @@
 #include "router.h"
 #include "util.h"
 
+#include <errno.h>
 #include <jansson.h>
+#include <stdint.h>
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <strings.h>
@@ -125,7 +128,7 @@ static json_t *model_json(const struct api *api, const struct pool_model *m)
         json_array_append_new(aliases, util_json_string(m->cfg->aliases[i]));
     json_object_set_new(o, "name", util_json_string(m->cfg->name));
     json_object_set_new(o, "aliases", aliases);
-    json_object_set_new(o, "state", json_string(pool_model_state(m)));
+    json_object_set_new(o, "state", json_string(pool_model_state_name(pool_model_state(m))));
     json_object_set_new(o, "pinned", json_boolean(m->cfg->pin));
     json_object_set_new(o, "path", util_json_string(m->cfg->path));
     json_object_set_new(o, "instances_min", json_integer(m->cfg->instances_min));
@@ -145,8 +148,81 @@ static json_t *model_json(const struct api *api, const struct pool_model *m)
     return o;
 }
 
-/* GET /pool/status: every model, or ONLY. */
-static json_t *status_json(const struct api *api, const struct pool_model *only)
+/* ---------- GET /pool/status ---------- */
+
+/* *N from TEXT, a whole number (digits only: no sign, no space) of at
+ * most MAX; false when it is none. */
+static bool whole_number(const char *text, size_t max, size_t *n)
+{
+    if (!*text || strspn(text, "0123456789") != strlen(text))
+        return false;
+    errno = 0;
+    unsigned long long v = strtoull(text, NULL, 10);
+    if (errno == ERANGE || v > max)
+        return false;
+    *n = (size_t)v;
+    return true;
+}
+
+int api_status_query(const char *summary, const char *offset, const char *limit, bool model,
+                     struct api_status_query *q, char *err, size_t errlen)
+{
+    *q = (struct api_status_query){ .limit = API_STATUS_MAX_LIMIT };
+    if (summary && *summary && config_parse_bool(summary, &q->summary) < 0) {
+        snprintf(err, errlen, "summary must be 1 or 0, not \"%.40s\"", summary);
+        return -1;
+    }
+    if (summary && !*summary)           /* ?summary alone, as ?wait and ?follow */
+        q->summary = true;
+    if (offset && !whole_number(offset, SIZE_MAX, &q->offset)) {
+        snprintf(err, errlen, "offset must be a whole number (0 or more), not \"%.40s\"", offset);
+        return -1;
+    }
+    if (limit && (!whole_number(limit, API_STATUS_MAX_LIMIT, &q->limit) || q->limit == 0)) {
+        snprintf(err, errlen, "limit must be a whole number from 1 to %d, not \"%.40s\"",
+                 API_STATUS_MAX_LIMIT, limit);
+        return -1;
+    }
+    q->paged = offset || limit;
+    if (model && (q->summary || q->paged)) {
+        snprintf(err, errlen, "model= names one model: it takes no summary, offset or limit");
+        return -1;
+    }
+    if (q->summary && q->paged) {
+        snprintf(err, errlen, "summary=1 lists only the models with instances: it takes no offset or "
+                 "limit (page the full status instead)");
+        return -1;
+    }
+    return 0;
+}
+
+/* Every model by its state, and every instance by its public state (an
+ * instance waiting to restart counts as starting, as it shows). */
+static json_t *status_counts(const struct pool *p)
+{
+    size_t models[POOL_MODEL_STATES] = { 0 };
+    size_t insts[INSTANCE_FAILED + 1] = { 0 };
+    for (size_t i = 0; i < p->nmodels; i++) {
+        const struct pool_model *m = p->models[i];
+        models[pool_model_state(m)]++;
+        for (size_t j = 0; j < m->ninst; j++)
+            insts[m->inst[j]->state]++;
+    }
+    json_t *by_model = json_object(), *by_inst = json_object();
+    for (int s = 0; s < POOL_MODEL_STATES; s++)
+        json_object_set_new(by_model, pool_model_state_name((enum pool_model_state)s),
+                            json_integer((json_int_t)models[s]));
+    for (int s = 0; s <= INSTANCE_FAILED; s++) {
+        const char *name = instance_state_name((enum instance_state)s);
+        json_int_t before = json_integer_value(json_object_get(by_inst, name));
+        json_object_set_new(by_inst, name, json_integer(before + (json_int_t)insts[s]));
+    }
+    return json_pack("{s:o,s:o}", "models", by_model, "instances", by_inst);
+}
+
+/* What every status has besides "models": memory, devices, queue, uptime,
+ * the config file and the number of models configured. */
+static json_t *status_head(const struct api *api)
 {
     const struct pool *p = api->pool;
     uint64_t avail;
@@ -178,12 +254,70 @@ static json_t *status_json(const struct api *api, const struct pool_model *only)
     json_object_set_new(root, "queue", queue);
     json_object_set_new(root, "uptime_s", json_real(ev_now(p->loop) - p->started_at));
     json_object_set_new(root, "config", util_json_string(p->cfg->file ? p->cfg->file : ""));
-    json_t *models = json_array();
-    for (size_t i = 0; i < p->nmodels; i++)
-        if (!only || p->models[i] == only)
-            json_array_append_new(models, model_json(api, p->models[i]));
-    json_object_set_new(root, "models", models);
+    json_object_set_new(root, "total", json_integer((json_int_t)p->nmodels));
     return root;
+}
+
+static int append_to_buf(const char *data, size_t n, void *arg)
+{
+    return buf_append(arg, data, n) ? 0 : -1;
+}
+
+/* OBJ (taken) as compact JSON at the end of OUT. */
+static bool buf_put_json(struct buf *out, json_t *obj)
+{
+    bool ok = obj && json_dump_callback(obj, append_to_buf, out, JSON_COMPACT) == 0;
+    json_decref(obj);
+    return ok;
+}
+
+/* Whether a summary lists M: it has instances (in any state) or requests
+ * waiting for one. */
+static bool summary_lists(const struct api *api, const struct pool_model *m)
+{
+    return m->ninst > 0 || router_waiting_model(api->router, m) > 0;
+}
+
+/* The status that Q asks for (ONLY: the one model named). The document is
+ * written a model at a time after its head, whose closing brace becomes
+ * ,"models":[…]}: ten thousand models as one jansson tree took ten times
+ * the size of their text, and malloc kept it after. */
+static void respond_status(struct http_request *req, const struct api *api,
+                           const struct api_status_query *q, struct pool_model *only)
+{
+    const struct pool *p = api->pool;
+    json_t *head = status_head(api);
+    if (q->summary) {
+        json_object_set_new(head, "summary", json_true());
+        json_object_set_new(head, "counts", status_counts(p));
+    }
+    if (q->paged) {
+        json_object_set_new(head, "offset", json_integer((json_int_t)q->offset));
+        json_object_set_new(head, "limit", json_integer((json_int_t)q->limit));
+    }
+    struct buf out = { 0 };
+    bool ok = buf_put_json(&out, head) && out.len >= 2 && out.data[out.len - 1] == '}';
+    if (ok) {
+        buf_set_len(&out, out.len - 1);
+        ok = buf_puts(&out, out.data[out.len - 1] == '{' ? "\"models\":[" : ",\"models\":[");
+    }
+    size_t from = 0, to = p->nmodels, listed = 0;
+    if (q->paged) {
+        from = q->offset < p->nmodels ? q->offset : p->nmodels;
+        to = from + (q->limit < p->nmodels - from ? q->limit : p->nmodels - from);
+    }
+    for (size_t i = from; ok && i < to; i++) {
+        struct pool_model *m = p->models[i];
+        if ((only && m != only) || (q->summary && !summary_lists(api, m)))
+            continue;
+        ok = (!listed++ || buf_putc(&out, ',')) && buf_put_json(&out, model_json(api, m));
+    }
+    ok = ok && buf_puts(&out, "]}\n");
+    if (ok)
+        http_respond(req, 200, "application/json", NULL, out.data, out.len);
+    else
+        http_respond_error(req, 500, NULL, "out of memory");
+    buf_free(&out);
 }
 
 /* ---------- waiting for a model: start?wait=1, stop?wait=1, logs?follow=1 ---------- */
@@ -388,14 +522,22 @@ static void route_status(struct http_request *req, const struct api *api)
 {
     struct pool *p = api->pool;
     char *name = http_query_get(req, "model");
+    char *summary = http_query_get(req, "summary");
+    char *offset = http_query_get(req, "offset");
+    char *limit = http_query_get(req, "limit");
+    struct api_status_query q;
+    char err[256];
     struct pool_model *only = NULL;
-    if (name && *name && !(only = pool_find(p, name))) {
+    if (api_status_query(summary, offset, limit, name && *name, &q, err, sizeof err) < 0)
+        http_respond_error(req, 400, "invalid_request_error", "%s", err);
+    else if (name && *name && !(only = pool_find(p, name)))
         respond_unknown_model(req, p, name);
-        free(name);
-        return;
-    }
+    else
+        respond_status(req, api, &q, only);
     free(name);
-    respond_json(req, 200, status_json(api, only));
+    free(summary);
+    free(offset);
+    free(limit);
 }
 
 static void route_model_action(struct http_request *req, const struct api *api,
@@ -672,10 +814,10 @@ static void route_models(struct http_request *req, struct pool *p)
     json_t *data = json_array();
     for (size_t i = 0; i < p->nmodels; i++) {
         struct pool_model *m = p->models[i];
-        const char *st = pool_model_state(m);
-        const char *status = strcmp(st, "ready") == 0 ? "ready"
-                           : strcmp(st, "starting") == 0 ? "loading"
-                           : strcmp(st, "failed") == 0 ? "failed" : "unloaded";
+        enum pool_model_state st = pool_model_state(m);
+        const char *status = st == POOL_MODEL_READY ? "ready"
+                           : st == POOL_MODEL_STARTING ? "loading"
+                           : st == POOL_MODEL_FAILED ? "failed" : "unloaded";
         json_t *aliases = json_array();
         for (size_t j = 0; j < m->cfg->naliases; j++)
             json_array_append_new(aliases, util_json_string(m->cfg->aliases[j]));

@@ -6,6 +6,8 @@
 #define LLAMA_POOL_API_H
 
 #include <jansson.h>
+#include <stdbool.h>
+#include <stddef.h>
 
 #include "http.h"
 
@@ -20,6 +22,25 @@ struct api {
      * Set by main (it owns the config path). */
     int (*reload)(struct api *api, json_t **result);
 };
+
+/* What GET /pool/status asks for (docs/http-api.md): every model; one
+ * (model=NAME); a page of them (offset=N, limit=M: the models [N, N+M) in
+ * config order); or a summary (summary=1: counts by state, and only the
+ * models with instances or waiting requests). */
+#define API_STATUS_MAX_LIMIT 1000   /* limit= at most */
+
+struct api_status_query {
+    bool summary;
+    bool paged;                     /* offset= or limit= given */
+    size_t offset;                  /* 0 when absent */
+    size_t limit;                   /* API_STATUS_MAX_LIMIT when absent */
+};
+
+/* Read the values of summary=, offset= and limit= (NULL: absent) of a
+ * status request, which also names a MODEL or not. 0, or -1 with ERR
+ * saying what is wrong (for a 400). */
+int api_status_query(const char *summary, const char *offset, const char *limit, bool model,
+                     struct api_status_query *q, char *err, size_t errlen);
 
 /* The http handler for both listeners (arg = struct api *). */
 void api_handle(struct http_request *req, void *arg);

@@ -383,19 +383,31 @@ size_t pool_model_count(const struct pool_model *m, enum instance_state s)
     return n;
 }
 
-const char *pool_model_state(const struct pool_model *m)
+enum pool_model_state pool_model_state(const struct pool_model *m)
 {
     if (m->failed)
-        return "failed";
+        return POOL_MODEL_FAILED;
     if (pool_model_count(m, INSTANCE_READY))
-        return "ready";
+        return POOL_MODEL_READY;
     if (pool_model_count(m, INSTANCE_STARTING) || pool_model_count(m, INSTANCE_BACKOFF))
-        return "starting";
+        return POOL_MODEL_STARTING;
     if (pool_model_count(m, INSTANCE_STOPPING))
-        return "stopping";
+        return POOL_MODEL_STOPPING;
     if (pool_model_count(m, INSTANCE_FAILED))
-        return "failed";
-    return "stopped";
+        return POOL_MODEL_FAILED;
+    return POOL_MODEL_STOPPED;
+}
+
+const char *pool_model_state_name(enum pool_model_state s)
+{
+    switch (s) {
+    case POOL_MODEL_STOPPED:  return "stopped";
+    case POOL_MODEL_STARTING: return "starting";
+    case POOL_MODEL_READY:    return "ready";
+    case POOL_MODEL_STOPPING: return "stopping";
+    case POOL_MODEL_FAILED:   return "failed";
+    }
+    return "unknown";
 }
 
 /* An operator's start or a preload: the listener says where it goes. */

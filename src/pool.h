@@ -163,8 +163,20 @@ bool pool_has_processes(const struct pool *p);
 /* SIGKILL every child now. */
 void pool_kill_all(struct pool *p);
 
-/* State of a model as a word: ready, starting, stopping, stopped, failed. */
-const char *pool_model_state(const struct pool_model *m);
+/* State of a model: failed by a crash loop, else the best of its
+ * instances' (one ready makes it ready; one starting or waiting to
+ * restart, starting), else stopped. */
+enum pool_model_state {
+    POOL_MODEL_STOPPED,     /* no instance, or only stopped ones */
+    POOL_MODEL_STARTING,
+    POOL_MODEL_READY,
+    POOL_MODEL_STOPPING,
+    POOL_MODEL_FAILED,
+};
+#define POOL_MODEL_STATES 5
+enum pool_model_state pool_model_state(const struct pool_model *m);
+/* As a word: stopped, starting, ready, stopping, failed. */
+const char *pool_model_state_name(enum pool_model_state s);
 size_t pool_model_count(const struct pool_model *m, enum instance_state s);
 
 /* The memory budget now (pool.conf and the machine), and MemAvailable into
