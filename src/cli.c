@@ -312,50 +312,114 @@ static bool read_switch(int argc, char **argv, const char *name, char short_opt,
     return true;
 }
 
-static int cmd_status(struct client *c, int argc, char **argv)
+/* Above this many models, `status` shows a summary: counts by state and
+ * the models with instances (a table of ten thousand stopped models
+ * helps nobody); --all pages through every model, STATUS_PAGE a request. */
+#define STATUS_SUMMARY_ABOVE 200
+#define STATUS_PAGE 1000            /* the daemon's most per page */
+
+/* GET PATH as JSON; NULL with *RC set (and the reason printed) on failure. */
+static json_t *get_json(struct client *c, const char *path, int *rc)
 {
-    bool as_json;
-    if (!read_switch(argc, argv, "json", 'j', &as_json))
-        return CLI_USAGE;
-    char path[1024] = "/pool/status";
-    if (optind < argc) {
-        char *m = escape_path_part(argv[optind]);
-        snprintf(path, sizeof path, "/pool/status?model=%s", m ? m : "");
-        free(m);
-    }
     struct reply r = { 0 };
-    int rc;
-    if (!call(c, "GET", path, &r, &rc))
-        return rc;
-    if (as_json) {
-        fwrite(r.body.data, 1, r.body.len, stdout);
-        buf_free(&r.body);
-        return CLI_OK;
-    }
-    json_t *j = json_loads(r.body.data, 0, NULL);
+    if (!call(c, "GET", path, &r, rc))
+        return NULL;
+    json_t *j = r.body.data ? json_loadb(r.body.data, r.body.len, 0, NULL) : NULL;
     buf_free(&r.body);
-    if (!j) {
+    if (!json_is_object(j)) {
+        json_decref(j);
         fprintf(stderr, "llama-pool: the daemon's answer is not JSON\n");
-        return CLI_FAILED;
+        *rc = CLI_FAILED;
+        return NULL;
     }
+    return j;
+}
+
+/* The full status of every model, read a page at a time and put together
+ * as one document (without offset and limit). A daemon that does not
+ * page answers the whole status to the first request. */
+static json_t *get_all_pages(struct client *c, int *rc)
+{
+    json_t *all = NULL;
+    for (size_t offset = 0;; offset += STATUS_PAGE) {
+        char path[96];
+        snprintf(path, sizeof path, "/pool/status?offset=%zu&limit=%d", offset, STATUS_PAGE);
+        json_t *page = get_json(c, path, rc);
+        if (!page) {
+            json_decref(all);
+            return NULL;
+        }
+        size_t got = json_array_size(json_object_get(page, "models"));
+        json_int_t total = json_integer_value(json_object_get(page, "total"));
+        if (!all) {
+            all = page;
+        } else {
+            json_array_extend(json_object_get(all, "models"), json_object_get(page, "models"));
+            json_decref(page);
+        }
+        if (got == 0 || (json_int_t)(offset + STATUS_PAGE) >= total)
+            break;
+    }
+    json_object_del(all, "offset");
+    json_object_del(all, "limit");
+    return all;
+}
+
+/* "3 ready, 1 failed" from a counts object, states in ORDER, the zero
+ * ones left out; "none" when all are. */
+static void fmt_counts(json_t *counts, const char *const *order, char *out, size_t len)
+{
+    size_t n = 0;
+    out[0] = '\0';
+    for (const char *const *s = order; *s && n < len; s++) {
+        json_int_t k = json_integer_value(json_object_get(counts, *s));
+        if (k > 0) {
+            int w = snprintf(out + n, len - n, "%s%lld %s", n ? ", " : "", (long long)k, *s);
+            n += w > 0 ? (size_t)w : 0;
+        }
+    }
+    if (!out[0])
+        snprintf(out, len, "none");
+}
+
+/* The table of the models in J (a full status, a page put together, or a
+ * summary), then the pool's memory, queue, devices and errors. */
+static int print_status(json_t *j)
+{
+    bool summary = json_is_true(json_object_get(j, "summary"));
+    json_t *models = json_object_get(j, "models");
     struct table t = { 0 };
     char *head[NCOLS] = { "MODEL", "INSTANCE", "STATE", "PID", "PORT", "UPTIME", "↺", "MEMORY", "SLOTS", "LAST USED" };
     bool ok = table_add(&t, head);
     size_t i;
     json_t *model;
-    json_array_foreach(json_object_get(j, "models"), i, model)
+    json_array_foreach(models, i, model)
         ok = ok && status_rows(&t, model);
-    if (ok)
+    if (ok && (!summary || json_array_size(models)))
         table_print(&t);
     table_free(&t);
     if (!ok) {
-        json_decref(j);
         fprintf(stderr, "llama-pool: out of memory\n");
         return CLI_FAILED;
     }
+    if (summary) {
+        static const char *const model_order[] = { "ready", "starting", "stopping", "failed", "stopped", NULL };
+        static const char *const inst_order[] = { "ready", "starting", "stopping", "failed", "stopped", NULL };
+        json_t *counts = json_object_get(j, "counts");
+        char by_model[256], by_inst[256];
+        fmt_counts(json_object_get(counts, "models"), model_order, by_model, sizeof by_model);
+        fmt_counts(json_object_get(counts, "instances"), inst_order, by_inst, sizeof by_inst);
+        json_int_t total = json_integer_value(json_object_get(j, "total"));
+        if (!json_array_size(models))
+            printf("no model has an instance\n");
+        printf("\n%lld model%s: %s · instances: %s\n", (long long)total, total == 1 ? "" : "s",
+               by_model, by_inst);
+    } else {
+        printf("\n");
+    }
     json_t *mem = json_object_get(j, "memory");
     char used[32], budget[32];
-    printf("\nmemory %s used of %s budget · queue %lld/%lld\n",
+    printf("memory %s used of %s budget · queue %lld/%lld\n",
            util_format_bytes((uint64_t)json_integer_value(json_object_get(mem, "used")), used, sizeof used),
            util_format_bytes((uint64_t)json_integer_value(json_object_get(mem, "budget")), budget, sizeof budget),
            (long long)json_integer_value(json_object_get(json_object_get(j, "queue"), "waiting")),
@@ -372,13 +436,102 @@ static int cmd_status(struct client *c, int argc, char **argv)
                util_format_bytes((uint64_t)json_integer_value(json_object_get(dev, "free")), free_b, sizeof free_b),
                json_is_true(json_object_get(dev, "lost")) ? " (lost: not used)" : "");
     }
-    json_array_foreach(json_object_get(j, "models"), i, model) {
+    json_array_foreach(models, i, model) {
         const char *err = json_string_value(json_object_get(model, "last_error"));
         if (err)
             printf("%s: %s\n", json_string_value(json_object_get(model, "name")), err);
     }
-    json_decref(j);
+    if (summary) {
+        json_int_t unlisted = json_integer_value(json_object_get(j, "total")) - (json_int_t)json_array_size(models);
+        if (unlisted > 0)
+            printf("%lld model%s without instances not listed: `llama-pool status --all` lists every model\n",
+                   (long long)unlisted, unlisted == 1 ? "" : "s");
+    }
     return CLI_OK;
+}
+
+static int cmd_status(struct client *c, int argc, char **argv)
+{
+    enum { OPT_SUMMARY = 1, OPT_ALL };
+    static const struct option opts[] = {
+        { "json", no_argument, NULL, 'j' },
+        { "summary", no_argument, NULL, OPT_SUMMARY },
+        { "all", no_argument, NULL, OPT_ALL },
+        { NULL, 0, NULL, 0 },
+    };
+    bool as_json = false, summary = false, all = false;
+    optind = 1;
+    for (int ch; (ch = getopt_long(argc, argv, "j", opts, NULL)) != -1;) {
+        switch (ch) {
+        case 'j':         as_json = true; break;
+        case OPT_SUMMARY: summary = true; break;
+        case OPT_ALL:     all = true; break;
+        default:          return CLI_USAGE;
+        }
+    }
+    const char *model = optind < argc ? argv[optind] : NULL;
+    if (summary && all) {
+        fprintf(stderr, "llama-pool status: --summary and --all ask for different things; give one\n");
+        return CLI_USAGE;
+    }
+    if (model && (summary || all)) {
+        fprintf(stderr, "llama-pool status: MODEL shows that model; --summary and --all are for the whole pool\n");
+        return CLI_USAGE;
+    }
+
+    int rc = CLI_OK;
+    json_t *j = NULL;
+    if (model) {
+        char *m = escape_path_part(model);
+        char path[1024];
+        snprintf(path, sizeof path, "/pool/status?model=%s", m ? m : "");
+        free(m);
+        if (as_json) {          /* as the daemon wrote it */
+            struct reply r = { 0 };
+            if (!call(c, "GET", path, &r, &rc))
+                return rc;
+            fwrite(r.body.data, 1, r.body.len, stdout);
+            buf_free(&r.body);
+            return CLI_OK;
+        }
+        j = get_json(c, path, &rc);
+    } else if (all) {
+        j = get_all_pages(c, &rc);
+    } else if (as_json && !summary) {
+        /* Every model in one answer, as ever: scripts rely on it. */
+        struct reply r = { 0 };
+        if (!call(c, "GET", "/pool/status", &r, &rc))
+            return rc;
+        fwrite(r.body.data, 1, r.body.len, stdout);
+        buf_free(&r.body);
+        return CLI_OK;
+    } else {
+        /* The summary first: its total says whether a table of every
+         * model is worth showing. A daemon that knows no summary answers
+         * the full status, shown as it is. */
+        j = get_json(c, "/pool/status?summary=1", &rc);
+        if (j && !summary && json_is_true(json_object_get(j, "summary")) &&
+            json_integer_value(json_object_get(j, "total")) <= STATUS_SUMMARY_ABOVE) {
+            json_decref(j);
+            j = get_json(c, "/pool/status", &rc);
+        }
+    }
+    if (!j)
+        return rc;
+    if (as_json) {
+        char *text = json_dumps(j, JSON_COMPACT);
+        json_decref(j);
+        if (!text) {
+            fprintf(stderr, "llama-pool: out of memory\n");
+            return CLI_FAILED;
+        }
+        puts(text);
+        free(text);
+        return CLI_OK;
+    }
+    rc = print_status(j);
+    json_decref(j);
+    return rc;
 }
 
 /* ---------- start / stop / restart with progress ---------- */
