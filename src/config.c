@@ -1867,6 +1867,44 @@ static void build_models(struct parser *p)
     }
 }
 
+/* config->lookup: names and aliases are unique among all of them (the
+ * parser refused the config otherwise), so a slot whose model has the
+ * name, or the alias, asked for is the one. */
+static void lookup_add(struct config *c, const char *key, size_t model)
+{
+    size_t i = (size_t)hash_str(key) & (c->lookup_cap - 1);
+    while (c->lookup[i])
+        i = (i + 1) & (c->lookup_cap - 1);
+    c->lookup[i] = (uint32_t)model + 1;
+}
+
+static void build_lookup(struct config *c)
+{
+    size_t keys = 0;
+    for (size_t i = 0; i < c->nmodels; i++)
+        keys += 1 + c->models[i].naliases;
+    size_t cap = 16;
+    while (cap * 3 < keys * 4)          /* at most 3/4 full */
+        cap *= 2;
+    c->lookup = xcalloc(cap, sizeof *c->lookup);
+    c->lookup_cap = cap;
+    for (size_t i = 0; i < c->nmodels; i++) {
+        lookup_add(c, c->models[i].name, i);
+        for (size_t j = 0; j < c->models[i].naliases; j++)
+            lookup_add(c, c->models[i].aliases[j], i);
+    }
+}
+
+static bool model_is_called(const struct config_model *m, const char *name_or_alias)
+{
+    if (!strcmp(m->name, name_or_alias))
+        return true;
+    for (size_t j = 0; j < m->naliases; j++)
+        if (!strcmp(m->aliases[j], name_or_alias))
+            return true;
+    return false;
+}
+
 static void set_defaults(struct config *c)
 {
     c->listen = xstrdup("127.0.0.1:8080");
@@ -2014,6 +2052,7 @@ static struct config *load(const char *name, const char *text, size_t len,
     if (c->drain_timeout_ms < 0)
         c->drain_timeout_ms = c->stop_timeout_ms;
     build_models(&p);
+    build_lookup(c);
     parser_free(&p);
     return c;
 }
@@ -2165,6 +2204,7 @@ void config_free(struct config *cfg)
     for (size_t i = 0; i < cfg->nmodels; i++)
         model_free(&cfg->models[i]);
     free(cfg->models);
+    free(cfg->lookup);
     free(cfg);
 }
 
@@ -2184,6 +2224,15 @@ const struct config_model *config_find_model(const struct config *cfg,
 {
     if (!cfg || !name_or_alias)
         return NULL;
+    if (cfg->lookup_cap) {
+        size_t mask = cfg->lookup_cap - 1;
+        for (size_t i = (size_t)hash_str(name_or_alias) & mask; cfg->lookup[i]; i = (i + 1) & mask) {
+            const struct config_model *m = &cfg->models[cfg->lookup[i] - 1];
+            if (model_is_called(m, name_or_alias))
+                return m;
+        }
+        return NULL;
+    }
     for (size_t i = 0; i < cfg->nmodels; i++)
         if (!strcmp(cfg->models[i].name, name_or_alias))
             return &cfg->models[i];

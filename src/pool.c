@@ -723,6 +723,9 @@ struct pool_model *pool_find(struct pool *p, const char *name)
     const struct config_model *cm = config_find_model(p->cfg, name);
     if (!cm)
         return NULL;
+    size_t at = (size_t)(cm - p->cfg->models);  /* models are made in config order */
+    if (at < p->nmodels && p->models[at]->cfg == cm)
+        return p->models[at];
     for (size_t i = 0; i < p->nmodels; i++)
         if (p->models[i]->cfg == cm)
             return p->models[i];

@@ -440,6 +440,52 @@ static void test_every_model_key(void **state)
     config_free(c);
 }
 
+/* Lookups stay right past the table's growth and its collisions: 3,000
+ * sections with two aliases each, and 500 files from models_dir. */
+static void test_find_model_among_thousands(void **state)
+{
+    struct fx *f = *state;
+    char dir[600];
+    snprintf(dir, sizeof dir, "%s/many", f->dir);
+    assert_int_equal(mkdir(dir, 0755), 0);
+    for (int i = 0; i < 500; i++) {
+        char path[700];
+        snprintf(path, sizeof path, "%s/file%03d.gguf", dir, i);
+        write_file(path, "");
+    }
+    size_t cap = 3000 * 160 + 256, len = 0;
+    char *text = malloc(cap);
+    assert_non_null(text);
+    len += (size_t)snprintf(text + len, cap - len, "[pool]\nmodels_dir = %s\n", dir);
+    for (int i = 0; i < 3000; i++)
+        len += (size_t)snprintf(text + len, cap - len,
+                                "[model s%d]\npath = %s\naliases = a%d, org/b%d\n", i, f->model, i, i);
+    struct config *c = load_ok(f, text);
+    free(text);
+    assert_int_equal(c->nmodels, 3500);
+    for (int i = 0; i < 3000; i++) {
+        char name[32];
+        const struct config_model *m = &c->models[i];
+        snprintf(name, sizeof name, "s%d", i);
+        assert_ptr_equal(config_find_model(c, name), m);
+        snprintf(name, sizeof name, "a%d", i);
+        assert_ptr_equal(config_find_model(c, name), m);
+        snprintf(name, sizeof name, "org/b%d", i);
+        assert_ptr_equal(config_find_model(c, name), m);
+    }
+    for (int i = 0; i < 500; i++) {
+        char name[32];
+        snprintf(name, sizeof name, "file%03d", i);
+        const struct config_model *m = config_find_model(c, name);
+        assert_non_null(m);
+        assert_string_equal(m->name, name);
+    }
+    assert_null(config_find_model(c, "s3000"));
+    assert_null(config_find_model(c, "a"));
+    assert_null(config_find_model(c, ""));
+    config_free(c);
+}
+
 /* ------------------------------------------------------------------ */
 /* Value parsers                                                       */
 
@@ -2078,6 +2124,7 @@ int main(void)
         T(test_split_words),
         T(test_child_argv),
         T(test_same_child),
+        T(test_find_model_among_thousands),
         T(test_errors_free_and_null),
         T(test_example_config),
         T(test_gpu_keys),
