@@ -9,6 +9,8 @@
 
 #include <errno.h>
 #include <fcntl.h>
+#include <malloc.h>
+#include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -587,10 +589,14 @@ static void gc_cb(struct ev_loop *loop, ev_timer *w, int revents)
             p->retired[keep++] = m;
     }
     p->nretired = keep;
-    if (keep == 0) {
+    if (keep == 0 && p->nold_cfgs) {
         for (size_t i = 0; i < p->nold_cfgs; i++)
             config_free(p->old_cfgs[i]);
         p->nold_cfgs = 0;
+        /* A config is thousands of small blocks (two strings and more per
+         * model) spread over the heap among the new config's: free, they
+         * are holes malloc keeps resident. Give their pages back. */
+        malloc_trim(0);
     }
     if (p->shutting_down && !pool_has_processes(p) && p->on_stopped) {
         void (*done)(struct pool *, void *) = p->on_stopped;
@@ -718,18 +724,23 @@ const struct memory_estimate *pool_model_estimate(struct pool_model *m)
     return e;
 }
 
+/* The index of CM's model among the pool's (CM from p->cfg), or SIZE_MAX. */
+static size_t model_index(const struct pool *p, const struct config_model *cm)
+{
+    size_t at = (size_t)(cm - p->cfg->models);  /* models are made in config order */
+    if (at < p->nmodels && p->models[at]->cfg == cm)
+        return at;
+    for (size_t i = 0; i < p->nmodels; i++)
+        if (p->models[i]->cfg == cm)
+            return i;
+    return SIZE_MAX;
+}
+
 struct pool_model *pool_find(struct pool *p, const char *name)
 {
     const struct config_model *cm = config_find_model(p->cfg, name);
-    if (!cm)
-        return NULL;
-    size_t at = (size_t)(cm - p->cfg->models);  /* models are made in config order */
-    if (at < p->nmodels && p->models[at]->cfg == cm)
-        return p->models[at];
-    for (size_t i = 0; i < p->nmodels; i++)
-        if (p->models[i]->cfg == cm)
-            return p->models[i];
-    return NULL;
+    size_t i = cm ? model_index(p, cm) : SIZE_MAX;
+    return i != SIZE_MAX ? p->models[i] : NULL;
 }
 
 static bool stop_one(struct instance *inst)
@@ -809,11 +820,12 @@ void pool_reload(struct pool *p, struct config *cfg, json_t *summary)
     for (size_t i = 0; i < n; i++) {
         const struct config_model *cm = &cfg->models[i];
         struct pool_model *m = NULL;
-        for (size_t j = 0; j < p->nmodels && !m; j++)
-            if (!kept[j] && strcmp(p->models[j]->cfg->name, cm->name) == 0) {
-                m = p->models[j];
-                kept[j] = true;
-            }
+        const struct config_model *was = config_find_model(old, cm->name);  /* or an alias */
+        size_t j = was && strcmp(was->name, cm->name) == 0 ? model_index(p, was) : SIZE_MAX;
+        if (j != SIZE_MAX && !kept[j]) {
+            m = p->models[j];
+            kept[j] = true;
+        }
         if (m) {
             restart[k] = !config_model_same_child(old, m->cfg, cfg, cm);
             if (restart[k])
