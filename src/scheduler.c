@@ -65,10 +65,12 @@
 #define NIL UINT32_MAX
 #define DEV_SPLIT (-2)          /* inst.dev of an instance split over devices */
 #define DEFAULT_SLOTS 4         /* llama-server's own -np default */
-/* Hand-off (see handoff()): one request beyond its slots per instance, for
- * models whose requests take at most this long. */
-#define HANDOFF_DEPTH 1
+/* Hand-off (see handoff()): for models whose requests take at most
+ * HANDOFF_MAX_S, requests queued inside an instance beyond its slots, about
+ * HANDOFF_AHEAD_S of its work, one to HANDOFF_PER_SLOT per slot. */
 #define HANDOFF_MAX_S 0.5
+#define HANDOFF_AHEAD_S 0.05
+#define HANDOFF_PER_SLOT 4
 
 /* ---------- id → index: open addressing, linear probing ---------- */
 
@@ -755,8 +757,15 @@ static bool has_coming_or_ready(const struct sched *s, const struct model *m)
  * ends a request until the next one has come through the pool and been
  * parsed, templated and tokenized by llama-server: on short requests, a
  * large share of the slot's time. So each ready instance also holds
- * HANDOFF_DEPTH requests beyond its slots, which llama-server queues itself
- * and starts the moment a slot frees, while the pool refills it.
+ * requests beyond its slots, which llama-server queues itself and starts
+ * the moment a slot frees, while the pool refills them: about
+ * HANDOFF_AHEAD_S of work (slots x HANDOFF_AHEAD_S / turnaround), at least
+ * one per slot (llama-server decodes its slots in one batch, so requests
+ * sent together end together, and each slot needs its successor), at most
+ * HANDOFF_PER_SLOT per slot. A handed-off request so waits inside
+ * llama-server about HANDOFF_AHEAD_S, or one turnaround when that is longer;
+ * the rest wait in the pool's queue, first come first served, with its
+ * timeout and its bound.
  *
  * Only when it cannot cost the request much: the model's requests are short
  * (its turnaround, an average of recent dispatch-to-done times, is at most
@@ -776,6 +785,14 @@ static bool handoff_ok(const struct sched *s, const struct model *m)
     return true;
 }
 
+/* How many requests beyond SLOTS an instance of M holds. */
+static unsigned handoff_depth(const struct model *m, unsigned slots)
+{
+    double want = (double)slots * HANDOFF_AHEAD_S / m->turnaround + 0.5;
+    unsigned most = slots * HANDOFF_PER_SLOT;
+    return want < slots ? slots : want > most ? most : (unsigned)want;
+}
+
 static void handoff(struct sched *s, double now, size_t model)
 {
     struct model *m = &s->models[model];
@@ -786,7 +803,8 @@ static void handoff(struct sched *s, double now, size_t model)
         const struct inst *in = &s->insts[ii];
         if (in->state != INST_READY || in->stop_req || in->suspect || !in->slots)
             continue;
-        while (m->head != NIL && in->in_flight < in->slots + HANDOFF_DEPTH) {
+        unsigned most = in->slots + handoff_depth(m, in->slots);
+        while (m->head != NIL && in->in_flight < most) {
             uint32_t ri = m->head;
             wait_unlink(s, ri);
             dispatch(s, now, ri, ii);

@@ -18,8 +18,9 @@
  *   - Hand-off: while a model's requests wait, every slot is taken, its
  *     requests are short (recent dispatch-to-done average <= 0.5 s) and no
  *     instance of it is starting, asked for or suspect, each ready instance
- *     takes one request beyond its slots, queued inside llama-server, so
- *     that no slot idles between one request's end and the next's arrival.
+ *     takes requests beyond its slots, queued inside llama-server (about
+ *     50 ms of its work, 1 to 4 per slot), so that no slot idles between
+ *     one request's end and the next one's arrival.
  *   - A waiting request for a model with no instance starting asks for one
  *     start; requests arriving meanwhile wait for that same start (one start,
  *     many waiters). While the waiting requests of a model outnumber the

@@ -345,10 +345,12 @@ def test_disconnect_while_queued_leaves_the_queue(pool):
 
 
 @fake_only("needs slow generation")
-def test_a_full_instance_of_short_requests_holds_one_more_queued_inside_it(pool):
+def test_a_full_instance_of_short_requests_holds_more_queued_inside_it(pool):
     one_slow_slot(pool, 25)
-    # One short request answered: tiny's requests are known to be short.
-    status, _, _ = post(pool.listen_port, "/v1/chat/completions", {**CHAT, "model": "tiny", "max_tokens": 2})
+    # One short request answered (4 tokens, 100 ms): tiny's requests are
+    # known to be short, and at 100 ms one of them fills the 50 ms ahead
+    # the hand-off keeps: one handed off per slot.
+    status, _, _ = post(pool.listen_port, "/v1/chat/completions", {**CHAT, "model": "tiny", "max_tokens": 4})
     assert status == 200
     results = []
     threads = [threading.Thread(target=lambda: results.append(

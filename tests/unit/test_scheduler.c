@@ -669,44 +669,58 @@ static void done_frees_the_slot_and_updates_last_used(void **state)
     sched_free(s);
 }
 
-/* ---------- hand-off: one request beyond the slots ---------- */
+/* ---------- hand-off: requests queued inside a full instance ---------- */
 
-/* big (one instance at most, one slot) has served a 10 ms request. */
-static struct sched *big_with_short_requests(void)
+/* big (one instance at most, one slot) has served a request that took D s. */
+static struct sched *big_after_one_of(double d)
 {
     struct sched *s = pool_new(100, 0);
     ready(s, 0, 1, BIG, 1);
     sched_request(s, 1, 10, BIG);
-    sched_request_done(s, 1.01, 10);
+    sched_request_done(s, 1 + d, 10);
     drain(s);
     return s;
 }
 
-static void a_full_instance_of_a_model_with_short_requests_takes_one_more(void **state)
+static void a_full_instance_of_a_model_with_short_requests_takes_more(void **state)
 {
     (void)state;
-    struct sched *s = big_with_short_requests();
+    struct sched *s = big_after_one_of(0.01);
     sched_request(s, 2, 11, BIG);
     assert_int_equal(nth(drain(s), SCHED_DISPATCH, 0)->req, 11);
     /* Its one slot is taken and big can have no other instance: the next
-     * goes to llama-server's own queue, where it starts when the slot frees. */
-    sched_request(s, 2, 12, BIG);
+     * go to llama-server's own queue, where each starts when the slot
+     * frees. 10 ms requests: 50 ms of them would be 5, 4 per slot at most. */
+    for (sched_req_t r = 12; r <= 17; r++)
+        sched_request(s, 2, r, BIG);
     struct got *x = drain(s);
-    assert_int_equal(count(x, SCHED_DISPATCH), 1);
-    assert_int_equal(nth(x, SCHED_DISPATCH, 0)->req, 12);
-    assert_int_equal(nth(x, SCHED_DISPATCH, 0)->inst, 1);
-    assert_int_equal(sched_in_flight(s, 1), 2);
-    /* One beyond its slots, no more: the rest wait in the pool's queue. */
-    sched_request(s, 2, 13, BIG);
-    sched_request(s, 2, 14, BIG);
-    x = drain(s);
-    assert_int_equal(count(x, SCHED_DISPATCH), 0);
+    assert_int_equal(count(x, SCHED_DISPATCH), 4);
+    for (size_t i = 0; i < 4; i++) {
+        assert_int_equal(nth(x, SCHED_DISPATCH, i)->req, 12 + i);    /* in order */
+        assert_int_equal(nth(x, SCHED_DISPATCH, i)->inst, 1);
+    }
+    assert_int_equal(sched_in_flight(s, 1), 5);
     assert_int_equal(sched_waiting(s), 2);
-    /* 11 ends: 12 is already there; 13 is handed off in its place. */
+    /* 11 ends: 12 is already there; 16 is handed off in its place. */
     sched_request_done(s, 2.01, 11);
     x = drain(s);
     assert_int_equal(count(x, SCHED_DISPATCH), 1);
-    assert_int_equal(nth(x, SCHED_DISPATCH, 0)->req, 13);
+    assert_int_equal(nth(x, SCHED_DISPATCH, 0)->req, 16);
+    assert_int_equal(sched_in_flight(s, 1), 5);
+    assert_int_equal(sched_waiting(s), 1);
+    sched_free(s);
+}
+
+static void slower_requests_get_one_handed_off_per_slot(void **state)
+{
+    (void)state;
+    struct sched *s = big_after_one_of(0.2);      /* 50 ms of them is less than one */
+    sched_request(s, 2, 11, BIG);
+    sched_request(s, 2, 12, BIG);
+    sched_request(s, 2, 13, BIG);
+    struct got *x = drain(s);
+    assert_int_equal(count(x, SCHED_DISPATCH), 2);
+    assert_int_equal(nth(x, SCHED_DISPATCH, 1)->req, 12);
     assert_int_equal(sched_in_flight(s, 1), 2);
     assert_int_equal(sched_waiting(s), 1);
     sched_free(s);
@@ -755,16 +769,16 @@ static void no_handoff_while_another_instance_is_coming(void **state)
     x = drain(s);
     assert_int_equal(nth(x, SCHED_DISPATCH, 0)->req, 12);
     assert_int_equal(nth(x, SCHED_DISPATCH, 0)->inst, 2);
-    /* At its max, both full: each instance takes one more. */
-    sched_request(s, 3, 13, OTHER);
-    sched_request(s, 3, 14, OTHER);
-    sched_request(s, 3, 15, OTHER);
+    /* At its max, both full: each instance takes up to 4 more (its one
+     * slot's worth of 10 ms requests in 50 ms, at most 4 per slot). */
+    for (sched_req_t r = 13; r <= 22; r++)
+        sched_request(s, 3, r, OTHER);
     x = drain(s);
-    assert_int_equal(count(x, SCHED_DISPATCH), 2);
+    assert_int_equal(count(x, SCHED_DISPATCH), 8);
     assert_int_equal(count(x, SCHED_START), 0);
-    assert_int_equal(sched_in_flight(s, 1), 2);
-    assert_int_equal(sched_in_flight(s, 2), 2);
-    assert_int_equal(sched_waiting(s), 1);
+    assert_int_equal(sched_in_flight(s, 1), 5);
+    assert_int_equal(sched_in_flight(s, 2), 5);
+    assert_int_equal(sched_waiting(s), 2);
     sched_free(s);
 }
 
@@ -1515,8 +1529,8 @@ static void sim_actions(struct sim *x)
             assert_int_equal(r->state, 1);
             assert_int_equal(in->state, 2);
             assert_false(in->stopping);
-            /* Its slots, and one hand-off beyond them at most. */
-            assert_true(in->in_flight < x->info[in->model].slots_hint + 1);
+            /* Its slots, and at most 4 handed off per slot. */
+            assert_true(in->in_flight < x->info[in->model].slots_hint * 5);
             if (in->in_flight >= x->info[in->model].slots_hint)
                 x->handoffs++;
             in->in_flight++;
@@ -2359,7 +2373,8 @@ int main(void)
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(a_request_goes_to_a_ready_instance_with_a_free_slot),
         cmocka_unit_test(the_instance_with_fewest_in_flight_serves_earliest_added_on_ties),
-        cmocka_unit_test(a_full_instance_of_a_model_with_short_requests_takes_one_more),
+        cmocka_unit_test(a_full_instance_of_a_model_with_short_requests_takes_more),
+        cmocka_unit_test(slower_requests_get_one_handed_off_per_slot),
         cmocka_unit_test(no_handoff_before_a_request_is_done_or_when_requests_are_long),
         cmocka_unit_test(no_handoff_while_another_instance_is_coming),
         cmocka_unit_test(waiters_are_served_first_come_first_served_when_a_slot_frees),
