@@ -162,7 +162,8 @@ const struct config_model *config_find_model(const struct config *cfg,
 
 /* The full argv for one child of MODEL on PORT: llama_server, -m PATH,
  * --host 127.0.0.1, --port P, -a NAME (unless the args give -a/--alias),
- * default_args, then the model's args.
+ * --threads-http N (unless the args or env give it: see
+ * config_child_http_threads), default_args, then the model's args.
  * NULL-terminated, malloc'd (free with util_strv_free). */
 char **config_child_argv(const struct config *cfg,
                          const struct config_model *m, unsigned port);
@@ -172,6 +173,17 @@ char **config_child_argv(const struct config *cfg,
  * takes the last. NULL when absent. Points into the config. */
 const char *config_child_arg(const struct config *cfg, const struct config_model *m,
                              const char *flag, const char *longflag);
+
+/* The HTTP threads a child of M has: llama-server serves each connection
+ * on one of them, and a connection beyond them waits (measured with b9749:
+ * p99 from 15 ms to 450 ms at one connection too many). Its args'
+ * --threads-http or its env's LLAMA_ARG_THREADS_HTTP when given; else what
+ * the pool gives it: its slots (-np, else 4), the scheduler's hand-off (up
+ * to 4 requests per slot, CONFIG_HANDOFF_MAX in all) and 2 for the pool's
+ * /health and /props. *GIVEN says which. */
+#define CONFIG_HANDOFF_MAX 32
+unsigned config_child_http_threads(const struct config *cfg, const struct config_model *m,
+                                   bool *given);
 
 /* Whether M's args (or env) choose its GPUs themselves (--device, -ts,
  * -sm, -mg, or CUDA_VISIBLE_DEVICES in its env): the pool then leaves

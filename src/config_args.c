@@ -23,6 +23,12 @@ char **config_child_argv(const struct config *cfg,
         strvec_push(&v, xstrdup("-a"));
         strvec_push(&v, xstrdup(m->name));
     }
+    bool given;
+    unsigned threads = config_child_http_threads(cfg, m, &given);
+    if (!given) {
+        strvec_push(&v, xstrdup("--threads-http"));
+        strvec_push(&v, xasprintf("%u", threads));
+    }
     for (size_t i = 0; i < cfg->ndefault_args; i++)
         strvec_push(&v, xstrdup(cfg->default_args[i]));
     for (size_t i = 0; i < m->nargs; i++)
@@ -52,6 +58,35 @@ const char *config_child_arg(const struct config *cfg, const struct config_model
     return arg_in(m->args, m->nargs, flag, longflag, v);
 }
 
+static const char *env_value(const struct config_model *m, const char *name)
+{
+    for (size_t i = 0; i < m->nenv; i++)
+        if (strcmp(m->env[i].name, name) == 0)
+            return m->env[i].value;
+    return NULL;
+}
+
+unsigned config_child_http_threads(const struct config *cfg, const struct config_model *m,
+                                   bool *given)
+{
+    /* llama-server takes an argument over its environment variable. */
+    const char *v = config_child_arg(cfg, m, "--threads-http", "--threads-http");
+    if (!v)
+        v = env_value(m, "LLAMA_ARG_THREADS_HTTP");
+    long n = v ? strtol(v, NULL, 10) : 0;
+    *given = n > 0;
+    if (n > 0)
+        return n > 100000 ? 100000 : (unsigned)n;
+    const char *np = config_child_arg(cfg, m, "-np", "--parallel");
+    long slots = np ? strtol(np, NULL, 10) : 0;
+    if (slots <= 0)
+        slots = 4;
+    if (slots > 100000)
+        slots = 100000;
+    unsigned handoff = slots * 4 < CONFIG_HANDOFF_MAX ? (unsigned)slots * 4 : CONFIG_HANDOFF_MAX;
+    return (unsigned)slots + handoff + 2;
+}
+
 bool config_child_gpus_fixed(const struct config *cfg, const struct config_model *m)
 {
     static const char *const opts[][2] = {
@@ -61,10 +96,7 @@ bool config_child_gpus_fixed(const struct config *cfg, const struct config_model
     for (size_t i = 0; i < sizeof opts / sizeof opts[0]; i++)
         if (config_child_arg(cfg, m, opts[i][0], opts[i][1]))
             return true;
-    for (size_t i = 0; i < m->nenv; i++)
-        if (strcmp(m->env[i].name, "CUDA_VISIBLE_DEVICES") == 0)
-            return true;
-    return false;
+    return env_value(m, "CUDA_VISIBLE_DEVICES") != NULL;
 }
 
 /* 1 or 0 for the switch last given in V (N words), or FOUND when none is. */

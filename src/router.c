@@ -156,10 +156,13 @@ static void model_info(struct router *r, struct pool_model *m, bool with_estimat
     const struct config *cfg = r->pool->cfg;
     int64_t idle = m->cfg->idle_timeout_ms >= 0 ? m->cfg->idle_timeout_ms : cfg->idle_timeout_ms;
     uint64_t split[SCHED_MAX_DEVICES];
+    bool given;
+    unsigned threads = config_child_http_threads(cfg, m->cfg, &given);
     struct sched_model_info info = {
         .instances_min = m->cfg->instances_min,
         .instances_max = m->cfg->instances_max,
         .slots_hint = m->np_hint,
+        .http_conns = threads > 2 ? threads - 2 : 1,     /* /health and /props need theirs */
         .pinned = m->cfg->pin,
         .idle_timeout = (double)idle / 1000.0,
     };

@@ -67,7 +67,8 @@
 #define DEFAULT_SLOTS 4         /* llama-server's own -np default */
 /* Hand-off (see handoff()): for models whose requests take at most
  * HANDOFF_MAX_S, requests queued inside an instance beyond its slots, about
- * HANDOFF_AHEAD_S of its work, one to HANDOFF_PER_SLOT per slot. */
+ * HANDOFF_AHEAD_S of its work, one to HANDOFF_PER_SLOT per slot, within the
+ * connections its HTTP threads serve at once (info.http_conns). */
 #define HANDOFF_MAX_S 0.5
 #define HANDOFF_AHEAD_S 0.05
 #define HANDOFF_PER_SLOT 4
@@ -762,7 +763,9 @@ static bool has_coming_or_ready(const struct sched *s, const struct model *m)
  * HANDOFF_AHEAD_S of work (slots x HANDOFF_AHEAD_S / turnaround), at least
  * one per slot (llama-server decodes its slots in one batch, so requests
  * sent together end together, and each slot needs its successor), at most
- * HANDOFF_PER_SLOT per slot. A handed-off request so waits inside
+ * HANDOFF_PER_SLOT per slot, and never more than its HTTP threads serve at
+ * once (llama-server leaves a connection beyond them waiting, for up to
+ * seconds, behind the others' keep-alive). A handed-off request so waits inside
  * llama-server about HANDOFF_AHEAD_S, or one turnaround when that is longer;
  * the rest wait in the pool's queue, first come first served, with its
  * timeout and its bound.
@@ -804,6 +807,8 @@ static void handoff(struct sched *s, double now, size_t model)
         if (in->state != INST_READY || in->stop_req || in->suspect || !in->slots)
             continue;
         unsigned most = in->slots + handoff_depth(m, in->slots);
+        if (m->info.http_conns && most > m->info.http_conns)
+            most = m->info.http_conns;
         while (m->head != NIL && in->in_flight < most) {
             uint32_t ri = m->head;
             wait_unlink(s, ri);

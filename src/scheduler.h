@@ -85,6 +85,9 @@ struct sched_limits {
 struct sched_model_info {
     unsigned instances_min, instances_max;
     unsigned slots_hint;         /* expected slots of a starting instance (-np, else 4) */
+    unsigned http_conns;         /* requests an instance takes at once without one
+                                  * waiting for an HTTP thread: the hand-off stays
+                                  * within it (0 = no bound) */
     uint64_t mem_weights;        /* bytes of the file's weights (shared per file_id) */
     uint64_t mem_more;           /* bytes every instance adds: KV cache, buffers */
     uint64_t file_id;            /* instances of models with equal ids share weights; 0 = unique */

@@ -1776,27 +1776,51 @@ static void test_child_argv(void **state)
     struct fx *f = *state;
     struct config *c = load_ok(f,
         "[pool]\nllama_server = /opt/ls\ndefault_args = -cram 0\n"
-        "[model m]\npath = m.gguf\nargs = -c 4096 --alias 'my model'\n"
-        "[model bare]\npath = m.gguf\n");
+        "[model m]\npath = m.gguf\nargs = -c 4096 --alias 'my model' -np 2\n"
+        "[model bare]\npath = m.gguf\n"
+        "[model own]\npath = m.gguf\nargs = --threads-http=5 -np 2\n"
+        "[model env]\npath = m.gguf\nenv = LLAMA_ARG_THREADS_HTTP=7\n"
+        "[model many]\npath = m.gguf\nargs = -np 64\n");
+    /* 2 slots: 2, 8 hand-off (4 per slot), 2 for /health and /props. */
     char **argv = config_child_argv(c, &c->models[0], 8123);
     const char *want[] = { "/opt/ls", "-m", f->model, "--host", "127.0.0.1", "--port", "8123",
-                           "-cram", "0", "-c", "4096", "--alias", "my model", NULL };
+                           "--threads-http", "12",
+                           "-cram", "0", "-c", "4096", "--alias", "my model", "-np", "2", NULL };
     for (size_t i = 0; want[i]; i++) {
         assert_non_null(argv[i]);
         assert_string_equal(argv[i], want[i]);
     }
-    assert_null(argv[13]);
+    assert_null(argv[17]);
     util_strv_free(argv);
 
-    /* Without an alias in args, the child is named after the model. */
+    /* Without an alias in args, the child is named after the model; without
+     * -np it has llama-server's 4 slots: 4 + 16 + 2 threads. */
     argv = config_child_argv(c, &c->models[1], 65535);
     assert_string_equal(argv[6], "65535");
     assert_string_equal(argv[7], "-a");
     assert_string_equal(argv[8], "bare");
-    assert_string_equal(argv[9], "-cram");
-    assert_string_equal(argv[10], "0");
-    assert_null(argv[11]);
+    assert_string_equal(argv[9], "--threads-http");
+    assert_string_equal(argv[10], "22");
+    assert_string_equal(argv[11], "-cram");
+    assert_string_equal(argv[12], "0");
+    assert_null(argv[13]);
     util_strv_free(argv);
+
+    /* Threads the args or the env give are the child's: none added. */
+    bool given;
+    for (size_t m = 2; m <= 3; m++) {
+        argv = config_child_argv(c, &c->models[m], 1);
+        for (size_t i = 0; argv[i]; i++)
+            assert_string_not_equal(argv[i], "--threads-http");
+        util_strv_free(argv);
+    }
+    assert_int_equal(config_child_http_threads(c, &c->models[2], &given), 5);
+    assert_true(given);
+    assert_int_equal(config_child_http_threads(c, &c->models[3], &given), 7);
+    assert_true(given);
+    /* The hand-off is bounded in all: 64 slots + 32 + 2. */
+    assert_int_equal(config_child_http_threads(c, &c->models[4], &given), 98);
+    assert_false(given);
     config_free(c);
 }
 

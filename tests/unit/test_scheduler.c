@@ -726,6 +726,23 @@ static void slower_requests_get_one_handed_off_per_slot(void **state)
     sched_free(s);
 }
 
+static void the_handoff_stays_within_the_instances_http_threads(void **state)
+{
+    (void)state;
+    struct sched *s = big_after_one_of(0.01);
+    /* big's child serves 3 connections at once (--threads-http 5, less the
+     * pool's /health and /props): a fourth would wait for a thread. */
+    sched_model_set(s, BIG, "big", &(struct sched_model_info){ .instances_max = 1, .slots_hint = 1,
+                                                               .http_conns = 3 });
+    drain(s);
+    for (sched_req_t r = 11; r <= 16; r++)
+        sched_request(s, 2, r, BIG);
+    assert_int_equal(count(drain(s), SCHED_DISPATCH), 3);
+    assert_int_equal(sched_in_flight(s, 1), 3);
+    assert_int_equal(sched_waiting(s), 3);
+    sched_free(s);
+}
+
 static void no_handoff_before_a_request_is_done_or_when_requests_are_long(void **state)
 {
     (void)state;
@@ -2375,6 +2392,7 @@ int main(void)
         cmocka_unit_test(the_instance_with_fewest_in_flight_serves_earliest_added_on_ties),
         cmocka_unit_test(a_full_instance_of_a_model_with_short_requests_takes_more),
         cmocka_unit_test(slower_requests_get_one_handed_off_per_slot),
+        cmocka_unit_test(the_handoff_stays_within_the_instances_http_threads),
         cmocka_unit_test(no_handoff_before_a_request_is_done_or_when_requests_are_long),
         cmocka_unit_test(no_handoff_while_another_instance_is_coming),
         cmocka_unit_test(waiters_are_served_first_come_first_served_when_a_slot_frees),
