@@ -188,6 +188,7 @@ struct req {
     double arrival;
     double sent;                /* when it was dispatched */
     uint64_t seq;               /* arrival order across all models */
+    const struct sched_prefix *prefix;  /* the caller's; NULL = none */
 };
 
 enum inst_state {
@@ -281,6 +282,8 @@ struct sched {
     size_t nout, capout;
 
     double now;                 /* the time of the latest event */
+    struct aff_entry *aff;      /* prefix affinity: SCHED_AFFINITY_ENTRIES, or NULL */
+    uint64_t aff_clock;         /* its recency stamps */
     bool wake_armed;            /* a WAKE at wake_at is the caller's timer */
     double wake_at;
 
@@ -657,6 +660,8 @@ static void inst_forget(struct sched *s, uint32_t ii)
     s->inst_free = ii;
 }
 
+static uint32_t aff_pick(const struct sched *s, size_t model, const struct sched_prefix *p);
+
 /* The ready instance with a free slot and the fewest in flight; the
  * earliest added on ties. */
 static uint32_t pick(const struct sched *s, const struct model *m)
@@ -671,9 +676,25 @@ static uint32_t pick(const struct sched *s, const struct model *m)
     return best;
 }
 
+/* For request R of M: the instance its prompt prefers, if one has a free
+ * slot, else pick()'s. */
+static uint32_t pick_for(const struct sched *s, const struct model *m, const struct req *r)
+{
+    if (r && r->prefix) {
+        uint32_t ii = aff_pick(s, (size_t)(m - s->models), r->prefix);
+        if (ii != NIL)
+            return ii;
+    }
+    return pick(s, m);
+}
+
+static void aff_record(struct sched *s, size_t model, const struct sched_prefix *p, uint64_t inst);
+
 static void dispatch(struct sched *s, double now, uint32_t ri, uint32_t ii)
 {
     s->reqs[ri].sent = now;
+    if (s->reqs[ri].prefix)
+        aff_record(s, s->reqs[ri].model, s->reqs[ri].prefix, s->insts[ii].id);
     flight_link(s, ri, ii);
     s->insts[ii].last_used = now;
     emit_dispatch(s, &s->reqs[ri], &s->insts[ii]);
@@ -684,7 +705,7 @@ static void drain_waiters(struct sched *s, double now, size_t model)
 {
     struct model *m = &s->models[model];
     uint32_t ii;
-    while (m->head != NIL && (ii = pick(s, m)) != NIL) {
+    while (m->head != NIL && (ii = pick_for(s, m, &s->reqs[m->head])) != NIL) {
         uint32_t ri = m->head;
         wait_unlink(s, ri);
         dispatch(s, now, ri, ii);
@@ -751,6 +772,103 @@ static bool has_coming_or_ready(const struct sched *s, const struct model *m)
         if (s->insts[m->inst[i]].state != INST_FAILED && !s->insts[m->inst[i]].stop_req)
             return true;
     return false;
+}
+
+/* ---------- prefix affinity ---------- */
+
+/* One table for all models: what prompt (a block's chained hash, or a
+ * conversation's name) was last sent to which instance. 4-way sets, the
+ * least recently used of a set replaced; an entry whose instance is gone,
+ * stopping or of another model simply does not match. */
+#define AFF_WAYS 4
+#define AFF_SETS (SCHED_AFFINITY_ENTRIES / AFF_WAYS)
+
+struct aff_entry {
+    uint64_t key;               /* 0 = empty */
+    uint64_t inst;              /* the instance's id */
+    uint64_t used;              /* s->aff_clock when last set or matched */
+};
+
+/* KEY of MODEL as the table's key (never 0) and its set. */
+static uint64_t aff_key(size_t model, uint64_t key, size_t *set)
+{
+    uint64_t k = key ^ ((uint64_t)(model + 1) * 0x9E3779B97F4A7C15ULL);
+    k = k ? k : 1;
+    *set = (size_t)((k * 0xff51afd7ed558ccdULL) >> 32) % AFF_SETS;
+    return k;
+}
+
+static struct aff_entry *aff_find(const struct sched *s, size_t model, uint64_t key)
+{
+    size_t set;
+    uint64_t k = aff_key(model, key, &set);
+    struct aff_entry *e = &s->aff[set * AFF_WAYS];
+    for (size_t w = 0; w < AFF_WAYS; w++)
+        if (e[w].key == k)
+            return &e[w];
+    return NULL;
+}
+
+static void aff_set(struct sched *s, size_t model, uint64_t key, uint64_t inst)
+{
+    size_t set;
+    uint64_t k = aff_key(model, key, &set);
+    struct aff_entry *e = &s->aff[set * AFF_WAYS], *victim = &e[0];
+    for (size_t w = 0; w < AFF_WAYS; w++) {
+        if (e[w].key == k) {
+            victim = &e[w];
+            break;
+        }
+        if (e[w].used < victim->used)
+            victim = &e[w];
+    }
+    *victim = (struct aff_entry){ .key = k, .inst = inst, .used = ++s->aff_clock };
+}
+
+/* P was sent to INST. Its conversation and, of its blocks, the last and
+ * those at 1, 2, 4, 8 ... blocks: enough for the next turn (which begins
+ * with the whole of this prompt) and for other prompts that share a
+ * leading part of it (a system prompt), a few entries a request. */
+static void aff_record(struct sched *s, size_t model, const struct sched_prefix *p, uint64_t inst)
+{
+    if (!s->aff && !(s->aff = calloc(SCHED_AFFINITY_ENTRIES, sizeof *s->aff)))
+        return;                 /* no affinity, no harm */
+    if (p->session)
+        aff_set(s, model, p->session, inst);
+    for (unsigned len = 1; len < p->n; len *= 2)
+        aff_set(s, model, p->block[len - 1], inst);
+    if (p->n)
+        aff_set(s, model, p->block[p->n - 1], inst);
+}
+
+/* The instance entry E names, if it is MODEL's and may take a request now. */
+static uint32_t aff_usable(const struct sched *s, size_t model, const struct aff_entry *e)
+{
+    uint32_t ii = e ? idmap_get(&s->inst_map, e->inst) : NIL;
+    if (ii == NIL)
+        return NIL;
+    const struct inst *in = &s->insts[ii];
+    if (in->model != model || in->state != INST_READY || in->stop_req || in->suspect ||
+        in->in_flight >= in->slots)
+        return NIL;
+    return ii;
+}
+
+/* The instance with a free slot that P prefers: the one its conversation
+ * went to, else the one sent the longest leading part of its prompt; NIL
+ * when none of them has a free slot (or none is known). A match's entries
+ * are made young again when the request is dispatched (aff_record). */
+static uint32_t aff_pick(const struct sched *s, size_t model, const struct sched_prefix *p)
+{
+    if (!s->aff)
+        return NIL;
+    uint32_t ii = NIL;
+    if (p->session && (ii = aff_usable(s, model, aff_find(s, model, p->session))) != NIL)
+        return ii;
+    for (unsigned i = p->n; i-- > 0;)
+        if ((ii = aff_usable(s, model, aff_find(s, model, p->block[i]))) != NIL)
+            return ii;
+    return NIL;
 }
 
 /* Hand-off. When every slot of a model is taken and requests wait, the
@@ -1760,6 +1878,7 @@ void sched_free(struct sched *s)
         free(s->models[i].failed);
     }
     free(s->models);
+    free(s->aff);
     free(s->reqs);
     free(s->insts);
     idmap_free(&s->req_map);
@@ -1869,6 +1988,12 @@ void sched_model_failed(struct sched *s, double now, size_t model, const char *r
 
 void sched_request(struct sched *s, double now, sched_req_t req, size_t model)
 {
+    sched_request_prefix(s, now, req, model, NULL);
+}
+
+void sched_request_prefix(struct sched *s, double now, sched_req_t req, size_t model,
+                          const struct sched_prefix *prefix)
+{
     event_begin(s);
     if (!req) {
         /* ids are never 0 */
@@ -1882,11 +2007,17 @@ void sched_request(struct sched *s, double now, sched_req_t req, size_t model)
     } else {
         struct model *m = &s->models[model];
         m->last_asked = now;
-        uint32_t ii = m->head == NIL ? pick(s, m) : NIL;
+        uint32_t ii = NIL;
+        if (m->head == NIL && prefix)
+            ii = aff_pick(s, model, prefix);
+        if (m->head == NIL && ii == NIL)
+            ii = pick(s, m);
         if (ii == NIL && s->waiting >= s->limits.max_queue) {
             emit_fail(s, req, model, 429, 1, "queue full", fmt("queue full (%zu waiting)", s->waiting));
         } else {
             uint32_t ri = req_new(s, req, model);
+            if (ri != NIL)
+                s->reqs[ri].prefix = prefix;
             if (ri == NIL) {
                 emit_fail(s, req, model, 503, 1, "out of memory", NULL);
             } else if (ii != NIL) {

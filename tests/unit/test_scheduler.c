@@ -799,6 +799,148 @@ static void no_handoff_while_another_instance_is_coming(void **state)
     sched_free(s);
 }
 
+/* ---------- prefix affinity ---------- */
+
+/* other (2 instances, 2 slots) with two ready instances, 50 and 51. */
+static struct sched *other_two_ready(void)
+{
+    struct sched *s = pool_new(100, 0);
+    ready(s, 0, 50, OTHER, 2);
+    ready(s, 0, 51, OTHER, 2);
+    drain(s);
+    return s;
+}
+
+static sched_inst_t sent_to(struct sched *s, sched_req_t req)
+{
+    struct got *x = drain(s);
+    for (size_t i = 0; i < x->n; i++)
+        if (x->a[i].kind == SCHED_DISPATCH && x->a[i].req == req)
+            return x->a[i].inst;
+    fail_msg("request %llu was not dispatched", (unsigned long long)req);
+    return 0;
+}
+
+static void a_conversation_goes_back_to_the_instance_that_holds_it(void **state)
+{
+    (void)state;
+    struct sched *s = other_two_ready();
+    const uint64_t a1[] = { 11, 12, 13 }, b1[] = { 21, 22 };
+    const uint64_t a2[] = { 11, 12, 13, 14, 15 }, b2[] = { 21, 22, 23 };
+    struct sched_prefix pa1 = { .n = 3, .block = a1 }, pb1 = { .n = 2, .block = b1 };
+    struct sched_prefix pa2 = { .n = 5, .block = a2 }, pb2 = { .n = 3, .block = b2 };
+    sched_request_prefix(s, 1, 1, OTHER, &pa1);
+    assert_int_equal(sent_to(s, 1), 50);
+    sched_request_prefix(s, 1, 2, OTHER, &pb1);
+    assert_int_equal(sent_to(s, 2), 51);            /* fewest in flight */
+    sched_request_done(s, 2, 1);
+    sched_request_done(s, 2, 2);
+    drain(s);
+    /* Both idle: without affinity b's next turn would go to 50 (the
+     * earliest added); it goes to 51, which holds its prompt. */
+    sched_request_prefix(s, 3, 3, OTHER, &pb2);
+    assert_int_equal(sent_to(s, 3), 51);
+    sched_request_prefix(s, 3, 4, OTHER, &pa2);
+    assert_int_equal(sent_to(s, 4), 50);
+    /* Without a prefix: as before, fewest in flight. */
+    sched_request(s, 3, 5, OTHER);
+    assert_int_equal(sent_to(s, 5), 50);            /* a tie: the earliest added */
+    sched_free(s);
+}
+
+static void a_shared_leading_part_or_a_session_finds_the_instance(void **state)
+{
+    (void)state;
+    struct sched *s = other_two_ready();
+    const uint64_t a[] = { 11, 12, 13, 14, 15, 16, 17, 18, 19 };
+    struct sched_prefix pa = { .n = 9, .block = a };
+    sched_request(s, 1, 1, OTHER);                  /* keeps 50 busier */
+    assert_int_equal(sent_to(s, 1), 50);
+    sched_request_prefix(s, 1, 2, OTHER, &pa);
+    assert_int_equal(sent_to(s, 2), 51);
+    sched_request_done(s, 2, 2);
+    drain(s);
+    /* Another prompt with a's first 4 blocks (a system prompt, say). */
+    const uint64_t c[] = { 11, 12, 13, 14, 99, 98 };
+    struct sched_prefix pc = { .n = 6, .block = c };
+    sched_request(s, 2, 3, OTHER);                  /* 51 as busy as 50 now */
+    assert_int_equal(sent_to(s, 3), 51);
+    sched_request_prefix(s, 3, 4, OTHER, &pc);
+    assert_int_equal(sent_to(s, 4), 51);
+    /* A session alone (a short prompt): where that session went last. */
+    struct sched_prefix ps = { .session = 777 };
+    sched_request_prefix(s, 4, 5, OTHER, &ps);
+    assert_int_equal(sent_to(s, 5), 50);            /* 50: 1 in flight, 51: 2 */
+    sched_request_done(s, 5, 1);
+    sched_request_done(s, 5, 3);
+    sched_request_done(s, 5, 4);
+    drain(s);
+    /* 50 has 5 in flight, 51 nothing: the session's instance all the same. */
+    const uint64_t other_blocks[] = { 5, 6 };
+    struct sched_prefix ps2 = { .session = 777, .n = 2, .block = other_blocks };
+    sched_request_prefix(s, 6, 7, OTHER, &ps2);
+    assert_int_equal(sent_to(s, 7), 50);
+    sched_free(s);
+}
+
+static void a_busy_or_stopping_instance_is_no_match(void **state)
+{
+    (void)state;
+    struct sched *s = other_two_ready();
+    const uint64_t a[] = { 11, 12 };
+    struct sched_prefix pa = { .n = 2, .block = a };
+    sched_request_prefix(s, 1, 1, OTHER, &pa);
+    assert_int_equal(sent_to(s, 1), 50);
+    sched_request(s, 1, 2, OTHER);
+    assert_int_equal(sent_to(s, 2), 51);
+    sched_request(s, 1, 3, OTHER);
+    assert_int_equal(sent_to(s, 3), 50);            /* 50 full now */
+    /* a's next turn: 50 has no free slot, so the one that has. */
+    sched_request_prefix(s, 2, 4, OTHER, &pa);
+    assert_int_equal(sent_to(s, 4), 51);
+    /* Recorded there too now; once 51 is stopping, 50 (free again) matches. */
+    sched_request_done(s, 3, 1);
+    sched_request_done(s, 3, 3);
+    sched_request_done(s, 3, 4);
+    sched_instance_stopping(s, 3, 51);
+    drain(s);
+    sched_request_prefix(s, 4, 5, OTHER, &pa);
+    assert_int_equal(sent_to(s, 5), 50);
+    sched_free(s);
+}
+
+static void the_affinity_table_is_bounded_and_forgets_the_oldest(void **state)
+{
+    (void)state;
+    struct sched *s = other_two_ready();
+    const uint64_t first[] = { 424242 };
+    struct sched_prefix pf = { .n = 1, .block = first };
+    sched_request(s, 1, 1, OTHER);
+    assert_int_equal(sent_to(s, 1), 50);
+    sched_request_prefix(s, 1, 2, OTHER, &pf);      /* 51: the less busy */
+    assert_int_equal(sent_to(s, 2), 51);
+    sched_request_done(s, 1, 1);
+    drain(s);
+    /* Ten times the table's entries, each a new prompt, sent to 50 (51 is
+     * kept busier by 2 meanwhile). */
+    uint64_t block;
+    struct sched_prefix pn = { .n = 1, .block = &block };
+    for (uint64_t i = 0; i < 10 * SCHED_AFFINITY_ENTRIES; i++) {
+        block = 1000000 + i;
+        sched_request_prefix(s, 2, 100, OTHER, &pn);
+        assert_int_equal(sent_to(s, 100), 50);
+        sched_request_done(s, 2, 100);
+        drain(s);
+    }
+    sched_request_done(s, 3, 2);
+    drain(s);
+    /* Both idle: first's next turn would go to 51 had its entry stayed; it
+     * is gone, so to the earliest added. */
+    sched_request_prefix(s, 4, 3, OTHER, &pf);
+    assert_int_equal(sent_to(s, 3), 50);
+    sched_free(s);
+}
+
 /* ---------- memory: budget, eviction, idleness ---------- */
 
 #define MiB (1024ull * 1024)
@@ -2393,6 +2535,10 @@ int main(void)
         cmocka_unit_test(a_full_instance_of_a_model_with_short_requests_takes_more),
         cmocka_unit_test(slower_requests_get_one_handed_off_per_slot),
         cmocka_unit_test(the_handoff_stays_within_the_instances_http_threads),
+        cmocka_unit_test(a_conversation_goes_back_to_the_instance_that_holds_it),
+        cmocka_unit_test(a_shared_leading_part_or_a_session_finds_the_instance),
+        cmocka_unit_test(a_busy_or_stopping_instance_is_no_match),
+        cmocka_unit_test(the_affinity_table_is_bounded_and_forgets_the_oldest),
         cmocka_unit_test(no_handoff_before_a_request_is_done_or_when_requests_are_long),
         cmocka_unit_test(no_handoff_while_another_instance_is_coming),
         cmocka_unit_test(waiters_are_served_first_come_first_served_when_a_slot_frees),
