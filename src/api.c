@@ -1,6 +1,7 @@
 #define _GNU_SOURCE
 #include "api.h"
 
+#include "affinity.h"
 #include "config.h"
 #include "gpu.h"
 #include "log.h"
@@ -784,8 +785,17 @@ static void route_model_request(struct http_request *req, struct api *api)
         json_decref(body);
         return;
     }
+    /* Its prompt, for the instance that may hold it (a miss costs nothing
+     * but the hashing, so an allocation that fails is simply no key). */
+    struct affinity_key *key = NULL;
+    if (config_model_routing(p->cfg, m->cfg) == CONFIG_ROUTING_AFFINITY &&
+        (key = malloc(sizeof *key)) &&
+        !affinity_key_make(body, http_header_get(req, "X-Session-Id"), key)) {
+        free(key);
+        key = NULL;
+    }
     json_decref(body);
-    router_forward(api->router, req, m, NULL);
+    router_forward(api->router, req, m, NULL, key);
 }
 
 /* ANY /upstream/{model}/{path}: passthrough to one instance of the model. */
@@ -805,7 +815,7 @@ static void route_upstream(struct http_request *req, struct api *api)
     char *t = NULL;
     if (*target != '/' && asprintf(&t, "/%s", target) < 0)
         t = NULL;
-    router_forward(api->router, req, m, t ? t : target);
+    router_forward(api->router, req, m, t ? t : target, NULL);
     free(t);
 }
 

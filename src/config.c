@@ -484,7 +484,7 @@ enum pool_key {
     PK_DEFAULT_ARGS, PK_DEFAULT_MODEL, PK_API_KEYS, PK_ADMIN_KEY, PK_MAX_BODY,
     PK_MAX_HEADER, PK_HEADER_TIMEOUT, PK_KEEPALIVE_TIMEOUT, PK_MAX_CONNECTIONS,
     PK_BODY_TIMEOUT, PK_DRAIN_TIMEOUT, PK_CORS_ORIGINS, PK_GPUS, PK_NVML_LIBRARY,
-    PK_GPU_BUDGET, PK_GPU_RESERVE, PK_LOG_MAX_SIZE, PK_LOG_KEEP,
+    PK_GPU_BUDGET, PK_GPU_RESERVE, PK_LOG_MAX_SIZE, PK_LOG_KEEP, PK_ROUTING,
     PK__COUNT
 };
 
@@ -496,17 +496,17 @@ static const char *const pool_keys[PK__COUNT] = {
     "default_args", "default_model", "api_keys", "admin_key", "max_body",
     "max_header", "header_timeout", "keepalive_timeout", "max_connections",
     "body_timeout", "drain_timeout", "cors_origins", "gpus", "nvml_library",
-    "gpu_budget", "gpu_reserve", "log_max_size", "log_keep",
+    "gpu_budget", "gpu_reserve", "log_max_size", "log_keep", "routing",
 };
 
 enum model_key {
     MK_PATH, MK_ARGS, MK_INSTANCES, MK_MEMORY, MK_PIN, MK_IDLE_TIMEOUT,
-    MK_ALIASES, MK_ENV, MK_GPU_MEMORY, MK__COUNT
+    MK_ALIASES, MK_ENV, MK_GPU_MEMORY, MK_ROUTING, MK__COUNT
 };
 
 static const char *const model_keys[MK__COUNT] = {
     "path", "args", "instances", "memory", "pin", "idle_timeout", "aliases", "env",
-    "gpu_memory",
+    "gpu_memory", "routing",
 };
 
 /* What a section takes: its keys, those of them that take continuation
@@ -1314,6 +1314,19 @@ static bool value_is_utf8(struct parser *p, int line, const char *key, const cha
     return false;
 }
 
+/* routing, in [pool] and in a model: affinity or least_busy. */
+static void get_routing(struct parser *p, int line, const char *v, enum config_routing *out)
+{
+    struct shown sh;
+    if (!strcasecmp(v, "affinity"))
+        *out = CONFIG_ROUTING_AFFINITY;
+    else if (!strcasecmp(v, "least_busy"))
+        *out = CONFIG_ROUTING_LEAST_BUSY;
+    else
+        error_at(p, line, "routing: \"%s\" is not affinity (the instance that holds the prompt's "
+                 "prefix, else the least busy) or least_busy", show(&sh, v));
+}
+
 /* memory_budget and gpu_budget: auto, a size > 0, or N% (1-100). The
  * fields are left alone after an error. */
 static void get_budget(struct parser *p, int line, const char *key, const char *v,
@@ -1423,6 +1436,9 @@ static void pool_value(struct parser *p, int k, const char *v)
         break;
     case PK_GPU_BUDGET:
         get_budget(p, line, key, v, &c->gpu_budget_kind, &c->gpu_budget_bytes, &c->gpu_budget_percent);
+        break;
+    case PK_ROUTING:
+        get_routing(p, line, v, &c->routing);
         break;
     case PK_GPUS:
         if (!strcasecmp(v, "auto"))
@@ -1548,6 +1564,9 @@ static void model_value(struct parser *p, struct pmodel *pm, int k, const char *
             m->gpu_memory = 0;
         else
             get_size(p, line, key, v, false, &m->gpu_memory);
+        break;
+    case MK_ROUTING:
+        get_routing(p, line, v, &m->routing);
         break;
     case MK_PIN:
         if (config_parse_bool(v, &m->pin))
@@ -1915,6 +1934,7 @@ static void set_defaults(struct config *c)
     c->budget_kind = CONFIG_BUDGET_AUTO;
     c->memory_reserve = 2ULL << 30;
     c->gpus = CONFIG_GPUS_AUTO;
+    c->routing = CONFIG_ROUTING_AFFINITY;
     c->nvml_library = xstrdup(CONFIG_DEFAULT_NVML_LIBRARY);
     c->gpu_budget_kind = CONFIG_BUDGET_AUTO;
     c->gpu_reserve = 1ULL << 30;

@@ -53,6 +53,13 @@ enum config_gpus {
     CONFIG_GPUS_NONE,      /* host memory only, NVML never loaded */
 };
 
+/* routing: how a model's requests choose among its ready instances. */
+enum config_routing {
+    CONFIG_ROUTING_INHERIT,    /* a model's default: [pool] routing */
+    CONFIG_ROUTING_AFFINITY,   /* the one that holds the prompt's prefix, else least busy */
+    CONFIG_ROUTING_LEAST_BUSY, /* fewest requests in flight */
+};
+
 struct config_model {
     char *name;            /* section name, or file stem under models_dir */
     char *path;            /* GGUF path, absolute or relative to the config */
@@ -65,6 +72,7 @@ struct config_model {
     uint64_t memory_bytes; /* when memory_kind == CONFIG_MEMORY_SIZE */
     uint64_t gpu_memory;   /* gpu_memory = SIZE: VRAM per instance; 0 = estimate */
     bool pin;
+    enum config_routing routing;
     int64_t idle_timeout_ms; /* -1 = inherit [pool] idle_timeout; 0 = never */
     char **aliases;        /* NULL-terminated */
     size_t naliases;
@@ -87,6 +95,7 @@ struct config {
     unsigned budget_percent;    /* for CONFIG_BUDGET_PERCENT, 1..100 */
     uint64_t memory_reserve;
     enum config_gpus gpus;
+    enum config_routing routing;  /* affinity or least_busy */
     char *nvml_library;         /* dlopen'd as given: a name or a path */
     enum config_budget_kind gpu_budget_kind;   /* per device */
     uint64_t gpu_budget_bytes;  /* for CONFIG_BUDGET_SIZE */
@@ -173,6 +182,9 @@ char **config_child_argv(const struct config *cfg,
  * takes the last. NULL when absent. Points into the config. */
 const char *config_child_arg(const struct config *cfg, const struct config_model *m,
                              const char *flag, const char *longflag);
+
+/* M's routing: its own, else [pool]'s. */
+enum config_routing config_model_routing(const struct config *cfg, const struct config_model *m);
 
 /* The HTTP threads a child of M has: llama-server serves each connection
  * on one of them, and a connection beyond them waits (measured with b9749:

@@ -162,3 +162,8 @@ bool config_model_same_child(const struct config *a, const struct config_model *
             return false;
     return true;
 }
+
+enum config_routing config_model_routing(const struct config *cfg, const struct config_model *m)
+{
+    return m->routing != CONFIG_ROUTING_INHERIT ? m->routing : cfg->routing;
+}

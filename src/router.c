@@ -1,6 +1,7 @@
 #define _GNU_SOURCE
 #include "router.h"
 
+#include "affinity.h"
 #include "gpu.h"
 #include "log.h"
 #include "memory.h"
@@ -44,6 +45,8 @@ struct rreq {
     struct pool_model *model;
     struct instance *inst;      /* once dispatched */
     char *target;               /* upstream target, NULL = as received */
+    struct affinity_key *key;   /* its prompt (prefix affinity), NULL = none */
+    struct sched_prefix prefix; /* the scheduler's view of key */
     bool dispatched;
     bool resent;                /* sent again after an instance dropped it unanswered */
     double t0;                  /* arrival */
@@ -91,7 +94,14 @@ static void rreq_free(struct rreq *q)
     if (q->next)
         q->next->prev = q->prev;
     free(q->target);
+    free(q->key);
     free(q);
+}
+
+/* The prompt's key as the scheduler takes it, or NULL. */
+static const struct sched_prefix *rreq_prefix(const struct rreq *q)
+{
+    return q->key ? &q->prefix : NULL;
 }
 
 /* Tell the scheduler what it needs of M. The memory estimate is read from
@@ -243,7 +253,7 @@ static bool resend(struct router *r, struct rreq *q)
     q->dispatched = false;
     q->inst = NULL;
     http_request_watch(q->req, rreq_gone, NULL, q);
-    sched_request(r->sched, now_of(r), req_id(q), q->model->index);
+    sched_request_prefix(r->sched, now_of(r), req_id(q), q->model->index, rreq_prefix(q));
     return true;
 }
 
@@ -492,9 +502,10 @@ static void rreq_gone(struct http_request *req, void *arg)
 }
 
 void router_forward(struct router *r, struct http_request *req, struct pool_model *m,
-                    const char *target)
+                    const char *target, struct affinity_key *key)
 {
     if (r->closing) {
+        free(key);
         refuse_closing(r, req, m);
         return;
     }
@@ -502,8 +513,14 @@ void router_forward(struct router *r, struct http_request *req, struct pool_mode
     struct rreq *q = calloc(1, sizeof *q);
     if (!q || slot == SIZE_MAX || (target && !(q->target = strdup(target)))) {
         free(q);
+        free(key);
         http_respond_error(req, 500, NULL, "out of memory");
         return;
+    }
+    if (key) {
+        q->key = key;
+        q->prefix = (struct sched_prefix){ .session = key->session, .n = key->nblocks,
+                                           .block = key->block };
     }
     q->r = r;
     q->req = req;
@@ -518,7 +535,7 @@ void router_forward(struct router *r, struct http_request *req, struct pool_mode
         sched_model_failed(r->sched, now_of(r), slot, m->last_error);
     if (!m->est_known)
         model_info(r, m, true);
-    sched_request(r->sched, now_of(r), req_id(q), slot);
+    sched_request_prefix(r->sched, now_of(r), req_id(q), slot, rreq_prefix(q));
     router_run(r);
 }
 

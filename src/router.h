@@ -25,9 +25,11 @@ void router_free(struct router *r);
 void router_reload(struct router *r);
 
 /* Relay REQ to an instance of M (starting one, or queueing, as needed).
- * TARGET: the upstream request target, NULL for req->target. */
+ * TARGET: the upstream request target, NULL for req->target. KEY (taken,
+ * freed with the request; NULL: none): its prompt, for prefix affinity. */
+struct affinity_key;
 void router_forward(struct router *r, struct http_request *req, struct pool_model *m,
-                    const char *target);
+                    const char *target, struct affinity_key *key);
 /* GET /pool/server?model=M: make sure M runs, answer {"model","port","url",
  * "api_key","instance"}: url goes through the pool (/upstream/M), api_key
  * is the child's own, for code that talks to the port directly. */

@@ -371,6 +371,56 @@ def test_a_full_instance_of_short_requests_holds_more_queued_inside_it(pool):
     wait_for(lambda: pool.instances("tiny")[0]["in_flight"] == 0, what="in_flight back to 0")
 
 
+def held_stream(pool, messages, headers=b""):
+    """A streamed chat for tiny with MESSAGES, read until its first event:
+    the socket, holding its instance's slot until closed."""
+    s = socket.create_connection(("127.0.0.1", pool.listen_port), timeout=10)
+    body = json.dumps({"model": "tiny", "stream": True, "max_tokens": 1000, "messages": messages}).encode()
+    s.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\n" + headers
+              + b"Content-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body)
+    read_events(s)
+    return s
+
+
+def busy_instance(pool):
+    """The id of tiny's one instance with a request in flight."""
+    busy = [i["id"] for i in pool.instances("tiny") if i["in_flight"]]
+    return busy[0] if len(busy) == 1 else None
+
+
+@fake_only("needs slow generation")
+@pytest.mark.parametrize("routing", ["affinity", "least_busy"])
+def test_a_conversations_next_turn_goes_to_the_instance_that_holds_it(pool, routing):
+    pool.config({"tiny": {"args": "-c 4096 -np 2", "instances": "2-2", "routing": routing,
+                          "env": {"FAKE_TOKEN_MS": "50"}}})
+    pool.start()
+    wait_for(lambda: len(pool.ready_instances("tiny")) == 2, what="two ready instances")
+    a1 = [{"role": "system", "content": "a" * 1500}, {"role": "user", "content": "first"}]
+    b1 = [{"role": "system", "content": "b" * 1500}, {"role": "user", "content": "first"}]
+    sa = held_stream(pool, a1)              # both idle: the earliest added
+    assert busy_instance(pool) == "tiny#1"
+    sb = held_stream(pool, b1)              # the less busy
+    assert {i["id"]: i["in_flight"] for i in pool.instances("tiny")} == {"tiny#1": 1, "tiny#2": 1}
+    sa.close()
+    sb.close()
+    wait_for(lambda: all(i["in_flight"] == 0 for i in pool.instances("tiny")), what="both idle")
+    # b's next turn: its whole first prompt, the answer, a new question.
+    b2 = b1 + [{"role": "assistant", "content": "an answer"}, {"role": "user", "content": "second"}]
+    s = held_stream(pool, b2)
+    assert busy_instance(pool) == ("tiny#2" if routing == "affinity" else "tiny#1")
+    s.close()
+    wait_for(lambda: all(i["in_flight"] == 0 for i in pool.instances("tiny")), what="idle again")
+    # A conversation named by the client (a short prompt: no full block).
+    s1 = held_stream(pool, [{"role": "user", "content": "hi"}])          # tiny#1
+    s2 = held_stream(pool, [{"role": "user", "content": "hi"}], b"X-Session-Id: c-42\r\n")
+    s1.close()
+    s2.close()
+    wait_for(lambda: all(i["in_flight"] == 0 for i in pool.instances("tiny")), what="idle again")
+    s = held_stream(pool, [{"role": "user", "content": "and?"}], b"X-Session-Id: c-42\r\n")
+    assert busy_instance(pool) == ("tiny#2" if routing == "affinity" else "tiny#1")
+    s.close()
+
+
 @fake_only("needs slow generation")
 def test_child_killed_mid_stream_gets_an_error_event_then_a_restart(pool):
     one_slow_slot(pool, 50)

@@ -2030,6 +2030,30 @@ static void test_log_rotation_keys(void **state)
     EXPECT_REFUSALS(f, bad);
 }
 
+static void test_routing_keys(void **state)
+{
+    struct fx *f = *state;
+    struct config *c = load_ok(f, "[model a]\npath = m.gguf\n[model b]\npath = m.gguf\nrouting = least_busy\n");
+    assert_int_equal(c->routing, CONFIG_ROUTING_AFFINITY);
+    assert_int_equal(config_model_routing(c, &c->models[0]), CONFIG_ROUTING_AFFINITY);
+    assert_int_equal(config_model_routing(c, &c->models[1]), CONFIG_ROUTING_LEAST_BUSY);
+    config_free(c);
+    c = load_ok(f, "[pool]\nrouting = LEAST_BUSY\n[model a]\npath = m.gguf\n"
+                   "[model b]\npath = m.gguf\nrouting = affinity\n");
+    assert_int_equal(config_model_routing(c, &c->models[0]), CONFIG_ROUTING_LEAST_BUSY);
+    assert_int_equal(config_model_routing(c, &c->models[1]), CONFIG_ROUTING_AFFINITY);
+    config_free(c);
+    static const struct refusal bad[] = {
+        { "[pool]\nrouting = sticky\n[model tiny]\npath = m.gguf\n",
+          "2: routing: \"sticky\" is not affinity (the instance that holds the prompt's prefix, "
+          "else the least busy) or least_busy" },
+        { "[model tiny]\npath = m.gguf\nrouting =\n",
+          "3: routing: \"\" is not affinity (the instance that holds the prompt's prefix, "
+          "else the least busy) or least_busy" },
+    };
+    EXPECT_REFUSALS(f, bad);
+}
+
 static void test_gpu_keys(void **state)
 {
     struct fx *f = *state;
@@ -2151,6 +2175,7 @@ int main(void)
         T(test_find_model_among_thousands),
         T(test_errors_free_and_null),
         T(test_example_config),
+        T(test_routing_keys),
         T(test_gpu_keys),
         T(test_log_rotation_keys),
 #undef T
