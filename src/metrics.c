@@ -86,6 +86,17 @@ void metrics_count_queue_wait(struct model_stats *s, double seconds)
     c->queue_wait_seconds += seconds;
 }
 
+void metrics_count_affinity(struct model_stats *s, bool hit)
+{
+    struct model_counts *c = counts(s);
+    if (!c)
+        return;
+    if (hit)
+        c->affinity_hits++;
+    else
+        c->affinity_misses++;
+}
+
 void metrics_observe(struct metrics_hist *s, double seconds)
 {
     for (size_t i = 0; i < METRICS_BUCKETS; i++)
@@ -301,6 +312,17 @@ char *metrics_render(struct pool *p, const struct router *r, size_t *len)
         emit(&o, "llama_pool_evictions_total{model=\"%s\",reason=\"idle\"} %" PRIu64 "\n", n, s->idle_stops);
         emit(&o, "llama_pool_evictions_total{model=\"%s\",reason=\"reload\"} %" PRIu64 "\n", n, s->reload_stops);
         emit(&o, "llama_pool_evictions_total{model=\"%s\",reason=\"crash\"} %" PRIu64 "\n", n, s->crashes);
+    }
+    family(&o, "llama_pool_affinity_total", "counter",
+           "requests with a prompt (routing = affinity) by model: hit, sent to the instance that "
+           "holds it; miss, sent elsewhere (none known, or none of those with a free slot)");
+    for (size_t i = 0; i < p->nmodels; i++) {
+        const struct model_counts *s = counts_of(p->models[i]);
+        if (!s->affinity_hits && !s->affinity_misses)
+            continue;
+        const char *n = label(&o, p->models[i]->cfg->name);
+        emit(&o, "llama_pool_affinity_total{model=\"%s\",result=\"hit\"} %" PRIu64 "\n", n, s->affinity_hits);
+        emit(&o, "llama_pool_affinity_total{model=\"%s\",result=\"miss\"} %" PRIu64 "\n", n, s->affinity_misses);
     }
     model_summary(&o, p, "llama_pool_queue_wait_seconds", "time from arrival to dispatch, by model",
                   offsetof(struct model_counts, queue_wait_seconds),

@@ -9,6 +9,7 @@
 #ifndef LLAMA_POOL_METRICS_H
 #define LLAMA_POOL_METRICS_H
 
+#include <stdbool.h>
 #include <stddef.h>
 #include <stdint.h>
 
@@ -25,6 +26,8 @@ struct model_counts {
     uint64_t reload_stops;        /* evictions with reason "reload" */
     uint64_t lru_stops;           /* evictions with reason "lru" */
     uint64_t idle_stops;          /* evictions with reason "idle" */
+    uint64_t affinity_hits;       /* requests with a prompt sent where it is held */
+    uint64_t affinity_misses;     /* ... and sent elsewhere (none known, or busy) */
     uint64_t queue_waits;         /* requests that were dispatched */
     double queue_wait_seconds;    /* their time from arrival to dispatch */
     struct { int code; uint64_t n; } status[METRICS_STATUS_SLOTS];  /* answers by status */
@@ -64,6 +67,7 @@ void metrics_count_start(struct model_stats *s);
 void metrics_count_load(struct model_stats *s, double seconds);
 void metrics_count_eviction(struct model_stats *s, enum metrics_eviction why);
 void metrics_count_queue_wait(struct model_stats *s, double seconds);
+void metrics_count_affinity(struct model_stats *s, bool hit);
 void metrics_observe(struct metrics_hist *h, double seconds);
 void metrics_stats_free(struct model_stats *s);
 

@@ -365,6 +365,8 @@ static void router_run(struct router *r)
         struct rreq *q = a.req ? req_of(a.req) : NULL;
         switch (a.kind) {
         case SCHED_DISPATCH:
+            if (q && q->model && a.affinity >= 0)
+                metrics_count_affinity(&q->model->stats, a.affinity > 0);
             if (q)
                 do_dispatch(r, q, inst_of(a.inst));
             break;

@@ -189,6 +189,7 @@ struct req {
     double sent;                /* when it was dispatched */
     uint64_t seq;               /* arrival order across all models */
     const struct sched_prefix *prefix;  /* the caller's; NULL = none */
+    signed char affinity;       /* its DISPATCH's affinity (see sched_action) */
 };
 
 enum inst_state {
@@ -357,7 +358,7 @@ static bool push(struct sched *s, const struct sched_action *a, char *own)
 static void emit_dispatch(struct sched *s, const struct req *r, const struct inst *in)
 {
     push(s, &(struct sched_action){ .kind = SCHED_DISPATCH, .req = r->id, .inst = in->id,
-                                    .model = r->model }, NULL);
+                                    .model = r->model, .affinity = r->affinity }, NULL);
 }
 
 /* Drops the I-th of M's pending start devices. */
@@ -498,7 +499,7 @@ static uint32_t req_new(struct sched *s, sched_req_t id, size_t model)
         return NIL;
     }
     s->reqs[ri] = (struct req){ .id = id, .model = model, .inst = NIL, .prev = NIL, .next = NIL,
-                                .gprev = NIL, .gnext = NIL };
+                                .gprev = NIL, .gnext = NIL, .affinity = -1 };
     return ri;
 }
 
@@ -677,13 +678,15 @@ static uint32_t pick(const struct sched *s, const struct model *m)
 }
 
 /* For request R of M: the instance its prompt prefers, if one has a free
- * slot, else pick()'s. */
-static uint32_t pick_for(const struct sched *s, const struct model *m, const struct req *r)
+ * slot (R's affinity is then a hit), else pick()'s. */
+static uint32_t pick_for(const struct sched *s, const struct model *m, struct req *r)
 {
-    if (r && r->prefix) {
+    if (r->prefix) {
         uint32_t ii = aff_pick(s, (size_t)(m - s->models), r->prefix);
-        if (ii != NIL)
+        if (ii != NIL) {
+            r->affinity = 1;
             return ii;
+        }
     }
     return pick(s, m);
 }
@@ -2008,16 +2011,19 @@ void sched_request_prefix(struct sched *s, double now, sched_req_t req, size_t m
         struct model *m = &s->models[model];
         m->last_asked = now;
         uint32_t ii = NIL;
+        bool hit = false;
         if (m->head == NIL && prefix)
-            ii = aff_pick(s, model, prefix);
+            hit = (ii = aff_pick(s, model, prefix)) != NIL;
         if (m->head == NIL && ii == NIL)
             ii = pick(s, m);
         if (ii == NIL && s->waiting >= s->limits.max_queue) {
             emit_fail(s, req, model, 429, 1, "queue full", fmt("queue full (%zu waiting)", s->waiting));
         } else {
             uint32_t ri = req_new(s, req, model);
-            if (ri != NIL)
+            if (ri != NIL) {
                 s->reqs[ri].prefix = prefix;
+                s->reqs[ri].affinity = prefix ? hit : -1;
+            }
             if (ri == NIL) {
                 emit_fail(s, req, model, 503, 1, "out of memory", NULL);
             } else if (ii != NIL) {

@@ -128,6 +128,10 @@ struct sched_action {
     const char *message;         /* FAIL: valid until the next sched_* call */
     double at;                   /* WAKE */
     enum sched_stop_reason reason;   /* STOP */
+    int affinity;                /* DISPATCH of a request with a prompt
+                                  * (sched_request_prefix): 1 it went to the
+                                  * instance that holds it, 0 it did not (none
+                                  * known, or none with a free slot); -1: no prompt */
     int device;                  /* START: the device to put it on (the caller
                                   * reports it to sched_instance_added_on); -1:
                                   * none chosen (CPU only, fixed by its args,

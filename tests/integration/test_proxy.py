@@ -419,6 +419,16 @@ def test_a_conversations_next_turn_goes_to_the_instance_that_holds_it(pool, rout
     s = held_stream(pool, [{"role": "user", "content": "and?"}], b"X-Session-Id: c-42\r\n")
     assert busy_instance(pool) == ("tiny#2" if routing == "affinity" else "tiny#1")
     s.close()
+    # Counted: b2 and the session's second request were hits; a1, b1 and
+    # the session's first, misses; the short prompt without a session had
+    # nothing to match.
+    _, _, body = get(pool.listen_port, "/metrics")
+    text = body.decode()
+    if routing == "affinity":
+        assert 'llama_pool_affinity_total{model="tiny",result="hit"} 2' in text, text
+        assert 'llama_pool_affinity_total{model="tiny",result="miss"} 3' in text
+    else:
+        assert 'llama_pool_affinity_total{' not in text
 
 
 @fake_only("needs slow generation")

@@ -811,12 +811,16 @@ static struct sched *other_two_ready(void)
     return s;
 }
 
+static int last_affinity;       /* of the DISPATCH sent_to() found */
+
 static sched_inst_t sent_to(struct sched *s, sched_req_t req)
 {
     struct got *x = drain(s);
     for (size_t i = 0; i < x->n; i++)
-        if (x->a[i].kind == SCHED_DISPATCH && x->a[i].req == req)
+        if (x->a[i].kind == SCHED_DISPATCH && x->a[i].req == req) {
+            last_affinity = x->a[i].affinity;
             return x->a[i].inst;
+        }
     fail_msg("request %llu was not dispatched", (unsigned long long)req);
     return 0;
 }
@@ -831,6 +835,7 @@ static void a_conversation_goes_back_to_the_instance_that_holds_it(void **state)
     struct sched_prefix pa2 = { .n = 5, .block = a2 }, pb2 = { .n = 3, .block = b2 };
     sched_request_prefix(s, 1, 1, OTHER, &pa1);
     assert_int_equal(sent_to(s, 1), 50);
+    assert_int_equal(last_affinity, 0);             /* a miss: nothing known yet */
     sched_request_prefix(s, 1, 2, OTHER, &pb1);
     assert_int_equal(sent_to(s, 2), 51);            /* fewest in flight */
     sched_request_done(s, 2, 1);
@@ -840,11 +845,14 @@ static void a_conversation_goes_back_to_the_instance_that_holds_it(void **state)
      * earliest added); it goes to 51, which holds its prompt. */
     sched_request_prefix(s, 3, 3, OTHER, &pb2);
     assert_int_equal(sent_to(s, 3), 51);
+    assert_int_equal(last_affinity, 1);             /* a hit */
     sched_request_prefix(s, 3, 4, OTHER, &pa2);
     assert_int_equal(sent_to(s, 4), 50);
+    assert_int_equal(last_affinity, 1);
     /* Without a prefix: as before, fewest in flight. */
     sched_request(s, 3, 5, OTHER);
     assert_int_equal(sent_to(s, 5), 50);            /* a tie: the earliest added */
+    assert_int_equal(last_affinity, -1);
     sched_free(s);
 }
 
