@@ -183,6 +183,10 @@ char **config_child_argv(const struct config *cfg,
 const char *config_child_arg(const struct config *cfg, const struct config_model *m,
                              const char *flag, const char *longflag);
 
+/* Slots a child of M will have: its -np/--parallel, else llama-server's
+ * automatic 4. The real count comes from /props once it is ready. */
+unsigned config_child_slots(const struct config *cfg, const struct config_model *m);
+
 /* M's routing: its own, else [pool]'s. */
 enum config_routing config_model_routing(const struct config *cfg, const struct config_model *m);
 

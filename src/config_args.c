@@ -58,6 +58,13 @@ const char *config_child_arg(const struct config *cfg, const struct config_model
     return arg_in(m->args, m->nargs, flag, longflag, v);
 }
 
+unsigned config_child_slots(const struct config *cfg, const struct config_model *m)
+{
+    const char *v = config_child_arg(cfg, m, "-np", "--parallel");
+    long n = v ? strtol(v, NULL, 10) : 0;
+    return n > 0 ? (unsigned)n : 4;
+}
+
 static const char *env_value(const struct config_model *m, const char *name)
 {
     for (size_t i = 0; i < m->nenv; i++)
@@ -77,14 +84,11 @@ unsigned config_child_http_threads(const struct config *cfg, const struct config
     *given = n > 0;
     if (n > 0)
         return n > 100000 ? 100000 : (unsigned)n;
-    const char *np = config_child_arg(cfg, m, "-np", "--parallel");
-    long slots = np ? strtol(np, NULL, 10) : 0;
-    if (slots <= 0)
-        slots = 4;
+    unsigned slots = config_child_slots(cfg, m);
     if (slots > 100000)
         slots = 100000;
-    unsigned handoff = slots * 4 < CONFIG_HANDOFF_MAX ? (unsigned)slots * 4 : CONFIG_HANDOFF_MAX;
-    return (unsigned)slots + handoff + 2;
+    unsigned handoff = slots * 4 < CONFIG_HANDOFF_MAX ? slots * 4 : CONFIG_HANDOFF_MAX;
+    return slots + handoff + 2;
 }
 
 bool config_child_gpus_fixed(const struct config *cfg, const struct config_model *m)

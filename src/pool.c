@@ -290,15 +290,6 @@ static const struct instance_ops pool_instance_ops = {
 
 /* ---------- models ---------- */
 
-/* Slots a child of M will have: its -np/--parallel, else llama-server's
- * automatic 4. The real count comes from /props once it is ready. */
-static unsigned np_hint(const struct config *cfg, const struct config_model *cm)
-{
-    const char *v = config_child_arg(cfg, cm, "-np", "--parallel");
-    long n = v ? strtol(v, NULL, 10) : 0;
-    return n > 0 ? (unsigned)n : 4;
-}
-
 static struct pool_model *model_new(struct pool *p, const struct config_model *cm)
 {
     struct pool_model *m = calloc(1, sizeof *m);
@@ -307,7 +298,7 @@ static struct pool_model *model_new(struct pool *p, const struct config_model *c
     m->pool = p;
     m->index = p->models_made++;
     m->cfg = cm;
-    m->np_hint = np_hint(m->pool->cfg, cm);
+    m->np_hint = config_child_slots(m->pool->cfg, cm);
     m->gpu_fixed = config_child_gpus_fixed(m->pool->cfg, cm);
     m->log_fd = -1;
     m->observers.next = m->observers.prev = &m->observers;
@@ -775,7 +766,7 @@ static void model_rebind(struct pool_model *m, const struct config_model *cm)
 {
     m->cfg = cm;
     m->est_known = false;           /* args, path or memory may have changed */
-    m->np_hint = np_hint(m->pool->cfg, cm);
+    m->np_hint = config_child_slots(m->pool->cfg, cm);
     m->gpu_fixed = config_child_gpus_fixed(m->pool->cfg, cm);
     for (size_t i = 0; i < m->ninst; i++)
         instance_rebind(m->inst[i], cm);
@@ -854,7 +845,7 @@ void pool_reload(struct pool *p, struct config *cfg, json_t *summary)
     p->models = models;
     p->nmodels = k;
     for (size_t i = 0; i < k; i++) {        /* default_args may have changed too */
-        models[i]->np_hint = np_hint(cfg, models[i]->cfg);
+        models[i]->np_hint = config_child_slots(cfg, models[i]->cfg);
         models[i]->gpu_fixed = config_child_gpus_fixed(cfg, models[i]->cfg);
     }
     if (cfg->log_dir && *cfg->log_dir && mkdir(cfg->log_dir, 0750) < 0 && errno != EEXIST)

@@ -663,6 +663,18 @@ static void inst_forget(struct sched *s, uint32_t ii)
 
 static uint32_t aff_pick(const struct sched *s, size_t model, const struct sched_prefix *p);
 
+/* Whether IN takes requests: ready, not being stopped, not suspect. */
+static bool inst_serves(const struct inst *in)
+{
+    return in->state == INST_READY && !in->stop_req && !in->suspect;
+}
+
+/* ... and has a slot free for one now. */
+static bool inst_free(const struct inst *in)
+{
+    return inst_serves(in) && in->in_flight < in->slots;
+}
+
 /* The ready instance with a free slot and the fewest in flight; the
  * earliest added on ties. */
 static uint32_t pick(const struct sched *s, const struct model *m)
@@ -670,25 +682,19 @@ static uint32_t pick(const struct sched *s, const struct model *m)
     uint32_t best = NIL;
     for (size_t i = 0; i < m->ninst; i++) {
         const struct inst *in = &s->insts[m->inst[i]];
-        if (in->state == INST_READY && !in->stop_req && !in->suspect && in->in_flight < in->slots &&
-            (best == NIL || in->in_flight < s->insts[best].in_flight))
+        if (inst_free(in) && (best == NIL || in->in_flight < s->insts[best].in_flight))
             best = m->inst[i];
     }
     return best;
 }
 
-/* For request R of M: the instance its prompt prefers, if one has a free
- * slot (R's affinity is then a hit), else pick()'s. */
-static uint32_t pick_for(const struct sched *s, const struct model *m, struct req *r)
+/* For a request of MODEL with prompt P (NULL: none): the instance P
+ * prefers, if one has a free slot (*HIT), else pick()'s. */
+static uint32_t pick_for(const struct sched *s, size_t model, const struct sched_prefix *p, bool *hit)
 {
-    if (r->prefix) {
-        uint32_t ii = aff_pick(s, (size_t)(m - s->models), r->prefix);
-        if (ii != NIL) {
-            r->affinity = 1;
-            return ii;
-        }
-    }
-    return pick(s, m);
+    uint32_t ii = p ? aff_pick(s, model, p) : NIL;
+    *hit = ii != NIL;
+    return *hit ? ii : pick(s, &s->models[model]);
 }
 
 static void aff_record(struct sched *s, size_t model, const struct sched_prefix *p, uint64_t inst);
@@ -708,8 +714,11 @@ static void drain_waiters(struct sched *s, double now, size_t model)
 {
     struct model *m = &s->models[model];
     uint32_t ii;
-    while (m->head != NIL && (ii = pick_for(s, m, &s->reqs[m->head])) != NIL) {
+    bool hit;
+    while (m->head != NIL && (ii = pick_for(s, model, s->reqs[m->head].prefix, &hit)) != NIL) {
         uint32_t ri = m->head;
+        if (hit)
+            s->reqs[ri].affinity = 1;
         wait_unlink(s, ri);
         dispatch(s, now, ri, ii);
     }
@@ -789,7 +798,7 @@ static bool has_coming_or_ready(const struct sched *s, const struct model *m)
 struct aff_entry {
     uint64_t key;               /* 0 = empty */
     uint64_t inst;              /* the instance's id */
-    uint64_t used;              /* s->aff_clock when last set or matched */
+    uint64_t used;              /* s->aff_clock when last set */
 };
 
 /* KEY of MODEL as the table's key (never 0) and its set. */
@@ -850,11 +859,7 @@ static uint32_t aff_usable(const struct sched *s, size_t model, const struct aff
     uint32_t ii = e ? idmap_get(&s->inst_map, e->inst) : NIL;
     if (ii == NIL)
         return NIL;
-    const struct inst *in = &s->insts[ii];
-    if (in->model != model || in->state != INST_READY || in->stop_req || in->suspect ||
-        in->in_flight >= in->slots)
-        return NIL;
-    return ii;
+    return s->insts[ii].model == model && inst_free(&s->insts[ii]) ? ii : NIL;
 }
 
 /* The instance with a free slot that P prefers: the one its conversation
@@ -925,7 +930,7 @@ static void handoff(struct sched *s, double now, size_t model)
     for (size_t i = 0; i < m->ninst && m->head != NIL; i++) {
         uint32_t ii = m->inst[i];
         const struct inst *in = &s->insts[ii];
-        if (in->state != INST_READY || in->stop_req || in->suspect || !in->slots)
+        if (!inst_serves(in) || !in->slots)
             continue;
         unsigned most = in->slots + handoff_depth(m, in->slots);
         if (m->info.http_conns && most > m->info.http_conns)
@@ -1745,8 +1750,7 @@ sched_inst_t sched_pick_ready(const struct sched *s, size_t model)
     if (best == NIL)                    /* every slot busy: the least busy (it queues) */
         for (size_t i = 0; i < m->ninst; i++) {
             const struct inst *in = &s->insts[m->inst[i]];
-            if (in->state == INST_READY && !in->stop_req && !in->suspect &&
-                (best == NIL || in->in_flight < s->insts[best].in_flight))
+            if (inst_serves(in) && (best == NIL || in->in_flight < s->insts[best].in_flight))
                 best = m->inst[i];
         }
     return best != NIL ? s->insts[best].id : 0;
@@ -2010,12 +2014,8 @@ void sched_request_prefix(struct sched *s, double now, sched_req_t req, size_t m
     } else {
         struct model *m = &s->models[model];
         m->last_asked = now;
-        uint32_t ii = NIL;
         bool hit = false;
-        if (m->head == NIL && prefix)
-            hit = (ii = aff_pick(s, model, prefix)) != NIL;
-        if (m->head == NIL && ii == NIL)
-            ii = pick(s, m);
+        uint32_t ii = m->head == NIL ? pick_for(s, model, prefix, &hit) : NIL;
         if (ii == NIL && s->waiting >= s->limits.max_queue) {
             emit_fail(s, req, model, 429, 1, "queue full", fmt("queue full (%zu waiting)", s->waiting));
         } else {
