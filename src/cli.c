@@ -403,12 +403,12 @@ static int print_status(json_t *j)
         return CLI_FAILED;
     }
     if (summary) {
-        static const char *const model_order[] = { "ready", "starting", "stopping", "failed", "stopped", NULL };
-        static const char *const inst_order[] = { "ready", "starting", "stopping", "failed", "stopped", NULL };
+        /* Models and instances have the same states. */
+        static const char *const order[] = { "ready", "starting", "stopping", "failed", "stopped", NULL };
         json_t *counts = json_object_get(j, "counts");
         char by_model[256], by_inst[256];
-        fmt_counts(json_object_get(counts, "models"), model_order, by_model, sizeof by_model);
-        fmt_counts(json_object_get(counts, "instances"), inst_order, by_inst, sizeof by_inst);
+        fmt_counts(json_object_get(counts, "models"), order, by_model, sizeof by_model);
+        fmt_counts(json_object_get(counts, "instances"), order, by_inst, sizeof by_inst);
         json_int_t total = json_integer_value(json_object_get(j, "total"));
         if (!json_array_size(models))
             printf("no model has an instance\n");
@@ -450,6 +450,18 @@ static int print_status(json_t *j)
     return CLI_OK;
 }
 
+/* GET PATH, its body printed as the daemon wrote it. */
+static int print_body(struct client *c, const char *path)
+{
+    struct reply r = { 0 };
+    int rc;
+    if (!call(c, "GET", path, &r, &rc))
+        return rc;
+    fwrite(r.body.data, 1, r.body.len, stdout);
+    buf_free(&r.body);
+    return CLI_OK;
+}
+
 static int cmd_status(struct client *c, int argc, char **argv)
 {
     enum { OPT_SUMMARY = 1, OPT_ALL };
@@ -486,25 +498,13 @@ static int cmd_status(struct client *c, int argc, char **argv)
         char path[1024];
         snprintf(path, sizeof path, "/pool/status?model=%s", m ? m : "");
         free(m);
-        if (as_json) {          /* as the daemon wrote it */
-            struct reply r = { 0 };
-            if (!call(c, "GET", path, &r, &rc))
-                return rc;
-            fwrite(r.body.data, 1, r.body.len, stdout);
-            buf_free(&r.body);
-            return CLI_OK;
-        }
+        if (as_json)
+            return print_body(c, path);
         j = get_json(c, path, &rc);
     } else if (all) {
         j = get_all_pages(c, &rc);
     } else if (as_json && !summary) {
-        /* Every model in one answer, as ever: scripts rely on it. */
-        struct reply r = { 0 };
-        if (!call(c, "GET", "/pool/status", &r, &rc))
-            return rc;
-        fwrite(r.body.data, 1, r.body.len, stdout);
-        buf_free(&r.body);
-        return CLI_OK;
+        return print_body(c, "/pool/status");   /* every model in one answer, as ever: scripts rely on it */
     } else {
         /* The summary first: its total says whether a table of every
          * model is worth showing. A daemon that knows no summary answers
