@@ -485,7 +485,7 @@ enum pool_key {
     PK_MAX_HEADER, PK_HEADER_TIMEOUT, PK_KEEPALIVE_TIMEOUT, PK_MAX_CONNECTIONS,
     PK_BODY_TIMEOUT, PK_DRAIN_TIMEOUT, PK_CORS_ORIGINS, PK_GPUS, PK_NVML_LIBRARY,
     PK_GPU_BUDGET, PK_GPU_RESERVE, PK_LOG_MAX_SIZE, PK_LOG_KEEP, PK_ROUTING,
-    PK__COUNT
+    PK_AFFINITY_WAIT, PK__COUNT
 };
 
 static const char *const pool_keys[PK__COUNT] = {
@@ -497,16 +497,17 @@ static const char *const pool_keys[PK__COUNT] = {
     "max_header", "header_timeout", "keepalive_timeout", "max_connections",
     "body_timeout", "drain_timeout", "cors_origins", "gpus", "nvml_library",
     "gpu_budget", "gpu_reserve", "log_max_size", "log_keep", "routing",
+    "affinity_wait",
 };
 
 enum model_key {
     MK_PATH, MK_ARGS, MK_INSTANCES, MK_MEMORY, MK_PIN, MK_IDLE_TIMEOUT,
-    MK_ALIASES, MK_ENV, MK_GPU_MEMORY, MK_ROUTING, MK__COUNT
+    MK_ALIASES, MK_ENV, MK_GPU_MEMORY, MK_ROUTING, MK_AFFINITY_WAIT, MK__COUNT
 };
 
 static const char *const model_keys[MK__COUNT] = {
     "path", "args", "instances", "memory", "pin", "idle_timeout", "aliases", "env",
-    "gpu_memory", "routing",
+    "gpu_memory", "routing", "affinity_wait",
 };
 
 /* What a section takes: its keys, those of them that take continuation
@@ -575,6 +576,7 @@ static const struct number_key pool_numbers[PK__COUNT] = {
     [PK_BODY_TIMEOUT]      = DURATION_KEY(body_timeout_ms, false),
     [PK_LOG_MAX_SIZE]      = SIZE_KEY(log_max_size, false),
     [PK_LOG_KEEP]          = COUNT_KEY(log_keep, 0, 1000),
+    [PK_AFFINITY_WAIT]     = DURATION_KEY(affinity_wait_ms, false),
 };
 
 /* Optimal string alignment distance, case-insensitive, capped at 9. */
@@ -655,6 +657,7 @@ static void model_init(struct config_model *m, char *name, char *path, int line)
         .instances_max = 1,
         .memory_kind = CONFIG_MEMORY_AUTO,
         .idle_timeout_ms = -1,
+        .affinity_wait_ms = -1,
         .line = line,
     };
 }
@@ -1575,6 +1578,9 @@ static void model_value(struct parser *p, struct pmodel *pm, int k, const char *
     case MK_IDLE_TIMEOUT:
         get_duration(p, line, key, v, false, &m->idle_timeout_ms);
         break;
+    case MK_AFFINITY_WAIT:
+        get_duration(p, line, key, v, false, &m->affinity_wait_ms);
+        break;
     case MK_ALIASES:
         add_list(p, line, key, v, &pm->aliases, &pm->alias_lines, &pm->alias_lines_cap, LIST_ALIASES);
         break;
@@ -1939,6 +1945,7 @@ static void set_defaults(struct config *c)
     c->gpu_budget_kind = CONFIG_BUDGET_AUTO;
     c->gpu_reserve = 1ULL << 30;
     c->idle_timeout_ms = 30 * 60 * 1000;
+    c->affinity_wait_ms = 250;
     c->start_timeout_ms = 120 * 1000;
     c->stop_timeout_ms = 10 * 1000;
     c->health_interval_ms = 10 * 1000;

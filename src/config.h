@@ -74,6 +74,7 @@ struct config_model {
     bool pin;
     enum config_routing routing;
     int64_t idle_timeout_ms; /* -1 = inherit [pool] idle_timeout; 0 = never */
+    int64_t affinity_wait_ms;/* -1 = inherit [pool] affinity_wait */
     char **aliases;        /* NULL-terminated */
     size_t naliases;
     struct config_env *env;
@@ -102,6 +103,8 @@ struct config {
     unsigned gpu_budget_percent;/* for CONFIG_BUDGET_PERCENT, 1..100 */
     uint64_t gpu_reserve;       /* per device, subtracted with gpu_budget = auto */
     int64_t idle_timeout_ms;    /* 0 = never */
+    int64_t affinity_wait_ms;   /* how long a request waits for the busy
+                                 * instance that holds its prompt; 0 = never */
     int64_t start_timeout_ms;
     int64_t stop_timeout_ms;
     int64_t health_interval_ms;
@@ -189,6 +192,8 @@ unsigned config_child_slots(const struct config *cfg, const struct config_model 
 
 /* M's routing: its own, else [pool]'s. */
 enum config_routing config_model_routing(const struct config *cfg, const struct config_model *m);
+/* M's affinity_wait in ms: its own, else [pool]'s; 0 when its routing is least_busy. */
+int64_t config_model_affinity_wait_ms(const struct config *cfg, const struct config_model *m);
 
 /* The HTTP threads a child of M has: llama-server serves each connection
  * on one of them, and a connection beyond them waits (measured with b9749:

@@ -171,3 +171,10 @@ enum config_routing config_model_routing(const struct config *cfg, const struct 
 {
     return m->routing != CONFIG_ROUTING_INHERIT ? m->routing : cfg->routing;
 }
+
+int64_t config_model_affinity_wait_ms(const struct config *cfg, const struct config_model *m)
+{
+    if (config_model_routing(cfg, m) != CONFIG_ROUTING_AFFINITY)
+        return 0;
+    return m->affinity_wait_ms >= 0 ? m->affinity_wait_ms : cfg->affinity_wait_ms;
+}

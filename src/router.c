@@ -175,6 +175,7 @@ static void model_info(struct router *r, struct pool_model *m, bool with_estimat
         .http_conns = threads > 2 ? threads - 2 : 1,     /* /health and /props need theirs */
         .pinned = m->cfg->pin,
         .idle_timeout = (double)idle / 1000.0,
+        .affinity_wait = (double)config_model_affinity_wait_ms(cfg, m->cfg) / 1000.0,
     };
     if (with_estimate || m->est_known) {
         const struct memory_estimate *e = pool_model_estimate(m);

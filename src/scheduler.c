@@ -189,6 +189,9 @@ struct req {
     double sent;                /* when it was dispatched */
     uint64_t seq;               /* arrival order across all models */
     const struct sched_prefix *prefix;  /* the caller's; NULL = none */
+    uint64_t pref[2];           /* the instances that held its prompt's longest
+                                 * known part when it came (0: none) */
+    double hold_until;          /* it may wait for them until then (0: not) */
     signed char affinity;       /* its DISPATCH's affinity (see sched_action) */
 };
 
@@ -217,6 +220,8 @@ struct inst {
     uint64_t extra;             /* shared weights inherited from a sibling that went */
     int dev;                    /* the GPU it is charged on, -1: none */
     uint64_t vram_meas;         /* measured VRAM there, 0 = not yet */
+    uint32_t aff_live;          /* affinity entries that name it first: none
+                                 * means no prompt it holds is remembered */
 };
 
 struct model {
@@ -235,6 +240,8 @@ struct model {
     double last_asked;          /* arrival of its latest request; 0 = never */
     double turnaround;          /* recent dispatch-to-done time, an average
                                  * (see handoff()); 0 = none done yet */
+    double hold_at;             /* the earliest end of a waiter's affinity
+                                 * hold, as drain_waiters() last saw; 0 = none */
     bool active;                /* on the active list (see struct sched) */
 };
 
@@ -454,8 +461,8 @@ static void event_begin(struct sched *s)
 
 static bool idle_next(const struct sched *s, double *at);
 
-/* The caller's one timer follows the earliest deadline (a queue timeout or
- * an idle stop); none when there is none. */
+/* The caller's one timer follows the earliest deadline (a queue timeout,
+ * the end of an affinity hold or an idle stop); none when there is none. */
 static void wake_update(struct sched *s)
 {
     bool have = false;
@@ -463,6 +470,13 @@ static void wake_update(struct sched *s)
     if (s->ghead != NIL && s->limits.queue_timeout > 0) {
         at = s->reqs[s->ghead].arrival + s->limits.queue_timeout;
         have = true;
+    }
+    for (size_t k = 0; k < s->nactive; k++) {
+        const struct model *m = &s->models[s->active[k]];
+        if (m->waiting && m->hold_at > 0 && (!have || m->hold_at < at)) {
+            at = m->hold_at;
+            have = true;
+        }
     }
     double idle = 0;
     if (idle_next(s, &idle) && (!have || idle < at)) {
@@ -643,10 +657,14 @@ static void inst_drop_flight(struct sched *s, uint32_t ii)
     }
 }
 
+static void aff_drop(struct sched *s, uint64_t id);
+
 static void inst_forget(struct sched *s, uint32_t ii)
 {
     struct inst *in = &s->insts[ii];
     struct model *m = &s->models[in->model];
+    if (in->state == INST_READY)
+        aff_drop(s, in->id);
     inst_charge_end(s, ii);
     inst_drop_flight(s, ii);
     for (size_t i = 0; i < m->ninst; i++)
@@ -661,8 +679,6 @@ static void inst_forget(struct sched *s, uint32_t ii)
     s->inst_free = ii;
 }
 
-static uint32_t aff_pick(const struct sched *s, size_t model, const struct sched_prefix *p);
-
 /* Whether IN takes requests: ready, not being stopped, not suspect. */
 static bool inst_serves(const struct inst *in)
 {
@@ -675,53 +691,129 @@ static bool inst_free(const struct inst *in)
     return inst_serves(in) && in->in_flight < in->slots;
 }
 
-/* The ready instance with a free slot and the fewest in flight; the
- * earliest added on ties. */
-static uint32_t pick(const struct sched *s, const struct model *m)
+/* What a request needs of an instance: a free slot, or (handoff()) a
+ * place in the llama-server's own queue. */
+enum room_kind { ROOM_SLOT, ROOM_HANDOFF };
+
+static unsigned handoff_most(const struct model *m, const struct inst *in);
+
+static bool inst_room(const struct model *m, const struct inst *in, enum room_kind k)
+{
+    if (k == ROOM_SLOT)
+        return inst_free(in);
+    return inst_serves(in) && in->slots && in->in_flight < handoff_most(m, in);
+}
+
+/* The instance with room K and the fewest in flight; the earliest added on
+ * ties. */
+static uint32_t pick(const struct sched *s, const struct model *m, enum room_kind k)
 {
     uint32_t best = NIL;
     for (size_t i = 0; i < m->ninst; i++) {
         const struct inst *in = &s->insts[m->inst[i]];
-        if (inst_free(in) && (best == NIL || in->in_flight < s->insts[best].in_flight))
+        if (inst_room(m, in, k) && (best == NIL || in->in_flight < s->insts[best].in_flight))
             best = m->inst[i];
     }
     return best;
 }
 
-/* For a request of MODEL with prompt P (NULL: none): the instance P
- * prefers, if one has a free slot (*HIT), else pick()'s. */
-static uint32_t pick_for(const struct sched *s, size_t model, const struct sched_prefix *p, bool *hit)
+/* An instance of MODEL that serves, by id; NIL if none (gone, stopping,
+ * another model's). */
+static uint32_t serving(const struct sched *s, size_t model, uint64_t id)
 {
-    uint32_t ii = p ? aff_pick(s, model, p) : NIL;
-    *hit = ii != NIL;
-    return *hit ? ii : pick(s, &s->models[model]);
+    uint32_t ii = id ? idmap_get(&s->inst_map, id) : NIL;
+    return ii != NIL && s->insts[ii].model == model && inst_serves(&s->insts[ii]) ? ii : NIL;
+}
+
+/* A prompt this short (in 256-byte blocks, about 64 tokens each) costs
+ * little to process again: it does not wait for its busy instance while
+ * another is idle. */
+#define AFF_SHORT_BLOCKS 4
+
+/* Whether R, whose instance is busy, goes elsewhere at once all the same:
+ * its prompt is short and another instance is idle. */
+static bool aff_hold_pointless(const struct sched *s, const struct model *m, const struct req *r)
+{
+    if (r->prefix->n > AFF_SHORT_BLOCKS)
+        return false;
+    for (size_t i = 0; i < m->ninst; i++) {
+        const struct inst *in = &s->insts[m->inst[i]];
+        if (inst_free(in) && !in->in_flight)
+            return true;
+    }
+    return false;
+}
+
+/* Where request R goes now, needing room K: to an instance that holds its
+ * prompt if one has room (*HIT); else, while its hold lasts and such an
+ * instance serves, nowhere yet (*HOLD: it waits for that one); else the
+ * least busy with room. NIL: nowhere now. */
+static uint32_t choose(const struct sched *s, double now, const struct req *r, enum room_kind k,
+                       bool *hit, bool *hold)
+{
+    const struct model *m = &s->models[r->model];
+    bool busy = false;
+    *hit = *hold = false;
+    for (int j = 0; j < 2; j++) {
+        uint32_t ii = serving(s, r->model, r->pref[j]);
+        if (ii == NIL)
+            continue;
+        if (inst_room(m, &s->insts[ii], k)) {
+            *hit = true;
+            return ii;
+        }
+        busy = true;
+    }
+    if (busy && now < r->hold_until && !aff_hold_pointless(s, m, r)) {
+        *hold = true;
+        return NIL;
+    }
+    return pick(s, m, k);
 }
 
 static void aff_record(struct sched *s, size_t model, const struct sched_prefix *p, uint64_t inst);
 
-static void dispatch(struct sched *s, double now, uint32_t ri, uint32_t ii)
+static void dispatch(struct sched *s, double now, uint32_t ri, uint32_t ii, bool hit)
 {
-    s->reqs[ri].sent = now;
-    if (s->reqs[ri].prefix)
-        aff_record(s, s->reqs[ri].model, s->reqs[ri].prefix, s->insts[ii].id);
+    struct req *r = &s->reqs[ri];
+    r->sent = now;
+    r->affinity = r->prefix ? hit : -1;
+    if (r->prefix)
+        aff_record(s, r->model, r->prefix, s->insts[ii].id);
     flight_link(s, ri, ii);
     s->insts[ii].last_used = now;
-    emit_dispatch(s, &s->reqs[ri], &s->insts[ii]);
+    emit_dispatch(s, r, &s->insts[ii]);
 }
 
-/* Serve the model's waiters, first come first, while any slot is free. */
-static void drain_waiters(struct sched *s, double now, size_t model)
+/* Send the model's waiters where choose() says, first come first, while
+ * any instance has room K; a waiter that holds out for its own instance
+ * keeps its place, and the earliest end of those holds is noted for the
+ * timer (ROOM_SLOT passes, which every settle() makes). */
+static void serve_waiters(struct sched *s, double now, size_t model, enum room_kind k)
 {
     struct model *m = &s->models[model];
-    uint32_t ii;
-    bool hit;
-    while (m->head != NIL && (ii = pick_for(s, model, s->reqs[m->head].prefix, &hit)) != NIL) {
-        uint32_t ri = m->head;
-        if (hit)
-            s->reqs[ri].affinity = 1;
+    if (k == ROOM_SLOT)
+        m->hold_at = 0;
+    for (uint32_t ri = m->head, next; ri != NIL; ri = next) {
+        struct req *r = &s->reqs[ri];
+        next = r->next;
+        bool hit, hold;
+        uint32_t ii = choose(s, now, r, k, &hit, &hold);
+        if (hold) {
+            if (k == ROOM_SLOT && (!m->hold_at || r->hold_until < m->hold_at))
+                m->hold_at = r->hold_until;
+            continue;
+        }
+        if (ii == NIL)
+            break;
         wait_unlink(s, ri);
-        dispatch(s, now, ri, ii);
+        dispatch(s, now, ri, ii, hit);
     }
+}
+
+static void drain_waiters(struct sched *s, double now, size_t model)
+{
+    serve_waiters(s, now, model, ROOM_SLOT);
 }
 
 /* How many instances to start: while the waiters outnumber free and coming
@@ -789,15 +881,18 @@ static bool has_coming_or_ready(const struct sched *s, const struct model *m)
 /* ---------- prefix affinity ---------- */
 
 /* One table for all models: what prompt (a block's chained hash, or a
- * conversation's name) was last sent to which instance. 4-way sets, the
- * least recently used of a set replaced; an entry whose instance is gone,
- * stopping or of another model simply does not match. */
+ * conversation's name) was last sent to which instance, and to which one
+ * before it when that was another (a system prompt that every conversation
+ * shares is then known on two). 4-way sets, the least recently used of a
+ * set replaced. Entries of an instance that stops, fails or restarts are
+ * dropped (aff_drop): its KV cache is gone, and its id may be reused. */
 #define AFF_WAYS 4
 #define AFF_SETS (SCHED_AFFINITY_ENTRIES / AFF_WAYS)
 
 struct aff_entry {
     uint64_t key;               /* 0 = empty */
     uint64_t inst;              /* the instance's id */
+    uint64_t inst2;             /* the one before, when another; 0 = none */
     uint64_t used;              /* s->aff_clock when last set */
 };
 
@@ -810,15 +905,23 @@ static uint64_t aff_key(size_t model, uint64_t key, size_t *set)
     return k;
 }
 
-static struct aff_entry *aff_find(const struct sched *s, size_t model, uint64_t key)
+static const struct aff_entry *aff_find(const struct sched *s, size_t model, uint64_t key)
 {
     size_t set;
     uint64_t k = aff_key(model, key, &set);
-    struct aff_entry *e = &s->aff[set * AFF_WAYS];
+    const struct aff_entry *e = &s->aff[set * AFF_WAYS];
     for (size_t w = 0; w < AFF_WAYS; w++)
         if (e[w].key == k)
             return &e[w];
     return NULL;
+}
+
+/* Entries name instance ID first DELTA more (see inst.aff_live). */
+static void aff_live_add(struct sched *s, uint64_t id, int delta)
+{
+    uint32_t ii = id ? idmap_get(&s->inst_map, id) : NIL;
+    if (ii != NIL)
+        s->insts[ii].aff_live += (uint32_t)delta;
 }
 
 static void aff_set(struct sched *s, size_t model, uint64_t key, uint64_t inst)
@@ -828,13 +931,44 @@ static void aff_set(struct sched *s, size_t model, uint64_t key, uint64_t inst)
     struct aff_entry *e = &s->aff[set * AFF_WAYS], *victim = &e[0];
     for (size_t w = 0; w < AFF_WAYS; w++) {
         if (e[w].key == k) {
-            victim = &e[w];
-            break;
+            if (e[w].inst != inst) {
+                aff_live_add(s, e[w].inst, -1);
+                aff_live_add(s, inst, 1);
+                e[w].inst2 = e[w].inst;
+                e[w].inst = inst;
+            }
+            e[w].used = ++s->aff_clock;
+            return;
         }
         if (e[w].used < victim->used)
             victim = &e[w];
     }
+    if (victim->key)
+        aff_live_add(s, victim->inst, -1);
+    aff_live_add(s, inst, 1);
     *victim = (struct aff_entry){ .key = k, .inst = inst, .used = ++s->aff_clock };
+}
+
+/* Instance ID's KV cache is gone: no entry names it any more. */
+static void aff_drop(struct sched *s, uint64_t id)
+{
+    if (!s->aff || !id)
+        return;
+    for (size_t i = 0; i < SCHED_AFFINITY_ENTRIES; i++) {
+        struct aff_entry *e = &s->aff[i];
+        if (e->inst2 == id)
+            e->inst2 = 0;
+        if (e->key && e->inst == id) {
+            e->inst = e->inst2;
+            e->inst2 = 0;
+            aff_live_add(s, e->inst, 1);
+            if (!e->inst)
+                *e = (struct aff_entry){ 0 };
+        }
+    }
+    uint32_t ii = idmap_get(&s->inst_map, id);
+    if (ii != NIL)
+        s->insts[ii].aff_live = 0;
 }
 
 /* P was sent to INST. Its conversation and, of its blocks, the last and
@@ -853,30 +987,29 @@ static void aff_record(struct sched *s, size_t model, const struct sched_prefix 
         aff_set(s, model, p->block[p->n - 1], inst);
 }
 
-/* The instance entry E names, if it is MODEL's and may take a request now. */
-static uint32_t aff_usable(const struct sched *s, size_t model, const struct aff_entry *e)
+/* The instances of MODEL that hold the longest known part of P, up to two,
+ * the latest first (PREF, 0: none): the one its conversation went to, else
+ * those sent the longest leading part of its prompt. Only serving ones. */
+static void aff_prefer(const struct sched *s, size_t model, const struct sched_prefix *p, uint64_t pref[2])
 {
-    uint32_t ii = e ? idmap_get(&s->inst_map, e->inst) : NIL;
-    if (ii == NIL)
-        return NIL;
-    return s->insts[ii].model == model && inst_free(&s->insts[ii]) ? ii : NIL;
-}
-
-/* The instance with a free slot that P prefers: the one its conversation
- * went to, else the one sent the longest leading part of its prompt; NIL
- * when none of them has a free slot (or none is known). A match's entries
- * are made young again when the request is dispatched (aff_record). */
-static uint32_t aff_pick(const struct sched *s, size_t model, const struct sched_prefix *p)
-{
+    pref[0] = pref[1] = 0;
     if (!s->aff)
-        return NIL;
-    uint32_t ii = NIL;
-    if (p->session && (ii = aff_usable(s, model, aff_find(s, model, p->session))) != NIL)
-        return ii;
-    for (unsigned i = p->n; i-- > 0;)
-        if ((ii = aff_usable(s, model, aff_find(s, model, p->block[i]))) != NIL)
-            return ii;
-    return NIL;
+        return;
+    const struct aff_entry *e;
+    if (p->session && (e = aff_find(s, model, p->session)) && serving(s, model, e->inst) != NIL) {
+        pref[0] = e->inst;
+        return;
+    }
+    for (unsigned i = p->n; i-- > 0;) {
+        if (!(e = aff_find(s, model, p->block[i])))
+            continue;
+        bool a = serving(s, model, e->inst) != NIL, b = serving(s, model, e->inst2) != NIL;
+        if (a || b) {
+            pref[0] = a ? e->inst : e->inst2;
+            pref[1] = a && b ? e->inst2 : 0;
+            return;
+        }
+    }
 }
 
 /* Hand-off. When every slot of a model is taken and requests wait, the
@@ -922,25 +1055,18 @@ static unsigned handoff_depth(const struct model *m, unsigned slots)
     return want < slots ? slots : want > most ? most : (unsigned)want;
 }
 
+/* The most requests IN, of M, holds at once: its slots and its hand-off,
+ * within its HTTP threads. */
+static unsigned handoff_most(const struct model *m, const struct inst *in)
+{
+    unsigned most = in->slots + handoff_depth(m, in->slots);
+    return m->info.http_conns && most > m->info.http_conns ? m->info.http_conns : most;
+}
+
 static void handoff(struct sched *s, double now, size_t model)
 {
-    struct model *m = &s->models[model];
-    if (!handoff_ok(s, m))
-        return;
-    for (size_t i = 0; i < m->ninst && m->head != NIL; i++) {
-        uint32_t ii = m->inst[i];
-        const struct inst *in = &s->insts[ii];
-        if (!inst_serves(in) || !in->slots)
-            continue;
-        unsigned most = in->slots + handoff_depth(m, in->slots);
-        if (m->info.http_conns && most > m->info.http_conns)
-            most = m->info.http_conns;
-        while (m->head != NIL && in->in_flight < most) {
-            uint32_t ri = m->head;
-            wait_unlink(s, ri);
-            dispatch(s, now, ri, ii);
-        }
-    }
+    if (handoff_ok(s, &s->models[model]))
+        serve_waiters(s, now, model, ROOM_HANDOFF);
 }
 
 /* A dispatched request ended with its answer after D seconds. */
@@ -1334,13 +1460,17 @@ static bool evictable(const struct sched *s, const struct inst *in, uint64_t fil
 
 /* Least recently used first: by the arrival of its model's latest request
  * (demand, not the time a slow load let it serve), never asked ones by the
- * time they were added; within a model, the instance used least lately. */
+ * time they were added; within a model, one whose cached prompts are cold
+ * (no affinity entry names it: nobody's next turn would be sent there)
+ * before one whose are not, then the instance used least lately. */
 static bool lru_before(const struct sched *s, const struct inst *a, const struct inst *b)
 {
     double ma = s->models[a->model].last_asked, mb = s->models[b->model].last_asked;
     double ka = ma ? ma : a->added_at, kb = mb ? mb : b->added_at;
     if (ka != kb)
         return ka < kb;
+    if (!a->aff_live != !b->aff_live)
+        return !a->aff_live;
     ka = a->last_used ? a->last_used : a->added_at;
     kb = b->last_used ? b->last_used : b->added_at;
     return ka < kb || (ka == kb && a->added_at < b->added_at);
@@ -1746,7 +1876,7 @@ sched_inst_t sched_pick_ready(const struct sched *s, size_t model)
     if (model >= s->nmodels)
         return 0;
     const struct model *m = &s->models[model];
-    uint32_t best = pick(s, m);         /* a free slot, fewest in flight */
+    uint32_t best = pick(s, m, ROOM_SLOT);      /* a free slot, fewest in flight */
     if (best == NIL)                    /* every slot busy: the least busy (it queues) */
         for (size_t i = 0; i < m->ninst; i++) {
             const struct inst *in = &s->insts[m->inst[i]];
@@ -1806,8 +1936,9 @@ static bool idle_next(const struct sched *s, double *at)
     return have;
 }
 
-/* Stop instances idle past their deadline, the longest idle first, while
- * their model stays above its minimum. */
+/* Stop instances idle past their deadline, while their model stays above
+ * its minimum: those whose cached prompts are cold (see lru_before) first,
+ * then the longest idle. */
 static void idle_stops(struct sched *s, double now)
 {
     if (!s->nidle)
@@ -1822,7 +1953,10 @@ static void idle_stops(struct sched *s, double now)
             for (size_t i = 0; i < m->ninst; i++) {
                 const struct inst *in = &s->insts[m->inst[i]];
                 double d = idle_deadline(in, m->info.idle_timeout);
-                if (idle_inst(in) && d <= now && (best == NIL || d < best_d)) {
+                if (!idle_inst(in) || d > now)
+                    continue;
+                const struct inst *bi = best != NIL ? &s->insts[best] : NULL;
+                if (!bi || (!in->aff_live != !bi->aff_live ? !in->aff_live : d < best_d)) {
                     best = m->inst[i];
                     best_d = d;
                 }
@@ -2014,20 +2148,29 @@ void sched_request_prefix(struct sched *s, double now, sched_req_t req, size_t m
     } else {
         struct model *m = &s->models[model];
         m->last_asked = now;
-        bool hit = false;
-        uint32_t ii = m->head == NIL ? pick_for(s, model, prefix, &hit) : NIL;
+        struct req probe = { .model = model, .prefix = prefix };
+        if (prefix) {
+            aff_prefer(s, model, prefix, probe.pref);
+            if (m->info.affinity_wait > 0)
+                probe.hold_until = now + m->info.affinity_wait;
+        }
+        bool hit = false, hold = false;
+        uint32_t ii = m->head == NIL ? choose(s, now, &probe, ROOM_SLOT, &hit, &hold) : NIL;
         if (ii == NIL && s->waiting >= s->limits.max_queue) {
             emit_fail(s, req, model, 429, 1, "queue full", fmt("queue full (%zu waiting)", s->waiting));
         } else {
             uint32_t ri = req_new(s, req, model);
             if (ri != NIL) {
-                s->reqs[ri].prefix = prefix;
-                s->reqs[ri].affinity = prefix ? hit : -1;
+                struct req *r = &s->reqs[ri];
+                r->prefix = prefix;
+                r->pref[0] = probe.pref[0];
+                r->pref[1] = probe.pref[1];
+                r->hold_until = probe.hold_until;
             }
             if (ri == NIL) {
                 emit_fail(s, req, model, 503, 1, "out of memory", NULL);
             } else if (ii != NIL) {
-                dispatch(s, now, ri, ii);
+                dispatch(s, now, ri, ii, hit);
             } else {
                 wait_push(s, ri, now);
                 settle(s, now, model);
@@ -2173,6 +2316,8 @@ void sched_instance_starting(struct sched *s, double now, sched_inst_t inst)
     uint32_t ii = idmap_get(&s->inst_map, inst);
     if (ii != NIL) {
         inst_drop_flight(s, ii);
+        if (s->insts[ii].state == INST_READY)
+            aff_drop(s, inst);          /* a restart: its cache is gone */
         bool was_failed = s->insts[ii].state == INST_FAILED;
         s->insts[ii].state = INST_STARTING;
         s->insts[ii].stop_req = false;  /* a stop that became a restart */
@@ -2193,6 +2338,8 @@ void sched_instance_failed(struct sched *s, double now, sched_inst_t inst, const
         size_t model = in->model;
         struct model *m = &s->models[model];
         bool was_starting = in->state == INST_STARTING;
+        if (in->state == INST_READY)
+            aff_drop(s, inst);
         inst_drop_flight(s, ii);
         inst_charge_end(s, ii);
         in->state = INST_FAILED;
@@ -2256,6 +2403,11 @@ void sched_tick(struct sched *s, double now)
         const char *name = s->models[model].name;
         emit_fail(s, id, model, 504, 0, "waited too long in the queue",
                   fmt("waited %s s in the queue for %s", waited, name ? name : "the model"));
+    }
+    for (size_t k = 0; k < s->nactive; k++) {
+        const struct model *m = &s->models[s->active[k]];
+        if (m->waiting && m->hold_at > 0 && m->hold_at <= now)
+            settle(s, now, s->active[k]);       /* holds ended: serve them */
     }
     idle_stops(s, now);
     s->wake_armed = false;      /* the caller's timer has fired: arm it again */

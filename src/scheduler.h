@@ -93,6 +93,9 @@ struct sched_model_info {
     uint64_t file_id;            /* instances of models with equal ids share weights; 0 = unique */
     bool pinned;                 /* never stopped for memory or idleness */
     double idle_timeout;         /* seconds; 0 = never stopped for idleness */
+    double affinity_wait;        /* seconds a request with a prompt waits for
+                                  * the busy instance that holds it (see
+                                  * sched_request_prefix); 0 = not at all */
     /* GPU memory of one instance, on one device (0 = CPU only; ignored
      * while no device is set). Instances of one file do not share it. */
     uint64_t vram;
@@ -162,12 +165,17 @@ struct sched_prefix {
 
 /* ---- events ---- */
 void sched_request(struct sched *s, double now, sched_req_t req, size_t model);
-/* The same, with its prompt (NULL: none). Among the model's instances with
- * a free slot, it goes to the one that last served its conversation, else
- * the one that was sent the longest prefix of its prompt, else as usual
- * (fewest in flight). What is sent where is remembered in one table for
- * all models (SCHED_AFFINITY_ENTRIES, 4-way, least recently used out; about
- * 0.75 MiB, made on first use); an instance that stops leaves no match. */
+/* The same, with its prompt (NULL: none). It goes to an instance that
+ * holds the longest known part of its prompt (the one its conversation
+ * went to, else the one or two sent the longest leading part) if that has
+ * a free slot. If that one is busy, the request waits for it up to the
+ * model's affinity_wait, unless its prompt is short (4 blocks, 1 KiB) and
+ * another instance is idle; then, or when none holds it, it goes as any
+ * other (fewest in flight). Others behind a waiting one are served past it.
+ * What is sent where is remembered in one table for all models
+ * (SCHED_AFFINITY_ENTRIES of 32 bytes, 1 MiB, 4-way, least recently used
+ * out, made on first use); an instance that stops, fails or restarts is
+ * forgotten there. */
 #define SCHED_AFFINITY_ENTRIES 32768
 void sched_request_prefix(struct sched *s, double now, sched_req_t req, size_t model,
                           const struct sched_prefix *prefix);

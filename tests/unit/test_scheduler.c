@@ -1,5 +1,6 @@
 /* The scheduler's policy, event by event, with a fake clock: who is served,
  * who waits, what starts, who fails and when. */
+#include <math.h>
 #include <setjmp.h>
 #include <stdarg.h>
 #include <stddef.h>
@@ -946,6 +947,241 @@ static void the_affinity_table_is_bounded_and_forgets_the_oldest(void **state)
      * is gone, so to the earliest added. */
     sched_request_prefix(s, 4, 3, OTHER, &pf);
     assert_int_equal(sent_to(s, 3), 50);
+    sched_free(s);
+}
+
+/* other_two_ready(), with OTHER's requests waiting up to WAIT seconds for
+ * the busy instance that holds their prompt; and IDLE_TIMEOUT, MIN. */
+static void other_set(struct sched *s, double wait, double idle_timeout, unsigned min)
+{
+    sched_model_set(s, OTHER, "other",
+                    &(struct sched_model_info){ .instances_min = min, .instances_max = 2, .slots_hint = 2,
+                                                .affinity_wait = wait, .idle_timeout = idle_timeout });
+    drain(s);
+}
+
+/* Whether the last drain armed the timer at AT. */
+static bool woke_at(const struct got *x, double at)
+{
+    for (size_t i = 0; i < x->n; i++)
+        if (x->a[i].kind == SCHED_WAKE && fabs(x->a[i].at - at) < 1e-9)
+            return true;
+    return false;
+}
+
+/* 50 serves a (8 blocks: long) and one more request, so it is full; 51
+ * serves one and has a slot free. */
+static const uint64_t a_blocks[] = { 11, 12, 13, 14, 15, 16, 17, 18, 19 };
+static struct sched *fifty_full_with_a(double wait)
+{
+    struct sched *s = other_two_ready();
+    other_set(s, wait, 0, 0);
+    struct sched_prefix pa = { .n = 8, .block = a_blocks };
+    sched_request_prefix(s, 1, 1, OTHER, &pa);
+    assert_int_equal(sent_to(s, 1), 50);
+    sched_request(s, 1, 2, OTHER);
+    assert_int_equal(sent_to(s, 2), 51);
+    sched_request(s, 1, 3, OTHER);
+    assert_int_equal(sent_to(s, 3), 50);
+    return s;
+}
+
+static void a_request_waits_briefly_for_its_busy_instance_and_others_pass_it(void **state)
+{
+    (void)state;
+    struct sched *s = fifty_full_with_a(0.25);
+    struct sched_prefix pa2 = { .n = 9, .block = a_blocks };   /* a's next turn */
+    sched_request_prefix(s, 2, 4, OTHER, &pa2);
+    struct got *x = drain(s);
+    assert_int_equal(count(x, SCHED_DISPATCH), 0);  /* 51 is free, but it waits for 50 */
+    assert_true(woke_at(x, 2.25));                  /* until its hold ends */
+    assert_int_equal(sched_waiting_model(s, OTHER), 1);
+    /* A request without a prompt behind it is served past it. */
+    sched_request(s, 2.1, 5, OTHER);
+    assert_int_equal(sent_to(s, 5), 51);
+    assert_int_equal(sched_waiting_model(s, OTHER), 1);
+    /* 50 frees a slot within the bound: the waiting turn goes there. */
+    sched_request_done(s, 2.2, 1);
+    assert_int_equal(sent_to(s, 4), 50);
+    assert_int_equal(last_affinity, 1);
+    sched_free(s);
+}
+
+static void a_hold_ends_after_affinity_wait_and_the_request_goes_elsewhere(void **state)
+{
+    (void)state;
+    struct sched *s = fifty_full_with_a(0.25);
+    struct sched_prefix pa2 = { .n = 9, .block = a_blocks };
+    sched_request_prefix(s, 2, 4, OTHER, &pa2);
+    assert_int_equal(count(drain(s), SCHED_DISPATCH), 0);
+    sched_tick(s, 2.2);                             /* not yet */
+    assert_int_equal(count(drain(s), SCHED_DISPATCH), 0);
+    sched_tick(s, 2.25);
+    assert_int_equal(sent_to(s, 4), 51);
+    assert_int_equal(last_affinity, 0);             /* a miss */
+    /* With affinity_wait = 0 it would not have waited at all. */
+    sched_free(s);
+    s = fifty_full_with_a(0);
+    sched_request_prefix(s, 2, 4, OTHER, &pa2);
+    assert_int_equal(sent_to(s, 4), 51);
+    assert_int_equal(last_affinity, 0);
+    sched_free(s);
+}
+
+/* 50 holds a prompt of N blocks and is full, 51 idle; that prompt's next
+ * turn comes (WAIT 0.25): where it went, 0 if it waits. */
+static sched_inst_t next_turn_with_51_idle(unsigned n)
+{
+    struct sched *s = other_two_ready();
+    other_set(s, 0.25, 0, 0);
+    struct sched_prefix p1 = { .n = n, .block = a_blocks }, p2 = { .n = n + 1, .block = a_blocks };
+    sched_request_prefix(s, 1, 1, OTHER, &p1);
+    assert_int_equal(sent_to(s, 1), 50);
+    sched_request(s, 1, 2, OTHER);
+    assert_int_equal(sent_to(s, 2), 51);
+    sched_request(s, 1, 3, OTHER);
+    assert_int_equal(sent_to(s, 3), 50);            /* 50 full */
+    sched_request_done(s, 2, 2);
+    drain(s);                                       /* 51 idle */
+    sched_request_prefix(s, 3, 4, OTHER, &p2);
+    struct got *x = drain(s);
+    sched_inst_t to = 0;
+    for (size_t i = 0; i < x->n; i++)
+        if (x->a[i].kind == SCHED_DISPATCH && x->a[i].req == 4) {
+            to = x->a[i].inst;
+            last_affinity = x->a[i].affinity;
+        }
+    sched_free(s);
+    return to;
+}
+
+static void a_short_prompt_does_not_wait_while_another_instance_is_idle(void **state)
+{
+    (void)state;
+    assert_int_equal(next_turn_with_51_idle(2), 51);   /* 2 blocks: to idle 51 at once */
+    assert_int_equal(last_affinity, 0);
+    assert_int_equal(next_turn_with_51_idle(8), 0);    /* 8: worth waiting for 50 */
+}
+
+static void a_shared_system_prompt_is_known_on_two_instances(void **state)
+{
+    (void)state;
+    struct sched *s = other_two_ready();
+    /* Two conversations with one system prompt (blocks 1-4): x on 50, and
+     * y, with 50 full and no waiting, on 51. */
+    const uint64_t x[] = { 1, 2, 3, 4, 70, 71 }, y[] = { 1, 2, 3, 4, 80, 81 };
+    struct sched_prefix px = { .n = 6, .block = x }, py = { .n = 6, .block = y };
+    sched_request_prefix(s, 1, 1, OTHER, &px);
+    assert_int_equal(sent_to(s, 1), 50);
+    sched_request(s, 1, 2, OTHER);
+    assert_int_equal(sent_to(s, 2), 51);
+    sched_request(s, 1, 3, OTHER);
+    assert_int_equal(sent_to(s, 3), 50);            /* 50 full */
+    sched_request_prefix(s, 1, 4, OTHER, &py);
+    assert_int_equal(sent_to(s, 4), 51);
+    for (sched_req_t r = 1; r <= 4; r++)
+        sched_request_done(s, 2, r);
+    other_set(s, 0.25, 0, 0);
+    /* Now 51 full, 50 with one in flight. */
+    sched_request(s, 3, 5, OTHER);
+    assert_int_equal(sent_to(s, 5), 50);
+    sched_request(s, 3, 6, OTHER);
+    assert_int_equal(sent_to(s, 6), 51);
+    sched_request(s, 3, 7, OTHER);
+    assert_int_equal(sent_to(s, 7), 50);
+    sched_request(s, 3, 8, OTHER);
+    assert_int_equal(sent_to(s, 8), 51);
+    sched_request_done(s, 4, 5);
+    drain(s);
+    /* A third conversation: the system prompt, last sent to 51 (full), was
+     * sent to 50 before: 50 holds it too, a hit, no wait. */
+    const uint64_t z[] = { 1, 2, 3, 4, 90, 91 };
+    struct sched_prefix pz = { .n = 6, .block = z };
+    sched_request_prefix(s, 5, 9, OTHER, &pz);
+    assert_int_equal(sent_to(s, 9), 50);
+    assert_int_equal(last_affinity, 1);
+    sched_free(s);
+}
+
+static void an_instance_that_goes_leaves_no_match_even_if_its_id_comes_back(void **state)
+{
+    (void)state;
+    struct sched *s = other_two_ready();
+    struct sched_prefix pa = { .n = 8, .block = a_blocks };
+    sched_request(s, 1, 1, OTHER);
+    assert_int_equal(sent_to(s, 1), 50);
+    sched_request_prefix(s, 1, 2, OTHER, &pa);
+    assert_int_equal(sent_to(s, 2), 51);
+    sched_request_done(s, 2, 1);
+    sched_request_done(s, 2, 2);
+    sched_instance_stopping(s, 2, 51);
+    sched_instance_removed(s, 2, 51);
+    ready(s, 3, 51, OTHER, 2);                      /* a new one, the same id */
+    drain(s);
+    sched_request_prefix(s, 4, 3, OTHER, &pa);
+    assert_int_equal(sent_to(s, 3), 50);            /* no match: the earliest added */
+    assert_int_equal(last_affinity, 0);
+    /* A restart empties the cache too: 50 holds a now, restarts, and a's
+     * next turn is a miss. */
+    sched_request_done(s, 5, 3);
+    drain(s);
+    sched_instance_starting(s, 6, 50);
+    sched_instance_ready(s, 7, 50, 2);
+    drain(s);
+    sched_request_prefix(s, 8, 4, OTHER, &pa);
+    sent_to(s, 4);
+    assert_int_equal(last_affinity, 0);
+    sched_free(s);
+}
+
+static void scale_down_stops_the_instance_whose_prompts_are_cold_first(void **state)
+{
+    (void)state;
+    struct sched *s = other_two_ready();
+    other_set(s, 0, 100, 1);
+    struct sched_prefix pa = { .n = 8, .block = a_blocks };
+    sched_request_prefix(s, 1, 1, OTHER, &pa);      /* 50 holds a */
+    assert_int_equal(sent_to(s, 1), 50);
+    sched_request(s, 1.5, 2, OTHER);                /* no prompt: 51 */
+    assert_int_equal(sent_to(s, 2), 51);
+    sched_request_done(s, 2, 1);
+    sched_request_done(s, 6, 2);                    /* 51 used later */
+    drain(s);
+    /* Both idle past their deadline, one goes: by idleness alone 50; but
+     * 51 holds no prompt anyone would come back to. */
+    sched_tick(s, 200);
+    struct got *x = drain(s);
+    assert_int_equal(count(x, SCHED_STOP), 1);
+    assert_int_equal(nth(x, SCHED_STOP, 0)->inst, 51);
+    sched_free(s);
+}
+
+static void a_hand_off_goes_to_the_instance_that_holds_the_prompt(void **state)
+{
+    (void)state;
+    struct sched *s = pool_new(100, 0);
+    other_set(s, 0.25, 0, 0);
+    ready(s, 0, 50, OTHER, 1);
+    ready(s, 0, 51, OTHER, 1);
+    drain(s);
+    struct sched_prefix pa = { .n = 8, .block = a_blocks };
+    struct sched_prefix pa2 = { .n = 9, .block = a_blocks };
+    sched_request(s, 1, 1, OTHER);
+    assert_int_equal(sent_to(s, 1), 50);
+    sched_request_prefix(s, 1, 2, OTHER, &pa);
+    assert_int_equal(sent_to(s, 2), 51);
+    sched_request_done(s, 1.01, 1);                 /* short requests: a turnaround */
+    sched_request_done(s, 1.01, 2);
+    drain(s);
+    sched_request(s, 2, 3, OTHER);
+    assert_int_equal(sent_to(s, 3), 50);
+    sched_request(s, 2, 4, OTHER);
+    assert_int_equal(sent_to(s, 4), 51);            /* both full */
+    /* a's next turn is handed off, and to 51, which holds it (the least
+     * busy on a tie would be 50). */
+    sched_request_prefix(s, 2, 5, OTHER, &pa2);
+    assert_int_equal(sent_to(s, 5), 51);
+    assert_int_equal(last_affinity, 1);
     sched_free(s);
 }
 
@@ -2547,6 +2783,13 @@ int main(void)
         cmocka_unit_test(a_shared_leading_part_or_a_session_finds_the_instance),
         cmocka_unit_test(a_busy_or_stopping_instance_is_no_match),
         cmocka_unit_test(the_affinity_table_is_bounded_and_forgets_the_oldest),
+        cmocka_unit_test(a_request_waits_briefly_for_its_busy_instance_and_others_pass_it),
+        cmocka_unit_test(a_hold_ends_after_affinity_wait_and_the_request_goes_elsewhere),
+        cmocka_unit_test(a_short_prompt_does_not_wait_while_another_instance_is_idle),
+        cmocka_unit_test(a_shared_system_prompt_is_known_on_two_instances),
+        cmocka_unit_test(an_instance_that_goes_leaves_no_match_even_if_its_id_comes_back),
+        cmocka_unit_test(scale_down_stops_the_instance_whose_prompts_are_cold_first),
+        cmocka_unit_test(a_hand_off_goes_to_the_instance_that_holds_the_prompt),
         cmocka_unit_test(no_handoff_before_a_request_is_done_or_when_requests_are_long),
         cmocka_unit_test(no_handoff_while_another_instance_is_coming),
         cmocka_unit_test(waiters_are_served_first_come_first_served_when_a_slot_frees),
