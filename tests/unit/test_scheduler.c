@@ -1226,6 +1226,32 @@ static bool stopped(const struct got *x, sched_inst_t inst)
     return false;
 }
 
+static void an_eviction_stops_the_instance_whose_prompts_are_cold_first(void **state)
+{
+    (void)state;
+    enum { A, D };
+    struct sched *s = mem_new(5 * GiB, 0, 2);
+    sched_model_set(s, A, "a", &(struct sched_model_info){
+        .instances_max = 2, .slots_hint = 1, .mem_weights = 2 * GiB, .mem_more = GiB });
+    mem_model(s, D, "d", GiB + GiB / 2, 0);
+    ready(s, 0, 50, A, 1);
+    ready(s, 0, 51, A, 1);
+    const uint64_t blocks[] = { 1, 2, 3, 4, 5, 6 };
+    struct sched_prefix p = { .n = 6, .block = blocks };
+    sched_request_prefix(s, 1, 1, A, &p);           /* 50 holds a prompt */
+    sched_request(s, 1.5, 2, A);                    /* 51 none, used later */
+    sched_request_done(s, 2, 1);
+    sched_request_done(s, 4, 2);
+    drain(s);
+    /* d needs 1.5 GiB: one of a's goes, the cold one, though 50 is the
+     * least recently used. */
+    sched_request(s, 10, 100, D);
+    struct got *x = drain(s);
+    assert_int_equal(count(x, SCHED_STOP), 1);
+    assert_int_equal(nth(x, SCHED_STOP, 0)->inst, 51);
+    sched_free(s);
+}
+
 static void evictions_stop_the_least_recently_used_first_and_start_once_removed(void **state)
 {
     (void)state;
@@ -2789,6 +2815,7 @@ int main(void)
         cmocka_unit_test(a_shared_system_prompt_is_known_on_two_instances),
         cmocka_unit_test(an_instance_that_goes_leaves_no_match_even_if_its_id_comes_back),
         cmocka_unit_test(scale_down_stops_the_instance_whose_prompts_are_cold_first),
+        cmocka_unit_test(an_eviction_stops_the_instance_whose_prompts_are_cold_first),
         cmocka_unit_test(a_hand_off_goes_to_the_instance_that_holds_the_prompt),
         cmocka_unit_test(no_handoff_before_a_request_is_done_or_when_requests_are_long),
         cmocka_unit_test(no_handoff_while_another_instance_is_coming),
