@@ -97,6 +97,15 @@ void metrics_count_affinity(struct model_stats *s, bool hit)
         c->affinity_misses++;
 }
 
+void metrics_count_prompt(struct model_stats *s, uint64_t cached, uint64_t processed)
+{
+    struct model_counts *c = counts(s);
+    if (!c)
+        return;
+    c->prompt_cached += cached;
+    c->prompt_processed += processed;
+}
+
 void metrics_observe(struct metrics_hist *s, double seconds)
 {
     for (size_t i = 0; i < METRICS_BUCKETS; i++)
@@ -323,6 +332,18 @@ char *metrics_render(struct pool *p, const struct router *r, size_t *len)
         const char *n = label(&o, p->models[i]->cfg->name);
         emit(&o, "llama_pool_affinity_total{model=\"%s\",result=\"hit\"} %" PRIu64 "\n", n, s->affinity_hits);
         emit(&o, "llama_pool_affinity_total{model=\"%s\",result=\"miss\"} %" PRIu64 "\n", n, s->affinity_misses);
+    }
+    family(&o, "llama_pool_prompt_tokens_total", "counter",
+           "prompt tokens of the answers by model, as llama-server's timings say: cache, taken "
+           "from its KV cache (cache_n); processed, evaluated (prompt_n)");
+    for (size_t i = 0; i < p->nmodels; i++) {
+        const struct model_counts *s = counts_of(p->models[i]);
+        if (!s->prompt_cached && !s->prompt_processed)
+            continue;
+        const char *n = label(&o, p->models[i]->cfg->name);
+        emit(&o, "llama_pool_prompt_tokens_total{model=\"%s\",source=\"cache\"} %" PRIu64 "\n", n, s->prompt_cached);
+        emit(&o, "llama_pool_prompt_tokens_total{model=\"%s\",source=\"processed\"} %" PRIu64 "\n", n,
+             s->prompt_processed);
     }
     model_summary(&o, p, "llama_pool_queue_wait_seconds", "time from arrival to dispatch, by model",
                   offsetof(struct model_counts, queue_wait_seconds),

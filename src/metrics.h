@@ -28,6 +28,8 @@ struct model_counts {
     uint64_t idle_stops;          /* evictions with reason "idle" */
     uint64_t affinity_hits;       /* requests with a prompt sent where it is held */
     uint64_t affinity_misses;     /* ... and sent elsewhere (none known, or busy) */
+    uint64_t prompt_cached;       /* prompt tokens its answers took from the KV cache */
+    uint64_t prompt_processed;    /* ... and processed (timings.cache_n, prompt_n) */
     uint64_t queue_waits;         /* requests that were dispatched */
     double queue_wait_seconds;    /* their time from arrival to dispatch */
     struct { int code; uint64_t n; } status[METRICS_STATUS_SLOTS];  /* answers by status */
@@ -68,6 +70,7 @@ void metrics_count_load(struct model_stats *s, double seconds);
 void metrics_count_eviction(struct model_stats *s, enum metrics_eviction why);
 void metrics_count_queue_wait(struct model_stats *s, double seconds);
 void metrics_count_affinity(struct model_stats *s, bool hit);
+void metrics_count_prompt(struct model_stats *s, uint64_t cached, uint64_t processed);
 void metrics_observe(struct metrics_hist *h, double seconds);
 void metrics_stats_free(struct model_stats *s);
 

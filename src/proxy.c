@@ -28,6 +28,7 @@
 #include "proxy.h"
 
 #include "log.h"
+#include "timings.h"
 #include "util.h"
 
 #include <arpa/inet.h>
@@ -166,6 +167,7 @@ struct proxy_call {
     char conn[CTYPE_MAX];             /* upstream Connection tokens */
     size_t conn_len;
     char tail[2];                     /* last two body bytes relayed (SSE framing) */
+    struct timings_scan timings;      /* what the answer says of its prompt */
     bool relayed;                     /* any body byte relayed */
     const char *body;                 /* COLLECTING: the body (body_buf or the read buffer) */
     size_t body_len, body_expect;
@@ -648,8 +650,13 @@ static void call_end(struct proxy_call *call, enum proxy_outcome outcome)
     struct proxy *p = call->p;
     proxy_done_fn done = call->done;
     void *arg = call->arg;
-    int status = call_head_done(call) ? call->status : 0;
-    double first_byte = call_head_done(call) ? call->head_at - call->sent_at : -1;
+    struct proxy_result res = {
+        .outcome = outcome,
+        .status = call_head_done(call) ? call->status : 0,
+        .first_byte = call_head_done(call) ? call->head_at - call->sent_at : -1,
+        .cache_n = call->timings.cache_n,
+        .prompt_n = call->timings.prompt_n,
+    };
 
     if (call->ended)
         *call->ended = true;
@@ -670,7 +677,7 @@ static void call_end(struct proxy_call *call, enum proxy_outcome outcome)
     } else {
         call_free(call);
     }
-    done(arg, outcome, status, first_byte);
+    done(arg, &res);
 }
 
 /* Gives up the connection: back to its idle list if REUSE, else closed. */
@@ -693,11 +700,13 @@ static void call_ok(struct proxy_call *call, bool reuse)
     call_release_uc(call, reuse);
     call->req = NULL;
     http_request_unwatch(req);
-    if (call->stage == CALL_COLLECTING)
+    if (call->stage == CALL_COLLECTING) {
+        timings_scan_feed(&call->timings, call->body, call->body_len);
         http_respond(req, call->status, call->ctype_len ? call->ctype : NULL,
                      call->hdr.len ? call->hdr.data : NULL, call->body, call->body_len);
-    else
+    } else {
         http_stream_end(req);
+    }
     call_end(call, PROXY_OK);
 }
 
@@ -1009,6 +1018,7 @@ static int on_body(llhttp_t *lp, const char *at, size_t n)
         call->body_len = b->len;
         return 0;
     }
+    timings_scan_feed(&call->timings, at, n);
     if (call->is_sse) {
         call->relayed = true;
         if (n >= 2) {
@@ -1306,6 +1316,7 @@ static struct proxy_call *call_alloc(struct proxy *p)
             return NULL;
     }
     call->p = p;
+    timings_scan_init(&call->timings);
     llhttp_init(&call->parser, HTTP_RESPONSE, &p->settings);
     call->parser.data = call;
     return call;
@@ -1327,7 +1338,8 @@ struct proxy_call *proxy_forward_key(struct proxy *p, struct http_request *req, 
     if (!call) {
         http_request_unwatch(req);
         http_respond_error(req, 502, "server_error", "proxy: out of memory");
-        done(arg, PROXY_UPSTREAM_ERROR, 0, -1);
+        done(arg, &(struct proxy_result){ .outcome = PROXY_UPSTREAM_ERROR, .first_byte = -1,
+                                          .cache_n = -1, .prompt_n = -1 });
         return NULL;
     }
     call->req = req;

@@ -33,11 +33,20 @@ enum proxy_outcome {
                            * request is the caller's again (to retry or answer) */
 };
 
+/* How a call ended, for its DONE. */
+struct proxy_result {
+    enum proxy_outcome outcome;
+    int status;                  /* the upstream's HTTP status, 0 if none arrived */
+    double first_byte;           /* seconds from proxy_forward() to the upstream's
+                                  * response head, -1 if none arrived */
+    long cache_n, prompt_n;      /* the answer's timings.cache_n and prompt_n
+                                  * (prompt tokens from the KV cache, and
+                                  * processed); -1: none seen (timings.h) */
+};
+
 /* Called once per call, after the client's response has ended (or the
- * client is gone). STATUS is the upstream's HTTP status, 0 if none arrived;
- * FIRST_BYTE the seconds from proxy_forward() to the upstream's response
- * head, -1 if none arrived. The call is freed after it returns. */
-typedef void (*proxy_done_fn)(void *arg, enum proxy_outcome outcome, int status, double first_byte);
+ * client is gone). The call is freed after it returns. */
+typedef void (*proxy_done_fn)(void *arg, const struct proxy_result *res);
 
 struct proxy *proxy_new(struct ev_loop *loop);
 void proxy_free(struct proxy *p);

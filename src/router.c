@@ -258,10 +258,12 @@ static bool resend(struct router *r, struct rreq *q)
     return true;
 }
 
-static void call_done(void *arg, enum proxy_outcome outcome, int status, double first_byte)
+static void call_done(void *arg, const struct proxy_result *res)
 {
     struct rreq *q = arg;
     struct router *r = q->r;
+    enum proxy_outcome outcome = res->outcome;
+    int status = res->status;
     if (outcome == PROXY_UPSTREAM_UNANSWERED && q->inst && q->inst->state == INSTANCE_READY) {
         /* Dead, or dying, and not known to be yet: none of its slots is
          * used until it answers /health again (or its exit shows). */
@@ -285,11 +287,15 @@ static void call_done(void *arg, enum proxy_outcome outcome, int status, double 
         status = 499;
     else if (!status)
         status = 502;
-    if (q->model)
+    if (q->model) {
         metrics_count_status(&q->model->stats, status);
+        if (status == 200 && res->cache_n >= 0)
+            metrics_count_prompt(&q->model->stats, (uint64_t)res->cache_n,
+                                 res->prompt_n > 0 ? (uint64_t)res->prompt_n : 0);
+    }
     metrics_observe(&r->pool->stats.duration, now_of(r) - q->t0);
-    if (first_byte >= 0)
-        metrics_observe(&r->pool->stats.first_byte, first_byte);
+    if (res->first_byte >= 0)
+        metrics_observe(&r->pool->stats.first_byte, res->first_byte);
     rreq_free(q);
     router_run(r);
 }

@@ -2042,8 +2042,18 @@ static void test_routing_keys(void **state)
                    "[model b]\npath = m.gguf\nrouting = affinity\n");
     assert_int_equal(config_model_routing(c, &c->models[0]), CONFIG_ROUTING_LEAST_BUSY);
     assert_int_equal(config_model_routing(c, &c->models[1]), CONFIG_ROUTING_AFFINITY);
+    assert_int_equal(config_model_affinity_wait_ms(c, &c->models[0]), 0);     /* least_busy: none */
+    assert_int_equal(config_model_affinity_wait_ms(c, &c->models[1]), 250);   /* the default */
+    config_free(c);
+    c = load_ok(f, "[pool]\naffinity_wait = 1s\n[model a]\npath = m.gguf\n"
+                   "[model b]\npath = m.gguf\naffinity_wait = 0\n[model c]\npath = m.gguf\naffinity_wait = 80ms\n");
+    assert_int_equal(config_model_affinity_wait_ms(c, &c->models[0]), 1000);
+    assert_int_equal(config_model_affinity_wait_ms(c, &c->models[1]), 0);
+    assert_int_equal(config_model_affinity_wait_ms(c, &c->models[2]), 80);
     config_free(c);
     static const struct refusal bad[] = {
+        { "[pool]\naffinity_wait = soon\n[model tiny]\npath = m.gguf\n",
+          "2: affinity_wait: \"soon\" is not a duration (a number with ms, s, m or h: 250ms, 10s, 30m, 2h)" },
         { "[pool]\nrouting = sticky\n[model tiny]\npath = m.gguf\n",
           "2: routing: \"sticky\" is not affinity (the instance that holds the prompt's prefix, "
           "else the least busy) or least_busy" },

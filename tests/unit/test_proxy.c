@@ -68,6 +68,7 @@ struct fx {
     enum proxy_outcome outcome[8];
     int status[8];
     double first_byte[8];
+    long cache_n[8];
     struct http_request *live; /* the request being proxied */
     size_t max_buffered;       /* largest client-side backlog seen */
     void (*after_done)(struct fx *);
@@ -92,12 +93,13 @@ static struct fx *fx_of(void **state) { return *state; }
 
 /* ----------------------------------------------------- loop side */
 
-static void on_done(void *arg, enum proxy_outcome outcome, int status, double first_byte)
+static void on_done(void *arg, const struct proxy_result *res)
 {
     struct fx *fx = arg;
-    fx->outcome[fx->ndone & 7] = outcome;
-    fx->status[fx->ndone & 7] = status;
-    fx->first_byte[fx->ndone & 7] = first_byte;
+    fx->outcome[fx->ndone & 7] = res->outcome;
+    fx->status[fx->ndone & 7] = res->status;
+    fx->first_byte[fx->ndone & 7] = res->first_byte;
+    fx->cache_n[fx->ndone & 7] = res->cache_n;
     fx->ndone++;
     fx->live = NULL;
     if (fx->after_done)
@@ -444,7 +446,8 @@ static const char SSE_HEAD[] =
 
 static const char JSON_BODY[] =
     "{\"choices\":[{\"finish_reason\":\"stop\",\"index\":0,\"message\":{\"role\":\"assistant\","
-    "\"content\":\" tok0 \\\"q\\\" \\u00e9\"}}],\"created\":0,\"model\":\"tiny\"}";
+    "\"content\":\" tok0 \\\"q\\\" \\u00e9\"}}],\"created\":0,\"model\":\"tiny\","
+    "\"timings\":{\"cache_n\":17,\"prompt_n\":3}}";
 
 static void up_json(struct fx *fx)
 {
@@ -491,6 +494,7 @@ static void test_json_answer_relayed_byte_identical(void **state)
     assert_int_equal(fx->outcome[0], PROXY_OK);
     assert_int_equal(fx->status[0], 201);      /* up_json answers 201 Created */
     assert_true(fx->first_byte[0] >= 0 && fx->first_byte[0] < 10);
+    assert_int_equal(fx->cache_n[0], 17);      /* its timings, read as it passed */
     assert_int_equal(fx->accepts, 1);
     assert_true(strncmp(fx->up_req[0], "POST /v1/chat/completions HTTP/1.1\r\n", 36) == 0);
     assert_string_equal(up_body(fx->up_req[0]), "{\"messages\":[]}");
@@ -554,7 +558,7 @@ static void test_large_and_chunked_bodies_relayed_intact(void **state)
 
 static const char *const EVENTS[3] = {
     "data: {\"i\":0,\"delta\":{\"role\":\"assistant\"}}\n\n",
-    "data: {\"i\":1,\"delta\":{\"content\":\" tok0\"}}\n\n",
+    "data: {\"i\":1,\"delta\":{\"content\":\" tok0\"},\"timings\":{\"cache_n\":5,\"prompt_n\":2}}\n\n",
     "data: [DONE]\n\n",
 };
 
@@ -600,6 +604,7 @@ static void test_sse_relayed_event_by_event(void **state)
     struct fx *fx = fx_of(state);
     fx_run(fx, cli_sse_lockstep, up_sse_lockstep, 1);
     assert_int_equal(fx->outcome[0], PROXY_OK);
+    assert_int_equal(fx->cache_n[0], 5);
 }
 
 static void up_sse_with_accel(struct fx *fx)
@@ -620,6 +625,7 @@ static void test_sse_accel_header_not_duplicated(void **state)
                             .once = "X-Accel-Buffering" };
     fx_run(fx, cli_ask, up_sse_with_accel, 1);
     assert_int_equal(fx->outcome[0], PROXY_OK);
+    assert_int_equal(fx->cache_n[0], -1);      /* no timings in it */
 }
 
 /* ---- keep-alive: two requests (two clients) share one upstream connection ---- */
