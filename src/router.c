@@ -233,9 +233,16 @@ static void refuse_closing(struct router *r, struct http_request *req, struct po
 
 /* The request's slot on its instance is free again; a draining instance
  * whose last request this was may now be stopped. */
-static void release_slot(struct router *r, struct rreq *q)
+/* Q's slot is free again. Only an answer that came whole is "done" for the
+ * scheduler, whose turnaround (how long the model's requests take, the
+ * hand-off's measure) must not learn from a client that left early or an
+ * instance that failed at once. */
+static void release_slot(struct router *r, struct rreq *q, bool answered)
 {
-    sched_request_done(r->sched, now_of(r), req_id(q));
+    if (answered)
+        sched_request_done(r->sched, now_of(r), req_id(q));
+    else
+        sched_request_gone(r->sched, now_of(r), req_id(q));
     if (q->inst && sched_in_flight(r->sched, inst_id(q->inst)) == 0)
         instance_drained(q->inst);
 }
@@ -270,7 +277,7 @@ static void call_done(void *arg, const struct proxy_result *res)
         sched_instance_suspect(r->sched, now_of(r), inst_id(q->inst));
         instance_check(q->inst);
     }
-    release_slot(r, q);
+    release_slot(r, q, outcome == PROXY_OK);
     if (outcome == PROXY_UPSTREAM_UNANSWERED) {
         if (resend(r, q)) {
             router_run(r);

@@ -2,6 +2,7 @@
 streaming relay, disconnects, crashes, HTTP limits."""
 import http.client
 import json
+import re
 import os
 import signal
 import socket
@@ -429,6 +430,89 @@ def test_a_conversations_next_turn_goes_to_the_instance_that_holds_it(pool, rout
         assert 'llama_pool_affinity_total{model="tiny",result="miss"} 3' in text
     else:
         assert 'llama_pool_affinity_total{' not in text
+
+
+def send_stream(pool, messages, headers=b""):
+    """held_stream() without waiting for its first event (it may wait in
+    the pool's queue)."""
+    s = socket.create_connection(("127.0.0.1", pool.listen_port), timeout=10)
+    body = json.dumps({"model": "tiny", "stream": True, "max_tokens": 1000, "messages": messages}).encode()
+    s.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\n" + headers
+              + b"Content-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body)
+    return s
+
+
+def in_flight(pool):
+    return {i["id"]: i["in_flight"] for i in pool.instances("tiny")}
+
+
+@fake_only("needs slow generation")
+def test_a_next_turn_waits_for_its_busy_instance_up_to_affinity_wait(pool):
+    # One slot each, so that "busy" is one request; a long affinity_wait so
+    # that the wait cannot end by itself while the test looks.
+    pool.config({"tiny": {"args": "-c 4096 -np 1", "instances": "2-2", "affinity_wait": "60s",
+                          "env": {"FAKE_TOKEN_MS": "50"}}})
+    pool.start()
+    wait_for(lambda: len(pool.ready_instances("tiny")) == 2, what="two ready instances")
+    a1 = [{"role": "system", "content": "a" * 1500}, {"role": "user", "content": "first"}]
+    a2 = a1 + [{"role": "assistant", "content": "an answer"}, {"role": "user", "content": "second"}]
+    s = held_stream(pool, a1)               # both idle: tiny#1
+    assert busy_instance(pool) == "tiny#1"
+    s.close()
+    wait_for(lambda: all(i["in_flight"] == 0 for i in pool.instances("tiny")), what="both idle")
+    other = held_stream(pool, [{"role": "user", "content": "x" * 1500}])   # tiny#1 again
+    assert busy_instance(pool) == "tiny#1"
+    # a's next turn: tiny#1 holds its prompt and is busy, tiny#2 is idle;
+    # the prompt is long, so it waits for tiny#1.
+    waiting = send_stream(pool, a2)
+    wait_for(lambda: pool.status()["queue"]["waiting"] == 1, what="a's next turn waiting")
+    # A short prompt with no instance of its own is served past it, at once.
+    short = held_stream(pool, [{"role": "user", "content": "hi"}])
+    assert in_flight(pool) == {"tiny#1": 1, "tiny#2": 1}
+    assert pool.status()["queue"]["waiting"] == 1
+    short.close()
+    wait_for(lambda: in_flight(pool)["tiny#2"] == 0, what="tiny#2 idle")
+    other.close()                           # tiny#1 frees: a's turn goes there
+    read_events(waiting)
+    assert busy_instance(pool) == "tiny#1"
+    waiting.close()
+    _, _, body = get(pool.listen_port, "/metrics")
+    assert 'llama_pool_affinity_total{model="tiny",result="hit"} 1' in body.decode()
+
+
+@fake_only("needs slow generation")
+def test_a_wait_for_a_busy_instance_ends_after_affinity_wait(pool):
+    pool.config({"tiny": {"args": "-c 4096 -np 1", "instances": "2-2", "affinity_wait": "300ms",
+                          "env": {"FAKE_TOKEN_MS": "50"}}})
+    pool.start()
+    wait_for(lambda: len(pool.ready_instances("tiny")) == 2, what="two ready instances")
+    a1 = [{"role": "system", "content": "a" * 1500}, {"role": "user", "content": "first"}]
+    a2 = a1 + [{"role": "assistant", "content": "an answer"}, {"role": "user", "content": "second"}]
+    s = held_stream(pool, a1)
+    s.close()
+    wait_for(lambda: all(i["in_flight"] == 0 for i in pool.instances("tiny")), what="both idle")
+    other = held_stream(pool, [{"role": "user", "content": "x" * 1500}])
+    assert busy_instance(pool) == "tiny#1"
+    t0 = time.monotonic()
+    waiting = send_stream(pool, a2)
+    read_events(waiting)                    # served by tiny#2 once the wait ends
+    waited = time.monotonic() - t0
+    assert in_flight(pool) == {"tiny#1": 1, "tiny#2": 1}
+    assert waited >= 0.3, waited
+    waiting.close()
+    other.close()
+    _, _, body = get(pool.listen_port, "/metrics")
+    text = body.decode()
+    assert 'llama_pool_affinity_total{model="tiny",result="miss"} 3' in text, text
+    # Every whole answer's timings are summed (the streams above were cut
+    # short by their clients, before theirs).
+    assert 'llama_pool_prompt_tokens_total{' not in text
+    status, _, _ = post(pool.listen_port, "/v1/chat/completions", {**CHAT, "model": "tiny", "max_tokens": 4})
+    assert status == 200
+    _, _, body = get(pool.listen_port, "/metrics")
+    text = body.decode()
+    m = re.search(r'llama_pool_prompt_tokens_total\{model="tiny",source="processed"\} (\d+)', text)
+    assert m and int(m.group(1)) > 0, text
 
 
 @fake_only("needs slow generation")
