@@ -168,7 +168,7 @@ def test_prompt_cache_0_turns_the_cache_off(fake):
     assert f.cache_n(SYSTEM) == 0
 
 
-def test_an_uncached_prompt_is_slower_to_its_first_token_than_a_cached_one(fake):
+def test_an_uncached_prompt_takes_longer_to_its_first_token_than_a_cached_one(fake):
     f = fake({"FAKE_PROMPT_MS_PER_TOKEN": "1"})    # ~430 tokens: ~0.43 s uncached
     body = {"prompt": SYSTEM + "question", "max_tokens": 2}
     slow, first = f.complete("/v1/completions", body)
