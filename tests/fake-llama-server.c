@@ -39,6 +39,18 @@
  *   FAKE_BIND_DELAY_MS=0     wait this long before binding the port (a test
  *                            can take the port first: the "port taken" race)
  *   FAKE_TOKEN_MS=0          delay before each generated token
+ *   FAKE_PROMPT_MS_PER_TOKEN=0   cost of each prompt token not in the prompt
+ *                            cache (a fraction is fine: 0.5), spent before the
+ *                            first token; the client is watched meanwhile
+ *   FAKE_PROMPT_CACHE=16     prompts remembered instance-wide (llama-server's
+ *                            slot KV plus its -cram host cache; -cram itself
+ *                            is ignored), least recently used dropped first;
+ *                            0 = none, and 0 is the default with
+ *                            FAKE_DETERMINISTIC. A prompt's longest common
+ *                            prefix with any of them, /4 bytes a token, at
+ *                            most all but its last token, is timings.cache_n
+ *                            and costs nothing; prompt_n and prompt_ms count
+ *                            the rest; usage.prompt_tokens is the whole prompt
  *   FAKE_TOKENS=8            tokens generated when the request sets no limit
  *                            (finish_reason "stop"); max_tokens / n_predict /
  *                            max_completion_tokens set the count exactly
@@ -55,7 +67,8 @@
  *   FAKE_HEALTH_HANG_AFTER=N answer N /health requests after ready, then hang
  *   FAKE_EXIT_AFTER_MS=N     exit 0 on its own N ms after ready
  *   FAKE_DETERMINISTIC=1     created = 0, ids "chatcmpl-fake", timings computed
- *                            from FAKE_TOKEN_MS: byte-identical responses
+ *                            from FAKE_TOKEN_MS and FAKE_PROMPT_MS_PER_TOKEN,
+ *                            no prompt cache: byte-identical responses
  *   FAKE_IGNORE_SIGTERM=1    ignore SIGTERM entirely (SIGINT still works)
  *   FAKE_KEEPALIVE_MS=5000   idle keep-alive timeout (cpp-httplib's 5 s)
  *   FAKE_N_CTX_TRAIN=4096    the model's training context
@@ -132,6 +145,8 @@ struct config {
     long load_ms, token_ms, tokens, crash_after, health_hang_after;
     long bind_delay_ms;
     long exit_after_ms, keepalive_ms, n_ctx_train;
+    long prompt_cache;        /* FAKE_PROMPT_CACHE: prompts remembered, 0 = none */
+    double prompt_ms_per_token;
     const char *vram_dir;     /* NVML_STANDIN_DIR: NULL = no GPU */
     long vram_mb, n_layers;   /* FAKE_VRAM_MB (-1: computed), FAKE_N_LAYERS */
     unsigned long long memory;
@@ -602,7 +617,6 @@ static bool client_gone(int fd, int wait_ms)
     return r > 0 && (rev & (POLLRDHUP | POLLHUP | POLLERR | POLLNVAL));
 }
 
-/* Sleeps ms milliseconds, watching the client. True if it went away. */
 /* The server is stopping: a task gets nothing more, and its HTTP thread
  * holds on until the client leaves (as llama-server's do). */
 static void hang_until_gone(int fd)
@@ -611,16 +625,25 @@ static void hang_until_gone(int fd)
         ;
 }
 
-static bool sleep_or_gone(int fd, long ms)
+/* Sleeps us microseconds, watching the client. True if it went away. poll()
+ * counts in milliseconds: a last fraction of one is slept plainly. */
+static bool sleep_us_or_gone(int fd, int64_t us)
 {
-    if (ms <= 0)
+    if (us <= 0)
         return client_gone(fd, 0);
-    int64_t deadline = now_ms() + ms;
+    int64_t deadline = now_us() + us;
     for (;;) {
-        int64_t left = deadline - now_ms();
+        int64_t left = deadline - now_us();
         if (left <= 0)
             return false;
-        if (client_gone(fd, left > CANCEL_POLL_MS ? CANCEL_POLL_MS : (int)left))
+        if (left < 1000) {
+            struct timespec ts = { 0, (long)left * 1000 };
+            while (nanosleep(&ts, &ts) < 0 && errno == EINTR)
+                ;
+            continue;
+        }
+        int64_t ms = left / 1000;
+        if (client_gone(fd, ms > CANCEL_POLL_MS ? CANCEL_POLL_MS : (int)ms))
             return true;
     }
 }
@@ -1391,6 +1414,119 @@ static bool stream_end(struct conn *c, struct request *rq)
     return false;
 }
 
+/* ---------------------------------------------------------------- prompt cache
+ * llama-server keeps each slot's last prompt in its KV cache and, with
+ * --cache-ram (-cram), more prompts in host RAM; a new prompt starts from the
+ * longest common prefix with any of them and only the rest is evaluated.
+ * Here it is one instance-wide list of the last FAKE_PROMPT_CACHE prompts,
+ * as the bytes the token count is made from (the request's messages or
+ * prompt, ~4 bytes a token), whatever -cram says: what a router can see is
+ * that an instance that served a prefix serves it again faster. Slots run on
+ * threads, so one mutex guards the list. */
+
+struct cached_prompt {
+    char *text;             /* NULL: a free entry */
+    size_t n;
+    uint64_t used;          /* g_pcache.clock when last matched or stored: LRU */
+};
+
+static struct {
+    pthread_mutex_t mu;
+    struct cached_prompt *e;
+    size_t cap;             /* FAKE_PROMPT_CACHE */
+    uint64_t clock;
+} g_pcache = { .mu = PTHREAD_MUTEX_INITIALIZER };
+
+static void pcache_init(long cap)
+{
+    if (cap <= 0)
+        return;
+    g_pcache.e = calloc((size_t)cap, sizeof *g_pcache.e);
+    if (!g_pcache.e)
+        fatal("out of memory (prompt cache of %ld)", cap);
+    g_pcache.cap = (size_t)cap;
+}
+
+static size_t common_prefix(const char *a, size_t na, const char *b, size_t nb)
+{
+    size_t n = na < nb ? na : nb, i = 0;
+    while (i < n && a[i] == b[i])
+        i++;
+    return i;
+}
+
+/* Bytes of TEXT that the best remembered prompt shares as a prefix; that
+ * prompt counts as used now, so it is the last to be evicted. */
+static size_t pcache_match(const char *text, size_t n)
+{
+    mu_lock(&g_pcache.mu);
+    size_t best = 0;
+    struct cached_prompt *hit = NULL;
+    for (size_t i = 0; i < g_pcache.cap; i++) {
+        struct cached_prompt *e = &g_pcache.e[i];
+        size_t len = e->text ? common_prefix(e->text, e->n, text, n) : 0;
+        if (len > best) {
+            best = len;
+            hit = e;
+        }
+    }
+    if (hit)
+        hit->used = ++g_pcache.clock;
+    mu_unlock(&g_pcache.mu);
+    return best;
+}
+
+/* Called locked: the entry to overwrite, a free one or else the least
+ * recently used. */
+static struct cached_prompt *pcache_victim(void)
+{
+    struct cached_prompt *v = &g_pcache.e[0];
+    for (size_t i = 0; i < g_pcache.cap; i++) {
+        struct cached_prompt *e = &g_pcache.e[i];
+        if (!e->text)
+            return e;
+        if (e->used < v->used)
+            v = e;
+    }
+    return v;
+}
+
+/* Remembers TEXT as llama-server's prompt cache stores a state: nothing new
+ * if a remembered prompt already holds all of it, and the remembered
+ * prompts that TEXT holds all of are dropped (TEXT answers for them). */
+static void pcache_store(const char *text, size_t n)
+{
+    if (g_pcache.cap == 0)
+        return;
+    char *copy = malloc(n ? n : 1);
+    if (!copy)
+        fatal("out of memory (a prompt of %zu bytes)", n);
+    memcpy(copy, text, n);
+    mu_lock(&g_pcache.mu);
+    uint64_t now = ++g_pcache.clock;
+    for (size_t i = 0; i < g_pcache.cap; i++) {
+        struct cached_prompt *e = &g_pcache.e[i];
+        if (e->text && common_prefix(e->text, e->n, text, n) == n) {
+            e->used = now;
+            mu_unlock(&g_pcache.mu);
+            free(copy);
+            return;
+        }
+    }
+    for (size_t i = 0; i < g_pcache.cap; i++) {
+        struct cached_prompt *e = &g_pcache.e[i];
+        if (e->text && common_prefix(e->text, e->n, text, n) == e->n) {
+            free(e->text);
+            e->text = NULL;
+        }
+    }
+    struct cached_prompt *v = pcache_victim();
+    char *old = v->text;
+    *v = (struct cached_prompt){ .text = copy, .n = n, .used = now };
+    mu_unlock(&g_pcache.mu);
+    free(old);
+}
+
 /* ---------------------------------------------------------------- completions */
 
 enum api { API_CHAT, API_OAI_COMPLETIONS, API_COMPLETION };
@@ -1402,7 +1538,9 @@ struct gen {
     long n_predict;         /* as requested, -1 if not */
     long n_tokens;          /* tokens to generate */
     long n_done;
-    long n_prompt;
+    long n_prompt;          /* the whole prompt: usage.prompt_tokens */
+    long n_cached;          /* of which served from the prompt cache: timings.cache_n */
+    struct jspan input;     /* "messages" or "prompt": the text tokens are counted from */
     struct jspan prompt;    /* "prompt", echoed by /completion when a string */
     int task, slot;
     char id[48];
@@ -1472,6 +1610,7 @@ static bool gen_parse(const struct request *rq, enum api api, struct gen *g,
         snprintf(err, errlen, "\"prompt\" is required");
         return false;
     }
+    g->input = *input;
     g->prompt = f[5].v;
     g->n_prompt = (long)(input->n + 3) / 4;     /* ~4 bytes a token, deterministic */
     if (g->n_prompt < 1)
@@ -1496,24 +1635,32 @@ static void emit_text(struct sbuf *b, long from, long to)
     sb_puts(b, "\"");
 }
 
+/* As llama-server's usage_json_oaicompat: prompt_tokens is the whole prompt,
+ * cached ones included. */
 static void emit_usage(struct sbuf *b, const struct gen *g)
 {
-    sb_printf(b, "\"usage\":{\"completion_tokens\":%ld,\"prompt_tokens\":%ld,\"total_tokens\":%ld}",
-              g->n_done, g->n_prompt, g->n_done + g->n_prompt);
+    sb_printf(b, "\"usage\":{\"completion_tokens\":%ld,\"prompt_tokens\":%ld,"
+              "\"prompt_tokens_details\":{\"cached_tokens\":%ld},\"total_tokens\":%ld}",
+              g->n_done, g->n_prompt, g->n_cached, g->n_done + g->n_prompt);
 }
 
+/* As llama-server's get_timings: cache_n tokens came from the cache, prompt_n
+ * were evaluated (never 0) in prompt_ms. */
 static void emit_timings(struct sbuf *b, const struct gen *g)
 {
-    double prompt_ms = 0, pred_ms = (double)g->n_done * (double)g_cfg.token_ms;
+    long n_eval = g->n_prompt - g->n_cached;
+    double prompt_ms = (double)n_eval * g_cfg.prompt_ms_per_token;
+    double pred_ms = (double)g->n_done * (double)g_cfg.token_ms;
     if (!g_cfg.deterministic) {
         prompt_ms = (double)(g->t_gen_us - g->t_start_us) / 1000.0;
         pred_ms = (double)(g->t_end_us - g->t_gen_us) / 1000.0;
     }
-    double np = (double)g->n_prompt, nd = (double)g->n_done;
-    sb_printf(b, "\"timings\":{\"cache_n\":0,\"prompt_n\":%ld,\"prompt_ms\":%.3f,"
+    double np = (double)n_eval, nd = (double)g->n_done;
+    sb_printf(b, "\"timings\":{\"cache_n\":%ld,\"prompt_n\":%ld,\"prompt_ms\":%.3f,"
               "\"prompt_per_token_ms\":%.3f,\"prompt_per_second\":%.3f,\"predicted_n\":%ld,"
               "\"predicted_ms\":%.3f,\"predicted_per_token_ms\":%.3f,\"predicted_per_second\":%.3f}",
-              g->n_prompt, prompt_ms, prompt_ms / np, prompt_ms > 0 ? 1000.0 * np / prompt_ms : 0.0,
+              g->n_cached, n_eval, prompt_ms, prompt_ms / np,
+              prompt_ms > 0 ? 1000.0 * np / prompt_ms : 0.0,
               g->n_done, pred_ms, nd > 0 ? pred_ms / nd : 0.0,
               pred_ms > 0 ? 1000.0 * nd / pred_ms : 0.0);
 }
@@ -1690,17 +1837,43 @@ static void crash_now(const struct gen *g)
     abort();
 }
 
-/* Produces the tokens, one per FAKE_TOKEN_MS, streaming them if asked.
- * False if the client went away (the task is to be cancelled). */
+/* Evaluates the prompt: tokens the prompt cache holds are free, each other
+ * one costs FAKE_PROMPT_MS_PER_TOKEN; the last token is always evaluated,
+ * as llama-server needs its logits. The client is watched as during
+ * generation. Once evaluated, the prompt is in the cache for later requests
+ * (llama-server's slot holds it from then on, even if the generation is
+ * cancelled). False if the client went away or the server is stopping. */
+static bool process_prompt(struct conn *c, struct gen *g)
+{
+    long hit = (long)(pcache_match(g->input.p, g->input.n) / 4);
+    g->n_cached = hit < g->n_prompt - 1 ? hit : g->n_prompt - 1;
+    SLT_LOG('D', "update_slots", g->slot, g->task, "cached n_tokens = %ld, memory_seq_rm [%ld, end)",
+            g->n_cached, g->n_cached);
+    double us = (double)(g->n_prompt - g->n_cached) * g_cfg.prompt_ms_per_token * 1000.0;
+    if (sleep_us_or_gone(c->fd, (int64_t)us))
+        return false;
+    if (atomic_load(&g_stopping)) {
+        hang_until_gone(c->fd);
+        return false;
+    }
+    pcache_store(g->input.p, g->input.n);
+    return true;
+}
+
+/* Evaluates the prompt, then produces the tokens, one per FAKE_TOKEN_MS,
+ * streaming them if asked. False if the client went away (the task is to
+ * be cancelled). */
 static bool generate(struct conn *c, struct request *rq, struct gen *g, bool crash)
 {
+    if (!process_prompt(c, g))
+        return false;
     g->t_gen_us = now_us();
-    atomic_fetch_add(&g_stats.prompt_tokens, (unsigned long long)g->n_prompt);
+    atomic_fetch_add(&g_stats.prompt_tokens, (unsigned long long)(g->n_prompt - g->n_cached));
     atomic_fetch_add(&g_stats.prompt_us, (unsigned long long)(g->t_gen_us - g->t_start_us));
     while (g->n_done < g->n_tokens) {
         if (crash && g->n_done == g->n_tokens / 2)
             crash_now(g);
-        if (sleep_or_gone(c->fd, g_cfg.token_ms))
+        if (sleep_us_or_gone(c->fd, (int64_t)g_cfg.token_ms * 1000))
             return false;
         if (atomic_load(&g_stopping)) {
             hang_until_gone(c->fd);
@@ -2433,6 +2606,20 @@ static long env_long(const char *name, long def, long min)
     return s && *s ? parse_long(name, s, min, LONG_MAX) : def;
 }
 
+/* A number >= 0, fractions allowed; DEF if unset. */
+static double env_double(const char *name, double def)
+{
+    const char *s = getenv(name);
+    if (!s || !*s)
+        return def;
+    char *end;
+    errno = 0;
+    double v = strtod(s, &end);
+    if (errno || end == s || *end || !(v >= 0 && v <= 1e9))
+        fatal("error: invalid %s='%s' (expected a number >= 0, such as 0.5)", name, s);
+    return v;
+}
+
 static bool env_flag(const char *name)
 {
     const char *s = getenv(name);
@@ -2521,6 +2708,10 @@ static void read_environment(void)
     g_cfg.ignore_sigterm = env_flag("FAKE_IGNORE_SIGTERM");
     g_cfg.keepalive_ms = env_long("FAKE_KEEPALIVE_MS", 5000, 1);
     g_cfg.n_ctx_train = env_long("FAKE_N_CTX_TRAIN", 4096, 1);
+    /* A hit changes cache_n and the timings: deterministic answers come
+     * without a cache unless one is asked for. */
+    g_cfg.prompt_cache = env_long("FAKE_PROMPT_CACHE", g_cfg.deterministic ? 0 : 16, 0);
+    g_cfg.prompt_ms_per_token = env_double("FAKE_PROMPT_MS_PER_TOKEN", 0);
     g_cfg.verbose = env_flag("FAKE_VERBOSE");
     g_cfg.log_auth = env_flag("FAKE_LOG_AUTH");
     g_cfg.vram_dir = getenv("NVML_STANDIN_DIR");
@@ -2664,6 +2855,7 @@ int main(int argc, char **argv)
     if (!g_cfg.port_given && !host_is_unix(g_cfg.host))
         SRV_LOG('W', "llama_server", "--port not given: using 8080 (the default will become 9931)");
     pool_init(g_cfg.n_slots);
+    pcache_init(g_cfg.prompt_cache);
 
     if (g_cfg.bind_delay_ms > 0)
         sleep_ms(g_cfg.bind_delay_ms);
