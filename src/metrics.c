@@ -236,6 +236,26 @@ static void model_summary(struct out *o, const struct pool *p, const char *name,
     }
 }
 
+/* A counter family of two values per model, told apart by label KEY (A or
+ * B: the uint64_t counts at A_OFF and B_OFF); only the models that have
+ * counted either. */
+static void model_pair(struct out *o, const struct pool *p, const char *name, const char *help,
+                       const char *key, const char *a, size_t a_off, const char *b, size_t b_off)
+{
+    family(o, name, "counter", help);
+    for (size_t i = 0; i < p->nmodels; i++) {
+        const char *s = (const char *)counts_of(p->models[i]);
+        uint64_t va, vb;
+        memcpy(&va, s + a_off, sizeof va);
+        memcpy(&vb, s + b_off, sizeof vb);
+        if (!va && !vb)
+            continue;
+        const char *n = label(o, p->models[i]->cfg->name);
+        emit(o, "%s{model=\"%s\",%s=\"%s\"} %" PRIu64 "\n", name, n, key, a, va);
+        emit(o, "%s{model=\"%s\",%s=\"%s\"} %" PRIu64 "\n", name, n, key, b, vb);
+    }
+}
+
 char *metrics_render(struct pool *p, const struct router *r, size_t *len)
 {
     struct out o = { 0 };
@@ -322,29 +342,16 @@ char *metrics_render(struct pool *p, const struct router *r, size_t *len)
         emit(&o, "llama_pool_evictions_total{model=\"%s\",reason=\"reload\"} %" PRIu64 "\n", n, s->reload_stops);
         emit(&o, "llama_pool_evictions_total{model=\"%s\",reason=\"crash\"} %" PRIu64 "\n", n, s->crashes);
     }
-    family(&o, "llama_pool_affinity_total", "counter",
-           "requests with a prompt (routing = affinity) by model: hit, sent to the instance that "
-           "holds it; miss, sent elsewhere (none known, or none of those with a free slot)");
-    for (size_t i = 0; i < p->nmodels; i++) {
-        const struct model_counts *s = counts_of(p->models[i]);
-        if (!s->affinity_hits && !s->affinity_misses)
-            continue;
-        const char *n = label(&o, p->models[i]->cfg->name);
-        emit(&o, "llama_pool_affinity_total{model=\"%s\",result=\"hit\"} %" PRIu64 "\n", n, s->affinity_hits);
-        emit(&o, "llama_pool_affinity_total{model=\"%s\",result=\"miss\"} %" PRIu64 "\n", n, s->affinity_misses);
-    }
-    family(&o, "llama_pool_prompt_tokens_total", "counter",
-           "prompt tokens of the answers by model, as llama-server's timings say: cache, taken "
-           "from its KV cache (cache_n); processed, evaluated (prompt_n)");
-    for (size_t i = 0; i < p->nmodels; i++) {
-        const struct model_counts *s = counts_of(p->models[i]);
-        if (!s->prompt_cached && !s->prompt_processed)
-            continue;
-        const char *n = label(&o, p->models[i]->cfg->name);
-        emit(&o, "llama_pool_prompt_tokens_total{model=\"%s\",source=\"cache\"} %" PRIu64 "\n", n, s->prompt_cached);
-        emit(&o, "llama_pool_prompt_tokens_total{model=\"%s\",source=\"processed\"} %" PRIu64 "\n", n,
-             s->prompt_processed);
-    }
+    model_pair(&o, p, "llama_pool_affinity_total",
+               "requests with a prompt (routing = affinity) by model: hit, sent to an instance that "
+               "holds it; miss, sent elsewhere (none known, or that one stayed busy past affinity_wait)",
+               "result", "hit", offsetof(struct model_counts, affinity_hits),
+               "miss", offsetof(struct model_counts, affinity_misses));
+    model_pair(&o, p, "llama_pool_prompt_tokens_total",
+               "prompt tokens of the answers by model, as llama-server's timings say: cache, taken "
+               "from its KV cache (cache_n); processed, evaluated (prompt_n)",
+               "source", "cache", offsetof(struct model_counts, prompt_cached),
+               "processed", offsetof(struct model_counts, prompt_processed));
     model_summary(&o, p, "llama_pool_queue_wait_seconds", "time from arrival to dispatch, by model",
                   offsetof(struct model_counts, queue_wait_seconds),
                   offsetof(struct model_counts, queue_waits));

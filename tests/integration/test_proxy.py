@@ -446,11 +446,11 @@ def in_flight(pool):
     return {i["id"]: i["in_flight"] for i in pool.instances("tiny")}
 
 
-@fake_only("needs slow generation")
-def test_a_next_turn_waits_for_its_busy_instance_up_to_affinity_wait(pool):
-    # One slot each, so that "busy" is one request; a long affinity_wait so
-    # that the wait cannot end by itself while the test looks.
-    pool.config({"tiny": {"args": "-c 4096 -np 1", "instances": "2-2", "affinity_wait": "60s",
+def a_held_on_a_busy_tiny1(pool, wait):
+    """Two 1-slot instances ("busy" is one request), affinity_wait WAIT;
+    conversation a's first turn served by tiny#1, which now serves another
+    long prompt. a's next turn, and the stream that keeps tiny#1 busy."""
+    pool.config({"tiny": {"args": "-c 4096 -np 1", "instances": "2-2", "affinity_wait": wait,
                           "env": {"FAKE_TOKEN_MS": "50"}}})
     pool.start()
     wait_for(lambda: len(pool.ready_instances("tiny")) == 2, what="two ready instances")
@@ -462,6 +462,13 @@ def test_a_next_turn_waits_for_its_busy_instance_up_to_affinity_wait(pool):
     wait_for(lambda: all(i["in_flight"] == 0 for i in pool.instances("tiny")), what="both idle")
     other = held_stream(pool, [{"role": "user", "content": "x" * 1500}])   # tiny#1 again
     assert busy_instance(pool) == "tiny#1"
+    return a2, other
+
+
+@fake_only("needs slow generation")
+def test_a_next_turn_waits_for_its_busy_instance_up_to_affinity_wait(pool):
+    # A long affinity_wait: the wait cannot end by itself while the test looks.
+    a2, other = a_held_on_a_busy_tiny1(pool, "60s")
     # a's next turn: tiny#1 holds its prompt and is busy, tiny#2 is idle;
     # the prompt is long, so it waits for tiny#1.
     waiting = send_stream(pool, a2)
@@ -482,17 +489,7 @@ def test_a_next_turn_waits_for_its_busy_instance_up_to_affinity_wait(pool):
 
 @fake_only("needs slow generation")
 def test_a_wait_for_a_busy_instance_ends_after_affinity_wait(pool):
-    pool.config({"tiny": {"args": "-c 4096 -np 1", "instances": "2-2", "affinity_wait": "300ms",
-                          "env": {"FAKE_TOKEN_MS": "50"}}})
-    pool.start()
-    wait_for(lambda: len(pool.ready_instances("tiny")) == 2, what="two ready instances")
-    a1 = [{"role": "system", "content": "a" * 1500}, {"role": "user", "content": "first"}]
-    a2 = a1 + [{"role": "assistant", "content": "an answer"}, {"role": "user", "content": "second"}]
-    s = held_stream(pool, a1)
-    s.close()
-    wait_for(lambda: all(i["in_flight"] == 0 for i in pool.instances("tiny")), what="both idle")
-    other = held_stream(pool, [{"role": "user", "content": "x" * 1500}])
-    assert busy_instance(pool) == "tiny#1"
+    a2, other = a_held_on_a_busy_tiny1(pool, "300ms")
     t0 = time.monotonic()
     waiting = send_stream(pool, a2)
     read_events(waiting)                    # served by tiny#2 once the wait ends
