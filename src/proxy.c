@@ -656,6 +656,9 @@ static void call_end(struct proxy_call *call, enum proxy_outcome outcome)
         .first_byte = call_head_done(call) ? call->head_at - call->sent_at : -1,
         .cache_n = call->timings.cache_n,
         .prompt_n = call->timings.prompt_n,
+        .predicted_n = call->timings.predicted_n,
+        .prompt_ms = call->timings.prompt_ms,
+        .predicted_ms = call->timings.predicted_ms,
     };
 
     if (call->ended)
@@ -1339,7 +1342,8 @@ struct proxy_call *proxy_forward_key(struct proxy *p, struct http_request *req, 
         http_request_unwatch(req);
         http_respond_error(req, 502, "server_error", "proxy: out of memory");
         done(arg, &(struct proxy_result){ .outcome = PROXY_UPSTREAM_ERROR, .first_byte = -1,
-                                          .cache_n = -1, .prompt_n = -1 });
+                                          .cache_n = -1, .prompt_n = -1, .predicted_n = -1,
+                                          .prompt_ms = -1, .predicted_ms = -1 });
         return NULL;
     }
     call->req = req;

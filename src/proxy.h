@@ -39,9 +39,11 @@ struct proxy_result {
     int status;                  /* the upstream's HTTP status, 0 if none arrived */
     double first_byte;           /* seconds from proxy_forward() to the upstream's
                                   * response head, -1 if none arrived */
-    long cache_n, prompt_n;      /* the answer's timings.cache_n and prompt_n
-                                  * (prompt tokens from the KV cache, and
-                                  * processed); -1: none seen (timings.h) */
+    /* The answer's timings (timings.h), -1 where none was seen: prompt
+     * tokens from the KV cache and processed, tokens generated, and the
+     * milliseconds of each part. */
+    long cache_n, prompt_n, predicted_n;
+    double prompt_ms, predicted_ms;
 };
 
 /* Called once per call, after the client's response has ended (or the

@@ -2,57 +2,90 @@
 #define _GNU_SOURCE             /* memmem */
 #include "timings.h"
 
+#include <stdbool.h>
+#include <stdlib.h>
 #include <string.h>
+
+/* The keys looked for, and where their values go. */
+static const struct key {
+    const char *text;           /* with its quotes */
+    size_t len;
+    bool count;                 /* a whole number (long), else a double */
+    size_t off;
+} keys[] = {
+#define K(name, count, field) { "\"" name "\"", sizeof name + 1, count, offsetof(struct timings_scan, field) }
+    K("cache_n", true, cache_n),
+    K("prompt_n", true, prompt_n),
+    K("prompt_ms", false, prompt_ms),
+    K("predicted_n", true, predicted_n),
+    K("predicted_ms", false, predicted_ms),
+#undef K
+};
 
 void timings_scan_init(struct timings_scan *t)
 {
-    t->cache_n = t->prompt_n = -1;
+    t->cache_n = t->prompt_n = t->predicted_n = -1;
+    t->prompt_ms = t->predicted_ms = -1;
     t->nheld = 0;
 }
 
-/* What follows a key at P (before END): 1 and *V for a whole number (one
- * that ends before END), 0 for anything else, -1 when END cuts it. */
-static int number_after(const char *p, const char *end, long *v)
+static bool is_space(char c)
 {
-    while (p < end && (*p == ' ' || *p == '\t' || *p == '\r' || *p == '\n'))
+    return c == ' ' || c == '\t' || c == '\r' || c == '\n';
+}
+
+static bool in_number(char c)
+{
+    return (c >= '0' && c <= '9') || c == '.' || c == 'e' || c == 'E' || c == '+' || c == '-';
+}
+
+/* What follows a key at P (before END): 1 and *V for a number (one that
+ * ends before END, non-negative, of at most 31 characters), 0 for anything
+ * else, -1 when END cuts it. */
+static int number_after(const char *p, const char *end, double *v)
+{
+    while (p < end && is_space(*p))
         p++;
     if (p == end)
         return -1;
     if (*p != ':')
         return 0;
-    for (p++; p < end && (*p == ' ' || *p == '\t' || *p == '\r' || *p == '\n'); p++)
+    for (p++; p < end && is_space(*p); p++)
         ;
-    long n = 0;
-    int digits = 0;
-    for (; p < end && *p >= '0' && *p <= '9'; p++) {
-        if (++digits > 18)
-            return 0;           /* not a token count */
-        n = n * 10 + (*p - '0');
-    }
+    const char *start = p;
+    while (p < end && in_number(*p))
+        p++;
     if (p == end)
         return -1;
-    if (!digits)
+    size_t len = (size_t)(p - start);
+    if (!len || len > 31 || *start < '0' || *start > '9')
         return 0;
-    *v = n;
-    return 1;
-}
-
-static void scan_key(const char *buf, size_t n, const char *key, size_t klen, long *out)
-{
-    const char *end = buf + n, *p = buf, *hit;
-    long v;
-    while (p < end && (hit = memmem(p, (size_t)(end - p), key, klen))) {
-        if (number_after(hit + klen, end, &v) == 1)
-            *out = v;
-        p = hit + 1;
-    }
+    char text[32], *stop;
+    memcpy(text, start, len);
+    text[len] = '\0';
+    *v = strtod(text, &stop);
+    return *stop == '\0' ? 1 : 0;
 }
 
 static void scan(struct timings_scan *t, const char *buf, size_t n)
 {
-    static const char cache[] = "\"cache_n\"", prompt[] = "\"prompt_n\"";
-    scan_key(buf, n, cache, sizeof cache - 1, &t->cache_n);
-    scan_key(buf, n, prompt, sizeof prompt - 1, &t->prompt_n);
+    const char *end = buf + n;
+    for (size_t k = 0; k < sizeof keys / sizeof keys[0]; k++) {
+        const char *p = buf, *hit;
+        double v;
+        while (p < end && (hit = memmem(p, (size_t)(end - p), keys[k].text, keys[k].len))) {
+            if (number_after(hit + keys[k].len, end, &v) == 1) {
+                char *field = (char *)t + keys[k].off;
+                if (!keys[k].count)
+                    memcpy(field, &v, sizeof v);
+                else if (v < 1e15) {
+                    long n = (long)v;
+                    memcpy(field, &n, sizeof n);
+                }
+            }
+            p = hit + 1;
+        }
+    }
 }
 
 void timings_scan_feed(struct timings_scan *t, const char *data, size_t n)

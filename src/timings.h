@@ -1,11 +1,12 @@
-/* timings — what a llama-server answer says of its prompt, read as the
- * answer passes through the proxy: timings.cache_n (prompt tokens it took
- * from its KV cache) and timings.prompt_n (prompt tokens it processed).
- * The relay stays byte for byte: this only looks, and keeps a few bytes
- * of one piece for a key or number cut by the next.
+/* timings — what a llama-server answer says of its work, read as the
+ * answer passes through the proxy: from its "timings" object, cache_n
+ * (prompt tokens it took from its KV cache), prompt_n (prompt tokens it
+ * processed) and prompt_ms, predicted_n (tokens it generated) and
+ * predicted_ms. The relay stays byte for byte: this only looks, and keeps
+ * a few bytes of one piece for a key or number cut by the next.
  *
  * A key is matched as its JSON form, quotes included ("cache_n"), then
- * spaces, a colon, spaces and digits; text inside a JSON string cannot
+ * spaces, a colon, spaces and a number; text inside a JSON string cannot
  * match (its quotes are escaped). The last value seen wins: the final
  * event of a stream, or the one timings object of a whole answer. */
 #ifndef LLAMA_POOL_TIMINGS_H
@@ -13,10 +14,12 @@
 
 #include <stddef.h>
 
-#define TIMINGS_HELD 40         /* bytes kept: a key, spaces and 18 digits fit */
+#define TIMINGS_HELD 48         /* bytes kept: a key, spaces and a number fit */
 
 struct timings_scan {
-    long cache_n, prompt_n;     /* the last value seen; -1: none */
+    /* The last value seen; -1: none. */
+    long cache_n, prompt_n, predicted_n;
+    double prompt_ms, predicted_ms;
     size_t nheld;
     char held[TIMINGS_HELD];    /* the end of what came so far */
 };

@@ -33,8 +33,10 @@ static void the_final_timings_are_read_however_the_answer_is_cut(void **state)
         struct timings_scan t;
         timings_scan_init(&t);
         feed_in_pieces(&t, stream, n, piece);
-        if (t.cache_n != 1498 || t.prompt_n != 32)
-            fail_msg("pieces of %zu: cache_n %ld, prompt_n %ld", piece, t.cache_n, t.prompt_n);
+        if (t.cache_n != 1498 || t.prompt_n != 32 || t.predicted_n != 4 || t.prompt_ms != 61.2 ||
+            t.predicted_ms != 40.1)
+            fail_msg("pieces of %zu: cache_n %ld, prompt_n %ld, predicted_n %ld, prompt_ms %g, predicted_ms %g",
+                     piece, t.cache_n, t.prompt_n, t.predicted_n, t.prompt_ms, t.predicted_ms);
     }
     /* Cut in two at every place. */
     for (size_t cut = 0; cut <= n; cut++) {
@@ -42,8 +44,9 @@ static void the_final_timings_are_read_however_the_answer_is_cut(void **state)
         timings_scan_init(&t);
         timings_scan_feed(&t, stream, cut);
         timings_scan_feed(&t, stream + cut, n - cut);
-        if (t.cache_n != 1498 || t.prompt_n != 32)
-            fail_msg("cut at %zu: cache_n %ld, prompt_n %ld", cut, t.cache_n, t.prompt_n);
+        if (t.cache_n != 1498 || t.prompt_n != 32 || t.predicted_n != 4 || t.predicted_ms != 40.1)
+            fail_msg("cut at %zu: cache_n %ld, prompt_n %ld, predicted_n %ld, predicted_ms %g",
+                     cut, t.cache_n, t.prompt_n, t.predicted_n, t.predicted_ms);
     }
 }
 
@@ -69,7 +72,8 @@ static void text_that_only_looks_like_it_is_not_read(void **state)
         "{\"content\":\"\\\"cache_n\\\":5\"}",              /* inside a string */
         "{\"cache_n_total\":5,\"xprompt_n\":6}",            /* other keys */
         "{\"cache_n\":\"5\",\"prompt_n\":null}",            /* not numbers */
-        "{\"cache_n\":1234567890123456789012}",             /* not a count */
+        "{\"cache_n\":12345678901234567890123456789012}",   /* not a count */
+        "{\"cache_n\":-5,\"prompt_ms\":1.2.3}",               /* not what llama-server sends */
         "{\"cache_n\":12",                                  /* cut: maybe more digits */
         "",
     };
@@ -77,7 +81,7 @@ static void text_that_only_looks_like_it_is_not_read(void **state)
         struct timings_scan t;
         timings_scan_init(&t);
         timings_scan_feed(&t, none[i], strlen(none[i]));
-        if (t.cache_n != -1 || t.prompt_n != -1)
+        if (t.cache_n != -1 || t.prompt_n != -1 || t.prompt_ms != -1)
             fail_msg("%s: cache_n %ld, prompt_n %ld", none[i], t.cache_n, t.prompt_n);
     }
 }
