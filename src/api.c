@@ -3,6 +3,7 @@
 
 #include "affinity.h"
 #include "config.h"
+#include "events.h"
 #include "gpu.h"
 #include "log.h"
 #include "metrics.h"
@@ -620,7 +621,22 @@ static void route_reload(struct http_request *req, struct api *api)
     }
     json_t *result = NULL;
     int rc = api->reload(api, &result);
+    if (rc == 0 && result && events_wanted(api->pool->events))
+        events_publish(api->pool->events, "reload", json_deep_copy(result));
     respond_json(req, rc == 0 ? 200 : 400, result);
+}
+
+static void route_events(struct http_request *req, struct api *api)
+{
+    if (strcmp(req->method, "GET") != 0) {
+        http_respond_error(req, 405, NULL, "use GET for events");
+        return;
+    }
+    if (!api->pool->events) {
+        http_respond_error(req, 503, NULL, "events are not available (out of memory at startup)");
+        return;
+    }
+    events_subscribe(api->pool->events, req);
 }
 
 /* The key a client presents: "Authorization: Bearer K" or "X-Api-Key: K". */
@@ -906,6 +922,10 @@ void api_handle(struct http_request *req, void *arg)
     }
     if (strcmp(path, "/pool/reload") == 0) {
         route_reload(req, api);
+        return;
+    }
+    if (strcmp(path, "/pool/events") == 0) {
+        route_events(req, api);
         return;
     }
     if (strncmp(path, "/pool/models/", 13) == 0) {

@@ -13,6 +13,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <time.h>
 #include <unistd.h>
 
 #define DEFAULT_SOCKET "/run/llama-pool/control.sock"
@@ -813,6 +814,128 @@ static int cmd_logs(struct client *c, int argc, char **argv)
     return CLI_OK;
 }
 
+/* ---------- monit ---------- */
+
+/* GET /pool/events, read line by line: "event: TYPE", "data: JSON", a
+ * blank line; ": ..." comments (pings) skipped. */
+struct monit {
+    bool json;
+    char type[32];
+};
+
+static const char *jstr(json_t *o, const char *key)
+{
+    const char *s = json_string_value(json_object_get(o, key));
+    return s ? s : "";
+}
+
+/* "HH:MM:SS" local time of the event: its own "time" (a request's), else now. */
+static void monit_clock(json_t *o, char *buf, size_t len)
+{
+    time_t t = time(NULL);
+    const char *at = jstr(o, "time");
+    struct tm tm;
+    if (*at && strptime(at, "%Y-%m-%dT%H:%M:%S", &tm)) {
+        tm.tm_isdst = 0;
+        t = timegm(&tm);
+    }
+    localtime_r(&t, &tm);
+    strftime(buf, len, "%H:%M:%S", &tm);
+}
+
+static void monit_print(const struct monit *mo, json_t *o)
+{
+    char clock[16], more[256] = "";
+    monit_clock(o, clock, sizeof clock);
+    const char *t = mo->type;
+    if (strcmp(t, "request") == 0) {
+        size_t n = 0;
+        json_t *v;
+        n += (size_t)snprintf(more + n, sizeof more - n, "%s %s  %lld  %.3f s", jstr(o, "method"),
+                              jstr(o, "path"), (long long)json_integer_value(json_object_get(o, "status")),
+                              json_number_value(json_object_get(o, "duration")));
+        if ((v = json_object_get(o, "prompt_tokens")) && n < sizeof more)
+            n += (size_t)snprintf(more + n, sizeof more - n, "  %lld+%lld tok", (long long)json_integer_value(v),
+                                  (long long)json_integer_value(json_object_get(o, "generated_tokens")));
+        if ((v = json_object_get(o, "cached_tokens")) && json_integer_value(v) && n < sizeof more)
+            n += (size_t)snprintf(more + n, sizeof more - n, " (%lld cached)", (long long)json_integer_value(v));
+        if ((v = json_object_get(o, "tokens_per_s")) && n < sizeof more)
+            snprintf(more + n, sizeof more - n, "  %.1f tok/s", json_number_value(v));
+    } else if (strcmp(t, "instance") == 0) {
+        size_t n = (size_t)snprintf(more, sizeof more, "%s -> %s", jstr(o, "old"), jstr(o, "state"));
+        json_t *pid = json_object_get(o, "pid");
+        if (pid && n < sizeof more)
+            n += (size_t)snprintf(more + n, sizeof more - n, "  pid %lld port %lld", (long long)json_integer_value(pid),
+                                  (long long)json_integer_value(json_object_get(o, "port")));
+        if (*jstr(o, "error") && n < sizeof more)
+            snprintf(more + n, sizeof more - n, "  %s", jstr(o, "error"));
+    } else if (strcmp(t, "evict") == 0) {
+        snprintf(more, sizeof more, "%s", strcmp(jstr(o, "reason"), "idle") == 0 ? "idle_timeout passed"
+                                                                                : "least recently used, room needed");
+    } else if (strcmp(t, "reload") == 0) {
+        size_t n = 0;
+        const char *keys[] = { "added", "removed", "changed" };
+        for (int k = 0; k < 3 && n < sizeof more; k++) {
+            json_t *list = json_object_get(o, keys[k]), *v;
+            size_t i;
+            if (!json_array_size(list))
+                continue;
+            n += (size_t)snprintf(more + n, sizeof more - n, "%s%s:", n ? "; " : "", keys[k]);
+            json_array_foreach(list, i, v)
+                if (n < sizeof more)
+                    n += (size_t)snprintf(more + n, sizeof more - n, " %s", json_string_value(v));
+        }
+        if (!n)
+            snprintf(more, sizeof more, "nothing changed");
+    }
+    printf("%s  %-8s  %-20s  %-22s  %s\n", clock, t, jstr(o, "model"), jstr(o, "instance"), more);
+}
+
+static bool monit_line(const char *line, void *arg)
+{
+    struct monit *mo = arg;
+    if (strncmp(line, "event: ", 7) == 0) {
+        snprintf(mo->type, sizeof mo->type, "%s", line + 7);
+        return true;
+    }
+    if (strncmp(line, "data: ", 6) != 0)
+        return true;            /* a blank line, a ping */
+    json_t *o = json_loads(line + 6, 0, NULL);
+    if (!json_is_object(o)) {
+        json_decref(o);
+        return true;
+    }
+    if (mo->json) {
+        json_t *all = json_pack("{s:s}", "event", mo->type);
+        json_object_update(all, o);
+        char *s = json_dumps(all, JSON_COMPACT | JSON_REAL_PRECISION(6));
+        if (s)
+            printf("%s\n", s);
+        free(s);
+        json_decref(all);
+    } else {
+        monit_print(mo, o);
+    }
+    json_decref(o);
+    fflush(stdout);
+    return true;
+}
+
+static int cmd_monit(struct client *c, int argc, char **argv)
+{
+    struct monit mo = { 0 };
+    if (!read_switch(argc, argv, "json", 0, &mo.json) || optind != argc) {
+        fprintf(stderr, "usage: llama-pool monit [--json]\n");
+        return CLI_USAGE;
+    }
+    struct reply r = { .on_line = monit_line, .arg = &mo };
+    int rc;
+    if (!call(c, "GET", "/pool/events", &r, &rc))
+        return rc;
+    buf_free(&r.body);
+    return CLI_OK;
+}
+
 /* ---------- reload ---------- */
 
 static int cmd_reload(struct client *c, int argc, char **argv)
@@ -885,6 +1008,8 @@ int cli_run(int argc, char **argv, const char *sock_opt, const char *config)
         rc = cmd_logs(&c, n, args);
     else if (strcmp(cmd, "reload") == 0)
         rc = cmd_reload(&c, n, args);
+    else if (strcmp(cmd, "monit") == 0)
+        rc = cmd_monit(&c, n, args);
     else {
         fprintf(stderr, "llama-pool: unknown command \"%s\" (try llama-pool --help)\n", cmd);
         rc = CLI_USAGE;

@@ -38,6 +38,7 @@ static void usage(FILE *f)
           "  stop    MODEL | --all              unload\n"
           "  restart MODEL\n"
           "  logs    MODEL [-f] [-n LINES]\n"
+          "  monit   [--json]                   what happens, live: instances, evictions, requests\n"
           "  reload                             re-read pool.conf (same as SIGHUP)\n"
           "  check   [-c FILE]                  validate a config, print what it would run\n"
           "\n"

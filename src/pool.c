@@ -1,6 +1,7 @@
 #define _GNU_SOURCE
 #include "pool.h"
 
+#include "events.h"
 #include "health.h"
 #include "log.h"
 #include "memory.h"
@@ -207,6 +208,29 @@ static void update_systemd_status(struct pool *p)
     notify_status(buf);
 }
 
+/* An instance's change for GET /pool/events. */
+static json_t *instance_event_json(const struct instance *inst, enum instance_state old)
+{
+    json_t *o = json_object();
+    if (!o)
+        return NULL;
+    const struct pool_model *m = inst->owner;
+    json_object_set_new(o, "model", util_json_string(m->cfg->name));
+    json_object_set_new(o, "instance", util_json_string(inst->id));
+    json_object_set_new(o, "state", json_string(instance_state_name(inst->state)));
+    json_object_set_new(o, "old", json_string(instance_state_name(old)));
+    if (inst->pid > 0)
+        json_object_set_new(o, "pid", json_integer(inst->pid));
+    if (inst->port)
+        json_object_set_new(o, "port", json_integer(inst->port));
+    if (inst->device >= 0)
+        json_object_set_new(o, "device", json_integer(inst->device));
+    json_object_set_new(o, "restarts", json_integer(inst->restarts));
+    if ((inst->state == INSTANCE_BACKOFF || inst->state == INSTANCE_FAILED) && inst->last_error)
+        json_object_set_new(o, "error", util_json_string(inst->last_error));
+    return o;
+}
+
 static void inst_changed(struct instance *inst, enum instance_state old, void *arg)
 {
     struct pool *p = arg;
@@ -221,6 +245,8 @@ static void inst_changed(struct instance *inst, enum instance_state old, void *a
     if (p->listener)
         p->listener->changed(inst, old, p->listener_arg);
     model_notify(m, &ev);
+    if (events_wanted(p->events))
+        events_publish(p->events, "instance", instance_event_json(inst, old));
     if (inst->state == INSTANCE_STOPPED || m->retired || p->shutting_down)
         gc_soon(p);
     update_systemd_status(p);
@@ -625,6 +651,7 @@ struct pool *pool_new(struct ev_loop *loop, struct config *cfg)
     p->cfg = cfg;
     p->started_at = ev_now(loop);
     p->health = health_new(loop);
+    p->events = events_new(loop);   /* none: the pool runs without it */
     p->models = calloc(cfg->nmodels ? cfg->nmodels : 1, sizeof *p->models);
     if (!p->health || !p->models)
         goto fail;
@@ -654,6 +681,7 @@ void pool_free(struct pool *p)
 {
     if (!p)
         return;
+    events_free(p->events);
     for (size_t i = 0; i < p->nmodels; i++)
         model_free(p->models[i]);
     for (size_t i = 0; i < p->nretired; i++)
@@ -743,6 +771,7 @@ static bool stop_one(struct instance *inst)
 void pool_shutdown(struct pool *p, void (*on_stopped)(struct pool *p, void *arg), void *arg)
 {
     p->shutting_down = true;
+    events_end_all(p->events);      /* streams would hold the connections open */
     p->on_stopped = on_stopped;
     p->stopped_arg = arg;
     each_instance(p, stop_one);

@@ -29,6 +29,7 @@
 #include "port.h"
 #include "util.h"
 
+struct events;
 struct health;
 struct pool;
 struct pool_model;
@@ -127,6 +128,7 @@ struct pool {
     unsigned ndev;                  /* GPUs the estimates are made for (pool_set_devices) */
     double started_at;
     struct pool_stats stats;        /* request durations for /metrics */
+    struct events *events;          /* GET /pool/events; NULL when out of memory */
 };
 
 struct pool *pool_new(struct ev_loop *loop, struct config *cfg);

@@ -2,6 +2,7 @@
 #include "router.h"
 
 #include "affinity.h"
+#include "events.h"
 #include "gpu.h"
 #include "log.h"
 #include "memory.h"
@@ -50,6 +51,8 @@ struct rreq {
     bool dispatched;
     bool resent;                /* sent again after an instance dropped it unanswered */
     double t0;                  /* arrival */
+    double sent;                /* its (last) dispatch; 0: never */
+    char method[8], path[64];   /* for its record (the request is gone by its end) */
 };
 
 static void router_run(struct router *r);
@@ -265,6 +268,37 @@ static bool resend(struct router *r, struct rreq *q)
     return true;
 }
 
+/* Q ended with STATUS (RES: how its proxy call went, NULL if it had none):
+ * a record for GET /pool/events. */
+static void note_end(struct router *r, const struct rreq *q, int status, const struct proxy_result *res)
+{
+    struct events *ev = r->pool->events;
+    if (!ev)
+        return;
+    double now = now_of(r);
+    struct events_request e = {
+        .at = now, .status = status, .duration = now - q->t0,
+        .queued = q->sent > 0 ? q->sent - q->t0 : now - q->t0,
+        .first_byte = res ? res->first_byte : -1,
+        .prompt_tokens = -1, .cached_tokens = -1, .generated_tokens = -1, .tokens_per_s = -1,
+    };
+    snprintf(e.model, sizeof e.model, "%s", q->model ? q->model->cfg->name : "");
+    if (q->inst && q->sent > 0)
+        snprintf(e.instance, sizeof e.instance, "%s", q->inst->id);
+    memcpy(e.method, q->method, sizeof e.method);
+    memcpy(e.path, q->path, sizeof e.path);
+    if (res && res->prompt_n >= 0) {
+        e.cached_tokens = res->cache_n > 0 ? res->cache_n : 0;
+        e.prompt_tokens = res->prompt_n + e.cached_tokens;
+    }
+    if (res && res->predicted_n >= 0) {
+        e.generated_tokens = res->predicted_n;
+        if (res->predicted_ms > 0)
+            e.tokens_per_s = (double)res->predicted_n * 1000.0 / res->predicted_ms;
+    }
+    events_request(ev, &e);
+}
+
 static void call_done(void *arg, const struct proxy_result *res)
 {
     struct rreq *q = arg;
@@ -303,6 +337,7 @@ static void call_done(void *arg, const struct proxy_result *res)
     metrics_observe(&r->pool->stats.duration, now_of(r) - q->t0);
     if (res->first_byte >= 0)
         metrics_observe(&r->pool->stats.first_byte, res->first_byte);
+    note_end(r, q, status, res);
     rreq_free(q);
     router_run(r);
 }
@@ -311,6 +346,7 @@ static void do_dispatch(struct router *r, struct rreq *q, struct instance *inst)
 {
     q->dispatched = true;
     q->inst = inst;
+    q->sent = now_of(r);
     if (q->model)
         metrics_count_queue_wait(&q->model->stats, now_of(r) - q->t0);
     http_request_unwatch(q->req);     /* the proxy watches the client from here */
@@ -319,9 +355,9 @@ static void do_dispatch(struct router *r, struct rreq *q, struct instance *inst)
 
 static void do_fail(struct router *r, struct rreq *q, const struct sched_action *a)
 {
-    (void)r;
     if (q->model)
         metrics_count_status(&q->model->stats, a->status);
+    note_end(r, q, a->status, NULL);
     char extra[64] = "";
     if (a->retry_after > 0)
         snprintf(extra, sizeof extra, "Retry-After: %.0f\r\n", a->retry_after);
@@ -404,6 +440,11 @@ static void router_run(struct router *r)
             log_info("%s: stopping it (%s; %s charged%s)", inst->id,
                      a.reason == SCHED_STOP_IDLE ? "idle_timeout passed" : "least recently used, room needed",
                      util_format_bytes(sched_charge(r->sched, a.inst), used, sizeof used), gpu);
+            if (events_wanted(r->pool->events))
+                events_publish(r->pool->events, "evict",
+                               json_pack("{s:s,s:s,s:s,s:I}", "model", m->cfg->name, "instance", inst->id,
+                                         "reason", a.reason == SCHED_STOP_IDLE ? "idle" : "lru",
+                                         "charged", (json_int_t)sched_charge(r->sched, a.inst)));
             instance_stop(inst);
             break;
         }
@@ -512,6 +553,7 @@ static void rreq_gone(struct http_request *req, void *arg)
     struct router *r = q->r;
     if (q->model)                 /* left while queued */
         metrics_count_status(&q->model->stats, 499);
+    note_end(r, q, 499, NULL);
     sched_request_gone(r->sched, now_of(r), req_id(q));
     rreq_free(q);
     router_run(r);
@@ -542,6 +584,8 @@ void router_forward(struct router *r, struct http_request *req, struct pool_mode
     q->req = req;
     q->model = m;
     q->t0 = now_of(r);
+    snprintf(q->method, sizeof q->method, "%s", req->method);
+    snprintf(q->path, sizeof q->path, "%s", req->path);
     q->next = r->reqs;
     if (r->reqs)
         r->reqs->prev = q;
