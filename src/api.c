@@ -621,8 +621,6 @@ static void route_reload(struct http_request *req, struct api *api)
     }
     json_t *result = NULL;
     int rc = api->reload(api, &result);
-    if (rc == 0 && result && events_wanted(api->pool->events))
-        events_publish(api->pool->events, "reload", json_deep_copy(result));
     respond_json(req, rc == 0 ? 200 : 400, result);
 }
 

@@ -4,6 +4,7 @@
 #include "build_config.h"
 #include "cli.h"
 #include "config.h"
+#include "events.h"
 #include "gpu.h"
 #include "http.h"
 #include "log.h"
@@ -231,6 +232,8 @@ static int daemon_reload(struct api *api, json_t **result)
     char *s = json_dumps(summary, JSON_COMPACT);
     log_info("reloaded: %s", s ? s : "");
     free(s);
+    if (events_wanted(d->pool->events))
+        events_publish(d->pool->events, "reload", json_deep_copy(summary));
     *result = summary;
     char buf[256];
     pool_summary(d->pool, buf, sizeof buf);
