@@ -624,6 +624,31 @@ static void route_reload(struct http_request *req, struct api *api)
     respond_json(req, rc == 0 ? 200 : 400, result);
 }
 
+/* The page (src/web/index.html, embedded by the build). */
+extern const unsigned char web_index_html[];
+extern const size_t web_index_html_len;
+
+/* GET / and /ui/: the page. It holds no data: what it shows comes from
+ * /pool/status and /pool/events, with the admin key over TCP. */
+static void route_page(struct http_request *req)
+{
+    if (strcmp(req->method, "GET") != 0 && strcmp(req->method, "HEAD") != 0) {
+        http_respond_error(req, 405, NULL, "use GET for the page");
+        return;
+    }
+    if (strcmp(req->path, "/ui") == 0) {    /* its links are relative to /ui/ */
+        http_respond(req, 301, "text/plain", "Location: ui/\r\n", "ui/\n", 4);
+        return;
+    }
+    http_respond(req, 200, "text/html; charset=utf-8",
+                 "Cache-Control: no-cache\r\nX-Content-Type-Options: nosniff\r\n"
+                 "X-Frame-Options: DENY\r\nReferrer-Policy: no-referrer\r\n"
+                 "Content-Security-Policy: default-src 'none'; script-src 'unsafe-inline'; "
+                 "style-src 'unsafe-inline'; connect-src 'self'; img-src 'self' data:; "
+                 "base-uri 'none'; form-action 'none'; frame-ancestors 'none'\r\n",
+                 (const char *)web_index_html, web_index_html_len);
+}
+
 static void route_events(struct http_request *req, struct api *api)
 {
     if (strcmp(req->method, "GET") != 0) {
@@ -900,6 +925,10 @@ void api_handle(struct http_request *req, void *arg)
     }
     if (strcmp(path, "/v1/models") == 0 || strcmp(path, "/models") == 0) {
         route_models(req, p);
+        return;
+    }
+    if (strcmp(path, "/") == 0 || strcmp(path, "/ui") == 0 || strcmp(path, "/ui/") == 0) {
+        route_page(req);
         return;
     }
     if (strncmp(path, "/upstream/", 10) == 0 && path[10]) {
