@@ -226,6 +226,14 @@ static json_t *instance_event_json(const struct instance *inst, enum instance_st
     if (inst->device >= 0)
         json_object_set_new(o, "device", json_integer(inst->device));
     json_object_set_new(o, "restarts", json_integer(inst->restarts));
+    if (inst->state == INSTANCE_STOPPING) {
+        static const char *const why[] = {
+            [INSTANCE_STOP_ASKED] = "asked",                /* stop, restart, eviction, reload, shutdown */
+            [INSTANCE_STOP_START_TIMEOUT] = "start_timeout",
+            [INSTANCE_STOP_UNHEALTHY] = "unhealthy",
+        };
+        json_object_set_new(o, "reason", json_string(why[inst->stop_reason]));
+    }
     if ((inst->state == INSTANCE_BACKOFF || inst->state == INSTANCE_FAILED) && inst->last_error)
         json_object_set_new(o, "error", util_json_string(inst->last_error));
     return o;

@@ -104,8 +104,9 @@ def test_instance_changes_and_requests_are_events(pool, events):
     assert d["duration"] >= d["first_byte"] >= 0 and d["queued"] >= 0
     if not REAL:
         assert d["generated_tokens"] == 4 and d["prompt_tokens"] > 0 and d["tokens_per_s"] > 0
-    # A request for a model that cannot be served: an event too, no instance.
     pool.cli("stop", "tiny", check=0)
+    _, d3 = ev.until(lambda t, d: t == "instance" and d["state"] == "stopping", "stopping")
+    assert d3["reason"] == "asked"
     ev.until(lambda t, d: t == "instance" and d["state"] == "stopped", "stopped")
     # A new subscriber gets the recent requests first.
     ev2 = events()
@@ -192,3 +193,14 @@ def test_monit_prints_a_line_per_event(pool):
         finally:
             p.kill()
             p.wait()
+
+
+@fake_only("needs a model that takes minutes to load")
+def test_a_request_that_waited_too_long_is_an_event_without_instance(pool, events):
+    pool.config({"slow": {"env": {"FAKE_LOAD_MS": "600000"}}}, pool_extra="queue_timeout = 300ms")
+    pool.start()
+    ev = events()
+    assert post(pool.listen_port, "/v1/chat/completions", {**CHAT, "model": "slow"})[0] == 504
+    _, d = ev.until(lambda t, d: t == "request", "the 504")
+    assert d["status"] == 504 and d["model"] == "slow" and "instance" not in d
+    assert d["queued"] >= 0.3 and "prompt_tokens" not in d and "first_byte" not in d
