@@ -328,7 +328,7 @@ static enum usage_open_result load_file(struct usage *u, double now, char *msg, 
     /* O_NONBLOCK: a FIFO there must not hang the startup (it is refused below). */
     int fd = open(u->path, O_RDONLY | O_CLOEXEC | O_NONBLOCK);
     if (fd < 0 && errno == ENOENT) {
-        snprintf(msg, len, "%s: none yet; usage is counted from now on", u->path);
+        snprintf(msg, len, "no %s yet: usage is counted from now on", u->path);
         return USAGE_OPEN_NEW;
     }
     if (fd < 0) {
@@ -371,7 +371,7 @@ static enum usage_open_result load_file(struct usage *u, double now, char *msg, 
         return USAGE_OPEN_MEMORY_ONLY;
     }
     prune(u, now);
-    snprintf(msg, len, "%s: usage of %zu model%s", u->path, u->n, u->n == 1 ? "" : "s");
+    snprintf(msg, len, "read the usage of %zu model%s from %s", u->n, u->n == 1 ? "" : "s", u->path);
     return USAGE_OPEN_LOADED;
 }
 

@@ -112,7 +112,7 @@ static void counts_survive_a_save_and_a_new_open(void **state)
     usage_free(u);
 
     u = open_in(f, NOW + 10, USAGE_OPEN_LOADED);
-    assert_non_null(strstr(f->msg, "usage of 2 models"));
+    assert_non_null(strstr(f->msg, "read the usage of 2 models from"));
     assert_int_equal(usage_size(u), 2);
     const struct usage_record *t = usage_find(u, "tiny");
     assert_non_null(t);
