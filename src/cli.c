@@ -504,8 +504,8 @@ static int print_usage(json_t *j)
     json_array_foreach(models, i, m)
         listed = listed || json_is_false(json_object_get(m, "configured"));
     if (elsewhere > 0 && !listed)
-        printf("%lld model%s no longer in pool.conf not listed: `llama-pool status --usage --all` lists them\n",
-               (long long)elsewhere, elsewhere == 1 ? "" : "s");
+        printf("%lld model%s no longer in pool.conf not listed: `llama-pool status --usage --all` lists %s\n",
+               (long long)elsewhere, elsewhere == 1 ? "" : "s", elsewhere == 1 ? "it" : "them");
     return CLI_OK;
 }
 

@@ -194,7 +194,7 @@ def test_status_usage_lists_the_configured_models_most_used_first(pool):
     pool.cli("reload", check=0)
     r = pool.cli("status", "--usage", check=0)
     assert not any(line.startswith("other") for line in r.stdout.splitlines())
-    assert "1 model no longer in pool.conf not listed" in r.stdout
+    assert "1 model no longer in pool.conf not listed: `llama-pool status --usage --all` lists it" in r.stdout
     r = pool.cli("status", "--usage", "--all", check=0)
     assert any(line.startswith("other (not in pool.conf)") for line in r.stdout.splitlines())
     doc = usage(pool, all_models=True)

@@ -1944,6 +1944,8 @@ static void test_example_config(void **state)
     assert_int_equal(c->max_restarts, d->max_restarts);
     assert_int_equal(c->restart_window_ms, d->restart_window_ms);
     assert_string_equal(c->log_dir, d->log_dir);
+    assert_string_equal(c->state_dir, d->state_dir);
+    assert_int_equal(c->preload_popular, d->preload_popular);
     assert_null(c->models_dir);
     assert_null(c->default_model);
     assert_int_equal(c->napi_keys, 0);
