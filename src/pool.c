@@ -662,6 +662,8 @@ void pool_preload_popular(struct pool *p)
                      requests);
     }
     free(top);
+    if (!rank)
+        log_info("preload = popular %u: no configured model has been used yet; nothing to preload", want);
 }
 
 void pool_usage_save(struct pool *p)

@@ -99,7 +99,7 @@ def test_counts_reach_the_file_within_the_save_interval(pool):
 
 
 def test_a_corrupt_file_is_set_aside_with_a_warning(pool):
-    pool.config({"tiny": {}})
+    pool.config({"tiny": {}}, pool_extra="preload = popular 1")
     os.makedirs(pool.state_dir)
     with open(usage_file(pool), "w") as f:
         f.write('{"version": 1, "models": {"tiny": {"requests": ')
@@ -112,6 +112,8 @@ def test_a_corrupt_file_is_set_aside_with_a_warning(pool):
     with open(os.path.join(pool.state_dir, aside[0])) as f:
         assert f.read() == '{"version": 1, "models": {"tiny": {"requests": '   # kept as it was
     assert usage(pool)["models"] == []
+    assert "preload = popular 1: no configured model has been used yet; nothing to preload" in log
+    assert not pool.instances("tiny")
     assert chat(pool, "tiny") == 200                # running, counting afresh
     assert by_name(usage(pool))["tiny"]["requests"] == 1
     stop(pool)
