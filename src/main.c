@@ -220,9 +220,11 @@ static int daemon_reload(struct api *api, json_t **result)
     if (strcmp(old->listen ? old->listen : "", cfg->listen ? cfg->listen : "") != 0 ||
         strcmp(old->control_socket, cfg->control_socket) != 0)
         log_warn("reload: listen and control_socket changes take effect at the next restart");
-    if (strcmp(old->state_dir ? old->state_dir : "", cfg->state_dir ? cfg->state_dir : "") != 0)
-        log_warn("reload: a state_dir change takes effect at the next restart (usage is kept in %s until then)",
-                 old->state_dir ? old->state_dir : "memory");
+    if (strcmp(old->state_dir ? old->state_dir : "", cfg->state_dir ? cfg->state_dir : "") != 0) {
+        const char *kept = usage_path(d->pool->usage);
+        log_warn("reload: a state_dir change takes effect at the next restart (usage is kept %s%s until then)",
+                 kept ? "in " : "in memory only", kept ? kept : "");
+    }
     struct http_limits lim = limits_of(cfg);
     if (d->control)
         http_server_set_limits(d->control, &lim);

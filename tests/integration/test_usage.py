@@ -220,3 +220,17 @@ def test_pool_usage_over_tcp_needs_the_admin_key(pool):
     assert tcp_get({"Authorization": "Bearer wrong"})[0] == 401
     code, body = tcp_get({"Authorization": "Bearer s3cret"})
     assert code == 200 and json.loads(body)["models"] == []
+
+
+def test_a_new_state_dir_waits_for_a_restart(pool):
+    pool.config({"tiny": {}})
+    pool.start()
+    elsewhere = os.path.join(pool.dir, "elsewhere")
+    pool.config({"tiny": {}}, pool_extra=f"state_dir = {elsewhere}")
+    pool.cli("reload", check=0)
+    assert ("reload: a state_dir change takes effect at the next restart (usage is kept in "
+            f"{usage_file(pool)} until then)") in pool.daemon_log()
+    assert chat(pool, "tiny") == 200
+    stop(pool)
+    assert read_usage_file(pool)["models"]["tiny"]["requests"] == 1
+    assert not os.path.exists(elsewhere)
