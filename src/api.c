@@ -9,6 +9,7 @@
 #include "metrics.h"
 #include "pool.h"
 #include "router.h"
+#include "usage.h"
 #include "util.h"
 
 #include <errno.h>
@@ -18,6 +19,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <strings.h>
+#include <time.h>
 
 /* ---------- helpers ---------- */
 
@@ -613,6 +615,66 @@ static void route_model_action(struct http_request *req, const struct api *api,
     }
 }
 
+/* ---------- GET /pool/usage ---------- */
+
+/* Unix seconds T as ISO-8601 UTC ("2026-01-01T00:00:00Z"); null for 0 (never). */
+static json_t *iso_time(int64_t t)
+{
+    char buf[32];
+    struct tm tm;
+    time_t tt = (time_t)t;
+    if (t <= 0 || !gmtime_r(&tt, &tm) || !strftime(buf, sizeof buf, "%Y-%m-%dT%H:%M:%SZ", &tm))
+        return json_null();
+    return json_string(buf);
+}
+
+/* The usage counts, most used first: the configured models' (all=1: every
+ * record kept, models removed from pool.conf too, marked "configured":
+ * false). */
+static void route_usage(struct http_request *req, const struct api *api)
+{
+    struct pool *p = api->pool;
+    if (strcmp(req->method, "GET") != 0) {
+        http_respond_error(req, 405, "invalid_request_error", "use GET for /pool/usage");
+        return;
+    }
+    bool all = query_flag(req, "all");
+    size_t n;
+    const struct usage_record **v = usage_ranked(p->usage, &n);
+    if (!v && usage_size(p->usage)) {
+        http_respond_error(req, 500, NULL, "out of memory");
+        return;
+    }
+    json_t *models = json_array();
+    size_t elsewhere = 0;           /* records of models not in pool.conf now */
+    for (size_t i = 0; i < n; i++) {
+        const struct usage_record *r = v[i];
+        struct pool_model *m = pool_find(p, r->name);
+        bool configured = m && strcmp(m->cfg->name, r->name) == 0;   /* by name: not an alias */
+        elsewhere += !configured;
+        if (!configured && !all)
+            continue;
+        json_t *o = json_object();
+        json_object_set_new(o, "name", util_json_string(r->name));
+        json_object_set_new(o, "configured", json_boolean(configured));
+        json_object_set_new(o, "requests", json_integer((json_int_t)r->requests));
+        json_object_set_new(o, "prompt_tokens", json_integer((json_int_t)r->prompt_tokens));
+        json_object_set_new(o, "generated_tokens", json_integer((json_int_t)r->generated_tokens));
+        json_object_set_new(o, "loads", json_integer((json_int_t)r->loads));
+        json_object_set_new(o, "load_seconds", json_real(r->load_seconds));
+        json_object_set_new(o, "last_used", iso_time(r->last_used));
+        json_object_set_new(o, "last_used_unix", r->last_used > 0 ? json_integer(r->last_used) : json_null());
+        json_object_set_new(o, "last_loaded", iso_time(r->last_loaded));
+        json_object_set_new(o, "last_loaded_unix",
+                            r->last_loaded > 0 ? json_integer(r->last_loaded) : json_null());
+        json_array_append_new(models, o);
+    }
+    free(v);
+    const char *path = usage_path(p->usage);
+    respond_json(req, 200, json_pack("{s:o,s:o,s:I}", "state_file", path ? util_json_string(path) : json_null(),
+                                     "models", models, "not_configured", (json_int_t)elsewhere));
+}
+
 static void route_reload(struct http_request *req, struct api *api)
 {
     if (strcmp(req->method, "POST") != 0) {
@@ -953,6 +1015,10 @@ void api_handle(struct http_request *req, void *arg)
     }
     if (strcmp(path, "/pool/events") == 0) {
         route_events(req, api);
+        return;
+    }
+    if (strcmp(path, "/pool/usage") == 0) {
+        route_usage(req, api);
         return;
     }
     if (strncmp(path, "/pool/models/", 13) == 0) {

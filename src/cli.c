@@ -194,6 +194,7 @@ static void fmt_duration(double s, char *buf, size_t len)
 
 #define NCOLS 10
 struct table {
+    int ncols;                  /* columns in use, NCOLS at most */
     char *(*cells)[NCOLS];
     size_t rows, cap;
     int width[NCOLS];
@@ -215,14 +216,14 @@ static bool table_add(struct table *t, char *cells[NCOLS])
     if (!util_grow(&t->cells, &t->cap, t->rows + 1, sizeof *t->cells))
         return false;
     char **row = t->cells[t->rows];
-    for (int i = 0; i < NCOLS; i++) {
+    for (int i = 0; i < t->ncols; i++) {
         if (!(row[i] = strdup(cells[i] ? cells[i] : "-"))) {
             while (i--)
                 free(row[i]);
             return false;
         }
     }
-    for (int i = 0; i < NCOLS; i++) {
+    for (int i = 0; i < t->ncols; i++) {
         int w = text_width(row[i]);
         if (w > t->width[i])
             t->width[i] = w;
@@ -234,10 +235,11 @@ static bool table_add(struct table *t, char *cells[NCOLS])
 static void table_print(const struct table *t)
 {
     for (size_t r = 0; r < t->rows; r++) {
-        for (int i = 0; i < NCOLS; i++) {
+        for (int i = 0; i < t->ncols; i++) {
             const char *s = t->cells[r][i];
+            bool last = i == t->ncols - 1;
             int pad = t->width[i] - text_width(s);
-            printf("%s%*s%s", s, i == NCOLS - 1 ? 0 : pad, "", i == NCOLS - 1 ? "\n" : "  ");
+            printf("%s%*s%s", s, last ? 0 : pad, "", last ? "\n" : "  ");
         }
     }
 }
@@ -245,7 +247,7 @@ static void table_print(const struct table *t)
 static void table_free(struct table *t)
 {
     for (size_t r = 0; r < t->rows; r++)
-        for (int i = 0; i < NCOLS; i++)
+        for (int i = 0; i < t->ncols; i++)
             free(t->cells[r][i]);
     free(t->cells);
 }
@@ -389,7 +391,7 @@ static int print_status(json_t *j)
 {
     bool summary = json_is_true(json_object_get(j, "summary"));
     json_t *models = json_object_get(j, "models");
-    struct table t = { 0 };
+    struct table t = { .ncols = NCOLS };
     char *head[NCOLS] = { "MODEL", "INSTANCE", "STATE", "PID", "PORT", "UPTIME", "↺", "MEMORY", "SLOTS", "LAST USED" };
     bool ok = table_add(&t, head);
     size_t i;
@@ -451,6 +453,62 @@ static int print_status(json_t *j)
     return CLI_OK;
 }
 
+/* The usage table (GET /pool/usage): most used first. */
+static int print_usage(json_t *j)
+{
+    enum { USAGE_COLS = 7 };
+    struct table t = { .ncols = USAGE_COLS };
+    char *head[NCOLS] = { "MODEL", "REQUESTS", "PROMPT TOK", "GENERATED TOK", "LOADS", "AVG LOAD",
+                          "LAST USED" };
+    bool ok = table_add(&t, head);
+    json_t *models = json_object_get(j, "models"), *m;
+    size_t i;
+    double now = (double)time(NULL);
+    json_array_foreach(models, i, m) {
+        char name[300], req[24], prompt[24], gen[24], loads[24], avg[24] = "-", used[32] = "-";
+        json_int_t nloads = json_integer_value(json_object_get(m, "loads"));
+        json_t *last = json_object_get(m, "last_used_unix");
+        snprintf(name, sizeof name, "%s%s", json_string_value(json_object_get(m, "name")),
+                 json_is_false(json_object_get(m, "configured")) ? " (not in pool.conf)" : "");
+        snprintf(req, sizeof req, "%lld", (long long)json_integer_value(json_object_get(m, "requests")));
+        snprintf(prompt, sizeof prompt, "%lld", (long long)json_integer_value(json_object_get(m, "prompt_tokens")));
+        snprintf(gen, sizeof gen, "%lld", (long long)json_integer_value(json_object_get(m, "generated_tokens")));
+        snprintf(loads, sizeof loads, "%lld", (long long)nloads);
+        if (nloads > 0)
+            snprintf(avg, sizeof avg, "%.2fs",
+                     json_number_value(json_object_get(m, "load_seconds")) / (double)nloads);
+        if (json_is_integer(last)) {
+            double ago = now - (double)json_integer_value(last);
+            fmt_duration(ago > 0 ? ago : 0, used, sizeof used - 4);
+            strcat(used, " ago");
+        }
+        char *cells[NCOLS] = { name, req, prompt, gen, loads, avg, used };
+        ok = ok && table_add(&t, cells);
+    }
+    if (ok && json_array_size(models))
+        table_print(&t);
+    table_free(&t);
+    if (!ok) {
+        fprintf(stderr, "llama-pool: out of memory\n");
+        return CLI_FAILED;
+    }
+    if (!json_array_size(models))
+        printf("no model has been used yet\n");
+    const char *file = json_string_value(json_object_get(j, "state_file"));
+    if (file)
+        printf("\nkept in %s\n", file);
+    else
+        printf("\nkept in memory only (no usable state_dir): lost when the daemon stops\n");
+    json_int_t elsewhere = json_integer_value(json_object_get(j, "not_configured"));
+    bool listed = false;
+    json_array_foreach(models, i, m)
+        listed = listed || json_is_false(json_object_get(m, "configured"));
+    if (elsewhere > 0 && !listed)
+        printf("%lld model%s no longer in pool.conf not listed: `llama-pool status --usage --all` lists %s\n",
+               (long long)elsewhere, elsewhere == 1 ? "" : "s", elsewhere == 1 ? "it" : "them");
+    return CLI_OK;
+}
+
 /* GET PATH, its body printed as the daemon wrote it. */
 static int print_body(struct client *c, const char *path)
 {
@@ -465,24 +523,42 @@ static int print_body(struct client *c, const char *path)
 
 static int cmd_status(struct client *c, int argc, char **argv)
 {
-    enum { OPT_SUMMARY = 1, OPT_ALL };
+    enum { OPT_SUMMARY = 1, OPT_ALL, OPT_USAGE };
     static const struct option opts[] = {
         { "json", no_argument, NULL, 'j' },
         { "summary", no_argument, NULL, OPT_SUMMARY },
         { "all", no_argument, NULL, OPT_ALL },
+        { "usage", no_argument, NULL, OPT_USAGE },
         { NULL, 0, NULL, 0 },
     };
-    bool as_json = false, summary = false, all = false;
+    bool as_json = false, summary = false, all = false, usage = false;
     optind = 1;
     for (int ch; (ch = getopt_long(argc, argv, "j", opts, NULL)) != -1;) {
         switch (ch) {
         case 'j':         as_json = true; break;
         case OPT_SUMMARY: summary = true; break;
         case OPT_ALL:     all = true; break;
+        case OPT_USAGE:   usage = true; break;
         default:          return CLI_USAGE;
         }
     }
     const char *model = optind < argc ? argv[optind] : NULL;
+    if (usage) {
+        if (summary || model) {
+            fprintf(stderr, "llama-pool status: --usage lists the usage of every model; it takes no MODEL or --summary\n");
+            return CLI_USAGE;
+        }
+        const char *path = all ? "/pool/usage?all=1" : "/pool/usage";
+        if (as_json)
+            return print_body(c, path);
+        int rc = CLI_OK;
+        json_t *j = get_json(c, path, &rc);
+        if (!j)
+            return rc;
+        rc = print_usage(j);
+        json_decref(j);
+        return rc;
+    }
     if (summary && all) {
         fprintf(stderr, "llama-pool status: --summary and --all ask for different things; give one\n");
         return CLI_USAGE;

@@ -485,7 +485,7 @@ enum pool_key {
     PK_MAX_HEADER, PK_HEADER_TIMEOUT, PK_KEEPALIVE_TIMEOUT, PK_MAX_CONNECTIONS,
     PK_BODY_TIMEOUT, PK_DRAIN_TIMEOUT, PK_CORS_ORIGINS, PK_GPUS, PK_NVML_LIBRARY,
     PK_GPU_BUDGET, PK_GPU_RESERVE, PK_LOG_MAX_SIZE, PK_LOG_KEEP, PK_ROUTING,
-    PK_AFFINITY_WAIT, PK__COUNT
+    PK_AFFINITY_WAIT, PK_STATE_DIR, PK_PRELOAD, PK__COUNT
 };
 
 static const char *const pool_keys[PK__COUNT] = {
@@ -497,7 +497,7 @@ static const char *const pool_keys[PK__COUNT] = {
     "max_header", "header_timeout", "keepalive_timeout", "max_connections",
     "body_timeout", "drain_timeout", "cors_origins", "gpus", "nvml_library",
     "gpu_budget", "gpu_reserve", "log_max_size", "log_keep", "routing",
-    "affinity_wait",
+    "affinity_wait", "state_dir", "preload",
 };
 
 enum model_key {
@@ -1330,6 +1330,35 @@ static void get_routing(struct parser *p, int line, const char *v, enum config_r
                  "prefix, else the least busy) or least_busy", show(&sh, v));
 }
 
+/* preload: none (also empty), or popular N with 1 <= N <= CONFIG_PRELOAD_MAX:
+ * start one instance each of the N most used models at startup. */
+static void get_preload(struct parser *p, int line, const char *v, unsigned *out)
+{
+    struct shown sh;
+    size_t word = strcspn(v, " \t");
+    if (!*v || !strcasecmp(v, "none")) {
+        *out = 0;
+        return;
+    }
+    if (word != 7 || strncasecmp(v, "popular", 7) != 0) {
+        error_at(p, line, "preload: \"%s\" is not none or popular N (start the N most used models "
+                 "at startup)", show(&sh, v));
+        return;
+    }
+    const char *n = v + word + strspn(v + word, " \t");
+    unsigned x = 0;
+    int rc = *n ? parse_uint(n, CONFIG_PRELOAD_MAX, &x) : PARSE_SYNTAX;
+    if (!*n)
+        error_at(p, line, "preload: \"%s\" needs a number of models: popular N", show(&sh, v));
+    else if (rc == PARSE_SYNTAX)
+        error_at(p, line, "preload: \"%s\": N is not a whole number", show(&sh, v));
+    else if (rc == PARSE_RANGE || x < 1)
+        error_at(p, line, "preload: \"%s\": N is out of range (1 to %u)", show(&sh, v),
+                 CONFIG_PRELOAD_MAX);
+    else
+        *out = x;
+}
+
 /* memory_budget and gpu_budget: auto, a size > 0, or N% (1-100). The
  * fields are left alone after an error. */
 static void get_budget(struct parser *p, int line, const char *key, const char *v,
@@ -1469,6 +1498,13 @@ static void pool_value(struct parser *p, int k, const char *v)
     case PK_MODELS_DIR:
         free(c->models_dir);
         c->models_dir = *v ? path_resolve(p->dir, v) : NULL;
+        break;
+    case PK_STATE_DIR:
+        free(c->state_dir);
+        c->state_dir = *v ? path_resolve(p->dir, v) : NULL;
+        break;
+    case PK_PRELOAD:
+        get_preload(p, line, v, &c->preload_popular);
         break;
     case PK_DEFAULT_ARGS:
         add_words(p, line, key, v, &p->default_args);
@@ -1966,6 +2002,8 @@ static void set_defaults(struct config *c)
     c->max_connections = 4096;
     c->body_timeout_ms = 60 * 1000;
     c->drain_timeout_ms = -1;           /* unset: stop_timeout, once it is known */
+    c->state_dir = xstrdup(CONFIG_DEFAULT_STATE_DIR);
+    c->preload_popular = 0;
 }
 
 static void parser_free(struct parser *p)
@@ -2223,6 +2261,7 @@ void config_free(struct config *cfg)
     free(cfg->nvml_library);
     free(cfg->log_dir);
     free(cfg->models_dir);
+    free(cfg->state_dir);
     util_strv_free(cfg->default_args);
     free(cfg->default_model);
     util_strv_free(cfg->api_keys);

@@ -27,6 +27,11 @@
  * must end). Only regular files are read: a FIFO or a device is refused. */
 #define CONFIG_MAX_BYTES (16 * 1024 * 1024)
 
+/* [pool] state_dir when unset: systemd's StateDirectory=llama-pool. */
+#define CONFIG_DEFAULT_STATE_DIR "/var/lib/llama-pool"
+/* preload = popular N: N at most. */
+#define CONFIG_PRELOAD_MAX 1000000
+
 /* One environment assignment for a model's children. */
 struct config_env {
     char *name;
@@ -133,6 +138,8 @@ struct config {
     char **cors_origins;        /* NULL-terminated, possibly empty: "*" alone, or
                                  * "scheme://host[:port]" each (lowercase) */
     size_t ncors_origins;
+    char *state_dir;            /* where usage.json is kept; NULL: nowhere (state_dir =) */
+    unsigned preload_popular;   /* preload = popular N: N; 0: preload = none */
 
     struct config_model *models;
     size_t nmodels;

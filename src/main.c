@@ -35,6 +35,7 @@ static void usage(FILE *f)
           "  serve   [-c FILE]                  run the supervisor in the foreground\n"
           "  status  [--json] [--summary|--all] [MODEL]\n"
           "                                     instances, like `pm2 ls`; a summary past 200 models\n"
+          "  status  --usage [--all] [--json]   requests, tokens and loads per model, most used first\n"
           "  start   MODEL [-n N] [--no-wait]   load (N instances), show progress until ready\n"
           "  stop    MODEL | --all              unload\n"
           "  restart MODEL\n"
@@ -221,6 +222,11 @@ static int daemon_reload(struct api *api, json_t **result)
     if (strcmp(old->listen ? old->listen : "", cfg->listen ? cfg->listen : "") != 0 ||
         strcmp(old->control_socket, cfg->control_socket) != 0)
         log_warn("reload: listen and control_socket changes take effect at the next restart");
+    if (strcmp(old->state_dir ? old->state_dir : "", cfg->state_dir ? cfg->state_dir : "") != 0) {
+        const char *kept = usage_path(d->pool->usage);
+        log_warn("reload: a state_dir change takes effect at the next restart (usage is kept %s%s until then)",
+                 kept ? "in " : "in memory only", kept ? kept : "");
+    }
     struct http_limits lim = limits_of(cfg);
     if (d->control)
         http_server_set_limits(d->control, &lim);
@@ -425,6 +431,7 @@ static int cmd_serve(const char *given)
     }
     d.api.router = d.router;
     pool_preload(d.pool);
+    pool_preload_popular(d.pool);       /* after the minimums: what is left of the budget */
 
     ev_signal_init(&d.sigterm, on_stop_signal, SIGTERM);
     ev_signal_init(&d.sigint, on_stop_signal, SIGINT);
@@ -446,6 +453,8 @@ static int cmd_serve(const char *given)
     http_server_free(d.public);
     http_server_free(d.control);
     router_free(d.router);
+    /* Last: the requests ended above are counted too. */
+    pool_usage_save(d.pool);
     pool_free(d.pool);
     free(d.config_file);
     log_info("exited cleanly");

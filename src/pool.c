@@ -246,8 +246,10 @@ static void inst_changed(struct instance *inst, enum instance_state old, void *a
     struct pool_event ev = { .kind = POOL_EV_STATE, .model = m, .inst = inst, .old = old };
     if (inst->state == INSTANCE_STARTING && inst->pid > 0)  /* not a spawn that failed */
         metrics_count_start(&m->stats);
-    if (inst->state == INSTANCE_READY && old == INSTANCE_STARTING)
+    if (inst->state == INSTANCE_READY && old == INSTANCE_STARTING) {
         metrics_count_load(&m->stats, inst->ready_at - inst->spawned_at);
+        usage_count_load(p->usage, m->cfg->name, ev_now(p->loop), inst->ready_at - inst->spawned_at);
+    }
     /* The listener first: observers (a /pool/server wait) ask it what
      * the change means, e.g. which ready instance to name. */
     if (p->listener)
@@ -650,6 +652,93 @@ void pool_preload(struct pool *p)
     }
 }
 
+/* The configured model named NAME (not an alias: usage is kept by name). */
+static struct pool_model *model_named(struct pool *p, const char *name)
+{
+    struct pool_model *m = pool_find(p, name);
+    return m && strcmp(m->cfg->name, name) == 0 ? m : NULL;
+}
+
+void pool_preload_popular(struct pool *p)
+{
+    unsigned want = p->cfg->preload_popular;
+    if (!want)
+        return;
+    size_t n;
+    const struct usage_record **top = usage_ranked(p->usage, &n);
+    if (!top && usage_size(p->usage)) {
+        log_error("preload = popular %u: out of memory; nothing preloaded for it", want);
+        return;
+    }
+    unsigned rank = 0;
+    /* The N most used models still configured; one never asked for (only
+     * loaded, by its MIN) is not used, and the ranking puts those last. */
+    for (size_t i = 0; i < n && rank < want && top[i]->requests; i++) {
+        struct pool_model *m = model_named(p, top[i]->name);
+        if (!m)
+            continue;           /* removed from pool.conf: its record waits for it */
+        rank++;
+        unsigned long long requests = (unsigned long long)top[i]->requests;
+        if (model_active(m) > 0) {
+            log_debug("%s: running already (the #%u most used, %llu requests)", m->cfg->name, rank,
+                      requests);
+            continue;
+        }
+        char err[512];
+        int rc = pool_model_start(m, 1, err, sizeof err);
+        if (rc == -1)           /* not admitted: the others keep their place */
+            log_info("%s: not preloaded (the #%u most used, %llu requests): %s", m->cfg->name, rank,
+                     requests, err);
+        else if (rc < 0)
+            log_error("%s: cannot preload: %s", m->cfg->name, err);
+        else
+            log_info("%s: preloaded, the #%u most used model (%llu requests)", m->cfg->name, rank,
+                     requests);
+    }
+    free(top);
+    if (!rank)
+        log_info("preload = popular %u: no configured model has been used yet; nothing to preload", want);
+}
+
+void pool_usage_save(struct pool *p)
+{
+    char msg[1024];
+    if (usage_save(p->usage, ev_now(p->loop), msg, sizeof msg) < 0)
+        log_warn("%s", msg);
+}
+
+static void usage_save_cb(struct ev_loop *loop, ev_timer *w, int revents)
+{
+    (void)loop; (void)revents;
+    pool_usage_save(w->data);
+}
+
+/* The usage counts from state_dir (a warning when they cannot be kept
+ * there: counting goes on in memory), and their save timer. */
+static void usage_start(struct pool *p)
+{
+    char msg[1024];
+    const char *dir = p->cfg->state_dir;
+    if (!dir) {
+        log_info("state_dir is empty: usage is counted in memory only");
+    } else {
+        switch (usage_open(p->usage, dir, ev_now(p->loop), msg, sizeof msg)) {
+        case USAGE_OPEN_LOADED:
+        case USAGE_OPEN_NEW:
+            log_info("%s", msg);
+            break;
+        case USAGE_OPEN_SET_ASIDE:
+        case USAGE_OPEN_MEMORY_ONLY:
+            log_warn("%s", msg);
+            break;
+        }
+    }
+    ev_timer_init(&p->usage_save, usage_save_cb, USAGE_SAVE_INTERVAL_S, USAGE_SAVE_INTERVAL_S);
+    p->usage_save.data = p;
+    ev_timer_start(p->loop, &p->usage_save);
+    ev_unref(p->loop);          /* the saver alone does not keep the loop running */
+}
+
 struct pool *pool_new(struct ev_loop *loop, struct config *cfg)
 {
     struct pool *p = calloc(1, sizeof *p);
@@ -661,7 +750,8 @@ struct pool *pool_new(struct ev_loop *loop, struct config *cfg)
     p->health = health_new(loop);
     p->events = events_new(loop);   /* none: the pool runs without it */
     p->models = calloc(cfg->nmodels ? cfg->nmodels : 1, sizeof *p->models);
-    if (!p->health || !p->models)
+    p->usage = usage_new();
+    if (!p->health || !p->models || !p->usage)
         goto fail;
     port_pool_init(&p->ports, cfg->port_min, cfg->port_max);
     p->world = (struct instance_world){ .loop = loop, .health = p->health, .ports = &p->ports,
@@ -679,6 +769,7 @@ struct pool *pool_new(struct ev_loop *loop, struct config *cfg)
     }
     if (cfg->log_dir && *cfg->log_dir && mkdir(cfg->log_dir, 0750) < 0 && errno != EEXIST)
         log_warn("cannot create log_dir %s: %s", cfg->log_dir, strerror(errno));
+    usage_start(p);
     return p;
 fail:
     pool_free(p);
@@ -702,7 +793,12 @@ void pool_free(struct pool *p)
             ev_ref(p->loop);
             ev_prepare_stop(p->loop, &p->flush);
         }
+        if (ev_is_active(&p->usage_save)) {
+            ev_ref(p->loop);
+            ev_timer_stop(p->loop, &p->usage_save);
+        }
     }
+    usage_free(p->usage);
     health_free(p->health);
     for (size_t i = 0; i < p->nold_cfgs; i++)
         config_free(p->old_cfgs[i]);

@@ -12,7 +12,11 @@
  *
  * The pool writes the fields of its own structs; the instances' fields are
  * instance.c's (the pool reads them), the counters in `stats` are written
- * through metrics_count_*(). */
+ * through metrics_count_*(), and those in `usage` (counts kept across
+ * restarts, in state_dir) through usage_count_*(), by whoever sees the
+ * event: the pool counts loads, the router requests. The pool reads the
+ * state file at startup, writes it every USAGE_SAVE_INTERVAL_S when it
+ * changed, and preloads the most used models (preload = popular N). */
 #ifndef LLAMA_POOL_POOL_H
 #define LLAMA_POOL_POOL_H
 
@@ -27,6 +31,7 @@
 #include "memory.h"
 #include "metrics.h"
 #include "port.h"
+#include "usage.h"
 #include "util.h"
 
 struct events;
@@ -129,6 +134,8 @@ struct pool {
     double started_at;
     struct pool_stats stats;        /* request durations for /metrics */
     struct events *events;          /* GET /pool/events; NULL when out of memory */
+    struct usage *usage;            /* per-model counts kept across restarts */
+    ev_timer usage_save;            /* writes them when they changed */
 };
 
 struct pool *pool_new(struct ev_loop *loop, struct config *cfg);
@@ -137,6 +144,13 @@ void pool_listen(struct pool *p, const struct pool_listener *l, void *arg);
 /* Start the instances_min of every model, in config order (at startup,
  * once the router is listening to the pool; reload does it itself). */
 void pool_preload(struct pool *p);
+/* preload = popular N: one instance each of the N most used models
+ * (usage.h's ranking) that are still configured, after pool_preload, at
+ * startup: those already running are left alone, and one the listener
+ * does not admit (it does not fit) is skipped with a line saying why. */
+void pool_preload_popular(struct pool *p);
+/* Write the usage counts now if they changed (at exit). */
+void pool_usage_save(struct pool *p);
 void pool_free(struct pool *p);
 
 struct pool_model *pool_find(struct pool *p, const char *name_or_alias);

@@ -338,6 +338,9 @@ static void call_done(void *arg, const struct proxy_result *res)
     if (res->first_byte >= 0)
         metrics_observe(&r->pool->stats.first_byte, res->first_byte);
     note_end(r, q, status, res);
+    if (q->model)
+        usage_count_request(r->pool->usage, q->model->cfg->name, now_of(r), res->cache_n,
+                            res->prompt_n, res->predicted_n);
     rreq_free(q);
     router_run(r);
 }

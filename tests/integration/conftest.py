@@ -166,6 +166,7 @@ class Pool:
         self.conf = os.path.join(self.dir, "pool.conf")
         self.sock = os.path.join(self.dir, "control.sock")
         self.log_dir = os.path.join(self.dir, "logs")
+        self.state_dir = os.path.join(self.dir, "state")
         self.stderr_path = os.path.join(self.dir, "daemon.log")
         self.proc = None
         self.port_base = free_port_block(20)
@@ -187,6 +188,8 @@ class Pool:
             "llama_server": REAL_SERVER or FAKE_SERVER,
             "port_range": f"{self.port_base}-{self.port_base + port_count - 1}",
             "log_dir": self.log_dir,
+            # Usage counts (usage.json): the test's own, never /var/lib.
+            "state_dir": self.state_dir,
             "stop_timeout": "5s",
             "health_interval": "1s",
             # As pool.conf.example: no 8 GiB host prompt cache per child

@@ -228,6 +228,8 @@ static void test_pool_defaults(void **state)
     assert_non_null(c->cors_origins);
     assert_int_equal(c->ncors_origins, 0);
     assert_null(c->cors_origins[0]);
+    assert_string_equal(c->state_dir, "/var/lib/llama-pool");
+    assert_int_equal(c->preload_popular, 0);
     assert_int_equal(c->nmodels, 0);
     config_free(c);
 
@@ -1942,6 +1944,8 @@ static void test_example_config(void **state)
     assert_int_equal(c->max_restarts, d->max_restarts);
     assert_int_equal(c->restart_window_ms, d->restart_window_ms);
     assert_string_equal(c->log_dir, d->log_dir);
+    assert_string_equal(c->state_dir, d->state_dir);
+    assert_int_equal(c->preload_popular, d->preload_popular);
     assert_null(c->models_dir);
     assert_null(c->default_model);
     assert_int_equal(c->napi_keys, 0);
@@ -2141,6 +2145,54 @@ static void test_gpu_keys(void **state)
     expect_error(f, "[pool]\ngpu_resrve = 1G\n", 2, "gpu_resrve", "gpu_reserve", NULL);
 }
 
+/* ------------------------------------------------------------------ */
+/* Usage that lasts (issue #12): state_dir and preload = popular N.     */
+
+static void test_state_dir_and_preload(void **state)
+{
+    struct fx *f = *state;
+    struct config *c = load_ok(f, "[pool]\nstate_dir = state\npreload = popular 3\n");
+    assert_string_equal(c->state_dir, join(f, "state"));    /* relative → config's directory */
+    assert_int_equal(c->preload_popular, 3);
+    config_free(c);
+    c = load_ok(f, "[pool]\nstate_dir = /srv/pool-state\npreload = Popular \t 1\n");
+    assert_string_equal(c->state_dir, "/srv/pool-state");
+    assert_int_equal(c->preload_popular, 1);
+    config_free(c);
+    /* empty: usage kept in memory only; preload back to none */
+    c = load_ok(f, "[pool]\nstate_dir =\npreload =\n");
+    assert_null(c->state_dir);
+    assert_int_equal(c->preload_popular, 0);
+    config_free(c);
+    c = load_ok(f, "[pool]\npreload = none\n");
+    assert_int_equal(c->preload_popular, 0);
+    config_free(c);
+    c = load_ok(f, "[pool]\npreload = popular 1000000\n");
+    assert_int_equal(c->preload_popular, CONFIG_PRELOAD_MAX);
+    config_free(c);
+
+    static const struct refusal bad[] = {
+        { "[pool]\npreload = popular\n",
+          "2: preload: \"popular\" needs a number of models: popular N" },
+        { "[pool]\npreload = popular 0\n",
+          "2: preload: \"popular 0\": N is out of range (1 to 1000000)" },
+        { "[pool]\npreload = popular 1000001\n",
+          "2: preload: \"popular 1000001\": N is out of range (1 to 1000000)" },
+        { "[pool]\npreload = popular -2\n",
+          "2: preload: \"popular -2\": N is not a whole number" },
+        { "[pool]\npreload = popular 2 models\n",
+          "2: preload: \"popular 2 models\": N is not a whole number" },
+        { "[pool]\npreload = popular2\n",
+          "2: preload: \"popular2\" is not none or popular N (start the N most used models at startup)" },
+        { "[pool]\npreload = all\n",
+          "2: preload: \"all\" is not none or popular N (start the N most used models at startup)" },
+    };
+    EXPECT_REFUSALS(f, bad);
+    expect_error(f, "[pool]\npreloda = popular 1\n", 2, "preloda", "preload", NULL);
+    expect_error(f, "[pool]\nstate_dri = /x\n", 2, "state_dri", "state_dir", NULL);
+    expect_error(f, "[model tiny]\npath = m.gguf\npreload = popular 1\n", 3, "preload", "[pool]", NULL);
+}
+
 int main(void)
 {
     const struct CMUnitTest tests[] = {
@@ -2188,6 +2240,7 @@ int main(void)
         T(test_routing_keys),
         T(test_gpu_keys),
         T(test_log_rotation_keys),
+        T(test_state_dir_and_preload),
 #undef T
     };
     return cmocka_run_group_tests_name("config", tests, NULL, NULL);
