@@ -133,6 +133,8 @@ struct config {
     char **cors_origins;        /* NULL-terminated, possibly empty: "*" alone, or
                                  * "scheme://host[:port]" each (lowercase) */
     size_t ncors_origins;
+    bool metrics_children;      /* children run with --metrics, and /metrics
+                                 * adds their llamacpp:* series */
 
     struct config_model *models;
     size_t nmodels;
@@ -175,7 +177,8 @@ const struct config_model *config_find_model(const struct config *cfg,
 /* The full argv for one child of MODEL on PORT: llama_server, -m PATH,
  * --host 127.0.0.1, --port P, -a NAME (unless the args give -a/--alias),
  * --threads-http N (unless the args or env give it: see
- * config_child_http_threads), default_args, then the model's args.
+ * config_child_http_threads), --metrics (with metrics_children, unless the
+ * args or env turn it on already), default_args, then the model's args.
  * NULL-terminated, malloc'd (free with util_strv_free). */
 char **config_child_argv(const struct config *cfg,
                          const struct config_model *m, unsigned port);
@@ -185,6 +188,11 @@ char **config_child_argv(const struct config *cfg,
  * takes the last. NULL when absent. Points into the config. */
 const char *config_child_arg(const struct config *cfg, const struct config_model *m,
                              const char *flag, const char *longflag);
+
+/* Whether a child of M serves /metrics: metrics_children, or --metrics in
+ * default_args or its args, or LLAMA_ARG_ENDPOINT_METRICS=on|enabled|true|1
+ * in its env (llama-server's own truthy values). */
+bool config_child_metrics(const struct config *cfg, const struct config_model *m);
 
 /* Slots a child of M will have: its -np/--parallel, else llama-server's
  * automatic 4. The real count comes from /props once it is ready. */
