@@ -209,7 +209,8 @@ int64_t config_model_affinity_wait_ms(const struct config *cfg, const struct con
  * --threads-http or its env's LLAMA_ARG_THREADS_HTTP when given; else what
  * the pool gives it: its slots (-np, else 4), the scheduler's hand-off (up
  * to 4 requests per slot, CONFIG_HANDOFF_MAX in all) and 2 for the pool's
- * /health and /props. *GIVEN says which. */
+ * own: /health, and /props (once, at ready) or a /metrics scrape.
+ * *GIVEN says which. */
 #define CONFIG_HANDOFF_MAX 32
 unsigned config_child_http_threads(const struct config *cfg, const struct config_model *m,
                                    bool *given);
