@@ -2,6 +2,7 @@
 #include "api.h"
 
 #include "affinity.h"
+#include "child_metrics.h"
 #include "config.h"
 #include "events.h"
 #include "gpu.h"
@@ -956,6 +957,102 @@ static void route_server(struct http_request *req, struct api *api)
     free(name);
 }
 
+/* ---------- /metrics: the pool's, then (metrics_children) the children's ---------- */
+
+/* The pool's metrics, then the N CHILDREN's merged, as the answer. */
+static void respond_metrics(struct http_request *req, struct api *api,
+                            const struct child_metrics_text *children, size_t n)
+{
+    size_t len = 0;
+    char *text = metrics_render(api->pool, api->router, &len);
+    struct buf out = { .data = text, .len = len, .cap = len + 1 };
+    if (text && n && !child_metrics_merge(children, n, &out)) {
+        buf_free(&out);
+        text = NULL;
+    }
+    if (!text)
+        http_respond_error(req, 500, NULL, "out of memory");
+    else
+        http_respond(req, 200, "text/plain; version=0.0.4; charset=utf-8", NULL, out.data, out.len);
+    buf_free(&out);
+}
+
+/* A /metrics answer waiting for the children's. */
+struct metrics_wait {
+    struct api *api;
+    struct http_request *req;
+    struct child_metrics_scrape *scrape;
+};
+
+static void metrics_scraped(void *arg, const struct child_metrics_text *r, size_t n)
+{
+    struct metrics_wait *w = arg;
+    /* Counted before the render, so that this answer shows them. The
+     * model is found again by name: a reload may have freed the one the
+     * scrape began with. */
+    for (size_t i = 0; i < n; i++) {
+        struct pool_model *m = r[i].text ? NULL : pool_find(w->api->pool, r[i].model);
+        if (m)
+            metrics_count_child_scrape_failed(&m->stats);
+    }
+    http_request_unwatch(w->req);
+    respond_metrics(w->req, w->api, r, n);
+    free(w);
+}
+
+static void metrics_client_gone(struct http_request *req, void *arg)
+{
+    (void)req;
+    struct metrics_wait *w = arg;
+    child_metrics_cancel(w->scrape);
+    free(w);
+}
+
+/* Every ready child that serves /metrics (it started with --metrics:
+ * metrics_children turned on by a reload reaches the others when they
+ * restart), scraped straight on its port: the router and the scheduler
+ * never see it, so it is no use of the instance (last_used and the idle
+ * timer stay as they were). The answer waits for the scrape, at most
+ * CHILD_METRICS_TIMEOUT. */
+static void route_metrics(struct http_request *req, struct api *api)
+{
+    struct pool *p = api->pool;
+    if (!p->cfg->metrics_children) {
+        respond_metrics(req, api, NULL, 0);
+        return;
+    }
+    size_t n = 0;
+    for (size_t i = 0; i < p->nmodels; i++)
+        for (size_t j = 0; j < p->models[i]->ninst; j++) {
+            const struct instance *in = p->models[i]->inst[j];
+            n += in->state == INSTANCE_READY && in->metrics;
+        }
+    struct child_metrics_target *t = calloc(n ? n : 1, sizeof *t);
+    struct metrics_wait *w = calloc(1, sizeof *w);
+    if (!t || !w) {
+        free(t);
+        free(w);
+        http_respond_error(req, 500, NULL, "out of memory");
+        return;
+    }
+    size_t k = 0;
+    for (size_t i = 0; i < p->nmodels; i++)
+        for (size_t j = 0; j < p->models[i]->ninst; j++) {
+            const struct instance *in = p->models[i]->inst[j];
+            if (in->state == INSTANCE_READY && in->metrics)
+                t[k++] = (struct child_metrics_target){ p->models[i]->cfg->name, in->id, in->port, in->api_key };
+        }
+    *w = (struct metrics_wait){ .api = api, .req = req };
+    w->scrape = child_metrics_scrape(p->loop, p->health, t, n, CHILD_METRICS_TIMEOUT, metrics_scraped, w);
+    free(t);
+    if (!w->scrape) {
+        free(w);
+        http_respond_error(req, 500, NULL, "out of memory");
+        return;
+    }
+    http_request_watch(req, metrics_client_gone, NULL, w);
+}
+
 void api_handle(struct http_request *req, void *arg)
 {
     struct api *api = arg;
@@ -976,13 +1073,7 @@ void api_handle(struct http_request *req, void *arg)
             return;
         }
     if (strcmp(path, "/metrics") == 0) {
-        size_t len = 0;
-        char *text = metrics_render(p, api->router, &len);
-        if (!text)
-            http_respond_error(req, 500, NULL, "out of memory");
-        else
-            http_respond(req, 200, "text/plain; version=0.0.4; charset=utf-8", NULL, text, len);
-        free(text);
+        route_metrics(req, api);
         return;
     }
     if (strcmp(path, "/v1/models") == 0 || strcmp(path, "/models") == 0) {

@@ -485,7 +485,7 @@ enum pool_key {
     PK_MAX_HEADER, PK_HEADER_TIMEOUT, PK_KEEPALIVE_TIMEOUT, PK_MAX_CONNECTIONS,
     PK_BODY_TIMEOUT, PK_DRAIN_TIMEOUT, PK_CORS_ORIGINS, PK_GPUS, PK_NVML_LIBRARY,
     PK_GPU_BUDGET, PK_GPU_RESERVE, PK_LOG_MAX_SIZE, PK_LOG_KEEP, PK_ROUTING,
-    PK_AFFINITY_WAIT, PK_STATE_DIR, PK_PRELOAD, PK__COUNT
+    PK_AFFINITY_WAIT, PK_STATE_DIR, PK_PRELOAD, PK_METRICS_CHILDREN, PK__COUNT
 };
 
 static const char *const pool_keys[PK__COUNT] = {
@@ -497,7 +497,7 @@ static const char *const pool_keys[PK__COUNT] = {
     "max_header", "header_timeout", "keepalive_timeout", "max_connections",
     "body_timeout", "drain_timeout", "cors_origins", "gpus", "nvml_library",
     "gpu_budget", "gpu_reserve", "log_max_size", "log_keep", "routing",
-    "affinity_wait", "state_dir", "preload",
+    "affinity_wait", "state_dir", "preload", "metrics_children",
 };
 
 enum model_key {
@@ -1529,6 +1529,11 @@ static void pool_value(struct parser *p, int k, const char *v)
     case PK_CORS_ORIGINS:
         add_list(p, line, key, v, &p->cors_origins, NULL, NULL, LIST_ORIGINS);
         break;
+    case PK_METRICS_CHILDREN:
+        if (config_parse_bool(v, &c->metrics_children))
+            error_at(p, line, "metrics_children: \"%s\" is not yes or no (yes/no, true/false, on/off, 1/0)",
+                     show(&sh, v));
+        break;
     default:                    /* a number: read above */
         break;
     }
@@ -2004,6 +2009,7 @@ static void set_defaults(struct config *c)
     c->drain_timeout_ms = -1;           /* unset: stop_timeout, once it is known */
     c->state_dir = xstrdup(CONFIG_DEFAULT_STATE_DIR);
     c->preload_popular = 0;
+    c->metrics_children = false;
 }
 
 static void parser_free(struct parser *p)

@@ -140,6 +140,8 @@ struct config {
     size_t ncors_origins;
     char *state_dir;            /* where usage.json is kept; NULL: nowhere (state_dir =) */
     unsigned preload_popular;   /* preload = popular N: N; 0: preload = none */
+    bool metrics_children;      /* children run with --metrics, and /metrics
+                                 * adds their llamacpp:* series */
 
     struct config_model *models;
     size_t nmodels;
@@ -182,7 +184,8 @@ const struct config_model *config_find_model(const struct config *cfg,
 /* The full argv for one child of MODEL on PORT: llama_server, -m PATH,
  * --host 127.0.0.1, --port P, -a NAME (unless the args give -a/--alias),
  * --threads-http N (unless the args or env give it: see
- * config_child_http_threads), default_args, then the model's args.
+ * config_child_http_threads), --metrics (with metrics_children, unless the
+ * args or env turn it on already), default_args, then the model's args.
  * NULL-terminated, malloc'd (free with util_strv_free). */
 char **config_child_argv(const struct config *cfg,
                          const struct config_model *m, unsigned port);
@@ -192,6 +195,11 @@ char **config_child_argv(const struct config *cfg,
  * takes the last. NULL when absent. Points into the config. */
 const char *config_child_arg(const struct config *cfg, const struct config_model *m,
                              const char *flag, const char *longflag);
+
+/* Whether a child of M serves /metrics: metrics_children, or --metrics in
+ * default_args or its args, or LLAMA_ARG_ENDPOINT_METRICS=on|enabled|true|1
+ * in its env (llama-server's own truthy values). */
+bool config_child_metrics(const struct config *cfg, const struct config_model *m);
 
 /* Slots a child of M will have: its -np/--parallel, else llama-server's
  * automatic 4. The real count comes from /props once it is ready. */
@@ -208,7 +216,8 @@ int64_t config_model_affinity_wait_ms(const struct config *cfg, const struct con
  * --threads-http or its env's LLAMA_ARG_THREADS_HTTP when given; else what
  * the pool gives it: its slots (-np, else 4), the scheduler's hand-off (up
  * to 4 requests per slot, CONFIG_HANDOFF_MAX in all) and 2 for the pool's
- * /health and /props. *GIVEN says which. */
+ * own: /health, and /props (once, at ready) or a /metrics scrape.
+ * *GIVEN says which. */
 #define CONFIG_HANDOFF_MAX 32
 unsigned config_child_http_threads(const struct config *cfg, const struct config_model *m,
                                    bool *given);

@@ -6,6 +6,44 @@
 #include "config.h"
 #include "config_internal.h"
 
+static const char *env_value(const struct config_model *m, const char *name)
+{
+    for (size_t i = 0; i < m->nenv; i++)
+        if (strcmp(m->env[i].name, name) == 0)
+            return m->env[i].value;
+    return NULL;
+}
+
+static bool word_in(char *const *v, size_t n, const char *word)
+{
+    for (size_t i = 0; i < n; i++)
+        if (strcmp(v[i], word) == 0)
+            return true;
+    return false;
+}
+
+/* Whether M's own args or env turn llama-server's /metrics on: --metrics
+ * (it has no "off" form) in default_args or args, or
+ * LLAMA_ARG_ENDPOINT_METRICS with a value llama-server takes as true (its
+ * is_truthy: on, enabled, true, 1; anything else leaves it off). */
+static bool child_metrics_given(const struct config *cfg, const struct config_model *m)
+{
+    static const char *const truthy[] = { "on", "enabled", "true", "1" };
+    if (word_in(cfg->default_args, cfg->ndefault_args, "--metrics") ||
+        word_in(m->args, m->nargs, "--metrics"))
+        return true;
+    const char *env = env_value(m, "LLAMA_ARG_ENDPOINT_METRICS");
+    for (size_t i = 0; env && i < sizeof truthy / sizeof *truthy; i++)
+        if (strcmp(env, truthy[i]) == 0)
+            return true;
+    return false;
+}
+
+bool config_child_metrics(const struct config *cfg, const struct config_model *m)
+{
+    return cfg->metrics_children || child_metrics_given(cfg, m);
+}
+
 char **config_child_argv(const struct config *cfg,
                          const struct config_model *m, unsigned port)
 {
@@ -29,6 +67,10 @@ char **config_child_argv(const struct config *cfg,
         strvec_push(&v, xstrdup("--threads-http"));
         strvec_push(&v, xasprintf("%u", threads));
     }
+    /* metrics_children: the pool scrapes the child's /metrics, which
+     * llama-server serves only with --metrics (else 501). */
+    if (cfg->metrics_children && !child_metrics_given(cfg, m))
+        strvec_push(&v, xstrdup("--metrics"));
     for (size_t i = 0; i < cfg->ndefault_args; i++)
         strvec_push(&v, xstrdup(cfg->default_args[i]));
     for (size_t i = 0; i < m->nargs; i++)
@@ -63,14 +105,6 @@ unsigned config_child_slots(const struct config *cfg, const struct config_model 
     const char *v = config_child_arg(cfg, m, "-np", "--parallel");
     long n = v ? strtol(v, NULL, 10) : 0;
     return n > 0 ? (unsigned)n : 4;
-}
-
-static const char *env_value(const struct config_model *m, const char *name)
-{
-    for (size_t i = 0; i < m->nenv; i++)
-        if (strcmp(m->env[i].name, name) == 0)
-            return m->env[i].value;
-    return NULL;
 }
 
 unsigned config_child_http_threads(const struct config *cfg, const struct config_model *m,

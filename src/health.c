@@ -11,8 +11,6 @@
 #include <stdlib.h>
 #include <string.h>
 
-#define HEALTH_BODY_MAX (64 * 1024)
-
 struct health {
     struct ev_loop *loop;
     CURLM *multi;

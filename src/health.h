@@ -14,10 +14,13 @@
 struct health;
 struct health_probe;
 
+/* A longer body is cut to this many bytes. */
+#define HEALTH_BODY_MAX (64 * 1024)
+
 /* STATUS is the HTTP status, or 0 when no response came (ERR says why:
  * "Connection refused", "Operation timed out after 1000 milliseconds…").
- * BODY is the response body (NUL-terminated, at most 64 KiB kept). The probe
- * is freed after the callback returns. */
+ * BODY is the response body (NUL-terminated, at most HEALTH_BODY_MAX bytes
+ * kept). The probe is freed after the callback returns. */
 typedef void (*health_cb)(void *arg, long status, const char *body, size_t len,
                           const char *err);
 

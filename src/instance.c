@@ -428,6 +428,7 @@ static int instance_spawn(struct instance *inst, bool *fatal)
 
     free(inst->api_key);
     inst->api_key = key;
+    inst->metrics = config_child_metrics(cfg, inst->model);
     inst->pid = pid;
     inst->port = port;
     inst->spawned_at = now_of(inst);

@@ -103,6 +103,9 @@ struct instance {
                                    * --api-key / LLAMA_API_KEY); kept from its
                                    * spawn until the next one. Sent by the proxy
                                    * and with /props; never in argv or logs */
+    bool metrics;                 /* its child serves /metrics (config_child_metrics
+                                   * at its spawn: a reload that changes
+                                   * metrics_children reaches it at its next start) */
     uint64_t pss;                 /* bytes, measured */
     int exit_status;              /* last wait status, -1 if none */
     char *last_error;             /* why it last failed, or NULL */

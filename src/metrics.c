@@ -106,6 +106,13 @@ void metrics_count_prompt(struct model_stats *s, uint64_t cached, uint64_t proce
     c->prompt_processed += processed;
 }
 
+void metrics_count_child_scrape_failed(struct model_stats *s)
+{
+    struct model_counts *c = counts(s);
+    if (c)
+        c->child_scrapes_failed++;
+}
+
 void metrics_observe(struct metrics_hist *s, double seconds)
 {
     for (size_t i = 0; i < METRICS_BUCKETS; i++)
@@ -362,6 +369,17 @@ char *metrics_render(struct pool *p, const struct router *r, size_t *len)
         for (size_t k = 0; k < METRICS_STATUS_SLOTS && s->status[k].n; k++)
             emit(&o, "llama_pool_requests_total{model=\"%s\",status=\"%d\"} %" PRIu64 "\n",
                  label(&o, p->models[i]->cfg->name), s->status[k].code, s->status[k].n);
+    }
+    if (p->cfg->metrics_children) {
+        /* Every model that ran since the daemon started, so that the first
+         * failure is an increase from 0, not a new series. */
+        family(&o, "llama_pool_child_scrape_errors_total", "counter",
+               "children of each model skipped by a /metrics scrape: no answer within the "
+               "scrape's timeout, an error, or a status other than 200");
+        for (size_t i = 0; i < p->nmodels; i++)
+            if (p->models[i]->stats.c)
+                emit(&o, "llama_pool_child_scrape_errors_total{model=\"%s\"} %" PRIu64 "\n",
+                     label(&o, p->models[i]->cfg->name), p->models[i]->stats.c->child_scrapes_failed);
     }
     histogram(&o, "llama_pool_request_duration_seconds",
               "time from a request's arrival to the end of its answer, through the proxy",

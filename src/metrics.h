@@ -30,6 +30,8 @@ struct model_counts {
     uint64_t affinity_misses;     /* ... and sent elsewhere (none known, or busy) */
     uint64_t prompt_cached;       /* prompt tokens its answers took from the KV cache */
     uint64_t prompt_processed;    /* ... and processed (timings.cache_n, prompt_n) */
+    uint64_t child_scrapes_failed;/* its children skipped by a /metrics scrape
+                                   * (metrics_children: slow, failed, not 200) */
     uint64_t queue_waits;         /* requests that were dispatched */
     double queue_wait_seconds;    /* their time from arrival to dispatch */
     struct { int code; uint64_t n; } status[METRICS_STATUS_SLOTS];  /* answers by status */
@@ -71,12 +73,14 @@ void metrics_count_eviction(struct model_stats *s, enum metrics_eviction why);
 void metrics_count_queue_wait(struct model_stats *s, double seconds);
 void metrics_count_affinity(struct model_stats *s, bool hit);
 void metrics_count_prompt(struct model_stats *s, uint64_t cached, uint64_t processed);
+void metrics_count_child_scrape_failed(struct model_stats *s);
 void metrics_observe(struct metrics_hist *h, double seconds);
 void metrics_stats_free(struct model_stats *s);
 
 struct pool;
 struct router;
-/* Render every metric; returns a malloc'd NUL-terminated text, *len set. */
+/* Render every metric of the pool's own (the children's are
+ * child_metrics.h's); returns a malloc'd NUL-terminated text, *len set. */
 char *metrics_render(struct pool *p, const struct router *r, size_t *len);
 
 #endif

@@ -22,7 +22,8 @@
  *   --api-key K[,K2]     Bearer K or X-Api-Key K; /health, /models stay public.
  *                        Keys also come from LLAMA_API_KEY (read first, as
  *                        llama.cpp reads env before argv): all of them count
- *   --metrics            enable /metrics (else 501)
+ *   --metrics            enable /metrics (else 501); LLAMA_ARG_ENDPOINT_METRICS
+ *                        = on|enabled|true|1 in the environment does too
  *   --slots, --no-slots  /slots on (default) or 501
  *   --no-mmap, --load-mode none|dio   read the model into anonymous memory
  *                        instead of mapping it (default: mmap, shared file pages)
@@ -65,6 +66,7 @@
  *                            by SIGSEGV with no core dump
  *   FAKE_HEALTH_HANG=1       after ready, /health reads the request and never answers
  *   FAKE_HEALTH_HANG_AFTER=N answer N /health requests after ready, then hang
+ *   FAKE_METRICS_HANG=1      /metrics reads the request and never answers
  *   FAKE_EXIT_AFTER_MS=N     exit 0 on its own N ms after ready
  *   FAKE_DETERMINISTIC=1     created = 0, ids "chatcmpl-fake", timings computed
  *                            from FAKE_TOKEN_MS and FAKE_PROMPT_MS_PER_TOKEN,
@@ -150,7 +152,7 @@ struct config {
     const char *vram_dir;     /* NVML_STANDIN_DIR: NULL = no GPU */
     long vram_mb, n_layers;   /* FAKE_VRAM_MB (-1: computed), FAKE_N_LAYERS */
     unsigned long long memory;
-    bool crash_at_load, deterministic, ignore_sigterm, log_auth;
+    bool crash_at_load, deterministic, ignore_sigterm, log_auth, metrics_hang;
     /* derived */
     int n_slots;
     long slot_n_ctx;
@@ -176,6 +178,7 @@ static atomic_long g_health_answered;
 static struct {
     atomic_ullong prompt_tokens, tokens_predicted, n_decode;
     atomic_ullong prompt_us, predicted_us;
+    atomic_ullong n_tokens_max;           /* the most tokens a slot has held */
 } g_stats;
 
 /* ---------------------------------------------------------------- time, log */
@@ -1882,6 +1885,12 @@ static bool generate(struct conn *c, struct request *rq, struct gen *g, bool cra
         g->n_done++;
         atomic_fetch_add(&g_stats.tokens_predicted, 1);
         atomic_fetch_add(&g_stats.n_decode, 1);
+        /* As llama-server's on_decoded: the slot holds the prompt and
+         * every token but the one just sampled. */
+        unsigned long long held = (unsigned long long)(g->n_prompt + g->n_done - 1);
+        unsigned long long max = atomic_load(&g_stats.n_tokens_max);
+        while (held > max && !atomic_compare_exchange_weak(&g_stats.n_tokens_max, &max, held))
+            ;
         if (g->stream && !stream_token(c, rq, g, g->n_done - 1))
             return false;
     }
@@ -2037,11 +2046,21 @@ static void metric(struct sbuf *b, const char *name, const char *type, const cha
               name, help, name, type, name, value);
 }
 
+/* As llama-server b9749: the counters, then the gauges, each family with
+ * its HELP and TYPE, values as C++ streams print a double (%g). The
+ * speculative-decoding counters are always 0 here (no draft model). */
 static void handle_metrics(struct conn *c, struct request *rq)
 {
     if (!g_cfg.metrics) {
         reply_error(c, rq, 501, "not_supported_error",
                     "This server does not support metrics endpoint. Start it with `--metrics`");
+        return;
+    }
+    if (g_cfg.metrics_hang) {
+        SRV_LOG('D', "handle_metrics", "FAKE_METRICS_HANG: not answering %s", c->peer);
+        while (!client_gone(c->fd, 1000))
+            ;
+        rq->close = true;
         return;
     }
     int tasks[g_cfg.n_slots], busy, waiting;
@@ -2057,14 +2076,20 @@ static void handle_metrics(struct conn *c, struct request *rq)
     metric(&b, "tokens_predicted_total", "counter", "Number of generation tokens processed.", pred_n);
     metric(&b, "tokens_predicted_seconds_total", "counter", "Predict process time", pred_s);
     metric(&b, "n_decode_total", "counter", "Total number of llama_decode() calls", decodes);
-    metric(&b, "n_busy_slots_per_decode", "counter",
-           "Average number of busy slots per llama_decode() call", decodes > 0 ? 1 : 0);
+    metric(&b, "n_tokens_max", "counter", "Largest observed n_tokens.",
+           (double)atomic_load(&g_stats.n_tokens_max));
+    metric(&b, "spec_decode_num_draft_tokens_total", "counter", "Total draft tokens generated", 0);
+    metric(&b, "spec_decode_num_accepted_tokens_total", "counter",
+           "Total draft tokens accepted by the target model", 0);
+    metric(&b, "spec_decode_num_drafts_total", "counter", "Total speculative decoding verification steps", 0);
     metric(&b, "prompt_tokens_seconds", "gauge", "Average prompt throughput in tokens/s.",
            prompt_s > 0 ? prompt_n / prompt_s : 0);
     metric(&b, "predicted_tokens_seconds", "gauge", "Average generation throughput in tokens/s.",
            pred_s > 0 ? pred_n / pred_s : 0);
     metric(&b, "requests_processing", "gauge", "Number of requests processing.", busy);
     metric(&b, "requests_deferred", "gauge", "Number of requests deferred.", waiting);
+    metric(&b, "n_busy_slots_per_decode", "gauge",
+           "Average number of busy slots per llama_decode() call", decodes > 0 ? 1 : 0);
     char extra[64];
     snprintf(extra, sizeof extra, "Process-Start-Time-Unix: %lld\r\n", g_start_unix);
     reply(c, rq, 200, "text/plain; version=0.0.4", b.p, b.len, extra);
@@ -2703,6 +2728,10 @@ static void read_environment(void)
     g_cfg.crash_after = env_long("FAKE_CRASH_AFTER", -1, 0);
     g_cfg.health_hang_after = env_flag("FAKE_HEALTH_HANG") ? 0
                             : env_long("FAKE_HEALTH_HANG_AFTER", -1, 0);
+    g_cfg.metrics_hang = env_flag("FAKE_METRICS_HANG");
+    /* llama.cpp's is_truthy: only these turn it on; --metrics does too. */
+    const char *em = getenv("LLAMA_ARG_ENDPOINT_METRICS");
+    g_cfg.metrics = em && (streq(em, "on") || streq(em, "enabled") || streq(em, "true") || streq(em, "1"));
     g_cfg.exit_after_ms = env_long("FAKE_EXIT_AFTER_MS", -1, 0);
     g_cfg.deterministic = env_flag("FAKE_DETERMINISTIC");
     g_cfg.ignore_sigterm = env_flag("FAKE_IGNORE_SIGTERM");

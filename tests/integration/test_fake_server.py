@@ -11,7 +11,7 @@ import time
 
 import pytest
 
-from conftest import FAKE_SERVER, fake_only, wait_for, write_gguf
+from conftest import FAKE_SERVER, ROOT, fake_only, wait_for, write_gguf
 
 pytestmark = fake_only("tests the stand-in's own knobs")
 
@@ -23,7 +23,7 @@ class Fake:
     """One stand-in on a free port, with ENV as its whole environment (so no
     LLAMA_API_KEY or FAKE_* of ours reaches it)."""
 
-    def __init__(self, where, env):
+    def __init__(self, where, env, metrics=True):
         os.makedirs(where, exist_ok=True)
         self.log_path = os.path.join(where, "fake.log")
         self.log = open(self.log_path, "wb")
@@ -31,7 +31,7 @@ class Fake:
         # -cram 0 as the pool passes it: the stand-in's cache stays on.
         self.proc = subprocess.Popen(
             [FAKE_SERVER, "-m", model, "--port", "0", "-c", "8192", "-np", "2",
-             "--metrics", "-cram", "0"],
+             *(["--metrics"] if metrics else []), "-cram", "0"],
             stdin=subprocess.DEVNULL, stdout=self.log, stderr=self.log,
             env={"FAKE_LOAD_MS": "0", **env})
         self.port = wait_for(self._listening, what="the stand-in's 'listening on' line")
@@ -78,13 +78,17 @@ class Fake:
         _, last = self.complete("/v1/completions", {"prompt": prompt, "max_tokens": 2})
         return last["timings"]["cache_n"]
 
-    def metric(self, name):
-        conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=10)
+    def get(self, path, timeout=10):
+        conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=timeout)
         try:
-            conn.request("GET", "/metrics")
-            text = conn.getresponse().read().decode()
+            conn.request("GET", path)
+            r = conn.getresponse()
+            return r.status, r.read().decode()
         finally:
             conn.close()
+
+    def metric(self, name):
+        text = self.get("/metrics")[1]
         return float(re.search(rf"^llamacpp:{name} (\S+)$", text, re.M).group(1))
 
     def slots_busy(self):
@@ -107,8 +111,8 @@ def fake(tmp_path):
     """start(env) -> a running Fake; every one started is killed at teardown."""
     started = []
 
-    def start(env=None):
-        f = Fake(os.path.join(tmp_path, f"fake{len(started)}"), env or {})
+    def start(env=None, metrics=True):
+        f = Fake(os.path.join(tmp_path, f"fake{len(started)}"), env or {}, metrics)
         started.append(f)
         return f
 
@@ -200,3 +204,38 @@ def test_a_client_that_leaves_during_the_prompt_cancels_its_task(fake):
     wait_for(lambda: not any(f.slots_busy()), timeout=5, what="the slot freed")
     # Released holding the prompt alone: not one token was generated.
     assert f"stop processing: n_tokens = {n_prompt}," in f.log_text()
+
+
+# llama-server b9749's /metrics after one completion (tests/data: captured
+# with --metrics -c 256 -np 2, prompt of 18 tokens, 8 generated).
+REAL_METRICS = os.path.join(ROOT, "tests", "data", "llama-server-b9749-metrics.txt")
+
+
+def test_metrics_has_llama_server_b9749s_families_in_its_order(fake):
+    f = fake()
+    _, last = f.complete("/v1/completions", {"prompt": "hello there", "max_tokens": 8})
+    status, text = f.get("/metrics")
+    assert status == 200
+    with open(REAL_METRICS) as real:
+        want = [line for line in real.read().splitlines() if line.startswith("#")]
+    assert [line for line in text.splitlines() if line.startswith("#")] == want
+    # As llama-server: the slot held the prompt and every token but the last.
+    assert f.metric("n_tokens_max") == last["usage"]["prompt_tokens"] + 8 - 1
+    assert f.metric("tokens_predicted_total") == 8
+
+
+def test_metrics_is_501_without_the_flag_and_on_with_a_true_env(fake):
+    status, text = fake(metrics=False).get("/metrics")
+    assert status == 501
+    assert json.loads(text)["error"]["type"] == "not_supported_error"
+    assert fake({"LLAMA_ARG_ENDPOINT_METRICS": "1"}, metrics=False).get("/metrics")[0] == 200
+    assert fake({"LLAMA_ARG_ENDPOINT_METRICS": "enabled"}, metrics=False).get("/metrics")[0] == 200
+    # llama.cpp's is_truthy: anything but on/enabled/true/1 leaves it off.
+    assert fake({"LLAMA_ARG_ENDPOINT_METRICS": "yes"}, metrics=False).get("/metrics")[0] == 501
+
+
+def test_metrics_hang_never_answers_metrics_and_nothing_else_changes(fake):
+    f = fake({"FAKE_METRICS_HANG": "1"})
+    with pytest.raises(TimeoutError):
+        f.get("/metrics", timeout=0.5)
+    assert f.get("/health")[0] == 200

@@ -230,6 +230,7 @@ static void test_pool_defaults(void **state)
     assert_null(c->cors_origins[0]);
     assert_string_equal(c->state_dir, "/var/lib/llama-pool");
     assert_int_equal(c->preload_popular, 0);
+    assert_false(c->metrics_children);
     assert_int_equal(c->nmodels, 0);
     config_free(c);
 
@@ -304,6 +305,7 @@ static void test_every_pool_key(void **state)
              "body_timeout = 2m\n"
              "drain_timeout = 30s\n"
              "cors_origins = https://App.Example.com, http://localhost:3000\n"
+             "metrics_children = yes\n"
              "[model tiny]\npath = m.gguf\naliases = tiny-alias\n");
     struct config *c = load_ok(f, text);
     assert_string_equal(c->listen, "[::1]:9090");
@@ -347,6 +349,7 @@ static void test_every_pool_key(void **state)
     assert_string_equal(c->cors_origins[0], "https://app.example.com");   /* as browsers send it */
     assert_string_equal(c->cors_origins[1], "http://localhost:3000");
     assert_null(c->cors_origins[2]);
+    assert_true(c->metrics_children);
     config_free(c);
 
     /* a relative llama_server without '/' is left for PATH lookup; with one
@@ -1826,6 +1829,95 @@ static void test_child_argv(void **state)
     config_free(c);
 }
 
+/* The argv word by word: true when it holds WORD. */
+static bool argv_has(char *const *argv, const char *word)
+{
+    for (size_t i = 0; argv[i]; i++)
+        if (!strcmp(argv[i], word))
+            return true;
+    return false;
+}
+
+static size_t argv_count(char *const *argv, const char *word)
+{
+    size_t n = 0;
+    for (size_t i = 0; argv[i]; i++)
+        n += !strcmp(argv[i], word);
+    return n;
+}
+
+static void test_metrics_children(void **state)
+{
+    struct fx *f = *state;
+    const char *models =
+        "[model plain]\npath = m.gguf\n"
+        "[model own]\npath = m.gguf\nargs = -c 256 --metrics\n"
+        "[model env]\npath = m.gguf\nenv = LLAMA_ARG_ENDPOINT_METRICS=1\n"
+        "[model envoff]\npath = m.gguf\nenv = LLAMA_ARG_ENDPOINT_METRICS=0\n";
+    char text[1024];
+
+    /* no (the default): nothing added; a model's own --metrics or env stays */
+    snprintf(text, sizeof text, "[pool]\nmetrics_children = no\n%s", models);
+    struct config *c = load_ok(f, text);
+    assert_false(c->metrics_children);
+    bool want_no[] = { false, true, true, false };
+    for (size_t i = 0; i < 4; i++) {
+        char **argv = config_child_argv(c, &c->models[i], 8100);
+        assert_int_equal(argv_count(argv, "--metrics"), i == 1);
+        assert_int_equal(config_child_metrics(c, &c->models[i]), want_no[i]);
+        util_strv_free(argv);
+    }
+    config_free(c);
+
+    /* yes: --metrics once, before default_args and args; not again where
+     * the args or a true LLAMA_ARG_ENDPOINT_METRICS turn it on already. A
+     * false one is overridden: the argv wins over the env in llama-server. */
+    snprintf(text, sizeof text, "[pool]\nmetrics_children = on\ndefault_args = -cram 0\n%s", models);
+    c = load_ok(f, text);
+    assert_true(c->metrics_children);
+    char **argv = config_child_argv(c, &c->models[0], 8100);
+    assert_string_equal(argv[11], "--metrics");
+    assert_string_equal(argv[12], "-cram");
+    assert_null(argv[14]);
+    util_strv_free(argv);
+    size_t want_yes[] = { 1, 1, 0, 1 };
+    for (size_t i = 0; i < 4; i++) {
+        argv = config_child_argv(c, &c->models[i], 8100);
+        assert_int_equal(argv_count(argv, "--metrics"), want_yes[i]);
+        assert_true(config_child_metrics(c, &c->models[i]));
+        util_strv_free(argv);
+    }
+    config_free(c);
+
+    /* --metrics in default_args counts for every model */
+    c = load_ok(f, "[pool]\nmetrics_children = yes\ndefault_args = --metrics -cram 0\n"
+                   "[model plain]\npath = m.gguf\n");
+    argv = config_child_argv(c, &c->models[0], 8100);
+    assert_int_equal(argv_count(argv, "--metrics"), 1);
+    assert_true(argv_has(argv, "-cram"));
+    util_strv_free(argv);
+    config_free(c);
+
+    /* A reload that changes metrics_children keeps every child (it is
+     * not "changed"): running children keep their argv until they restart. */
+    struct config *a = load_ok(f, "[pool]\nmetrics_children = no\n[model m]\npath = m.gguf\n");
+    struct config *b = load_ok(f, "[pool]\nmetrics_children = yes\n[model m]\npath = m.gguf\n");
+    assert_true(config_model_same_child(a, &a->models[0], b, &b->models[0]));
+    config_free(a);
+    config_free(b);
+
+    static const struct refusal bad[] = {
+        { "[pool]\nmetrics_children = sometimes\n",
+          "2: metrics_children: \"sometimes\" is not yes or no (yes/no, true/false, on/off, 1/0)" },
+        { "[pool]\nmetrics_children =\n",
+          "2: metrics_children: \"\" is not yes or no (yes/no, true/false, on/off, 1/0)" },
+        { "[model a]\npath = m.gguf\nmetrics_children = yes\n",
+          "3: unknown key \"metrics_children\" in [model a] (it belongs in [pool])" },
+    };
+    EXPECT_REFUSALS(f, bad);
+    expect_error(f, "[pool]\nmetric_children = yes\n", 2, "metric_children", "metrics_children", NULL);
+}
+
 static void test_same_child(void **state)
 {
     struct fx *f = *state;
@@ -1958,6 +2050,7 @@ static void test_example_config(void **state)
     assert_int_equal(c->body_timeout_ms, d->body_timeout_ms);
     assert_int_equal(c->drain_timeout_ms, d->drain_timeout_ms);
     assert_int_equal(c->ncors_origins, 0);
+    assert_int_equal(c->metrics_children, d->metrics_children);
     assert_int_equal(c->ndefault_args, 2);
     assert_string_equal(c->default_args[0], "-cram");
     assert_string_equal(c->default_args[1], "0");
@@ -2233,6 +2326,7 @@ int main(void)
         T(test_cors_origins),
         T(test_split_words),
         T(test_child_argv),
+        T(test_metrics_children),
         T(test_same_child),
         T(test_find_model_among_thousands),
         T(test_errors_free_and_null),
