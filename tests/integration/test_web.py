@@ -18,9 +18,20 @@ except ImportError:  # pragma: no cover
 
 CHROMIUM = shutil.which("chromium")
 CHROMEDRIVER = shutil.which("chromedriver")
+
+
+def localhost_resolves():
+    try:
+        socket.getaddrinfo("localhost", 80)
+        return True
+    except OSError:
+        return False
+
+
 needs_browser = pytest.mark.skipif(
-    not (webdriver and CHROMIUM and CHROMEDRIVER),
-    reason="needs chromium, chromium-driver and python3-selenium (scripts/setup installs them)")
+    not (webdriver and CHROMIUM and CHROMEDRIVER and localhost_resolves()),
+    reason="needs chromium, chromium-driver and python3-selenium, and localhost to resolve "
+           "(scripts/setup installs them and adds localhost to /etc/hosts)")
 
 KEY = "admin-secret"
 
