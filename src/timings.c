@@ -26,6 +26,7 @@ void timings_scan_init(struct timings_scan *t)
 {
     t->cache_n = t->prompt_n = t->predicted_n = -1;
     t->prompt_ms = t->predicted_ms = -1;
+    t->in_timings = false;
     t->nheld = 0;
 }
 
@@ -67,11 +68,20 @@ static int number_after(const char *p, const char *end, double *v)
     return *stop == '\0' ? 1 : 0;
 }
 
+/* The keys are looked for only from the "timings" key on: until it comes
+ * (the last event of a stream, the end of a whole answer) a piece costs
+ * one memmem. */
 static void scan(struct timings_scan *t, const char *buf, size_t n)
 {
-    const char *end = buf + n;
+    static const char timings[] = "\"timings\"";
+    const char *end = buf + n, *from = buf;
+    if (!t->in_timings) {
+        if (!(from = memmem(buf, n, timings, sizeof timings - 1)))
+            return;
+        t->in_timings = true;
+    }
     for (size_t k = 0; k < sizeof keys / sizeof keys[0]; k++) {
-        const char *p = buf, *hit;
+        const char *p = from, *hit;
         double v;
         while (p < end && (hit = memmem(p, (size_t)(end - p), keys[k].text, keys[k].len))) {
             if (number_after(hit + keys[k].len, end, &v) == 1) {

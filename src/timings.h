@@ -6,12 +6,13 @@
  * a few bytes of one piece for a key or number cut by the next.
  *
  * A key is matched as its JSON form, quotes included ("cache_n"), then
- * spaces, a colon, spaces and a number; text inside a JSON string cannot
- * match (its quotes are escaped). The last value seen wins: the final
+ * spaces, a colon, spaces and a number, after the "timings" key; text
+ * inside a JSON string cannot match (its quotes are escaped). The last value seen wins: the final
  * event of a stream, or the one timings object of a whole answer. */
 #ifndef LLAMA_POOL_TIMINGS_H
 #define LLAMA_POOL_TIMINGS_H
 
+#include <stdbool.h>
 #include <stddef.h>
 
 #define TIMINGS_HELD 48         /* bytes kept: a key, spaces and a number fit */
@@ -20,6 +21,7 @@ struct timings_scan {
     /* The last value seen; -1: none. */
     long cache_n, prompt_n, predicted_n;
     double prompt_ms, predicted_ms;
+    bool in_timings;            /* the "timings" key has come */
     size_t nheld;
     char held[TIMINGS_HELD];    /* the end of what came so far */
 };

@@ -69,12 +69,14 @@ static void text_that_only_looks_like_it_is_not_read(void **state)
 {
     (void)state;
     static const char *const none[] = {
-        "{\"content\":\"\\\"cache_n\\\":5\"}",              /* inside a string */
-        "{\"cache_n_total\":5,\"xprompt_n\":6}",            /* other keys */
-        "{\"cache_n\":\"5\",\"prompt_n\":null}",            /* not numbers */
-        "{\"cache_n\":12345678901234567890123456789012}",   /* not a count */
-        "{\"cache_n\":-5,\"prompt_ms\":1.2.3}",               /* not what llama-server sends */
-        "{\"cache_n\":12",                                  /* cut: maybe more digits */
+        "{\"timings\":{\"content\":\"\\\"cache_n\\\":5\"}}",       /* inside a string */
+        "{\"timings\":{\"cache_n_total\":5,\"xprompt_n\":6}}",   /* other keys */
+        "{\"timings\":{\"cache_n\":\"5\",\"prompt_n\":null}}",   /* not numbers */
+        "{\"timings\":{\"cache_n\":12345678901234567890123456789012}}",   /* not a count */
+        "{\"timings\":{\"cache_n\":-5,\"prompt_ms\":1.2.3}}",      /* not what llama-server sends */
+        "{\"timings\":{\"cache_n\":12",                         /* cut: maybe more digits */
+        "{\"cache_n\":5,\"prompt_n\":3}",                       /* not in timings */
+        "{\"content\":\"\\\"timings\\\":{\\\"cache_n\\\":5\"}",   /* timings in a string */
         "",
     };
     for (size_t i = 0; i < sizeof none / sizeof *none; i++) {
