@@ -485,7 +485,7 @@ enum pool_key {
     PK_MAX_HEADER, PK_HEADER_TIMEOUT, PK_KEEPALIVE_TIMEOUT, PK_MAX_CONNECTIONS,
     PK_BODY_TIMEOUT, PK_DRAIN_TIMEOUT, PK_CORS_ORIGINS, PK_GPUS, PK_NVML_LIBRARY,
     PK_GPU_BUDGET, PK_GPU_RESERVE, PK_LOG_MAX_SIZE, PK_LOG_KEEP, PK_ROUTING,
-    PK_AFFINITY_WAIT, PK_STATE_DIR, PK_PRELOAD, PK_METRICS_CHILDREN, PK__COUNT
+    PK_AFFINITY_WAIT, PK_STATE_DIR, PK_PRELOAD, PK_METRICS_CHILDREN, PK_EVICTION, PK__COUNT
 };
 
 static const char *const pool_keys[PK__COUNT] = {
@@ -497,7 +497,7 @@ static const char *const pool_keys[PK__COUNT] = {
     "max_header", "header_timeout", "keepalive_timeout", "max_connections",
     "body_timeout", "drain_timeout", "cors_origins", "gpus", "nvml_library",
     "gpu_budget", "gpu_reserve", "log_max_size", "log_keep", "routing",
-    "affinity_wait", "state_dir", "preload", "metrics_children",
+    "affinity_wait", "state_dir", "preload", "metrics_children", "eviction",
 };
 
 enum model_key {
@@ -1528,6 +1528,15 @@ static void pool_value(struct parser *p, int k, const char *v)
         break;
     case PK_CORS_ORIGINS:
         add_list(p, line, key, v, &p->cors_origins, NULL, NULL, LIST_ORIGINS);
+        break;
+    case PK_EVICTION:
+        if (!strcasecmp(v, "lru"))
+            c->eviction = CONFIG_EVICTION_LRU;
+        else if (!strcasecmp(v, "cost"))
+            c->eviction = CONFIG_EVICTION_COST;
+        else
+            error_at(p, line, "eviction: \"%s\" is not lru (the model asked least recently goes first) "
+                     "or cost (the one whose requests x reload time / size is lowest)", show(&sh, v));
         break;
     case PK_METRICS_CHILDREN:
         if (config_parse_bool(v, &c->metrics_children))

@@ -65,6 +65,12 @@ enum config_routing {
     CONFIG_ROUTING_LEAST_BUSY, /* fewest requests in flight */
 };
 
+/* eviction: which idle instance goes first when a start needs room. */
+enum config_eviction {
+    CONFIG_EVICTION_LRU,       /* the model asked least recently (the default) */
+    CONFIG_EVICTION_COST,      /* GreedyDual-Size-Frequency (see scheduler.h) */
+};
+
 struct config_model {
     char *name;            /* section name, or file stem under models_dir */
     char *path;            /* GGUF path, absolute or relative to the config */
@@ -140,6 +146,7 @@ struct config {
     size_t ncors_origins;
     char *state_dir;            /* where usage.json is kept; NULL: nowhere (state_dir =) */
     unsigned preload_popular;   /* preload = popular N: N; 0: preload = none */
+    enum config_eviction eviction;  /* which idle instance a memory start stops first */
     bool metrics_children;      /* children run with --metrics, and /metrics
                                  * adds their llamacpp:* series */
 

@@ -797,6 +797,7 @@ static void router_limits(struct router *r, struct sched_limits *l)
     l->max_queue = r->pool->cfg->max_queue;
     l->queue_timeout = (double)r->pool->cfg->queue_timeout_ms / 1000.0;
     l->budget = pool_budget(r->pool, NULL);
+    l->eviction = r->pool->cfg->eviction == CONFIG_EVICTION_COST ? SCHED_EVICT_COST : SCHED_EVICT_LRU;
 }
 
 /* ---------- GPUs ---------- */

@@ -242,6 +242,10 @@ struct model {
                                  * (see handoff()); 0 = none done yet */
     double hold_at;             /* the earliest end of a waiter's affinity
                                  * hold, as drain_waiters() last saw; 0 = none */
+    /* eviction = cost (GreedyDual-Size-Frequency) */
+    uint64_t hits;              /* requests since it was last loaded */
+    double load_s;              /* its last load, added to ready; 0 = none yet */
+    double gd_h;                /* its H: clock + hits x reload cost / size */
     bool active;                /* on the active list (see struct sched) */
 };
 
@@ -290,6 +294,7 @@ struct sched {
     size_t nout, capout;
 
     double now;                 /* the time of the latest event */
+    double gd_clock;            /* eviction = cost: the H of the last evicted */
     struct aff_entry *aff;      /* prefix affinity: SCHED_AFFINITY_ENTRIES, or NULL */
     uint64_t aff_clock;         /* its recency stamps */
     bool wake_armed;            /* a WAKE at wake_at is the caller's timer */
@@ -1426,9 +1431,42 @@ static bool room_ok(const struct sched *s, uint64_t need, uint64_t used, uint64_
            (!s->avail_known || sat_add(pending, need) <= sat_add(s->avail, freed));
 }
 
+/* eviction = cost. What reloading M costs: its last load time, else its
+ * size at GDSF_GIB_PER_S (a first guess for a local disk), at least
+ * GDSF_MIN_COST_S; per byte of it, as the GreedyDual-Size family wants. */
+#define GDSF_GIB_PER_S 1.0
+#define GDSF_MIN_COST_S 0.1
+
+static double gdsf_h(const struct sched *s, const struct model *m)
+{
+    double size = (double)m->info.mem_weights + (double)m->info.mem_more;
+    if (size < 1048576.0)
+        size = 1048576.0;
+    double cost = m->load_s > 0 ? m->load_s : size / (GDSF_GIB_PER_S * 1073741824.0);
+    if (cost < GDSF_MIN_COST_S)
+        cost = GDSF_MIN_COST_S;
+    return s->gd_clock + (double)m->hits * cost / (size / 1073741824.0);
+}
+
+/* A request for M: one more hit, and its H made again from today's clock. */
+static void gdsf_hit(struct sched *s, struct model *m)
+{
+    m->hits++;
+    m->gd_h = gdsf_h(s, m);
+}
+
+static size_t alive_count(const struct sched *s, const struct model *m);
+
 static void stop_inst(struct sched *s, uint32_t ii, enum sched_stop_reason reason)
 {
     struct inst *in = &s->insts[ii];
+    if (reason == SCHED_STOP_LRU && s->limits.eviction == SCHED_EVICT_COST) {
+        struct model *m = &s->models[in->model];
+        if (m->gd_h > s->gd_clock)
+            s->gd_clock = m->gd_h;      /* the others age by what it was worth */
+        if (alive_count(s, m) <= 1)
+            m->hits = 0;                /* out of memory: it counts afresh when back */
+    }
     in->stop_req = true;
     push(s, &(struct sched_action){ .kind = SCHED_STOP, .inst = in->id, .model = in->model,
                                     .reason = reason }, NULL);
@@ -1458,13 +1496,19 @@ static bool evictable(const struct sched *s, const struct inst *in, uint64_t fil
            !(file && m->info.file_id == file);
 }
 
-/* Least recently used first: by the arrival of its model's latest request
- * (demand, not the time a slow load let it serve), never asked ones by the
- * time they were added; within a model, one whose cached prompts are cold
+/* With eviction = cost, across models: the lowest H first (gdsf_h). Else,
+ * and on ties, least recently used first: by the arrival of its model's
+ * latest request (demand, not the time a slow load let it serve), never
+ * asked ones by the time they were added; within a model, one whose cached prompts are cold
  * (no affinity entry names it: nobody's next turn would be sent there)
  * before one whose are not, then the instance used least lately. */
 static bool lru_before(const struct sched *s, const struct inst *a, const struct inst *b)
 {
+    if (s->limits.eviction == SCHED_EVICT_COST && a->model != b->model) {
+        double ha = s->models[a->model].gd_h, hb = s->models[b->model].gd_h;
+        if (ha != hb)
+            return ha < hb;
+    }
     double ma = s->models[a->model].last_asked, mb = s->models[b->model].last_asked;
     double ka = ma ? ma : a->added_at, kb = mb ? mb : b->added_at;
     if (ka != kb)
@@ -2148,6 +2192,7 @@ void sched_request_prefix(struct sched *s, double now, sched_req_t req, size_t m
     } else {
         struct model *m = &s->models[model];
         m->last_asked = now;
+        gdsf_hit(s, m);
         struct req probe = { .model = model, .prefix = prefix };
         if (prefix) {
             aff_prefer(s, model, prefix, probe.pref);
@@ -2269,6 +2314,7 @@ void sched_instance_ready(struct sched *s, double now, sched_inst_t inst, unsign
             in->state = INST_READY;
             inst_charge_start(s, ii);
         } else if (in->state == INST_STARTING) {
+            s->models[in->model].load_s = now - in->added_at;
             /* What was measured while loading was partial: at most a floor. */
             if (in->measured > in->estimate)
                 in->estimate = in->measured;

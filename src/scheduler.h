@@ -76,10 +76,20 @@ struct sched;
 typedef uint64_t sched_req_t;
 typedef uint64_t sched_inst_t;
 
+/* Which idle instance goes first when room is needed (the candidates and
+ * the safety rules are the same for both). */
+enum sched_eviction {
+    SCHED_EVICT_LRU,             /* its model asked least recently */
+    SCHED_EVICT_COST,            /* GreedyDual-Size-Frequency: the lowest
+                                  * H = clock + requests x reload cost / size,
+                                  * the clock rising to each evicted H */
+};
+
 struct sched_limits {
     unsigned max_queue;          /* waiting requests, all models together */
     double queue_timeout;        /* seconds a request may wait; 0 = forever */
     uint64_t budget;             /* bytes the instances may use; 0 = no memory limit */
+    enum sched_eviction eviction;
 };
 
 struct sched_model_info {

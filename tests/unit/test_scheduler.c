@@ -1252,6 +1252,90 @@ static void an_eviction_stops_the_instance_whose_prompts_are_cold_first(void **s
     sched_free(s);
 }
 
+/* S (1 GiB, asked 10 times, long ago) and B (8 GiB, asked once, lately)
+ * under a 10 GiB budget; N (2 GiB) is asked for: one of them must go. */
+static sched_inst_t who_goes(enum sched_eviction policy, double b_load_s)
+{
+    enum { S, B, N };
+    struct sched *s = sched_new(&(struct sched_limits){ .max_queue = 1000, .budget = 10 * GiB,
+                                                        .eviction = policy });
+    sched_models_resize(s, 3);
+    mem_model(s, S, "s", GiB, 0);
+    mem_model(s, B, "b", 8 * GiB, 0);
+    mem_model(s, N, "n", 2 * GiB, 0);
+    ready(s, 0, 1, S, 1);
+    for (sched_req_t r = 100; r < 110; r++) {
+        sched_request(s, 1, r, S);
+        sched_request_done(s, 1.5, r);
+    }
+    sched_instance_added(s, 2, 2, B);
+    sched_instance_ready(s, 2 + b_load_s, 2, 1);    /* B took B_LOAD_S to load */
+    sched_request(s, 50, 200, B);
+    sched_request_done(s, 51, 200);
+    drain(s);
+    sched_request(s, 60, 300, N);
+    struct got *x = drain(s);
+    assert_int_equal(count(x, SCHED_STOP), 1);
+    sched_inst_t gone = nth(x, SCHED_STOP, 0)->inst;
+    sched_free(s);
+    return gone;
+}
+
+static void eviction_cost_weighs_requests_reload_time_and_size(void **state)
+{
+    (void)state;
+    /* LRU: S, asked least recently, though it is asked most. */
+    assert_int_equal(who_goes(SCHED_EVICT_LRU, 8), 1);
+    /* cost: B. Per GiB a reload of either costs about the same (B took 8 s
+     * for 8 GiB; S is guessed at 1 s a GiB), and S was asked ten times. */
+    assert_int_equal(who_goes(SCHED_EVICT_COST, 8), 2);
+    /* But a B that takes 200 s to load is worth keeping for its one request:
+     * 1 x 200 s / 8 GiB > 10 x 1 s / 1 GiB. */
+    assert_int_equal(who_goes(SCHED_EVICT_COST, 200), 1);
+}
+
+static void eviction_cost_ages_what_is_not_asked_again(void **state)
+{
+    (void)state;
+    /* A (asked 5 times) and B (asked 5 times), 4 GiB each; budget 8 GiB.
+     * C comes: one goes (B, asked least recently on the tie), and the clock
+     * rises to its H. Then A is asked no more, C is asked once more: when D
+     * comes, A (H 5, from the old clock) goes before C (H = clock + 2). */
+    enum { A, B, C, D };
+    struct sched *s = sched_new(&(struct sched_limits){ .max_queue = 1000, .budget = 8 * GiB,
+                                                        .eviction = SCHED_EVICT_COST });
+    sched_models_resize(s, 4);
+    mem_model(s, A, "a", 4 * GiB, 0);
+    mem_model(s, B, "b", 4 * GiB, 0);
+    mem_model(s, C, "c", 4 * GiB, 0);
+    mem_model(s, D, "d", 4 * GiB, 0);
+    ready(s, 0, 1, B, 1);
+    ready(s, 0, 2, A, 1);
+    for (sched_req_t r = 0; r < 5; r++) {
+        sched_request(s, 1, 100 + r, B);
+        sched_request_done(s, 1, 100 + r);
+        sched_request(s, 2, 200 + r, A);
+        sched_request_done(s, 2, 200 + r);
+    }
+    drain(s);
+    sched_request(s, 10, 300, C);
+    struct got *x = drain(s);
+    assert_int_equal(count(x, SCHED_STOP), 1);
+    assert_int_equal(nth(x, SCHED_STOP, 0)->inst, 1);   /* B */
+    sched_instance_removed(s, 11, 1);
+    sched_instance_added(s, 11, 3, C);
+    sched_instance_ready(s, 15, 3, 1);
+    sched_request_done(s, 16, 300);
+    sched_request(s, 20, 301, C);
+    sched_request_done(s, 21, 301);
+    drain(s);
+    sched_request(s, 30, 400, D);
+    x = drain(s);
+    assert_int_equal(count(x, SCHED_STOP), 1);
+    assert_int_equal(nth(x, SCHED_STOP, 0)->inst, 2);   /* A, though asked 5 times */
+    sched_free(s);
+}
+
 static void evictions_stop_the_least_recently_used_first_and_start_once_removed(void **state)
 {
     (void)state;
@@ -2816,6 +2900,8 @@ int main(void)
         cmocka_unit_test(an_instance_that_goes_leaves_no_match_even_if_its_id_comes_back),
         cmocka_unit_test(scale_down_stops_the_instance_whose_prompts_are_cold_first),
         cmocka_unit_test(an_eviction_stops_the_instance_whose_prompts_are_cold_first),
+        cmocka_unit_test(eviction_cost_weighs_requests_reload_time_and_size),
+        cmocka_unit_test(eviction_cost_ages_what_is_not_asked_again),
         cmocka_unit_test(a_hand_off_goes_to_the_instance_that_holds_the_prompt),
         cmocka_unit_test(no_handoff_before_a_request_is_done_or_when_requests_are_long),
         cmocka_unit_test(no_handoff_while_another_instance_is_coming),
