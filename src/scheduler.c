@@ -244,7 +244,8 @@ struct model {
                                  * hold, as drain_waiters() last saw; 0 = none */
     /* eviction = cost (GreedyDual-Size-Frequency) */
     uint64_t hits;              /* requests since it was last loaded */
-    double load_s;              /* its last load, added to ready; 0 = none yet */
+    double load_s;              /* its last load, added to ready */
+    bool load_known;            /* load_s was measured */
     double gd_h;                /* its H: clock + hits x reload cost / size */
     bool active;                /* on the active list (see struct sched) */
 };
@@ -1442,7 +1443,7 @@ static double gdsf_h(const struct sched *s, const struct model *m)
     double size = (double)m->info.mem_weights + (double)m->info.mem_more;
     if (size < 1048576.0)
         size = 1048576.0;
-    double cost = m->load_s > 0 ? m->load_s : size / (GDSF_GIB_PER_S * 1073741824.0);
+    double cost = m->load_known ? m->load_s : size / (GDSF_GIB_PER_S * 1073741824.0);
     if (cost < GDSF_MIN_COST_S)
         cost = GDSF_MIN_COST_S;
     return s->gd_clock + (double)m->hits * cost / (size / 1073741824.0);
@@ -2315,6 +2316,7 @@ void sched_instance_ready(struct sched *s, double now, sched_inst_t inst, unsign
             inst_charge_start(s, ii);
         } else if (in->state == INST_STARTING) {
             s->models[in->model].load_s = now - in->added_at;
+            s->models[in->model].load_known = true;
             /* What was measured while loading was partial: at most a floor. */
             if (in->measured > in->estimate)
                 in->estimate = in->measured;

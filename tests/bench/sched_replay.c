@@ -24,7 +24,7 @@
 
 #define GIB (1024.0 * 1024.0 * 1024.0)
 #define SLOTS 4
-#define UNLOAD_DELAY 0.5        /* STOP → removed (a): SIGTERM, exit, reaped */
+#define UNLOAD_DELAY (no_times ? 0.0 : 0.5)  /* STOP → removed (a): SIGTERM, exit, reaped */
 #define CLIENT_TIMEOUT 120.0    /* (a) queue_timeout; (b)/(c) the client gives up */
 
 /* ---------- random numbers ---------- */
@@ -42,6 +42,10 @@ static double rng_unit(void)   /* (0,1) */
     return ((rng_next() >> 11) + 0.5) * (1.0 / 9007199254740992.0);
 }
 static double rng_exp(double mean) { return -mean * log(rng_unit()); }
+static double rng_normal(void)  /* Box-Muller */
+{
+    return sqrt(-2.0 * log(rng_unit())) * cos(2.0 * M_PI * rng_unit());
+}
 
 static double now_wall(void)
 {
@@ -51,6 +55,13 @@ static double now_wall(void)
 }
 
 /* ---------- the trace ---------- */
+
+/* How models are sized: uniform 14-22 GiB, load 5-20 s by size (the
+ * default), or lognormal (--sizes lognormal: median 8 GB, sigma 0.9,
+ * clipped to 0.7-70 GB, GB = 1e9 bytes; load 1 s + 4 GB/s), where counting
+ * models and counting bytes part ways. --no-times: loads and services take
+ * no time (a pure cache: only hits and bytes count). */
+static bool sizes_lognormal, no_times;
 
 struct trace {
     size_t nmodels, nreq;
@@ -73,9 +84,16 @@ static void trace_make(struct trace *t, size_t nmodels, size_t nreq, double rate
     double *cdf = malloc(nmodels * sizeof *cdf);
     double sum = 0;
     for (size_t i = 0; i < nmodels; i++) {
-        double gib = 14.0 + 8.0 * rng_unit();            /* 14–22 GiB */
-        t->est[i] = gib * GIB;
-        t->load[i] = 5.0 + 15.0 * (gib - 14.0) / 8.0;    /* 5–20 s, by size */
+        if (sizes_lognormal) {
+            double gb = exp(log(8.0) + 0.9 * rng_normal());
+            gb = gb < 0.7 ? 0.7 : gb > 70.0 ? 70.0 : gb;
+            t->est[i] = gb * 1e9;
+            t->load[i] = no_times ? 0 : 1.0 + gb / 4.0;
+        } else {
+            double gib = 14.0 + 8.0 * rng_unit();            /* 14–22 GiB */
+            t->est[i] = gib * GIB;
+            t->load[i] = no_times ? 0 : 5.0 + 15.0 * (gib - 14.0) / 8.0;    /* 5–20 s, by size */
+        }
         sum += pow((double)(i + 1), -zipf);
         cdf[i] = sum;
     }
@@ -84,7 +102,7 @@ static void trace_make(struct trace *t, size_t nmodels, size_t nreq, double rate
     for (size_t r = 0; r < nreq; r++) {
         clock += rng_exp(1.0 / rate);
         t->at[r] = clock;
-        t->service[r] = rng_exp(2.0);
+        t->service[r] = no_times ? 0 : rng_exp(2.0);
         double u = rng_unit() * sum;
         size_t lo = 0, hi = nmodels - 1;
         while (lo < hi) {
@@ -175,6 +193,9 @@ struct result {
     double wall, sim_end;
     size_t max_loaded;
     double area, prev;          /* ∫ loaded dt, for the time average */
+    double bytes_loaded;        /* (a): the sizes of the instances started */
+    double live_bytes, max_live_bytes;  /* (a): started and not yet removed */
+    size_t overruns;            /* (a): starts that took live_bytes past the budget */
 };
 
 static void note_loaded(struct result *r, double now, size_t loaded)
@@ -257,6 +278,7 @@ struct pool_sim {
     double wake_at;
     size_t live, max_live;
     unsigned trace_left;        /* print this many actions (--trace) */
+    uint64_t budget;
 };
 
 static void pool_actions(struct pool_sim *p, double now)
@@ -286,6 +308,12 @@ static void pool_actions(struct pool_sim *p, double now)
             p->istate[id] = I_STARTING;
             p->imodel[id] = (uint32_t)a.model;
             p->res->loads++;
+            p->res->bytes_loaded += p->t->est[a.model];
+            p->res->live_bytes += p->t->est[a.model];
+            if (p->res->live_bytes > p->res->max_live_bytes)
+                p->res->max_live_bytes = p->res->live_bytes;
+            if (p->budget && p->res->live_bytes > (double)p->budget * (1 + 1e-9))
+                p->res->overruns++;
             if (++p->live > p->max_live)
                 p->max_live = p->live;
             sched_instance_added(p->s, now, id, a.model);
@@ -315,17 +343,20 @@ static void pool_actions(struct pool_sim *p, double now)
     }
 }
 
-static void run_pool(const struct trace *t, struct result *res, uint64_t budget, unsigned trace_n)
+static void run_pool(const struct trace *t, struct result *res, uint64_t budget, unsigned trace_n,
+                     enum sched_eviction eviction)
 {
-    struct sched_limits lim = { .max_queue = 256, .queue_timeout = CLIENT_TIMEOUT, .budget = budget };
-    struct pool_sim p = { .t = t, .res = res, .trace_left = trace_n };
+    struct sched_limits lim = { .max_queue = 256, .queue_timeout = CLIENT_TIMEOUT, .budget = budget,
+                                .eviction = eviction };
+    struct pool_sim p = { .t = t, .res = res, .trace_left = trace_n, .budget = budget };
     p.s = sched_new(&lim);
     sched_models_resize(p.s, t->nmodels);
     char name[32];
     for (size_t i = 0; i < t->nmodels; i++) {
         struct sched_model_info info = {
             .instances_min = 0, .instances_max = 1, .slots_hint = SLOTS,
-            .mem_weights = (uint64_t)(t->est[i] - 2 * GIB), .mem_more = (uint64_t)(2 * GIB),
+            .mem_weights = (uint64_t)(sizes_lognormal ? 0.85 * t->est[i] : t->est[i] - 2 * GIB),
+            .mem_more = (uint64_t)(sizes_lognormal ? 0.15 * t->est[i] : 2 * GIB),
             .idle_timeout = 0,
         };
         snprintf(name, sizeof name, "m%zu", i);
@@ -359,6 +390,7 @@ static void run_pool(const struct trace *t, struct result *res, uint64_t budget,
         case EV_REMOVED:
             p.istate[e.a] = I_NONE;
             p.live--;
+            res->live_bytes -= t->est[p.imodel[e.a]];
             sched_instance_removed(p.s, now, e.a);
             break;
         case EV_WAKE:
@@ -599,6 +631,49 @@ static void print_table(struct result *r, size_t n, size_t nreq)
     }
 }
 
+static double budget_gb = 492;
+
+/* --sizes lognormal: llama-pool's scheduler with eviction = lru and = cost
+ * on the same trace, and a count LRU of as many models as always fit (the
+ * budget over the largest size) for reference. */
+static int run_sizes(const struct trace *t, double zipf, double rate, uint64_t seed)
+{
+    double sum = 0, biggest = 0;
+    for (size_t i = 0; i < t->nmodels; i++) {
+        sum += t->est[i];
+        if (t->est[i] > biggest)
+            biggest = t->est[i];
+    }
+    uint64_t budget = (uint64_t)(budget_gb * 1e9);
+    size_t safe = (size_t)(budget / biggest);
+    printf("trace: %zu models, lognormal sizes (median 8 GB, sigma 0.9, 0.7-70 GB; mean %.1f GB, all %.0f GB),\n"
+           "       %zu requests, Zipf s=%.2f (popularity independent of size), Poisson %.2f req/s,\n"
+           "       %s, seed %llu; budget %.0f GB\n\n",
+           t->nmodels, sum / t->nmodels / 1e9, sum / 1e9, t->nreq, zipf, rate,
+           no_times ? "no load or service times (a pure cache)" : "load 1 s + 4 GB/s, service exp(mean 2 s)",
+           (unsigned long long)seed, budget_gb);
+    struct result r[3] = { { .name = "llama-pool, eviction = lru" },
+                           { .name = "llama-pool, eviction = cost" },
+                           { .name = "count LRU" } };
+    char cname[48];
+    snprintf(cname, sizeof cname, "count LRU of %zu (always fits)", safe);
+    r[2].name = cname;
+    run_pool(t, &r[0], budget, 0, SCHED_EVICT_LRU);
+    run_pool(t, &r[1], budget, 0, SCHED_EVICT_COST);
+    run_lru(t, &r[2], safe, (double)budget);
+    printf("%-34s %9s %7s %8s %10s %9s %9s %9s %9s\n", "policy", "served", "hit%", "loads", "GB loaded",
+           "overruns", "t/o+429", "wait mean", "wait p99");
+    for (int i = 0; i < 3; i++)
+        printf("%-34s %9zu %6.1f%% %8zu %10.0f %9s %9zu %8.2fs %8.2fs\n", r[i].name, r[i].served,
+               100.0 * r[i].hits / t->nreq, r[i].loads, i < 2 ? r[i].bytes_loaded / 1e9 : NAN,
+               i < 2 ? (r[i].overruns ? "YES" : "0") : "-",
+               r[i].timed_out + r[i].rejected + r[i].failed_other, r[i].mean_wait, r[i].p99_wait);
+    printf("\ncost / lru: hits %.3fx, GB loaded %.3fx; most GB loaded at once: lru %.0f, cost %.0f (budget %.0f)\n",
+           (double)r[1].hits / (r[0].hits ? r[0].hits : 1), r[1].bytes_loaded / r[0].bytes_loaded,
+           r[0].max_live_bytes / 1e9, r[1].max_live_bytes / 1e9, budget_gb);
+    return 0;
+}
+
 int main(int argc, char **argv)
 {
     uint64_t seed = 1;
@@ -620,11 +695,17 @@ int main(int argc, char **argv)
         else if (!strcmp(a, "--scale-models")) scale_models = strtoull(v, NULL, 10);
         else if (!strcmp(a, "--scale-requests")) scale_req = strtoull(v, NULL, 10);
         else if (!strcmp(a, "--trace")) trace_n = (unsigned)strtoul(v, NULL, 10);
+        else if (!strcmp(a, "--sizes") && !strcmp(v, "lognormal")) sizes_lognormal = true;
+        else if (!strcmp(a, "--sizes") && !strcmp(v, "uniform")) sizes_lognormal = false;
+        else if (!strcmp(a, "--times")) no_times = !strcmp(v, "no");
+        else if (!strcmp(a, "--budget-gb")) budget_gb = atof(v);
         else { fprintf(stderr, "unknown option %s\n", a); return 2; }
     }
     rng_state = seed;
     struct trace t;
     trace_make(&t, nmodels, nreq, rate, zipf);
+    if (sizes_lognormal)
+        return run_sizes(&t, zipf, rate, seed);
     double mean_est = 0, top = 0, hsum = 0;
     for (size_t i = 0; i < nmodels; i++) {
         mean_est += t.est[i] / nmodels;
@@ -646,7 +727,7 @@ int main(int argc, char **argv)
     char bname[40];
     snprintf(bname, sizeof bname, "(b) count LRU, --models-max %zu", fit);
     r[1].name = bname;
-    run_pool(&t, &r[0], budget, trace_n);
+    run_pool(&t, &r[0], budget, trace_n, SCHED_EVICT_LRU);
     run_lru(&t, &r[1], fit, (double)budget);
     run_swap(&t, &r[2]);
     print_table(r, 3, nreq);
@@ -665,7 +746,7 @@ int main(int argc, char **argv)
             me += s.est[i] / scale_models;
         struct result sr = { .name = "scale" };
         double w0 = now_wall();
-        run_pool(&s, &sr, (uint64_t)(fit * me), 0);
+        run_pool(&s, &sr, (uint64_t)(fit * me), 0, SCHED_EVICT_LRU);
         double total = now_wall() - w0;
         printf("\nscale: %zu models registered, %zu requests through llama-pool's scheduler "
                "(budget %zu models):\n  replay %.3f s (%.2f us/request); served %zu, hit %.1f%%, "

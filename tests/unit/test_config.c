@@ -2161,6 +2161,23 @@ static void test_routing_keys(void **state)
     EXPECT_REFUSALS(f, bad);
 }
 
+static void test_eviction_key(void **state)
+{
+    struct fx *f = *state;
+    struct config *c = load_ok(f, "[model a]\npath = m.gguf\n");
+    assert_int_equal(c->eviction, CONFIG_EVICTION_LRU);
+    config_free(c);
+    c = load_ok(f, "[pool]\neviction = COST\n[model a]\npath = m.gguf\n");
+    assert_int_equal(c->eviction, CONFIG_EVICTION_COST);
+    config_free(c);
+    static const struct refusal bad[] = {
+        { "[pool]\neviction = lfu\n[model tiny]\npath = m.gguf\n",
+          "2: eviction: \"lfu\" is not lru (the model asked least recently goes first) or cost "
+          "(the one whose requests x reload time / size is lowest)" },
+    };
+    EXPECT_REFUSALS(f, bad);
+}
+
 static void test_gpu_keys(void **state)
 {
     struct fx *f = *state;
@@ -2332,6 +2349,7 @@ int main(void)
         T(test_errors_free_and_null),
         T(test_example_config),
         T(test_routing_keys),
+        T(test_eviction_key),
         T(test_gpu_keys),
         T(test_log_rotation_keys),
         T(test_state_dir_and_preload),
