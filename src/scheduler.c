@@ -57,6 +57,7 @@
 #include "scheduler.h"
 #include "util.h"
 
+#include <math.h>
 #include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -305,7 +306,7 @@ struct sched {
     uint64_t avail;             /* machine's available memory, as estimated */
     bool avail_known;
     size_t nidle;               /* models with an idle_timeout: none, no idle pass */
-    size_t *order;              /* scratch of mem_plan(): models by oldest waiter */
+    size_t *order;              /* scratch of mem_plan(): models by claim, then oldest waiter */
     size_t caporder;
     uint32_t *cand;             /* scratch of choose_lru(): eviction candidates, LRU first */
     size_t ncand;
@@ -1497,7 +1498,8 @@ static bool evictable(const struct sched *s, const struct inst *in, uint64_t fil
            !(file && m->info.file_id == file);
 }
 
-/* With eviction = cost, across models: the lowest H first (gdsf_h). Else,
+/* A lower priority first, whatever the rest. With eviction = cost, across
+ * models: the lowest H first (gdsf_h). Else,
  * and on ties, least recently used first: by the arrival of its model's
  * latest request (demand, not the time a slow load let it serve), never
  * asked ones by the time they were added; within a model, one whose cached prompts are cold
@@ -1505,6 +1507,9 @@ static bool evictable(const struct sched *s, const struct inst *in, uint64_t fil
  * before one whose are not, then the instance used least lately. */
 static bool lru_before(const struct sched *s, const struct inst *a, const struct inst *b)
 {
+    int pa = s->models[a->model].info.priority, pb = s->models[b->model].info.priority;
+    if (pa != pb)
+        return pa < pb;
     if (s->limits.eviction == SCHED_EVICT_COST && a->model != b->model) {
         double ha = s->models[a->model].gd_h, hb = s->models[b->model].gd_h;
         if (ha != hb)
@@ -1761,6 +1766,25 @@ static void fail_split_too_big(struct sched *s, size_t model, size_t d)
  * their oldest waiting request: each starts if it fits beside what the
  * older ones that do not fit have reserved; the oldest that does not fit is
  * the only one made room for. */
+/* A model's waiters' claim on memory: its priority, one level more for
+ * each SCHED_PRIORITY_AGE_S its oldest waiter has waited (none starves). */
+static double claim(const struct sched *s, size_t model)
+{
+    const struct model *m = &s->models[model];
+    double waited = s->now - s->reqs[m->head].arrival;
+    return m->info.priority + floor((waited > 0 ? waited : 0) / SCHED_PRIORITY_AGE_S);
+}
+
+/* Whether model A's waiters go before B's when memory is short: the
+ * higher claim, then the older waiter. */
+static bool waiter_before(const struct sched *s, size_t a, size_t b)
+{
+    double ca = claim(s, a), cb = claim(s, b);
+    if (ca != cb)
+        return ca > cb;
+    return s->reqs[s->models[a].head].seq < s->reqs[s->models[b].head].seq;
+}
+
 static void mem_plan(struct sched *s)
 {
     uint64_t budget = s->limits.budget;
@@ -1774,9 +1798,8 @@ static void mem_plan(struct sched *s)
                 continue;
             if (!util_grow(&s->order, &s->caporder, n + 1, sizeof *s->order))
                 return;
-            uint64_t seq = s->reqs[s->models[i].head].seq;
             size_t k = n++;
-            while (k && s->reqs[s->models[s->order[k - 1]].head].seq > seq) {
+            while (k && waiter_before(s, i, s->order[k - 1])) {
                 s->order[k] = s->order[k - 1];
                 k--;
             }

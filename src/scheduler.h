@@ -102,6 +102,10 @@ struct sched_model_info {
     uint64_t mem_more;           /* bytes every instance adds: KV cache, buffers */
     uint64_t file_id;            /* instances of models with equal ids share weights; 0 = unique */
     bool pinned;                 /* never stopped for memory or idleness */
+    int priority;                /* higher: stopped for memory after lower ones,
+                                  * whatever their recency, and started first
+                                  * when waiters compete for memory (a waiter
+                                  * gains one level each SCHED_PRIORITY_AGE_S) */
     double idle_timeout;         /* seconds; 0 = never stopped for idleness */
     double affinity_wait;        /* seconds a request with a prompt waits for
                                   * the busy instance that holds it (see
@@ -150,6 +154,8 @@ struct sched_action {
                                   * none chosen (CPU only, fixed by its args,
                                   * or no devices) */
 };
+
+#define SCHED_PRIORITY_AGE_S 30.0
 
 struct sched *sched_new(const struct sched_limits *limits);
 void sched_free(struct sched *s);

@@ -1263,7 +1263,8 @@ static sched_inst_t who_goes(enum sched_eviction policy, double b_load_s)
     mem_model(s, S, "s", GiB, 0);
     mem_model(s, B, "b", 8 * GiB, 0);
     mem_model(s, N, "n", 2 * GiB, 0);
-    ready(s, 0, 1, S, 1);
+    sched_instance_added(s, 0, 1, S);
+    sched_instance_ready(s, 1, 1, 1);               /* S took 1 s to load */
     for (sched_req_t r = 100; r < 110; r++) {
         sched_request(s, 1, r, S);
         sched_request_done(s, 1.5, r);
@@ -1286,8 +1287,8 @@ static void eviction_cost_weighs_requests_reload_time_and_size(void **state)
     (void)state;
     /* LRU: S, asked least recently, though it is asked most. */
     assert_int_equal(who_goes(SCHED_EVICT_LRU, 8), 1);
-    /* cost: B. Per GiB a reload of either costs about the same (B took 8 s
-     * for 8 GiB; S is guessed at 1 s a GiB), and S was asked ten times. */
+    /* cost: B. Per GiB a reload of either costs the same (B took 8 s for
+     * 8 GiB, S 1 s for 1 GiB), and S was asked ten times. */
     assert_int_equal(who_goes(SCHED_EVICT_COST, 8), 2);
     /* But a B that takes 200 s to load is worth keeping for its one request:
      * 1 x 200 s / 8 GiB > 10 x 1 s / 1 GiB. */
@@ -1334,6 +1335,66 @@ static void eviction_cost_ages_what_is_not_asked_again(void **state)
     assert_int_equal(count(x, SCHED_STOP), 1);
     assert_int_equal(nth(x, SCHED_STOP, 0)->inst, 2);   /* A, though asked 5 times */
     sched_free(s);
+}
+
+static void prio_model(struct sched *s, size_t model, const char *name, uint64_t bytes, int priority)
+{
+    sched_model_set(s, model, name, &(struct sched_model_info){
+        .instances_max = 1, .slots_hint = 1, .mem_weights = bytes, .priority = priority });
+}
+
+static void a_lower_priority_is_evicted_first_whatever_its_recency(void **state)
+{
+    (void)state;
+    enum { A, B, N };
+    struct sched *s = mem_new(10 * GiB, 0, 3);
+    prio_model(s, A, "a", 4 * GiB, 1);
+    prio_model(s, B, "b", 4 * GiB, 0);
+    prio_model(s, N, "n", 4 * GiB, 0);
+    used_at(s, 0, 5, 1, A, 100);                    /* A: least recently used */
+    used_at(s, 0, 20, 2, B, 101);
+    drain(s);
+    sched_request(s, 30, 200, N);
+    struct got *x = drain(s);
+    assert_int_equal(count(x, SCHED_STOP), 1);
+    assert_int_equal(nth(x, SCHED_STOP, 0)->inst, 2);   /* B: its priority is lower */
+    sched_free(s);
+}
+
+/* X (4 GiB, busy) fills most of a 6 GiB budget; L (priority 0) is asked
+ * at 0, H (priority 1) at H_AT; X's request ends at FREE_AT: which starts? */
+static size_t first_started(double h_at, double free_at)
+{
+    enum { X, L, H };
+    struct sched *s = mem_new(6 * GiB, 0, 3);
+    prio_model(s, X, "x", 4 * GiB, 0);
+    prio_model(s, L, "l", 4 * GiB, 0);
+    prio_model(s, H, "h", 4 * GiB, 1);
+    ready(s, 0, 1, X, 1);
+    sched_request(s, 0, 100, X);                    /* busy: not evictable */
+    sched_request(s, 0, 200, L);
+    sched_request(s, h_at, 300, H);
+    struct got *x = drain(s);
+    assert_int_equal(count(x, SCHED_START), 0);
+    sched_request_done(s, free_at, 100);
+    x = drain(s);
+    assert_int_equal(count(x, SCHED_STOP), 1);      /* X goes for the first of them */
+    sched_instance_removed(s, free_at + 0.5, 1);
+    x = drain(s);
+    assert_int_equal(count(x, SCHED_START), 1);
+    size_t model = nth(x, SCHED_START, 0)->model;
+    sched_free(s);
+    return model;
+}
+
+static void a_higher_priority_starts_first_and_age_raises_a_lower_one(void **state)
+{
+    (void)state;
+    enum { X, L, H };
+    /* H, asked later, goes first: its priority is higher. */
+    assert_int_equal(first_started(15, 20), H);
+    /* L has waited 30 s longer than H: one level up, even with H, and older. */
+    assert_int_equal(first_started(40, 45), L);
 }
 
 static void evictions_stop_the_least_recently_used_first_and_start_once_removed(void **state)
@@ -2902,6 +2963,8 @@ int main(void)
         cmocka_unit_test(an_eviction_stops_the_instance_whose_prompts_are_cold_first),
         cmocka_unit_test(eviction_cost_weighs_requests_reload_time_and_size),
         cmocka_unit_test(eviction_cost_ages_what_is_not_asked_again),
+        cmocka_unit_test(a_lower_priority_is_evicted_first_whatever_its_recency),
+        cmocka_unit_test(a_higher_priority_starts_first_and_age_raises_a_lower_one),
         cmocka_unit_test(a_hand_off_goes_to_the_instance_that_holds_the_prompt),
         cmocka_unit_test(no_handoff_before_a_request_is_done_or_when_requests_are_long),
         cmocka_unit_test(no_handoff_while_another_instance_is_coming),
