@@ -135,6 +135,7 @@ static json_t *model_json(const struct api *api, const struct pool_model *m)
     json_object_set_new(o, "aliases", aliases);
     json_object_set_new(o, "state", json_string(pool_model_state_name(pool_model_state(m))));
     json_object_set_new(o, "pinned", json_boolean(m->cfg->pin));
+    json_object_set_new(o, "priority", json_integer(m->cfg->priority));
     json_object_set_new(o, "path", util_json_string(m->cfg->path));
     json_object_set_new(o, "instances_min", json_integer(m->cfg->instances_min));
     json_object_set_new(o, "instances_max", json_integer(m->cfg->instances_max));

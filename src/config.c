@@ -502,12 +502,12 @@ static const char *const pool_keys[PK__COUNT] = {
 
 enum model_key {
     MK_PATH, MK_ARGS, MK_INSTANCES, MK_MEMORY, MK_PIN, MK_IDLE_TIMEOUT,
-    MK_ALIASES, MK_ENV, MK_GPU_MEMORY, MK_ROUTING, MK_AFFINITY_WAIT, MK__COUNT
+    MK_ALIASES, MK_ENV, MK_GPU_MEMORY, MK_ROUTING, MK_AFFINITY_WAIT, MK_PRIORITY, MK__COUNT
 };
 
 static const char *const model_keys[MK__COUNT] = {
     "path", "args", "instances", "memory", "pin", "idle_timeout", "aliases", "env",
-    "gpu_memory", "routing", "affinity_wait",
+    "gpu_memory", "routing", "affinity_wait", "priority",
 };
 
 /* What a section takes: its keys, those of them that take continuation
@@ -1631,6 +1631,19 @@ static void model_value(struct parser *p, struct pmodel *pm, int k, const char *
     case MK_AFFINITY_WAIT:
         get_duration(p, line, key, v, false, &m->affinity_wait_ms);
         break;
+    case MK_PRIORITY: {
+        char *end;
+        errno = 0;
+        long x = strtol(v, &end, 10);
+        if (!*v || *end || end == v || isspace((unsigned char)*v))
+            error_at(p, line, "priority: \"%s\" is not a whole number", show(&sh, v));
+        else if (errno == ERANGE || x < -CONFIG_PRIORITY_MAX || x > CONFIG_PRIORITY_MAX)
+            error_at(p, line, "priority: \"%s\" is out of range (%d to %d)", show(&sh, v),
+                     -CONFIG_PRIORITY_MAX, CONFIG_PRIORITY_MAX);
+        else
+            m->priority = (int)x;
+        break;
+    }
     case MK_ALIASES:
         add_list(p, line, key, v, &pm->aliases, &pm->alias_lines, &pm->alias_lines_cap, LIST_ALIASES);
         break;

@@ -65,6 +65,8 @@ enum config_routing {
     CONFIG_ROUTING_LEAST_BUSY, /* fewest requests in flight */
 };
 
+#define CONFIG_PRIORITY_MAX 1000
+
 /* eviction: which idle instance goes first when a start needs room. */
 enum config_eviction {
     CONFIG_EVICTION_LRU,       /* the model asked least recently (the default) */
@@ -86,6 +88,7 @@ struct config_model {
     enum config_routing routing;
     int64_t idle_timeout_ms; /* -1 = inherit [pool] idle_timeout; 0 = never */
     int64_t affinity_wait_ms;/* -1 = inherit [pool] affinity_wait */
+    int priority;          /* -CONFIG_PRIORITY_MAX … CONFIG_PRIORITY_MAX; 0 = default */
     char **aliases;        /* NULL-terminated */
     size_t naliases;
     struct config_env *env;

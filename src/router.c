@@ -177,6 +177,7 @@ static void model_info(struct router *r, struct pool_model *m, bool with_estimat
         .slots_hint = m->np_hint,
         .http_conns = threads > 2 ? threads - 2 : 1,     /* /health and /props need theirs */
         .pinned = m->cfg->pin,
+        .priority = m->cfg->priority,
         .idle_timeout = (double)idle / 1000.0,
         .affinity_wait = (double)config_model_affinity_wait_ms(cfg, m->cfg) / 1000.0,
     };

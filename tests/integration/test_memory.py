@@ -12,6 +12,8 @@ import signal
 import threading
 import time
 
+import pytest
+
 from conftest import REAL, REAL_MODEL, Pool, fake_only, pid_alive, wait_for
 from test_proxy import CHAT, get, post
 
@@ -297,3 +299,25 @@ def test_an_instance_an_operator_stops_is_charged_until_it_has_exited(pool):
     assert not overlap, f"b ran while a (pid {a_pid}) was still exiting"
     assert result["r"][0] == 200
     assert "SIGKILL" in pool.daemon_log(), "a was meant to take stop_timeout to exit"
+
+
+@fake_only("the stand-in allocates a known amount (FAKE_MEMORY)")
+@pytest.mark.parametrize("eviction", ["lru", "cost"])
+def test_a_lower_priority_model_is_evicted_first(pool, eviction):
+    # Each really uses ~90 MiB (FAKE_MEMORY); the budget holds two. a has
+    # priority 1 and is asked first; by recency (and by cost: each asked
+    # once, loaded alike) a would go for c, but b's priority is lower.
+    models = {m: {"memory": "100M", "env": {"FAKE_MEMORY": "90M"}} for m in ("a", "b", "c")}
+    models["a"]["priority"] = "1"
+    pool.config(models, pool_extra=f"memory_budget = 230M\neviction = {eviction}")
+    pool.start()
+    for m in ("a", "b"):
+        status, _, body = post(pool.listen_port, "/v1/chat/completions", {**CHAT, "model": m}, timeout=30)
+        assert status == 200, body
+        wait_for(lambda: charges_measured(pool, ["a", "b"].index(m) + 1), timeout=20,
+                 what=f"{m}'s measured charge")
+    status, _, body = post(pool.listen_port, "/v1/chat/completions", {**CHAT, "model": "c"}, timeout=30)
+    assert status == 200, body
+    assert LRU_STOP.findall(pool.daemon_log()) == ["b"], pool.daemon_log()
+    assert pool.ready_instances("a") and not pool.ready_instances("b")
+    assert pool.model("a")["priority"] == 1 and pool.model("b")["priority"] == 0

@@ -2161,6 +2161,24 @@ static void test_routing_keys(void **state)
     EXPECT_REFUSALS(f, bad);
 }
 
+static void test_priority_key(void **state)
+{
+    struct fx *f = *state;
+    struct config *c = load_ok(f, "[model a]\npath = m.gguf\n[model b]\npath = m.gguf\npriority = 5\n"
+                                  "[model c]\npath = m.gguf\npriority = -1000\n");
+    assert_int_equal(c->models[0].priority, 0);
+    assert_int_equal(c->models[1].priority, 5);
+    assert_int_equal(c->models[2].priority, -1000);
+    config_free(c);
+    static const struct refusal bad[] = {
+        { "[model tiny]\npath = m.gguf\npriority = high\n", "3: priority: \"high\" is not a whole number" },
+        { "[model tiny]\npath = m.gguf\npriority = 1001\n", "3: priority: \"1001\" is out of range (-1000 to 1000)" },
+        { "[model tiny]\npath = m.gguf\npriority = -1001\n", "3: priority: \"-1001\" is out of range (-1000 to 1000)" },
+        { "[model tiny]\npath = m.gguf\npriority = -\n", "3: priority: \"-\" is not a whole number" },
+    };
+    EXPECT_REFUSALS(f, bad);
+}
+
 static void test_eviction_key(void **state)
 {
     struct fx *f = *state;
@@ -2350,6 +2368,7 @@ int main(void)
         T(test_example_config),
         T(test_routing_keys),
         T(test_eviction_key),
+        T(test_priority_key),
         T(test_gpu_keys),
         T(test_log_rotation_keys),
         T(test_state_dir_and_preload),
