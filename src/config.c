@@ -1913,6 +1913,9 @@ static void fallback_keys(struct parser *p)
         }
         pm->fallback_key = NULL;
     }
+    if (c->fallback_unknown && !c->fallback)
+        error_at(p, p->pool_key_line[PK_FALLBACK_UNKNOWN],
+                 "fallback_unknown = yes: [pool] has no fallback to send those requests to");
 }
 
 static void finish(struct parser *p)

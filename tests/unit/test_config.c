@@ -2338,6 +2338,7 @@ static void test_fallback(void **state)
     expect_error(f, "[pool]\nfallback = http://127.0.0.1:9000\n"
                     "[model a]\npath = m.gguf\nfallback_key = k\n", 5,
                  "fallback_key", "model \"a\"", "its own", NULL);
+    expect_error(f, "[pool]\nfallback_unknown = yes\n", 2, "fallback_unknown", "no fallback", NULL);
     expect_error(f, "[pool]\nfallback_unknown = maybe\n", 2, "fallback_unknown", "yes or no", NULL);
     expect_error(f, "[model a]\npath = m.gguf\nfallback_unknown = yes\n", 3, "fallback_unknown", "[pool]", NULL);
 }
