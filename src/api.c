@@ -884,7 +884,11 @@ static void route_model_request(struct http_request *req, struct api *api)
     }
     struct pool_model *m = pool_find(p, name);
     if (!m) {
-        respond_unknown_model(req, p, name);
+        /* Another server may have it (router.h: fallback). */
+        if (p->cfg->fallback_unknown && p->cfg->fallback)
+            router_fallback_unknown(api->router, req, name);
+        else
+            respond_unknown_model(req, p, name);
         json_decref(body);
         return;
     }

@@ -27,6 +27,7 @@
 #include <errno.h>
 #include <fcntl.h>
 #include <limits.h>
+#include <netdb.h>
 #include <stdarg.h>
 #include <stddef.h>
 #include <stdio.h>
@@ -485,7 +486,8 @@ enum pool_key {
     PK_MAX_HEADER, PK_HEADER_TIMEOUT, PK_KEEPALIVE_TIMEOUT, PK_MAX_CONNECTIONS,
     PK_BODY_TIMEOUT, PK_DRAIN_TIMEOUT, PK_CORS_ORIGINS, PK_GPUS, PK_NVML_LIBRARY,
     PK_GPU_BUDGET, PK_GPU_RESERVE, PK_LOG_MAX_SIZE, PK_LOG_KEEP, PK_ROUTING,
-    PK_AFFINITY_WAIT, PK_STATE_DIR, PK_PRELOAD, PK_METRICS_CHILDREN, PK_EVICTION, PK__COUNT
+    PK_AFFINITY_WAIT, PK_STATE_DIR, PK_PRELOAD, PK_METRICS_CHILDREN, PK_EVICTION, PK_FALLBACK,
+    PK_FALLBACK_KEY, PK_FALLBACK_UNKNOWN, PK__COUNT
 };
 
 static const char *const pool_keys[PK__COUNT] = {
@@ -497,17 +499,19 @@ static const char *const pool_keys[PK__COUNT] = {
     "max_header", "header_timeout", "keepalive_timeout", "max_connections",
     "body_timeout", "drain_timeout", "cors_origins", "gpus", "nvml_library",
     "gpu_budget", "gpu_reserve", "log_max_size", "log_keep", "routing",
-    "affinity_wait", "state_dir", "preload", "metrics_children", "eviction",
+    "affinity_wait", "state_dir", "preload", "metrics_children", "eviction", "fallback",
+    "fallback_key", "fallback_unknown",
 };
 
 enum model_key {
     MK_PATH, MK_ARGS, MK_INSTANCES, MK_MEMORY, MK_PIN, MK_IDLE_TIMEOUT,
-    MK_ALIASES, MK_ENV, MK_GPU_MEMORY, MK_ROUTING, MK_AFFINITY_WAIT, MK_PRIORITY, MK__COUNT
+    MK_ALIASES, MK_ENV, MK_GPU_MEMORY, MK_ROUTING, MK_AFFINITY_WAIT, MK_PRIORITY, MK_FALLBACK,
+    MK_FALLBACK_KEY, MK__COUNT
 };
 
 static const char *const model_keys[MK__COUNT] = {
     "path", "args", "instances", "memory", "pin", "idle_timeout", "aliases", "env",
-    "gpu_memory", "routing", "affinity_wait", "priority",
+    "gpu_memory", "routing", "affinity_wait", "priority", "fallback", "fallback_key",
 };
 
 /* What a section takes: its keys, those of them that take continuation
@@ -637,6 +641,7 @@ struct pmodel {
     size_t alias_lines_cap;
     size_t env_cap;
     int key_line[MK__COUNT];   /* where each key was set, 0 = not set */
+    char *fallback_key;        /* joins its fallback once the section is read */
 };
 
 /* What a model without args or aliases points to: one empty text and one
@@ -677,6 +682,7 @@ static void model_free(struct config_model *m)
         free(m->env[j].value);
     }
     free(m->env);
+    config_fallback_free(m->fallback);
 }
 
 enum section_kind { SEC_NONE, SEC_POOL, SEC_MODEL, SEC_IGNORE };
@@ -707,6 +713,7 @@ struct parser {
     size_t cur_model;          /* index into models when sec == SEC_MODEL */
     int pool_line;
     int pool_key_line[PK__COUNT];
+    char *pool_fallback_key;   /* joins [pool]'s fallback at the end */
 
     struct config *cfg;
     struct strvec default_args, api_keys, cors_origins;
@@ -1392,6 +1399,26 @@ static void get_budget(struct parser *p, int line, const char *key, const char *
     }
 }
 
+
+/* fallback = URL: into *OUT (replacing what an earlier line gave); empty:
+ * none. */
+static void get_fallback(struct parser *p, int line, const char *v, struct config_fallback **out)
+{
+    struct shown sh;
+    char err[300];
+    config_fallback_free(*out);
+    *out = NULL;
+    if (!*v)
+        return;
+    struct config_fallback *fb = xcalloc(1, sizeof *fb);
+    if (config_parse_fallback(v, fb, err, sizeof err) < 0) {
+        error_at(p, line, "fallback: \"%s\": %s", show(&sh, v), err);
+        config_fallback_free(fb);
+        return;
+    }
+    *out = fb;
+}
+
 /* One value (or continuation) for [pool]. */
 static void pool_value(struct parser *p, int k, const char *v)
 {
@@ -1543,6 +1570,18 @@ static void pool_value(struct parser *p, int k, const char *v)
             error_at(p, line, "metrics_children: \"%s\" is not yes or no (yes/no, true/false, on/off, 1/0)",
                      show(&sh, v));
         break;
+    case PK_FALLBACK:
+        get_fallback(p, line, v, &c->fallback);
+        break;
+    case PK_FALLBACK_KEY:
+        free(p->pool_fallback_key);
+        p->pool_fallback_key = *v ? xstrdup(v) : NULL;
+        break;
+    case PK_FALLBACK_UNKNOWN:
+        if (config_parse_bool(v, &c->fallback_unknown))
+            error_at(p, line, "fallback_unknown: \"%s\" is not yes or no (yes/no, true/false, on/off, 1/0)",
+                     show(&sh, v));
+        break;
     default:                    /* a number: read above */
         break;
     }
@@ -1644,6 +1683,14 @@ static void model_value(struct parser *p, struct pmodel *pm, int k, const char *
             m->priority = (int)x;
         break;
     }
+    case MK_FALLBACK:
+        m->fallback_set = true;         /* empty: none for this model, whatever [pool] says */
+        get_fallback(p, line, v, &m->fallback);
+        break;
+    case MK_FALLBACK_KEY:
+        free(pm->fallback_key);
+        pm->fallback_key = *v ? xstrdup(v) : NULL;
+        break;
     case MK_ALIASES:
         add_list(p, line, key, v, &pm->aliases, &pm->alias_lines, &pm->alias_lines_cap, LIST_ALIASES);
         break;
@@ -1857,6 +1904,42 @@ static void check_aliases(struct parser *p)
     }
 }
 
+/* Each fallback_key joins the fallback of its own section: a key made for
+ * [pool]'s fallback must not go to another host that a model names. */
+static void fallback_keys(struct parser *p)
+{
+    struct config *c = p->cfg;
+    if (p->pool_fallback_key) {
+        if (c->fallback)
+            c->fallback->key = p->pool_fallback_key;
+        else
+            error_at(p, p->pool_key_line[PK_FALLBACK_KEY],
+                     "fallback_key: [pool] has no fallback for it to go to");
+        if (!c->fallback)
+            free(p->pool_fallback_key);
+        p->pool_fallback_key = NULL;
+    }
+    for (size_t i = 0; i < p->nmodels; i++) {
+        struct pmodel *pm = &p->models[i];
+        if (!pm->fallback_key)
+            continue;
+        if (pm->model.fallback) {
+            pm->model.fallback->key = pm->fallback_key;
+        } else {
+            if (!pm->dropped)
+                error_at(p, pm->key_line[MK_FALLBACK_KEY],
+                         "fallback_key: model \"%s\" has no fallback of its own for it to go to "
+                         "(a model's fallback_key goes with its own fallback line)",
+                         pm->model.name);
+            free(pm->fallback_key);
+        }
+        pm->fallback_key = NULL;
+    }
+    if (c->fallback_unknown && !c->fallback)
+        error_at(p, p->pool_key_line[PK_FALLBACK_UNKNOWN],
+                 "fallback_unknown = yes: [pool] has no fallback to send those requests to");
+}
+
 static void finish(struct parser *p)
 {
     struct config *c = p->cfg;
@@ -1878,6 +1961,7 @@ static void finish(struct parser *p)
     }
 
     check_aliases(p);
+    fallback_keys(p);
 
     if (c->default_model && !name_find(&p->names, c->default_model))
         error_at(p, p->pool_key_line[PK_DEFAULT_MODEL],
@@ -2037,6 +2121,9 @@ static void set_defaults(struct config *c)
 static void parser_free(struct parser *p)
 {
     free(p->dir);
+    free(p->pool_fallback_key);
+    for (size_t i = 0; i < p->nmodels; i++)
+        free(p->models[i].fallback_key);
     config_ini_free(&p->in);
     free(p->list_open_text);
     strvec_free(&p->default_args);
@@ -2295,6 +2382,7 @@ void config_free(struct config *cfg)
     util_strv_free(cfg->api_keys);
     util_strv_free(cfg->cors_origins);
     free(cfg->admin_key);
+    config_fallback_free(cfg->fallback);
     for (size_t i = 0; i < cfg->nmodels; i++)
         model_free(&cfg->models[i]);
     free(cfg->models);
@@ -2335,4 +2423,117 @@ const struct config_model *config_find_model(const struct config *cfg,
             if (!strcmp(cfg->models[i].aliases[j], name_or_alias))
                 return &cfg->models[i];
     return NULL;
+}
+
+/* ------------------------------------------------------------------ */
+/* fallback                                                            */
+
+void config_fallback_free(struct config_fallback *fb)
+{
+    if (!fb)
+        return;
+    free(fb->url);
+    free(fb->host);
+    free(fb->prefix);
+    free(fb->key);
+    free(fb);
+}
+
+int config_parse_fallback(const char *url, struct config_fallback *fb, char *err, size_t errlen)
+{
+    static const char scheme[] = "http://";
+    if (strncasecmp(url, "https://", 8) == 0) {
+        snprintf(err, errlen, "https is not supported: llama-pool relays plain HTTP only; "
+                              "put a local relay in front (nginx, see docs/nginx.md) and name it "
+                              "here as http://");
+        return -1;
+    }
+    if (strncasecmp(url, scheme, sizeof scheme - 1) != 0) {
+        snprintf(err, errlen, "not an http:// URL (the form is http://HOST:PORT[/PREFIX])");
+        return -1;
+    }
+    for (const char *c = url; *c; c++)
+        if ((unsigned char)*c <= ' ' || *c == 0x7f || *c == '?' || *c == '#') {
+            snprintf(err, errlen, "a fallback URL has no spaces, control characters, query or "
+                                  "fragment (the form is http://HOST:PORT[/PREFIX])");
+            return -1;
+        }
+    const char *auth = url + sizeof scheme - 1;
+    size_t alen = strcspn(auth, "/");
+    const char *path = auth + alen;
+    if (memchr(auth, '@', alen)) {
+        snprintf(err, errlen, "credentials in the URL are not supported (fallback_key sets the key)");
+        return -1;
+    }
+    /* HOST, [V6] or HOST:PORT, [V6]:PORT */
+    const char *host = auth, *port = NULL;
+    size_t hlen;
+    if (alen && *auth == '[') {
+        const char *close = memchr(auth, ']', alen);
+        if (!close) {
+            snprintf(err, errlen, "an IPv6 address in brackets lacks its ']'");
+            return -1;
+        }
+        host = auth + 1;
+        hlen = (size_t)(close - host);
+        if (close + 1 < auth + alen) {
+            if (close[1] != ':') {
+                snprintf(err, errlen, "after ']' comes :PORT or the path");
+                return -1;
+            }
+            port = close + 2;
+        }
+    } else {
+        const char *colon = memchr(auth, ':', alen);
+        hlen = colon ? (size_t)(colon - auth) : alen;
+        port = colon ? colon + 1 : NULL;
+    }
+    if (hlen == 0) {
+        snprintf(err, errlen, "no host (the form is http://HOST:PORT[/PREFIX])");
+        return -1;
+    }
+    char portbuf[8] = "80";       /* http's own when none is given */
+    if (port) {
+        size_t plen = (size_t)(auth + alen - port);
+        unsigned long n = 0;
+        bool digits = plen > 0 && plen < 6 && strspn(port, "0123456789") >= plen;
+        if (digits)
+            n = strtoul(port, NULL, 10);
+        if (!digits || n == 0 || n > 65535) {
+            snprintf(err, errlen, "the port is not a number from 1 to 65535");
+            return -1;
+        }
+        snprintf(portbuf, sizeof portbuf, "%lu", n);
+    }
+    char *hostname = xstrndup(host, hlen);
+    struct addrinfo hints = { .ai_family = AF_UNSPEC, .ai_socktype = SOCK_STREAM,
+                              .ai_flags = AI_NUMERICSERV }, *res = NULL;
+    int rc = getaddrinfo(hostname, portbuf, &hints, &res);
+    if (rc != 0 || !res) {
+        snprintf(err, errlen, "cannot resolve \"%s\": %s", hostname,
+                 rc == EAI_SYSTEM ? strerror(errno) : gai_strerror(rc));
+        free(hostname);
+        if (res)
+            freeaddrinfo(res);
+        return -1;
+    }
+    free(hostname);
+    memcpy(&fb->addr, res->ai_addr, res->ai_addrlen);
+    fb->addrlen = res->ai_addrlen;
+    freeaddrinfo(res);
+    size_t plen = strlen(path);
+    while (plen && path[plen - 1] == '/')
+        plen--;                         /* the target brings its own '/' */
+    fb->url = xstrdup(url);
+    fb->host = xstrndup(auth, alen);
+    fb->prefix = xstrndup(path, plen);
+    return 0;
+}
+
+const struct config_fallback *config_model_fallback(const struct config *cfg,
+                                                    const struct config_model *m)
+{
+    if (m && m->fallback_set)
+        return m->fallback;
+    return cfg->fallback;
 }

@@ -17,6 +17,7 @@
 #include <stdbool.h>
 #include <stddef.h>
 #include <stdint.h>
+#include <sys/socket.h>
 
 #define CONFIG_DEFAULT_PATH "/etc/llama-pool/pool.conf"
 
@@ -73,6 +74,21 @@ enum config_eviction {
     CONFIG_EVICTION_COST,      /* GreedyDual-Size-Frequency (see scheduler.h) */
 };
 
+/* fallback = http://HOST:PORT[/PREFIX] (and fallback_key): where a request
+ * goes that cannot be served here (api.h, router.h say when). Only plain
+ * http: the pool relays bytes, it does not speak TLS (put a local relay
+ * such as nginx in front of an https one). HOST is resolved when pool.conf
+ * is read (start, reload, check): a name that does not resolve is an error
+ * then, not a 502 later. */
+struct config_fallback {
+    char *url;                 /* as written, for logs and messages */
+    char *host;                /* the Host header: "HOST:PORT" as written */
+    char *prefix;              /* "" or "/PATH" (no trailing '/'), put before the target */
+    char *key;                 /* fallback_key: sent as "Authorization: Bearer KEY"; NULL: none */
+    struct sockaddr_storage addr;   /* HOST:PORT resolved */
+    socklen_t addrlen;
+};
+
 struct config_model {
     char *name;            /* section name, or file stem under models_dir */
     char *path;            /* GGUF path, absolute or relative to the config */
@@ -93,6 +109,10 @@ struct config_model {
     size_t naliases;
     struct config_env *env;
     size_t nenv;
+    /* fallback: NULL with fallback_set false: [pool]'s; NULL with
+     * fallback_set ("fallback =" empty): none for this model. */
+    struct config_fallback *fallback;
+    bool fallback_set;
     bool from_models_dir;  /* true when discovered, not written as a section */
     int line;              /* line of its [model …] header, 0 for models_dir */
 };
@@ -152,6 +172,8 @@ struct config {
     enum config_eviction eviction;  /* which idle instance a memory start stops first */
     bool metrics_children;      /* children run with --metrics, and /metrics
                                  * adds their llamacpp:* series */
+    struct config_fallback *fallback;   /* NULL: none */
+    bool fallback_unknown;      /* a model not configured here goes to fallback */
 
     struct config_model *models;
     size_t nmodels;
@@ -214,6 +236,16 @@ bool config_child_metrics(const struct config *cfg, const struct config_model *m
 /* Slots a child of M will have: its -np/--parallel, else llama-server's
  * automatic 4. The real count comes from /props once it is ready. */
 unsigned config_child_slots(const struct config *cfg, const struct config_model *m);
+
+/* M's fallback: its own, else [pool]'s; NULL when it has none. */
+const struct config_fallback *config_model_fallback(const struct config *cfg,
+                                                    const struct config_model *m);
+
+/* Parse URL ("http://HOST:PORT[/PREFIX]") into FB, resolving HOST. 0, or
+ * -1 with ERR saying what is wrong. FB's strings are malloc'd (free with
+ * config_fallback_free); key is left alone. */
+int config_parse_fallback(const char *url, struct config_fallback *fb, char *err, size_t errlen);
+void config_fallback_free(struct config_fallback *fb);
 
 /* M's routing: its own, else [pool]'s. */
 enum config_routing config_model_routing(const struct config *cfg, const struct config_model *m);

@@ -77,6 +77,26 @@ void metrics_count_eviction(struct model_stats *s, enum metrics_eviction why)
     }
 }
 
+const char *metrics_fallback_name(enum metrics_fallback why)
+{
+    static const char *const names[METRICS_FALLBACK_REASONS] = {
+        "never_fits", "queue_full", "failed", "start_failed",
+    };
+    return (unsigned)why < METRICS_FALLBACK_REASONS ? names[why] : "?";
+}
+
+void metrics_count_fallback(struct model_stats *s, enum metrics_fallback why)
+{
+    struct model_counts *c = counts(s);
+    if (c && (unsigned)why < METRICS_FALLBACK_REASONS)
+        c->fallbacks[why]++;
+}
+
+void metrics_count_fallback_unknown(struct pool_stats *s)
+{
+    s->fallback_unknown++;
+}
+
 void metrics_count_queue_wait(struct model_stats *s, double seconds)
 {
     struct model_counts *c = counts(s);
@@ -370,6 +390,21 @@ char *metrics_render(struct pool *p, const struct router *r, size_t *len)
             emit(&o, "llama_pool_requests_total{model=\"%s\",status=\"%d\"} %" PRIu64 "\n",
                  label(&o, p->models[i]->cfg->name), s->status[k].code, s->status[k].n);
     }
+    /* Only the models that used it (and "unknown" when it may be used): a
+     * fallback is for the exception, not a series per configured model. */
+    family(&o, "llama_pool_fallback_total", "counter",
+           "requests sent to the fallback, by model and reason: never_fits, queue_full, failed "
+           "(crash loop), start_failed; unknown (model=\"\"): a model not configured here");
+    for (size_t i = 0; i < p->nmodels; i++) {
+        const struct model_counts *s = counts_of(p->models[i]);
+        for (unsigned k = 0; k < METRICS_FALLBACK_REASONS; k++)
+            if (s->fallbacks[k])
+                emit(&o, "llama_pool_fallback_total{model=\"%s\",reason=\"%s\"} %" PRIu64 "\n",
+                     label(&o, p->models[i]->cfg->name), metrics_fallback_name(k), s->fallbacks[k]);
+    }
+    if ((p->cfg->fallback && p->cfg->fallback_unknown) || p->stats.fallback_unknown)
+        emit(&o, "llama_pool_fallback_total{model=\"\",reason=\"unknown\"} %" PRIu64 "\n",
+             p->stats.fallback_unknown);
     if (p->cfg->metrics_children) {
         /* Every model that ran since the daemon started, so that the first
          * failure is an increase from 0, not a new series. */

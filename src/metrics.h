@@ -15,6 +15,7 @@
 
 #define METRICS_STATUS_SLOTS 12
 #define METRICS_BUCKETS 13
+#define METRICS_FALLBACK_REASONS 4    /* enum metrics_fallback */
 
 /* Per model: the counters, allocated at the first count, so that each of
  * thousands of models that never ran costs a pointer (read as zeros). */
@@ -35,6 +36,7 @@ struct model_counts {
     uint64_t queue_waits;         /* requests that were dispatched */
     double queue_wait_seconds;    /* their time from arrival to dispatch */
     struct { int code; uint64_t n; } status[METRICS_STATUS_SLOTS];  /* answers by status */
+    uint64_t fallbacks[METRICS_FALLBACK_REASONS];                 /* requests sent to the fallback, by enum metrics_fallback */
 };
 
 struct model_stats {
@@ -52,6 +54,8 @@ struct metrics_hist {
 struct pool_stats {
     struct metrics_hist duration;       /* arrival → end of the answer */
     struct metrics_hist first_byte;     /* dispatch → the instance's response head */
+    uint64_t fallback_unknown;          /* requests for a model not configured here,
+                                         * sent to the fallback (fallback_unknown) */
 };
 
 extern const double metrics_bucket_le[METRICS_BUCKETS];
@@ -64,6 +68,16 @@ enum metrics_eviction {
     METRICS_EVICT_CRASH,
 };
 
+/* Why a request went to the fallback (llama_pool_fallback_total's reason). */
+enum metrics_fallback {
+    METRICS_FALLBACK_NEVER_FITS,   /* its memory is more than the budget (503) */
+    METRICS_FALLBACK_QUEUE_FULL,   /* max_queue waiting already (429) */
+    METRICS_FALLBACK_FAILED,       /* the model is failed: a crash loop (503) */
+    METRICS_FALLBACK_START_FAILED, /* the start it waited for failed (502) */
+};
+/* The reason's label value: "never_fits", "queue_full", "failed", "start_failed". */
+const char *metrics_fallback_name(enum metrics_fallback why);
+
 /* A count that finds no memory for the model's counters is lost (and
  * only that one: the next tries again). */
 void metrics_count_status(struct model_stats *s, int code);
@@ -74,6 +88,8 @@ void metrics_count_queue_wait(struct model_stats *s, double seconds);
 void metrics_count_affinity(struct model_stats *s, bool hit);
 void metrics_count_prompt(struct model_stats *s, uint64_t cached, uint64_t processed);
 void metrics_count_child_scrape_failed(struct model_stats *s);
+void metrics_count_fallback(struct model_stats *s, enum metrics_fallback why);
+void metrics_count_fallback_unknown(struct pool_stats *s);
 void metrics_observe(struct metrics_hist *h, double seconds);
 void metrics_stats_free(struct model_stats *s);
 

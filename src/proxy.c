@@ -78,9 +78,12 @@ struct upconn {
     struct proxy_call *call;   /* owner while busy */
 };
 
-/* The idle keep-alive connections to one port. */
+/* The idle keep-alive connections to one port of 127.0.0.1, or to one
+ * other address (proxy_forward_to: addrlen not 0). */
 struct idle_conns {
     unsigned port;
+    struct sockaddr_storage addr;
+    socklen_t addrlen;         /* 0: 127.0.0.1:port */
     struct upconn *head;       /* most recently used first: reuse is LIFO */
     unsigned count;
 };
@@ -131,6 +134,10 @@ struct proxy_call {
     struct proxy_call *prev, *next;   /* active calls; next also links the free list */
     struct http_request *req;         /* NULL once the response has ended or the client left */
     unsigned port;
+    const struct proxy_upstream *up;  /* proxy_forward_to's, until the head is built; else NULL */
+    struct idle_conns *ic;            /* proxy_forward_to: its address's idle list */
+    const char *served_by;            /* proxy_forward_to: X-Llama-Pool-Served-By; NULL: none */
+    const char *error;                /* what went wrong, for DONE (call_upstream_failed) */
     proxy_done_fn done;
     double sent_at, head_at;          /* ev_now() at proxy_forward, at the upstream's head */
     void *arg;
@@ -300,10 +307,10 @@ static bool conn_names_headers(const char *list, size_t list_len)
 /* The idle list of PORT; made when CREATE (NULL when out of memory). */
 static struct idle_conns *idle_find(struct proxy *p, unsigned port, bool create)
 {
-    if (p->last_idle && p->last_idle->port == port)
+    if (p->last_idle && p->last_idle->port == port && !p->last_idle->addrlen)
         return p->last_idle;
     for (size_t i = 0; i < p->nidle; i++)
-        if (p->idle[i]->port == port)
+        if (p->idle[i]->port == port && !p->idle[i]->addrlen)
             return p->last_idle = p->idle[i];
     if (!create)
         return NULL;
@@ -315,6 +322,29 @@ static struct idle_conns *idle_find(struct proxy *p, unsigned port, bool create)
     ic->port = port;
     p->idle[p->nidle++] = ic;
     return p->last_idle = ic;
+}
+
+/* The idle list of address ADDR (another server: proxy_forward_to); NULL
+ * when out of memory. Such lists are few (a fallback or two), and kept. */
+static struct idle_conns *idle_find_addr(struct proxy *p, const struct sockaddr *addr,
+                                         socklen_t len)
+{
+    if (len == 0 || len > sizeof(struct sockaddr_storage))
+        return NULL;
+    for (size_t i = 0; i < p->nidle; i++)
+        if (p->idle[i]->addrlen == len && memcmp(&p->idle[i]->addr, addr, len) == 0)
+            return p->idle[i];
+    if (!util_grow(&p->idle, &p->idle_cap, p->nidle + 1, sizeof *p->idle))
+        return NULL;
+    struct idle_conns *ic = calloc(1, sizeof *ic);
+    if (!ic)
+        return NULL;
+    memcpy(&ic->addr, addr, len);
+    ic->addrlen = len;
+    ic->port = addr->sa_family == AF_INET6 ? ntohs(((const struct sockaddr_in6 *)addr)->sin6_port)
+                                           : ntohs(((const struct sockaddr_in *)addr)->sin_port);
+    p->idle[p->nidle++] = ic;
+    return ic;
 }
 
 static void uc_io_cb(struct ev_loop *loop, ev_io *w, int revents);
@@ -371,7 +401,8 @@ static struct upconn *uc_connect(struct proxy *p, struct idle_conns *ic, int *er
         *err = ENOMEM;
         return NULL;
     }
-    int fd = socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC | SOCK_NONBLOCK, 0);
+    int family = ic->addrlen ? ic->addr.ss_family : AF_INET;
+    int fd = socket(family, SOCK_STREAM | SOCK_CLOEXEC | SOCK_NONBLOCK, 0);
     if (fd < 0) {
         *err = errno;
         free(uc);
@@ -382,9 +413,12 @@ static struct upconn *uc_connect(struct proxy *p, struct idle_conns *ic, int *er
         log_warn("proxy: upstream port %u: TCP_NODELAY: %s", ic->port, strerror(errno));
     struct sockaddr_in sin = { .sin_family = AF_INET, .sin_port = htons((uint16_t)ic->port) };
     sin.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+    const struct sockaddr *to = ic->addrlen ? (const struct sockaddr *)&ic->addr
+                                            : (const struct sockaddr *)&sin;
+    socklen_t tolen = ic->addrlen ? ic->addrlen : sizeof sin;
     int r;
     do
-        r = connect(fd, (struct sockaddr *)&sin, sizeof sin);
+        r = connect(fd, to, tolen);
     while (r < 0 && errno == EINTR);
     if (r < 0 && errno != EINPROGRESS) {
         *err = errno;
@@ -545,12 +579,18 @@ static bool is_client_credential(const char *n, size_t l)
 static bool call_build_head(struct proxy_call *call, const char *target, const char *key)
 {
     const struct http_request *req = call->req;
+    const char *host = call->up ? call->up->host : NULL;
+    /* Another server never sees the client's keys: they are the pool's. */
+    bool drop_cred = key || call->up;
     const char *conn_lists[8];
     size_t nconn = 0;
     bool conn_extra = false, framed = false;
     if (key && !valid_value(key))
         key = NULL;   /* cannot be sent; the child will answer 401 */
-    size_t need = strlen(req->method) + strlen(target) + 128 + (key ? strlen(key) + 32 : 0);
+    if (host && !valid_value(host))
+        host = NULL;  /* config.c refuses such; never let one split the head */
+    size_t need = strlen(req->method) + strlen(target) + 128 + (key ? strlen(key) + 32 : 0) +
+                  (host ? strlen(host) : 0);
     size_t xff_need = 0;
 
     for (size_t i = 0; i < req->nheaders; i++) {
@@ -578,8 +618,13 @@ static bool call_build_head(struct proxy_call *call, const char *target, const c
     o = put(o, req->method, strlen(req->method));
     *o++ = ' ';
     o = put(o, target, strlen(target));
-    o = PUT_LIT(o, " HTTP/1.1\r\nHost: 127.0.0.1:");
-    o = put_uint(o, call->port);
+    if (host) {
+        o = PUT_LIT(o, " HTTP/1.1\r\nHost: ");
+        o = put(o, host, strlen(host));
+    } else {
+        o = PUT_LIT(o, " HTTP/1.1\r\nHost: 127.0.0.1:");
+        o = put_uint(o, call->port);
+    }
     o = PUT_LIT(o, "\r\n");
     for (size_t i = 0; i < req->nheaders; i++) {
         const char *n = req->headers[i].name, *v = req->headers[i].value;
@@ -587,7 +632,7 @@ static bool call_build_head(struct proxy_call *call, const char *target, const c
         if (!valid_name(n, nl) || !valid_value(v) || is_hop_by_hop(n, nl) ||
             NAME_IS(n, nl, "Host") || NAME_IS(n, nl, "Content-Length") ||
             NAME_IS(n, nl, "X-Forwarded-For") || NAME_IS(n, nl, "Expect") ||
-            (key && is_client_credential(n, nl)))
+            (drop_cred && is_client_credential(n, nl)))
             continue;
         if (conn_extra) {
             bool listed = false;
@@ -659,6 +704,7 @@ static void call_end(struct proxy_call *call, enum proxy_outcome outcome)
         .predicted_n = call->timings.predicted_n,
         .prompt_ms = call->timings.prompt_ms,
         .predicted_ms = call->timings.predicted_ms,
+        .error = outcome == PROXY_OK || outcome == PROXY_CLIENT_GONE ? NULL : call->error,
     };
 
     if (call->ended)
@@ -728,6 +774,7 @@ static void call_upstream_failed(struct proxy_call *call, const char *fmt, ...)
     va_end(ap);
 
     log_warn("proxy: %s %s: %s", req->method, req->path, msg);
+    call->error = msg;                /* for DONE, called below while msg lives */
     call_release_uc(call, false);
     call->req = NULL;
     http_request_unwatch(req);
@@ -855,7 +902,8 @@ static int on_header_field_complete(llhttp_t *lp)
     else if (NAME_IS(n, l, "Content-Type"))
         call->action = HDR_CTYPE;
     else if (is_hop_by_hop(n, l) || NAME_IS(n, l, "Content-Length") ||
-             NAME_IS(n, l, "Server") || NAME_IS(n, l, "Date") || is_cors(n, l))
+             NAME_IS(n, l, "Server") || NAME_IS(n, l, "Date") || is_cors(n, l) ||
+             (call->served_by && NAME_IS(n, l, "X-Llama-Pool-Served-By")))
         call->action = HDR_DROP;
     else
         call->action = HDR_KEEP;
@@ -980,6 +1028,10 @@ static int on_headers_complete(llhttp_t *lp)
     call->is_sse = call->ctype_len >= 17 && strncasecmp(call->ctype, "text/event-stream", 17) == 0;
     if (call->is_sse && !call->has_accel &&
         !hdr_append(call, "X-Accel-Buffering: no\r\n", 23))
+        return reject(call, "response header block too large");
+    if (call->served_by &&
+        !(hdr_append(call, "X-Llama-Pool-Served-By: ", 24) &&
+          hdr_append(call, call->served_by, strlen(call->served_by)) && hdr_append(call, "\r\n", 2)))
         return reject(call, "response header block too large");
     if (call->hdr.data)
         call->hdr.data[call->hdr.len] = '\0'; /* after the lines cut above */
@@ -1221,7 +1273,7 @@ static void uc_timer_cb(struct ev_loop *loop, ev_timer *w, int revents)
 static void call_start(struct proxy_call *call)
 {
     struct proxy *p = call->p;
-    struct idle_conns *ic = idle_find(p, call->port, true);
+    struct idle_conns *ic = call->ic ? call->ic : idle_find(p, call->port, true);
     struct upconn *uc = NULL;
     int err = ENOMEM;
 
@@ -1331,9 +1383,28 @@ struct proxy_call *proxy_forward(struct proxy *p, struct http_request *req, unsi
     return proxy_forward_key(p, req, port, NULL, target, done, arg);
 }
 
+static struct proxy_call *forward(struct proxy *p, struct http_request *req, unsigned port,
+                                  const struct proxy_upstream *up, const char *key,
+                                  const char *target, proxy_done_fn done, void *arg);
+
 struct proxy_call *proxy_forward_key(struct proxy *p, struct http_request *req, unsigned port,
                                      const char *key, const char *target,
                                      proxy_done_fn done, void *arg)
+{
+    return forward(p, req, port, NULL, key, target, done, arg);
+}
+
+struct proxy_call *proxy_forward_to(struct proxy *p, struct http_request *req,
+                                    const struct proxy_upstream *up, const char *target,
+                                    proxy_done_fn done, void *arg)
+{
+    return forward(p, req, 0, up, up->key, target, done, arg);
+}
+
+/* PORT: a child's on 127.0.0.1; else UP, another server. */
+static struct proxy_call *forward(struct proxy *p, struct http_request *req, unsigned port,
+                                  const struct proxy_upstream *up, const char *key,
+                                  const char *target, proxy_done_fn done, void *arg)
 {
     if (!target)
         target = req->target;
@@ -1349,6 +1420,12 @@ struct proxy_call *proxy_forward_key(struct proxy *p, struct http_request *req, 
     call->req = req;
     call->port = port;
     call->done = done;
+    if (up) {
+        call->up = up;
+        call->served_by = up->served_by;   /* the caller's, alive until DONE */
+        call->ic = idle_find_addr(p, up->addr, up->addrlen);
+        call->port = call->ic ? call->ic->port : 0;
+    }
     call->sent_at = ev_now(p->loop);
     call->arg = arg;
     call->head_req = strcmp(req->method, "HEAD") == 0;
@@ -1366,8 +1443,10 @@ struct proxy_call *proxy_forward_key(struct proxy *p, struct http_request *req, 
         call_end(call, PROXY_UPSTREAM_ERROR);
         return NULL;
     }
-    if (!call_build_head(call, target, key)) {
-        call_upstream_failed(call, "proxy: out of memory for the request to port %u", port);
+    bool built = call_build_head(call, target, key);
+    call->up = NULL;                    /* the caller's struct may go now */
+    if (!built || (up && !call->ic)) {
+        call_upstream_failed(call, "proxy: out of memory for the request to port %u", call->port);
         return NULL;
     }
     bool ended = false; /* the call may end inside (connect refused at once) */

@@ -14,6 +14,7 @@
 
 #include <ev.h>
 #include <stdbool.h>
+#include <sys/socket.h>
 
 #include "http.h"
 
@@ -44,6 +45,8 @@ struct proxy_result {
      * milliseconds of each part. */
     long cache_n, prompt_n, predicted_n;
     double prompt_ms, predicted_ms;
+    const char *error;           /* UPSTREAM_ERROR, _CUT, _UNANSWERED: what went
+                                  * wrong, valid during DONE; else NULL */
 };
 
 /* Called once per call, after the client's response has ended (or the
@@ -65,6 +68,27 @@ struct proxy_call *proxy_forward(struct proxy *p, struct http_request *req, unsi
 struct proxy_call *proxy_forward_key(struct proxy *p, struct http_request *req, unsigned port,
                                      const char *key, const char *target,
                                      proxy_done_fn done, void *arg);
+
+/* An upstream other than a local child: another server, such as a
+ * fallback (config.h, struct config_fallback). */
+struct proxy_upstream {
+    const struct sockaddr *addr;  /* where to connect */
+    socklen_t addrlen;
+    const char *host;             /* the Host header to send: "HOST:PORT" */
+    const char *key;              /* "Authorization: Bearer KEY"; NULL: none */
+    const char *served_by;        /* the value of X-Llama-Pool-Served-By added to
+                                   * the client's answer (any the upstream sent is
+                                   * dropped); NULL: none added */
+};
+/* Relay REQ to UP as proxy_forward_key does to a child, with TARGET as
+ * given. The client's Authorization and X-Api-Key are dropped always (they
+ * are the pool's keys, for the pool alone); UP's key goes in their place.
+ * Idle connections are kept per address as per port. Outcomes and DONE as
+ * proxy_forward's; PROXY_UPSTREAM_UNANSWERED only with
+ * proxy_hand_back_unanswered, and then res->error says why. */
+struct proxy_call *proxy_forward_to(struct proxy *p, struct http_request *req,
+                                    const struct proxy_upstream *up, const char *target,
+                                    proxy_done_fn done, void *arg);
 
 /* ON: a call whose upstream fails before sending a byte of its answer
  * (the child was stopping or died as the request went out) does not answer

@@ -27,6 +27,7 @@ struct router {
     /* Every request from arrival to its end (walked at shutdown and when an
      * instance goes; found by its address, the scheduler's id for it). */
     struct rreq *reqs;
+    struct fbcall *fbcalls;     /* requests relaying to a fallback */
     /* The scheduler's model index → model: a pool model's index, which
      * the pool never reuses (a model removed by a reload leaves NULL). */
     struct pool_model **slots;
@@ -357,8 +358,136 @@ static void do_dispatch(struct router *r, struct rreq *q, struct instance *inst)
     proxy_forward_key(r->proxy, q->req, inst->port, inst->api_key, q->target, call_done, q);
 }
 
+/* ---------- fallback (router.h) ---------- */
+
+/* One request relaying to a fallback: what its 502 needs, should the
+ * fallback not answer (the config may be reloaded meanwhile: copies). */
+struct fbcall {
+    struct fbcall *prev, *next;
+    struct router *r;
+    struct http_request *req;
+    char *url;                  /* the fallback's, as configured */
+    char *model;                /* as the request named it */
+    const char *why;            /* why not here, a literal */
+};
+
+static void fbcall_free(struct fbcall *f)
+{
+    struct router *r = f->r;
+    if (f->prev)
+        f->prev->next = f->next;
+    else
+        r->fbcalls = f->next;
+    if (f->next)
+        f->next->prev = f->prev;
+    free(f->url);
+    free(f->model);
+    free(f);
+}
+
+static void fallback_done(void *arg, const struct proxy_result *res)
+{
+    struct fbcall *f = arg;
+    if (res->outcome == PROXY_UPSTREAM_UNANSWERED)
+        http_respond_error(f->req, 502, "server_error",
+                           "%s: not served here (%s), and the fallback %s did not answer: %s",
+                           f->model, f->why, f->url, res->error ? res->error : "connection closed");
+    fbcall_free(f);
+}
+
+/* Relay REQ (for model NAME, not served here because WHY) to FB. */
+static void fallback_send(struct router *r, struct http_request *req, const struct config_fallback *fb,
+                          const char *name, const char *why)
+{
+    struct fbcall *f = calloc(1, sizeof *f);
+    char *target = NULL;
+    if (!f || !(f->url = strdup(fb->url)) || !(f->model = strdup(name)) ||
+        asprintf(&target, "%s%s", fb->prefix, req->target) < 0) {
+        if (f) {
+            free(f->url);
+            free(f->model);
+        }
+        free(f);
+        http_respond_error(req, 500, NULL, "out of memory");
+        return;
+    }
+    log_info("%s: %s %s: not served here (%s): sent to the fallback %s", name, req->method,
+             req->path, why, fb->url);
+    f->r = r;
+    f->req = req;
+    f->why = why;
+    f->next = r->fbcalls;
+    if (r->fbcalls)
+        r->fbcalls->prev = f;
+    r->fbcalls = f;
+    struct proxy_upstream up = {
+        .addr = (const struct sockaddr *)&fb->addr, .addrlen = fb->addrlen,
+        .host = fb->host, .key = fb->key, .served_by = "fallback",
+    };
+    proxy_forward_to(r->proxy, req, &up, target, fallback_done, f);
+    free(target);
+}
+
+void router_fallback_unknown(struct router *r, struct http_request *req, const char *name)
+{
+    const struct config_fallback *fb = r->pool->cfg->fallback;
+    if (!fb) {
+        http_respond_error(req, 404, "not_found_error", "model \"%s\" not found", name);
+        return;
+    }
+    metrics_count_fallback_unknown(&r->pool->stats);
+    fallback_send(r, req, fb, name, "not configured here");
+}
+
+/* Whether the scheduler's FAIL of Q (status A) goes to a fallback, and why
+ * (*WHY for the count; the literal returned for the log and the 502).
+ * The status says which refusal it was: 429 is only ever "queue full",
+ * 502 only a failed start, 503 a failed model when the pool says so, and
+ * otherwise no room that could ever be made (the estimate is above the
+ * budget or every device's). NULL: answered here as before. */
+static const char *fallback_reason(const struct rreq *q, const struct sched_action *a,
+                                   enum metrics_fallback *why)
+{
+    if (!q->model || q->target || q->model->retired)
+        return NULL;            /* /upstream/M/…: a path of this pool's */
+    switch (a->status) {
+    case 429:
+        *why = METRICS_FALLBACK_QUEUE_FULL;
+        return "queue full";
+    case 502:
+        *why = METRICS_FALLBACK_START_FAILED;
+        return "its start failed";
+    case 503:
+        if (q->model->failed) {
+            *why = METRICS_FALLBACK_FAILED;
+            return "the model is failed";
+        }
+        *why = METRICS_FALLBACK_NEVER_FITS;
+        return "it does not fit the memory budget";
+    default:
+        return NULL;            /* 504: waited queue_timeout already; 404: removed */
+    }
+}
+
 static void do_fail(struct router *r, struct rreq *q, const struct sched_action *a)
 {
+    enum metrics_fallback why;
+    const char *reason = fallback_reason(q, a, &why);
+    const struct config_fallback *fb = reason ? config_model_fallback(r->pool->cfg, q->model->cfg)
+                                              : NULL;
+    if (fb) {
+        struct http_request *req = q->req;
+        char *name = strdup(q->model->cfg->name);
+        metrics_count_fallback(&q->model->stats, why);
+        http_request_unwatch(req);
+        rreq_free(q);
+        if (name)
+            fallback_send(r, req, fb, name, reason);
+        else
+            http_respond_error(req, 500, NULL, "out of memory");
+        free(name);
+        return;
+    }
     if (q->model)
         metrics_count_status(&q->model->stats, a->status);
     note_end(r, q, a->status, NULL);
@@ -999,6 +1128,8 @@ void router_free(struct router *r)
         ev_ref(r->loop);
         ev_timer_stop(r->loop, &r->sample);
     }
+    while (r->fbcalls)
+        fbcall_free(r->fbcalls);        /* proxy_free drops their calls */
     while (r->reqs) {
         struct rreq *q = r->reqs;
         if (!q->dispatched)

@@ -30,6 +30,22 @@ void router_reload(struct router *r);
 struct affinity_key;
 void router_forward(struct router *r, struct http_request *req, struct pool_model *m,
                     const char *target, struct affinity_key *key);
+/* Fallback (config.h, struct config_fallback): a request for a configured
+ * model that the scheduler answers 429 (queue full), 503 (can never fit
+ * the budget, or the model is failed: a crash loop) or 502 (the start it
+ * waited for failed) goes to the model's fallback instead, when it has one;
+ * a 504 (queue_timeout) does not: its client has waited the whole timeout
+ * already. Requests through /upstream/M/… never go (their path is this
+ * pool's). The request goes as received, prefix + target, body as is, the
+ * client's keys replaced by fallback_key; the answer is relayed as it
+ * comes (streams too) with "X-Llama-Pool-Served-By: fallback". A fallback
+ * that does not answer: 502 naming it and why the request was not served
+ * here. One log line per use; llama_pool_fallback_total counts them. */
+
+/* A request for NAME, a model not configured here: to [pool]'s fallback
+ * (the caller checked fallback_unknown and that there is one). */
+void router_fallback_unknown(struct router *r, struct http_request *req, const char *name);
+
 /* GET /pool/server?model=M: make sure M runs, answer {"model","port","url",
  * "api_key","instance"}: url goes through the pool (/upstream/M), api_key
  * is the child's own, for code that talks to the port directly. */

@@ -2321,6 +2321,63 @@ static void test_state_dir_and_preload(void **state)
     expect_error(f, "[model tiny]\npath = m.gguf\npreload = popular 1\n", 3, "preload", "[pool]", NULL);
 }
 
+/* fallback: [pool]'s for every model, a model's own over it, "fallback ="
+ * turning it off for one model, and each fallback_key with its own
+ * section's URL (a key made for one host never goes to another). */
+static void test_fallback(void **state)
+{
+    struct fx *f = *state;
+    struct config *c = load_ok(f, "[model tiny]\npath = m.gguf\n");
+    assert_null(c->fallback);
+    assert_false(c->fallback_unknown);
+    assert_null(config_model_fallback(c, &c->models[0]));
+    config_free(c);
+
+    c = load_ok(f,
+        "[pool]\nfallback = http://127.0.0.1:9000/api/\nfallback_key = pk\nfallback_unknown = yes\n"
+        "[model a]\npath = m.gguf\n"
+        "[model b]\npath = m.gguf\nfallback = http://[::1]:9001\nfallback_key = bk\n"
+        "[model c]\npath = m.gguf\nfallback =\n"
+        "[model d]\npath = m.gguf\nfallback = http://localhost\n");
+    assert_true(c->fallback_unknown);
+    const struct config_fallback *fb = config_model_fallback(c, &c->models[0]);
+    assert_ptr_equal(fb, c->fallback);
+    assert_string_equal(fb->url, "http://127.0.0.1:9000/api/");
+    assert_string_equal(fb->host, "127.0.0.1:9000");
+    assert_string_equal(fb->prefix, "/api");          /* the target brings its '/' */
+    assert_string_equal(fb->key, "pk");
+    assert_int_equal(fb->addr.ss_family, AF_INET);
+    fb = config_model_fallback(c, &c->models[1]);
+    assert_string_equal(fb->host, "[::1]:9001");
+    assert_string_equal(fb->prefix, "");
+    assert_string_equal(fb->key, "bk");
+    assert_int_equal(fb->addr.ss_family, AF_INET6);
+    assert_null(config_model_fallback(c, &c->models[2]));
+    fb = config_model_fallback(c, &c->models[3]);
+    assert_string_equal(fb->host, "localhost");       /* port 80 */
+    assert_null(fb->key);                             /* [pool]'s key stays with [pool]'s URL */
+    config_free(c);
+
+    expect_error(f, "[pool]\nfallback = https://api.example.com\n", 2,
+                 "fallback", "https is not supported", "nginx", NULL);
+    expect_error(f, "[pool]\nfallback = ftp://x:1\n", 2, "not an http:// URL", NULL);
+    expect_error(f, "[pool]\nfallback = http://:80\n", 2, "no host", NULL);
+    expect_error(f, "[pool]\nfallback = http://127.0.0.1:0\n", 2, "port", NULL);
+    expect_error(f, "[pool]\nfallback = http://127.0.0.1:99999\n", 2, "port", NULL);
+    expect_error(f, "[pool]\nfallback = http://127.0.0.1:8x\n", 2, "port", NULL);
+    expect_error(f, "[pool]\nfallback = http://u:p@127.0.0.1:80\n", 2, "credentials", "fallback_key", NULL);
+    expect_error(f, "[pool]\nfallback = http://127.0.0.1:80/x?y=1\n", 2, "query", NULL);
+    expect_error(f, "[pool]\nfallback = http://[::1:80\n", 2, "']'", NULL);
+    expect_error(f, "[pool]\nfallback = http://no-such-host.invalid:80\n", 2, "cannot resolve", NULL);
+    expect_error(f, "[pool]\nfallback_key = k\n", 2, "fallback_key", "no fallback", NULL);
+    expect_error(f, "[pool]\nfallback = http://127.0.0.1:9000\n"
+                    "[model a]\npath = m.gguf\nfallback_key = k\n", 5,
+                 "fallback_key", "model \"a\"", "its own", NULL);
+    expect_error(f, "[pool]\nfallback_unknown = yes\n", 2, "fallback_unknown", "no fallback", NULL);
+    expect_error(f, "[pool]\nfallback_unknown = maybe\n", 2, "fallback_unknown", "yes or no", NULL);
+    expect_error(f, "[model a]\npath = m.gguf\nfallback_unknown = yes\n", 3, "fallback_unknown", "[pool]", NULL);
+}
+
 int main(void)
 {
     const struct CMUnitTest tests[] = {
@@ -2329,6 +2386,7 @@ int main(void)
         T(test_model_defaults),
         T(test_every_pool_key),
         T(test_every_model_key),
+        T(test_fallback),
         T(test_parse_size),
         T(test_parse_duration),
         T(test_parse_bool),
