@@ -259,3 +259,24 @@ def test_a_dead_pool_is_passed_over(site):
     assert health(alive) == (200, {"status": "ok"})
     with pytest.raises(ConnectionRefusedError):
         health(dead)
+
+
+def test_a_pool_rested_for_its_refusals_is_no_fallback_when_the_other_dies(site):
+    """docs/multi-host.md's "the catch": nginx counts a passed-over 429 as
+    a failure; with the consistent hash, once every pool is marked failed
+    nginx answers 502 itself, trying none."""
+    a = site.pool("a", HOSTS[0], {}, pool_extra="max_queue = 0")
+    b = site.pool("b", HOSTS[1], {})
+    site.start()
+    for m in MODELS:
+        assert site.ask(m)[0] == 200
+        if sum(n for (_, s), n in answers(a).items() if s == 429) == site.max_fails:
+            break
+    else:
+        pytest.skip("fewer than max_fails of the 16 models hash to a")  # 137 in 65536
+    b.proc.kill()
+    b.proc.wait()
+    before = answers(a)
+    assert site.ask("m00")[0] == 502
+    assert "no live upstreams" in site.nginx_log()
+    assert answers(a) == before, "a was tried although it was resting"
