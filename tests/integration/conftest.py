@@ -10,6 +10,7 @@ import http.client
 import json
 import os
 import random
+import shutil
 import signal
 import socket
 import struct
@@ -148,6 +149,72 @@ class UnixHTTPConnection(http.client.HTTPConnection):
         self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         self.sock.settimeout(self.timeout)
         self.sock.connect(self.unix_path)
+
+
+NGINX = shutil.which("nginx") or (os.path.exists("/usr/sbin/nginx") and "/usr/sbin/nginx") or None
+
+
+def nginx_start(where, http_conf, port, error_log):
+    """nginx in the foreground, its pid and temp files in WHERE, HTTP_CONF in
+    its http block, in a process group of its own (so that nginx_stop reaches
+    its workers even if the master is gone); returned once 127.0.0.1:PORT
+    answers."""
+    t = where
+    conf = os.path.join(t, "nginx.conf")
+    with open(conf, "w") as f:
+        f.write(f"""
+daemon off;
+pid {t}/nginx.pid;
+error_log {error_log} warn;
+events {{ }}
+http {{
+    access_log off;
+    client_body_temp_path {t}/nginx-body;
+    proxy_temp_path {t}/nginx-proxy;
+    fastcgi_temp_path {t}/nginx-fastcgi;
+    uwsgi_temp_path {t}/nginx-uwsgi;
+    scgi_temp_path {t}/nginx-scgi;
+{http_conf}
+}}
+""")
+    proc = subprocess.Popen([NGINX, "-c", conf, "-p", str(t)], stdin=subprocess.DEVNULL,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+
+    def up():
+        if proc.poll() is not None:
+            try:
+                with open(error_log, errors="replace") as f:
+                    log = f.read()
+            except OSError:
+                log = ""
+            raise AssertionError(f"nginx exited with {proc.returncode}:\n{log}")
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            return True
+        except OSError:
+            return False
+    wait_for(up, what="nginx listening")
+    return proc
+
+
+def nginx_stop(proc):
+    """SIGTERM (the master stops its workers; a SIGKILLed master would leave
+    them serving), then SIGKILL to whatever is left in its group."""
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        try:
+            os.killpg(proc.pid, sig)
+        except ProcessLookupError:
+            return
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            continue
+        if sig == signal.SIGTERM:
+            try:
+                os.killpg(proc.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        return
 
 
 def write_gguf(path):

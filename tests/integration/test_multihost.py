@@ -5,16 +5,12 @@ import http.client
 import json
 import os
 import re
-import shutil
-import signal
 import socket
-import subprocess
 
 import pytest
-from conftest import ROOT, Pool, fake_only, free_port_block, wait_for
+from conftest import NGINX, ROOT, Pool, fake_only, free_port_block, nginx_start, nginx_stop
 from test_proxy import CHAT, post
 
-NGINX = shutil.which("nginx") or (os.path.exists("/usr/sbin/nginx") and "/usr/sbin/nginx")
 DOC = os.path.join(ROOT, "docs", "multi-host.md")
 HOSTS = ("127.0.0.2", "127.0.0.3")
 
@@ -82,34 +78,7 @@ class Site:
             assert old in conf, f"docs/multi-host.md's config has no {old!r}"
             conf = conf.replace(old, new)
         self.max_fails = int(re.search(r"max_fails=(\d+)", conf).group(1))
-        t = self.dir
-        (t / "nginx.conf").write_text(f"""
-daemon off;
-pid {t}/nginx.pid;
-error_log {self.error_log} warn;
-events {{ }}
-http {{
-    access_log off;
-    client_body_temp_path {t}/nginx-body;
-    proxy_temp_path {t}/nginx-proxy;
-    fastcgi_temp_path {t}/nginx-fastcgi;
-    uwsgi_temp_path {t}/nginx-uwsgi;
-    scgi_temp_path {t}/nginx-scgi;
-{conf}
-}}
-""")
-        # Its own process group: the workers are in it too, so that cleanup
-        # reaches them even if the master is gone.
-        self.nginx = subprocess.Popen([NGINX, "-c", str(t / "nginx.conf"), "-p", str(t)],
-                                      stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                                      stderr=subprocess.DEVNULL, start_new_session=True)
-
-        def up():
-            if self.nginx.poll() is not None:
-                raise AssertionError(f"nginx exited with {self.nginx.returncode}:\n{self.nginx_log()}")
-            socket.create_connection(("127.0.0.1", self.port), timeout=1).close()
-            return True
-        wait_for(up, what="nginx listening")
+        self.nginx = nginx_start(self.dir, conf, self.port, self.error_log)
         return self
 
     def nginx_log(self):
@@ -125,23 +94,7 @@ http {{
 
     def cleanup(self):
         if self.nginx:
-            # SIGTERM: the master stops its workers (a SIGKILLed master
-            # would leave them serving). Then anything left in the group.
-            for sig in (signal.SIGTERM, signal.SIGKILL):
-                try:
-                    os.killpg(self.nginx.pid, sig)
-                except ProcessLookupError:
-                    break
-                try:
-                    self.nginx.wait(10)
-                except subprocess.TimeoutExpired:
-                    continue
-                if sig == signal.SIGTERM:
-                    try:
-                        os.killpg(self.nginx.pid, signal.SIGKILL)
-                    except ProcessLookupError:
-                        pass
-                break
+            nginx_stop(self.nginx)
         for p in self.pools:
             p.cleanup()
 

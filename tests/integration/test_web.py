@@ -3,10 +3,9 @@ Selenium), against a daemon with the stand-in."""
 import os
 import shutil
 import socket
-import subprocess
 
 import pytest
-from conftest import fake_only, free_port_block, wait_for
+from conftest import NGINX, fake_only, free_port_block, nginx_start, nginx_stop, wait_for
 from test_proxy import CHAT, post
 
 try:
@@ -129,7 +128,6 @@ def test_the_page_says_why_without_admin_key(pool, browser):
           "the reason in the page")
 
 
-NGINX = shutil.which("nginx") or (os.path.exists("/usr/sbin/nginx") and "/usr/sbin/nginx")
 
 
 @needs_browser
@@ -138,20 +136,8 @@ NGINX = shutil.which("nginx") or (os.path.exists("/usr/sbin/nginx") and "/usr/sb
 def test_the_page_works_behind_nginx_under_a_prefix(pool, browser, tmp_path):
     three_models(pool)
     port = free_port_block(1)
-    conf = tmp_path / "nginx.conf"
-    # As docs/nginx.md's "The page under a prefix".
-    conf.write_text(f"""
-daemon off;
-pid {tmp_path}/nginx.pid;
-error_log {tmp_path}/nginx-error.log;
-events {{ }}
-http {{
-    access_log off;
-    client_body_temp_path {tmp_path}/nginx-body;
-    proxy_temp_path {tmp_path}/nginx-proxy;
-    fastcgi_temp_path {tmp_path}/nginx-fastcgi;
-    uwsgi_temp_path {tmp_path}/nginx-uwsgi;
-    scgi_temp_path {tmp_path}/nginx-scgi;
+    # As docs/nginx.md's "The web page under a prefix".
+    ng = nginx_start(tmp_path, f"""
     server {{
         listen 127.0.0.1:{port};
         location /llama/ {{
@@ -162,17 +148,8 @@ http {{
             proxy_read_timeout 3600s;
         }}
     }}
-}}
-""")
-    ng = subprocess.Popen([NGINX, "-c", str(conf), "-p", str(tmp_path)], stderr=subprocess.PIPE)
+""", port, tmp_path / "nginx-error.log")
     try:
-        def up():
-            try:
-                socket.create_connection(("127.0.0.1", port), timeout=1).close()
-                return True
-            except OSError:
-                return False
-        wait_for(up, what="nginx listening")
         d = browser
         d.get(f"http://127.0.0.1:{port}/llama/")
         enter_key(d)
@@ -183,5 +160,4 @@ http {{
         d.get(f"http://127.0.0.1:{port}/llama/ui/")
         until(d, lambda: row_state(d, "coder") == "starting", "the table at /llama/ui/")
     finally:
-        ng.terminate()
-        ng.wait(10)
+        nginx_stop(ng)
