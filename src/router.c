@@ -571,7 +571,9 @@ static void router_run(struct router *r)
             if (dev >= 0)
                 snprintf(gpu, sizeof gpu, ", on GPU %d", dev);
             log_info("%s: stopping it (%s; %s charged%s)", inst->id,
-                     a.reason == SCHED_STOP_IDLE ? "idle_timeout passed" : "least recently used, room needed",
+                     a.reason == SCHED_STOP_IDLE ? "idle_timeout passed"
+                     : r->pool->cfg->eviction == CONFIG_EVICTION_COST ? "lowest requests x reload time / size, room needed"
+                     : "least recently used, room needed",
                      util_format_bytes(sched_charge(r->sched, a.inst), used, sizeof used), gpu);
             if (events_wanted(r->pool->events))
                 events_publish(r->pool->events, "evict",

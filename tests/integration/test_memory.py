@@ -187,7 +187,8 @@ def test_ten_models_budget_for_three_never_over_budget(pool):
     assert len(running) <= 3
 
 
-LRU_STOP = re.compile(r" (\S+)#\d+: stopping it \(least recently used, room needed; [^;)]+ charged\)")
+LRU_STOP = re.compile(r" (\S+)#\d+: stopping it \((?:least recently used|lowest requests x reload time / size), "
+                      r"room needed; [^;)]+ charged\)")
 
 
 def test_evictions_stop_the_least_recently_asked_model(pool):
