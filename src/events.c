@@ -7,7 +7,6 @@
 #include <math.h>
 #include <stdlib.h>
 #include <string.h>
-#include <time.h>
 
 struct sub {
     struct sub *prev, *next;
@@ -159,13 +158,7 @@ json_t *events_request_json(const struct events_request *r)
     json_t *o = json_object();
     if (!o)
         return NULL;
-    char when[64];
-    time_t t = (time_t)r->at;
-    struct tm tm;
-    gmtime_r(&t, &tm);
-    snprintf(when, sizeof when, "%04d-%02d-%02dT%02d:%02d:%02d.%03dZ", tm.tm_year + 1900, tm.tm_mon + 1,
-             tm.tm_mday, tm.tm_hour, tm.tm_min, tm.tm_sec, (int)((r->at - (double)t) * 1000) % 1000);
-    json_object_set_new(o, "time", json_string(when));
+    json_object_set_new(o, "time", json_string(r->time));
     json_object_set_new(o, "model", util_json_string(r->model));
     if (r->instance[0])
         json_object_set_new(o, "instance", util_json_string(r->instance));

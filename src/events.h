@@ -22,6 +22,7 @@
 #include <stddef.h>
 
 #include "http.h"
+#include "log.h"
 
 #define EVENTS_RECENT 100
 #define EVENTS_MAX_BUFFERED (512u << 10)
@@ -32,7 +33,7 @@ struct events;
 /* A request that ended. Numbers are -1 where unknown (not dispatched, no
  * timings in the answer). */
 struct events_request {
-    double at;                  /* wall-clock seconds (unix) of its end */
+    char time[LOG_STAMP_LEN + 1];   /* its end, as log lines are stamped (log_stamp) */
     char model[160];
     char instance[160];         /* "" when never dispatched */
     char method[8];

@@ -279,11 +279,13 @@ static void note_end(struct router *r, const struct rreq *q, int status, const s
         return;
     double now = now_of(r);
     struct events_request e = {
-        .at = now, .status = status, .duration = now - q->t0,
+        .status = status, .duration = now - q->t0,
         .queued = q->sent > 0 ? q->sent - q->t0 : now - q->t0,
         .first_byte = res ? res->first_byte : -1,
         .prompt_tokens = -1, .cached_tokens = -1, .generated_tokens = -1, .tokens_per_s = -1,
     };
+    log_stamp(e.time);
+    e.time[LOG_STAMP_LEN] = '\0';
     snprintf(e.model, sizeof e.model, "%s", q->model ? q->model->cfg->name : "");
     if (q->inst && q->sent > 0)
         snprintf(e.instance, sizeof e.instance, "%s", q->inst->id);
