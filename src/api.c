@@ -651,8 +651,7 @@ static void route_usage(struct http_request *req, const struct api *api)
     size_t elsewhere = 0;           /* records of models not in pool.conf now */
     for (size_t i = 0; i < n; i++) {
         const struct usage_record *r = v[i];
-        struct pool_model *m = pool_find(p, r->name);
-        bool configured = m && strcmp(m->cfg->name, r->name) == 0;   /* by name: not an alias */
+        bool configured = pool_find_named(p, r->name) != NULL;
         elsewhere += !configured;
         if (!configured && !all)
             continue;

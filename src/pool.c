@@ -652,8 +652,7 @@ void pool_preload(struct pool *p)
     }
 }
 
-/* The configured model named NAME (not an alias: usage is kept by name). */
-static struct pool_model *model_named(struct pool *p, const char *name)
+struct pool_model *pool_find_named(struct pool *p, const char *name)
 {
     struct pool_model *m = pool_find(p, name);
     return m && strcmp(m->cfg->name, name) == 0 ? m : NULL;
@@ -674,7 +673,7 @@ void pool_preload_popular(struct pool *p)
     /* The N most used models still configured; one never asked for (only
      * loaded, by its MIN) is not used, and the ranking puts those last. */
     for (size_t i = 0; i < n && rank < want && top[i]->requests; i++) {
-        struct pool_model *m = model_named(p, top[i]->name);
+        struct pool_model *m = pool_find_named(p, top[i]->name);
         if (!m)
             continue;           /* removed from pool.conf: its record waits for it */
         rank++;

@@ -154,6 +154,8 @@ void pool_usage_save(struct pool *p);
 void pool_free(struct pool *p);
 
 struct pool_model *pool_find(struct pool *p, const char *name_or_alias);
+/* The model named NAME, aliases not counted (usage is kept by name). */
+struct pool_model *pool_find_named(struct pool *p, const char *name);
 
 /* Make sure at least N instances (1 when N is 0; at most the model's max)
  * are starting or ready. Clears a crash-loop failure. Returns 0; -1 when
