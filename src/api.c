@@ -1,6 +1,8 @@
 #define _GNU_SOURCE
 #include "api.h"
 
+#include "build_config.h"
+
 #include "affinity.h"
 #include "child_metrics.h"
 #include "config.h"
@@ -19,6 +21,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <unistd.h>
 #include <strings.h>
 #include <time.h>
 
@@ -259,6 +262,9 @@ static json_t *status_head(const struct api *api)
     json_object_set_new(queue, "max", json_integer(p->cfg->max_queue));
     json_object_set_new(root, "queue", queue);
     json_object_set_new(root, "uptime_s", json_real(ev_now(p->loop) - p->started_at));
+    json_object_set_new(root, "pid", json_integer(getpid()));
+    json_object_set_new(root, "version", json_string(LLAMA_POOL_VERSION));
+    json_object_set_new(root, "upgrades", json_integer(p->upgrades));
     json_object_set_new(root, "config", util_json_string(p->cfg->file ? p->cfg->file : ""));
     json_object_set_new(root, "total", json_integer((json_int_t)p->nmodels));
     return root;
@@ -426,6 +432,14 @@ static void waiter_event(struct pool_observer *obs, const struct pool_event *ev)
             stream_json(w->req, o);
         }
         waiter_finish(w);
+        return;
+    }
+    if (ev->kind == POOL_EV_REPLACED) {
+        if (w->goal == WAIT_FOLLOW) {
+            static const char bye[] = "[llama-pool] the daemon is upgrading in place; follow again\n";
+            http_stream_write(w->req, bye, sizeof bye - 1);
+            waiter_finish(w);
+        }
         return;
     }
     if (ev->kind == POOL_EV_LOG) {
@@ -685,6 +699,32 @@ static void route_reload(struct http_request *req, struct api *api)
     json_t *result = NULL;
     int rc = api->reload(api, &result);
     respond_json(req, rc == 0 ? 200 : 400, result);
+}
+
+/* POST /pool/upgrade[?timeout=S]: answered by the new image, or with why not. */
+static void route_upgrade(struct http_request *req, struct api *api)
+{
+    if (strcmp(req->method, "POST") != 0) {
+        http_respond_error(req, 405, NULL, "use POST for upgrade");
+        return;
+    }
+    double timeout = 0;
+    char *t = http_query_get(req, "timeout");
+    if (t) {
+        char *end;
+        timeout = strtod(t, &end);
+        bool bad = !*t || *end || !(timeout > 0 && timeout <= 86400);
+        free(t);
+        if (bad) {
+            http_respond_error(req, 400, NULL, "timeout: seconds from 1 to 86400 expected");
+            return;
+        }
+    }
+    if (!api->upgrade) {
+        http_respond_error(req, 501, NULL, "this daemon cannot upgrade");
+        return;
+    }
+    api->upgrade(api, req, timeout);
 }
 
 /* The page (src/web/index.html, embedded by the build). */
@@ -1106,6 +1146,10 @@ void api_handle(struct http_request *req, void *arg)
     }
     if (strcmp(path, "/pool/reload") == 0) {
         route_reload(req, api);
+        return;
+    }
+    if (strcmp(path, "/pool/upgrade") == 0) {
+        route_upgrade(req, api);
         return;
     }
     if (strcmp(path, "/pool/events") == 0) {

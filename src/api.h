@@ -21,6 +21,8 @@ struct api {
     /* Re-read the config file and apply it; fills *errors_json on failure.
      * Set by main (it owns the config path). */
     int (*reload)(struct api *api, json_t **result);
+    /* Replace the daemon's image (upgrade.h); answers REQ itself. */
+    void (*upgrade)(struct api *api, struct http_request *req, double timeout);
 };
 
 /* What GET /pool/status asks for (docs/http-api.md): every model; one

@@ -1043,6 +1043,51 @@ static int cmd_reload(struct client *c, int argc, char **argv)
     return CLI_OK;
 }
 
+/* ---------- upgrade ---------- */
+
+static int cmd_upgrade(struct client *c, int argc, char **argv)
+{
+    double timeout = 0;
+    for (int i = 1; i < argc; i++) {
+        char *end = NULL;
+        if (strcmp(argv[i], "--timeout") == 0 && i + 1 < argc)
+            timeout = strtod(argv[++i], &end);
+        else if (strncmp(argv[i], "--timeout=", 10) == 0)
+            timeout = strtod(argv[i] + 10, &end);
+        if (!end || *end || !(timeout >= 1 && timeout <= 86400)) {
+            fprintf(stderr, "usage: llama-pool upgrade [--timeout SECONDS]   (1 to 86400)\n");
+            return CLI_USAGE;
+        }
+    }
+    char path[64] = "/pool/upgrade";
+    if (timeout > 0)
+        snprintf(path, sizeof path, "/pool/upgrade?timeout=%g", timeout);
+    struct reply r = { 0 };
+    int rc;
+    if (!call(c, "POST", path, &r, &rc))
+        return rc;
+    json_t *j = json_loads(r.body.data ? r.body.data : "", 0, NULL);
+    buf_free(&r.body);
+    if (!j) {
+        fprintf(stderr, "llama-pool: the daemon's answer to upgrade is not JSON\n");
+        return CLI_FAILED;
+    }
+    json_t *v;
+    size_t i;
+    json_array_foreach(json_object_get(j, "adopted"), i, v)
+        printf("kept %s: pid %lld, port %lld, %s\n", jstr(v, "instance"),
+               (long long)json_integer_value(json_object_get(v, "pid")),
+               (long long)json_integer_value(json_object_get(v, "port")), jstr(v, "state"));
+    json_array_foreach(json_object_get(j, "stopped"), i, v)
+        printf("stopping %s: pid %lld: %s\n", jstr(v, "instance"),
+               (long long)json_integer_value(json_object_get(v, "pid")), jstr(v, "reason"));
+    printf("upgraded in place: pid %lld, llama-pool %s -> %s (upgrade %lld)\n",
+           (long long)json_integer_value(json_object_get(j, "pid")), jstr(j, "from_version"),
+           jstr(j, "version"), (long long)json_integer_value(json_object_get(j, "upgrades")));
+    json_decref(j);
+    return CLI_OK;
+}
+
 int cli_run(int argc, char **argv, const char *sock_opt, const char *config)
 {
     /* -c/-s may come before the subcommand's own options; take them out. */
@@ -1086,6 +1131,8 @@ int cli_run(int argc, char **argv, const char *sock_opt, const char *config)
         rc = cmd_reload(&c, n, args);
     else if (strcmp(cmd, "monit") == 0)
         rc = cmd_monit(&c, n, args);
+    else if (strcmp(cmd, "upgrade") == 0)
+        rc = cmd_upgrade(&c, n, args);
     else {
         fprintf(stderr, "llama-pool: unknown command \"%s\" (try llama-pool --help)\n", cmd);
         rc = CLI_USAGE;

@@ -22,6 +22,7 @@
 #include <arpa/inet.h>
 #include <ctype.h>
 #include <errno.h>
+#include <fcntl.h>
 #include <llhttp.h>
 #include <netdb.h>
 #include <netinet/in.h>
@@ -156,6 +157,7 @@ struct http_server {
     bool accept_paused;
     bool accept_error_logged;  /* one log line per run of accept errors */
     bool shutting_down;
+    bool held;                 /* http_server_hold(): no accepts, idle connections not read */
     bool is_unix;
     unsigned long evicted;     /* keyless connections closed since the last log line */
     double evict_logged;       /* ev_now() of that line */
@@ -699,6 +701,14 @@ static bool conn_is_idle(const struct http_conn *c)
            (c->state == CONN_READING && !c->req && !in_pending(c));
 }
 
+/* Nothing of a request on it anywhere in this process: no request, no
+ * unparsed bytes, no output queued. Its socket can change hands. */
+static bool conn_handover_ready(const struct http_conn *c)
+{
+    return !c->dead && !c->req && !in_pending(c) && !out_pending(c) &&
+           (c->state == CONN_IDLE || c->state == CONN_READING);
+}
+
 static void in_release(struct http_conn *c)
 {
     free(c->in);
@@ -1037,6 +1047,14 @@ static void conn_update_io(struct http_conn *c)
     bool full = c->in && c->in_off == 0 && c->in_len == IN_BUF_SIZE;
     bool want_read = c->state == CONN_LINGER || (c->state != CONN_CLOSING && !full);
 
+    if (c->srv->held && conn_handover_ready(c)) {
+        /* Its next request stays in the kernel for whoever takes the socket. */
+        ev_io_stop(loop, &c->rio);
+        ev_timer_stop(loop, &c->timer);
+        ev_timer_stop(loop, &c->peer_w);
+        return;
+    }
+
     if (want_read)
         ev_io_start(loop, &c->rio);
     else
@@ -1171,14 +1189,14 @@ static void conn_defer_cb(struct ev_loop *loop, ev_timer *w, int revents)
     conn_run(w->data);
 }
 
-static void conn_new(struct http_server *srv, int fd, const struct sockaddr *sa)
+static struct http_conn *conn_new(struct http_server *srv, int fd, const struct sockaddr *sa)
 {
     struct http_conn *c = calloc(1, sizeof *c);
     if (!c) {
         log_warn("http: out of memory for a connection");
         if (close(fd) < 0)
             log_warn("http: close: %s", strerror(errno));
-        return;
+        return NULL;
     }
     c->srv = srv;
     c->fd = fd;
@@ -1208,6 +1226,7 @@ static void conn_new(struct http_server *srv, int fd, const struct sockaddr *sa)
 
     conn_enter_reading(c); /* the header timeout runs from accept */
     ev_io_start(srv->loop, &c->rio);
+    return c;
 }
 
 /* ------------------------------------------------------------ answering */
@@ -1438,7 +1457,7 @@ static void srv_evict(struct http_server *srv, struct http_conn *victim)
 static void srv_update_accept(struct http_server *srv)
 {
     unsigned max = srv->limits.max_connections;
-    bool want = srv->fd >= 0 && !srv->shutting_down && !srv->accept_paused &&
+    bool want = srv->fd >= 0 && !srv->shutting_down && !srv->accept_paused && !srv->held &&
                 (max == 0 || srv->nconns < max || srv_evictable(srv));
     if (want)
         ev_io_start(srv->loop, &srv->accept_w);
@@ -1683,33 +1702,163 @@ static int listen_unix(struct http_server *srv, const char *path, char *err, siz
     return fd;
 }
 
+static struct http_server *srv_new(struct ev_loop *loop, const struct http_limits *limits,
+                                   http_handler_fn handler, void *arg)
+{
+    struct http_server *srv = calloc(1, sizeof *srv);
+    if (!srv)
+        return NULL;
+    srv->loop = loop;
+    srv->limits = *limits;
+    srv->handler = handler;
+    srv->arg = arg;
+    srv->fd = -1;
+    settings_init(&srv->settings);
+    return srv;
+}
+
+static void srv_start(struct http_server *srv)
+{
+    ev_io_init(&srv->accept_w, srv_accept_cb, srv->fd, EV_READ);
+    srv->accept_w.data = srv;
+    ev_init(&srv->accept_pause_w, srv_accept_pause_cb);
+    srv->accept_pause_w.data = srv;
+    srv_update_accept(srv);
+}
+
 struct http_server *http_server_listen(struct ev_loop *loop, const char *addr,
                                        const struct http_limits *limits,
                                        http_handler_fn handler, void *arg,
                                        char *err, size_t errlen)
 {
-    struct http_server *srv = calloc(1, sizeof *srv);
+    struct http_server *srv = srv_new(loop, limits, handler, arg);
     if (!srv) {
         snprintf(err, errlen, "listen %s: out of memory", addr);
         return NULL;
     }
-    srv->loop = loop;
-    srv->limits = *limits;
-    srv->handler = handler;
-    srv->arg = arg;
-    settings_init(&srv->settings);
     srv->fd = addr[0] == '/' ? listen_unix(srv, addr, err, errlen)
                              : listen_tcp(srv, addr, err, errlen);
     if (srv->fd < 0) {
         free(srv);
         return NULL;
     }
-    ev_io_init(&srv->accept_w, srv_accept_cb, srv->fd, EV_READ);
-    srv->accept_w.data = srv;
-    ev_init(&srv->accept_pause_w, srv_accept_pause_cb);
-    srv->accept_pause_w.data = srv;
-    srv_update_accept(srv);
+    srv_start(srv);
     return srv;
+}
+
+struct http_server *http_server_adopt(struct ev_loop *loop, int fd, const char *addr,
+                                      const struct http_limits *limits,
+                                      http_handler_fn handler, void *arg,
+                                      char *err, size_t errlen)
+{
+    int listening = 0;
+    socklen_t len = sizeof listening;
+    struct sockaddr_storage ss;
+    socklen_t sl = sizeof ss;
+    if (getsockopt(fd, SOL_SOCKET, SO_ACCEPTCONN, &listening, &len) < 0 ||
+        getsockname(fd, (struct sockaddr *)&ss, &sl) < 0) {
+        snprintf(err, errlen, "listen %s: inherited fd %d: %s", addr, fd, strerror(errno));
+        return NULL;
+    }
+    if (!listening) {
+        snprintf(err, errlen, "listen %s: inherited fd %d is not a listening socket", addr, fd);
+        return NULL;
+    }
+    bool is_unix = ss.ss_family == AF_UNIX;
+    if (is_unix != (addr[0] == '/')) {
+        snprintf(err, errlen, "listen %s: inherited fd %d is a %s socket", addr, fd,
+                 is_unix ? "UNIX" : "TCP");
+        return NULL;
+    }
+    struct http_server *srv = srv_new(loop, limits, handler, arg);
+    if (!srv || (is_unix && !(srv->unix_path = strdup(addr)))) {
+        free(srv);
+        snprintf(err, errlen, "listen %s: out of memory", addr);
+        return NULL;
+    }
+    (void)fcntl(fd, F_SETFD, FD_CLOEXEC);
+    (void)fcntl(fd, F_SETFL, fcntl(fd, F_GETFL) | O_NONBLOCK);
+    srv->fd = fd;
+    srv->is_unix = is_unix;
+    struct stat st;
+    if (is_unix && stat(addr, &st) == 0) {     /* the file we unlink at free */
+        srv->unix_dev = st.st_dev;
+        srv->unix_ino = st.st_ino;
+    }
+    if (!is_unix)
+        srv->port = ss.ss_family == AF_INET6 ? ntohs(((struct sockaddr_in6 *)&ss)->sin6_port)
+                                             : ntohs(((struct sockaddr_in *)&ss)->sin_port);
+    srv_start(srv);
+    return srv;
+}
+
+int http_server_adopt_conn(struct http_server *srv, int fd, bool trusted)
+{
+    struct sockaddr_storage ss;
+    socklen_t sl = sizeof ss;
+    memset(&ss, 0, sizeof ss);
+    if (getpeername(fd, (struct sockaddr *)&ss, &sl) < 0)
+        return -1;
+    if (srv->is_unix || sl == 0)
+        ss.ss_family = AF_UNIX;
+    (void)fcntl(fd, F_SETFD, FD_CLOEXEC);
+    (void)fcntl(fd, F_SETFL, fcntl(fd, F_GETFL) | O_NONBLOCK);
+    struct http_conn *c = conn_new(srv, fd, (struct sockaddr *)&ss);
+    if (!c)
+        return -1;
+    c->trusted = trusted;
+    conn_enter_idle(c);         /* between two requests, as it was handed over */
+    srv_update_accept(srv);
+    return 0;
+}
+
+void http_server_hold(struct http_server *srv, bool hold)
+{
+    if (srv->held == hold)
+        return;
+    srv->held = hold;
+    for (struct http_conn *c = srv->conns; c; c = c->next) {
+        if (!hold && conn_handover_ready(c)) {   /* their timers run again, from now */
+            if (c->state == CONN_IDLE)
+                conn_enter_idle(c);
+            else
+                conn_enter_reading(c);
+        }
+        conn_update_io(c);
+    }
+    srv_update_accept(srv);
+}
+
+size_t http_server_busy(const struct http_server *srv, const struct http_request *except)
+{
+    size_t n = 0;
+    for (const struct http_conn *c = srv->conns; c; c = c->next)
+        if (!conn_handover_ready(c) && !(except && except->conn == c))
+            n++;
+    return n;
+}
+
+int http_server_fd(const struct http_server *srv)
+{
+    return srv->fd;
+}
+
+size_t http_server_idle_fds(const struct http_server *srv, int *fds, bool *trusted, size_t max)
+{
+    size_t n = 0;
+    for (const struct http_conn *c = srv->conns; c && n < max; c = c->next)
+        if (conn_handover_ready(c)) {
+            fds[n] = c->fd;
+            trusted[n] = c->trusted;
+            n++;
+        }
+    return n;
+}
+
+int http_request_fd(const struct http_request *req)
+{
+    struct http_conn *c = req_conn(req);
+    return c ? c->fd : -1;
 }
 
 void http_request_watch(struct http_request *req,

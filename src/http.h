@@ -103,6 +103,30 @@ struct http_server *http_server_listen(struct ev_loop *loop, const char *addr,
                                        const struct http_limits *limits,
                                        http_handler_fn handler, void *arg,
                                        char *err, size_t errlen);
+/* ---- handing the daemon over to a new image of itself (upgrade.c) ----
+ * Serve on an inherited listening socket FD, bound to ADDR (for messages;
+ * a UNIX path is unlinked at free, as by http_server_listen). */
+struct http_server *http_server_adopt(struct ev_loop *loop, int fd, const char *addr,
+                                      const struct http_limits *limits,
+                                      http_handler_fn handler, void *arg,
+                                      char *err, size_t errlen);
+/* Take over FD, a client connection idle between two requests (TRUSTED:
+ * one of its requests showed a key). 0, or -1 (FD is not a socket). */
+int http_server_adopt_conn(struct http_server *srv, int fd, bool trusted);
+/* HOLD: accept nothing, and a connection between requests stops reading
+ * (its next request waits in the kernel); requests under way go on and
+ * their connections are held once they end. false: as before. */
+void http_server_hold(struct http_server *srv, bool hold);
+/* Connections not ready to change hands (a request in any stage, bytes
+ * not yet parsed or sent), EXCEPT's not counted. */
+size_t http_server_busy(const struct http_server *srv, const struct http_request *except);
+/* The listening socket (-1 after shutdown), and the sockets of connections
+ * ready to change hands: up to MAX into FDS, with TRUSTED; how many. */
+int http_server_fd(const struct http_server *srv);
+size_t http_server_idle_fds(const struct http_server *srv, int *fds, bool *trusted, size_t max);
+/* The socket REQ arrived on while it is being answered, else -1. */
+int http_request_fd(const struct http_request *req);
+
 /* Install an admission hook (same ARG as the handler); NULL: admit all, trusted. */
 void http_server_set_admit(struct http_server *srv, http_admit_fn admit);
 /* Apply new limits (after a reload); open connections keep their timers. */

@@ -940,6 +940,63 @@ void instance_rebind(struct instance *inst, const struct config_model *m)
     inst->model = m;
 }
 
+/* Its pipe from a handover: watched as instance_spawn() watches a new one. */
+static void watch_output(struct instance *inst, int fd)
+{
+    inst->out_fd = fd;
+    if (fd < 0)
+        return;
+    (void)fcntl(fd, F_SETFD, FD_CLOEXEC);
+    (void)fcntl(fd, F_SETFL, fcntl(fd, F_GETFL) | O_NONBLOCK);
+    ev_io_init(&inst->out_w, output_cb, fd, EV_READ);
+    inst->out_w.data = inst;
+    ev_io_start(inst->world->loop, &inst->out_w);
+}
+
+void instance_adopt(struct instance *inst, const struct instance_adoption *a)
+{
+    const struct config *cfg = inst->world->cfg;
+    double now = now_of(inst);
+    free(inst->api_key);
+    inst->api_key = a->api_key;
+    inst->metrics = a->metrics;
+    inst->pid = a->pid;
+    inst->port = a->port;
+    port_hold(inst->world->ports, a->port);
+    inst->spawned_at = a->spawned_at;
+    inst->ready_at = a->ready_at;
+    inst->restarts = a->restarts;
+    inst->slots = a->slots;
+    inst->health_failures = 0;
+    inst->answered = a->state != INSTANCE_STARTING;
+    inst->stop_reason = INSTANCE_STOP_ASKED;
+    inst->exit_status = -1;
+    instance_place(inst, a->device, a->visible);
+    watch_output(inst, a->out_fd);
+    ev_child_init(&inst->child_w, child_cb, a->pid, 0);
+    inst->child_w.data = inst;
+    ev_child_start(inst->world->loop, &inst->child_w);
+    inst->pss = memory_pss(inst->pid);
+    switch (a->state) {
+    case INSTANCE_READY:
+        arm_poll(inst, 0);      /* a first liveness probe now */
+        if (!inst->slots)
+            fetch_props(inst);
+        break;
+    case INSTANCE_STARTING: {
+        double left = a->spawned_at + (double)cfg->start_timeout_ms / 1000.0 - now;
+        arm_deadline(inst, left > 1 ? left : 1);
+        arm_poll(inst, 0);
+        break;
+    }
+    default:                    /* STOPPING: its SIGTERM was sent */
+        arm_deadline(inst, (double)cfg->stop_timeout_ms / 1000.0);
+        break;
+    }
+    set_state(inst, a->state == INSTANCE_READY || a->state == INSTANCE_STARTING ? a->state
+                                                                            : INSTANCE_STOPPING);
+}
+
 void instance_kill(struct instance *inst)
 {
     if (inst->pid > 0) {

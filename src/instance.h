@@ -156,6 +156,25 @@ uint64_t instance_measure(struct instance *inst);
 void instance_place(struct instance *inst, int device, const char *visible);
 /* Its model's config after a reload that kept it running (same child). */
 void instance_rebind(struct instance *inst, const struct config_model *m);
+/* A child the previous image of the daemon started (an upgrade): already
+ * our child (same pid), loaded or loading, with its output pipe. */
+struct instance_adoption {
+    pid_t pid;
+    unsigned port;
+    int out_fd;                   /* -1: none */
+    char *api_key;                /* taken */
+    enum instance_state state;    /* STARTING, READY or STOPPING */
+    double spawned_at, ready_at;
+    unsigned restarts, slots;
+    bool metrics;
+    int device;
+    const char *visible;
+};
+/* Take it over: INST (STOPPED, fresh from instance_new) becomes A->state
+ * at once, its owner told as for any change; a ready one is probed now,
+ * a starting one keeps what is left of start_timeout, a stopping one gets
+ * stop_timeout more. */
+void instance_adopt(struct instance *inst, const struct instance_adoption *a);
 /* SIGKILL the group now (supervisor shutting down after stop_timeout). */
 void instance_kill(struct instance *inst);
 

@@ -12,6 +12,7 @@
 #include "notify.h"
 #include "pool.h"
 #include "router.h"
+#include "upgrade.h"
 #include "util.h"
 
 #include <curl/curl.h>
@@ -42,6 +43,8 @@ static void usage(FILE *f)
           "  logs    MODEL [-f] [-n LINES]\n"
           "  monit   [--json]                   what happens, live: instances, evictions, requests\n"
           "  reload                             re-read pool.conf (same as SIGHUP)\n"
+          "  upgrade [--timeout S]              run the installed binary in place: same pid,\n"
+          "                                     children and sockets kept (same as SIGUSR2)\n"
           "  check   [-c FILE]                  validate a config, print what it would run\n"
           "\n"
           "options for every command:\n"
@@ -160,7 +163,8 @@ struct daemon {
     struct http_server *control;
     struct http_server *public;
     char *config_file;
-    ev_signal sigterm, sigint, sighup;
+    struct upgrade *upgrade;
+    ev_signal sigterm, sigint, sighup, sigusr2;
     ev_timer kill_timer;
     ev_timer flush_timer;
     double flush_until;
@@ -306,6 +310,7 @@ static void on_stop_signal(struct ev_loop *loop, ev_signal *w, int revents)
     log_info("%s: stopping every instance (in-flight requests get drain_timeout %.0f s)",
              strsignal(w->signum), (double)cfg->drain_timeout_ms / 1000.0);
     notify_stopping();
+    upgrade_cancel(d->upgrade, "a stop signal arrived");
     if (d->public)
         http_server_shutdown(d->public);
     if (d->control)
@@ -327,6 +332,41 @@ static void on_sighup(struct ev_loop *loop, ev_signal *w, int revents)
     json_t *result = NULL;
     daemon_reload(&d->api, &result);
     json_decref(result);
+}
+
+static void on_sigusr2(struct ev_loop *loop, ev_signal *w, int revents)
+{
+    (void)loop; (void)revents;
+    struct daemon *d = w->data;
+    upgrade_begin(d->upgrade, NULL, 0);
+}
+
+static void daemon_upgrade(struct api *api, struct http_request *req, double timeout)
+{
+    struct daemon *d = (struct daemon *)((char *)api - offsetof(struct daemon, api));
+    if (!d->upgrade) {
+        http_respond_error(req, 500, NULL, "out of memory");
+        return;
+    }
+    upgrade_begin(d->upgrade, req, timeout);
+}
+
+/* The daemon's own argv and binary, for an upgrade to run again. */
+static char **g_argv;
+static char *g_exe;
+
+/* Where the handover is: the fd number in environment variable NAME
+ * (removed from the environment: children must not see it), -1 if unset
+ * or not a number. */
+static int handover_fd(const char *name)
+{
+    const char *v = getenv(name);
+    if (!v)
+        return -1;
+    char *end;
+    long fd = strtol(v, &end, 10);
+    unsetenv(name);
+    return *v && !*end && fd >= 0 && fd < INT_MAX ? (int)fd : -1;
 }
 
 static int ensure_socket_dir(const char *sock)
@@ -371,14 +411,44 @@ static int cmd_serve(const char *given)
     struct config_errors errs = { 0 };
     char *resolved = realpath(given, NULL);
     const char *path = resolved ? resolved : given;
+    bool checking = getenv(HANDOVER_CHECK_ENV) != NULL;
+    int check_fd = handover_fd(HANDOVER_CHECK_ENV);
+    int handover = handover_fd(HANDOVER_ENV);
+    struct handover ho = { .control_fd = -1, .public_fd = -1, .reply_fd = -1 };
+    char err[512];
+    if (handover >= 0) {
+        int rc = handover_read(handover, &ho, err, sizeof err);
+        close(handover);
+        if (rc < 0) {
+            /* The children are ours and nobody can name them: better
+             * none than orphans. */
+            log_error("upgrade: %s", err);
+            upgrade_kill_children();
+            free(resolved);
+            return CLI_FAILED;
+        }
+    }
     struct config *cfg = config_load(path, &errs);
     if (!cfg) {
         print_errors(&errs);
         fprintf(stderr, "llama-pool: %s has %zu error%s; not starting\n", path, errs.n,
                 errs.n == 1 ? "" : "s");
+        if (handover >= 0) {
+            snprintf(err, sizeof err, "%s: %s", path, errs.n ? errs.msgs[0] : "cannot be loaded");
+            upgrade_resume_failed(&ho, err);
+            handover_free(&ho);
+        }
         config_errors_free(&errs);
         free(resolved);
         return CLI_FAILED;
+    }
+    if (checking) {
+        int rc = check_fd >= 0 ? upgrade_check(check_fd) : -1;
+        if (check_fd < 0)
+            printf("cannot take over: %s is not an fd number\n", HANDOVER_CHECK_ENV);
+        config_free(cfg);
+        free(resolved);
+        return rc == 0 ? CLI_OK : CLI_FAILED;
     }
 
     struct daemon d = { 0 };
@@ -394,23 +464,42 @@ static int cmd_serve(const char *given)
     (void)prctl(PR_SET_CHILD_SUBREAPER, 1);
 
     struct http_limits lim = limits_of(cfg);
-    char err[512];
-    if (ensure_socket_dir(cfg->control_socket) < 0)
+    if (handover < 0 && ensure_socket_dir(cfg->control_socket) < 0)
         log_warn("cannot create the directory of %s: %s", cfg->control_socket, strerror(errno));
     d.api.reload = daemon_reload;
-    d.control = http_server_listen(d.loop, cfg->control_socket, &lim, api_handle, &d.api, err, sizeof err);
-    if (!d.control) {
-        log_error("control socket %s: %s", cfg->control_socket, err);
-        goto fail;
-    }
-    http_server_set_admit(d.control, api_admit);
-    if (cfg->listen && *cfg->listen) {
-        d.public = http_server_listen(d.loop, cfg->listen, &lim, api_handle, &d.api, err, sizeof err);
-        if (!d.public) {
-            log_error("listen %s: %s", cfg->listen, err);
+    d.api.upgrade = daemon_upgrade;
+    if (handover >= 0) {
+        /* An upgrade: the sockets stay the ones the clients know. */
+        const char *cs = ho.control_addr ? ho.control_addr : cfg->control_socket;
+        const char *ls = ho.public_addr && *ho.public_addr ? ho.public_addr : cfg->listen;
+        if (strcmp(cs, cfg->control_socket) != 0 || ((ho.public_fd >= 0) != (cfg->listen && *cfg->listen)) ||
+            (ho.public_fd >= 0 && strcmp(ls, cfg->listen) != 0))
+            log_warn("upgrade: listen and control_socket changes take effect at the next restart");
+        d.control = http_server_adopt(d.loop, ho.control_fd, cs, &lim, api_handle, &d.api, err, sizeof err);
+        if (d.control && ho.public_fd >= 0)
+            d.public = http_server_adopt(d.loop, ho.public_fd, ls, &lim, api_handle, &d.api, err, sizeof err);
+        if (!d.control || (ho.public_fd >= 0 && !d.public)) {
+            upgrade_resume_failed(&ho, err);
             goto fail;
         }
-        http_server_set_admit(d.public, api_admit);
+        http_server_set_admit(d.control, api_admit);
+        if (d.public)
+            http_server_set_admit(d.public, api_admit);
+    } else {
+        d.control = http_server_listen(d.loop, cfg->control_socket, &lim, api_handle, &d.api, err, sizeof err);
+        if (!d.control) {
+            log_error("control socket %s: %s", cfg->control_socket, err);
+            goto fail;
+        }
+        http_server_set_admit(d.control, api_admit);
+        if (cfg->listen && *cfg->listen) {
+            d.public = http_server_listen(d.loop, cfg->listen, &lim, api_handle, &d.api, err, sizeof err);
+            if (!d.public) {
+                log_error("listen %s: %s", cfg->listen, err);
+                goto fail;
+            }
+            http_server_set_admit(d.public, api_admit);
+        }
     }
     log_info("llama-pool %s: %zu model%s from %s; control socket %s%s%s", LLAMA_POOL_VERSION,
              cfg->nmodels, cfg->nmodels == 1 ? "" : "s", d.config_file, cfg->control_socket,
@@ -430,16 +519,25 @@ static int cmd_serve(const char *given)
         goto fail;
     }
     d.api.router = d.router;
+    struct upgrade_host host = { .loop = d.loop, .pool = d.pool, .router = d.router, .control = d.control,
+                                 .public = d.public, .exe = g_exe, .argv = g_argv };
+    d.upgrade = g_exe && g_argv ? upgrade_new(&host) : NULL;
+    if (handover >= 0) {
+        upgrade_resume(&host, &ho);
+        handover_free(&ho);
+    }
     pool_preload(d.pool);
     pool_preload_popular(d.pool);       /* after the minimums: what is left of the budget */
 
     ev_signal_init(&d.sigterm, on_stop_signal, SIGTERM);
     ev_signal_init(&d.sigint, on_stop_signal, SIGINT);
     ev_signal_init(&d.sighup, on_sighup, SIGHUP);
-    d.sigterm.data = d.sigint.data = d.sighup.data = &d;
+    ev_signal_init(&d.sigusr2, on_sigusr2, SIGUSR2);
+    d.sigterm.data = d.sigint.data = d.sighup.data = d.sigusr2.data = &d;
     ev_signal_start(d.loop, &d.sigterm);
     ev_signal_start(d.loop, &d.sigint);
     ev_signal_start(d.loop, &d.sighup);
+    ev_signal_start(d.loop, &d.sigusr2);
 
     notify_init(d.loop);
     char summary[256];
@@ -449,6 +547,7 @@ static int cmd_serve(const char *given)
     ev_run(d.loop, 0);
 
     notify_stop();
+    upgrade_free(d.upgrade);
     /* Clients first (their requests end through the router), then the rest. */
     http_server_free(d.public);
     http_server_free(d.control);
@@ -461,6 +560,8 @@ static int cmd_serve(const char *given)
     return CLI_OK;
 
 fail:
+    handover_free(&ho);
+    upgrade_free(d.upgrade);
     http_server_free(d.public);
     http_server_free(d.control);
     router_free(d.router);
@@ -485,6 +586,12 @@ int main(int argc, char **argv)
     };
     const char *config = NULL, *sock = NULL;
     bool verbose = false;
+    /* An upgrade runs this binary again, as it was run: kept before the
+     * command word is moved below. */
+    g_argv = calloc((size_t)argc + 1, sizeof *g_argv);
+    for (int i = 0; g_argv && i < argc; i++)
+        g_argv[i] = argv[i];
+    g_exe = realpath("/proc/self/exe", NULL);
 
     /* Options for every command may come first ("llama-pool -c FILE -s S
      * status"): move the command word in front of them. */

@@ -91,7 +91,11 @@ static void model_log_close(struct pool_model *m)
 static void flush_cb(struct ev_loop *loop, ev_prepare *w, int revents)
 {
     (void)loop; (void)revents;
-    struct pool *p = w->data;
+    pool_flush_logs(w->data);
+}
+
+void pool_flush_logs(struct pool *p)
+{
     while (p->dirty) {
         struct pool_model *m = p->dirty;
         p->dirty = m->next_dirty;
@@ -890,6 +894,33 @@ static bool kill_one(struct instance *inst)
 void pool_kill_all(struct pool *p)
 {
     each_instance(p, kill_one);
+}
+
+void pool_end_streams(struct pool *p)
+{
+    events_end_all(p->events);
+    struct pool_event ev = { .kind = POOL_EV_REPLACED };
+    for (size_t i = 0; i < p->nmodels; i++) {
+        ev.model = p->models[i];
+        model_notify(p->models[i], &ev);
+    }
+}
+
+struct instance *pool_model_adopt(struct pool_model *m, unsigned no, const struct instance_adoption *a)
+{
+    for (size_t i = 0; i < m->ninst; i++)
+        if (m->inst[i]->no == no)
+            return NULL;
+    struct instance **v = realloc(m->inst, (m->ninst + 1) * sizeof *v);
+    if (!v)
+        return NULL;
+    m->inst = v;
+    struct instance *inst = instance_new(&m->pool->world, m->cfg, no, m);
+    if (!inst)
+        return NULL;
+    m->inst[m->ninst++] = inst;
+    instance_adopt(inst, a);
+    return inst;
 }
 
 /* ---------- reload ---------- */

@@ -43,6 +43,8 @@ enum pool_event_kind {
     POOL_EV_STATE,     /* an instance changed state */
     POOL_EV_LOG,       /* a line was added to the model's log */
     POOL_EV_GONE,      /* the model was removed by a reload */
+    POOL_EV_REPLACED,  /* the daemon is about to be replaced (upgrade): an
+                        * endless stream (logs -f) ends now */
 };
 
 struct pool_event {
@@ -131,7 +133,8 @@ struct pool {
     void *listener_arg;
     size_t models_made;             /* the next pool_model's index */
     unsigned ndev;                  /* GPUs the estimates are made for (pool_set_devices) */
-    double started_at;
+    double started_at;              /* the first image's start (kept by upgrades) */
+    unsigned upgrades;              /* upgrades in place since then */
     struct pool_stats stats;        /* request durations for /metrics */
     struct events *events;          /* GET /pool/events; NULL when out of memory */
     struct usage *usage;            /* per-model counts kept across restarts */
@@ -180,6 +183,14 @@ void pool_shutdown(struct pool *p, void (*on_stopped)(struct pool *p, void *arg)
 bool pool_has_processes(const struct pool *p);
 /* SIGKILL every child now. */
 void pool_kill_all(struct pool *p);
+/* The daemon is about to be replaced by a new image of itself (upgrade):
+ * end every endless stream (events, logs -f) properly. */
+void pool_end_streams(struct pool *p);
+/* Write every model's buffered log lines now (before an exec). */
+void pool_flush_logs(struct pool *p);
+/* Instance NO of M, a child of the previous image (an upgrade): see
+ * instance_adopt(). NULL when M already has an instance NO, or out of memory. */
+struct instance *pool_model_adopt(struct pool_model *m, unsigned no, const struct instance_adoption *a);
 
 /* State of a model: failed by a crash loop, else the best of its
  * instances' (one ready makes it ready; one starting or waiting to

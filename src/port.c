@@ -52,6 +52,11 @@ unsigned port_alloc(struct port_pool *p)
     return 0;
 }
 
+void port_hold(struct port_pool *p, unsigned port)
+{
+    port_set_held(p, port, true);
+}
+
 void port_release(struct port_pool *p, unsigned port)
 {
     port_set_held(p, port, false);

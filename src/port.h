@@ -26,6 +26,9 @@ void port_pool_set_range(struct port_pool *p, unsigned min, unsigned max);
 /* Returns a free port, or 0 when every port of the range is held or busy. */
 unsigned port_alloc(struct port_pool *p);
 void port_release(struct port_pool *p, unsigned port);
+/* Mark PORT held: a child adopted at an upgrade runs on it (in the range
+ * or not: a reload may have moved the range since). */
+void port_hold(struct port_pool *p, unsigned port);
 bool port_is_held(const struct port_pool *p, unsigned port);
 
 /* True if 127.0.0.1:PORT can be bound now (SO_REUSEADDR, like llama-server). */

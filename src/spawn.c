@@ -79,10 +79,16 @@ static void child_exec(const char *path, char *const argv[], char *const envp[],
 pid_t spawn_child(const char *path, char *const argv[], char *const envp[],
                   int out_fd, char *err, size_t errlen)
 {
+    return spawn_child_in(path, argv, envp, -1, out_fd, err, errlen);
+}
+
+pid_t spawn_child_in(const char *path, char *const argv[], char *const envp[],
+                     int in_fd, int out_fd, char *err, size_t errlen)
+{
     int errpipe[2];
-    int null_fd = open("/dev/null", O_RDONLY | O_CLOEXEC);
+    int null_fd = in_fd >= 0 ? fcntl(in_fd, F_DUPFD_CLOEXEC, 3) : open("/dev/null", O_RDONLY | O_CLOEXEC);
     if (null_fd < 0) {
-        snprintf(err, errlen, "open /dev/null: %s", strerror(errno));
+        snprintf(err, errlen, "%s: %s", in_fd >= 0 ? "dup" : "open /dev/null", strerror(errno));
         return -1;
     }
     if (pipe2(errpipe, O_CLOEXEC) < 0) {

@@ -18,6 +18,9 @@
  * file or directory"). */
 pid_t spawn_child(const char *path, char *const argv[], char *const envp[],
                   int out_fd, char *err, size_t errlen);
+/* The same with IN_FD as its stdin (-1: /dev/null). */
+pid_t spawn_child_in(const char *path, char *const argv[], char *const envp[],
+                     int in_fd, int out_fd, char *err, size_t errlen);
 
 /* Find NAME like execvp would, in the supervisor's PATH. A NAME with a '/'
  * is taken as is. Returns a malloc'd path to an executable file, or NULL

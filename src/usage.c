@@ -504,3 +504,19 @@ int usage_save(struct usage *u, double now, char *msg, size_t len)
     u->dirty = false;
     return 0;
 }
+
+json_t *usage_to_json(const struct usage *u, double now)
+{
+    return to_json(u, now);
+}
+
+int usage_from_json(struct usage *u, json_t *j, char *why, size_t len)
+{
+    records_clear(u);
+    int rc = from_json(u, j, why, len);
+    if (rc == -2)
+        snprintf(why, len, "out of memory");
+    if (rc == 0)
+        u->dirty = true;
+    return rc < 0 ? -1 : 0;
+}

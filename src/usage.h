@@ -29,6 +29,7 @@
 #ifndef LLAMA_POOL_USAGE_H
 #define LLAMA_POOL_USAGE_H
 
+#include <jansson.h>
 #include <stdbool.h>
 #include <stddef.h>
 #include <stdint.h>
@@ -90,6 +91,13 @@ bool usage_dirty(const struct usage *u);
  * not be written, MSG says why: the counts are in memory only from now on
  * (usage_path is NULL). */
 int usage_save(struct usage *u, double now, char *msg, size_t len);
+
+/* Every record as the file holds them (NULL when out of memory), and
+ * back: U's records replaced by J's, to be saved at the next save. 0, or
+ * -1 with WHY (J is not what usage_to_json makes, or out of memory). For
+ * handing the counts to a new image of the daemon (upgrade). */
+json_t *usage_to_json(const struct usage *u, double now);
+int usage_from_json(struct usage *u, json_t *j, char *why, size_t len);
 
 const struct usage_record *usage_find(const struct usage *u, const char *model);
 size_t usage_size(const struct usage *u);

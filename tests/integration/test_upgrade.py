@@ -1,0 +1,323 @@
+"""Upgrade in place (`llama-pool upgrade`, SIGUSR2): the daemon execs its
+binary again with the same pid; children, sockets and idle connections
+are kept, and a new binary that cannot take over leaves the old running."""
+import http.client
+import json
+import os
+import select
+import shutil
+import signal
+import stat
+import threading
+import time
+
+import pytest
+
+from conftest import LLAMA_POOL, SLOW, UnixHTTPConnection, fake_only, wait_for
+
+
+def chat(stream=False, n=8):
+    return json.dumps({"model": "tiny", "stream": stream, "max_tokens": n,
+                       "messages": [{"role": "user", "content": "hi"}]})
+
+
+class Loop:
+    """Requests in a loop until stopped, on three kinds of connection: one
+    kept alive across the upgrade, a new one each time, and streams."""
+
+    def __init__(self, port):
+        self.port = port
+        self.ok = 0
+        self.failures = []
+        self.stop = threading.Event()
+        self.threads = [threading.Thread(target=self.keepalive, daemon=True),
+                        threading.Thread(target=self.fresh, daemon=True),
+                        threading.Thread(target=self.streams, daemon=True)]
+
+    def note(self, what, fn):
+        try:
+            fn()
+            self.ok += 1
+        except Exception as e:                      # any failure is a lost request
+            self.failures.append(f"{what}: {e!r}")
+
+    def plain(self, conn):
+        conn.request("POST", "/v1/chat/completions", body=chat(),
+                     headers={"Content-Type": "application/json"})
+        r = conn.getresponse()
+        body = r.read()
+        assert r.status == 200, (r.status, body[:200])
+        assert json.loads(body)["choices"][0]["message"]["content"]
+
+    def keepalive(self):
+        conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=60)
+        while not self.stop.is_set():
+            self.note("keep-alive", lambda: self.plain(conn))
+        conn.close()
+
+    def fresh(self):
+        while not self.stop.is_set():
+            conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=60)
+            self.note("new connection", lambda: self.plain(conn))
+            conn.close()
+
+    def one_stream(self):
+        conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=60)
+        try:
+            conn.request("POST", "/v1/chat/completions", body=chat(stream=True, n=20),
+                         headers={"Content-Type": "application/json"})
+            r = conn.getresponse()
+            body = r.read().decode()
+            assert r.status == 200, (r.status, body[:200])
+            assert body.rstrip().endswith("data: [DONE]"), body[-200:]
+        finally:
+            conn.close()
+
+    def streams(self):
+        while not self.stop.is_set():
+            self.note("stream", self.one_stream)
+
+    def __enter__(self):
+        for t in self.threads:
+            t.start()
+        return self
+
+    def __exit__(self, *exc):
+        self.stop.set()
+        for t in self.threads:
+            t.join(timeout=60)
+
+
+def child_pids(pool, model="tiny"):
+    return sorted(i["pid"] for i in pool.instances(model) if i["pid"])
+
+
+def upgrades(pool):
+    return pool.status()["upgrades"]
+
+
+def started(pool, n=2):
+    pool.cli("start", "tiny", "-n", str(n), check=0)
+    return child_pids(pool)
+
+
+def test_upgrade_under_load_keeps_children_and_loses_nothing(pool):
+    pool.config({"tiny": {"instances": "1-2", "env": {"FAKE_TOKEN_MS": "2"}}})
+    pool.start()
+    before = started(pool)
+    assert len(before) == 2
+    st = pool.status()
+    assert st["pid"] == pool.proc.pid and st["upgrades"] == 0
+    with Loop(pool.listen_port) as loop:
+        wait_for(lambda: loop.ok >= 20, what="requests before the upgrade")
+        r = pool.cli("upgrade", check=0)
+        n = loop.ok
+        wait_for(lambda: loop.ok >= n + 20, what="requests after the upgrade")
+    assert loop.failures == [], loop.failures[:5]
+    assert "upgraded in place" in r.stdout, r.stdout
+    assert r.stdout.count("kept tiny#") == 2, r.stdout
+    assert pool.proc.poll() is None
+    st = pool.status()
+    assert st["pid"] == pool.proc.pid
+    assert st["upgrades"] == 1
+    assert child_pids(pool) == before
+    assert all(i["state"] == "ready" for i in pool.instances("tiny"))
+    # The uptime runs on from the first start, and requests were counted.
+    assert st["uptime_s"] > 0
+    log = pool.daemon_log()
+    assert "upgrade: tiny#1: adopted pid" in log and "upgrade: tiny#2: adopted pid" in log
+
+
+def test_sigusr2_upgrades_and_a_second_upgrade_works(pool):
+    pool.config({"tiny": {}})
+    pool.start()
+    before = started(pool, 1)
+    pool.signal(signal.SIGUSR2)
+    wait_for(lambda: upgrades(pool) == 1, what="the SIGUSR2 upgrade")
+    assert child_pids(pool) == before
+    pool.cli("upgrade", check=0)
+    assert upgrades(pool) == 2
+    assert child_pids(pool) == before
+    code, body = pool.request("POST", "/v1/chat/completions", body=chat(),
+                              headers={"Content-Type": "application/json"})
+    assert code == 200, body
+
+
+def test_idle_keepalive_connection_is_carried_over(pool):
+    pool.config({"tiny": {}})
+    pool.start()
+    started(pool, 1)
+    conn = http.client.HTTPConnection("127.0.0.1", pool.listen_port, timeout=30)
+    conn.request("GET", "/health")
+    r = conn.getresponse()
+    r.read()
+    assert r.status == 200
+    sock_before = conn.sock
+    pool.cli("upgrade", check=0)
+    conn.request("POST", "/v1/chat/completions", body=chat(), headers={"Content-Type": "application/json"})
+    r = conn.getresponse()
+    assert r.status == 200, r.read()
+    r.read()
+    assert conn.sock is sock_before          # the same TCP connection, served by the new image
+    conn.close()
+
+
+def install_copy(pool):
+    """The daemon runs from a copy of the binary that the test may replace."""
+    path = os.path.join(pool.dir, "bin", "llama-pool")
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    shutil.copy2(LLAMA_POOL, path)
+    return path
+
+
+def start_from(pool, binary):
+    import subprocess
+    pool.stderr = open(pool.stderr_path, "ab")
+    pool.proc = subprocess.Popen([binary, "serve", "-c", pool.conf], stdin=subprocess.DEVNULL,
+                                 stdout=pool.stderr, stderr=pool.stderr, cwd=pool.dir,
+                                 env=dict(os.environ))
+    wait_for(lambda: pool.get("/pool/status")[0] == 200, what="the daemon")
+
+
+def replace_binary(path, content=None, source=None):
+    """Install a new binary over PATH as a package manager does: a new file
+    renamed over the old one (the running image keeps the old inode)."""
+    tmp = path + ".new"
+    if source:
+        shutil.copy2(source, tmp)
+    else:
+        with open(tmp, "w") as f:
+            f.write(content)
+        os.chmod(tmp, stat.S_IRWXU)
+    os.rename(tmp, path)
+
+
+def test_a_new_binary_that_fails_leaves_the_old_one_running(pool):
+    pool.config({"tiny": {}})
+    binary = install_copy(pool)
+    start_from(pool, binary)
+    before = started(pool, 1)
+    replace_binary(binary, "#!/bin/sh\necho 'broken build: cannot start' >&2\nexit 3\n")
+    r = pool.cli("upgrade", check=1)
+    assert "broken build: cannot start" in r.stderr, r.stderr
+    assert "exited with status 3" in r.stderr, r.stderr
+    assert "goes on unchanged" in r.stderr
+    assert pool.proc.poll() is None
+    assert upgrades(pool) == 0 and child_pids(pool) == before
+    code, body = pool.request("POST", "/v1/chat/completions", body=chat(),
+                              headers={"Content-Type": "application/json"})
+    assert code == 200, body
+    # One that crashes while checking.
+    replace_binary(binary, "#!/bin/sh\nkill -SEGV $$\n")
+    r = pool.cli("upgrade", check=1)
+    assert "killed by signal 11" in r.stderr, r.stderr
+    assert child_pids(pool) == before
+    # A good one again: the upgrade goes through, to the new file.
+    replace_binary(binary, source=LLAMA_POOL)
+    pool.cli("upgrade", check=0)
+    assert upgrades(pool) == 1 and child_pids(pool) == before
+    assert os.readlink(f"/proc/{pool.proc.pid}/exe") == binary
+
+
+def test_a_bad_config_refuses_the_upgrade_with_file_and_line(pool):
+    pool.config({"tiny": {}})
+    pool.start()
+    before = started(pool, 1)
+    with open(pool.conf, "a") as f:
+        f.write("bogus_key = 1\n")
+    r = pool.cli("upgrade", check=1)
+    assert f"{pool.conf}:" in r.stderr and "bogus_key" in r.stderr, r.stderr
+    assert pool.proc.poll() is None and child_pids(pool) == before and upgrades(pool) == 0
+
+
+def test_a_child_whose_args_changed_is_stopped_the_others_kept(pool):
+    pool.config({"tiny": {}, "other": {}})
+    pool.start()
+    tiny = started(pool, 1)
+    pool.cli("start", "other", check=0)
+    other = child_pids(pool, "other")
+    pool.config({"tiny": {}, "other": {"args": "-c 512 -np 2"}})
+    r = pool.cli("upgrade", check=0)
+    assert "kept tiny#1" in r.stdout, r.stdout
+    assert "stopping other#1" in r.stdout and "command line changed" in r.stdout, r.stdout
+    assert child_pids(pool) == tiny
+    wait_for(lambda: not any(i["pid"] in other for i in pool.instances("other")),
+             what="other#1 stopped")
+    # It comes back on demand with the new args.
+    code, body = pool.request("POST", "/v1/chat/completions",
+                              body=json.dumps({"model": "other", "messages": [{"role": "user", "content": "x"}]}),
+                              headers={"Content-Type": "application/json"}, timeout=30)
+    assert code == 200, body
+
+
+def test_a_model_removed_before_the_upgrade_has_its_child_stopped(pool):
+    pool.config({"tiny": {}, "gone": {}})
+    pool.start()
+    pool.cli("start", "gone", check=0)
+    gone = child_pids(pool, "gone")
+    pool.config({"tiny": {}})
+    r = pool.cli("upgrade", check=0)
+    assert "stopping gone#1" in r.stdout and "no longer in pool.conf" in r.stdout, r.stdout
+    wait_for(lambda: not any(os.path.exists(f"/proc/{p}") and open(f"/proc/{p}/stat").read().split(")")[1].split()[0] != "Z"
+                             for p in gone), what="the removed model's child to exit")
+
+
+@fake_only("needs FAKE_TOKEN_MS to make a long stream")
+def test_requests_that_outlast_the_timeout_give_the_upgrade_up(pool):
+    pool.config({"tiny": {"env": {"FAKE_TOKEN_MS": "50"}}})
+    pool.start()
+    before = started(pool, 1)
+    result = {}
+
+    def long_stream():
+        conn = http.client.HTTPConnection("127.0.0.1", pool.listen_port, timeout=60)
+        conn.request("POST", "/v1/chat/completions", body=chat(stream=True, n=80),
+                     headers={"Content-Type": "application/json"})
+        r = conn.getresponse()
+        result["status"] = r.status
+        result["body"] = r.read().decode()
+        conn.close()
+
+    t = threading.Thread(target=long_stream)
+    t.start()
+    wait_for(lambda: any(i["in_flight"] for i in pool.instances("tiny")), what="the stream to start")
+    r = pool.cli("upgrade", "--timeout", "1", check=1)
+    assert "still under way" in r.stderr, r.stderr
+    t.join(timeout=30)
+    assert result.get("status") == 200 and result["body"].rstrip().endswith("[DONE]"), result
+    assert upgrades(pool) == 0 and child_pids(pool) == before
+    # New requests are served again (accepting resumed).
+    code, body = pool.request("POST", "/v1/chat/completions", body=chat(),
+                              headers={"Content-Type": "application/json"})
+    assert code == 200, body
+    conn = http.client.HTTPConnection("127.0.0.1", pool.listen_port, timeout=10)
+    conn.request("GET", "/health")
+    assert conn.getresponse().status == 200
+    conn.close()
+
+
+def test_upgrade_ends_event_streams_and_log_follows(pool):
+    pool.config({"tiny": {}})
+    pool.start()
+    started(pool, 1)
+    import subprocess
+    follow = subprocess.Popen([LLAMA_POOL, "logs", "tiny", "-f", "-s", pool.sock], stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True)
+    try:
+        # Its first line (the model's log so far) says it is connected.
+        ready, _, _ = select.select([follow.stdout], [], [], 10 * SLOW)
+        assert ready and follow.stdout.readline(), "logs -f printed nothing"
+        events = UnixHTTPConnection(pool.sock, timeout=10 * SLOW)
+        events.request("GET", "/pool/events")
+        ev = events.getresponse()
+        assert ev.status == 200
+        pool.cli("upgrade", check=0)
+        out, _ = follow.communicate(timeout=10 * SLOW)
+        assert "upgrading in place" in out, out
+        assert follow.returncode == 0
+        ev.read()                              # the stream ended properly (chunked end)
+        events.close()
+    finally:
+        if follow.poll() is None:
+            follow.kill()
+            follow.wait()
