@@ -156,6 +156,8 @@ struct health *health_new(struct ev_loop *loop)
         return NULL;
     h->loop = loop;
     h->multi = curl_multi_init();
+    /* Its wake-up socketpair is made without close-on-exec (libcurl 7.88). */
+    util_cloexec_all();
     if (!h->multi) {
         free(h);
         return NULL;

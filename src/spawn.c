@@ -19,10 +19,6 @@
 
 extern char **environ;
 
-#ifndef CLOSE_RANGE_CLOEXEC
-#define CLOSE_RANGE_CLOEXEC (1U << 2)
-#endif
-
 /* After fork, before exec: only async-signal-safe calls from here on. */
 static void child_fail(int errfd, int err)
 {
@@ -31,20 +27,6 @@ static void child_fail(int errfd, int err)
         r = write(errfd, &err, sizeof err);
     } while (r < 0 && errno == EINTR);
     _exit(127);
-}
-
-static void child_mark_fds_cloexec(void)
-{
-    /* Every fd above stderr is closed at exec, the error pipe included. */
-    if (syscall(SYS_close_range, 3U, ~0U, CLOSE_RANGE_CLOEXEC) == 0)
-        return;
-    struct rlimit rl;
-    long max = 65536;
-    if (getrlimit(RLIMIT_NOFILE, &rl) == 0 && rl.rlim_cur != RLIM_INFINITY &&
-        rl.rlim_cur < (rlim_t)max)
-        max = (long)rl.rlim_cur;
-    for (long fd = 3; fd < max; fd++)
-        (void)fcntl((int)fd, F_SETFD, FD_CLOEXEC);
 }
 
 static void child_exec(const char *path, char *const argv[], char *const envp[],
@@ -71,7 +53,7 @@ static void child_exec(const char *path, char *const argv[], char *const envp[],
     if (dup2(null_fd, STDIN_FILENO) < 0 || dup2(out_fd, STDOUT_FILENO) < 0 ||
         dup2(out_fd, STDERR_FILENO) < 0)
         child_fail(errfd, errno);
-    child_mark_fds_cloexec();
+    util_cloexec_all();    /* every fd above stderr, the error pipe included */
     execve(path, argv, envp);
     child_fail(errfd, errno);
 }

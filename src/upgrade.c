@@ -21,13 +21,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
-#include <sys/resource.h>
-#include <sys/syscall.h>
 #include <unistd.h>
-
-#ifndef CLOSE_RANGE_CLOEXEC
-#define CLOSE_RANGE_CLOEXEC (1U << 2)
-#endif
 
 #define DRAIN_POLL_S 0.01
 #define CHECK_OUTPUT_MAX 8192         /* of the check's words, kept for the answer */
@@ -255,14 +249,8 @@ static int handover_now(struct upgrade *u, char *err, size_t len)
 /* FDS survive the exec; every other fd above stderr is closed by it. */
 static void keep_fds(const int *fds, size_t n, bool keep)
 {
-    if (keep && syscall(SYS_close_range, 3U, ~0U, CLOSE_RANGE_CLOEXEC) < 0) {
-        struct rlimit rl;
-        long max = 65536;
-        if (getrlimit(RLIMIT_NOFILE, &rl) == 0 && rl.rlim_cur != RLIM_INFINITY && rl.rlim_cur < (rlim_t)max)
-            max = (long)rl.rlim_cur;
-        for (long fd = 3; fd < max; fd++)
-            (void)fcntl((int)fd, F_SETFD, FD_CLOEXEC);
-    }
+    if (keep)
+        util_cloexec_all();
     for (size_t i = 0; i < n; i++)
         if (fds[i] >= 0)
             (void)fcntl(fds[i], F_SETFD, keep ? 0 : FD_CLOEXEC);

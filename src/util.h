@@ -158,4 +158,9 @@ json_t *util_json_string(const char *s);
  * ill-formed UTF-8 replaced with U+FFFD. NULL when out of memory. */
 char *util_prom_label_escape(const char *s);
 
+/* Mark every fd above stderr close-on-exec (close_range(2), else one
+ * fcntl each): the rule for all of ours, also for the ones libraries
+ * open without the flag. Async-signal-safe (a forked child calls it). */
+void util_cloexec_all(void);
+
 #endif

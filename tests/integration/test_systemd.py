@@ -4,6 +4,7 @@ import os
 import shutil
 import signal
 import socket
+import struct
 import subprocess
 
 import pytest
@@ -84,3 +85,37 @@ def test_unit_file_verifies(tmp_path):
     for key in ("Type=notify", "KillMode=mixed", "ExecReload=", "RuntimeDirectory=llama-pool",
                 "User=llama-pool", "NoNewPrivileges=yes", "WatchdogSec="):
         assert key in text
+
+
+def test_upgrade_notifies_reloading_then_ready_from_the_main_pid(pool, notify_socket):
+    """systemd takes notifications from MAINPID only (NotifyAccess=main):
+    the new image's READY=1 must come from the same pid."""
+    path, sock = notify_socket
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_PASSCRED, 1)
+    pool.config({"a": {}})
+    os.environ["NOTIFY_SOCKET"] = path
+    try:
+        pool.start()
+    finally:
+        del os.environ["NOTIFY_SOCKET"]
+    msgs = []
+
+    def recv_all():
+        try:
+            while True:
+                data, anc, _, _ = sock.recvmsg(4096, socket.CMSG_SPACE(12))
+                pid = None
+                for level, kind, cdata in anc:
+                    if level == socket.SOL_SOCKET and kind == socket.SCM_CREDENTIALS:
+                        pid = struct.unpack("iII", cdata[:12])[0]
+                msgs.append((pid, data.decode()))
+        except (socket.timeout, BlockingIOError):
+            pass
+        return msgs
+
+    wait_for(lambda: any("READY=1" in m for _, m in recv_all()), what="READY=1")
+    msgs.clear()
+    pool.cli("upgrade", check=0)
+    wait_for(lambda: any("READY=1" in m for _, m in recv_all()), what="READY=1 after the upgrade")
+    assert "RELOADING=1" in msgs[0][1], msgs
+    assert all(pid == pool.proc.pid for pid, _ in msgs), msgs

@@ -321,3 +321,33 @@ def test_upgrade_ends_event_streams_and_log_follows(pool):
         if follow.poll() is None:
             follow.kill()
             follow.wait()
+
+
+def fds_of(pid):
+    """{fd: (target, close-on-exec)} of PID."""
+    out = {}
+    for name in os.listdir(f"/proc/{pid}/fd"):
+        try:
+            target = os.readlink(f"/proc/{pid}/fd/{name}")
+            with open(f"/proc/{pid}/fdinfo/{name}") as f:
+                flags = int(next(l for l in f if l.startswith("flags:")).split()[1], 8)
+        except (OSError, StopIteration):
+            continue
+        out[int(name)] = (target, bool(flags & 0o2000000))
+    return out
+
+
+def test_after_an_upgrade_every_fd_is_close_on_exec_and_none_is_left_over(pool):
+    pool.config({"tiny": {}})
+    pool.start()
+    started(pool, 1)
+    before = fds_of(pool.proc.pid)
+    pool.cli("upgrade", check=0)
+    pool.cli("upgrade", check=0)
+    after = fds_of(pool.proc.pid)
+    leaked = {fd: t for fd, t in after.items() if fd > 2 and not t[1]}
+    assert leaked == {}, leaked
+    assert not any("memfd:" in t for t, _ in after.values()), after
+    # The same kinds of fds as before: no pipe or socket gained per upgrade.
+    kinds = lambda fds: sorted(t.split(":")[0] for fd, (t, _) in fds.items() if fd > 2)
+    assert len(after) <= len(before) + 1, (kinds(before), kinds(after))
