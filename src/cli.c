@@ -121,6 +121,10 @@ static long request(struct client *c, const char *method, const char *path, stru
     curl_easy_cleanup(curl);
     if (rc == CURLE_WRITE_ERROR && r->on_line)   /* the line handler stopped us */
         return status;
+    if (rc == CURLE_GOT_NOTHING) {
+        fprintf(stderr, "llama-pool: the daemon closed the connection without answering (see its log)\n");
+        return -1;
+    }
     if (rc == CURLE_COULDNT_CONNECT || (rc != CURLE_OK && status == 0)) {
         fprintf(stderr, "llama-pool: the daemon is not running (nothing answers on %s)\n", c->socket);
         return -1;

@@ -4,7 +4,6 @@
 
 #include "build_config.h"
 #include "config.h"
-#include "events.h"
 #include "instance.h"
 #include "log.h"
 #include "notify.h"
@@ -342,7 +341,7 @@ static void drain_begin(struct upgrade *u)
         http_server_hold(u->h.public, true);
     pool_end_streams(u->h.pool);
     size_t n = busy(u);
-    log_info("upgrade: the new binary can take over; %zu request%s under way end first "
+    log_info("upgrade: the new binary can take over; waiting for %zu request%s under way to end "
              "(at most %.0f s), new connections wait", n, n == 1 ? "" : "s", u->timeout);
     u->drain_until = ev_now(u->h.loop) + u->timeout;
     ev_timer_stop(u->h.loop, &u->timer);
@@ -362,18 +361,25 @@ static void check_done(struct upgrade *u)
     char what[128];
     instance_describe_status(st, what, sizeof what);
     const char *text = u->check_text.len ? u->check_text.data : "";
-    /* Its words, on one line. */
-    for (char *c = u->check_text.data; c && *c; c++)
-        if (*c == '\n')
-            *c = *(c + 1) ? ' ' : '\0';
+    /* Its words, on one line: "; " between its lines. */
+    struct buf one = { 0 };
+    for (const char *c = text; *c; c++) {
+        bool ok = *c != '\n' ? buf_append(&one, c, 1) : !c[1] || buf_append(&one, "; ", 2);
+        if (!ok)
+            break;
+    }
+    if (buf_append(&one, "", 1))
+        text = one.data;
     if (WIFEXITED(st) && WEXITSTATUS(st) == 0) {
         log_info("upgrade: %s checked: %s", u->h.exe, text);
+        buf_free(&one);
         check_stop(u);
         drain_begin(u);
         return;
     }
     char msg[CHECK_OUTPUT_MAX + 256];
     snprintf(msg, sizeof msg, "the new binary %s %s%s%s", u->h.exe, what, *text ? ": " : "", text);
+    buf_free(&one);
     upgrade_fail(u, 500, "%s", msg);
 }
 
@@ -660,9 +666,6 @@ void upgrade_resume(const struct upgrade_host *host, struct handover *h)
              "%zu stopped, %zu idle connection%s taken over", h->from_version ? h->from_version : "?",
              (int)getpid(), p->upgrades, json_array_size(adopted), json_array_size(adopted) == 1 ? "" : "s",
              json_array_size(stopped), nconns, nconns == 1 ? "" : "s");
-    if (events_wanted(p->events))
-        events_publish(p->events, "upgrade", json_pack("{s:s,s:s,s:i}", "from", h->from_version ? h->from_version : "",
-                                                       "to", LLAMA_POOL_VERSION, "upgrades", p->upgrades));
     reply(h->reply_fd, 200,
           json_pack("{s:b,s:i,s:s,s:s,s:i,s:o,s:o,s:I}", "upgraded", 1, "pid", (int)getpid(),
                     "from_version", h->from_version ? h->from_version : "", "version", LLAMA_POOL_VERSION,

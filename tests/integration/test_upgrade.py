@@ -364,3 +364,25 @@ def test_after_an_upgrade_every_fd_is_close_on_exec_and_none_is_left_over(pool):
     # The same kinds of fds as before: no pipe or socket gained per upgrade.
     kinds = lambda fds: sorted(t.split(":")[0] for fd, (t, _) in fds.items() if fd > 2)
     assert len(after) <= len(before) + 1, (kinds(before), kinds(after))
+
+
+def test_a_new_image_that_dies_after_the_exec_leaves_no_orphans(pool):
+    """The check passes (the real binary answers it), then the image that
+    takes over exits at once: the children die with it (PDEATHSIG)."""
+    pool.config({"tiny": {}})
+    binary = install_copy(pool)
+    real = binary + ".real"
+    shutil.copy2(LLAMA_POOL, real)
+    start_from(pool, binary)
+    kids = started(pool, 1)
+    replace_binary(binary, "#!/bin/sh\n"
+                           f'if [ -n "$LLAMA_POOL_HANDOVER_CHECK" ]; then exec {real} "$@"; fi\n'
+                           "echo 'new image: dying before it adopts anything' >&2\nexit 1\n")
+    r = pool.cli("upgrade")
+    assert r.returncode != 0
+    assert "closed the connection without answering" in r.stderr, r.stderr
+    assert pool.wait_exit() == 1
+    wait_for(lambda: not any(os.path.exists(f"/proc/{p}") and
+                             open(f"/proc/{p}/stat").read().rsplit(")", 1)[1].split()[0] != "Z"
+                             for p in kids), what="the children to die with it")
+    assert "dying before it adopts anything" in pool.daemon_log()
