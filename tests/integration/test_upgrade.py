@@ -386,3 +386,19 @@ def test_a_new_image_that_dies_after_the_exec_leaves_no_orphans(pool):
                              open(f"/proc/{p}/stat").read().rsplit(")", 1)[1].split()[0] != "Z"
                              for p in kids), what="the children to die with it")
     assert "dying before it adopts anything" in pool.daemon_log()
+
+
+@fake_only("needs FAKE_LOAD_MS for a slow load")
+def test_a_loading_child_is_adopted_loading_and_a_minimum_is_not_started_twice(pool):
+    pool.config({"slow": {"instances": "1-1", "env": {"FAKE_LOAD_MS": "1500"}}})
+    pool.start()
+    wait_for(lambda: [i for i in pool.instances("slow") if i["pid"]], what="slow#1 spawned")
+    pid = pool.instances("slow")[0]["pid"]
+    assert pool.instances("slow")[0]["state"] == "starting"
+    r = pool.cli("upgrade", check=0)
+    assert f"kept slow#1: pid {pid}" in r.stdout and "starting" in r.stdout, r.stdout
+    wait_for(lambda: pool.instances("slow")[0]["state"] == "ready", what="slow#1 ready")
+    inst = pool.instances("slow")
+    assert len(inst) == 1 and inst[0]["pid"] == pid
+    log = pool.daemon_log()
+    assert log.count("slow#1: started pid") == 1, log
