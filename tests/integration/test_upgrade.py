@@ -402,3 +402,21 @@ def test_a_loading_child_is_adopted_loading_and_a_minimum_is_not_started_twice(p
     assert len(inst) == 1 and inst[0]["pid"] == pid
     log = pool.daemon_log()
     assert log.count("slow#1: started pid") == 1, log
+
+
+def test_usage_counts_in_memory_only_survive_an_upgrade(pool):
+    pool.config({"tiny": {}}, pool_extra="state_dir =")
+    pool.start()
+    for _ in range(3):
+        code, body = pool.request("POST", "/v1/completions", body=chat(),
+                                  headers={"Content-Type": "application/json"}, timeout=30)
+        assert code == 200 or model_garbled(code, body), body
+
+    def requests():
+        code, body = pool.get("/pool/usage")
+        assert code == 200, body
+        return {m["name"]: m["requests"] for m in json.loads(body)["models"]}
+
+    wait_for(lambda: requests().get("tiny") == 3, what="3 requests counted")
+    pool.cli("upgrade", check=0)
+    assert requests().get("tiny") == 3
