@@ -616,6 +616,8 @@ void upgrade_resume(const struct upgrade_host *host, struct handover *h)
             char **argv = config_child_argv(p->cfg, m->cfg, c->port);
             if (!argv || handover_argv_hash(argv) != hash)
                 why = "its model's command line changed in pool.conf";
+            else if (m->ninst >= m->cfg->instances_max)
+                why = "its model's instances maximum is lower in pool.conf";
             util_strv_free(argv);
         }
         struct instance *inst = NULL;

@@ -420,3 +420,14 @@ def test_usage_counts_in_memory_only_survive_an_upgrade(pool):
     wait_for(lambda: requests().get("tiny") == 3, what="3 requests counted")
     pool.cli("upgrade", check=0)
     assert requests().get("tiny") == 3
+
+
+def test_instances_above_a_lowered_maximum_are_stopped(pool):
+    pool.config({"tiny": {"instances": "0-2"}})
+    pool.start()
+    first, second = started(pool, 2)
+    pool.config({"tiny": {"instances": "0-1"}})
+    r = pool.cli("upgrade", check=0)
+    assert f"kept tiny#1: pid {first}" in r.stdout, r.stdout
+    assert f"stopping tiny#2: pid {second}: its model's instances maximum is lower" in r.stdout, r.stdout
+    wait_for(lambda: child_pids(pool) == [first], what="tiny#2 stopped")
