@@ -23,14 +23,44 @@ extern char **environ;
 #define CLOSE_RANGE_CLOEXEC (1U << 2)
 #endif
 
+/* What the child reports through the error pipe: the step that failed
+ * and its errno. Nothing comes when exec succeeds. */
+enum spawn_step { SPAWN_STEP_SETUP, SPAWN_STEP_CGROUP, SPAWN_STEP_EXEC };
+struct spawn_failure {
+    int step;
+    int err;
+};
+
 /* After fork, before exec: only async-signal-safe calls from here on. */
-static void child_fail(int errfd, int err)
+static void child_fail(int errfd, enum spawn_step step, int err)
 {
+    struct spawn_failure f = { .step = step, .err = err };
     ssize_t r;
     do {
-        r = write(errfd, &err, sizeof err);
+        r = write(errfd, &f, sizeof f);
     } while (r < 0 && errno == EINTR);
     _exit(127);
+}
+
+/* Join the cgroup whose cgroup.procs is open at FD: write our pid in
+ * decimal (formatted by hand: no stdio after fork). */
+static void child_join_cgroup(int fd, int errfd)
+{
+    char buf[24];
+    size_t n = sizeof buf;
+    unsigned long v = (unsigned long)getpid();
+    do {
+        buf[--n] = (char)('0' + v % 10);
+        v /= 10;
+    } while (v);
+    ssize_t r;
+    do {
+        r = write(fd, buf + n, sizeof buf - n);
+    } while (r < 0 && errno == EINTR);
+    if (r < 0)
+        child_fail(errfd, SPAWN_STEP_CGROUP, errno);
+    if ((size_t)r != sizeof buf - n)
+        child_fail(errfd, SPAWN_STEP_CGROUP, EIO);
 }
 
 static void child_mark_fds_cloexec(void)
@@ -48,8 +78,12 @@ static void child_mark_fds_cloexec(void)
 }
 
 static void child_exec(const char *path, char *const argv[], char *const envp[],
-                       int out_fd, int null_fd, int errfd, pid_t parent)
+                       int out_fd, int cgroup_fd, int null_fd, int errfd, pid_t parent)
 {
+    /* First, so that what the child does from here on is charged there. */
+    if (cgroup_fd >= 0)
+        child_join_cgroup(cgroup_fd, errfd);
+
     sigset_t all;
     sigemptyset(&all);
     for (int s = 1; s < NSIG; s++) {
@@ -60,9 +94,9 @@ static void child_exec(const char *path, char *const argv[], char *const envp[],
     sigprocmask(SIG_SETMASK, &all, NULL);
 
     if (setsid() < 0)
-        child_fail(errfd, errno);
+        child_fail(errfd, SPAWN_STEP_SETUP, errno);
     if (prctl(PR_SET_PDEATHSIG, SIGKILL) < 0)
-        child_fail(errfd, errno);
+        child_fail(errfd, SPAWN_STEP_SETUP, errno);
     /* The supervisor may have died before prctl(): then we were already
      * reparented and no signal will ever come. */
     if (getppid() != parent)
@@ -70,14 +104,14 @@ static void child_exec(const char *path, char *const argv[], char *const envp[],
 
     if (dup2(null_fd, STDIN_FILENO) < 0 || dup2(out_fd, STDOUT_FILENO) < 0 ||
         dup2(out_fd, STDERR_FILENO) < 0)
-        child_fail(errfd, errno);
+        child_fail(errfd, SPAWN_STEP_SETUP, errno);
     child_mark_fds_cloexec();
     execve(path, argv, envp);
-    child_fail(errfd, errno);
+    child_fail(errfd, SPAWN_STEP_EXEC, errno);
 }
 
 pid_t spawn_child(const char *path, char *const argv[], char *const envp[],
-                  int out_fd, char *err, size_t errlen)
+                  int out_fd, int cgroup_fd, char *err, size_t errlen)
 {
     int errpipe[2];
     int null_fd = open("/dev/null", O_RDONLY | O_CLOEXEC);
@@ -101,22 +135,28 @@ pid_t spawn_child(const char *path, char *const argv[], char *const envp[],
     }
     if (pid == 0) {
         close(errpipe[0]);
-        child_exec(path, argv, envp, out_fd, null_fd, errpipe[1], parent);
+        child_exec(path, argv, envp, out_fd, cgroup_fd, null_fd, errpipe[1], parent);
     }
     close(errpipe[1]);
     close(null_fd);
 
-    int child_errno = 0;
+    struct spawn_failure f;
     ssize_t r;
     do {
-        r = read(errpipe[0], &child_errno, sizeof child_errno);
+        r = read(errpipe[0], &f, sizeof f);
     } while (r < 0 && errno == EINTR);
     close(errpipe[0]);
-    if (r == (ssize_t)sizeof child_errno) {
-        /* exec failed; the child has _exit(127)ed: libev's SIGCHLD
+    if (r == (ssize_t)sizeof f) {
+        /* A step failed; the child has _exit(127)ed: libev's SIGCHLD
          * handling reaps it. */
-        snprintf(err, errlen, "exec %s: %s", path, strerror(child_errno));
-        errno = child_errno;
+        if (f.step == SPAWN_STEP_CGROUP)
+            snprintf(err, errlen, "joining its cgroup (writing its pid to cgroup.procs): %s",
+                     strerror(f.err));
+        else if (f.step == SPAWN_STEP_SETUP)
+            snprintf(err, errlen, "setting up the child of %s: %s", path, strerror(f.err));
+        else
+            snprintf(err, errlen, "exec %s: %s", path, strerror(f.err));
+        errno = f.err;
         return -1;
     }
     return pid;
