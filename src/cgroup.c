@@ -481,6 +481,14 @@ int cgroup_child_prepare(const struct cgroup_tree *t, struct cgroup_child *c, co
         snprintf(err, errlen, "cannot set %s/memory.max to %s: %s", dir, num, strerror(errno));
         return -1;
     }
+    /* A hard limit is on memory, not memory and swap: a child past it
+     * would swap instead of being stopped. No file without swap
+     * accounting: nothing to forbid then. */
+    if (child_file(t, c, "memory.swap.max", path, sizeof path) &&
+        write_text(t, path, limit ? "0" : "max") < 0 && errno != ENOENT) {
+        snprintf(err, errlen, "cannot set %s/memory.swap.max: %s", dir, strerror(errno));
+        return -1;
+    }
     /* An OOM kill takes the whole instance, not one of its processes. */
     if (child_file(t, c, "memory.oom.group", path, sizeof path) && write_text(t, path, "1") < 0 &&
         errno != ENOENT) {

@@ -6,7 +6,8 @@
  *   D/                    memory (and pids) enabled in cgroup.subtree_control
  *   D/supervisor/         the daemon itself: cgroup v2 puts processes in
  *                         leaves only, once D hands controllers down
- *   D/<model>-<n>/        instance <model>#<n>: memory.max, memory.oom.group 1
+ *   D/<model>-<n>/        instance <model>#<n>: memory.max (and memory.swap.max 0
+ *                         with a limit), memory.oom.group 1
  *
  * A child's directory is named after its instance (cgroup_child_name): it
  * is found again from the id alone. cgroup_tree_open() decides once, at
@@ -70,8 +71,9 @@ struct cgroup_child {
 void cgroup_tree_open(struct cgroup_tree *t, const char *fake_root);
 
 /* Prepare C for a child of instance MODEL#NO: create its directory (or
- * reuse one left over), write memory.max (LIMIT bytes, 0: max) and
- * memory.oom.group, note memory.events oom_kill. Returns an fd open for
+ * reuse one left over), write memory.max (LIMIT bytes, 0: max),
+ * memory.swap.max (0 with a limit, else max; skipped where the kernel has
+ * no swap accounting) and memory.oom.group, note memory.events oom_kill. Returns an fd open for
  * writing on its cgroup.procs, for spawn_child (close it after), or -1
  * with ERR filled. */
 int cgroup_child_prepare(const struct cgroup_tree *t, struct cgroup_child *c, const char *model,
