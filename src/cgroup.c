@@ -369,7 +369,10 @@ static int tree_locate(struct cgroup_tree *t)
                  v1_memory ? "; memory is on cgroup v1 here (a hybrid layout)" : "");
         return -1;
     }
-    if (strcmp(t->path, "/") == 0) {
+    /* Every cgroup but the root has cgroup.type; "/" alone does not tell
+     * (in a cgroup namespace, ProtectControlGroups=private, our own
+     * cgroup is "/"). */
+    if (!join(path, sizeof path, t->dir, "cgroup.type") || access(path, F_OK) < 0) {
         not_used(t, "llama-pool runs in the root cgroup (%s): give it one of its own "
                  "(systemd: Delegate=yes)", t->dir);
         return -1;
