@@ -457,7 +457,7 @@ static int instance_spawn(struct instance *inst, bool *fatal)
     } else {
         pid = spawn_child(path, argv, env, pipefd[1], cgroup_fd, err, sizeof err);
         /* Exec failing will fail again; joining the cgroup may not. */
-        if (pid < 0 && cgroup_fd < 0)
+        if (pid == -1)
             *fatal = true;
     }
     if (cgroup_fd >= 0)

@@ -157,7 +157,7 @@ pid_t spawn_child(const char *path, char *const argv[], char *const envp[],
         else
             snprintf(err, errlen, "exec %s: %s", path, strerror(f.err));
         errno = f.err;
-        return -1;
+        return f.step == SPAWN_STEP_CGROUP ? SPAWN_CGROUP_FAILED : -1;
     }
     return pid;
 }

@@ -25,7 +25,10 @@
  * With CGROUP_FD >= 0 (a cgroup.procs open for writing, see cgroup.h), the
  * child first joins that cgroup by writing its pid there, before anything
  * else it does. Returns the pid, or -1 with ERR filled ("exec
- * /x/llama-server: No such file or directory", "joining its cgroup …"). */
+ * /x/llama-server: No such file or directory"), or SPAWN_CGROUP_FAILED
+ * (-2) with ERR filled ("joining its cgroup …") when the child could not
+ * join its cgroup: exec was not tried, and another attempt may succeed. */
+#define SPAWN_CGROUP_FAILED (-2)
 pid_t spawn_child(const char *path, char *const argv[], char *const envp[],
                   int out_fd, int cgroup_fd, char *err, size_t errlen);
 
