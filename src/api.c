@@ -108,6 +108,13 @@ static json_t *instance_json(const struct api *api, const struct instance *inst)
     json_object_set_new(o, "uptime_s", json_real(inst->pid > 0 ? now - inst->spawned_at : 0));
     json_object_set_new(o, "restarts", json_integer(inst->restarts));
     json_object_set_new(o, "memory", json_integer((json_int_t)inst->pss));
+    /* Its cgroup (cgroup.h): memory.current beside PSS, memory.max. */
+    bool cg = inst->pid > 0 && inst->cgroup.name[0];
+    json_object_set_new(o, "cgroup", cg ? util_json_string(inst->cgroup.name) : json_null());
+    json_object_set_new(o, "cgroup_memory", cg ? json_integer((json_int_t)inst->cgroup.current) : json_null());
+    json_object_set_new(o, "memory_max", cg && inst->cgroup.limit ? json_integer((json_int_t)inst->cgroup.limit)
+                                                                 : json_null());
+    json_object_set_new(o, "oom_kills", json_integer(inst->oom_kills));
     json_object_set_new(o, "charge", json_integer((json_int_t)v.charge));
     json_object_set_new(o, "slots", json_integer(inst->slots));
     json_object_set_new(o, "in_flight", json_integer(v.in_flight));
@@ -243,7 +250,15 @@ static json_t *status_head(const struct api *api)
     json_object_set_new(mem, "used", json_integer((json_int_t)router_used(api->router)));
     json_object_set_new(mem, "measured", json_integer((json_int_t)pool_measured(p)));
     json_object_set_new(mem, "available", json_integer((json_int_t)avail));
+    bool cgroups = p->cgroups && p->cgroups->enabled;
+    if (cgroups)
+        json_object_set_new(mem, "cgroup_measured", json_integer((json_int_t)pool_cgroup_measured(p)));
     json_object_set_new(root, "memory", mem);
+    json_t *cg = json_object();
+    json_object_set_new(cg, "enabled", json_boolean(cgroups));
+    json_object_set_new(cg, "path", cgroups ? util_json_string(p->cgroups->dir) : json_null());
+    json_object_set_new(cg, "reason", cgroups || !p->cgroups ? json_null() : util_json_string(p->cgroups->reason));
+    json_object_set_new(root, "cgroup", cg);
     json_t *devices = json_array();
     struct router_dev_view dv;
     for (size_t d = 0; router_device_view(api->router, d, &dv); d++) {

@@ -269,7 +269,7 @@ static bool status_rows(struct table *t, json_t *model)
     size_t i;
     json_t *in;
     json_array_foreach(insts, i, in) {
-        char pid[16] = "-", port[8] = "-", up[24] = "-", rs[12], mem[24] = "-", slots[24] = "-",
+        char pid[16] = "-", port[8] = "-", up[24] = "-", rs[12], mem[56] = "-", slots[24] = "-",
              used[32] = "-", state[48];
         json_t *v;
         if ((v = json_object_get(in, "pid")) && json_is_integer(v))
@@ -282,6 +282,13 @@ static bool status_rows(struct table *t, json_t *model)
         json_int_t m = json_integer_value(json_object_get(in, "memory"));
         if (m > 0)
             util_format_bytes((uint64_t)m, mem, sizeof mem);
+        /* With a cgroup: "PSS · memory.current" (status --json has both). */
+        json_int_t cgm = json_integer_value(json_object_get(in, "cgroup_memory"));
+        if (cgm > 0) {
+            char c[24];
+            size_t n = strlen(mem);
+            snprintf(mem + n, sizeof mem - n, " · %s", util_format_bytes((uint64_t)cgm, c, sizeof c));
+        }
         json_int_t total = json_integer_value(json_object_get(in, "slots"));
         if (total > 0)
             snprintf(slots, sizeof slots, "%lld/%lld",
@@ -443,10 +450,29 @@ static int print_status(json_t *j)
                util_format_bytes((uint64_t)json_integer_value(json_object_get(dev, "free")), free_b, sizeof free_b),
                json_is_true(json_object_get(dev, "lost")) ? " (lost: not used)" : "");
     }
+    json_t *cg = json_object_get(j, "cgroup");
+    if (json_is_true(json_object_get(cg, "enabled"))) {
+        char cur[32];
+        printf("cgroups: an instance each under %s, %s in use (MEMORY: PSS · cgroup memory.current)\n",
+               json_string_value(json_object_get(cg, "path")),
+               util_format_bytes((uint64_t)json_integer_value(json_object_get(mem, "cgroup_measured")),
+                                 cur, sizeof cur));
+    }
     json_array_foreach(models, i, model) {
         const char *err = json_string_value(json_object_get(model, "last_error"));
-        if (err)
+        if (err) {
             printf("%s: %s\n", json_string_value(json_object_get(model, "name")), err);
+            continue;
+        }
+        /* An instance waiting to restart says why it stopped (a crash, an
+         * OOM kill) until it is ready again. */
+        size_t k;
+        json_t *in;
+        json_array_foreach(json_object_get(model, "instances"), k, in) {
+            const char *ierr = json_string_value(json_object_get(in, "last_error"));
+            if (ierr && json_is_number(json_object_get(in, "next_start_s")))
+                printf("%s: %s\n", json_string_value(json_object_get(in, "id")), ierr);
+        }
     }
     if (summary) {
         json_int_t unlisted = json_integer_value(json_object_get(j, "total")) - (json_int_t)json_array_size(models);

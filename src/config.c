@@ -487,7 +487,7 @@ enum pool_key {
     PK_BODY_TIMEOUT, PK_DRAIN_TIMEOUT, PK_CORS_ORIGINS, PK_GPUS, PK_NVML_LIBRARY,
     PK_GPU_BUDGET, PK_GPU_RESERVE, PK_LOG_MAX_SIZE, PK_LOG_KEEP, PK_ROUTING,
     PK_AFFINITY_WAIT, PK_STATE_DIR, PK_PRELOAD, PK_METRICS_CHILDREN, PK_EVICTION, PK_FALLBACK,
-    PK_FALLBACK_KEY, PK_FALLBACK_UNKNOWN, PK__COUNT
+    PK_FALLBACK_KEY, PK_FALLBACK_UNKNOWN, PK_MEMORY_HARD_LIMIT, PK__COUNT
 };
 
 static const char *const pool_keys[PK__COUNT] = {
@@ -500,18 +500,19 @@ static const char *const pool_keys[PK__COUNT] = {
     "body_timeout", "drain_timeout", "cors_origins", "gpus", "nvml_library",
     "gpu_budget", "gpu_reserve", "log_max_size", "log_keep", "routing",
     "affinity_wait", "state_dir", "preload", "metrics_children", "eviction", "fallback",
-    "fallback_key", "fallback_unknown",
+    "fallback_key", "fallback_unknown", "memory_hard_limit",
 };
 
 enum model_key {
     MK_PATH, MK_ARGS, MK_INSTANCES, MK_MEMORY, MK_PIN, MK_IDLE_TIMEOUT,
     MK_ALIASES, MK_ENV, MK_GPU_MEMORY, MK_ROUTING, MK_AFFINITY_WAIT, MK_PRIORITY, MK_FALLBACK,
-    MK_FALLBACK_KEY, MK__COUNT
+    MK_FALLBACK_KEY, MK_MEMORY_HARD_LIMIT, MK__COUNT
 };
 
 static const char *const model_keys[MK__COUNT] = {
     "path", "args", "instances", "memory", "pin", "idle_timeout", "aliases", "env",
     "gpu_memory", "routing", "affinity_wait", "priority", "fallback", "fallback_key",
+    "memory_hard_limit",
 };
 
 /* What a section takes: its keys, those of them that take continuation
@@ -663,6 +664,7 @@ static void model_init(struct config_model *m, char *name, char *path, int line)
         .memory_kind = CONFIG_MEMORY_AUTO,
         .idle_timeout_ms = -1,
         .affinity_wait_ms = -1,
+        .memory_hard_limit = -1,
         .line = line,
     };
 }
@@ -1582,6 +1584,11 @@ static void pool_value(struct parser *p, int k, const char *v)
             error_at(p, line, "fallback_unknown: \"%s\" is not yes or no (yes/no, true/false, on/off, 1/0)",
                      show(&sh, v));
         break;
+    case PK_MEMORY_HARD_LIMIT:
+        if (config_parse_bool(v, &c->memory_hard_limit))
+            error_at(p, line, "memory_hard_limit: \"%s\" is not yes or no (yes/no, true/false, on/off, 1/0)",
+                     show(&sh, v));
+        break;
     default:                    /* a number: read above */
         break;
     }
@@ -1664,6 +1671,15 @@ static void model_value(struct parser *p, struct pmodel *pm, int k, const char *
         if (config_parse_bool(v, &m->pin))
             error_at(p, line, "pin: \"%s\" is not yes or no (yes/no, true/false, on/off, 1/0)", show(&sh, v));
         break;
+    case MK_MEMORY_HARD_LIMIT: {
+        bool on;
+        if (config_parse_bool(v, &on))
+            error_at(p, line, "memory_hard_limit: \"%s\" is not yes or no (yes/no, true/false, on/off, 1/0)",
+                     show(&sh, v));
+        else
+            m->memory_hard_limit = on;
+        break;
+    }
     case MK_IDLE_TIMEOUT:
         get_duration(p, line, key, v, false, &m->idle_timeout_ms);
         break;

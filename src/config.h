@@ -105,6 +105,7 @@ struct config_model {
     int64_t idle_timeout_ms; /* -1 = inherit [pool] idle_timeout; 0 = never */
     int64_t affinity_wait_ms;/* -1 = inherit [pool] affinity_wait */
     int priority;          /* -CONFIG_PRIORITY_MAX … CONFIG_PRIORITY_MAX; 0 = default */
+    int memory_hard_limit; /* -1 = inherit [pool] memory_hard_limit; 0 no; 1 yes */
     char **aliases;        /* NULL-terminated */
     size_t naliases;
     struct config_env *env;
@@ -174,6 +175,8 @@ struct config {
                                  * adds their llamacpp:* series */
     struct config_fallback *fallback;   /* NULL: none */
     bool fallback_unknown;      /* a model not configured here goes to fallback */
+    bool memory_hard_limit;     /* a child's cgroup gets memory.max (cgroup.h);
+                                 * a model's own key overrides */
 
     struct config_model *models;
     size_t nmodels;
@@ -227,6 +230,10 @@ char **config_child_argv(const struct config *cfg,
  * takes the last. NULL when absent. Points into the config. */
 const char *config_child_arg(const struct config *cfg, const struct config_model *m,
                              const char *flag, const char *longflag);
+
+/* Whether a child of M gets memory.max in its cgroup: the model's
+ * memory_hard_limit, else [pool]'s (default no). */
+bool config_memory_hard_limit(const struct config *cfg, const struct config_model *m);
 
 /* Whether a child of M serves /metrics: metrics_children, or --metrics in
  * default_args or its args, or LLAMA_ARG_ENDPOINT_METRICS=on|enabled|true|1

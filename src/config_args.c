@@ -39,6 +39,11 @@ static bool child_metrics_given(const struct config *cfg, const struct config_mo
     return false;
 }
 
+bool config_memory_hard_limit(const struct config *cfg, const struct config_model *m)
+{
+    return m->memory_hard_limit >= 0 ? m->memory_hard_limit == 1 : cfg->memory_hard_limit;
+}
+
 bool config_child_metrics(const struct config *cfg, const struct config_model *m)
 {
     return cfg->metrics_children || child_metrics_given(cfg, m);

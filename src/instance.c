@@ -18,6 +18,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/wait.h>
+#include <time.h>
 #include <unistd.h>
 
 #define POLL_STARTING_S      0.005  /* /health poll period while starting */
@@ -28,6 +29,8 @@
 #define OUTPUT_BATCH_S       0.05   /* a ready child's output is read at most this often */
 #define OUTPUT_PIPE_BYTES    (1 << 20)  /* pipe room for it meanwhile (F_SETPIPE_SZ) */
 #define OUTPUT_READ_BYTES    (64 * 1024) /* one read of a child's output, at most */
+#define CGROUP_RETRY_S       0.1    /* a populated cgroup's next rmdir */
+#define CGROUP_RETRIES       100    /* of them before giving up (10 s) */
 
 enum instance_event {
     IEV_START,        /* the operator or the proxy wants it running */
@@ -40,6 +43,7 @@ enum instance_event {
 };
 
 static void instance_step(struct instance *inst, enum instance_event ev);
+static const struct cgroup_tree *cgroups_of(const struct instance *inst);
 
 /* ---------- small helpers ---------- */
 
@@ -95,6 +99,17 @@ static void arm_poll(struct instance *inst, double after)
     ev_timer_start(inst->world->loop, &inst->poll);
 }
 
+/* Its PSS and its cgroup's memory.current, now; a failed read keeps the
+ * last value. */
+static void measure(struct instance *inst)
+{
+    uint64_t pss = memory_pss(inst->pid);
+    if (pss)
+        inst->pss = pss;
+    if (cgroups_of(inst))
+        (void)cgroup_child_measure(cgroups_of(inst), &inst->cgroup);
+}
+
 static void cancel_probes(struct instance *inst)
 {
     health_cancel(inst->probe);
@@ -129,6 +144,32 @@ void instance_describe_status(int status, char *buf, size_t len)
                  strsignal(WTERMSIG(status)), WCOREDUMP(status) ? ", core dumped" : "");
     else
         snprintf(buf, len, "ended with wait status %d", status);
+}
+
+/* Bytes as whole MiB, rounded. */
+static unsigned long long mib(uint64_t bytes)
+{
+    return (unsigned long long)((bytes + (UINT64_C(1) << 19)) >> 20);
+}
+
+void instance_describe_exit(const struct instance *inst, char *buf, size_t len)
+{
+    if (inst->cgroup.oom_killed) {
+        if (inst->cgroup.limit)
+            snprintf(buf, len, "killed by the OOM killer at %llu MiB (memory.max %llu MiB)",
+                     mib(inst->cgroup.oom_at), mib(inst->cgroup.limit));
+        else
+            snprintf(buf, len, "killed by the OOM killer at %llu MiB", mib(inst->cgroup.oom_at));
+        return;
+    }
+    instance_describe_status(inst->exit_status, buf, len);
+}
+
+/* The daemon's cgroup tree when children get cgroups, else NULL. */
+static const struct cgroup_tree *cgroups_of(const struct instance *inst)
+{
+    const struct cgroup_tree *t = inst->world->cgroups;
+    return t && t->enabled ? t : NULL;
 }
 
 bool instance_has_process(const struct instance *inst)
@@ -286,6 +327,8 @@ static void child_cb(struct ev_loop *loop, ev_child *w, int revents)
     struct instance *inst = w->data;
     ev_child_stop(loop, w);
     inst->exit_status = w->rstatus;
+    if (cgroups_of(inst) && cgroup_child_exited(cgroups_of(inst), &inst->cgroup, w->rstatus))
+        inst->oom_kills++;
     /* Take every line it wrote before dying: they explain the exit. */
     if (inst->out_fd >= 0 && instance_drain_output(inst) < 0)
         close_output(inst);
@@ -393,6 +436,7 @@ static int instance_spawn(struct instance *inst, bool *fatal)
     char **env = extra ? spawn_clean_env(extra, nextra) : NULL;
     char *path = argv ? spawn_resolve(argv[0]) : NULL;
     int pipefd[2] = { -1, -1 };
+    int cgroup_fd = -1;
     pid_t pid = -1;
 
     if (!key) {
@@ -405,11 +449,19 @@ static int instance_spawn(struct instance *inst, bool *fatal)
         *fatal = true;
     } else if (pipe2(pipefd, O_CLOEXEC) < 0) {
         snprintf(err, sizeof err, "pipe: %s", strerror(errno));
+    } else if (cgroups_of(inst) &&
+               (cgroup_fd = cgroup_child_prepare(cgroups_of(inst), &inst->cgroup, inst->model->name, inst->no,
+                                                 inst->world->ops->memory_limit(inst, inst->world->arg),
+                                                 err, sizeof err)) < 0) {
+        /* Not fatal: a cgroup still being removed, a passing error. */
     } else {
-        pid = spawn_child(path, argv, env, pipefd[1], err, sizeof err);
-        if (pid < 0)
+        pid = spawn_child(path, argv, env, pipefd[1], cgroup_fd, err, sizeof err);
+        /* Exec failing will fail again; joining the cgroup may not. */
+        if (pid == -1)
             *fatal = true;
     }
+    if (cgroup_fd >= 0)
+        close(cgroup_fd);
     if (pipefd[1] >= 0)
         close(pipefd[1]);
     free(path);
@@ -450,7 +502,16 @@ static int instance_spawn(struct instance *inst, bool *fatal)
     ev_child_init(&inst->child_w, child_cb, pid, 0);
     inst->child_w.data = inst;
     ev_child_start(inst->world->loop, &inst->child_w);
-    instance_eventf(inst, LOG_INFO, "started pid %d on port %u", (int)pid, port);
+    if (inst->cgroup.name[0] && inst->cgroup.limit) {
+        char max[32];
+        instance_eventf(inst, LOG_INFO, "started pid %d on port %u in cgroup %s (memory.max %s)", (int)pid,
+                        port, inst->cgroup.name, util_format_bytes(inst->cgroup.limit, max, sizeof max));
+    } else if (inst->cgroup.name[0]) {
+        instance_eventf(inst, LOG_INFO, "started pid %d on port %u in cgroup %s", (int)pid, port,
+                        inst->cgroup.name);
+    } else {
+        instance_eventf(inst, LOG_INFO, "started pid %d on port %u", (int)pid, port);
+    }
     return 0;
 }
 
@@ -460,11 +521,87 @@ static void signal_group(struct instance *inst, int sig)
         (void)kill(inst->pid, sig);
 }
 
-/* The child is gone: sweep its group, free its port. */
+/* SIGKILL to every process of its cgroup (cgroup.kill), a child of it
+ * that left the process group included. */
+static void kill_cgroup(struct instance *inst)
+{
+    char err[512];
+    if (cgroups_of(inst) && inst->cgroup.name[0] &&
+        cgroup_child_kill(cgroups_of(inst), &inst->cgroup, err, sizeof err) < 0)
+        instance_eventf(inst, LOG_WARN, "%s", err);
+}
+
+/* The final word: SIGKILL to the group, and to the cgroup. */
+static void kill_all(struct instance *inst)
+{
+    signal_group(inst, SIGKILL);
+    kill_cgroup(inst);
+}
+
+/* Remove its cgroup; while populated (processes still exiting), again
+ * every CGROUP_RETRY_S. */
+static void remove_cgroup(struct instance *inst)
+{
+    char err[512];
+    const struct cgroup_tree *t = cgroups_of(inst);
+    if (!t || !inst->cgroup.name[0])
+        return;
+    int rc = cgroup_child_remove(t, &inst->cgroup, err, sizeof err);
+    if (rc < 0) {
+        instance_eventf(inst, LOG_WARN, "%s", err);
+        inst->cgroup.name[0] = '\0';     /* left there; reused at its next start */
+    } else if (rc > 0 && inst->cgroup_retries++ < CGROUP_RETRIES) {
+        ev_timer_stop(inst->world->loop, &inst->cgroup_retry);
+        ev_timer_set(&inst->cgroup_retry, CGROUP_RETRY_S, 0.);
+        ev_timer_start(inst->world->loop, &inst->cgroup_retry);
+    } else if (rc > 0) {
+        instance_eventf(inst, LOG_WARN, "cgroup %s/%s still has processes %.0f s after the child's exit; "
+                        "left in place", t->dir, inst->cgroup.name, CGROUP_RETRY_S * CGROUP_RETRIES);
+    }
+}
+
+static void cgroup_retry_cb(struct ev_loop *loop, ev_timer *w, int revents)
+{
+    (void)loop; (void)revents;
+    struct instance *inst = w->data;
+    if (inst->pid <= 0)          /* not while a new child runs in it */
+        remove_cgroup(inst);
+}
+
+/* The instance goes away with its cgroup still populated (a process of
+ * it dying slowly after cgroup.kill): a few more tries, CGROUP_LAST_TRY_MS
+ * at most, then it is left in place (and reused if the instance comes
+ * back). Rare: the child itself has been reaped already. */
+#define CGROUP_LAST_TRY_MS 100
+static void cgroup_last_try(struct instance *inst)
+{
+    char err[512];
+    const struct cgroup_tree *t = cgroups_of(inst);
+    if (!t || !inst->cgroup.name[0])
+        return;
+    for (int ms = 0; ; ms += 5) {
+        int rc = cgroup_child_remove(t, &inst->cgroup, err, sizeof err);
+        if (rc == 0)
+            return;
+        if (rc < 0) {
+            instance_eventf(inst, LOG_WARN, "%s", err);
+            return;
+        }
+        if (ms >= CGROUP_LAST_TRY_MS)
+            break;
+        (void)nanosleep(&(struct timespec){ .tv_nsec = 5 * 1000 * 1000 }, NULL);
+    }
+    instance_eventf(inst, LOG_WARN, "cgroup %s/%s still has processes; left in place", t->dir,
+                    inst->cgroup.name);
+}
+
+/* The child is gone: sweep its group and its cgroup, free its port. */
 static void reap_cleanup(struct instance *inst)
 {
-    if (inst->pid > 0)
+    if (inst->pid > 0) {
         (void)kill(-inst->pid, SIGKILL);   /* anything it left in its group */
+        kill_cgroup(inst);                 /* or elsewhere */
+    }
     close_output(inst);
     cancel_probes(inst);
     if (inst->port)
@@ -473,6 +610,9 @@ static void reap_cleanup(struct instance *inst)
     inst->port = 0;
     inst->slots = 0;
     inst->pss = 0;
+    inst->cgroup.current = 0;
+    inst->cgroup_retries = 0;
+    remove_cgroup(inst);
 }
 
 /* ---------- health ---------- */
@@ -679,7 +819,7 @@ static bool exit_was_port_taken(struct instance *inst)
 static void on_exit_starting(struct instance *inst)
 {
     char what[256], st[128];
-    instance_describe_status(inst->exit_status, st, sizeof st);
+    instance_describe_exit(inst, st, sizeof st);
     if (exit_was_port_taken(inst) && inst->port_retries < PORT_RETRIES_MAX) {
         unsigned port = inst->port;
         inst->port_retries++;
@@ -733,7 +873,7 @@ static void instance_step(struct instance *inst, enum instance_event ev)
             set_error(inst, NULL);
             instance_eventf(inst, LOG_INFO, "ready on port %u after %.3f s", inst->port,
                             inst->ready_at - inst->spawned_at);
-            inst->pss = memory_pss(inst->pid);
+            measure(inst);
             fetch_props(inst);
             arm_poll(inst, (double)cfg->health_interval_ms / 1000.0);
             set_state(inst, INSTANCE_READY);
@@ -767,7 +907,7 @@ static void instance_step(struct instance *inst, enum instance_event ev)
         switch (ev) {
         case IEV_HEALTH_OK:
             inst->health_failures = 0;
-            inst->pss = memory_pss(inst->pid);
+            measure(inst);
             if (!inst->slots && !inst->props_probe)
                 fetch_props(inst);
             arm_poll(inst, (double)cfg->health_interval_ms / 1000.0);
@@ -786,7 +926,7 @@ static void instance_step(struct instance *inst, enum instance_event ev)
             }
             break;
         case IEV_EXIT:
-            instance_describe_status(inst->exit_status, st, sizeof st);
+            instance_describe_exit(inst, st, sizeof st);
             on_crash(inst, st);
             break;
         case IEV_STOP:
@@ -814,12 +954,12 @@ static void instance_step(struct instance *inst, enum instance_event ev)
             }
             instance_eventf(inst, LOG_WARN, "still running %.0f s after SIGTERM; sending SIGKILL",
                             (double)cfg->stop_timeout_ms / 1000.0);
-            signal_group(inst, SIGKILL);
+            kill_all(inst);
             break;
         case IEV_EXIT:
             ev_timer_stop(inst->world->loop, &inst->deadline);
             inst->draining = false;
-            instance_describe_status(inst->exit_status, st, sizeof st);
+            instance_describe_exit(inst, st, sizeof st);
             if (inst->stop_reason != INSTANCE_STOP_ASKED) {
                 enum instance_stop_reason why = inst->stop_reason;
                 inst->stop_reason = INSTANCE_STOP_ASKED;
@@ -879,6 +1019,8 @@ struct instance *instance_new(struct instance_world *w, const struct config_mode
     inst->poll.data = inst;
     ev_timer_init(&inst->out_later, output_later_cb, 0., 0.);
     inst->out_later.data = inst;
+    ev_timer_init(&inst->cgroup_retry, cgroup_retry_cb, 0., 0.);
+    inst->cgroup_retry.data = inst;
     return inst;
 }
 
@@ -888,10 +1030,12 @@ void instance_free(struct instance *inst)
         return;
     if (inst->pid > 0) {
         /* Should not happen; never leave a child behind. */
-        signal_group(inst, SIGKILL);
+        kill_all(inst);
         ev_child_stop(inst->world->loop, &inst->child_w);
     }
     reap_cleanup(inst);
+    ev_timer_stop(inst->world->loop, &inst->cgroup_retry);
+    cgroup_last_try(inst);
     ev_timer_stop(inst->world->loop, &inst->deadline);
     logring_free(&inst->tail);
     free(inst->last_error);
@@ -921,11 +1065,8 @@ void instance_drained(struct instance *inst)
 
 uint64_t instance_measure(struct instance *inst)
 {
-    if (inst->pid > 0) {
-        uint64_t pss = memory_pss(inst->pid);
-        if (pss)
-            inst->pss = pss;
-    }
+    if (inst->pid > 0)
+        measure(inst);
     return inst->pid > 0 ? inst->pss : 0;
 }
 
@@ -972,6 +1113,8 @@ void instance_adopt(struct instance *inst, const struct instance_adoption *a)
     inst->stop_reason = INSTANCE_STOP_ASKED;
     inst->exit_status = -1;
     instance_place(inst, a->device, a->visible);
+    if (cgroups_of(inst))
+        (void)cgroup_child_adopt(cgroups_of(inst), &inst->cgroup, inst->model->name, inst->no);
     watch_output(inst, a->out_fd);
     ev_child_init(&inst->child_w, child_cb, a->pid, 0);
     inst->child_w.data = inst;
@@ -999,7 +1142,6 @@ void instance_adopt(struct instance *inst, const struct instance_adoption *a)
 
 void instance_kill(struct instance *inst)
 {
-    if (inst->pid > 0) {
-        signal_group(inst, SIGKILL);
-    }
+    if (inst->pid > 0)
+        kill_all(inst);
 }

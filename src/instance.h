@@ -10,7 +10,13 @@
  *   STARTING/READY --stop--> STOPPING --exit--> STOPPED
  *   READY with requests in flight --stop--> STOPPING, draining: SIGTERM
  *     when the last ends (instance_drained) or at drain_timeout
- *   STOPPING --stop_timeout--> SIGKILL to the group, still STOPPING
+ *   STOPPING --stop_timeout--> SIGKILL to the group (and cgroup.kill), still STOPPING
+ *
+ * With cgroups (world->cgroups enabled, see cgroup.h), each child runs in
+ * a cgroup named after the instance, made before its spawn and removed
+ * after its exit (retried while it is still populated); an exit by the OOM
+ * killer is said so ("killed by the OOM killer at 612 MiB") wherever the
+ * exit is told.
  *
  * The owner (the pool) supplies the configuration and is told about every
  * state change, log line and crash through struct instance_ops. Every
@@ -24,6 +30,7 @@
 #include <sys/types.h>
 
 #include "backoff.h"
+#include "cgroup.h"
 #include "logring.h"
 
 struct health;
@@ -59,6 +66,9 @@ struct instance_ops {
     /* Requests in flight on it now (a stop drains them first); the
      * instance does not count them, the owner's router does. */
     unsigned (*in_flight)(const struct instance *inst, void *arg);
+    /* memory.max for its next child's cgroup, in bytes; 0: none ("max").
+     * Asked at each spawn, only when cgroups are in use. */
+    uint64_t (*memory_limit)(struct instance *inst, void *arg);
 };
 
 /* Why a STOPPING instance is stopping: asked to, or stopped by the state
@@ -75,6 +85,7 @@ struct instance_world {
     struct health *health;
     struct port_pool *ports;
     const struct config *cfg;     /* updated by the pool on reload */
+    const struct cgroup_tree *cgroups;  /* NULL or not enabled: no cgroup per child */
     const struct instance_ops *ops;
     void *arg;
 };
@@ -107,6 +118,8 @@ struct instance {
                                    * at its spawn: a reload that changes
                                    * metrics_children reaches it at its next start) */
     uint64_t pss;                 /* bytes, measured */
+    struct cgroup_child cgroup;   /* its child's cgroup; name "" when none */
+    unsigned oom_kills;           /* exits by the OOM killer so far */
     int exit_status;              /* last wait status, -1 if none */
     char *last_error;             /* why it last failed, or NULL */
     bool restart_after_stop;      /* a restart was asked while stopping */
@@ -126,6 +139,8 @@ struct instance {
     ev_child child_w;
     ev_timer deadline;            /* start_timeout / stop_timeout / backoff */
     ev_timer poll;                /* next /health probe */
+    ev_timer cgroup_retry;        /* its cgroup is still populated: rmdir again */
+    unsigned cgroup_retries;
     struct health_probe *probe;
     struct health_probe *props_probe;
     bool reprobe;                 /* a sign of progress arrived mid-probe */
@@ -148,8 +163,9 @@ void instance_check(struct instance *inst);
 /* Its in-flight count (ops->in_flight) reached 0: a draining instance
  * gets its SIGTERM now. */
 void instance_drained(struct instance *inst);
-/* Measure its PSS now (/proc/PID/smaps_rollup) into inst->pss; returns
- * it, 0 without a process. A failed read keeps the last value. */
+/* Measure its PSS now (/proc/PID/smaps_rollup) into inst->pss, and its
+ * cgroup's memory.current into inst->cgroup.current; returns the PSS, 0
+ * without a process. A failed read keeps the last value. */
 uint64_t instance_measure(struct instance *inst);
 /* Where its next spawn runs: on GPU DEVICE (-1: none) with
  * CUDA_VISIBLE_DEVICES=VISIBLE (NULL or "": left as the daemon's). */
@@ -175,12 +191,16 @@ struct instance_adoption {
  * a starting one keeps what is left of start_timeout, a stopping one gets
  * stop_timeout more. */
 void instance_adopt(struct instance *inst, const struct instance_adoption *a);
-/* SIGKILL the group now (supervisor shutting down after stop_timeout). */
+/* SIGKILL the group (and its cgroup) now (supervisor shutting down after
+ * stop_timeout). */
 void instance_kill(struct instance *inst);
 
 bool instance_has_process(const struct instance *inst);
 const char *instance_state_name(enum instance_state s);   /* public names */
 /* "exited with status 1", "killed by signal 9 (Killed)" */
 void instance_describe_status(int status, char *buf, size_t len);
+/* How its last child ended: instance_describe_status, or "killed by the
+ * OOM killer at 612 MiB (memory.max 600 MiB)" when its cgroup says so. */
+void instance_describe_exit(const struct instance *inst, char *buf, size_t len);
 
 #endif

@@ -2,6 +2,7 @@
 #define _GNU_SOURCE
 #include "api.h"
 #include "build_config.h"
+#include "cgroup.h"
 #include "cli.h"
 #include "config.h"
 #include "events.h"
@@ -160,6 +161,7 @@ struct daemon {
     struct pool *pool;
     struct router *router;
     struct api api;
+    struct cgroup_tree cgroups;
     struct http_server *control;
     struct http_server *public;
     char *config_file;
@@ -451,7 +453,7 @@ static int cmd_serve(const char *given)
         return rc == 0 ? CLI_OK : CLI_FAILED;
     }
 
-    struct daemon d = { 0 };
+    static struct daemon d;          /* static: its cgroup_tree is two PATH_MAX */
     d.loop = ev_default_loop(EVFLAG_AUTO);
     if (!d.loop) {
         fprintf(stderr, "llama-pool: cannot initialise the event loop\n");
@@ -462,6 +464,14 @@ static int cmd_serve(const char *given)
     signal(SIGPIPE, SIG_IGN);
     /* Grandchildren a llama-server leaves behind are ours to reap, not init's. */
     (void)prctl(PR_SET_CHILD_SUBREAPER, 1);
+    /* Before any thread or child: the daemon may move into a leaf cgroup. */
+    cgroup_tree_open(&d.cgroups, getenv(CGROUP_ROOT_ENV));
+    if (d.cgroups.enabled)
+        log_info("cgroups: each instance runs in a cgroup of its own under %s (llama-pool itself in %s/%s)",
+                 d.cgroups.dir, d.cgroups.dir, CGROUP_LEAF);
+    else
+        log_info("cgroups: not in use (%s): children share the daemon's cgroup; stops use the process group",
+                 d.cgroups.reason);
 
     struct http_limits lim = limits_of(cfg);
     if (handover < 0 && ensure_socket_dir(cfg->control_socket) < 0)
@@ -512,6 +522,7 @@ static int cmd_serve(const char *given)
         goto fail;
     }
     cfg = NULL;                     /* the pool owns it now */
+    pool_use_cgroups(d.pool, &d.cgroups);
     d.api.pool = d.pool;
     d.router = router_new(d.loop, d.pool);
     if (!d.router) {

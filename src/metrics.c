@@ -313,6 +313,24 @@ char *metrics_render(struct pool *p, const struct router *r, size_t *len)
         }
     }
 
+    /* With a cgroup per child (cgroup.h): memory.current beside PSS. */
+    if (p->cgroups && p->cgroups->enabled) {
+        family(&o, "llama_pool_instance_cgroup_memory_bytes", "gauge",
+               "memory.current of each instance's cgroup (the page cache it brought in counted, "
+               "the weights it touched first included)");
+        for (size_t i = 0; i < p->nmodels; i++) {
+            const char *mn = label(&o, p->models[i]->cfg->name);
+            for (size_t j = 0; j < p->models[i]->ninst; j++) {
+                const struct instance *in = p->models[i]->inst[j];
+                if (in->pid > 0 && in->cgroup.name[0])
+                    emit(&o, "llama_pool_instance_cgroup_memory_bytes{model=\"%s\",instance=\"%s\"} %" PRIu64 "\n",
+                         mn, label(&o, in->id), in->cgroup.current);
+            }
+        }
+        family(&o, "llama_pool_memory_cgroup_bytes", "gauge", "sum of the instances' cgroup memory.current");
+        emit(&o, "llama_pool_memory_cgroup_bytes %" PRIu64 "\n", pool_cgroup_measured(p));
+    }
+
     family(&o, "llama_pool_memory_budget_bytes", "gauge", "memory the instances may use together");
     emit(&o, "llama_pool_memory_budget_bytes %" PRIu64 "\n", budget);
     family(&o, "llama_pool_memory_used_bytes", "gauge",

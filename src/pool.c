@@ -240,6 +240,10 @@ static json_t *instance_event_json(const struct instance *inst, enum instance_st
     }
     if ((inst->state == INSTANCE_BACKOFF || inst->state == INSTANCE_FAILED) && inst->last_error)
         json_object_set_new(o, "error", util_json_string(inst->last_error));
+    if ((inst->state == INSTANCE_BACKOFF || inst->state == INSTANCE_FAILED) && inst->cgroup.oom_killed) {
+        json_object_set_new(o, "oom_kill", json_true());
+        json_object_set_new(o, "oom_at", json_integer((json_int_t)inst->cgroup.oom_at));
+    }
     return o;
 }
 
@@ -319,6 +323,22 @@ static bool inst_crashed(struct instance *inst, void *arg)
     return true;
 }
 
+/* memory.max for INST's next child, with memory_hard_limit: its model's
+ * host estimate in full (weights + KV, buffers, prompt cache; or memory =
+ * SIZE) plus cgroup_memory_limit's margin. The weights count in every
+ * instance's limit although the budget charges them once per file: the
+ * page cache of an mmap'd file is charged to the cgroup that first
+ * touches a page, whichever instance of the file that is. */
+static uint64_t inst_memory_limit(struct instance *inst, void *arg)
+{
+    struct pool *p = arg;
+    struct pool_model *m = inst->owner;
+    if (!config_memory_hard_limit(p->cfg, m->cfg))
+        return 0;
+    const struct memory_estimate *e = pool_model_estimate(m);
+    return cgroup_memory_limit(e->weights + e->more);
+}
+
 static const struct instance_ops pool_instance_ops = {
     .changed = inst_changed,
     .output = inst_output,
@@ -326,6 +346,7 @@ static const struct instance_ops pool_instance_ops = {
     .crashed = inst_crashed,
     .updated = inst_updated,
     .in_flight = inst_in_flight,
+    .memory_limit = inst_memory_limit,
 };
 
 /* ---------- models ---------- */
@@ -526,6 +547,12 @@ struct instance *pool_model_add(struct pool_model *m, int device, const char *vi
     instance_place(inst, device, visible);
     instance_start(inst);
     return inst;
+}
+
+void pool_use_cgroups(struct pool *p, const struct cgroup_tree *t)
+{
+    p->cgroups = t;
+    p->world.cgroups = t;
 }
 
 void pool_set_devices(struct pool *p, unsigned n)
@@ -1102,6 +1129,16 @@ const char *pool_model_error(const struct pool_model *m)
         if (m->inst[i]->state == INSTANCE_FAILED)
             return m->inst[i]->last_error;
     return NULL;
+}
+
+uint64_t pool_cgroup_measured(const struct pool *p)
+{
+    uint64_t sum = 0;
+    for (size_t i = 0; i < p->nmodels; i++)
+        for (size_t j = 0; j < p->models[i]->ninst; j++)
+            if (p->models[i]->inst[j]->pid > 0)
+                sum += p->models[i]->inst[j]->cgroup.current;
+    return sum;
 }
 
 uint64_t pool_measured(const struct pool *p)

@@ -25,6 +25,7 @@
 #include <stdbool.h>
 
 #include "backoff.h"
+#include "cgroup.h"
 #include "config.h"
 #include "instance.h"
 #include "logring.h"
@@ -138,6 +139,7 @@ struct pool {
     struct pool_stats stats;        /* request durations for /metrics */
     struct events *events;          /* GET /pool/events; NULL when out of memory */
     struct usage *usage;            /* per-model counts kept across restarts */
+    const struct cgroup_tree *cgroups;  /* pool_use_cgroups; NULL: never told */
     ev_timer usage_save;            /* writes them when they changed */
 };
 
@@ -169,6 +171,10 @@ int pool_model_start(struct pool_model *m, unsigned n, char *err, size_t errlen)
  * VISIBLE (-1 and NULL: none, see instance_place); NULL when at max or out
  * of memory. */
 struct instance *pool_model_add(struct pool_model *m, int device, const char *visible);
+/* The daemon's cgroup tree (cgroup.h, kept by the caller while the pool
+ * lives): when T is enabled, children get a cgroup each from the next
+ * spawn on; either way status shows it. */
+void pool_use_cgroups(struct pool *p, const struct cgroup_tree *t);
 /* The machine has N GPUs (0: none): estimates are made again for them. */
 void pool_set_devices(struct pool *p, unsigned n);
 void pool_model_stop(struct pool_model *m);
@@ -213,6 +219,8 @@ size_t pool_model_count(const struct pool_model *m, enum instance_state s);
 uint64_t pool_budget(const struct pool *p, uint64_t *available);
 /* The instances' measured PSS, summed. */
 uint64_t pool_measured(const struct pool *p);
+/* Their cgroups' memory.current, summed (0 without cgroups). */
+uint64_t pool_cgroup_measured(const struct pool *p);
 
 /* The error that best says why M is not running: its crash-loop reason
  * when failed, else a failed instance's last error; NULL when none. */

@@ -12,26 +12,58 @@
 #include <string.h>
 #include <sys/prctl.h>
 #include <sys/random.h>
-#include <sys/resource.h>
 #include <sys/stat.h>
-#include <sys/syscall.h>
 #include <unistd.h>
 
 extern char **environ;
 
+/* What the child reports through the error pipe: the step that failed
+ * and its errno. Nothing comes when exec succeeds. */
+enum spawn_step { SPAWN_STEP_SETUP, SPAWN_STEP_CGROUP, SPAWN_STEP_EXEC };
+struct spawn_failure {
+    int step;
+    int err;
+};
+
 /* After fork, before exec: only async-signal-safe calls from here on. */
-static void child_fail(int errfd, int err)
+static void child_fail(int errfd, enum spawn_step step, int err)
 {
+    struct spawn_failure f = { .step = step, .err = err };
     ssize_t r;
     do {
-        r = write(errfd, &err, sizeof err);
+        r = write(errfd, &f, sizeof f);
     } while (r < 0 && errno == EINTR);
     _exit(127);
 }
 
-static void child_exec(const char *path, char *const argv[], char *const envp[],
-                       int out_fd, int null_fd, int errfd, pid_t parent)
+/* Join the cgroup whose cgroup.procs is open at FD: write our pid in
+ * decimal (formatted by hand: no stdio after fork). */
+static void child_join_cgroup(int fd, int errfd)
 {
+    char buf[24];
+    size_t n = sizeof buf;
+    unsigned long v = (unsigned long)getpid();
+    do {
+        buf[--n] = (char)('0' + v % 10);
+        v /= 10;
+    } while (v);
+    ssize_t r;
+    do {
+        r = write(fd, buf + n, sizeof buf - n);
+    } while (r < 0 && errno == EINTR);
+    if (r < 0)
+        child_fail(errfd, SPAWN_STEP_CGROUP, errno);
+    if ((size_t)r != sizeof buf - n)
+        child_fail(errfd, SPAWN_STEP_CGROUP, EIO);
+}
+
+static void child_exec(const char *path, char *const argv[], char *const envp[],
+                       int out_fd, int cgroup_fd, int null_fd, int errfd, pid_t parent)
+{
+    /* First, so that what the child does from here on is charged there. */
+    if (cgroup_fd >= 0)
+        child_join_cgroup(cgroup_fd, errfd);
+
     sigset_t all;
     sigemptyset(&all);
     for (int s = 1; s < NSIG; s++) {
@@ -42,9 +74,9 @@ static void child_exec(const char *path, char *const argv[], char *const envp[],
     sigprocmask(SIG_SETMASK, &all, NULL);
 
     if (setsid() < 0)
-        child_fail(errfd, errno);
+        child_fail(errfd, SPAWN_STEP_SETUP, errno);
     if (prctl(PR_SET_PDEATHSIG, SIGKILL) < 0)
-        child_fail(errfd, errno);
+        child_fail(errfd, SPAWN_STEP_SETUP, errno);
     /* The supervisor may have died before prctl(): then we were already
      * reparented and no signal will ever come. */
     if (getppid() != parent)
@@ -52,20 +84,20 @@ static void child_exec(const char *path, char *const argv[], char *const envp[],
 
     if (dup2(null_fd, STDIN_FILENO) < 0 || dup2(out_fd, STDOUT_FILENO) < 0 ||
         dup2(out_fd, STDERR_FILENO) < 0)
-        child_fail(errfd, errno);
+        child_fail(errfd, SPAWN_STEP_SETUP, errno);
     util_cloexec_all();    /* every fd above stderr, the error pipe included */
     execve(path, argv, envp);
-    child_fail(errfd, errno);
+    child_fail(errfd, SPAWN_STEP_EXEC, errno);
 }
 
 pid_t spawn_child(const char *path, char *const argv[], char *const envp[],
-                  int out_fd, char *err, size_t errlen)
+                  int out_fd, int cgroup_fd, char *err, size_t errlen)
 {
-    return spawn_child_in(path, argv, envp, -1, out_fd, err, errlen);
+    return spawn_child_in(path, argv, envp, -1, out_fd, cgroup_fd, err, errlen);
 }
 
 pid_t spawn_child_in(const char *path, char *const argv[], char *const envp[],
-                     int in_fd, int out_fd, char *err, size_t errlen)
+                     int in_fd, int out_fd, int cgroup_fd, char *err, size_t errlen)
 {
     int errpipe[2];
     int null_fd = in_fd >= 0 ? fcntl(in_fd, F_DUPFD_CLOEXEC, 3) : open("/dev/null", O_RDONLY | O_CLOEXEC);
@@ -89,23 +121,29 @@ pid_t spawn_child_in(const char *path, char *const argv[], char *const envp[],
     }
     if (pid == 0) {
         close(errpipe[0]);
-        child_exec(path, argv, envp, out_fd, null_fd, errpipe[1], parent);
+        child_exec(path, argv, envp, out_fd, cgroup_fd, null_fd, errpipe[1], parent);
     }
     close(errpipe[1]);
     close(null_fd);
 
-    int child_errno = 0;
+    struct spawn_failure f;
     ssize_t r;
     do {
-        r = read(errpipe[0], &child_errno, sizeof child_errno);
+        r = read(errpipe[0], &f, sizeof f);
     } while (r < 0 && errno == EINTR);
     close(errpipe[0]);
-    if (r == (ssize_t)sizeof child_errno) {
-        /* exec failed; the child has _exit(127)ed: libev's SIGCHLD
+    if (r == (ssize_t)sizeof f) {
+        /* A step failed; the child has _exit(127)ed: libev's SIGCHLD
          * handling reaps it. */
-        snprintf(err, errlen, "exec %s: %s", path, strerror(child_errno));
-        errno = child_errno;
-        return -1;
+        if (f.step == SPAWN_STEP_CGROUP)
+            snprintf(err, errlen, "joining its cgroup (writing its pid to cgroup.procs): %s",
+                     strerror(f.err));
+        else if (f.step == SPAWN_STEP_SETUP)
+            snprintf(err, errlen, "setting up the child of %s: %s", path, strerror(f.err));
+        else
+            snprintf(err, errlen, "exec %s: %s", path, strerror(f.err));
+        errno = f.err;
+        return f.step == SPAWN_STEP_CGROUP ? SPAWN_CGROUP_FAILED : -1;
     }
     return pid;
 }

@@ -5,8 +5,16 @@
  * it dies with the supervisor even after a SIGKILL (with the getppid() race
  * closed), stdin from /dev/null, stdout and stderr into the given pipe, every
  * other fd closed, default signal dispositions and an empty signal mask.
- * exec() failure is reported through a close-on-exec pipe: the parent reads
- * the child's errno, or EOF when exec succeeded. */
+ * A failure after fork (joining the cgroup, setsid, exec) is reported
+ * through a close-on-exec pipe: the parent reads the step and the child's
+ * errno, or EOF when exec succeeded.
+ *
+ * Why the child joins its cgroup itself rather than clone3(CLONE_INTO_CGROUP):
+ * glibc has no clone3 wrapper to fork with, a raw clone3 leaves glibc's
+ * per-process state (its cached pid, atfork handlers) unmaintained, and
+ * a write to cgroup.procs works on every cgroup v2 kernel and in the tests'
+ * fake tree. The cost is a window of a few system calls, before exec, in
+ * the daemon's cgroup. */
 #ifndef LLAMA_POOL_SPAWN_H
 #define LLAMA_POOL_SPAWN_H
 
@@ -14,13 +22,18 @@
 #include <sys/types.h>
 
 /* Start PATH with ARGV and ENVP; the child's stdout and stderr go to OUT_FD.
- * Returns the pid, or -1 with ERR filled ("exec /x/llama-server: No such
- * file or directory"). */
+ * With CGROUP_FD >= 0 (a cgroup.procs open for writing, see cgroup.h), the
+ * child first joins that cgroup by writing its pid there, before anything
+ * else it does. Returns the pid, or -1 with ERR filled ("exec
+ * /x/llama-server: No such file or directory"), or SPAWN_CGROUP_FAILED
+ * (-2) with ERR filled ("joining its cgroup …") when the child could not
+ * join its cgroup: exec was not tried, and another attempt may succeed. */
+#define SPAWN_CGROUP_FAILED (-2)
 pid_t spawn_child(const char *path, char *const argv[], char *const envp[],
-                  int out_fd, char *err, size_t errlen);
+                  int out_fd, int cgroup_fd, char *err, size_t errlen);
 /* The same with IN_FD as its stdin (-1: /dev/null). */
 pid_t spawn_child_in(const char *path, char *const argv[], char *const envp[],
-                     int in_fd, int out_fd, char *err, size_t errlen);
+                     int in_fd, int out_fd, int cgroup_fd, char *err, size_t errlen);
 
 /* Find NAME like execvp would, in the supervisor's PATH. A NAME with a '/'
  * is taken as is. Returns a malloc'd path to an executable file, or NULL

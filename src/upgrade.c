@@ -452,7 +452,7 @@ static int check_begin(struct upgrade *u, char *err, size_t len)
             strncmp(environ[i], HANDOVER_CHECK_ENV "=", strlen(HANDOVER_CHECK_ENV) + 1) != 0)
             env[k++] = environ[i];
     env[k++] = HANDOVER_CHECK_ENV "=0";
-    u->check_pid = spawn_child_in(u->h.exe, u->h.argv, env, u->check_state, pipefd[1], err, len);
+    u->check_pid = spawn_child_in(u->h.exe, u->h.argv, env, u->check_state, pipefd[1], -1, err, len);
     free(env);
     close(pipefd[1]);
     if (u->check_pid < 0) {

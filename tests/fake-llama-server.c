@@ -58,6 +58,9 @@
  *                            (finish_reason "length")
  *   FAKE_MEMORY=64M          anonymous memory to allocate and touch after the
  *                            load (K/M/G/T, powers of 1024): shows as Pss_Anon
+ *   FAKE_MEMORY_PER_REQUEST=64M  more anonymous memory allocated, touched and
+ *                            kept by each completion once it has a slot: a
+ *                            child that grows until memory.max stops it
  *   FAKE_CRASH_AT_LOAD=1     fail the load after FAKE_LOAD_MS: exit 1 with
  *                            "exiting due to model loading error"
  *   FAKE_CRASH_AFTER=N       the (N+1)-th completion to get a slot dies half way
@@ -152,6 +155,7 @@ struct config {
     const char *vram_dir;     /* NVML_STANDIN_DIR: NULL = no GPU */
     long vram_mb, n_layers;   /* FAKE_VRAM_MB (-1: computed), FAKE_N_LAYERS */
     unsigned long long memory;
+    unsigned long long memory_per_request;
     bool crash_at_load, deterministic, ignore_sigterm, log_auth, metrics_hang;
     /* derived */
     int n_slots;
@@ -1912,6 +1916,8 @@ static void reply_exceed_context(struct conn *c, struct request *rq, const struc
     sb_free(&b);
 }
 
+static void grow_fake_memory(void);
+
 static void handle_completion(struct conn *c, struct request *rq, enum api api)
 {
     struct gen g;
@@ -1935,6 +1941,7 @@ static void handle_completion(struct conn *c, struct request *rq, enum api api)
         return;
     }
     bool crash = g_cfg.crash_after >= 0 && atomic_fetch_add(&g_started, 1) == g_cfg.crash_after;
+    grow_fake_memory();
     make_id(g.id, sizeof g.id);
     g.created = unix_now();
     g.t_start_us = now_us();
@@ -2359,6 +2366,23 @@ static bool model_map(int fd, size_t size)
     return true;
 }
 
+/* FAKE_MEMORY_PER_REQUEST: allocate, touch and keep (never freed: a
+ * leak by design) that much more. Logged before the touching, so that the
+ * log says what it was doing if the OOM killer ends it. */
+static void grow_fake_memory(void)
+{
+    if (g_cfg.memory_per_request == 0)
+        return;
+    log_msg('I', "srv  grow_memory: FAKE_MEMORY_PER_REQUEST: touching %llu more bytes",
+            g_cfg.memory_per_request);
+    char *p = malloc(g_cfg.memory_per_request);
+    if (!p) {
+        log_msg('E', "srv  grow_memory: cannot allocate %llu bytes", g_cfg.memory_per_request);
+        return;
+    }
+    memset(p, 0x5a, g_cfg.memory_per_request);
+}
+
 static bool touch_fake_memory(void)
 {
     if (g_cfg.memory == 0)
@@ -2724,6 +2748,7 @@ static void read_environment(void)
     g_cfg.token_ms = env_long("FAKE_TOKEN_MS", 0, 0);
     g_cfg.tokens = env_long("FAKE_TOKENS", 8, 0);
     g_cfg.memory = env_size("FAKE_MEMORY");
+    g_cfg.memory_per_request = env_size("FAKE_MEMORY_PER_REQUEST");
     g_cfg.crash_at_load = env_flag("FAKE_CRASH_AT_LOAD");
     g_cfg.crash_after = env_long("FAKE_CRASH_AFTER", -1, 0);
     g_cfg.health_hang_after = env_flag("FAKE_HEALTH_HANG") ? 0

@@ -287,14 +287,15 @@ class Pool:
         return self.conf
 
     # ---- daemon ----
-    def start(self, expect_ready=True, env=None):
+    def start(self, expect_ready=True, env=None, preexec=None):
         """ENV: more variables for the daemon (not its children: they get a
-        clean environment and their model's env)."""
+        clean environment and their model's env). PREEXEC: run in the
+        daemon's process before exec (e.g. to put it in a cgroup)."""
         self.stderr = open(self.stderr_path, "ab")
         self.proc = subprocess.Popen([LLAMA_POOL, "serve", "-c", self.conf],
                                      stdin=subprocess.DEVNULL, stdout=self.stderr,
                                      stderr=self.stderr, cwd=self.dir,
-                                     env={**os.environ, **(env or {})})
+                                     env={**os.environ, **(env or {})}, preexec_fn=preexec)
         if expect_ready:
             def up():
                 if self.proc.poll() is not None:

@@ -2378,6 +2378,30 @@ static void test_fallback(void **state)
     expect_error(f, "[model a]\npath = m.gguf\nfallback_unknown = yes\n", 3, "fallback_unknown", "[pool]", NULL);
 }
 
+/* memory_hard_limit: [pool]'s default (no) for every model, a model's own
+ * word over it; a bad value is named with its line. */
+static void test_memory_hard_limit(void **state)
+{
+    struct fx *f = *state;
+    struct config *c = load_ok(f, "[model a]\npath = m.gguf\n");
+    assert_false(c->memory_hard_limit);
+    assert_false(config_memory_hard_limit(c, &c->models[0]));
+    config_free(c);
+    c = load_ok(f, "[pool]\nmemory_hard_limit = yes\n"
+                   "[model a]\npath = m.gguf\n"
+                   "[model b]\npath = m.gguf\nmemory_hard_limit = no\n");
+    assert_true(config_memory_hard_limit(c, &c->models[0]));
+    assert_false(config_memory_hard_limit(c, &c->models[1]));
+    config_free(c);
+    c = load_ok(f, "[model a]\npath = m.gguf\nmemory_hard_limit = on\n");
+    assert_true(config_memory_hard_limit(c, &c->models[0]));
+    config_free(c);
+    expect_error(f, "[pool]\nmemory_hard_limit = maybe\n", 2,
+                 "memory_hard_limit: \"maybe\" is not yes or no", NULL);
+    expect_error(f, "[model a]\npath = m.gguf\nmemory_hard_limit = 2G\n", 3,
+                 "memory_hard_limit: \"2G\" is not yes or no", NULL);
+}
+
 int main(void)
 {
     const struct CMUnitTest tests[] = {
@@ -2430,6 +2454,7 @@ int main(void)
         T(test_gpu_keys),
         T(test_log_rotation_keys),
         T(test_state_dir_and_preload),
+        T(test_memory_hard_limit),
 #undef T
     };
     return cmocka_run_group_tests_name("config", tests, NULL, NULL);

@@ -25,7 +25,7 @@ static char *run(char *const argv[], char *const envp[], int *status)
     int p[2];
     char err[256];
     assert_int_equal(pipe2(p, O_CLOEXEC), 0);
-    pid_t pid = spawn_child(argv[0], argv, envp, p[1], err, sizeof err);
+    pid_t pid = spawn_child(argv[0], argv, envp, p[1], -1, err, sizeof err);
     close(p[1]);
     assert_true(pid > 0);
     static char out[65536];
@@ -47,7 +47,7 @@ static void exec_failure_is_reported_with_errno(void **state)
     char *envp[] = { NULL };
     int p[2];
     assert_int_equal(pipe2(p, O_CLOEXEC), 0);
-    pid_t pid = spawn_child(argv[0], argv, envp, p[1], err, sizeof err);
+    pid_t pid = spawn_child(argv[0], argv, envp, p[1], -1, err, sizeof err);
     assert_int_equal(pid, -1);
     assert_int_equal(errno, ENOENT);
     assert_non_null(strstr(err, "exec /nonexistent/llama-server: No such file or directory"));
