@@ -129,6 +129,17 @@ int cgroup_find_dir(const char *mountinfo, const char *path, char *dir, size_t l
     return found;
 }
 
+bool cgroup_strip_leaf(char *path, char *dir)
+{
+    char *tail = strrchr(path, '/'), *dtail = strrchr(dir, '/');
+    if (!tail || !dtail || tail == path || strcmp(tail + 1, CGROUP_LEAF) != 0 ||
+        strcmp(dtail + 1, CGROUP_LEAF) != 0)
+        return false;
+    *tail = '\0';
+    *dtail = '\0';
+    return true;
+}
+
 bool cgroup_has_controller(const char *controllers, const char *name)
 {
     size_t n = strlen(name);
@@ -356,14 +367,8 @@ static int tree_locate(struct cgroup_tree *t)
         rc = 0;
     /* Already in our leaf (an upgrade in place re-execs us there; systemd's
      * DelegateSubgroup= puts us there too): D is its parent. */
-    if (rc == 0) {
-        char *tail = strrchr(t->path, '/'), *dtail = strrchr(t->dir, '/');
-        if (tail && dtail && tail != t->path && strcmp(tail + 1, CGROUP_LEAF) == 0 &&
-            strcmp(dtail + 1, CGROUP_LEAF) == 0) {
-            *tail = '\0';
-            *dtail = '\0';
-        }
-    }
+    if (rc == 0)
+        (void)cgroup_strip_leaf(t->path, t->dir);
     free(mi);
     if (rc < 0)
         return -1;

@@ -104,6 +104,11 @@ int cgroup_child_remove(const struct cgroup_tree *t, struct cgroup_child *c, cha
 
 /* ---- pure parts, exposed for unit tests ---- */
 
+/* PATH (as /proc/self/cgroup names it) and DIR (the same as a directory)
+ * end in our leaf, CGROUP_LEAF: cut both back to its parent, D, and
+ * return true. An upgrade in place re-execs the daemon already there. */
+bool cgroup_strip_leaf(char *path, char *dir);
+
 /* The cgroup v2 path ("0::PATH") in the text of /proc/self/cgroup. 0, or
  * -1 when there is none (cgroup v1 only). */
 int cgroup_parse_self(const char *text, char *path, size_t len);

@@ -260,3 +260,26 @@ def test_a_child_past_its_memory_max_is_killed_by_the_oom_killer(pool):
                 os.rmdir(os.path.join(d, sub) if sub else d)
             except OSError:
                 pass
+
+
+@fake_only("memory = SIZE makes the charge exact only for the stand-in's estimate")
+def test_an_upgrade_in_place_keeps_each_child_in_its_cgroup(pool):
+    root = start_fake(pool, {"tiny": {"memory": "64M", "memory_hard_limit": "yes"}})
+    tiny = ready_instance(pool, "tiny")
+    write(root, "tiny-1", "memory.current", str(99 * MIB))
+    wait_for(lambda: pool.instances("tiny")[0]["cgroup_memory"] == 99 * MIB, what="memory.current read")
+    r = pool.cli("upgrade", check=0)
+    assert f"kept tiny#1: pid {tiny['pid']}" in r.stdout, r.stdout
+    after = pool.instances("tiny")[0]
+    assert after["pid"] == tiny["pid"]
+    assert after["cgroup"] == "tiny-1" and after["memory_max"] == 320 * MIB
+    assert after["cgroup_memory"] == 99 * MIB
+    # Still the same tree: no supervisor/supervisor, no second child directory.
+    assert not os.path.exists(os.path.join(root, "supervisor", "supervisor"))
+    assert read(root, "supervisor", "cgroup.procs") == str(pool.proc.pid)
+    # An OOM kill after the upgrade is still told as one.
+    write(root, "tiny-1", "memory.events", "oom 1\noom_kill 1\n")
+    write(root, "tiny-1", "memory.peak", str(330 * MIB))
+    os.kill(tiny["pid"], signal.SIGKILL)
+    wait_for(lambda: "killed by the OOM killer at 330 MiB" in (pool.instances("tiny")[0]["last_error"] or ""),
+             what="the OOM kill in status")

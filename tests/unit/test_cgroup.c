@@ -332,10 +332,29 @@ static void a_failure_to_join_is_reported(void **state)
     while (waitpid(-1, NULL, 0) > 0) { }
 }
 
+static void a_daemon_already_in_its_leaf_takes_the_leafs_parent(void **state)
+{
+    (void)state;
+    char path[64] = "/system.slice/llama-pool.service/supervisor";
+    char dir[128] = "/sys/fs/cgroup/system.slice/llama-pool.service/supervisor";
+    assert_true(cgroup_strip_leaf(path, dir));
+    assert_string_equal(path, "/system.slice/llama-pool.service");
+    assert_string_equal(dir, "/sys/fs/cgroup/system.slice/llama-pool.service");
+    /* Not in a leaf: unchanged. */
+    assert_false(cgroup_strip_leaf(path, dir));
+    assert_string_equal(path, "/system.slice/llama-pool.service");
+    /* A cgroup named "supervisor" at the top is not a leaf of ours. */
+    char top[32] = "/supervisor", topdir[64] = "/sys/fs/cgroup/supervisor";
+    assert_false(cgroup_strip_leaf(top, topdir));
+    char other[64] = "/user.slice/supervisor2", otherdir[64] = "/sys/fs/cgroup/user.slice/supervisor2";
+    assert_false(cgroup_strip_leaf(other, otherdir));
+}
+
 int main(void)
 {
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(the_v2_line_gives_our_cgroup),
+        cmocka_unit_test(a_daemon_already_in_its_leaf_takes_the_leafs_parent),
         cmocka_unit_test(no_v2_line_means_cgroup_v1_only),
         cmocka_unit_test(a_mountinfo_line_is_split_into_its_fields),
         cmocka_unit_test(the_cgroup2_mount_is_found_unified_or_hybrid),
