@@ -487,7 +487,7 @@ enum pool_key {
     PK_BODY_TIMEOUT, PK_DRAIN_TIMEOUT, PK_CORS_ORIGINS, PK_GPUS, PK_NVML_LIBRARY,
     PK_GPU_BUDGET, PK_GPU_RESERVE, PK_LOG_MAX_SIZE, PK_LOG_KEEP, PK_ROUTING,
     PK_AFFINITY_WAIT, PK_STATE_DIR, PK_PRELOAD, PK_METRICS_CHILDREN, PK_EVICTION, PK_FALLBACK,
-    PK_FALLBACK_KEY, PK_FALLBACK_UNKNOWN, PK_MEMORY_HARD_LIMIT, PK__COUNT
+    PK_FALLBACK_KEY, PK_FALLBACK_UNKNOWN, PK_MEMORY_HARD_LIMIT, PK_REQUEST_TIMEOUT, PK__COUNT
 };
 
 static const char *const pool_keys[PK__COUNT] = {
@@ -500,19 +500,20 @@ static const char *const pool_keys[PK__COUNT] = {
     "body_timeout", "drain_timeout", "cors_origins", "gpus", "nvml_library",
     "gpu_budget", "gpu_reserve", "log_max_size", "log_keep", "routing",
     "affinity_wait", "state_dir", "preload", "metrics_children", "eviction", "fallback",
-    "fallback_key", "fallback_unknown", "memory_hard_limit",
+    "fallback_key", "fallback_unknown", "memory_hard_limit", "request_timeout",
 };
 
 enum model_key {
     MK_PATH, MK_ARGS, MK_INSTANCES, MK_MEMORY, MK_PIN, MK_IDLE_TIMEOUT,
     MK_ALIASES, MK_ENV, MK_GPU_MEMORY, MK_ROUTING, MK_AFFINITY_WAIT, MK_PRIORITY, MK_FALLBACK,
-    MK_FALLBACK_KEY, MK_MEMORY_HARD_LIMIT, MK__COUNT
+    MK_FALLBACK_KEY, MK_MEMORY_HARD_LIMIT, MK_REQUEST_TIMEOUT, MK__COUNT
 };
 
 static const char *const model_keys[MK__COUNT] = {
     "path", "args", "instances", "memory", "pin", "idle_timeout", "aliases", "env",
     "gpu_memory", "routing", "affinity_wait", "priority", "fallback", "fallback_key",
     "memory_hard_limit",
+    "request_timeout",
 };
 
 /* What a section takes: its keys, those of them that take continuation
@@ -582,6 +583,7 @@ static const struct number_key pool_numbers[PK__COUNT] = {
     [PK_LOG_MAX_SIZE]      = SIZE_KEY(log_max_size, false),
     [PK_LOG_KEEP]          = COUNT_KEY(log_keep, 0, 1000),
     [PK_AFFINITY_WAIT]     = DURATION_KEY(affinity_wait_ms, false),
+    [PK_REQUEST_TIMEOUT]   = DURATION_KEY(request_timeout_ms, false),
 };
 
 /* Optimal string alignment distance, case-insensitive, capped at 9. */
@@ -665,6 +667,7 @@ static void model_init(struct config_model *m, char *name, char *path, int line)
         .idle_timeout_ms = -1,
         .affinity_wait_ms = -1,
         .memory_hard_limit = -1,
+        .request_timeout_ms = -1,
         .line = line,
     };
 }
@@ -1685,6 +1688,9 @@ static void model_value(struct parser *p, struct pmodel *pm, int k, const char *
         break;
     case MK_AFFINITY_WAIT:
         get_duration(p, line, key, v, false, &m->affinity_wait_ms);
+        break;
+    case MK_REQUEST_TIMEOUT:
+        get_duration(p, line, key, v, false, &m->request_timeout_ms);
         break;
     case MK_PRIORITY: {
         char *end;

@@ -104,6 +104,7 @@ struct config_model {
     enum config_routing routing;
     int64_t idle_timeout_ms; /* -1 = inherit [pool] idle_timeout; 0 = never */
     int64_t affinity_wait_ms;/* -1 = inherit [pool] affinity_wait */
+    int64_t request_timeout_ms;/* -1 = inherit [pool] request_timeout; 0 = none */
     int priority;          /* -CONFIG_PRIORITY_MAX … CONFIG_PRIORITY_MAX; 0 = default */
     int memory_hard_limit; /* -1 = inherit [pool] memory_hard_limit; 0 no; 1 yes */
     char **aliases;        /* NULL-terminated */
@@ -140,6 +141,8 @@ struct config {
     int64_t idle_timeout_ms;    /* 0 = never */
     int64_t affinity_wait_ms;   /* how long a request waits for the busy
                                  * instance that holds its prompt; 0 = never */
+    int64_t request_timeout_ms; /* a generation's time limit from when it is sent
+                                 * upstream (queue time not counted); 0 = none */
     int64_t start_timeout_ms;
     int64_t stop_timeout_ms;
     int64_t health_interval_ms;
@@ -258,6 +261,8 @@ void config_fallback_free(struct config_fallback *fb);
 enum config_routing config_model_routing(const struct config *cfg, const struct config_model *m);
 /* M's affinity_wait in ms: its own, else [pool]'s; 0 when its routing is least_busy. */
 int64_t config_model_affinity_wait_ms(const struct config *cfg, const struct config_model *m);
+/* M's request_timeout in ms: its own, else [pool]'s; 0: no limit. */
+int64_t config_model_request_timeout_ms(const struct config *cfg, const struct config_model *m);
 
 /* The HTTP threads a child of M has: llama-server serves each connection
  * on one of them, and a connection beyond them waits (measured with b9749:

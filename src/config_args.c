@@ -217,3 +217,8 @@ int64_t config_model_affinity_wait_ms(const struct config *cfg, const struct con
         return 0;
     return m->affinity_wait_ms >= 0 ? m->affinity_wait_ms : cfg->affinity_wait_ms;
 }
+
+int64_t config_model_request_timeout_ms(const struct config *cfg, const struct config_model *m)
+{
+    return m->request_timeout_ms >= 0 ? m->request_timeout_ms : cfg->request_timeout_ms;
+}

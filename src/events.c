@@ -165,6 +165,8 @@ json_t *events_request_json(const struct events_request *r)
     json_object_set_new(o, "method", util_json_string(r->method));
     json_object_set_new(o, "path", util_json_string(r->path));
     json_object_set_new(o, "status", json_integer(r->status));
+    if (r->timeout)
+        json_object_set_new(o, "outcome", json_string("timeout"));
     set_number(o, "duration", r->duration, 4);
     set_number(o, "queued", r->queued, 4);
     set_number(o, "first_byte", r->first_byte, 4);

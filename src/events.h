@@ -39,6 +39,7 @@ struct events_request {
     char method[8];
     char path[64];
     int status;                 /* 499: the client left */
+    bool timeout;               /* cut at request_timeout (status: what the client got) */
     double duration;            /* arrival to the end of the answer, s */
     double queued;              /* arrival to dispatch, s */
     double first_byte;          /* dispatch to the instance's response head, s */

@@ -48,6 +48,13 @@ void metrics_count_status(struct model_stats *s, int code)
     c->status[METRICS_STATUS_SLOTS - 1].n++;
 }
 
+void metrics_count_timeout(struct model_stats *s)
+{
+    struct model_counts *c = counts(s);
+    if (c)
+        c->timeouts++;
+}
+
 void metrics_count_start(struct model_stats *s)
 {
     struct model_counts *c = counts(s);
@@ -401,12 +408,16 @@ char *metrics_render(struct pool *p, const struct router *r, size_t *len)
                   offsetof(struct model_counts, queue_wait_seconds),
                   offsetof(struct model_counts, queue_waits));
     family(&o, "llama_pool_requests_total", "counter",
-           "answered requests by model and HTTP status (499: the client left first)");
+           "answered requests by model and HTTP status (499: the client left first; "
+           "timeout: cut at request_timeout)");
     for (size_t i = 0; i < p->nmodels; i++) {
         const struct model_counts *s = counts_of(p->models[i]);
         for (size_t k = 0; k < METRICS_STATUS_SLOTS && s->status[k].n; k++)
             emit(&o, "llama_pool_requests_total{model=\"%s\",status=\"%d\"} %" PRIu64 "\n",
                  label(&o, p->models[i]->cfg->name), s->status[k].code, s->status[k].n);
+        if (s->timeouts)
+            emit(&o, "llama_pool_requests_total{model=\"%s\",status=\"timeout\"} %" PRIu64 "\n",
+                 label(&o, p->models[i]->cfg->name), s->timeouts);
     }
     /* Only the models that used it (and "unknown" when it may be used): a
      * fallback is for the exception, not a series per configured model. */

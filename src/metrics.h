@@ -36,6 +36,7 @@ struct model_counts {
     uint64_t queue_waits;         /* requests that were dispatched */
     double queue_wait_seconds;    /* their time from arrival to dispatch */
     struct { int code; uint64_t n; } status[METRICS_STATUS_SLOTS];  /* answers by status */
+    uint64_t timeouts;            /* requests cut at request_timeout */
     uint64_t fallbacks[METRICS_FALLBACK_REASONS];                 /* requests sent to the fallback, by enum metrics_fallback */
 };
 
@@ -81,6 +82,9 @@ const char *metrics_fallback_name(enum metrics_fallback why);
 /* A count that finds no memory for the model's counters is lost (and
  * only that one: the next tries again). */
 void metrics_count_status(struct model_stats *s, int code);
+/* A request cut at request_timeout: requests_total's status "timeout" (its
+ * own outcome, not counted under the status the client got). */
+void metrics_count_timeout(struct model_stats *s);
 void metrics_count_start(struct model_stats *s);
 void metrics_count_load(struct model_stats *s, double seconds);
 void metrics_count_eviction(struct model_stats *s, enum metrics_eviction why);

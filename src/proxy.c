@@ -56,6 +56,7 @@
 #define WHOLE_MAX         (64 * 1024)  /* Content-Length up to this: answered whole */
 #define FREE_CALLS_MAX    256          /* recycled call structs kept */
 #define CTYPE_MAX         256
+#define SSE_EVENT_MAX     (8 * 1024 * 1024)  /* a limited stream's event, whole */
 
 /* ---------------------------------------------------------------- types */
 
@@ -127,6 +128,11 @@ enum call_stage {
      * 304) is collected and answered whole with http_respond at its end.
      * EV_READ, no timer. */
     CALL_COLLECTING,
+    /* proxy_limit.gather: the upstream streams what the client asked as a
+     * plain answer; its events go into call->plain and nothing to the
+     * client until the end (the answer, whole, with http_respond) or the
+     * deadline (the answer so far). EV_READ. */
+    CALL_GATHERING,
 };
 
 struct proxy_call {
@@ -181,6 +187,20 @@ struct proxy_call {
     struct buf body_buf;              /* COLLECTING: the body when it came in pieces */
     const char *fail_why;             /* set by a callback that rejects the response */
     bool *ended;                      /* proxy_forward's: set when the call ends inside it */
+
+    /* the time limit (proxy_forward_limited) */
+    const char *up_body;              /* what goes upstream: the caller's or the request's */
+    size_t up_body_len;
+    ev_timer deadline;                /* armed from proxy_forward_limited to the call's end */
+    double limit_s;                   /* 0: none */
+    enum cutoff_api api;
+    bool gather;                      /* a plain answer put back from a stream (GATHERING) */
+    bool whole_events;                /* RELAYING a limited stream: whole events only */
+    int cut_status;                   /* at the deadline: the status the client got */
+    struct buf sse;                   /* the start of an event not yet whole */
+    struct cutoff_seen seen;          /* the last event relayed */
+    struct cutoff_plain plain;        /* GATHERING: the answer so far */
+    char model[160];                  /* proxy_limit.model */
 };
 
 struct proxy {
@@ -505,7 +525,7 @@ static bool call_head_done(const struct proxy_call *call)
 
 static size_t call_total(const struct proxy_call *call)
 {
-    return call->out.len + call->req->body_len;
+    return call->out.len + call->up_body_len;
 }
 
 /* Request bytes are left to write, and the upstream still takes them. */
@@ -668,9 +688,9 @@ static bool call_build_head(struct proxy_call *call, const char *target, const c
         o = put(o, key, strlen(key));
         o = PUT_LIT(o, "\r\n");
     }
-    if (req->body_len > 0 || framed) {
+    if (call->up_body_len > 0 || framed) {
         o = PUT_LIT(o, "Content-Length: ");
-        o = put_uint(o, req->body_len);
+        o = put_uint(o, call->up_body_len);
         o = PUT_LIT(o, "\r\n");
     }
     o = PUT_LIT(o, "\r\n");
@@ -680,11 +700,20 @@ static bool call_build_head(struct proxy_call *call, const char *target, const c
 
 /* ------------------------------------------------------- ending a call */
 
+/* What the time limit kept of the answer: given back at the call's end. */
+static void call_limit_free(struct proxy_call *call)
+{
+    buf_free(&call->sse);
+    cutoff_seen_free(&call->seen);
+    cutoff_plain_free(&call->plain);
+}
+
 static void call_free(struct proxy_call *call)
 {
     buf_free(&call->out);
     buf_free(&call->hdr);
     buf_free(&call->body_buf);
+    call_limit_free(call);
     free(call);
 }
 
@@ -697,15 +726,19 @@ static void call_end(struct proxy_call *call, enum proxy_outcome outcome)
     void *arg = call->arg;
     struct proxy_result res = {
         .outcome = outcome,
-        .status = call_head_done(call) ? call->status : 0,
+        .status = call->cut_status ? call->cut_status : call_head_done(call) ? call->status : 0,
         .first_byte = call_head_done(call) ? call->head_at - call->sent_at : -1,
         .cache_n = call->timings.cache_n,
         .prompt_n = call->timings.prompt_n,
         .predicted_n = call->timings.predicted_n,
         .prompt_ms = call->timings.prompt_ms,
         .predicted_ms = call->timings.predicted_ms,
-        .error = outcome == PROXY_OK || outcome == PROXY_CLIENT_GONE ? NULL : call->error,
+        .error = outcome == PROXY_OK || outcome == PROXY_CLIENT_GONE || outcome == PROXY_TIMEOUT
+                     ? NULL : call->error,
     };
+
+    ev_timer_stop(p->loop, &call->deadline);
+    call_limit_free(call);
 
     if (call->ended)
         *call->ended = true;
@@ -743,6 +776,8 @@ static void call_release_uc(struct proxy_call *call, bool reuse)
         uc_close(uc);
 }
 
+static bool call_gathered_respond(struct proxy_call *call, struct http_request *req, bool cut);
+
 static void call_ok(struct proxy_call *call, bool reuse)
 {
     struct http_request *req = call->req;
@@ -753,10 +788,72 @@ static void call_ok(struct proxy_call *call, bool reuse)
         timings_scan_feed(&call->timings, call->body, call->body_len);
         http_respond(req, call->status, call->ctype_len ? call->ctype : NULL,
                      call->hdr.len ? call->hdr.data : NULL, call->body, call->body_len);
+    } else if (call->stage == CALL_GATHERING) {
+        /* the stream ended by itself: the plain answer, as llama-server writes it */
+        call_gathered_respond(call, req, false);
     } else {
+        if (call->whole_events && call->sse.len)   /* a last event without its blank line */
+            http_stream_write(req, call->sse.data, call->sse.len);
         http_stream_end(req);
     }
     call_end(call, PROXY_OK);
+}
+
+/* GATHERING: the plain answer from the events so far (CUT: the limit
+ * passed), sent whole. False when it could not be made (out of memory:
+ * a 500 went instead). */
+static bool call_gathered_respond(struct proxy_call *call, struct http_request *req, bool cut)
+{
+    struct buf body = { 0 };
+    int status;
+    if (!cutoff_plain_answer(&call->plain, cut, call->model, (long long)ev_now(call->p->loop),
+                             &body, &status)) {
+        buf_free(&body);
+        http_respond_error(req, 500, "server_error", "proxy: out of memory for the answer");
+        call->cut_status = 500;
+        return false;
+    }
+    if (cut)
+        call->cut_status = status;
+    http_respond(req, status, "application/json; charset=utf-8",
+                 call->hdr.len ? call->hdr.data : NULL, body.data, body.len);
+    buf_free(&body);
+    return true;
+}
+
+/* The deadline passed (proxy_limit.seconds after the request went out).
+ * The upstream connection is closed at once: llama-server cancels the
+ * task and frees its slot when its client goes. The client gets the
+ * answer so far: a stream, its last chunk and [DONE]; a gathered plain
+ * answer, the text so far; nothing yet from the upstream, 504. */
+static void call_deadline_cb(struct ev_loop *loop, ev_timer *w, int revents)
+{
+    struct proxy_call *call = w->data;
+    struct http_request *req = call->req;
+    (void)loop;
+    (void)revents;
+    call_release_uc(call, false);
+    call->req = NULL;
+    http_request_unwatch(req);
+    if (call->stage == CALL_GATHERING) {
+        call_gathered_respond(call, req, true);
+    } else if (call->stage == CALL_RELAYING && call->is_sse) {
+        /* whole_events: what is held is the start of an event: dropped */
+        struct buf last = { 0 };
+        if (cutoff_final_events(&last, call->api, &call->seen, call->model,
+                                (long long)ev_now(call->p->loop)))
+            http_stream_write(req, last.data, last.len);
+        buf_free(&last);
+        http_stream_end(req);
+    } else if (call->stage == CALL_RELAYING) {
+        http_stream_abort(req);          /* not a stream: the cut must show */
+    } else {
+        call->cut_status = 504;
+        http_respond_error(req, 504, "timeout_error",
+                           "request_timeout (%g s) passed before the model began to answer",
+                           call->limit_s);
+    }
+    call_end(call, PROXY_TIMEOUT);
 }
 
 /* The upstream broke: 502 JSON if nothing was sent to the client yet; an
@@ -903,7 +1000,8 @@ static int on_header_field_complete(llhttp_t *lp)
         call->action = HDR_CTYPE;
     else if (is_hop_by_hop(n, l) || NAME_IS(n, l, "Content-Length") ||
              NAME_IS(n, l, "Server") || NAME_IS(n, l, "Date") || is_cors(n, l) ||
-             (call->served_by && NAME_IS(n, l, "X-Llama-Pool-Served-By")))
+             (call->served_by && NAME_IS(n, l, "X-Llama-Pool-Served-By")) ||
+             (call->gather && NAME_IS(n, l, "X-Accel-Buffering")))
         call->action = HDR_DROP;
     else
         call->action = HDR_KEEP;
@@ -1026,7 +1124,8 @@ static int on_headers_complete(llhttp_t *lp)
     if (call->conn_len && conn_names_headers(call->conn, call->conn_len))
         head_drop_connection_listed(call);
     call->is_sse = call->ctype_len >= 17 && strncasecmp(call->ctype, "text/event-stream", 17) == 0;
-    if (call->is_sse && !call->has_accel &&
+    bool gathering = call->gather && call->is_sse && status == 200 && !call->head_req;
+    if (call->is_sse && !gathering && !call->has_accel &&
         !hdr_append(call, "X-Accel-Buffering: no\r\n", 23))
         return reject(call, "response header block too large");
     if (call->served_by &&
@@ -1041,6 +1140,13 @@ static int on_headers_complete(llhttp_t *lp)
     call->body_len = 0;
     call->body_expect = 0;
     bool has_length = (lp->flags & F_CONTENT_LENGTH) != 0;
+    if (gathering) {
+        call_set_stage(call, CALL_GATHERING);
+        call->ctype_len = 0;            /* the answer is JSON, not the stream's type */
+        cutoff_plain_init(&call->plain, call->api);
+        return 0;
+    }
+    call->whole_events = call->limit_s > 0 && call->is_sse;
     if (!call->head_req && !call->is_sse &&
         (http_status_has_no_body(status) || (has_length && lp->content_length <= WHOLE_MAX))) {
         call_set_stage(call, CALL_COLLECTING);
@@ -1051,6 +1157,45 @@ static int on_headers_complete(llhttp_t *lp)
                           call->hdr.len ? call->hdr.data : NULL);
     }
     return call->head_req ? 1 : 0;
+}
+
+/* A limited stream's body piece: whole events go on (GATHERING: into the
+ * plain answer; RELAYING: to the client, the last one remembered for the
+ * final chunk), the start of the next one waits in call->sse. */
+static int call_take_events(struct proxy_call *call, const char *at, size_t n)
+{
+    const char *p = at;
+    size_t len = n, off = 0, evlen, dlen;
+    const char *data;
+    if (call->sse.len) {
+        if (call->sse.len + n > SSE_EVENT_MAX)
+            return reject(call, "a server-sent event over 8 MiB");
+        if (!buf_append(&call->sse, at, n))
+            return reject(call, "out of memory");
+        p = call->sse.data;
+        len = call->sse.len;
+    }
+    while (cutoff_sse_take(p + off, len - off, &evlen, &data, &dlen)) {
+        bool ok = !data ||
+                  (call->stage == CALL_GATHERING ? cutoff_plain_feed(&call->plain, data, dlen)
+                                                 : cutoff_seen_note(&call->seen, data, dlen));
+        if (!ok)
+            return reject(call, "out of memory");
+        off += evlen;
+    }
+    if (off && call->stage == CALL_RELAYING) {
+        call->relayed = true;
+        call->tail[0] = call->tail[1] = '\n';   /* whole events: an error event stands alone */
+        if (!http_stream_write(call->req, p, off))
+            call->paused = true;
+    }
+    if (p == at) {
+        if (off < n && (n - off > SSE_EVENT_MAX || !buf_append(&call->sse, at + off, n - off)))
+            return reject(call, "out of memory");
+    } else {
+        buf_consume(&call->sse, off);
+    }
+    return 0;
 }
 
 static int on_body(llhttp_t *lp, const char *at, size_t n)
@@ -1074,6 +1219,8 @@ static int on_body(llhttp_t *lp, const char *at, size_t n)
         return 0;
     }
     timings_scan_feed(&call->timings, at, n);
+    if (call->stage == CALL_GATHERING || call->whole_events)
+        return call_take_events(call, at, n);
     if (call->is_sse) {
         call->relayed = true;
         if (n >= 2) {
@@ -1171,7 +1318,6 @@ static void call_update_io(struct proxy_call *call)
 static bool call_send(struct proxy_call *call)
 {
     struct upconn *uc = call->uc;
-    const struct http_request *req = call->req;
     size_t total = call_total(call);
     while (call_request_unsent(call)) {
         struct iovec iov[2];
@@ -1179,12 +1325,12 @@ static bool call_send(struct proxy_call *call)
         if (call->sent < call->out.len) {
             iov[cnt].iov_base = call->out.data + call->sent;
             iov[cnt++].iov_len = call->out.len - call->sent;
-            if (req->body_len) {
-                iov[cnt].iov_base = req->body;
-                iov[cnt++].iov_len = req->body_len;
+            if (call->up_body_len) {
+                iov[cnt].iov_base = (char *)call->up_body;
+                iov[cnt++].iov_len = call->up_body_len;
             }
         } else {
-            iov[cnt].iov_base = req->body + (call->sent - call->out.len);
+            iov[cnt].iov_base = (char *)call->up_body + (call->sent - call->out.len);
             iov[cnt++].iov_len = total - call->sent;
         }
         struct msghdr mh = { .msg_iov = iov, .msg_iovlen = (size_t)cnt };
@@ -1335,6 +1481,7 @@ void proxy_free(struct proxy *p)
         if (call->req) {
             http_request_unwatch(call->req);
         }
+        ev_timer_stop(p->loop, &call->deadline);
         call_release_uc(call, false);
         call_free(call);
     }
@@ -1385,26 +1532,36 @@ struct proxy_call *proxy_forward(struct proxy *p, struct http_request *req, unsi
 
 static struct proxy_call *forward(struct proxy *p, struct http_request *req, unsigned port,
                                   const struct proxy_upstream *up, const char *key,
-                                  const char *target, proxy_done_fn done, void *arg);
+                                  const char *target, const struct proxy_limit *limit,
+                                  proxy_done_fn done, void *arg);
 
 struct proxy_call *proxy_forward_key(struct proxy *p, struct http_request *req, unsigned port,
                                      const char *key, const char *target,
                                      proxy_done_fn done, void *arg)
 {
-    return forward(p, req, port, NULL, key, target, done, arg);
+    return forward(p, req, port, NULL, key, target, NULL, done, arg);
+}
+
+struct proxy_call *proxy_forward_limited(struct proxy *p, struct http_request *req, unsigned port,
+                                         const char *key, const char *target,
+                                         const struct proxy_limit *limit,
+                                         proxy_done_fn done, void *arg)
+{
+    return forward(p, req, port, NULL, key, target, limit, done, arg);
 }
 
 struct proxy_call *proxy_forward_to(struct proxy *p, struct http_request *req,
                                     const struct proxy_upstream *up, const char *target,
                                     proxy_done_fn done, void *arg)
 {
-    return forward(p, req, 0, up, up->key, target, done, arg);
+    return forward(p, req, 0, up, up->key, target, NULL, done, arg);
 }
 
 /* PORT: a child's on 127.0.0.1; else UP, another server. */
 static struct proxy_call *forward(struct proxy *p, struct http_request *req, unsigned port,
                                   const struct proxy_upstream *up, const char *key,
-                                  const char *target, proxy_done_fn done, void *arg)
+                                  const char *target, const struct proxy_limit *limit,
+                                  proxy_done_fn done, void *arg)
 {
     if (!target)
         target = req->target;
@@ -1420,6 +1577,18 @@ static struct proxy_call *forward(struct proxy *p, struct http_request *req, uns
     call->req = req;
     call->port = port;
     call->done = done;
+    call->up_body = req->body;
+    call->up_body_len = req->body_len;
+    if (limit) {
+        if (limit->body) {
+            call->up_body = limit->body;
+            call->up_body_len = limit->body_len;
+        }
+        call->limit_s = limit->seconds;
+        call->api = limit->api;
+        call->gather = limit->gather;
+        snprintf(call->model, sizeof call->model, "%s", limit->model ? limit->model : "");
+    }
     if (up) {
         call->up = up;
         call->served_by = up->served_by;   /* the caller's, alive until DONE */
@@ -1448,6 +1617,11 @@ static struct proxy_call *forward(struct proxy *p, struct http_request *req, uns
     if (!built || (up && !call->ic)) {
         call_upstream_failed(call, "proxy: out of memory for the request to port %u", call->port);
         return NULL;
+    }
+    if (call->limit_s > 0) {
+        ev_timer_init(&call->deadline, call_deadline_cb, call->limit_s, 0.);
+        call->deadline.data = call;
+        ev_timer_start(p->loop, &call->deadline);
     }
     bool ended = false; /* the call may end inside (connect refused at once) */
     call->ended = &ended;

@@ -16,6 +16,7 @@
 #include <stdbool.h>
 #include <sys/socket.h>
 
+#include "cutoff.h"
 #include "http.h"
 
 struct proxy;
@@ -32,6 +33,11 @@ enum proxy_outcome {
                            * failed, or upstream closed or reset before any
                            * response byte; the client got NOTHING and its
                            * request is the caller's again (to retry or answer) */
+    PROXY_TIMEOUT,        /* proxy_forward_limited: its time limit passed; the
+                           * upstream connection was closed (llama-server
+                           * cancels the task) and the client got the answer
+                           * so far (struct proxy_limit), or 504 when the
+                           * upstream had not begun to answer */
 };
 
 /* How a call ended, for its DONE. */
@@ -68,6 +74,31 @@ struct proxy_call *proxy_forward(struct proxy *p, struct http_request *req, unsi
 struct proxy_call *proxy_forward_key(struct proxy *p, struct http_request *req, unsigned port,
                                      const char *key, const char *target,
                                      proxy_done_fn done, void *arg);
+
+/* A generation's time limit (request_timeout; cutoff.h). The caller's
+ * strings and body stay alive until DONE. */
+struct proxy_limit {
+    double seconds;       /* from proxy_forward_limited (> 0) */
+    enum cutoff_api api;  /* the endpoint: the shape of the last chunk */
+    bool gather;          /* the client asked a plain answer, BODY asks the
+                           * upstream for a stream: its events are put back
+                           * together into the plain answer (at the limit,
+                           * with the text so far and finish_reason "length") */
+    const char *body;     /* sent in place of the request's body; NULL: its own */
+    size_t body_len;
+    const char *model;    /* the model's name, for an answer that must make one up */
+};
+
+/* proxy_forward_key with LIMIT: a stream is relayed whole events at a
+ * time, and at LIMIT->seconds it ends with a last chunk of the endpoint's
+ * shape with finish_reason "length" (native: "stop_type":"limit") and
+ * "data: [DONE]" where the endpoint sends it; a gathered plain answer ends
+ * with the text so far. Before the upstream's response head: 504. The
+ * result's outcome is then PROXY_TIMEOUT. */
+struct proxy_call *proxy_forward_limited(struct proxy *p, struct http_request *req, unsigned port,
+                                         const char *key, const char *target,
+                                         const struct proxy_limit *limit,
+                                         proxy_done_fn done, void *arg);
 
 /* An upstream other than a local child: another server, such as a
  * fallback (config.h, struct config_fallback). */

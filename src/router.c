@@ -2,6 +2,7 @@
 #include "router.h"
 
 #include "affinity.h"
+#include "cutoff.h"
 #include "events.h"
 #include "gpu.h"
 #include "log.h"
@@ -53,6 +54,9 @@ struct rreq {
     bool resent;                /* sent again after an instance dropped it unanswered */
     double t0;                  /* arrival */
     double sent;                /* its (last) dispatch; 0: never */
+    double limit;               /* request_timeout at its dispatch, s; 0: none */
+    char *body;                 /* the body sent upstream in place of the client's
+                                 * (request_timeout's rewrite); NULL: the client's */
     char method[8], path[64];   /* for its record (the request is gone by its end) */
 };
 
@@ -98,6 +102,7 @@ static void rreq_free(struct rreq *q)
     if (q->next)
         q->next->prev = q->prev;
     free(q->target);
+    free(q->body);
     free(q->key);
     free(q);
 }
@@ -282,6 +287,7 @@ static void note_end(struct router *r, const struct rreq *q, int status, const s
         .status = status, .duration = now - q->t0,
         .queued = q->sent > 0 ? q->sent - q->t0 : now - q->t0,
         .first_byte = res ? res->first_byte : -1,
+        .timeout = res && res->outcome == PROXY_TIMEOUT,
         .prompt_tokens = -1, .cached_tokens = -1, .generated_tokens = -1, .tokens_per_s = -1,
     };
     log_stamp(e.time);
@@ -332,7 +338,15 @@ static void call_done(void *arg, const struct proxy_result *res)
         status = 499;
     else if (!status)
         status = 502;
-    if (q->model) {
+    if (outcome == PROXY_TIMEOUT)
+        log_info("%s: %s %s: cut at request_timeout (%g s) after %.3f s on %s: %s",
+                 q->model ? q->model->cfg->name : "model", q->method, q->path, q->limit,
+                 now_of(r) - q->sent, q->inst ? q->inst->id : "its instance",
+                 status == 504 ? "504, it had not begun to answer"
+                               : "the client got the answer so far, finish_reason \"length\"");
+    if (q->model && outcome == PROXY_TIMEOUT) {
+        metrics_count_timeout(&q->model->stats);
+    } else if (q->model) {
         metrics_count_status(&q->model->stats, status);
         if (status == 200 && res->cache_n >= 0)
             metrics_count_prompt(&q->model->stats, (uint64_t)res->cache_n,
@@ -349,6 +363,57 @@ static void call_done(void *arg, const struct proxy_result *res)
     router_run(r);
 }
 
+/* The endpoint Q goes to upstream (its target's path, for /upstream/M/…). */
+static enum cutoff_api rreq_api(const struct rreq *q)
+{
+    const char *t = q->target ? q->target : q->req->path;
+    char path[64];
+    size_t n = strcspn(t, "?");
+    if (n >= sizeof path)
+        return CUTOFF_NONE;
+    memcpy(path, t, n);
+    path[n] = '\0';
+    return cutoff_api_of(path);
+}
+
+/* request_timeout for Q, read now (a reload applies to the requests sent
+ * after it): false when none applies (no limit, not a POST to a generation
+ * endpoint, a body that is not a JSON object). A plain request gets
+ * t_max_predict_ms when it sets none (llama-server's own, soft limit: it
+ * stops only at a newline past it), and, unless it asks what a stream
+ * cannot give back (logprobs and the like), goes upstream as a stream to
+ * be put back together (proxy_limit.gather). */
+static bool rreq_limit(struct router *r, struct rreq *q, struct proxy_limit *limit)
+{
+    int64_t ms = q->model ? config_model_request_timeout_ms(r->pool->cfg, q->model->cfg) : 0;
+    enum cutoff_api api = rreq_api(q);
+    free(q->body);
+    q->body = NULL;
+    q->limit = 0;
+    if (ms <= 0 || api == CUTOFF_NONE || strcmp(q->req->method, "POST") != 0)
+        return false;
+    struct cutoff_request cr;
+    cutoff_request_read(q->req->body, q->req->body_len, &cr);
+    if (!cr.object)
+        return false;
+    *limit = (struct proxy_limit){
+        .seconds = (double)ms / 1000.0, .api = api, .gather = cr.gatherable,
+        .model = q->model->cfg->name,
+    };
+    size_t len = 0;
+    if (!cr.stream &&
+        !cutoff_body_rewrite(q->req->body, q->req->body_len, api, cr.has_tmax ? 0 : (long long)ms,
+                             cr.gatherable, &q->body, &len)) {
+        log_warn("%s: %s %s: out of memory for request_timeout's rewrite: sent with no limit",
+                 q->model->cfg->name, q->req->method, q->req->path);
+        return false;
+    }
+    limit->body = q->body;
+    limit->body_len = len;
+    q->limit = limit->seconds;
+    return true;
+}
+
 static void do_dispatch(struct router *r, struct rreq *q, struct instance *inst)
 {
     q->dispatched = true;
@@ -357,7 +422,12 @@ static void do_dispatch(struct router *r, struct rreq *q, struct instance *inst)
     if (q->model)
         metrics_count_queue_wait(&q->model->stats, now_of(r) - q->t0);
     http_request_unwatch(q->req);     /* the proxy watches the client from here */
-    proxy_forward_key(r->proxy, q->req, inst->port, inst->api_key, q->target, call_done, q);
+    struct proxy_limit limit;
+    if (rreq_limit(r, q, &limit))
+        proxy_forward_limited(r->proxy, q->req, inst->port, inst->api_key, q->target, &limit,
+                              call_done, q);
+    else
+        proxy_forward_key(r->proxy, q->req, inst->port, inst->api_key, q->target, call_done, q);
 }
 
 /* ---------- fallback (router.h) ---------- */

@@ -52,6 +52,9 @@
  *                            most all but its last token, is timings.cache_n
  *                            and costs nothing; prompt_n and prompt_ms count
  *                            the rest; usage.prompt_tokens is the whole prompt
+ *   FAKE_NEWLINE_EVERY=0     every N-th token ends with a newline (" tok<i>\n");
+ *                            0 = none. t_max_predict_ms stops a generation only
+ *                            at such a token, as llama-server does
  *   FAKE_TOKENS=8            tokens generated when the request sets no limit
  *                            (finish_reason "stop"); max_tokens / n_predict /
  *                            max_completion_tokens set the count exactly
@@ -148,6 +151,7 @@ struct config {
     bool port_given, metrics, slots, use_mmap, verbose;
     /* environment */
     long load_ms, token_ms, tokens, crash_after, health_hang_after;
+    long newline_every;       /* FAKE_NEWLINE_EVERY: 0 = no token has a newline */
     long bind_delay_ms;
     long exit_after_ms, keepalive_ms, n_ctx_train;
     long prompt_cache;        /* FAKE_PROMPT_CACHE: prompts remembered, 0 = none */
@@ -1543,6 +1547,9 @@ struct gen {
     bool stream;
     bool limited;           /* the count came from the request (or the context): "length" */
     long n_predict;         /* as requested, -1 if not */
+    long t_max_predict_ms;  /* as requested, -1 if not: see generate() */
+    bool timings_per_token; /* every streamed chunk carries timings */
+    bool has_new_line;      /* a token with a newline was generated */
     long n_tokens;          /* tokens to generate */
     long n_done;
     long n_prompt;          /* the whole prompt: usage.prompt_tokens */
@@ -1593,6 +1600,7 @@ static bool gen_parse(const struct request *rq, enum api api, struct gen *g,
     struct jfield f[] = {
         { .name = "stream" }, { .name = "n_predict" }, { .name = "max_tokens" },
         { .name = "max_completion_tokens" }, { .name = "messages" }, { .name = "prompt" },
+        { .name = "t_max_predict_ms" }, { .name = "timings_per_token" },
     };
     if (!json_parse_object(rq->body.p ? rq->body.p : "", rq->body.len, f,
                            sizeof f / sizeof f[0], err, errlen))
@@ -1602,6 +1610,8 @@ static bool gen_parse(const struct request *rq, enum api api, struct gen *g,
     g->api = api;
     g->stream = f[0].v.type == 't';
     g->n_predict = -1;
+    g->t_max_predict_ms = f[6].v.type == 'n' ? jspan_long(&f[6].v) : -1;
+    g->timings_per_token = f[7].v.type == 't';
     for (int i = 1; i <= 3; i++)
         if (f[i].v.type == 'n') {
             g->n_predict = jspan_long(&f[i].v);
@@ -1634,11 +1644,17 @@ static bool gen_parse(const struct request *rq, enum api api, struct gen *g,
 
 static const char *gen_finish(const struct gen *g) { return g->limited ? "length" : "stop"; }
 
+/* Token I's text ends with a newline (FAKE_NEWLINE_EVERY). */
+static bool token_has_newline(long i)
+{
+    return g_cfg.newline_every > 0 && (i + 1) % g_cfg.newline_every == 0;
+}
+
 static void emit_text(struct sbuf *b, long from, long to)
 {
     sb_puts(b, "\"");
     for (long i = from; i < to; i++)
-        sb_printf(b, " tok%ld", i);
+        sb_printf(b, " tok%ld%s", i, token_has_newline(i) ? "\\n" : "");
     sb_puts(b, "\"");
 }
 
@@ -1708,8 +1724,12 @@ static void chat_chunk(struct sbuf *b, const struct gen *g, const char *finish, 
     }
     sb_puts(b, "}]");
     emit_oai_tail(b, g, "chat.completion.chunk");
-    if (finish)
+    if (finish) {
         emit_usage_timings(b, g);
+    } else if (g->timings_per_token && token >= 0) {
+        sb_puts(b, ",");
+        emit_timings(b, g);
+    }
     sb_puts(b, "}");
 }
 
@@ -1727,8 +1747,12 @@ static void cmpl_chunk(struct sbuf *b, const struct gen *g, const char *finish, 
     else
         sb_puts(b, "null}]");
     emit_oai_tail(b, g, "text_completion");
-    if (finish)
+    if (finish) {
         emit_usage_timings(b, g);
+    } else if (g->timings_per_token) {
+        sb_puts(b, ",");
+        emit_timings(b, g);
+    }
     sb_puts(b, "}");
 }
 
@@ -1737,7 +1761,12 @@ static void legacy_partial(struct sbuf *b, const struct gen *g, long token)
     sb_puts(b, "{\"index\":0,\"content\":");
     emit_text(b, token, token + 1);
     sb_printf(b, ",\"tokens\":[],\"stop\":false,\"id_slot\":-1,\"tokens_predicted\":%ld,"
-              "\"tokens_evaluated\":%ld}", token + 1, g->n_prompt);
+              "\"tokens_evaluated\":%ld", token + 1, g->n_prompt);
+    if (g->timings_per_token) {
+        sb_puts(b, ",");
+        emit_timings(b, g);
+    }
+    sb_puts(b, "}");
 }
 
 /* /completion's final object: the whole text (plain) or "" (stream). */
@@ -1754,9 +1783,23 @@ static void legacy_final(struct sbuf *b, const struct gen *g, bool with_text)
         sb_add(b, g->prompt.p, g->prompt.n);
     else
         sb_puts(b, "\"\"");
-    sb_printf(b, ",\"has_new_line\":false,\"truncated\":false,\"stop_type\":\"%s\","
+    sb_printf(b, ",\"has_new_line\":%s,\"truncated\":false,\"stop_type\":\"%s\","
               "\"stopping_word\":\"\",\"tokens_cached\":%ld,",
-              g->limited ? "limit" : "eos", g->n_prompt + g->n_done);
+              g->has_new_line ? "true" : "false", g->limited ? "limit" : "eos",
+              g->n_prompt + g->n_done);
+    emit_timings(b, g);
+    sb_puts(b, "}");
+}
+
+/* A plain answer's members after "choices", in llama-server's order
+ * (server-task.cpp's to_json_oaicompat and _chat): created, model,
+ * system_fingerprint, object, usage, id, timings; and the closing brace. */
+static void emit_plain_tail(struct sbuf *b, const struct gen *g, const char *object)
+{
+    sb_printf(b, ",\"created\":%lld,\"model\":%s,\"system_fingerprint\":\"%s\",\"object\":\"%s\",",
+              g->created, g_model_json.p, BUILD_INFO, object);
+    emit_usage(b, g);
+    sb_printf(b, ",\"id\":\"%s\",", g->id);
     emit_timings(b, g);
     sb_puts(b, "}");
 }
@@ -1769,17 +1812,13 @@ static void plain_result(struct sbuf *b, const struct gen *g)
                   "\"message\":{\"role\":\"assistant\",\"content\":", gen_finish(g));
         emit_text(b, 0, g->n_done);
         sb_puts(b, "}}]");
-        emit_oai_tail(b, g, "chat.completion");
-        emit_usage_timings(b, g);
-        sb_puts(b, "}");
+        emit_plain_tail(b, g, "chat.completion");
         break;
     case API_OAI_COMPLETIONS:
         sb_puts(b, "{\"choices\":[{\"text\":");
         emit_text(b, 0, g->n_done);
         sb_printf(b, ",\"index\":0,\"logprobs\":null,\"finish_reason\":\"%s\"}]", gen_finish(g));
-        emit_oai_tail(b, g, "text_completion");
-        emit_usage_timings(b, g);
-        sb_puts(b, "}");
+        emit_plain_tail(b, g, "text_completion");
         break;
     case API_COMPLETION:
         legacy_final(b, g, true);
@@ -1887,6 +1926,7 @@ static bool generate(struct conn *c, struct request *rq, struct gen *g, bool cra
             return false;
         }
         g->n_done++;
+        g->t_end_us = now_us();
         atomic_fetch_add(&g_stats.tokens_predicted, 1);
         atomic_fetch_add(&g_stats.n_decode, 1);
         /* As llama-server's on_decoded: the slot holds the prompt and
@@ -1897,6 +1937,20 @@ static bool generate(struct conn *c, struct request *rq, struct gen *g, bool cra
             ;
         if (g->stream && !stream_token(c, rq, g, g->n_done - 1))
             return false;
+        /* As llama-server's process_token: t_max_predict_ms is checked
+         * only when a token with a newline comes, and stops generation
+         * as a limit ("length", stop_type "limit") once it has passed. */
+        if (token_has_newline(g->n_done - 1)) {
+            g->has_new_line = true;
+            if (g->t_max_predict_ms > 0 &&
+                now_us() - g->t_gen_us > (int64_t)g->t_max_predict_ms * 1000) {
+                SLT_LOG('D', "process_toke", g->slot, g->task,
+                        "stopped by time limit, n_decoded = %ld, t_max_predict_ms = %ld ms",
+                        g->n_done, g->t_max_predict_ms);
+                g->limited = true;
+                break;
+            }
+        }
     }
     if (crash)
         crash_now(g);
@@ -2747,6 +2801,7 @@ static void read_environment(void)
     g_cfg.bind_delay_ms = env_long("FAKE_BIND_DELAY_MS", 0, 0);
     g_cfg.token_ms = env_long("FAKE_TOKEN_MS", 0, 0);
     g_cfg.tokens = env_long("FAKE_TOKENS", 8, 0);
+    g_cfg.newline_every = env_long("FAKE_NEWLINE_EVERY", 0, 0);
     g_cfg.memory = env_size("FAKE_MEMORY");
     g_cfg.memory_per_request = env_size("FAKE_MEMORY_PER_REQUEST");
     g_cfg.crash_at_load = env_flag("FAKE_CRASH_AT_LOAD");
