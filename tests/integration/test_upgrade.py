@@ -431,3 +431,32 @@ def test_instances_above_a_lowered_maximum_are_stopped(pool):
     assert f"kept tiny#1: pid {first}" in r.stdout, r.stdout
     assert f"stopping tiny#2: pid {second}: its model's instances maximum is lower" in r.stdout, r.stdout
     wait_for(lambda: child_pids(pool) == [first], what="tiny#2 stopped")
+
+
+@fake_only("needs FAKE_TOKEN_MS to make a long stream")
+def test_request_timeout_bounds_the_wait_of_an_upgrade(pool):
+    pool.config({"tiny": {"env": {"FAKE_TOKEN_MS": "50"}}}, pool_extra="request_timeout = 1s")
+    pool.start()
+    before = started(pool, 1)
+    result = {}
+
+    def long_stream():
+        conn = http.client.HTTPConnection("127.0.0.1", pool.listen_port, timeout=60)
+        conn.request("POST", "/v1/completions", body=chat(stream=True, n=200),
+                     headers={"Content-Type": "application/json"})
+        r = conn.getresponse()
+        result["body"] = r.read().decode()
+        conn.close()
+
+    t = threading.Thread(target=long_stream)
+    t.start()
+    wait_for(lambda: any(i["in_flight"] for i in pool.instances("tiny")), what="the stream to start")
+    t0 = time.monotonic()
+    pool.cli("upgrade", "--timeout", "30", check=0)
+    took = time.monotonic() - t0
+    t.join(timeout=30)
+    # Cut at its limit (a 10 s stream), then the upgrade went on.
+    assert '"finish_reason":"length"' in result["body"] and result["body"].rstrip().endswith("[DONE]"), \
+        result["body"][-300:]
+    assert took < 8 * SLOW, took
+    assert upgrades(pool) == 1 and child_pids(pool) == before
