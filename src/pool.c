@@ -533,7 +533,9 @@ int pool_model_start(struct pool_model *m, unsigned n, char *err, size_t errlen)
 
 struct instance *pool_model_add(struct pool_model *m, int device, const char *visible)
 {
-    if (m->pool->shutting_down || m->retired || model_active(m) >= m->cfg->instances_max)
+    /* A failed model (a crash loop) starts again only by an operator's
+     * start or a reload: not for a request that was waiting when it failed. */
+    if (m->pool->shutting_down || m->retired || m->failed || model_active(m) >= m->cfg->instances_max)
         return NULL;
     /* A stopped or failed instance is reused before a new one is made. */
     struct instance *inst = NULL;

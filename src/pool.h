@@ -168,8 +168,8 @@ struct pool_model *pool_find_named(struct pool *p, const char *name);
  * could not be started at all (no llama-server binary…). ERR says why. */
 int pool_model_start(struct pool_model *m, unsigned n, char *err, size_t errlen);
 /* Start one more instance (on demand) on GPU DEVICE with CUDA_VISIBLE_DEVICES
- * VISIBLE (-1 and NULL: none, see instance_place); NULL when at max or out
- * of memory. */
+ * VISIBLE (-1 and NULL: none, see instance_place); NULL when at max, the
+ * model is failed (crash loop), or out of memory. */
 struct instance *pool_model_add(struct pool_model *m, int device, const char *visible);
 /* The daemon's cgroup tree (cgroup.h, kept by the caller while the pool
  * lives): when T is enabled, children get a cgroup each from the next

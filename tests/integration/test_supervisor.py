@@ -119,6 +119,33 @@ def test_crash_loop_marks_the_model_failed_with_reason(pool):
     assert "failed" in pool.cli("status", check=0).stdout
 
 
+@fake_only("needs FAKE_CRASH_AFTER")
+def test_a_crash_with_a_request_in_flight_still_marks_the_model_failed(pool):
+    """The request the crash dropped is sent again and waits: the model's
+    failure must end that wait, not start the model again (a start queued
+    for the waiter before the model was marked failed used to run)."""
+    pool.config({"tiny": {"env": {"FAKE_CRASH_AFTER": "0", "FAKE_TOKEN_MS": "20"}}},
+                pool_extra="max_restarts = 0")
+    pool.start()
+    first = pool.cli("start", "tiny", check=0) and pool.ready_instances("tiny")[0]["pid"]
+    body = json.dumps({"model": "tiny", "prompt": "x", "max_tokens": 20}).encode()
+    req = urllib.request.Request(f"http://127.0.0.1:{pool.listen_port}/v1/completions", data=body,
+                                 headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(req, timeout=30 * SLOW) as r:
+            status = r.status
+    except urllib.error.HTTPError as e:
+        status = e.code
+    assert status in (502, 503), status
+    m = wait_for(lambda: (lambda m: m if m["state"] == "failed" else None)(pool.model("tiny")),
+                 what="model marked failed")
+    assert "marked failed" in m["last_error"]
+    # No restart: the one child it had is the only one it ever started.
+    assert not pid_alive(first)
+    assert pool.daemon_log().count("tiny#1: started pid") == 1, pool.daemon_log()
+    assert not [i for i in pool.instances("tiny") if i["pid"]]
+
+
 def test_hung_health_is_restarted(pool):
     # A frozen process (SIGSTOP) answers nothing: /health times out.
     pool.config({"tiny": {}}, pool_extra="health_interval = 200ms\nstop_timeout = 500ms")
