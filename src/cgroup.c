@@ -1,6 +1,8 @@
 #define _GNU_SOURCE
 #include "cgroup.h"
 
+#include "util.h"
+
 #include <ctype.h>
 #include <errno.h>
 #include <fcntl.h>
@@ -226,30 +228,10 @@ int cgroup_child_name(const char *model, unsigned no, char *out, size_t len)
 
 /* ---------- files ---------- */
 
-/* Read a small file into BUF (NUL-terminated). Bytes read, or -1. */
+/* A small file into BUF (NUL-terminated). Bytes read, or -1. */
 static ssize_t read_text(const char *path, char *buf, size_t len)
 {
-    int fd = open(path, O_RDONLY | O_CLOEXEC);
-    if (fd < 0)
-        return -1;
-    size_t n = 0;
-    while (n + 1 < len) {
-        ssize_t r = read(fd, buf + n, len - 1 - n);
-        if (r < 0 && errno == EINTR)
-            continue;
-        if (r < 0) {
-            int e = errno;
-            close(fd);
-            errno = e;
-            return -1;
-        }
-        if (r == 0)
-            break;
-        n += (size_t)r;
-    }
-    close(fd);
-    buf[n] = '\0';
-    return (ssize_t)n;
+    return util_read_file(path, buf, len);
 }
 
 /* Open a cgroup file for writing: created, and emptied, in a fake tree

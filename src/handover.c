@@ -375,36 +375,11 @@ uint64_t handover_argv_hash(char *const argv[])
     return h;
 }
 
-/* The whole of a small /proc file into BUF (NUL-terminated); its length or -1. */
-static ssize_t read_small(const char *path, char *buf, size_t cap)
-{
-    int fd = open(path, O_RDONLY | O_CLOEXEC);
-    if (fd < 0)
-        return -1;
-    size_t off = 0;
-    for (;;) {
-        ssize_t r = read(fd, buf + off, cap - 1 - off);
-        if (r < 0 && errno == EINTR)
-            continue;
-        if (r < 0) {
-            int e = errno;
-            close(fd);
-            errno = e;
-            return -1;
-        }
-        if (r == 0 || (off += (size_t)r) == cap - 1)
-            break;
-    }
-    close(fd);
-    buf[off] = '\0';
-    return (ssize_t)off;
-}
-
 int handover_proc(pid_t pid, unsigned long long *start_time, uint64_t *cmdline_hash)
 {
     char path[64], buf[65536];
     snprintf(path, sizeof path, "/proc/%d/stat", (int)pid);
-    if (read_small(path, buf, sizeof buf) < 0) {
+    if (util_read_file(path, buf, sizeof buf) < 0) {
         if (errno == ENOENT)
             errno = ESRCH;
         return -1;
@@ -414,7 +389,7 @@ int handover_proc(pid_t pid, unsigned long long *start_time, uint64_t *cmdline_h
         return -1;
     }
     snprintf(path, sizeof path, "/proc/%d/cmdline", (int)pid);
-    ssize_t n = read_small(path, buf, sizeof buf);
+    ssize_t n = util_read_file(path, buf, sizeof buf);
     if (n < 0) {
         if (errno == ENOENT)
             errno = ESRCH;

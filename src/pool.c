@@ -405,6 +405,20 @@ static unsigned model_active(const struct pool_model *m)
     return n;
 }
 
+/* A new instance NO of M, STOPPED, at the end of its list. */
+static struct instance *model_insert(struct pool_model *m, unsigned no)
+{
+    struct instance **v = realloc(m->inst, (m->ninst + 1) * sizeof *v);
+    if (!v)
+        return NULL;
+    m->inst = v;
+    struct instance *inst = instance_new(&m->pool->world, m->cfg, no, m);
+    if (!inst)
+        return NULL;
+    m->inst[m->ninst++] = inst;
+    return inst;
+}
+
 static struct instance *model_add_instance(struct pool_model *m)
 {
     /* The lowest free number: tiny#1 again after tiny#1 was stopped. */
@@ -418,15 +432,7 @@ static struct instance *model_add_instance(struct pool_model *m)
                 break;
             }
     }
-    struct instance **v = realloc(m->inst, (m->ninst + 1) * sizeof *v);
-    if (!v)
-        return NULL;
-    m->inst = v;
-    struct instance *inst = instance_new(&m->pool->world, m->cfg, no, m);
-    if (!inst)
-        return NULL;
-    m->inst[m->ninst++] = inst;
-    return inst;
+    return model_insert(m, no);
 }
 
 size_t pool_model_count(const struct pool_model *m, enum instance_state s)
@@ -940,15 +946,9 @@ struct instance *pool_model_adopt(struct pool_model *m, unsigned no, const struc
     for (size_t i = 0; i < m->ninst; i++)
         if (m->inst[i]->no == no)
             return NULL;
-    struct instance **v = realloc(m->inst, (m->ninst + 1) * sizeof *v);
-    if (!v)
-        return NULL;
-    m->inst = v;
-    struct instance *inst = instance_new(&m->pool->world, m->cfg, no, m);
-    if (!inst)
-        return NULL;
-    m->inst[m->ninst++] = inst;
-    instance_adopt(inst, a);
+    struct instance *inst = model_insert(m, no);
+    if (inst)
+        instance_adopt(inst, a);
     return inst;
 }
 

@@ -17,6 +17,7 @@
 #include <stddef.h>
 #include <stdint.h>
 #include <string.h>
+#include <sys/types.h>
 
 /* ---- growing memory ----
  * Out of memory is the caller's to report: these return false and leave
@@ -157,6 +158,10 @@ json_t *util_json_string(const char *s);
  * quotes): '\\', '"' and newline escaped as the text format wants, and
  * ill-formed UTF-8 replaced with U+FFFD. NULL when out of memory. */
 char *util_prom_label_escape(const char *s);
+
+/* A small file (/proc, cgroupfs) into BUF, at most LEN - 1 bytes,
+ * NUL-terminated: the bytes read, or -1 with errno set. */
+ssize_t util_read_file(const char *path, char *buf, size_t len);
 
 /* Mark every fd above stderr close-on-exec (close_range(2), else one
  * fcntl each): the rule for all of ours, also for the ones libraries

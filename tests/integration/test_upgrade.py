@@ -101,6 +101,26 @@ class Loop:
             t.join(timeout=60)
 
 
+def long_stream(pool, n):
+    """A stream of N tokens in a thread, under way when this returns:
+    (the thread, {"status", "body"} once it has ended)."""
+    result = {}
+
+    def run():
+        conn = http.client.HTTPConnection("127.0.0.1", pool.listen_port, timeout=60)
+        conn.request("POST", "/v1/completions", body=chat(stream=True, n=n),
+                     headers={"Content-Type": "application/json"})
+        r = conn.getresponse()
+        result["status"] = r.status
+        result["body"] = r.read().decode()
+        conn.close()
+
+    t = threading.Thread(target=run)
+    t.start()
+    wait_for(lambda: any(i["in_flight"] for i in pool.instances("tiny")), what="the stream to start")
+    return t, result
+
+
 def child_pids(pool, model="tiny"):
     return sorted(i["pid"] for i in pool.instances(model) if i["pid"])
 
@@ -280,20 +300,7 @@ def test_requests_that_outlast_the_timeout_give_the_upgrade_up(pool):
     pool.config({"tiny": {"env": {"FAKE_TOKEN_MS": "50"}}})
     pool.start()
     before = started(pool, 1)
-    result = {}
-
-    def long_stream():
-        conn = http.client.HTTPConnection("127.0.0.1", pool.listen_port, timeout=60)
-        conn.request("POST", "/v1/completions", body=chat(stream=True, n=80),
-                     headers={"Content-Type": "application/json"})
-        r = conn.getresponse()
-        result["status"] = r.status
-        result["body"] = r.read().decode()
-        conn.close()
-
-    t = threading.Thread(target=long_stream)
-    t.start()
-    wait_for(lambda: any(i["in_flight"] for i in pool.instances("tiny")), what="the stream to start")
+    t, result = long_stream(pool, 80)
     r = pool.cli("upgrade", "--timeout", "1", check=1)
     assert "still under way" in r.stderr, r.stderr
     t.join(timeout=30)
@@ -438,19 +445,7 @@ def test_request_timeout_bounds_the_wait_of_an_upgrade(pool):
     pool.config({"tiny": {"env": {"FAKE_TOKEN_MS": "50"}}}, pool_extra="request_timeout = 1s")
     pool.start()
     before = started(pool, 1)
-    result = {}
-
-    def long_stream():
-        conn = http.client.HTTPConnection("127.0.0.1", pool.listen_port, timeout=60)
-        conn.request("POST", "/v1/completions", body=chat(stream=True, n=200),
-                     headers={"Content-Type": "application/json"})
-        r = conn.getresponse()
-        result["body"] = r.read().decode()
-        conn.close()
-
-    t = threading.Thread(target=long_stream)
-    t.start()
-    wait_for(lambda: any(i["in_flight"] for i in pool.instances("tiny")), what="the stream to start")
+    t, result = long_stream(pool, 200)
     t0 = time.monotonic()
     pool.cli("upgrade", "--timeout", "30", check=0)
     took = time.monotonic() - t0
