@@ -160,37 +160,43 @@ static const char *const chat_end[] = {
     NULL,
 };
 
+/* The plain answer put back from the events of A, then B (NULL: none):
+ * its text (malloc'd) and *STATUS. */
+static char *gathered(enum cutoff_api api, const char *const *a, const char *const *b, bool cut,
+                      const char *model, long long now, int *status)
+{
+    struct cutoff_plain pl;
+    struct buf out = { 0 };
+    cutoff_plain_init(&pl, api);
+    feed_all(&pl, a);
+    if (b)
+        feed_all(&pl, b);
+    assert_true(cutoff_plain_answer(&pl, cut, model, now, &out, status));
+    cutoff_plain_free(&pl);
+    return out.data;
+}
+
 static void a_chat_stream_becomes_the_plain_answer_llama_server_writes(void **state)
 {
     (void)state;
-    struct cutoff_plain pl;
-    cutoff_plain_init(&pl, CUTOFF_CHAT);
-    feed_all(&pl, chat_stream);
-    feed_all(&pl, chat_end);
-    struct buf out = { 0 };
     int status;
-    assert_true(cutoff_plain_answer(&pl, false, "x", 0, &out, &status));
+    char *text = gathered(CUTOFF_CHAT, chat_stream, chat_end, false, "x", 0, &status);
     assert_int_equal(status, 200);
-    assert_string_equal(out.data,
+    assert_string_equal(text,
         "{\"choices\":[{\"finish_reason\":\"stop\",\"index\":0,\"message\":{\"role\":\"assistant\","
         "\"content\":\"a\\n\\\"b é\"}}],\"created\":7,\"model\":\"m\",\"system_fingerprint\":\"b1\","
         "\"object\":\"chat.completion\",\"usage\":{\"completion_tokens\":2,\"prompt_tokens\":5,"
         "\"total_tokens\":7,\"prompt_tokens_details\":{\"cached_tokens\":2}},\"id\":\"chatcmpl-A\","
         "\"timings\":{\"cache_n\":2,\"prompt_n\":3,\"predicted_n\":2,\"predicted_ms\":1.50}}");
-    buf_free(&out);
-    cutoff_plain_free(&pl);
+    free(text);
 }
 
 static void a_chat_stream_cut_gives_the_text_so_far_and_length(void **state)
 {
     (void)state;
-    struct cutoff_plain pl;
-    cutoff_plain_init(&pl, CUTOFF_CHAT);
-    feed_all(&pl, chat_stream);
-    struct buf out = { 0 };
     int status;
-    assert_true(cutoff_plain_answer(&pl, true, "x", 0, &out, &status));
-    json_t *j = json_loads(out.data, 0, NULL);
+    char *text = gathered(CUTOFF_CHAT, chat_stream, NULL, true, "x", 0, &status);
+    json_t *j = json_loads(text, 0, NULL);
     assert_non_null(j);
     json_t *c = json_array_get(json_object_get(j, "choices"), 0);
     assert_string_equal(json_string_value(json_object_get(c, "finish_reason")), "length");
@@ -201,8 +207,7 @@ static void a_chat_stream_cut_gives_the_text_so_far_and_length(void **state)
     assert_int_equal(json_integer_value(json_object_get(u, "prompt_tokens")), 5);
     assert_string_equal(json_string_value(json_object_get(j, "id")), "chatcmpl-A");
     json_decref(j);
-    buf_free(&out);
-    cutoff_plain_free(&pl);
+    free(text);
 }
 
 static void tool_call_deltas_are_merged(void **state)
@@ -216,13 +221,9 @@ static void tool_call_deltas_are_merged(void **state)
         "{\"choices\":[{\"finish_reason\":\"tool_calls\",\"index\":0,\"delta\":{}}]}",
         NULL,
     };
-    struct cutoff_plain pl;
-    cutoff_plain_init(&pl, CUTOFF_CHAT);
-    feed_all(&pl, evs);
-    struct buf out = { 0 };
     int status;
-    assert_true(cutoff_plain_answer(&pl, false, "m", 1, &out, &status));
-    json_t *j = json_loads(out.data, 0, NULL);
+    char *text = gathered(CUTOFF_CHAT, evs, NULL, false, "m", 1, &status);
+    json_t *j = json_loads(text, 0, NULL);
     assert_non_null(j);
     json_t *c = json_array_get(json_object_get(j, "choices"), 0);
     assert_string_equal(json_string_value(json_object_get(c, "finish_reason")), "tool_calls");
@@ -232,8 +233,7 @@ static void tool_call_deltas_are_merged(void **state)
     assert_string_equal(json_string_value(json_object_get(fn, "name")), "f");
     assert_string_equal(json_string_value(json_object_get(fn, "arguments")), "{\"a\":1}");
     json_decref(j);
-    buf_free(&out);
-    cutoff_plain_free(&pl);
+    free(text);
 }
 
 static void a_native_stream_s_last_object_gets_the_text_and_stream_false(void **state)
@@ -245,17 +245,12 @@ static void a_native_stream_s_last_object_gets_the_text_and_stream_false(void **
         "\"generation_settings\":{\"n_predict\":1,\"stream\":true},\"prompt\":\"p\",\"stop_type\":\"limit\"}",
         NULL,
     };
-    struct cutoff_plain pl;
-    cutoff_plain_init(&pl, CUTOFF_NATIVE);
-    feed_all(&pl, evs);
-    struct buf out = { 0 };
     int status;
-    assert_true(cutoff_plain_answer(&pl, false, "m", 1, &out, &status));
-    assert_string_equal(out.data,
+    char *text = gathered(CUTOFF_NATIVE, evs, NULL, false, "m", 1, &status);
+    assert_string_equal(text,
         "{\"index\":0,\"content\":\" x\",\"tokens\":[],\"id_slot\":0,\"stop\":true,\"model\":\"m\",\"tokens_predicted\":1,"
         "\"generation_settings\":{\"n_predict\":1,\"stream\":false},\"prompt\":\"p\",\"stop_type\":\"limit\"}");
-    buf_free(&out);
-    cutoff_plain_free(&pl);
+    free(text);
 }
 
 static void an_error_event_is_the_answer_with_its_code(void **state)
@@ -266,16 +261,11 @@ static void an_error_event_is_the_answer_with_its_code(void **state)
         "{\"error\":{\"code\":400,\"message\":\"no\",\"type\":\"invalid_request_error\"}}",
         NULL,
     };
-    struct cutoff_plain pl;
-    cutoff_plain_init(&pl, CUTOFF_NATIVE);
-    feed_all(&pl, evs);
-    struct buf out = { 0 };
     int status;
-    assert_true(cutoff_plain_answer(&pl, true, "m", 1, &out, &status));
+    char *text = gathered(CUTOFF_NATIVE, evs, NULL, true, "m", 1, &status);
     assert_int_equal(status, 400);
-    assert_string_equal(out.data, "{\"error\":{\"code\":400,\"message\":\"no\",\"type\":\"invalid_request_error\"}}");
-    buf_free(&out);
-    cutoff_plain_free(&pl);
+    assert_string_equal(text, "{\"error\":{\"code\":400,\"message\":\"no\",\"type\":\"invalid_request_error\"}}");
+    free(text);
 }
 
 int main(void)
