@@ -93,11 +93,7 @@ def test_upgrade_notifies_reloading_then_ready_from_the_main_pid(pool, notify_so
     path, sock = notify_socket
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_PASSCRED, 1)
     pool.config({"a": {}})
-    os.environ["NOTIFY_SOCKET"] = path
-    try:
-        pool.start()
-    finally:
-        del os.environ["NOTIFY_SOCKET"]
+    pool.start(env={"NOTIFY_SOCKET": path})
     msgs = []
 
     def recv_all():
