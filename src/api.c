@@ -451,7 +451,7 @@ static void waiter_event(struct pool_observer *obs, const struct pool_event *ev)
     }
     if (ev->kind == POOL_EV_REPLACED) {
         if (w->goal == WAIT_FOLLOW) {
-            static const char bye[] = "[llama-pool] the daemon is upgrading in place; follow again\n";
+            static const char bye[] = API_FOLLOW_REPLACED "\n";
             http_stream_write(w->req, bye, sizeof bye - 1);
             waiter_finish(w);
         }

@@ -15,6 +15,11 @@ struct pool;
 
 struct router;
 
+/* The last line of a `logs?follow=1` stream that an upgrade in place ends:
+ * the client may follow again at once (the new image answers). */
+#define API_FOLLOW_REPLACED "[llama-pool] the daemon is upgrading in place; follow again"
+
+
 struct api {
     struct pool *pool;
     struct router *router;

@@ -1,6 +1,8 @@
 #define _GNU_SOURCE
 #include "cli.h"
 
+#include "api.h"
+
 #include "config.h"
 #include "memory.h"
 #include "util.h"
@@ -870,7 +872,11 @@ static int cmd_restart(struct client *c, int argc, char **argv)
 
 static bool print_line(const char *line, void *arg)
 {
-    (void)arg;
+    bool *replaced = arg;
+    if (replaced && strcmp(line, API_FOLLOW_REPLACED) == 0) {
+        *replaced = true;          /* not printed: the follow goes on */
+        return true;
+    }
     printf("%s\n", line);
     fflush(stdout);
     return true;
@@ -906,17 +912,26 @@ static int cmd_logs(struct client *c, int argc, char **argv)
         return CLI_USAGE;
     }
     char *m = escape_path_part(argv[optind]);
-    char path[1024];
-    snprintf(path, sizeof path, "/pool/models/%s/logs?lines=%ld%s", m ? m : "", lines,
-             follow ? "&follow=1" : "");
+    bool replaced;
+    do {
+        /* An upgrade in place ends a follow: follow the new image, from
+         * its next line on. */
+        char path[1024];
+        replaced = false;
+        snprintf(path, sizeof path, "/pool/models/%s/logs?lines=%ld%s", m ? m : "", lines,
+                 follow ? "&follow=1" : "");
+        struct reply r = { .on_line = print_line, .arg = follow ? &replaced : NULL };
+        int rc;
+        if (!call(c, "GET", path, &r, &rc)) {
+            free(m);
+            return rc;
+        }
+        if (r.body.len)
+            printf("%s\n", r.body.data);
+        buf_free(&r.body);
+        lines = 0;
+    } while (follow && replaced);
     free(m);
-    struct reply r = { .on_line = print_line };
-    int rc;
-    if (!call(c, "GET", path, &r, &rc))
-        return rc;
-    if (r.body.len)
-        printf("%s\n", r.body.data);
-    buf_free(&r.body);
     return CLI_OK;
 }
 
@@ -926,6 +941,7 @@ static int cmd_logs(struct client *c, int argc, char **argv)
  * blank line; ": ..." comments (pings) skipped. */
 struct monit {
     bool json;
+    bool replaced;              /* an "upgrade" event came: follow again */
     char type[32];
 };
 
@@ -993,6 +1009,8 @@ static void monit_print(const struct monit *mo, json_t *o)
         }
         if (!n)
             snprintf(more, sizeof more, "nothing changed");
+    } else if (strcmp(t, "upgrade") == 0) {
+        snprintf(more, sizeof more, "the daemon is upgrading in place (from llama-pool %s)", jstr(o, "from"));
     }
     printf("%s  %-8s  %-20s  %-22s  %s\n", clock, t, jstr(o, "model"), jstr(o, "instance"), more);
 }
@@ -1011,6 +1029,8 @@ static bool monit_line(const char *line, void *arg)
         json_decref(o);
         return true;
     }
+    if (strcmp(mo->type, "upgrade") == 0)
+        mo->replaced = true;
     if (mo->json) {
         json_t *all = json_pack("{s:s}", "event", mo->type);
         json_object_update(all, o);
@@ -1034,11 +1054,16 @@ static int cmd_monit(struct client *c, int argc, char **argv)
         fprintf(stderr, "usage: llama-pool monit [--json]\n");
         return CLI_USAGE;
     }
-    struct reply r = { .on_line = monit_line, .arg = &mo };
-    int rc;
-    if (!call(c, "GET", "/pool/events", &r, &rc))
-        return rc;
-    buf_free(&r.body);
+    do {
+        /* An upgrade in place ends the stream after its "upgrade" event:
+         * the new image's comes next. */
+        mo.replaced = false;
+        struct reply r = { .on_line = monit_line, .arg = &mo };
+        int rc;
+        if (!call(c, "GET", "/pool/events", &r, &rc))
+            return rc;
+        buf_free(&r.body);
+    } while (mo.replaced);
     return CLI_OK;
 }
 

@@ -1,6 +1,8 @@
 #define _GNU_SOURCE
 #include "pool.h"
 
+#include "build_config.h"
+
 #include "events.h"
 #include "health.h"
 #include "log.h"
@@ -933,6 +935,9 @@ void pool_kill_all(struct pool *p)
 
 void pool_end_streams(struct pool *p)
 {
+    /* Told first, so that a subscriber knows to come back. */
+    if (events_wanted(p->events))
+        events_publish(p->events, "upgrade", json_pack("{s:s}", "from", LLAMA_POOL_VERSION));
     events_end_all(p->events);
     struct pool_event ev = { .kind = POOL_EV_REPLACED };
     for (size_t i = 0; i < p->nmodels; i++) {

@@ -316,31 +316,49 @@ def test_requests_that_outlast_the_timeout_give_the_upgrade_up(pool):
     conn.close()
 
 
-def test_upgrade_ends_event_streams_and_log_follows(pool):
+def test_log_follows_and_monit_go_on_across_an_upgrade_and_event_streams_end_with_upgrade(pool):
     pool.config({"tiny": {}})
     pool.start()
     started(pool, 1)
     import subprocess
     follow = subprocess.Popen([LLAMA_POOL, "logs", "tiny", "-f", "-s", pool.sock], stdout=subprocess.PIPE,
                               stderr=subprocess.PIPE, text=True)
+    monit = subprocess.Popen([LLAMA_POOL, "monit", "--json", "-s", pool.sock], stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True)
     try:
-        # Its first line (the model's log so far) says it is connected.
+        # Their first lines say they are connected: the model's log so far,
+        # and the requests the daemon remembers (one is made for that).
         ready, _, _ = select.select([follow.stdout], [], [], 10 * SLOW)
         assert ready and follow.stdout.readline(), "logs -f printed nothing"
+        code, body = pool.request("POST", "/v1/completions", body=chat(),
+                                  headers={"Content-Type": "application/json"})
+        ready, _, _ = select.select([monit.stdout], [], [], 10 * SLOW)
+        assert ready and monit.stdout.readline(), "monit printed nothing"
         events = UnixHTTPConnection(pool.sock, timeout=10 * SLOW)
         events.request("GET", "/pool/events")
         ev = events.getresponse()
         assert ev.status == 200
         pool.cli("upgrade", check=0)
-        out, _ = follow.communicate(timeout=10 * SLOW)
-        assert "upgrading in place" in out, out
-        assert follow.returncode == 0
-        ev.read()                              # the stream ended properly (chunked end)
+        # A plain event stream ends, properly, after an "upgrade" event.
+        text = ev.read().decode()
+        assert "event: upgrade" in text, text[-500:]
         events.close()
+        # Both clients follow the new image: what happens next reaches them.
+        pool.cli("stop", "tiny", check=0)
+        pool.signal(signal.SIGTERM)
+        assert pool.wait_exit() == 0
+        out, _ = follow.communicate(timeout=10 * SLOW)
+        mon, _ = monit.communicate(timeout=10 * SLOW)
     finally:
-        if follow.poll() is None:
-            follow.kill()
-            follow.wait()
+        for p in (follow, monit):
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+    assert "upgrading in place" not in out, out
+    # Stopped after the upgrade: only a follow that went on could print it.
+    assert "tiny#1: [llama-pool] stopped" in out, out
+    events_after = [json.loads(l) for l in mon.split('"event":"upgrade"', 1)[1].splitlines()[1:] if l.strip()]
+    assert any(e["event"] == "instance" and e.get("state") == "stopped" for e in events_after), mon
 
 
 def fds_of(pid):
