@@ -449,10 +449,14 @@ static void waiter_event(struct pool_observer *obs, const struct pool_event *ev)
         waiter_finish(w);
         return;
     }
-    if (ev->kind == POOL_EV_REPLACED) {
+    if (ev->kind == POOL_EV_REPLACED || ev->kind == POOL_EV_CLOSING) {
         if (w->goal == WAIT_FOLLOW) {
-            static const char bye[] = API_FOLLOW_REPLACED "\n";
-            http_stream_write(w->req, bye, sizeof bye - 1);
+            static const char replaced[] = API_FOLLOW_REPLACED "\n";
+            static const char closing[] = "[llama-pool] the daemon is stopping\n";
+            if (ev->kind == POOL_EV_REPLACED)
+                http_stream_write(w->req, replaced, sizeof replaced - 1);
+            else
+                http_stream_write(w->req, closing, sizeof closing - 1);
             waiter_finish(w);
         }
         return;

@@ -906,6 +906,17 @@ struct pool_model *pool_find(struct pool *p, const char *name)
     return i != SIZE_MAX ? p->models[i] : NULL;
 }
 
+/* KIND (a model-less event: the daemon closing or being replaced) to
+ * every model's observers. */
+static void notify_every_model(struct pool *p, enum pool_event_kind kind)
+{
+    struct pool_event ev = { .kind = kind };
+    for (size_t i = 0; i < p->nmodels; i++) {
+        ev.model = p->models[i];
+        model_notify(p->models[i], &ev);
+    }
+}
+
 static bool stop_one(struct instance *inst)
 {
     instance_stop(inst);
@@ -915,7 +926,10 @@ static bool stop_one(struct instance *inst)
 void pool_shutdown(struct pool *p, void (*on_stopped)(struct pool *p, void *arg), void *arg)
 {
     p->shutting_down = true;
-    events_end_all(p->events);      /* streams would hold the connections open */
+    /* Endless streams would hold their connections open until the last
+     * moment: events, and logs -f. */
+    events_end_all(p->events);
+    notify_every_model(p, POOL_EV_CLOSING);
     p->on_stopped = on_stopped;
     p->stopped_arg = arg;
     each_instance(p, stop_one);
@@ -939,11 +953,7 @@ void pool_end_streams(struct pool *p)
     if (events_wanted(p->events))
         events_publish(p->events, "upgrade", json_pack("{s:s}", "from", LLAMA_POOL_VERSION));
     events_end_all(p->events);
-    struct pool_event ev = { .kind = POOL_EV_REPLACED };
-    for (size_t i = 0; i < p->nmodels; i++) {
-        ev.model = p->models[i];
-        model_notify(p->models[i], &ev);
-    }
+    notify_every_model(p, POOL_EV_REPLACED);
 }
 
 struct instance *pool_model_adopt(struct pool_model *m, unsigned no, const struct instance_adoption *a)

@@ -46,6 +46,7 @@ enum pool_event_kind {
     POOL_EV_GONE,      /* the model was removed by a reload */
     POOL_EV_REPLACED,  /* the daemon is about to be replaced (upgrade): an
                         * endless stream (logs -f) ends now */
+    POOL_EV_CLOSING,   /* the daemon is shutting down: the same, for good */
 };
 
 struct pool_event {

@@ -3,15 +3,17 @@ crash loops, hung health checks, port conflicts, failed loads, shutdown,
 kill -9, reload. Each test names the behaviour it checks."""
 import json
 import os
+import select
 import signal
 import socket
+import subprocess
 import time
 import urllib.error
 import urllib.request
 
 import pytest
 
-from conftest import REAL, SLOW, fake_only, pid_alive, wait_for
+from conftest import LLAMA_POOL, REAL, SLOW, fake_only, pid_alive, wait_for
 
 
 def health_of(port):
@@ -451,3 +453,24 @@ def test_child_output_lines_survive_long_lines_and_split_writes(pool):
     assert all(len(x) <= 4096 for x in xs)
     assert any(l.endswith("tiny#1: first half, second half") for l in lines), lines[-20:]
     assert any("model loaded" in l for l in lines)
+
+
+def test_a_log_follow_ends_with_a_line_when_the_daemon_stops(pool):
+    """Not cut when the last connections are closed: told, and ended properly."""
+    pool.config({"tiny": {}})
+    pool.start()
+    pool.cli("start", "tiny", check=0)
+    follow = subprocess.Popen([LLAMA_POOL, "logs", "tiny", "-f", "-s", pool.sock], stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True)
+    try:
+        ready, _, _ = select.select([follow.stdout], [], [], 10 * SLOW)
+        assert ready and follow.stdout.readline(), "logs -f printed nothing"
+        pool.signal(signal.SIGTERM)
+        out, err = follow.communicate(timeout=20 * SLOW)
+    finally:
+        if follow.poll() is None:
+            follow.kill()
+            follow.wait()
+    assert out.rstrip().endswith("[llama-pool] the daemon is stopping"), out[-300:]
+    assert follow.returncode == 0, err
+    assert pool.wait_exit() == 0
