@@ -13,7 +13,7 @@ import time
 
 import pytest
 
-from conftest import LLAMA_POOL, REAL, SLOW, UnixHTTPConnection, fake_only, wait_for
+from conftest import LLAMA_POOL, REAL, SLOW, UnixHTTPConnection, fake_only, free_port_block, wait_for
 
 
 def chat(stream=False, n=8, model="tiny"):
@@ -473,3 +473,32 @@ def test_request_timeout_bounds_the_wait_of_an_upgrade(pool):
         result["body"][-300:]
     assert took < 8 * SLOW, took
     assert upgrades(pool) == 1 and child_pids(pool) == before
+
+
+def test_a_sigusr2_upgrade_that_fails_is_told_in_the_log_only_and_changes_nothing(pool):
+    pool.config({"tiny": {}})
+    binary = install_copy(pool)
+    start_from(pool, binary)
+    before = started(pool, 1)
+    replace_binary(binary, "#!/bin/sh\necho 'cannot run here' >&2\nexit 3\n")
+    pool.signal(signal.SIGUSR2)
+    wait_for(lambda: "goes on unchanged" in pool.daemon_log(), what="the failure in the log")
+    line = [l for l in pool.daemon_log().splitlines() if "goes on unchanged" in l][0]
+    assert "exited with status 3: cannot run here" in line, line
+    assert "(SIGUSR2)" in pool.daemon_log()
+    assert pool.proc.poll() is None and upgrades(pool) == 0 and child_pids(pool) == before
+
+
+def test_listen_and_control_socket_stay_across_an_upgrade_that_changes_them(pool):
+    pool.config({"tiny": {}})
+    pool.start()
+    started(pool, 1)
+    old_port = pool.listen_port
+    pool.listen_port = free_port_block(1, avoid=[(pool.port_base, pool.port_base + 20)])
+    pool.config({"tiny": {}})               # listen moved in the file
+    pool.cli("upgrade", check=0)
+    assert "upgrade: listen and control_socket changes take effect at the next restart" in pool.daemon_log()
+    conn = http.client.HTTPConnection("127.0.0.1", old_port, timeout=10)
+    conn.request("GET", "/health")
+    assert conn.getresponse().status == 200  # still the socket clients know
+    conn.close()
