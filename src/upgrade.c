@@ -36,7 +36,6 @@ struct upgrade {
     enum upgrade_phase phase;
     struct http_request *req;         /* the command waiting; NULL: none (SIGUSR2, or it left) */
     double timeout;                   /* drain, seconds */
-    double began;
     /* the check */
     pid_t check_pid;
     int check_out;                    /* its stdout+stderr, -1 once at EOF */
@@ -213,12 +212,13 @@ static int collect_conns(struct http_server *srv, bool control, struct handover 
     return 0;
 }
 
-/* The handover as it stands now, in a memfd: its fd, or -1 with ERR. */
-static int handover_now(struct upgrade *u, char *err, size_t len)
+/* The handover as it stands now into H (its strings and fds borrowed
+ * from the daemon); release it with handover_release(). 0, or -1 with ERR. */
+static int handover_collect(struct upgrade *u, struct handover *h, char *err, size_t len)
 {
     struct pool *p = u->h.pool;
     const struct config *cfg = p->cfg;
-    struct handover h = {
+    *h = (struct handover){
         .pid = getpid(),
         .from_version = LLAMA_POOL_VERSION,
         .control_fd = http_server_fd(u->h.control),
@@ -230,16 +230,28 @@ static int handover_now(struct upgrade *u, char *err, size_t len)
         .upgrades = p->upgrades,
         .usage = usage_to_json(p->usage, ev_now(u->h.loop)),
     };
-    int fd = -1;
-    if (collect_children(p, &h) < 0 || collect_conns(u->h.control, true, &h) < 0 ||
-        collect_conns(u->h.public, false, &h) < 0)
+    if (collect_children(p, h) < 0 || collect_conns(u->h.control, true, h) < 0 ||
+        collect_conns(u->h.public, false, h) < 0) {
         snprintf(err, len, "out of memory");
-    else
-        fd = handover_write(&h, err, len);
-    /* The strings were borrowed: free only what was made here. */
-    free(h.children);
-    free(h.conns);
-    json_decref(h.usage);
+        return -1;
+    }
+    return 0;
+}
+
+/* Frees only what handover_collect made: the rest was borrowed. */
+static void handover_release(struct handover *h)
+{
+    free(h->children);
+    free(h->conns);
+    json_decref(h->usage);
+}
+
+/* The handover as it stands now, in a memfd: its fd, or -1 with ERR. */
+static int handover_now(struct upgrade *u, char *err, size_t len)
+{
+    struct handover h;
+    int fd = handover_collect(u, &h, err, len) < 0 ? -1 : handover_write(&h, err, len);
+    handover_release(&h);
     return fd;
 }
 
@@ -259,21 +271,17 @@ static void do_exec(struct upgrade *u)
 {
     char err[512];
     struct handover h;
-    int state = handover_now(u, err, sizeof err);
-    if (state < 0) {
+    int state = -1;
+    if (handover_collect(u, &h, err, sizeof err) < 0 || (state = handover_write(&h, err, sizeof err)) < 0) {
+        handover_release(&h);
         upgrade_fail(u, 500, "%s", err);
         return;
     }
-    /* The fds it names, read back (one source of truth). */
-    if (handover_read(state, &h, err, sizeof err) < 0) {
-        close(state);
-        upgrade_fail(u, 500, "%s", err);
-        return;
-    }
+    /* What survives the exec: the memfd, and every fd the handover names. */
     size_t nfds = 4 + h.nconns + h.nchildren, k = 0;
     int *fds = calloc(nfds, sizeof *fds);
     if (!fds) {
-        handover_free(&h);
+        handover_release(&h);
         close(state);
         upgrade_fail(u, 500, "out of memory");
         return;
@@ -288,7 +296,7 @@ static void do_exec(struct upgrade *u)
         fds[k++] = h.children[i].out_fd;
     log_info("upgrade: handing over to %s: %zu child%s, %zu idle connection%s", u->h.exe, h.nchildren,
              h.nchildren == 1 ? "" : "ren", h.nconns, h.nconns == 1 ? "" : "s");
-    handover_free(&h);
+    handover_release(&h);
 
     char num[16];
     snprintf(num, sizeof num, "%d", state);
@@ -434,7 +442,8 @@ static int check_begin(struct upgrade *u, char *err, size_t len)
         snprintf(err, len, "pipe: %s", strerror(errno));
         return -1;
     }
-    /* Its environment: ours, plus where the handover is (its stdin). */
+    /* Its environment: ours (serve took both handover variables out of
+     * it at start), plus where the handover is: its stdin. */
     extern char **environ;
     size_t n = 0;
     while (environ[n])
@@ -446,12 +455,8 @@ static int check_begin(struct upgrade *u, char *err, size_t len)
         snprintf(err, len, "out of memory");
         return -1;
     }
-    size_t k = 0;
-    for (size_t i = 0; i < n; i++)
-        if (strncmp(environ[i], HANDOVER_ENV "=", strlen(HANDOVER_ENV) + 1) != 0 &&
-            strncmp(environ[i], HANDOVER_CHECK_ENV "=", strlen(HANDOVER_CHECK_ENV) + 1) != 0)
-            env[k++] = environ[i];
-    env[k++] = HANDOVER_CHECK_ENV "=0";
+    memcpy(env, environ, n * sizeof *env);
+    env[n] = HANDOVER_CHECK_ENV "=0";
     u->check_pid = spawn_child_in(u->h.exe, u->h.argv, env, u->check_state, pipefd[1], -1, err, len);
     free(env);
     close(pipefd[1]);
@@ -492,7 +497,6 @@ void upgrade_begin(struct upgrade *u, struct http_request *req, double timeout)
     double def = (double)u->h.pool->cfg->drain_timeout_ms / 1000.0;
     u->timeout = timeout > 0 ? timeout : def > UPGRADE_DRAIN_MIN_S ? def : UPGRADE_DRAIN_MIN_S;
     u->req = req;
-    u->began = ev_now(u->h.loop);
     if (req)
         http_request_watch(req, req_gone, NULL, u);
     log_info("upgrade: checking %s%s", u->h.exe, req ? "" : " (SIGUSR2)");
@@ -503,6 +507,14 @@ void upgrade_begin(struct upgrade *u, struct http_request *req, double timeout)
 }
 
 /* ---------- the new image ---------- */
+
+/* Whether PID is still the process that started at START_TIME. */
+static bool still_same(pid_t pid, unsigned long long start_time)
+{
+    unsigned long long st;
+    uint64_t hash;
+    return handover_proc(pid, &st, &hash) == 0 && st == start_time;
+}
 
 /* A child of the old image that no model here takes: SIGTERM now,
  * SIGKILL to its group after stop_timeout if it is still the same
@@ -517,9 +529,7 @@ static void stray_cb(struct ev_loop *loop, ev_timer *w, int revents)
 {
     (void)loop; (void)revents;
     struct stray *s = (struct stray *)w;
-    unsigned long long st;
-    uint64_t hash;
-    if (handover_proc(s->pid, &st, &hash) == 0 && st == s->start_time) {
+    if (still_same(s->pid, s->start_time)) {
         log_warn("upgrade: pid %d still running after SIGTERM; sending SIGKILL", (int)s->pid);
         (void)kill(-s->pid, SIGKILL);
     }
@@ -632,22 +642,19 @@ void upgrade_resume(const struct upgrade_host *host, struct handover *h)
             if (inst)
                 c->api_key = NULL;      /* the instance's now */
         }
-        if (!inst) {
+        if (!inst || why) {
             if (!why)
                 why = "it could not be adopted (out of memory, or its number is taken)";
             log_warn("upgrade: %s (pid %d): %s; stopping it", id, (int)c->pid, why);
-            if (c->out_fd >= 0)
-                close(c->out_fd);
-            stray_stop(loop, p->cfg, c->pid, start);
             json_array_append_new(stopped, json_pack("{s:s,s:i,s:s}", "instance", id, "pid", c->pid,
                                                      "reason", why));
-            continue;
-        }
-        if (why) {
-            log_warn("upgrade: %s (pid %d): %s; stopping it", id, (int)c->pid, why);
-            instance_stop(inst);
-            json_array_append_new(stopped, json_pack("{s:s,s:i,s:s}", "instance", id, "pid", c->pid,
-                                                     "reason", why));
+            if (inst) {
+                instance_stop(inst);
+            } else {
+                if (c->out_fd >= 0)
+                    close(c->out_fd);
+                stray_stop(loop, p->cfg, c->pid, c->start_time);
+            }
             continue;
         }
         log_info("upgrade: %s: adopted pid %d on port %u (%s)", id, (int)c->pid, c->port, c->state);
@@ -680,13 +687,9 @@ void upgrade_resume_failed(struct handover *h, const char *why)
 {
     log_error("upgrade: the new image cannot serve: %s; stopping the %zu child%s handed over", why,
               h->nchildren, h->nchildren == 1 ? "" : "ren");
-    for (size_t i = 0; i < h->nchildren; i++) {
-        unsigned long long start;
-        uint64_t hash;
-        const struct handover_child *c = &h->children[i];
-        if (handover_proc(c->pid, &start, &hash) == 0 && start == c->start_time)
-            (void)kill(-c->pid, SIGKILL);
-    }
+    for (size_t i = 0; i < h->nchildren; i++)
+        if (still_same(h->children[i].pid, h->children[i].start_time))
+            (void)kill(-h->children[i].pid, SIGKILL);
     reply(h->reply_fd, 500,
           json_pack("{s:{s:s,s:s,s:i}}", "error", "message", why, "type", "server_error", "code", 500));
     h->reply_fd = -1;
