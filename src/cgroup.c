@@ -510,7 +510,7 @@ int cgroup_child_prepare(const struct cgroup_tree *t, struct cgroup_child *c, co
 
 bool cgroup_child_adopt(const struct cgroup_tree *t, struct cgroup_child *c, const char *model, unsigned no)
 {
-    char dir[PATH_MAX], path[PATH_MAX], buf[64];
+    char dir[PATH_MAX];
     struct stat st;
     memset(c, 0, sizeof *c);
     if (cgroup_child_name(model, no, c->name, sizeof c->name) < 0 || !join(dir, sizeof dir, t->dir, c->name) ||
@@ -518,13 +518,10 @@ bool cgroup_child_adopt(const struct cgroup_tree *t, struct cgroup_child *c, con
         c->name[0] = '\0';
         return false;
     }
-    if (join(path, sizeof path, dir, "memory.max") && read_text(path, buf, sizeof buf) > 0 &&
-        buf[0] >= '0' && buf[0] <= '9')
-        c->limit = strtoull(buf, NULL, 10);
+    c->limit = read_number(t, c, "memory.max");     /* "max": 0, none */
     struct cgroup_memory_events ev;
     if (read_events(t, c, &ev) == 0)
         c->oom_kills_before = ev.oom_kill;
-    (void)cgroup_child_measure(t, c);
     return true;
 }
 

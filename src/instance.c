@@ -335,6 +335,26 @@ static void child_cb(struct ev_loop *loop, ev_child *w, int revents)
     instance_step(inst, IEV_EXIT);
 }
 
+/* Watch child PID (its exit) and OUT_FD, the read end of its output
+ * pipe (-1: none): a child just spawned, or one adopted at an upgrade. */
+static void watch_child(struct instance *inst, pid_t pid, int out_fd)
+{
+    inst->out_fd = out_fd;
+    if (out_fd >= 0) {
+        (void)fcntl(out_fd, F_SETFD, FD_CLOEXEC);    /* an inherited one lost it for the exec */
+        (void)fcntl(out_fd, F_SETFL, fcntl(out_fd, F_GETFL) | O_NONBLOCK);
+#ifdef F_SETPIPE_SZ
+        (void)fcntl(out_fd, F_SETPIPE_SZ, OUTPUT_PIPE_BYTES);  /* best effort: 64 KiB else */
+#endif
+        ev_io_init(&inst->out_w, output_cb, out_fd, EV_READ);
+        inst->out_w.data = inst;
+        ev_io_start(inst->world->loop, &inst->out_w);
+    }
+    ev_child_init(&inst->child_w, child_cb, pid, 0);
+    inst->child_w.data = inst;
+    ev_child_start(inst->world->loop, &inst->child_w);
+}
+
 static const char *model_env_value(const struct config_model *m, const char *name);
 
 /* The model's env as "NAME=VALUE" strings, *N of them; with OUR_KEY, its
@@ -491,17 +511,7 @@ static int instance_spawn(struct instance *inst, bool *fatal)
     inst->answered = false;
     inst->stop_reason = INSTANCE_STOP_ASKED;
     inst->exit_status = -1;
-    inst->out_fd = pipefd[0];
-    (void)fcntl(inst->out_fd, F_SETFL, fcntl(inst->out_fd, F_GETFL) | O_NONBLOCK);
-#ifdef F_SETPIPE_SZ
-    (void)fcntl(inst->out_fd, F_SETPIPE_SZ, OUTPUT_PIPE_BYTES);  /* best effort: 64 KiB else */
-#endif
-    ev_io_init(&inst->out_w, output_cb, inst->out_fd, EV_READ);
-    inst->out_w.data = inst;
-    ev_io_start(inst->world->loop, &inst->out_w);
-    ev_child_init(&inst->child_w, child_cb, pid, 0);
-    inst->child_w.data = inst;
-    ev_child_start(inst->world->loop, &inst->child_w);
+    watch_child(inst, pid, pipefd[0]);
     if (inst->cgroup.name[0] && inst->cgroup.limit) {
         char max[32];
         instance_eventf(inst, LOG_INFO, "started pid %d on port %u in cgroup %s (memory.max %s)", (int)pid,
@@ -1081,19 +1091,6 @@ void instance_rebind(struct instance *inst, const struct config_model *m)
     inst->model = m;
 }
 
-/* Its pipe from a handover: watched as instance_spawn() watches a new one. */
-static void watch_output(struct instance *inst, int fd)
-{
-    inst->out_fd = fd;
-    if (fd < 0)
-        return;
-    (void)fcntl(fd, F_SETFD, FD_CLOEXEC);
-    (void)fcntl(fd, F_SETFL, fcntl(fd, F_GETFL) | O_NONBLOCK);
-    ev_io_init(&inst->out_w, output_cb, fd, EV_READ);
-    inst->out_w.data = inst;
-    ev_io_start(inst->world->loop, &inst->out_w);
-}
-
 void instance_adopt(struct instance *inst, const struct instance_adoption *a)
 {
     const struct config *cfg = inst->world->cfg;
@@ -1115,11 +1112,8 @@ void instance_adopt(struct instance *inst, const struct instance_adoption *a)
     instance_place(inst, a->device, a->visible);
     if (cgroups_of(inst))
         (void)cgroup_child_adopt(cgroups_of(inst), &inst->cgroup, inst->model->name, inst->no);
-    watch_output(inst, a->out_fd);
-    ev_child_init(&inst->child_w, child_cb, a->pid, 0);
-    inst->child_w.data = inst;
-    ev_child_start(inst->world->loop, &inst->child_w);
-    inst->pss = memory_pss(inst->pid);
+    watch_child(inst, a->pid, a->out_fd);
+    measure(inst);
     switch (a->state) {
     case INSTANCE_READY:
         arm_poll(inst, 0);      /* a first liveness probe now */
@@ -1136,8 +1130,7 @@ void instance_adopt(struct instance *inst, const struct instance_adoption *a)
         arm_deadline(inst, (double)cfg->stop_timeout_ms / 1000.0);
         break;
     }
-    set_state(inst, a->state == INSTANCE_READY || a->state == INSTANCE_STARTING ? a->state
-                                                                            : INSTANCE_STOPPING);
+    set_state(inst, a->state);
 }
 
 void instance_kill(struct instance *inst)
