@@ -371,6 +371,19 @@ static int handover_fd(const char *name)
     return *v && !*end && fd >= 0 && fd < INT_MAX ? (int)fd : -1;
 }
 
+/* Serve the API on ADDR: on socket INHERITED (an upgrade), else on a new
+ * one. NULL with ERR. */
+static struct http_server *open_server(struct daemon *d, const char *addr, int inherited,
+                                       const struct http_limits *lim, char *err, size_t errlen)
+{
+    struct http_server *srv = inherited >= 0
+        ? http_server_adopt(d->loop, inherited, addr, lim, api_handle, &d->api, err, errlen)
+        : http_server_listen(d->loop, addr, lim, api_handle, &d->api, err, errlen);
+    if (srv)
+        http_server_set_admit(srv, api_admit);
+    return srv;
+}
+
 static int ensure_socket_dir(const char *sock)
 {
     char *copy = strdup(sock);
@@ -410,6 +423,9 @@ static int cmd_serve(const char *given)
 {
     /* An allocator without the knob (ASan's) keeps its own ways. */
     (void)mallopt(M_MMAP_THRESHOLD, SERVE_MMAP_THRESHOLD);
+    /* The binary an upgrade runs: the path this one was started from,
+     * resolved now, before a new file is renamed over it. */
+    g_exe = realpath("/proc/self/exe", NULL);
     struct config_errors errs = { 0 };
     char *resolved = realpath(given, NULL);
     const char *path = resolved ? resolved : given;
@@ -478,42 +494,30 @@ static int cmd_serve(const char *given)
         log_warn("cannot create the directory of %s: %s", cfg->control_socket, strerror(errno));
     d.api.reload = daemon_reload;
     d.api.upgrade = daemon_upgrade;
+    const char *cs = cfg->control_socket;
+    const char *ls = cfg->listen && *cfg->listen ? cfg->listen : NULL;
     if (handover >= 0) {
         /* An upgrade: the sockets stay the ones the clients know. */
-        const char *cs = ho.control_addr ? ho.control_addr : cfg->control_socket;
-        const char *ls = ho.public_addr && *ho.public_addr ? ho.public_addr : cfg->listen;
-        if (strcmp(cs, cfg->control_socket) != 0 || ((ho.public_fd >= 0) != (cfg->listen && *cfg->listen)) ||
-            (ho.public_fd >= 0 && strcmp(ls, cfg->listen) != 0))
+        const char *hcs = ho.control_addr ? ho.control_addr : cs;
+        const char *hls = ho.public_fd < 0 ? NULL : ho.public_addr && *ho.public_addr ? ho.public_addr : ls;
+        if (strcmp(hcs, cs) != 0 || !hls != !ls || (hls && ls && strcmp(hls, ls) != 0))
             log_warn("upgrade: listen and control_socket changes take effect at the next restart");
-        d.control = http_server_adopt(d.loop, ho.control_fd, cs, &lim, api_handle, &d.api, err, sizeof err);
-        if (d.control && ho.public_fd >= 0)
-            d.public = http_server_adopt(d.loop, ho.public_fd, ls, &lim, api_handle, &d.api, err, sizeof err);
-        if (!d.control || (ho.public_fd >= 0 && !d.public)) {
+        cs = hcs;
+        ls = hls;
+    }
+    d.control = open_server(&d, cs, ho.control_fd, &lim, err, sizeof err);
+    if (d.control && ls)
+        d.public = open_server(&d, ls, ho.public_fd, &lim, err, sizeof err);
+    if (!d.control || (ls && !d.public)) {
+        if (handover >= 0)
             upgrade_resume_failed(&ho, err);
-            goto fail;
-        }
-        http_server_set_admit(d.control, api_admit);
-        if (d.public)
-            http_server_set_admit(d.public, api_admit);
-    } else {
-        d.control = http_server_listen(d.loop, cfg->control_socket, &lim, api_handle, &d.api, err, sizeof err);
-        if (!d.control) {
-            log_error("control socket %s: %s", cfg->control_socket, err);
-            goto fail;
-        }
-        http_server_set_admit(d.control, api_admit);
-        if (cfg->listen && *cfg->listen) {
-            d.public = http_server_listen(d.loop, cfg->listen, &lim, api_handle, &d.api, err, sizeof err);
-            if (!d.public) {
-                log_error("listen %s: %s", cfg->listen, err);
-                goto fail;
-            }
-            http_server_set_admit(d.public, api_admit);
-        }
+        else
+            log_error("%s %s: %s", d.control ? "listen" : "control socket", d.control ? ls : cs, err);
+        goto fail;
     }
     log_info("llama-pool %s: %zu model%s from %s; control socket %s%s%s", LLAMA_POOL_VERSION,
-             cfg->nmodels, cfg->nmodels == 1 ? "" : "s", d.config_file, cfg->control_socket,
-             d.public ? "; listening on " : "", d.public ? cfg->listen : "");
+             cfg->nmodels, cfg->nmodels == 1 ? "" : "s", d.config_file, cs,
+             d.public ? "; listening on " : "", d.public ? ls : "");
 
     d.pool = pool_new(d.loop, cfg);
     if (!d.pool) {
@@ -602,7 +606,6 @@ int main(int argc, char **argv)
     g_argv = calloc((size_t)argc + 1, sizeof *g_argv);
     for (int i = 0; g_argv && i < argc; i++)
         g_argv[i] = argv[i];
-    g_exe = realpath("/proc/self/exe", NULL);
 
     /* Options for every command may come first ("llama-pool -c FILE -s S
      * status"): move the command word in front of them. */
