@@ -1622,8 +1622,7 @@ static int listen_tcp(struct http_server *srv, const char *addr, char *err, size
         close(fd);
         return -1;
     }
-    srv->port = ss.ss_family == AF_INET6 ? ntohs(((struct sockaddr_in6 *)&ss)->sin6_port)
-                                         : ntohs(((struct sockaddr_in *)&ss)->sin_port);
+    srv->port = util_sockaddr_port((struct sockaddr *)&ss);
     return fd;
 }
 
@@ -1786,8 +1785,7 @@ struct http_server *http_server_adopt(struct ev_loop *loop, int fd, const char *
         srv->unix_ino = st.st_ino;
     }
     if (!is_unix)
-        srv->port = ss.ss_family == AF_INET6 ? ntohs(((struct sockaddr_in6 *)&ss)->sin6_port)
-                                             : ntohs(((struct sockaddr_in *)&ss)->sin_port);
+        srv->port = util_sockaddr_port((struct sockaddr *)&ss);
     srv_start(srv);
     return srv;
 }

@@ -361,8 +361,7 @@ static struct idle_conns *idle_find_addr(struct proxy *p, const struct sockaddr 
         return NULL;
     memcpy(&ic->addr, addr, len);
     ic->addrlen = len;
-    ic->port = addr->sa_family == AF_INET6 ? ntohs(((const struct sockaddr_in6 *)addr)->sin6_port)
-                                           : ntohs(((const struct sockaddr_in *)addr)->sin_port);
+    ic->port = util_sockaddr_port(addr);
     p->idle[p->nidle++] = ic;
     return ic;
 }

@@ -6,6 +6,7 @@
 #include <errno.h>
 #include <fcntl.h>
 #include <inttypes.h>
+#include <netinet/in.h>
 #include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -404,4 +405,10 @@ ssize_t util_read_file(const char *path, char *buf, size_t len)
     close(fd);
     buf[n] = '\0';
     return (ssize_t)n;
+}
+
+unsigned util_sockaddr_port(const struct sockaddr *sa)
+{
+    return sa->sa_family == AF_INET6 ? ntohs(((const struct sockaddr_in6 *)sa)->sin6_port)
+                                     : ntohs(((const struct sockaddr_in *)sa)->sin_port);
 }

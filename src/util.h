@@ -159,6 +159,10 @@ json_t *util_json_string(const char *s);
  * ill-formed UTF-8 replaced with U+FFFD. NULL when out of memory. */
 char *util_prom_label_escape(const char *s);
 
+struct sockaddr;
+/* The port of an IPv4 or IPv6 address, in host order. */
+unsigned util_sockaddr_port(const struct sockaddr *sa);
+
 /* A small file (/proc, cgroupfs) into BUF, at most LEN - 1 bytes,
  * NUL-terminated: the bytes read, or -1 with errno set. */
 ssize_t util_read_file(const char *path, char *buf, size_t len);
