@@ -1102,17 +1102,23 @@ static int cmd_reload(struct client *c, int argc, char **argv)
 
 static int cmd_upgrade(struct client *c, int argc, char **argv)
 {
+    static const struct option opts[] = {
+        { "timeout", required_argument, NULL, 't' },
+        { NULL, 0, NULL, 0 },
+    };
     double timeout = 0;
-    for (int i = 1; i < argc; i++) {
+    bool bad = false;
+    int ch;
+    optind = 1;
+    while ((ch = getopt_long(argc, argv, "", opts, NULL)) != -1) {
         char *end = NULL;
-        if (strcmp(argv[i], "--timeout") == 0 && i + 1 < argc)
-            timeout = strtod(argv[++i], &end);
-        else if (strncmp(argv[i], "--timeout=", 10) == 0)
-            timeout = strtod(argv[i] + 10, &end);
-        if (!end || *end || !(timeout >= 1 && timeout <= 86400)) {
-            fprintf(stderr, "usage: llama-pool upgrade [--timeout SECONDS]   (1 to 86400)\n");
-            return CLI_USAGE;
-        }
+        if (ch == 't')
+            timeout = strtod(optarg, &end);
+        bad = bad || ch != 't' || *end || !(timeout >= 1 && timeout <= 86400);
+    }
+    if (bad || optind != argc) {
+        fprintf(stderr, "usage: llama-pool upgrade [--timeout SECONDS]   (1 to 86400)\n");
+        return CLI_USAGE;
     }
     char path[64] = "/pool/upgrade";
     if (timeout > 0)
