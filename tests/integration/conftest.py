@@ -287,12 +287,13 @@ class Pool:
         return self.conf
 
     # ---- daemon ----
-    def start(self, expect_ready=True, env=None, preexec=None):
+    def start(self, expect_ready=True, env=None, preexec=None, binary=LLAMA_POOL):
         """ENV: more variables for the daemon (not its children: they get a
         clean environment and their model's env). PREEXEC: run in the
-        daemon's process before exec (e.g. to put it in a cgroup)."""
+        daemon's process before exec (e.g. to put it in a cgroup). BINARY:
+        the llama-pool to run (a copy a test replaces, for an upgrade)."""
         self.stderr = open(self.stderr_path, "ab")
-        self.proc = subprocess.Popen([LLAMA_POOL, "serve", "-c", self.conf],
+        self.proc = subprocess.Popen([binary, "serve", "-c", self.conf],
                                      stdin=subprocess.DEVNULL, stdout=self.stderr,
                                      stderr=self.stderr, cwd=self.dir,
                                      env={**os.environ, **(env or {})}, preexec_fn=preexec)
@@ -388,12 +389,18 @@ class Pool:
             self.stderr.close()
 
 
+def call_failed(request):
+    """Whether the test's body (not its setup or teardown) failed: a
+    fixture then prints what explains it before cleaning up."""
+    rep = getattr(request.node, "rep_call", None)
+    return rep is not None and rep.failed
+
+
 @pytest.fixture
 def pool(tmp_path, request):
     p = Pool(tmp_path)
     yield p
-    failed = getattr(request.node, "rep_call", None)
-    if failed is not None and failed.failed:
+    if call_failed(request):
         print("---- daemon log ----")
         print(p.daemon_log()[-6000:])
     p.cleanup()

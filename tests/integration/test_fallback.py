@@ -12,7 +12,7 @@ import time
 
 import pytest
 
-from conftest import REAL, Pool, fake_only, free_port_block, wait_for
+from conftest import REAL, Pool, call_failed, fake_only, free_port_block, wait_for
 
 CHAT = {"messages": [{"role": "user", "content": "hello"}], "max_tokens": 4}
 POOL_KEY = "pool-secret"        # the pool's own api key: never sent on
@@ -52,8 +52,7 @@ def fallback(tmp_path, pool, request):
     fb.port_base = free_port_block(20, avoid=taken)
     fb.listen_port = free_port_block(1, avoid=taken + [(fb.port_base, fb.port_base + 20)])
     yield fb
-    failed = getattr(request.node, "rep_call", None)
-    if failed is not None and failed.failed:
+    if call_failed(request):
         print("---- fallback daemon log ----")
         print(fb.daemon_log()[-4000:])
     fb.cleanup()

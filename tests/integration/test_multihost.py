@@ -8,7 +8,7 @@ import re
 import socket
 
 import pytest
-from conftest import NGINX, ROOT, Pool, fake_only, free_port_block, nginx_start, nginx_stop
+from conftest import NGINX, ROOT, Pool, call_failed, fake_only, free_port_block, nginx_start, nginx_stop
 from test_proxy import CHAT, post
 
 DOC = os.path.join(ROOT, "docs", "multi-host.md")
@@ -125,8 +125,7 @@ def health(pool):
 def site(tmp_path, request):
     s = Site(tmp_path)
     yield s
-    rep = getattr(request.node, "rep_call", None)
-    if rep is not None and rep.failed:
+    if call_failed(request):
         for p in s.pools:
             print(f"---- {p.host} daemon log ----")
             print(p.daemon_log()[-3000:])

@@ -195,21 +195,15 @@ def test_idle_keepalive_connection_is_carried_over(pool):
     conn.close()
 
 
-def install_copy(pool):
-    """The daemon runs from a copy of the binary that the test may replace."""
+def run_from_copy(pool):
+    """The daemon runs from a copy of its binary that the test may replace,
+    with tiny#1 ready: (the copy's path, tiny's pids)."""
+    pool.config({"tiny": {}})
     path = os.path.join(pool.dir, "bin", "llama-pool")
     os.makedirs(os.path.dirname(path), exist_ok=True)
     shutil.copy2(LLAMA_POOL, path)
-    return path
-
-
-def start_from(pool, binary):
-    import subprocess
-    pool.stderr = open(pool.stderr_path, "ab")
-    pool.proc = subprocess.Popen([binary, "serve", "-c", pool.conf], stdin=subprocess.DEVNULL,
-                                 stdout=pool.stderr, stderr=pool.stderr, cwd=pool.dir,
-                                 env=dict(os.environ))
-    wait_for(lambda: pool.get("/pool/status")[0] == 200, what="the daemon")
+    pool.start(binary=path)
+    return path, started(pool, 1)
 
 
 def replace_binary(path, content=None, source=None):
@@ -226,10 +220,7 @@ def replace_binary(path, content=None, source=None):
 
 
 def test_a_new_binary_that_fails_leaves_the_old_one_running(pool):
-    pool.config({"tiny": {}})
-    binary = install_copy(pool)
-    start_from(pool, binary)
-    before = started(pool, 1)
+    binary, before = run_from_copy(pool)
     replace_binary(binary, "#!/bin/sh\necho 'broken build: cannot start' >&2\nexit 3\n")
     r = pool.cli("upgrade", check=1)
     assert "broken build: cannot start" in r.stderr, r.stderr
@@ -394,12 +385,9 @@ def test_after_an_upgrade_every_fd_is_close_on_exec_and_none_is_left_over(pool):
 def test_a_new_image_that_dies_after_the_exec_leaves_no_orphans(pool):
     """The check passes (the real binary answers it), then the image that
     takes over exits at once: the children die with it (PDEATHSIG)."""
-    pool.config({"tiny": {}})
-    binary = install_copy(pool)
+    binary, kids = run_from_copy(pool)
     real = binary + ".real"
     shutil.copy2(LLAMA_POOL, real)
-    start_from(pool, binary)
-    kids = started(pool, 1)
     replace_binary(binary, "#!/bin/sh\n"
                            f'if [ -n "$LLAMA_POOL_HANDOVER_CHECK" ]; then exec {real} "$@"; fi\n'
                            "echo 'new image: dying before it adopts anything' >&2\nexit 1\n")
@@ -476,10 +464,7 @@ def test_request_timeout_bounds_the_wait_of_an_upgrade(pool):
 
 
 def test_a_sigusr2_upgrade_that_fails_is_told_in_the_log_only_and_changes_nothing(pool):
-    pool.config({"tiny": {}})
-    binary = install_copy(pool)
-    start_from(pool, binary)
-    before = started(pool, 1)
+    binary, before = run_from_copy(pool)
     replace_binary(binary, "#!/bin/sh\necho 'cannot run here' >&2\nexit 3\n")
     pool.signal(signal.SIGUSR2)
     wait_for(lambda: "goes on unchanged" in pool.daemon_log(), what="the failure in the log")
