@@ -94,7 +94,8 @@ struct proxy_limit {
  * shape with finish_reason "length" (native: "stop_type":"limit") and
  * "data: [DONE]" where the endpoint sends it; a gathered plain answer ends
  * with the text so far. Before the upstream's response head: 504. The
- * result's outcome is then PROXY_TIMEOUT. */
+ * result's outcome is then PROXY_TIMEOUT. LIMIT NULL: no limit, as
+ * proxy_forward_key. */
 struct proxy_call *proxy_forward_limited(struct proxy *p, struct http_request *req, unsigned port,
                                          const char *key, const char *target,
                                          const struct proxy_limit *limit,

@@ -423,11 +423,8 @@ static void do_dispatch(struct router *r, struct rreq *q, struct instance *inst)
         metrics_count_queue_wait(&q->model->stats, now_of(r) - q->t0);
     http_request_unwatch(q->req);     /* the proxy watches the client from here */
     struct proxy_limit limit;
-    if (rreq_limit(r, q, &limit))
-        proxy_forward_limited(r->proxy, q->req, inst->port, inst->api_key, q->target, &limit,
-                              call_done, q);
-    else
-        proxy_forward_key(r->proxy, q->req, inst->port, inst->api_key, q->target, call_done, q);
+    proxy_forward_limited(r->proxy, q->req, inst->port, inst->api_key, q->target,
+                          rreq_limit(r, q, &limit) ? &limit : NULL, call_done, q);
 }
 
 /* ---------- fallback (router.h) ---------- */
